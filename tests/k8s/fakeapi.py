@@ -217,6 +217,7 @@ class FakeKubeAPI:
         self._thread: threading.Thread | None = None
         self._sockets: set[socket.socket] = set()
         self._generation = 0  # bumps on stop(): running watches of an old life end
+        self._paused = False  # watches send nothing (no events, no bookmarks) while set
 
     # ---- life cycle ---------------------------------------------------------------
     def start(self) -> "FakeKubeAPI":
@@ -366,6 +367,16 @@ class FakeKubeAPI:
             self._generation += 1
             self._lock.notify_all()
 
+    def pause_watches(self) -> None:
+        """Hold every watch stream: changes pile up unsent (a slow or partitioned watcher)."""
+        with self._lock:
+            self._paused = True
+
+    def resume_watches(self) -> None:
+        with self._lock:
+            self._paused = False
+            self._lock.notify_all()
+
     def watch_count(self) -> int:
         return sum(1 for r in self.requests if r.query.get("watch") in ("1", "true", "True"))
 
@@ -469,8 +480,20 @@ class FakeKubeAPI:
             handler.write_chunk(json.dumps({"type": "ADDED", "object": obj}) + "\n")
         sent_rv = start_rv
         last_bookmark = time.monotonic()
+        expired = None
         while True:
             with self._lock:
+                if self._paused:
+                    if life != self._generation:
+                        break
+                    self._lock.wait(0.05)
+                    continue
+                if sent_rv < self._compacted_rv:
+                    # History this watch had not sent yet was compacted away: end it as
+                    # expired rather than skip events silently; the client relists.
+                    expired = ApiError(410, "Expired", f"too old resource version: {sent_rv} "
+                                       f"({self._compacted_rv})")
+                    break
                 pending = [h for h in self._history if h.rv > sent_rv and h.plural == res.plural]
                 if not pending:
                     now = time.monotonic()
@@ -481,6 +504,8 @@ class FakeKubeAPI:
                         break
                     if now < wake:
                         self._lock.wait(wake - now)
+                    if self._paused:
+                        continue
                     pending = [h for h in self._history if h.rv > sent_rv and h.plural == res.plural]
                     if life != self._generation:
                         break
@@ -516,6 +541,8 @@ class FakeKubeAPI:
                 return
             if time.monotonic() >= deadline:
                 break
+        if expired is not None:
+            handler.write_chunk(json.dumps({"type": "ERROR", "object": expired.status()}) + "\n")
         handler.end_chunked()
 
     def handle(self, handler: "_Handler", method: str) -> None:

@@ -1,0 +1,61 @@
+"""Fixtures: a fake API server on loopback and a real kubernetes ApiClient pointed at it."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import pytest
+from kubernetes import client as k8s_client
+
+from .fakeapi import FakeKubeAPI
+
+# Every test here is about timing on loopback; keep each one short.
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def fake_api():
+    with FakeKubeAPI(bookmark_interval_s=0.2) as api:
+        yield api
+
+
+def make_client(api: FakeKubeAPI) -> k8s_client.ApiClient:
+    cfg = k8s_client.Configuration(host=api.url)
+    # The default urllib3 retries (3, with backoff) only slow the "server down" tests;
+    # the reflector has its own backoff.
+    cfg.retries = False
+    return k8s_client.ApiClient(cfg)
+
+
+@pytest.fixture
+def api_client(fake_api):
+    with make_client(fake_api) as c:
+        yield c
+
+
+def wait_for(cond: Callable[[], object], timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def pod(name: str, *, ip: str = "", node: str = "node-a", namespace: str = "default",
+        labels: dict | None = None, owner: tuple[str, str] | None = None, host_network: bool = False,
+        host_ip: str = "192.168.50.1", phase: str = "Running") -> dict:
+    meta: dict = {"name": name, "namespace": namespace, "labels": dict(labels or {})}
+    if owner:
+        meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": owner[0], "name": owner[1],
+                                    "uid": f"uid-{owner[1]}", "controller": True}]
+    status: dict = {"phase": phase, "hostIP": host_ip, "hostIPs": [{"ip": host_ip}]}
+    if host_network:
+        ip = host_ip
+    if ip:
+        status["podIP"] = ip
+        status["podIPs"] = [{"ip": ip}]
+    return {"metadata": meta,
+            "spec": {"nodeName": node, "hostNetwork": host_network,
+                     "containers": [{"name": "main", "image": "registry.local/app:1"}]},
+            "status": status}
