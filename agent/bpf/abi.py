@@ -1,0 +1,160 @@
+"""ctypes and numpy mirrors of bpf/abi.h: the kernel/user contract.
+
+tests/bpf/test_abi.py compiles bpf/abi.h with the host C compiler and checks
+every size and offset here against it. The flow value's length depends on the
+compile-time first-N size, so its types are built per N by :func:`flow_types`.
+"""
+from __future__ import annotations
+
+import ctypes as C
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
+
+
+class FlowKey(C.Structure):
+    _fields_ = [
+        ("lo_ip", u8 * 16),
+        ("hi_ip", u8 * 16),
+        ("lo_port", u16),
+        ("hi_port", u16),
+        ("proto", u8),
+        ("ip_version", u8),
+        ("vlan_id", u16),
+        ("ifindex", u32),
+    ]
+
+
+class DirStats(C.Structure):
+    _fields_ = [
+        ("packets", u64),
+        ("bytes", u64),
+        ("first_ns", u64),
+        ("last_ns", u64),
+        ("size_sumsq", u64),
+        ("iat_sum_ns", u64),
+        ("iat_sumsq_us2", u64),
+        ("iat_min_ns", u64),
+        ("iat_max_ns", u64),
+        ("flag_count", u32 * 8),
+        ("size_min", u32),
+        ("size_max", u32),
+        ("init_window", u16),
+        ("ttl", u8),
+        ("tos", u8),
+        ("_pad", u32),
+    ]
+
+
+class IatStats(C.Structure):
+    _fields_ = [("sum_ns", u64), ("sumsq_us2", u64), ("min_ns", u64), ("max_ns", u64)]
+
+
+class SeqEntry(C.Structure):
+    _fields_ = [("piat_us", u32), ("size", u16), ("dir", u8), ("flags", u8)]
+
+
+class WinEvent(C.Structure):
+    _fields_ = [
+        ("ts_ns", u64),
+        ("src_ip", u8 * 16),
+        ("dst_ip", u8 * 16),
+        ("src_port", u16),
+        ("dst_port", u16),
+        ("size", u32),
+        ("payload", u32),
+        ("segs", u16),
+        ("proto", u8),
+        ("ip_version", u8),
+        ("ifindex", u32),
+        ("last_size", u32),
+    ]
+
+
+class PktEvent(C.Structure):
+    _fields_ = [
+        ("ts_ns", u64),
+        ("src_ip", u8 * 16),
+        ("dst_ip", u8 * 16),
+        ("src_port", u16),
+        ("dst_port", u16),
+        ("pkt_len", u32),
+        ("ifindex", u32),
+        ("ip_len", u16),
+        ("payload_len", u16),
+        ("frag_off", u16),
+        ("ip_id", u16),
+        ("tcp_seq", u32),
+        ("tcp_ack", u32),
+        ("tcp_window", u16),
+        ("tcp_urg_ptr", u16),
+        ("vlan_id", u16),
+        ("segs", u16),
+        ("proto", u8),
+        ("ip_version", u8),
+        ("ihl", u8),
+        ("ttl", u8),
+        ("tos", u8),
+        ("tcp_flags", u8),
+        ("hook", u8),
+        ("_pad", u8),
+    ]
+
+
+END_FIN_INIT, END_FIN_RESP, END_RST = 1, 2, 4
+HOOK_XDP, HOOK_TC_INGRESS, HOOK_TC_EGRESS = 0, 1, 2
+TCP_FLAG_NAMES = ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")  # header bit order
+
+# enum xdpml_counter, in order
+COUNTERS = (
+    "pkt_xdp",
+    "pkt_tc_ingress",
+    "pkt_tc_egress",
+    "err_trunc_eth",
+    "err_trunc_vlan",
+    "err_trunc_ip",
+    "err_bad_ihl",
+    "err_bad_ip_len",
+    "err_trunc_l4",
+    "err_ipv6_ext",
+    "frag_nonfirst",
+    "other_l3",
+    "flow_new",
+    "flow_full",
+    "flow_busy",
+    "rb_win_full",
+    "rb_pkt_full",
+    "pkt_sampled",
+    "gso_segs",
+)
+COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
+
+
+@dataclass(frozen=True)
+class FlowTypes:
+    first_n: int
+    value: type  # ctypes.Structure for struct flow_value
+    key_dtype: np.dtype
+    value_dtype: np.dtype
+
+
+@lru_cache(maxsize=None)
+def flow_types(first_n: int) -> FlowTypes:
+    fields = [
+        ("lock", u32),  # struct bpf_spin_lock
+        ("init_lo_to_hi", u8),
+        ("end_flags", u8),
+        ("tcp_flags_or", u8),
+        ("n_seq", u8),
+        ("first_ns", u64),
+        ("last_ns", u64),
+        ("iat", IatStats),
+        ("dir", DirStats * 2),
+    ]
+    if first_n > 0:
+        fields.append(("seq", SeqEntry * first_n))
+    value = type(f"FlowValue{first_n}", (C.Structure,), {"_fields_": fields})
+    return FlowTypes(first_n, value, np.dtype(FlowKey), np.dtype(value))

@@ -1,0 +1,104 @@
+"""Agent settings: one place, each field with its unit and default.
+
+The CLI, the AgentConfig custom resource and the tests all build these dataclasses;
+nothing else in the agent reads flags or environment variables.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+HOOKS = ("auto", "xdp", "tc", "xdp+tc")
+XDP_MODES = ("auto", "native", "generic")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; the message says which and what is allowed."""
+
+
+@dataclass
+class InterfaceSettings:
+    """Which interfaces to attach to and how."""
+
+    # Interface names or shell globs ("eth*"); the special words "physical" (every
+    # interface backed by a device driver) and "pod-veths" (host side of pod veths).
+    names: list[str] = field(default_factory=list)
+    # auto: XDP ingress + TC egress; on veth, TC for both directions, because generic
+    # XDP on veth sees GRO-merged super-packets (wrong packet counts, DESIGN.md).
+    hooks: str = "auto"
+    # XDP attach mode: auto = native (driver) on physical NICs, generic elsewhere.
+    xdp_mode: str = "auto"
+
+    def validate(self) -> None:
+        if self.hooks not in HOOKS:
+            raise ConfigError(f"hooks must be one of {', '.join(HOOKS)}, not {self.hooks!r}")
+        if self.xdp_mode not in XDP_MODES:
+            raise ConfigError(f"xdp_mode must be one of {', '.join(XDP_MODES)}, not {self.xdp_mode!r}")
+
+
+@dataclass
+class DatapathSettings:
+    """Kernel-side sizing; becomes -D flags at compile time."""
+
+    flow_table_size: int = 65536  # flows (entries) in the kernel flow table
+    first_n: int = 10  # packets recorded per flow for sequence features (0..32)
+    sample_rate: int = 0  # 1 in N packets to the per-packet stream; 0 = off
+    ringbuf_kib: int = 4096  # per-packet/window ring buffer size, KiB (power of 2)
+    window_packets: int = 0  # >0: stream every packet's summary for window features
+
+    def validate(self) -> None:
+        if not 1024 <= self.flow_table_size <= 16_777_216:
+            raise ConfigError("flow_table_size must be 1024..16777216 flows")
+        if not 0 <= self.first_n <= 32:
+            raise ConfigError("first_n must be 0..32 packets")
+        if self.sample_rate < 0:
+            raise ConfigError("sample_rate must be >= 0 (0 = per-packet stream off)")
+        kib = self.ringbuf_kib
+        if kib < 64 or kib & (kib - 1):
+            raise ConfigError("ringbuf_kib must be a power of two >= 64")
+
+
+@dataclass
+class HarvestSettings:
+    """When flows leave the kernel table (NFStream defaults)."""
+
+    idle_timeout_s: float = 120.0  # a flow with no packet for this long is exported
+    active_timeout_s: float = 1800.0  # a flow older than this is exported and restarted
+    interval_s: float = 1.0  # how often the table is scanned
+
+    def validate(self) -> None:
+        if self.idle_timeout_s <= 0 or self.active_timeout_s <= 0:
+            raise ConfigError("timeouts must be > 0 seconds")
+        if not 0.05 <= self.interval_s <= 60:
+            raise ConfigError("interval_s must be 0.05..60 seconds")
+
+
+@dataclass
+class WindowSettings:
+    """Seed-000 window features over every packet: N packets or T seconds (0 = off)."""
+
+    packets: int = 0
+    seconds: float = 0.0
+
+    def validate(self) -> None:
+        if self.packets < 0 or self.seconds < 0:
+            raise ConfigError("window size must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.packets > 0 or self.seconds > 0
+
+
+@dataclass
+class AgentSettings:
+    interfaces: InterfaceSettings = field(default_factory=InterfaceSettings)
+    datapath: DatapathSettings = field(default_factory=DatapathSettings)
+    harvest: HarvestSettings = field(default_factory=HarvestSettings)
+    window: WindowSettings = field(default_factory=WindowSettings)
+    summary_interval_s: float = 5.0  # stderr summary line period; 0 = off
+
+    def validate(self) -> "AgentSettings":
+        self.interfaces.validate()
+        self.datapath.validate()
+        self.harvest.validate()
+        self.window.validate()
+        return self

@@ -1,0 +1,167 @@
+/* abi.h - structs shared by the kernel programs and user space.
+ *
+ * This file is the kernel/user contract. agent/bpf/abi.py mirrors every struct
+ * with ctypes and tests/bpf/test_abi.py checks sizes and offsets against this
+ * file compiled by the host C compiler. Change both together.
+ *
+ * Sizes: packet sizes are L2 frame bytes as on the wire without FCS (a VLAN tag
+ * offloaded to skb metadata is counted back in). Times are CLOCK_MONOTONIC ns
+ * (bpf_ktime_get_ns); user space converts them to Unix time.
+ */
+#ifndef XDPML_ABI_H
+#define XDPML_ABI_H
+
+/* The includer provides __u8..__u64 and struct bpf_spin_lock first: the BPF
+ * programs through <uapi/linux/bpf.h> (BCC), the ABI test through the host's
+ * <linux/bpf.h>. */
+
+#ifndef XDPML_FIRST_N
+#define XDPML_FIRST_N 10 /* packets per flow kept for sequence features */
+#endif
+
+/* Flow key, normalised so both directions of a conversation hit one entry:
+ * the (ip, port) pair that sorts lower is "lo". Which side started the flow is
+ * in the value (init_lo_to_hi), so user space can name initiator -> responder. */
+struct flow_key {
+    __u8  lo_ip[16];     /* IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d) */
+    __u8  hi_ip[16];
+    __u16 lo_port;       /* host byte order; 0 for protocols without ports */
+    __u16 hi_port;
+    __u8  proto;         /* IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6...) */
+    __u8  ip_version;    /* 4 or 6 */
+    __u16 vlan_id;       /* outermost 802.1Q VLAN id, 0 if untagged */
+    __u32 ifindex;       /* interface the packet was seen on */
+};
+
+/* Per-direction accumulators. Sums of squares let user space compute exact
+ * means and standard deviations without per-packet data. */
+struct dir_stats {
+    __u64 packets;
+    __u64 bytes;         /* L2 frame bytes */
+    __u64 first_ns;
+    __u64 last_ns;
+    __u64 size_sumsq;    /* sum of frame size^2 (bytes^2) */
+    __u64 iat_sum_ns;    /* inter-arrival times between packets of this direction */
+    __u64 iat_sumsq_us2; /* sum of (iat in whole microseconds)^2: ns^2 would overflow */
+    __u64 iat_min_ns;
+    __u64 iat_max_ns;
+    __u32 flag_count[8]; /* TCP flags in header bit order: FIN SYN RST PSH ACK URG ECE CWR */
+    __u32 size_min;
+    __u32 size_max;
+    __u16 init_window;   /* TCP window of the first packet (unscaled) */
+    __u8  ttl;           /* IPv4 TTL / IPv6 hop limit of the first packet */
+    __u8  tos;           /* IPv4 ToS / IPv6 traffic class of the first packet */
+    __u32 _pad;
+};
+
+/* Bidirectional inter-arrival accumulators (cannot be derived from the two
+ * directions: they need the interleaving). */
+struct iat_stats {
+    __u64 sum_ns;
+    __u64 sumsq_us2;
+    __u64 min_ns;
+    __u64 max_ns;
+};
+
+/* One of the first N packets of a flow (seed 003: bounded per-session capture). */
+struct seq_entry {
+    __u32 piat_us;       /* time since the previous packet of the flow, microseconds; 0 for the first */
+    __u16 size;          /* L2 frame bytes (saturates at 65535) */
+    __u8  dir;           /* 0 initiator -> responder, 1 responder -> initiator */
+    __u8  flags;         /* TCP flags byte */
+};
+
+#define XDPML_END_FIN_INIT  1 /* FIN seen from the initiator */
+#define XDPML_END_FIN_RESP  2 /* FIN seen from the responder */
+#define XDPML_END_RST       4 /* RST seen */
+
+struct flow_value {
+    struct bpf_spin_lock lock;
+    __u8  init_lo_to_hi; /* 1: the first packet went lo -> hi */
+    __u8  end_flags;     /* XDPML_END_* */
+    __u8  tcp_flags_or;  /* OR of every packet's TCP flags */
+    __u8  n_seq;         /* valid entries in seq[] */
+    __u64 first_ns;
+    __u64 last_ns;
+    struct iat_stats iat;
+    struct dir_stats dir[2]; /* [0] initiator -> responder, [1] the reverse */
+#if XDPML_FIRST_N > 0
+    struct seq_entry seq[XDPML_FIRST_N];
+#endif
+};
+
+/* Hooks, as recorded in events and counters. */
+#define XDPML_HOOK_XDP        0
+#define XDPML_HOOK_TC_INGRESS 1
+#define XDPML_HOOK_TC_EGRESS  2
+
+/* Compact record of every packet, streamed only when window features are on. */
+struct win_event {
+    __u64 ts_ns;
+    __u8  src_ip[16];
+    __u8  dst_ip[16];
+    __u16 src_port;
+    __u16 dst_port;
+    __u32 size;          /* L2 frame bytes of one segment (see segs) */
+    __u32 payload;       /* L4 payload bytes of one segment */
+    __u16 segs;          /* segments this record stands for (TC sees GSO super-packets) */
+    __u8  proto;
+    __u8  ip_version;
+    __u32 ifindex;
+    __u32 last_size;     /* frame bytes of the last segment when segs > 1 */
+};
+
+/* Sampled per-packet record: seed 001's schema plus seed 004's header fields. */
+struct pkt_event {
+    __u64 ts_ns;
+    __u8  src_ip[16];
+    __u8  dst_ip[16];
+    __u16 src_port;
+    __u16 dst_port;
+    __u32 pkt_len;       /* L2 frame bytes (whole super-packet when segs > 1) */
+    __u32 ifindex;
+    __u16 ip_len;        /* IPv4 total length / IPv6 payload length + 40 */
+    __u16 payload_len;   /* L4 payload bytes */
+    __u16 frag_off;      /* IPv4 flags+fragment offset field, host order; 0 for IPv6 */
+    __u16 ip_id;
+    __u32 tcp_seq;
+    __u32 tcp_ack;
+    __u16 tcp_window;
+    __u16 tcp_urg_ptr;
+    __u16 vlan_id;
+    __u16 segs;
+    __u8  proto;
+    __u8  ip_version;
+    __u8  ihl;           /* IPv4 header length in 32-bit words; 0 for IPv6 */
+    __u8  ttl;
+    __u8  tos;
+    __u8  tcp_flags;
+    __u8  hook;
+    __u8  _pad;
+};
+
+/* Per-CPU counters: index into the counters array. User space sums CPUs. */
+enum xdpml_counter {
+    C_PKT_XDP = 0,
+    C_PKT_TC_INGRESS,
+    C_PKT_TC_EGRESS,
+    C_ERR_TRUNC_ETH,      /* shorter than an Ethernet header */
+    C_ERR_TRUNC_VLAN,     /* VLAN tag cut short, or more than 2 tags */
+    C_ERR_TRUNC_IP,       /* IP header cut short */
+    C_ERR_BAD_IHL,        /* IPv4 IHL < 5 or beyond the packet */
+    C_ERR_BAD_IP_LEN,     /* IP total length smaller than its header */
+    C_ERR_TRUNC_L4,       /* TCP/UDP/ICMP header cut short */
+    C_ERR_IPV6_EXT,       /* IPv6 extension chain longer than we follow, or cut short */
+    C_FRAG_NONFIRST,      /* IP fragments after the first: no ports, not in any flow */
+    C_OTHER_L3,           /* not IPv4/IPv6 (ARP, LLDP...) */
+    C_FLOW_NEW,           /* flows created */
+    C_FLOW_FULL,          /* flow table full: packet not counted in any flow */
+    C_FLOW_BUSY,          /* other insert failure (memory, race) */
+    C_RB_WIN_FULL,        /* window ring buffer full: window record lost */
+    C_RB_PKT_FULL,        /* sample ring buffer full: sample lost */
+    C_PKT_SAMPLED,        /* samples written */
+    C_GSO_SEGS,           /* extra segments accounted from GSO super-packets */
+    C_COUNTERS_MAX,
+};
+
+#endif /* XDPML_ABI_H */
