@@ -1,0 +1,365 @@
+"""helm/xdpml: lint, render and validate, with Helm's own Go SDK (helm-python-sdk).
+
+Every scenario under helm/xdpml/ci/ and the defaults are linted and rendered; every
+rendered Kubernetes object is validated by kubernetes-validate (strict: unknown fields
+fail) for a recent Kubernetes; custom resources are validated against their CRD
+schemas. The security-relevant parts of the agent's pod and the RBAC rules are pinned
+exactly, so a loosening shows up as a test failure.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "xdpml"
+SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
+K8S_VERSION = "1.34"
+RELEASE, NAMESPACE = "demo", "netobs"
+
+
+def load_values(path: Path | None) -> dict:
+    return {} if path is None else yaml.safe_load(path.read_text()) or {}
+
+
+def render(values: dict | None = None) -> list[dict]:
+    with helm.Chart.load(CHART) as chart:
+        out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def notes(values: dict | None = None) -> str:
+    with helm.Chart.load(CHART) as chart:
+        out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+    return next(v for k, v in out.items() if k.endswith("NOTES.txt"))
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def scenario_id(p: Path | None) -> str:
+    return "defaults" if p is None else p.name
+
+
+ALL = [None, *SCENARIOS]
+
+
+def test_scenarios_exist():
+    names = {p.name for p in SCENARIOS}
+    assert {"tls-values.yaml", "privileged-values.yaml", "servicemonitor-values.yaml",
+            "external-collector-values.yaml"} <= names
+
+
+@pytest.mark.parametrize("scenario", ALL, ids=scenario_id)
+def test_lint_strict_clean(scenario):
+    report = helm.lint(CHART, load_values(scenario), strict=True, namespace=NAMESPACE,
+                       kube_version=f"v{K8S_VERSION}.0")
+    assert report["errors"] == []
+    # severity 1 (info, e.g. "icon is recommended") is advice; 2 warning, 3 error are not ok
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+# ---- validation of every rendered object ------------------------------------------
+
+def _crd_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> openAPIV3Schema from the chart's crds/ directory."""
+    out = {}
+    for f in sorted((CHART / "crds").glob("*.y*ml")) if (CHART / "crds").is_dir() else []:
+        for crd in yaml.safe_load_all(f.read_text()):
+            if not crd or crd.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for v in crd["spec"]["versions"]:
+                out[(f"{group}/{v['name']}", kind)] = v["schema"]["openAPIV3Schema"]
+    return out
+
+
+# The Prometheus Operator's CRD is not ours to ship; this is the part of its
+# monitoring.coreos.com/v1 ServiceMonitor schema that the chart uses, strict.
+SERVICEMONITOR_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object", "additionalProperties": False, "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {"type": "object", "additionalProperties": False, "properties": {
+                    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}}},
+                "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                    "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False, "required": ["port"],
+                    "properties": {
+                        "port": {"type": "string"}, "path": {"type": "string"},
+                        "interval": {"type": "string", "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                        "relabelings": {"type": "array", "items": {
+                            "type": "object", "additionalProperties": False, "properties": {
+                                "sourceLabels": {"type": "array", "items": {"type": "string"}},
+                                "targetLabel": {"type": "string"}}}}}}}}},
+    },
+}
+
+
+@pytest.mark.parametrize("scenario", ALL, ids=scenario_id)
+def test_every_rendered_object_validates(scenario):
+    docs = render(load_values(scenario))
+    assert docs
+    for d in docs:
+        api, kind = d["apiVersion"], d["kind"]
+        ident = f"{kind}/{d['metadata']['name']}"
+        if kind == "ServiceMonitor":
+            jsonschema.validate(d, SERVICEMONITOR_SCHEMA)
+        elif api.startswith("xdpml.io/"):
+            # validated against the CRD in test_agentconfig_validates_against_crd
+            assert (api, kind) == ("xdpml.io/v1alpha1", "AgentConfig"), ident
+        else:
+            try:
+                kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{ident} ({scenario_id(scenario)}): {'.'.join(map(str, e.path))}: {e.message}")
+        assert d["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+        if kind not in ("ClusterRole", "ClusterRoleBinding"):
+            assert d["metadata"]["namespace"] == NAMESPACE, ident
+
+
+@pytest.mark.parametrize("spec", [{}, {"interfaces": {"names": ["eth0"]}}], ids=["empty", "names"])
+def test_agentconfig_validates_against_crd(spec):
+    crds = _crd_schemas()
+    if ("xdpml.io/v1alpha1", "AgentConfig") not in crds:
+        pytest.skip("no AgentConfig CRD under helm/xdpml/crds yet")
+    schema = crds[("xdpml.io/v1alpha1", "AgentConfig")]
+    doc = one(render({"agentConfig": {"spec": spec}}), "AgentConfig")
+    assert doc["metadata"] == {**doc["metadata"], "name": "default", "namespace": NAMESPACE}
+    assert doc["spec"] == spec
+    jsonschema.validate(doc, {k: v for k, v in schema.items() if k != "x-kubernetes-preserve-unknown-fields"})
+
+
+def test_validator_catches_a_broken_object():
+    """The validation above can fail: a misspelled field in a rendered object is caught."""
+    ds = one(render(), "DaemonSet")
+    ds["spec"]["template"]["spec"]["hostNetwrok"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+
+
+# ---- agent DaemonSet security properties ------------------------------------------
+
+def agent_pod(values: dict | None = None) -> tuple[dict, dict]:
+    ds = one(render(values), "DaemonSet", f"{RELEASE}-xdpml-agent")
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return pod, container
+
+
+def mounts(container: dict, pod: dict) -> dict[str, tuple[str, bool]]:
+    """mountPath -> (hostPath or '', readOnly)."""
+    vols = {v["name"]: v for v in pod["volumes"]}
+    return {m["mountPath"]: (vols[m["name"]].get("hostPath", {}).get("path", ""), m.get("readOnly", False))
+            for m in container["volumeMounts"]}
+
+
+def test_agent_defaults_least_privilege():
+    pod, c = agent_pod()
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    sc = c["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["terminationGracePeriodSeconds"] == 60
+    # every host path is mounted read-only, and only these
+    host = {p: v for p, v in mounts(c, pod).items() if v[0]}
+    assert host == {"/lib/modules": ("/lib/modules", True), "/usr/src": ("/usr/src", True)}
+    assert not pod.get("hostPID") and not pod.get("hostIPC")
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"health": 8081, "metrics": 9464}
+    assert c["args"] == [
+        "agent", "--kubernetes", "--config-name=default",
+        f"--collector={RELEASE}-xdpml-collector.{NAMESPACE}.svc:50051",
+        "--health-port=8081", "--metrics-port=9464", "--log-format=text", "--log-level=info"]
+    # the shell wrapper must hand over with exec so SIGTERM reaches the agent
+    assert c["command"][:2] == ["/bin/sh", "-c"] and 'exec xdpml "$@"' in c["command"][2]
+    assert "--check-only" in c["command"][2]
+
+
+def test_agent_sys_resource_only_on_request():
+    _, c = agent_pod({"agent": {"capabilities": {"sysResource": True, "extra": ["SYS_PTRACE"]}}})
+    assert c["securityContext"]["capabilities"]["add"] == ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"]
+
+
+def test_agent_privileged_scenario():
+    pod, c = agent_pod(load_values(CHART / "ci" / "privileged-values.yaml"))
+    sc = c["securityContext"]
+    assert sc["privileged"] is True and "capabilities" not in sc
+    assert "allowPrivilegeEscalation" not in sc  # the API rejects privileged with it false
+    m = mounts(c, pod)
+    assert "/lib/modules" not in m and "/usr/src" not in m  # the image's headers are linked instead
+    assert sc["readOnlyRootFilesystem"] is False
+    assert m["/sys/fs/bpf"] == ("/sys/fs/bpf", False)
+    assert m["/sys/kernel/debug"] == ("/sys/kernel/debug", True)
+    assert "--check-only" not in c["command"][2]
+    assert pod["priorityClassName"] == "system-node-critical"
+
+
+def test_tls_scenario_wires_secret_files():
+    docs = render(load_values(CHART / "ci" / "tls-values.yaml"))
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    assert {"--tls-ca=/etc/xdpml/tls/ca.crt", "--tls-cert=/etc/xdpml/tls/tls.crt",
+            "--tls-key=/etc/xdpml/tls/tls.key", "--tls-server-name=collector.xdpml.internal"} <= set(agent["args"])
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["tls"]["secret"]["secretName"] == "xdpml-agent-tls"
+    # whole-directory mount (no subPath) so renewed certificates reach the pod
+    assert {"name": "tls", "mountPath": "/etc/xdpml/tls", "readOnly": True} in agent["volumeMounts"]
+    cpod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (col,) = cpod["containers"]
+    assert {"--tls-cert=/etc/xdpml/tls/tls.crt", "--tls-key=/etc/xdpml/tls/tls.key",
+            "--tls-client-ca=/etc/xdpml/tls/ca.crt"} <= set(col["args"])
+    assert {v["name"]: v for v in cpod["volumes"]}["tls"]["secret"]["secretName"] == "xdpml-collector-tls"
+    # kubelet gRPC probes cannot do TLS: tcp probes instead
+    assert col["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
+
+
+def test_collector_runs_as_non_root_with_grpc_probes():
+    dep = one(render(), "Deployment", f"{RELEASE}-xdpml-collector")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["automountServiceAccountToken"] is False
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "privileged": False,
+                                    "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    assert c["args"][:2] == ["collector", "--listen=0.0.0.0:50051"]
+    assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": ""}
+    assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
+    svc = one(render(), "Service", f"{RELEASE}-xdpml-collector")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_external_collector_scenario():
+    docs = render(load_values(CHART / "ci" / "external-collector-values.yaml"))
+    assert not [d for d in docs if d["kind"] in ("Deployment", "AgentConfig")]
+    _, c = agent_pod(load_values(CHART / "ci" / "external-collector-values.yaml"))
+    assert "--collector=xdpml-collector.inference.svc.cluster.local:50051" in c["args"]
+    assert "--config-name=edge-nodes" in c["args"]
+    assert not any(a.startswith("--metrics-port") for a in c["args"])
+
+
+def test_servicemonitors_select_the_metrics_services():
+    docs = render(load_values(CHART / "ci" / "servicemonitor-values.yaml"))
+    sms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceMonitor"}
+    assert set(sms) == {f"{RELEASE}-xdpml-agent", f"{RELEASE}-xdpml-collector"}
+    services = [d for d in docs if d["kind"] == "Service"]
+    for sm in sms.values():
+        assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        sel = sm["spec"]["selector"]["matchLabels"]
+        matched = [s for s in services if sel.items() <= s["metadata"]["labels"].items()]
+        assert len(matched) == 1 and "metrics" in [p["name"] for p in matched[0]["spec"]["ports"]]
+    _, c = agent_pod(load_values(CHART / "ci" / "servicemonitor-values.yaml"))
+    assert {"--log-format=json", "--log-level=debug",
+            "--otlp-endpoint=http://otel-collector.monitoring.svc:4317"} <= set(c["args"])
+
+
+# ---- RBAC ------------------------------------------------------------------------
+
+def rules(doc: dict) -> set[tuple[str, str, tuple[str, ...]]]:
+    return {(g, r, tuple(sorted(rule["verbs"])))
+            for rule in doc["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+
+
+def test_rbac_is_exactly_least_privilege():
+    docs = render()
+    cr = one(docs, "ClusterRole", f"{RELEASE}-xdpml-agent")
+    assert rules(cr) == {
+        ("", "pods", ("get", "list", "watch")),
+        ("", "services", ("get", "list", "watch")),
+        ("apps", "replicasets", ("get", "list", "watch")),
+        ("batch", "jobs", ("get", "list", "watch")),
+    }
+    role = one(docs, "Role", f"{RELEASE}-xdpml-agent")
+    assert rules(role) == {
+        ("xdpml.io", "agentconfigs", ("get", "list", "watch")),
+        ("xdpml.io", "agentconfigs/status", ("patch", "update")),
+        ("", "events", ("create", "patch")),
+    }
+    for doc in (cr, role):
+        for rule in doc["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+            assert "resourceNames" not in rule
+    sa = f"{RELEASE}-xdpml-agent"
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        b = one(docs, kind)
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+        assert b["roleRef"]["name"] == sa
+    assert one(docs, "DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == sa
+    # the collector gets no RBAC at all
+    assert not [d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")
+                and d["subjects"][0]["name"] != sa]
+
+
+def test_watch_nodes_adds_only_node_reads():
+    cr = one(render({"rbac": {"watchNodes": True}}), "ClusterRole")
+    assert ("", "nodes", ("get", "list", "watch")) in rules(cr) and len(rules(cr)) == 5
+
+
+def test_rbac_off_renders_none():
+    docs = render({"rbac": {"create": False}})
+    assert not [d for d in docs if d["apiVersion"].startswith("rbac.authorization.k8s.io")]
+
+
+# ---- values.schema.json ------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, where", [
+    ({"agent": {"privileged": "yes"}}, "/agent/privileged"),
+    ({"agent": {"privilegd": True}}, "privilegd"),
+    ({"agent": {"capabilities": {"extra": ["ALL"]}}}, "/agent/capabilities/extra/0"),
+    ({"agent": {"health": {"port": 70000}}}, "/agent/health/port"),
+    ({"agent": {"terminationGracePeriodSeconds": 2}}, "/agent/terminationGracePeriodSeconds"),
+    ({"agent": {"seccompProfile": "Localhost"}}, "/agent/seccompProfile"),
+    ({"agent": {"collectorAddress": "no-port"}}, "/agent/collectorAddress"),
+    ({"agent": {"extraArgs": ["positional"]}}, "/agent/extraArgs/0"),
+    ({"collector": {"enabled": False}}, "/agent/collectorAddress"),
+    ({"tls": {"mutual": True}}, "/tls/enabled"),
+    ({"logging": {"format": "xml"}}, "/logging/format"),
+    ({"otlp": {"endpoint": "grpc://x:4317"}}, "/otlp/endpoint"),
+    ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"unknownTopLevel": 1}, "unknownTopLevel"),
+])
+def test_schema_rejects_bad_values(bad, where):
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError) as err:
+            chart.render(bad, name=RELEASE, namespace=NAMESPACE)
+    assert where in str(err.value)
+
+
+def test_schema_accepts_defaults_and_every_scenario():
+    with helm.Chart.load(CHART) as chart:
+        assert json.loads((CHART / "values.schema.json").read_text()) == chart.schema
+        for s in ALL:
+            chart.validate_schema(chart.merge_values(load_values(s)))
+
+
+def test_notes_render():
+    text = notes()
+    assert f"rollout status daemonset/{RELEASE}-xdpml-agent" in text
+    assert "not privileged; capabilities BPF, NET_ADMIN, PERFMON." in text
+    assert "WARNING: agent.privileged=true" in notes({"agent": {"privileged": True}})
