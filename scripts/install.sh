@@ -3,7 +3,9 @@
 #
 #   scripts/install.sh            runtime: apt packages, kernel headers, venv with xdpml
 #   scripts/install.sh --test     also test/bench tools (scapy, nfstream, mlserver venv, helm sdk...)
-#   scripts/install.sh --image    runtime only, no venv editable install (Dockerfile)
+#   scripts/install.sh --image    Dockerfile: runtime apt packages plus Debian's kernel headers
+#                                 (linked at container start by kernel-headers.sh, not here),
+#                                 venv with a non-editable install of xdpml
 #
 # Idempotent: a second run only checks. Must run as root on Debian (bookworm or later).
 set -euo pipefail
@@ -32,6 +34,11 @@ APT_PKGS=(python3-bpfcc python3-venv python3-pyroute2 iproute2 ca-certificates)
 if [ "$MODE" = test ]; then
   APT_PKGS+=(tcpreplay iperf3 tcpdump libpcap0.8 procps iputils-ping)
 fi
+if [ "$MODE" = image ]; then
+  # The fallback for nodes without headers. Which kernel the image will run on is
+  # unknown at build time, so the link into /lib/modules is made at container start.
+  APT_PKGS+=("linux-headers-$(dpkg --print-architecture)")
+fi
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
@@ -46,9 +53,9 @@ fi
 # ---- kernel headers for BCC ------------------------------------------------
 # Use the host's headers when present; otherwise Debian's packaged ones, linked
 # in where BCC looks. Never overwrite headers a host already has.
-"$ROOT/scripts/kernel-headers.sh" ${XDPML_SKIP_HEADERS:+--check-only}
-
-[ "$MODE" = image ] && exit 0
+if [ "$MODE" != image ]; then
+  "$ROOT/scripts/kernel-headers.sh" ${XDPML_SKIP_HEADERS:+--check-only}
+fi
 
 # ---- Python venv -----------------------------------------------------------
 # /usr/bin/python3 so Debian's bcc bindings are importable (--system-site-packages).
@@ -59,6 +66,10 @@ fi
 PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
 if [ "$MODE" = test ]; then
   "${PIP[@]}" -e "$ROOT[test]"
+elif [ "$MODE" = image ]; then
+  # Non-editable: the image needs no build tree; the BPF C sources are found through
+  # XDPML_BPF_DIR (set in the Dockerfile).
+  "${PIP[@]}" "$ROOT"
 else
   "${PIP[@]}" -e "$ROOT"
 fi
