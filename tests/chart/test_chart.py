@@ -137,16 +137,47 @@ def test_every_rendered_object_validates(scenario):
             assert d["metadata"]["namespace"] == NAMESPACE, ident
 
 
-@pytest.mark.parametrize("spec", [{}, {"interfaces": {"names": ["eth0"]}}], ids=["empty", "names"])
-def test_agentconfig_validates_against_crd(spec):
+@pytest.mark.parametrize("scenario", ALL, ids=scenario_id)
+def test_agentconfig_validates_against_crd_and_agent_parser(scenario):
+    """The chart's AgentConfig passes the CRD's structural schema and the agent's own
+    parser, and the TLS files that parser derives are exactly the files the DaemonSet
+    mounts."""
+    from agent.kube.agentconfig import parse_spec
+
+    values = load_values(scenario)
+    docs = render(values)
+    acs = [d for d in docs if d["kind"] == "AgentConfig"]
+    if not acs:
+        assert not (values.get("agentConfig") or {}).get("create", True)
+        return
+    (ac,) = acs
     crds = _crd_schemas()
-    if ("xdpml.io/v1alpha1", "AgentConfig") not in crds:
-        pytest.skip("no AgentConfig CRD under helm/xdpml/crds yet")
-    schema = crds[("xdpml.io/v1alpha1", "AgentConfig")]
-    doc = one(render({"agentConfig": {"spec": spec}}), "AgentConfig")
-    assert doc["metadata"] == {**doc["metadata"], "name": "default", "namespace": NAMESPACE}
-    assert doc["spec"] == spec
-    jsonschema.validate(doc, {k: v for k, v in schema.items() if k != "x-kubernetes-preserve-unknown-fields"})
+    assert ("xdpml.io/v1alpha1", "AgentConfig") in crds, "helm/xdpml/crds has no AgentConfig CRD"
+    jsonschema.validate(ac, crds[("xdpml.io/v1alpha1", "AgentConfig")])
+    cfg = parse_spec(ac["spec"])
+    ds = [d for d in docs if d["kind"] == "DaemonSet"]
+    if not ds:
+        return
+    pod = ds[0]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    collector_arg = next(a for a in c["args"] if a.startswith("--collector="))
+    assert cfg.export.collector_address == collector_arg.split("=", 1)[1]
+    tls_mount = [m["mountPath"] for m in c["volumeMounts"] if m["name"] == "tls"]
+    if cfg.export.tls_mode == "disabled":
+        assert not tls_mount
+    else:
+        (root,) = tls_mount
+        assert cfg.export.ca_file == f"{root}/ca.crt"
+        assert f"--tls-ca={cfg.export.ca_file}" in c["args"]
+        if cfg.export.tls_mode == "mtls":
+            assert (cfg.export.cert_file, cfg.export.key_file) == (f"{root}/tls.crt", f"{root}/tls.key")
+
+
+def test_agentconfig_user_collector_wins():
+    spec = {"interfaces": [{"names": ["eth0"]}], "collector": {"address": "elsewhere:50051"}}
+    (ac,) = [d for d in render({"agentConfig": {"spec": spec}}) if d["kind"] == "AgentConfig"]
+    assert ac["spec"]["collector"] == {"address": "elsewhere:50051"}
+    assert ac["metadata"]["name"] == "default" and ac["metadata"]["namespace"] == NAMESPACE
 
 
 def test_validator_catches_a_broken_object():
@@ -224,16 +255,17 @@ def test_tls_scenario_wires_secret_files():
     docs = render(load_values(CHART / "ci" / "tls-values.yaml"))
     pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
     (agent,) = pod["containers"]
-    assert {"--tls-ca=/etc/xdpml/tls/ca.crt", "--tls-cert=/etc/xdpml/tls/tls.crt",
-            "--tls-key=/etc/xdpml/tls/tls.key", "--tls-server-name=collector.xdpml.internal"} <= set(agent["args"])
+    d = "/etc/xdpml/tls/xdpml-agent-tls"
+    assert {f"--tls-ca={d}/ca.crt", f"--tls-cert={d}/tls.crt",
+            f"--tls-key={d}/tls.key", "--tls-server-name=collector.xdpml.internal"} <= set(agent["args"])
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["tls"]["secret"]["secretName"] == "xdpml-agent-tls"
     # whole-directory mount (no subPath) so renewed certificates reach the pod
-    assert {"name": "tls", "mountPath": "/etc/xdpml/tls", "readOnly": True} in agent["volumeMounts"]
+    assert {"name": "tls", "mountPath": d, "readOnly": True} in agent["volumeMounts"]
     cpod = one(docs, "Deployment")["spec"]["template"]["spec"]
     (col,) = cpod["containers"]
-    assert {"--tls-cert=/etc/xdpml/tls/tls.crt", "--tls-key=/etc/xdpml/tls/tls.key",
-            "--tls-client-ca=/etc/xdpml/tls/ca.crt"} <= set(col["args"])
+    d = "/etc/xdpml/tls/xdpml-collector-tls"
+    assert {f"--tls-cert={d}/tls.crt", f"--tls-key={d}/tls.key", f"--tls-client-ca={d}/ca.crt"} <= set(col["args"])
     assert {v["name"]: v for v in cpod["volumes"]}["tls"]["secret"]["secretName"] == "xdpml-collector-tls"
     # kubelet gRPC probes cannot do TLS: tcp probes instead
     assert col["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
