@@ -212,6 +212,8 @@ class FakeKubeAPI:
         self.max_watch_s = max_watch_s  # server-side cap on a watch without timeoutSeconds
         self.requests: list[Request] = []
         self.fail_next: list[int] = []  # HTTP codes to answer to the next requests (e.g. 500)
+        # (method, path substring) -> [code, times left]: fail matching requests only
+        self.fail_rules: dict[tuple[str, str], list[int]] = {}
         self._port = port
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -556,6 +558,10 @@ class FakeKubeAPI:
             if self.fail_next:
                 code = self.fail_next.pop(0)
                 raise ApiError(code, "InternalError", f"injected failure {code}")
+            for (fail_method, fragment), rule in self.fail_rules.items():
+                if fail_method == method and fragment in split.path and rule[1] > 0:
+                    rule[1] -= 1
+                    raise ApiError(rule[0], "InternalError", f"injected failure {rule[0]}")
             res, namespace, name, sub = self._route(split.path)
             body = json.loads(raw) if raw else None
             if method == "GET" and name is None:
