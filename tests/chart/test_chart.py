@@ -223,10 +223,11 @@ def test_agent_defaults_least_privilege():
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"health": 8081, "metrics": 9464}
+    # --log-format belongs to `xdpml` itself, so it comes before the subcommand
     assert c["args"] == [
-        "agent", "--kubernetes", "--config-name=default",
+        "--log-format=text", "agent", "--kubernetes", "--config-name=default",
         f"--collector={RELEASE}-xdpml-collector.{NAMESPACE}.svc:50051",
-        "--health-port=8081", "--metrics-port=9464", "--log-format=text", "--log-level=info"]
+        "--health-port=8081", "--metrics-port=9464"]
     # the shell wrapper must hand over with exec so SIGTERM reaches the agent
     assert c["command"][:2] == ["/bin/sh", "-c"] and 'exec xdpml "$@"' in c["command"][2]
     assert "--check-only" in c["command"][2]
@@ -279,7 +280,9 @@ def test_collector_runs_as_non_root_with_grpc_probes():
     assert pod["automountServiceAccountToken"] is False
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "privileged": False,
                                     "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
-    assert c["args"][:2] == ["collector", "--listen=0.0.0.0:50051"]
+    assert c["args"] == ["--log-format=text", "collector", "--listen=0.0.0.0:50051",
+                         "--state-dir=/var/lib/xdpml/state", "--metrics-port=9464"]
+    assert {"name": "data", "mountPath": "/var/lib/xdpml"} in c["volumeMounts"]
     assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": ""}
     assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
     svc = one(render(), "Service", f"{RELEASE}-xdpml-collector")
@@ -306,8 +309,8 @@ def test_servicemonitors_select_the_metrics_services():
         matched = [s for s in services if sel.items() <= s["metadata"]["labels"].items()]
         assert len(matched) == 1 and "metrics" in [p["name"] for p in matched[0]["spec"]["ports"]]
     _, c = agent_pod(load_values(CHART / "ci" / "servicemonitor-values.yaml"))
-    assert {"--log-format=json", "--log-level=debug",
-            "--otlp-endpoint=http://otel-collector.monitoring.svc:4317"} <= set(c["args"])
+    assert c["args"][:3] == ["--log-format=json", "--verbose", "agent"]
+    assert "--otlp-endpoint=http://otel-collector.monitoring.svc:4317" in c["args"]
 
 
 # ---- RBAC ------------------------------------------------------------------------
@@ -371,6 +374,7 @@ def test_rbac_off_renders_none():
     ({"collector": {"enabled": False}}, "/agent/collectorAddress"),
     ({"tls": {"mutual": True}}, "/tls/enabled"),
     ({"logging": {"format": "xml"}}, "/logging/format"),
+    ({"logging": {"level": "trace"}}, "/logging/level"),
     ({"otlp": {"endpoint": "grpc://x:4317"}}, "/otlp/endpoint"),
     ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
@@ -395,3 +399,24 @@ def test_notes_render():
     assert f"rollout status daemonset/{RELEASE}-xdpml-agent" in text
     assert "not privileged; capabilities BPF, NET_ADMIN, PERFMON." in text
     assert "WARNING: agent.privileged=true" in notes({"agent": {"privileged": True}})
+
+
+# ---- the rendered commands against the real CLI parser ------------------------------
+
+@pytest.mark.xfail(reason="waits for the lead to add the Kubernetes-mode flags to xdpml.cli "
+                          "(--kubernetes, --config-name, --health-port, --metrics-port, --otlp-endpoint, "
+                          "--tls-*); remove this marker then", strict=False)
+@pytest.mark.parametrize("scenario", ALL, ids=scenario_id)
+def test_rendered_commands_parse_with_the_cli(scenario):
+    from xdpml.cli import build_parser
+
+    docs = render(load_values(scenario))
+    for kind in ("DaemonSet", "Deployment"):
+        for d in docs:
+            if d["kind"] != kind:
+                continue
+            (c,) = d["spec"]["template"]["spec"]["containers"]
+            try:
+                build_parser().parse_args(c["args"])
+            except SystemExit:
+                pytest.fail(f"{kind} args do not parse: {c['args']}")

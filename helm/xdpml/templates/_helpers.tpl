@@ -85,12 +85,11 @@ Where the agents send batches: an external address, or this release's collector 
 {{- end }}
 
 {{/*
-Common flags of both commands: logging and OTLP.
+Options of the `xdpml` command itself; they go before the subcommand.
 */}}
-{{- define "xdpml.commonArgs" -}}
+{{- define "xdpml.globalArgs" -}}
 - --log-format={{ .Values.logging.format }}
-- --log-level={{ .Values.logging.level }}
-{{- with .Values.otlp.endpoint }}
-- --otlp-endpoint={{ . }}
+{{- if eq .Values.logging.level "debug" }}
+- --verbose
 {{- end }}
 {{- end }}
