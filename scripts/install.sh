@@ -32,7 +32,7 @@ fi
 # ---- Debian packages -------------------------------------------------------
 APT_PKGS=(python3-bpfcc python3-venv python3-pyroute2 iproute2 ca-certificates)
 if [ "$MODE" = test ]; then
-  APT_PKGS+=(tcpreplay iperf3 tcpdump libpcap0.8 procps iputils-ping)
+  APT_PKGS+=(tcpreplay iperf3 tcpdump libpcap0.8 procps iputils-ping ethtool gcc libc6-dev linux-libc-dev)
 fi
 if [ "$MODE" = image ]; then
   # The fallback for nodes without headers. Which kernel the image will run on is

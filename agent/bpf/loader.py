@@ -212,7 +212,7 @@ class Datapath:
         ]
         t0 = time.monotonic()
         try:
-            self.bpf = BPF(text=program_text(), cflags=cflags)
+            self.bpf = BPF(text=program_text().encode(), cflags=cflags)
         except Exception as exc:  # BCC raises bare Exception with the compiler output on stderr
             raise AttachError(
                 f"compiling the BPF programs failed ({exc}). Kernel headers are needed at "

@@ -1,0 +1,120 @@
+"""Local sinks: JSON lines to a file or stdout, and a Unix socket (seed 001).
+
+A sink takes ColumnBatch objects. Each JSON line is one record with a leading
+"record" field ("flow", "window" or "packet"), IPs as text, sequences as lists,
+undefined statistics as null.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import time
+from typing import IO, Protocol
+
+from agent.columns import ColumnBatch
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    def write(self, batch: ColumnBatch) -> None: ...
+    def close(self) -> None: ...
+
+
+def batch_lines(batch: ColumnBatch) -> list[str]:
+    kind = batch.kind
+    return [json.dumps({"record": kind, **row}, separators=(",", ":")) for row in batch.rows()]
+
+
+class JsonLinesSink:
+    """Appends JSON lines to a file ('-' = stdout); flushes after every batch."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.records = 0
+        if path == "-":
+            self._fh: IO[str] = sys.stdout
+        else:
+            try:
+                self._fh = open(path, "a", encoding="utf-8")
+            except OSError as exc:
+                raise SystemExit(f"xdpml: cannot open output file {path!r}: {exc.strerror}") from None
+
+    def write(self, batch: ColumnBatch) -> None:
+        if not len(batch):
+            return
+        lines = batch_lines(batch)
+        self._fh.write("\n".join(lines) + "\n")
+        self._fh.flush()
+        self.records += len(lines)
+
+    def close(self) -> None:
+        if self._fh is not sys.stdout:
+            self._fh.close()
+        else:
+            self._fh.flush()
+
+
+class UnixSocketSink:
+    """Streams JSON lines to a Unix stream socket a consumer listens on.
+
+    Never blocks the agent for long: while the consumer is away, records are
+    dropped and counted, and reconnection is retried with exponential backoff."""
+
+    def __init__(self, path: str, *, timeout_s: float = 2.0, max_backoff_s: float = 30.0):
+        self.path = path
+        self.timeout_s = timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.records = 0
+        self.dropped = 0
+        self._sock: socket.socket | None = None
+        self._backoff = 0.5
+        self._next_try = 0.0
+        self._last_warn = 0.0
+
+    def _connect(self) -> bool:
+        now = time.monotonic()
+        if self._sock is not None:
+            return True
+        if now < self._next_try:
+            return False
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout_s)
+        try:
+            s.connect(self.path)
+        except OSError as exc:
+            s.close()
+            self._next_try = now + self._backoff
+            self._backoff = min(self._backoff * 2, self.max_backoff_s)
+            if now - self._last_warn > 30:
+                log.warning("unix socket %s: %s; dropping records until a consumer listens",
+                            self.path, exc.strerror or exc)
+                self._last_warn = now
+            return False
+        self._sock = s
+        self._backoff = 0.5
+        log.info("unix socket %s: connected", self.path)
+        return True
+
+    def write(self, batch: ColumnBatch) -> None:
+        if not len(batch):
+            return
+        if not self._connect():
+            self.dropped += len(batch)
+            return
+        data = ("\n".join(batch_lines(batch)) + "\n").encode()
+        try:
+            self._sock.sendall(data)
+            self.records += len(batch)
+        except OSError as exc:
+            self.dropped += len(batch)
+            log.warning("unix socket %s: %s; reconnecting", self.path, exc.strerror or exc)
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

@@ -1,0 +1,114 @@
+"""Move finished flows out of the kernel table.
+
+Each scan reads the whole table with one batched lookup (into numpy), decides
+which flows are done, and removes exactly those with atomic lookup-and-delete,
+so a packet that lands between the read and the removal is still exported.
+A flow is done when it has been idle for idle_timeout, has lasted
+active_timeout, or TCP ended it (RST, or FIN both ways) and it has been quiet
+for end_grace (so the last ACK lands in the same flow).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+import numpy as np
+
+from agent.bpf.abi import END_FIN_INIT, END_FIN_RESP, END_RST
+from agent.columns import ColumnBatch
+from agent.config import HarvestSettings
+from agent.features import EXPIRATION, flow_columns
+
+
+class FlowTable(Protocol):
+    """What the harvester needs from the kernel flow map (agent.bpf.maps.FlowMap)."""
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def take(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def drain(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def mono_to_unix_offset_ns() -> int:
+    """Unix ns minus CLOCK_MONOTONIC ns (bpf_ktime_get_ns), sampled tightly."""
+    best = None
+    for _ in range(5):
+        a = time.monotonic_ns()
+        u = time.time_ns()
+        b = time.monotonic_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, u - (a + b) // 2)
+    return best[1]
+
+
+@dataclass
+class HarvestStats:
+    scans: int = 0
+    active: int = 0  # flows in the table at the last scan
+    exported: int = 0
+    by_reason: dict | None = None
+
+    def __post_init__(self):
+        self.by_reason = {k: 0 for k in EXPIRATION}
+
+
+class Harvester:
+    def __init__(self, table: FlowTable, *, settings: HarvestSettings, first_n: int,
+                 mono_to_unix_ns: int, ifnames: Mapping[int, str] | None = None,
+                 end_grace_s: float = 1.0, clock=time.monotonic_ns):
+        self.table = table
+        self.settings = settings
+        self.first_n = first_n
+        self.mono_to_unix_ns = mono_to_unix_ns
+        self.ifnames = ifnames if ifnames is not None else {}
+        self.end_grace_ns = int(end_grace_s * 1e9)
+        self.clock = clock
+        self.stats = HarvestStats()
+
+    def _reasons(self, values: np.ndarray, now: int) -> np.ndarray:
+        """-2 keep, else the expiration id."""
+        last = values["last_ns"].astype(np.int64)
+        first = values["first_ns"].astype(np.int64)
+        ends = values["end_flags"]
+        fin_both = (ends & (END_FIN_INIT | END_FIN_RESP)) == (END_FIN_INIT | END_FIN_RESP)
+        tcp_end = ((ends & END_RST) != 0) | fin_both
+        quiet = now - last
+        reason = np.full(len(values), -2, dtype=np.int8)
+        reason[quiet >= int(self.settings.idle_timeout_s * 1e9)] = EXPIRATION["idle"]
+        reason[now - first >= int(self.settings.active_timeout_s * 1e9)] = EXPIRATION["active"]
+        reason[tcp_end & (quiet >= self.end_grace_ns)] = EXPIRATION["tcp_end"]
+        return reason
+
+    def scan(self, now_ns: int | None = None) -> ColumnBatch | None:
+        now = self.clock() if now_ns is None else now_ns
+        keys, values = self.table.read_all()
+        self.stats.scans += 1
+        self.stats.active = len(keys)
+        if not len(keys):
+            return None
+        reason = self._reasons(values, now)
+        done = reason >= -1
+        if not done.any():
+            return None
+        want_keys, want_reason = keys[done], reason[done]
+        got_keys, got_values = self.table.take(want_keys)
+        if len(got_keys) != len(want_keys):
+            # a key vanished between read and take (another consumer): keep reasons aligned
+            order = {k.tobytes(): r for k, r in zip(want_keys, want_reason)}
+            want_reason = np.array([order[k.tobytes()] for k in got_keys], dtype=np.int8)
+        self.stats.active -= len(got_keys)
+        return self._columns(got_keys, got_values, want_reason)
+
+    def drain(self) -> ColumnBatch | None:
+        """Everything left (agent stop): expiration id -1."""
+        keys, values = self.table.drain()
+        if not len(keys):
+            return None
+        return self._columns(keys, values, np.full(len(keys), EXPIRATION["agent_stop"], np.int8))
+
+    def _columns(self, keys, values, reason) -> ColumnBatch:
+        self.stats.exported += len(keys)
+        for name, rid in EXPIRATION.items():
+            self.stats.by_reason[name] += int(np.sum(reason == rid))
+        return flow_columns(keys, values, expiration=reason, mono_to_unix_ns=self.mono_to_unix_ns,
+                            ifnames=self.ifnames, first_n=self.first_n)

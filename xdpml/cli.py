@@ -1,0 +1,222 @@
+"""xdpml command line: agent, collector, cleanup, demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+
+log = logging.getLogger("xdpml")
+
+AGENT_EXAMPLES = """\
+examples:
+  xdpml agent -i eth0 -o features.jsonl           flows from eth0 to a file
+  xdpml agent -i eth0 -w 100 -o features.jsonl     + seed-000 windows of 100 packets
+  xdpml agent -i 'eth*' -i physical --sample 100   flows + 1-in-100 packet samples, stdout
+  xdpml agent -i eth0 --unix-socket /tmp/ids.sock  stream JSON lines to a local consumer
+  xdpml agent -i eth0 --collector collector:50051  stream protobuf batches over gRPC
+  xdpml cleanup                                     remove programs a killed agent left
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return v
+
+
+def add_agent_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("interfaces and hooks")
+    g.add_argument("-i", "--interface", action="append", default=[], metavar="IFACE",
+                   help="interface name or glob; 'physical' or 'pod-veths' for all of a kind (repeatable)")
+    g.add_argument("--hooks", choices=("auto", "xdp", "tc", "xdp+tc"), default="auto",
+                   help="auto: XDP ingress + TC egress on physical NICs, TC both ways on veth and "
+                        "virtual interfaces (default: %(default)s)")
+    g.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto",
+                   help="XDP attach mode; auto = native on physical NICs (default: %(default)s)")
+    f = p.add_argument_group("features")
+    f.add_argument("-w", "--window", type=_nonneg_int, default=0, metavar="N",
+                   help="window features over every N packets (seed 000); 0 = off")
+    f.add_argument("--window-seconds", type=_positive_float, default=0.0, metavar="T",
+                   help="window features over T-second windows; 0 = off")
+    f.add_argument("--sample", type=_nonneg_int, default=0, metavar="N",
+                   help="per-packet features for 1 in N packets; 0 = off (default)")
+    f.add_argument("--first-n", type=_nonneg_int, default=10, metavar="N",
+                   help="packets per flow kept for sequence features, 0..32 (default: %(default)s)")
+    f.add_argument("--no-flows", action="store_true", help="do not export flow records")
+    t = p.add_argument_group("flow table and timeouts")
+    t.add_argument("--flow-table-size", type=_nonneg_int, default=65536, metavar="N",
+                   help="kernel flow table entries (default: %(default)s)")
+    t.add_argument("--idle-timeout", type=_positive_float, default=120.0, metavar="S",
+                   help="export a flow idle this long, seconds (default: %(default)s)")
+    t.add_argument("--active-timeout", type=_positive_float, default=1800.0, metavar="S",
+                   help="export and restart a flow this old, seconds (default: %(default)s)")
+    t.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
+                   help="flow table scan period, seconds (default: %(default)s)")
+    o = p.add_argument_group("output")
+    o.add_argument("-o", "--output", metavar="FILE",
+                   help="JSON lines file ('-' = stdout; the default when no other output is given)")
+    o.add_argument("--unix-socket", metavar="PATH", help="stream JSON lines to this Unix socket")
+    o.add_argument("--collector", metavar="HOST:PORT", help="stream protobuf batches to an xdpml collector")
+    o.add_argument("--duration", type=_positive_float, default=0.0, metavar="S",
+                   help="stop after S seconds (default: run until SIGINT/SIGTERM)")
+    o.add_argument("--summary-interval", type=_positive_float, default=5.0, metavar="S",
+                   help="seconds between summary lines on stderr; 0 = off (default: %(default)s)")
+
+
+def settings_from_args(a):
+    from agent.config import (AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings,
+                              WindowSettings)
+
+    return AgentSettings(
+        interfaces=InterfaceSettings(names=a.interface, hooks=a.hooks, xdp_mode=a.xdp_mode),
+        datapath=DatapathSettings(flow_table_size=a.flow_table_size, first_n=a.first_n, sample_rate=a.sample),
+        harvest=HarvestSettings(idle_timeout_s=a.idle_timeout, active_timeout_s=a.active_timeout,
+                                interval_s=a.interval),
+        window=WindowSettings(packets=a.window, seconds=a.window_seconds),
+        summary_interval_s=a.summary_interval,
+    ).validate()
+
+
+def run_agent(a) -> int:
+    from agent.bpf.loader import AttachError, resolve_interfaces
+    from agent.config import ConfigError
+    from agent.export.sinks import JsonLinesSink, UnixSocketSink
+    from agent.pipeline import Agent, install_signal_handlers
+
+    if not a.interface:
+        print("xdpml agent: give at least one interface with -i (see `ip link show`)", file=sys.stderr)
+        return 2
+    try:
+        settings = settings_from_args(a)
+        names = resolve_interfaces(a.interface)
+    except (ConfigError, AttachError) as exc:
+        print(f"xdpml agent: {exc}", file=sys.stderr)
+        return 2
+    if not names:
+        print(f"xdpml agent: no interface matches {', '.join(a.interface)}", file=sys.stderr)
+        return 2
+    sinks = []
+    if a.output or not (a.unix_socket or a.collector):
+        sinks.append(JsonLinesSink(a.output or "-"))
+    if a.unix_socket:
+        sinks.append(UnixSocketSink(a.unix_socket))
+    if a.collector:
+        sinks.append(_grpc_sink(a))
+    agent = Agent(settings, interfaces=names, sinks=sinks, flows=not a.no_flows)
+    install_signal_handlers(agent)
+    try:
+        agent.run(duration_s=a.duration or None)
+    except (AttachError, ConfigError) as exc:
+        log.error("%s", exc)
+        return 1
+    except PermissionError as exc:
+        log.error("permission denied (%s): the agent needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON", exc)
+        return 1
+    return 0
+
+
+def _grpc_sink(a):
+    from agent.export.grpc_client import GrpcExporter  # noqa: F401 - wired in the export step
+
+    raise SystemExit("xdpml agent: --collector is not wired yet")
+
+
+def run_cleanup(_a) -> int:
+    from agent.bpf.loader import cleanup
+
+    removed = cleanup()
+    for line in removed:
+        print(f"removed {line}")
+    if not removed:
+        print("nothing of xdpml's was attached")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xdpml",
+        description="Network flow, window and packet features for machine learning, from XDP/TC "
+                    "programs, streamed to files, sockets or an inference collector.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=AGENT_EXAMPLES)
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    ag = sub.add_parser("agent", help="attach to interfaces and export features",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Attach the datapath to interfaces and export features.",
+                        epilog=AGENT_EXAMPLES)
+    add_agent_arguments(ag)
+    ag.set_defaults(func=run_agent)
+    cl = sub.add_parser("cleanup", help="remove xdpml programs a killed agent left attached")
+    cl.set_defaults(func=run_cleanup)
+    try:
+        from collector import cli as collector_cli
+    except ImportError:
+        collector_cli = None
+    if collector_cli is not None and hasattr(collector_cli, "add_arguments"):
+        co = sub.add_parser("collector", help="receive feature batches, score them, send verdicts",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        collector_cli.add_arguments(co)
+        co.set_defaults(func=collector_cli.run)
+    dm = sub.add_parser("demo", help="the whole loop on this machine with test hosts in namespaces",
+                        description=textwrap.dedent("""\
+                            Builds test hosts in network namespaces, runs the agent on their
+                            interfaces and the collector with the embedded model, sends normal
+                            traffic, then a port scan and a SYN flood, and prints the flows the
+                            model flags. Needs root. Ends by itself and removes what it made."""),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    dm.add_argument("--seconds", type=_positive_float, default=20.0, help="baseline traffic duration")
+    dm.set_defaults(func=run_demo)
+    return p
+
+
+def run_demo(a) -> int:
+    from xdpml import demo
+
+    return demo.main(a)
+
+
+def setup_logging(fmt: str, verbose: bool) -> None:
+    try:
+        from xdpml.logging_setup import setup_logging as real
+    except ImportError:
+        real = None
+    level = "DEBUG" if verbose else "INFO"
+    if real is not None:
+        real(fmt, level)
+    else:
+        logging.basicConfig(level=level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        parser.print_help()
+        return 2
+    setup_logging(a.log_format, a.verbose)
+    try:
+        return a.func(a) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
