@@ -291,7 +291,7 @@ class FakeKubeAPI:
                 raise ApiError(409, "AlreadyExists", f'{plural} "{key[1]}" already exists')
             obj["kind"], obj["apiVersion"] = res.kind, res.api_version
             meta["uid"] = meta.get("uid") or str(uuid.uuid4())
-            meta["creationTimestamp"] = _now()
+            meta["creationTimestamp"] = meta.get("creationTimestamp") or _now()  # tests may set it
             meta["generation"] = 1
             return self._commit(plural, key, "ADDED", obj, None)
 
@@ -581,6 +581,7 @@ class FakeKubeAPI:
                     body.setdefault("metadata", {})["namespace"] = namespace or "default"
                 if res.status_subresource:
                     body.pop("status", None)
+                body.get("metadata", {}).pop("creationTimestamp", None)  # the server sets it
                 handler.send_json(201, self.create(res.plural, body))
             elif method == "PUT" and name:
                 expect = (body or {}).get("metadata", {}).get("resourceVersion")
