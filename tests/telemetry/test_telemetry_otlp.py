@@ -162,3 +162,68 @@ def test_https_endpoint_with_unreadable_ca_is_a_clear_error(tmp_path):
     s = TelemetrySettings(otlp_endpoint="https://otel:4317", otlp_ca_file=str(tmp_path / "nope.pem"))
     with pytest.raises(TelemetryError, match="cannot read OTLP CA file"):
         Telemetry.from_settings(s)
+
+
+def _make_ca_and_server_cert(tmp_path):
+    """A throwaway CA and a server certificate for 'localhost', written as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "xdpml test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(hours=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return ca_file, cert.public_bytes(pem), key_pem
+
+
+def test_https_endpoint_verifies_the_receiver_with_the_ca_file(tmp_path):
+    ca_file, cert_pem, key_pem = _make_ca_and_server_cert(tmp_path)
+    rec = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(rec, server)
+    port = server.add_secure_port("localhost:0", grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+    server.start()
+    try:
+        # trusted CA: delivered
+        s = TelemetrySettings(otlp_endpoint=f"https://localhost:{port}", otlp_ca_file=str(ca_file),
+                              otlp_interval_s=3600, otlp_timeout_s=5)
+        with Telemetry.from_settings(s) as tel:
+            tel.counter("xdpml.collector.errors").add(4, {"kind": "malformed"})
+            assert tel.force_flush(timeout_s=10)
+        assert receiver_value(rec, "xdpml.collector.errors") == 4
+        # plaintext against the TLS port: nothing arrives
+        rec.requests.clear()
+        s = TelemetrySettings(otlp_endpoint=f"localhost:{port}", otlp_interval_s=3600, otlp_timeout_s=1)
+        with Telemetry.from_settings(s) as tel:
+            tel.counter("xdpml.collector.errors").add(1, {"kind": "model"})
+            tel.force_flush(timeout_s=3)
+        assert rec.requests == []
+    finally:
+        server.stop(grace=None)
+
+
+def receiver_value(rec: Receiver, name: str) -> int:
+    m, _ = rec.metrics()[name]
+    return sum(p.as_int for p in m.sum.data_points)
