@@ -298,7 +298,7 @@ class Telemetry:
 
         The callback returns a number, a list of ``(value, attributes)`` pairs, or, for a
         metric with exactly one attribute key, a mapping ``{attribute value: number}``
-        (e.g. ``{"parse_error_ipv4": 3, "flow_table_full": 0}`` for kernel counters).
+        (e.g. ``{"err_bad_ihl": 3, "flow_full": 0}`` for kernel counters).
         Exceptions in the callback are logged and that collection skips the metric.
         """
         self._observe(name, callback, (OBSERVABLE_GAUGE,))

@@ -73,7 +73,7 @@ def test_flush_delivers_every_instrument_kind(receiver):
         agents.add(-1)
         tel.observe_gauge("xdpml.agent.queue.depth", lambda: [(5, {"queue": "grpc"})])
         tel.observe_counter("xdpml.agent.kernel.events",
-                            lambda: {"parse_error_ipv4": 11, "flow_table_full": 2})
+                            lambda: {"err_bad_ihl": 11, "flow_full": 2})
         assert tel.force_flush(timeout_s=10)
 
     got = receiver.metrics()
@@ -105,7 +105,7 @@ def test_flush_delivers_every_instrument_kind(receiver):
     m, _ = got["xdpml.agent.kernel.events"]
     assert m.sum.is_monotonic
     assert {attrs(p)["kind"]: p.as_int for p in m.sum.data_points} == {
-        "parse_error_ipv4": 11, "flow_table_full": 2}
+        "err_bad_ihl": 11, "flow_full": 2}
 
 
 def test_periodic_reader_pushes_without_flush(receiver):
