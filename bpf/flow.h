@@ -85,8 +85,9 @@ static __always_inline void dir_add(struct dir_stats *s, struct pkt_info *p,
         s->ttl = p->ttl;
         s->tos = p->tos;
     } else {
+        /* the first inter-arrival time of this direction sets the minimum */
         iat_add(&s->iat_sum_ns, &s->iat_sumsq_us2, &s->iat_min_ns, &s->iat_max_ns,
-                now - s->last_ns, 0);
+                now - s->last_ns, s->packets == 1);
     }
     s->last_ns = now;
     s->packets += g->segs;

@@ -82,7 +82,7 @@ def create_host(index: int, *, offloads: bool = False) -> TestHost:
     h.run("ip link set lo up")
     if not offloads:
         for dev, pre in ((h.host_if, ""), ("eth0", f"ip netns exec {h.ns} ")):
-            sh(f"{pre}ethtool -K {dev} tso off gso off gro off tx off rx off", check=False)
+            sh(f"{pre}ethtool -K {dev} tso off gso off gro off tx off rx off >/dev/null 2>&1", check=False)
     # static neighbours: no ARP/ND packets in the measurements
     sh(f"ip neigh replace {h.ns_ip} lladdr {h.mac(True)} dev {h.host_if}")
     h.run(f"ip neigh replace {h.host_ip} lladdr {h.mac(False)} dev eth0")
@@ -92,7 +92,7 @@ def create_host(index: int, *, offloads: bool = False) -> TestHost:
 
 
 @contextmanager
-def test_hosts(*indices: int, offloads: bool = False):
+def make_hosts(*indices: int, offloads: bool = False):
     hosts = []
     try:
         for i in indices:
