@@ -343,6 +343,14 @@ class PodCache:
             self.reflectors.append(Reflector(name="jobs", list_func=batch.list_job_for_all_namespaces,
                                              store=self.jobs, backoff=backoff_factory(), **common))
 
+    @classmethod
+    def for_settings(cls, api_client: k8s_client.ApiClient, *, node_name: str, settings: Any,
+                     **kwargs: Any) -> "PodCache":
+        """From an :class:`agent.kube.agentconfig.EnrichmentSettings` (what to watch).
+        A change of those settings means a new cache: stop the old one, start this."""
+        return cls(api_client, node_name=node_name, cluster_wide=settings.cluster_wide,
+                   services=settings.services, owners=settings.owners, **kwargs)
+
     def start(self) -> "PodCache":
         for r in self.reflectors:
             r.start()
