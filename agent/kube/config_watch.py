@@ -106,6 +106,7 @@ class AgentConfigWatcher:
         self.current: AgentConfig | None = None  # the last good config, running now
         self.last_error = ""  # why the newest generation was refused, "" if it was not
         self._seen: dict[str, tuple[str, int]] = {}  # config name -> (uid, generation) handled
+        self._superseded: dict[str, tuple[str, int]] = {}  # same, for configs reported as Superseded
         self._ready = (False, "Starting", "waiting for the first valid AgentConfig")
         self._pending_status: dict[str, dict] = {}  # config name -> merge patch not yet written
         self._pending_events: list[dict] = []
@@ -194,8 +195,9 @@ class AgentConfigWatcher:
         for obj in others:
             meta = obj["metadata"]
             key = (meta.get("uid", ""), int(meta.get("generation") or 0))
-            if self._seen.get(meta["name"]) != key:
-                self._seen[meta["name"]] = key
+            if self._superseded.get(meta["name"]) != key:
+                self._superseded[meta["name"]] = key
+                self._seen.pop(meta["name"], None)  # if it is chosen again later, handle it anew
                 self._queue_status(obj, node={"ready": False, "observedGeneration": key[1], "reason": "Superseded",
                                               "message": f"node {self.node_name} uses AgentConfig "
                                                          f"{chosen['metadata']['name']} (the oldest that selects it)"})
@@ -204,6 +206,7 @@ class AgentConfigWatcher:
         if self._seen.get(meta["name"]) == key:
             return
         self._seen[meta["name"]] = key
+        self._superseded.pop(meta["name"], None)
         generation = key[1]
         try:
             new = parse_agentconfig(chosen, tls_mount_root=self._tls_mount_root)

@@ -172,6 +172,11 @@ def test_node_selector_and_oldest_match_wins(fake_api, api_client):
         node = status(fake_api, "a-zone")["nodes"][NODE]
         assert (node["ready"], node["reason"]) == (False, "Superseded") and "edge" in node["message"]
         assert status(fake_api, "other-pool") == {}  # not for this node: untouched
+        # The winner goes away: the next oldest match is applied.
+        fake_api.delete("agentconfigs", NS, "edge")
+        wait_for(lambda: len(rec.calls) == 2, what="fallback to the other matching config")
+        assert (rec.calls[1][0].name, rec.calls[1][1].name) == ("edge", "a-zone")
+        wait_for(lambda: status(fake_api, "a-zone")["nodes"][NODE]["ready"] is True)
     assert any(r.path == f"/api/v1/nodes/{NODE}" for r in fake_api.requests)
 
 
