@@ -68,16 +68,21 @@ def _teardown(h: TestHost) -> None:
     sh(f"ip netns del {h.ns}", check=False)
 
 
-def create_host(index: int, *, offloads: bool = False) -> TestHost:
+def create_host(index: int, *, offloads: bool = False, ipv6: bool = True) -> TestHost:
     h = TestHost(index)
     _teardown(h)
     sh(f"ip netns add {h.ns}")
     sh(f"ip link add {h.host_if} type veth peer name eth0 netns {h.ns}")
+    if not ipv6:  # a silent link: no router solicitations, MLD or ND
+        sh(f"sysctl -qw net.ipv6.conf.{h.host_if}.disable_ipv6=1")
+        h.run("sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1")
     sh(f"ip addr add {h.host_ip}/24 dev {h.host_if}")
-    sh(f"ip -6 addr add {h.host_ip6}/64 dev {h.host_if} nodad")
+    if ipv6:
+        sh(f"ip -6 addr add {h.host_ip6}/64 dev {h.host_if} nodad")
     sh(f"ip link set {h.host_if} up")
     h.run(f"ip addr add {h.ns_ip}/24 dev eth0")
-    h.run(f"ip -6 addr add {h.ns_ip6}/64 dev eth0 nodad")
+    if ipv6:
+        h.run(f"ip -6 addr add {h.ns_ip6}/64 dev eth0 nodad")
     h.run("ip link set eth0 up")
     h.run("ip link set lo up")
     if not offloads:
@@ -86,17 +91,18 @@ def create_host(index: int, *, offloads: bool = False) -> TestHost:
     # static neighbours: no ARP/ND packets in the measurements
     sh(f"ip neigh replace {h.ns_ip} lladdr {h.mac(True)} dev {h.host_if}")
     h.run(f"ip neigh replace {h.host_ip} lladdr {h.mac(False)} dev eth0")
-    sh(f"ip -6 neigh replace {h.ns_ip6} lladdr {h.mac(True)} dev {h.host_if}")
-    h.run(f"ip -6 neigh replace {h.host_ip6} lladdr {h.mac(False)} dev eth0")
+    if ipv6:
+        sh(f"ip -6 neigh replace {h.ns_ip6} lladdr {h.mac(True)} dev {h.host_if}")
+        h.run(f"ip -6 neigh replace {h.host_ip6} lladdr {h.mac(False)} dev eth0")
     return h
 
 
 @contextmanager
-def make_hosts(*indices: int, offloads: bool = False):
+def make_hosts(*indices: int, offloads: bool = False, ipv6: bool = True):
     hosts = []
     try:
         for i in indices:
-            hosts.append(create_host(i, offloads=offloads))
+            hosts.append(create_host(i, offloads=offloads, ipv6=ipv6))
         yield hosts
     finally:
         for h in hosts:
