@@ -18,8 +18,7 @@ import json
 import logging
 import random
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from kubernetes import watch as k8s_watch

@@ -39,7 +39,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -53,6 +53,7 @@ class Resource:
     kind: str
     namespaced: bool = True
     status_subresource: bool = False
+    custom: bool = False  # a custom resource (no strategic merge patch)
 
     @property
     def api_version(self) -> str:
@@ -66,7 +67,7 @@ RESOURCES = [
     Resource("", "v1", "nodes", "Node", namespaced=False),
     Resource("apps", "v1", "replicasets", "ReplicaSet"),
     Resource("batch", "v1", "jobs", "Job"),
-    Resource("xdpml.io", "v1alpha1", "agentconfigs", "AgentConfig", status_subresource=True),
+    Resource("xdpml.io", "v1alpha1", "agentconfigs", "AgentConfig", status_subresource=True, custom=True),
 ]
 BY_PLURAL = {r.plural: r for r in RESOURCES}
 
@@ -591,10 +592,14 @@ class FakeKubeAPI:
                 current = self.get(res.plural, namespace or "", name)
                 if current is None:
                     raise ApiError(404, "NotFound", f'{res.plural} "{name}" not found')
-                if "json-patch" in content_type:
+                media = content_type.split(";")[0].strip()
+                # Strategic merge patch exists only for built-in kinds (approximated here
+                # by a merge patch); custom resources refuse it, as on the real server.
+                strategic_ok = media == "application/strategic-merge-patch+json" and not res.custom
+                if media == "application/json-patch+json":
                     patched = json_patch(current, body)
                     expect = None
-                elif "merge-patch" in content_type:
+                elif media == "application/merge-patch+json" or strategic_ok:
                     patched = merge_patch(current, body)
                     expect = (body or {}).get("metadata", {}).get("resourceVersion")
                 else:
