@@ -387,5 +387,36 @@ def selects_node(selector: Mapping[str, str], node_labels: Mapping[str, str]) ->
     return all(node_labels.get(k) == v for k, v in selector.items())
 
 
-__all__ = ["AgentConfig", "ExportSettings", "EnrichmentSettings", "FeatureSets", "parse_spec", "parse_agentconfig",
+
+
+def check_file(path: str) -> list[tuple[str, AgentConfig | ConfigError]]:
+    """Every AgentConfig in a YAML file (multi-document allowed) -> its config or the
+    ConfigError saying why the agents would refuse it. For a CLI ``check-config``."""
+    import yaml  # only the file check needs it
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            docs = [d for d in yaml.safe_load_all(fh) if d is not None]
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    out: list[tuple[str, AgentConfig | ConfigError]] = []
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict) or doc.get("kind") != KIND:
+            continue
+        name = (doc.get("metadata") or {}).get("name") or f"document {i + 1}"
+        if doc.get("apiVersion") != f"{GROUP}/{VERSION}":
+            out.append((name, ConfigError(f"apiVersion must be {GROUP}/{VERSION}, not {doc.get('apiVersion')!r}")))
+            continue
+        try:
+            out.append((name, parse_agentconfig(doc)))
+        except ConfigError as err:
+            out.append((name, err))
+    if not out:
+        raise ConfigError(f"{path} holds no {KIND} resource")
+    return out
+
+
+__all__ = ["AgentConfig", "check_file", "ExportSettings", "EnrichmentSettings", "FeatureSets", "parse_spec", "parse_agentconfig",
            "assign_interfaces", "rules_overlap", "selects_node", "ConfigError", "GROUP", "VERSION", "PLURAL", "KIND"]

@@ -9,8 +9,6 @@ from kubernetes import client as k8s_client
 
 from .fakeapi import FakeKubeAPI
 
-# Every test here is about timing on loopback; keep each one short.
-pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture

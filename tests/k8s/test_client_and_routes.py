@@ -16,6 +16,8 @@ from agent.kube.client import KubeUnavailable, api_client
 
 from .conftest import pod
 
+pytestmark = pytest.mark.timeout(60)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

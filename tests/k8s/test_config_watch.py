@@ -12,6 +12,8 @@ from agent.kube.reflector import Backoff
 from .conftest import make_client, wait_for
 from .fakeapi import FakeKubeAPI
 
+pytestmark = pytest.mark.timeout(60)
+
 NS, NODE = "xdpml", "node-a"
 
 

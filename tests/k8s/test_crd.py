@@ -16,6 +16,8 @@ import yaml
 from agent.config import ConfigError
 from agent.kube.agentconfig import parse_agentconfig
 
+pytestmark = pytest.mark.timeout(60)
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "helm/xdpml/crds/agentconfig.yaml"
 EXAMPLES = ROOT / "examples/agentconfig"
@@ -269,3 +271,22 @@ def test_agent_defaults_equal_the_crd_defaults():
     assert defaulted["spec"]["timeouts"] == {"idleSeconds": 120, "activeSeconds": 1800, "scanIntervalSeconds": 1}
     assert schema_errors(defaulted) == [] and cel_failures(defaulted, schema()) == []
     assert parse_agentconfig(obj) == parse_agentconfig(defaulted)
+
+
+def test_check_file_reports_each_document(tmp_path):
+    from agent.kube.agentconfig import check_file
+    bundle = tmp_path / "bundle.yaml"
+    bundle.write_text((EXAMPLES / "valid/minimal.yaml").read_text() + "\n---\n" +
+                      (EXAMPLES / "invalid/overlapping-rules.yaml").read_text() +
+                      "\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: ignored}\n")
+    (ok_name, ok), (bad_name, bad) = check_file(str(bundle))
+    assert ok_name == "default" and ok.settings.interfaces.names == ["physical"]
+    assert bad_name == "overlapping-rules" and isinstance(bad, ConfigError) and "overlap" in str(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        check_file(str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("a: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        check_file(str(tmp_path / "bad.yaml"))
+    (tmp_path / "none.yaml").write_text("kind: Pod\n")
+    with pytest.raises(ConfigError, match="no AgentConfig"):
+        check_file(str(tmp_path / "none.yaml"))

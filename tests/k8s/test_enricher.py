@@ -11,6 +11,8 @@ from agent.kube.reflector import Backoff
 
 from .conftest import pod, wait_for
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def svc(name: str, *, selector: dict, cluster_ip: str, namespace: str = "default") -> dict:
     return {"metadata": {"name": name, "namespace": namespace},

@@ -11,6 +11,8 @@ from kubernetes import watch as k8s_watch
 
 from .conftest import pod
 
+pytestmark = pytest.mark.timeout(60)
+
 G, V, P = "xdpml.io", "v1alpha1", "agentconfigs"
 
 

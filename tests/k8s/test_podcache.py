@@ -12,6 +12,8 @@ from agent.kube.reflector import Backoff
 from .conftest import make_client, pod, wait_for
 from .fakeapi import FakeKubeAPI
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def fast_backoff() -> Backoff:
     return Backoff(base_s=0.05, cap_s=0.2)

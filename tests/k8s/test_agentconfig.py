@@ -1,0 +1,65 @@
+"""Spec mapping details: runtime interface assignment, changed sections, error reporting."""
+from __future__ import annotations
+
+import pytest
+
+from agent.config import ConfigError
+from agent.kube.agentconfig import assign_interfaces, parse_spec, rules_overlap
+
+pytestmark = pytest.mark.timeout(30)
+
+BASE = {"interfaces": [{"names": ["physical"], "hooks": "xdp", "xdpMode": "native"},
+                       {"names": ["pod-veths"], "hooks": "tc"}]}
+
+
+def test_assign_interfaces_by_kind_and_glob():
+    rules = parse_spec(dict(BASE, interfaces=BASE["interfaces"] + [{"names": ["bond*"]}])).interface_rules
+    got = assign_interfaces(rules, {"eth0": "physical", "lxc12ab": "pod-veth", "bond0": "other", "lo": "other"})
+    assert got == {"eth0": 0, "lxc12ab": 1, "bond0": 2}
+
+
+def test_assign_interfaces_refuses_an_interface_matching_two_rules():
+    rules = parse_spec(dict(BASE, interfaces=BASE["interfaces"] + [{"names": ["eth*"]}])).interface_rules
+    assert assign_interfaces(rules, {"eth0": "other"}) == {"eth0": 2}  # not physical: fine
+    with pytest.raises(ConfigError, match="'eth0' matches interface rules 0 and 2"):
+        assign_interfaces(rules, {"eth0": "physical"})
+
+
+def test_static_overlaps():
+    assert rules_overlap(["eth0"], ["eth0"]) == "both list 'eth0'"
+    assert "match the same names" in rules_overlap(["ens*"], ["ens3"])
+    assert "match the same names" in rules_overlap(["ens[0-9]"], ["ens5"])
+    assert rules_overlap(["physical"], ["eth*"]) == ""  # decided at assignment time
+    assert rules_overlap(["eth*"], ["ens*"]) == ""
+
+
+def test_changed_sections():
+    a = parse_spec(BASE)
+    assert a.changed_sections(None) == {"interfaces", "datapath", "harvest", "window", "features", "export",
+                                        "enrichment", "summary"}
+    assert parse_spec(BASE).changed_sections(a) == set()
+    cases = {
+        "datapath": {"datapath": {"flowTableSize": 2048}},
+        "export": {"collector": {"address": "c:1"}},
+        "enrichment": {"enrichment": {"labels": ["app"]}},
+        "summary": {"summaryIntervalSeconds": 0},
+        "harvest": {"timeouts": {"scanIntervalSeconds": 2}},
+    }
+    for section, extra in cases.items():
+        assert parse_spec(dict(BASE, **extra)).changed_sections(a) == {section}, section
+    both = parse_spec(dict(BASE, features={"sets": ["flows", "windows"], "window": {"seconds": 1}}))
+    assert both.changed_sections(a) == {"features", "window", "datapath"}  # window stream switches on
+
+
+def test_every_problem_reported_with_its_path():
+    with pytest.raises(ConfigError) as info:
+        parse_spec({"interfaces": [{"names": ["eth0"], "hookz": "xdp"}], "timeouts": {"idleSeconds": "soon"},
+                    "datapath": {"flowTableSize": 10}, "enrichment": {"labels": ["Bad Key"]}})
+    text = str(info.value)
+    for expected in ("spec.interfaces[0].hookz: unknown field", "spec.timeouts.idleSeconds: must be a number",
+                     "spec.datapath.flowTableSize: must be 1024..1.67772e+07", "spec.enrichment.labels[0]"):
+        assert expected in text, (expected, text)
+    with pytest.raises(ConfigError, match="spec: must be an object"):
+        parse_spec(None)
+    with pytest.raises(ConfigError, match="1..16 interface rules"):
+        parse_spec({"interfaces": []})
