@@ -2,11 +2,13 @@
 
 Public API: :class:`PodCache` (list+watch, implements :class:`EndpointResolver`),
 :class:`Enricher` (adds ``src_*``/``dst_*`` metadata columns to flow batches),
-:class:`VethMap` (host-side veth ifindex -> pod). See docs/enrichment.md.
+:class:`VethMap` (host-side veth ifindex -> pod), :class:`EnrichmentManager` (follows the
+AgentConfig's enrichment settings live). See docs/enrichment.md.
 """
 from agent.enrich.enricher import Enricher, metadata_column_names
+from agent.enrich.manager import EnrichmentManager
 from agent.enrich.podcache import EndpointInfo, EndpointResolver, PodCache
 from agent.enrich.veth import IpRouteSource, RouteSource, VethMap
 
-__all__ = ["Enricher", "metadata_column_names", "EndpointInfo", "EndpointResolver", "PodCache",
+__all__ = ["Enricher", "EnrichmentManager", "metadata_column_names", "EndpointInfo", "EndpointResolver", "PodCache",
            "IpRouteSource", "RouteSource", "VethMap"]
