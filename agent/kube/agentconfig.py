@@ -53,6 +53,16 @@ class ExportSettings:
     server_name: str = ""
     secret_name: str = ""  # informational: the Secret the files come from
 
+    def exporter_kwargs(self) -> dict:
+        """``target`` and ``tls`` for :class:`agent.export.grpc_client.ExporterSettings`."""
+        from agent.export.tls import ClientTls  # the exporter's type; imported only when used
+
+        tls = None
+        if self.tls_mode != "disabled":
+            tls = ClientTls(ca_file=self.ca_file or None, cert_file=self.cert_file or None,
+                            key_file=self.key_file or None, server_name=self.server_name or None)
+        return {"target": self.collector_address, "tls": tls}
+
 
 @dataclass(frozen=True)
 class EnrichmentSettings:

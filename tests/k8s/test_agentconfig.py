@@ -63,3 +63,20 @@ def test_every_problem_reported_with_its_path():
         parse_spec(None)
     with pytest.raises(ConfigError, match="1..16 interface rules"):
         parse_spec({"interfaces": []})
+
+
+def test_export_settings_feed_the_exporter():
+    from agent.export.grpc_client import ExporterSettings
+    cfg = parse_spec(dict(BASE, collector={"address": "collector.xdpml:50051",
+                                           "tls": {"mode": "mtls", "secretName": "agent-tls",
+                                                   "serverName": "collector"}}))
+    settings = ExporterSettings(**cfg.export.exporter_kwargs())
+    assert settings.target == "collector.xdpml:50051"
+    assert (settings.tls.ca_file, settings.tls.cert_file, settings.tls.key_file, settings.tls.server_name) == \
+        ("/etc/xdpml/tls/agent-tls/ca.crt", "/etc/xdpml/tls/agent-tls/tls.crt", "/etc/xdpml/tls/agent-tls/tls.key",
+         "collector")
+    plain = parse_spec(dict(BASE, collector={"address": "[fd00::1]:50051"})).export.exporter_kwargs()
+    assert plain == {"target": "[fd00::1]:50051", "tls": None}
+    server_only = parse_spec(dict(BASE, collector={"address": "c:1", "tls": {"mode": "tls"}})).export
+    tls = server_only.exporter_kwargs()["tls"]
+    assert (tls.ca_file, tls.cert_file) == (None, None)  # system roots, no client certificate
