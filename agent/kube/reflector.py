@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -102,12 +103,15 @@ class Reflector:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        w = self._watch
-        if w is not None:
-            w.stop()  # shuts the socket down: a blocked read returns at once
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        thread, deadline = self._thread, time.monotonic() + timeout_s
+        # Watch.stop() shuts the socket down, so a blocked read returns at once. Repeat
+        # it: a watch that was just starting resets its stop flag and needs another.
+        while thread is not None and thread.is_alive() and time.monotonic() < deadline:
+            w = self._watch
+            if w is not None:
+                w.stop()
+            thread.join(0.1)
+        self._thread = None
 
     def __enter__(self) -> "Reflector":
         return self.start()
