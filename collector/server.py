@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 SERVICE = cpb.DESCRIPTOR.services_by_name["Collector"].full_name
 ACTIONS = {"alert": cpb.ACTION_ALERT, "drop": cpb.ACTION_DROP, "rate-limit": cpb.ACTION_RATE_LIMIT}
 # google.rpc.Code values used in Ack.error_code.
-INVALID_ARGUMENT, FAILED_PRECONDITION = 3, 9
+INVALID_ARGUMENT, FAILED_PRECONDITION, INTERNAL = 3, 9, 13
 MAX_VERDICTS_PER_BATCH = 10_000
 
 
@@ -156,6 +156,12 @@ class CollectorServicer(cgrpc.CollectorServicer):
             self._count(batches_rejected=1)
             log.warning("cannot score batch %d from %s: %s", seq, dec.node.node_name or "?", e)
             yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, error=str(e), error_code=FAILED_PRECONDITION))
+            return
+        except Exception as e:  # a model bug costs this batch, never the stream or the server
+            self._count(batches_rejected=1)
+            log.exception("model %s failed on batch %d", self.model.name, seq)
+            yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, error=f"model error: {type(e).__name__}: {e}",
+                                                 error_code=INTERNAL))
             return
         score = np.asarray(out.score, dtype=np.float64)
         flagged = score >= self.threshold  # NaN (not scored) compares False

@@ -6,7 +6,7 @@ import pytest
 
 from agent.columns import ColumnBatch
 from agent.export.synthetic import flow_batch
-from collector.models import Scores
+from collector.models import Scores, feature_matrix
 from collector.server import CollectorServer, CollectorSettings
 
 
@@ -17,7 +17,7 @@ class PacketsModel:
     feature_names = ("bidirectional_packets",)
 
     def score(self, batch: ColumnBatch) -> Scores:
-        return Scores(batch["bidirectional_packets"].astype(np.float64) / 100.0)
+        return Scores(feature_matrix(batch, self.feature_names)[:, 0] / 100.0)
 
     def close(self) -> None:
         pass
