@@ -74,7 +74,8 @@ class V2Model:
             meta = self._stub.ModelMetadata(ipb.ModelMetadataRequest(name=model, version=version), timeout=timeout_s)
         except grpc.RpcError as e:
             self._channel.close()
-            if e.code() == grpc.StatusCode.NOT_FOUND:
+            # NOT_FOUND per the protocol; MLServer answers UNKNOWN "... not found".
+            if e.code() == grpc.StatusCode.NOT_FOUND or "not found" in (e.details() or "").lower():
                 raise ModelError(f"model server {addr} has no model {model!r}: {e.details()}") from None
             raise _rpc_error(addr, "ModelReady", e) from None
         except ModelError:
