@@ -44,7 +44,8 @@ def _rpc_error(addr: str, what: str, e: grpc.RpcError) -> ModelError:
     if code == grpc.StatusCode.UNAVAILABLE:
         return ModelError(f"model server {addr} is unreachable ({e.details()}); is it running and listening for gRPC?")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return ModelError(f"model server {addr} did not answer {what} in time")
+        return ModelError(f"model server {addr} unreachable or not answering: no {what} reply in time; "
+                          "is it running, and is the timeout (?timeout=SECONDS) long enough?")
     return ModelError(f"model server {addr}: {what} failed: {code.name}: {e.details()}")
 
 

@@ -1,0 +1,111 @@
+"""`python -m collector` (what `xdpml collector` runs) as a process: health, reflection,
+sinks, the flagged-flow table, graceful shutdown and clear start-up errors."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pyarrow.parquet as pq
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from agent.columns import ip_to_str
+from agent.export.grpc_client import ExporterSettings, GrpcExporter
+from agent.export.synthetic import flow_batch
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "collector", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _start(args, log: Path):
+    f = open(log, "w")
+    err = open(str(log) + ".err", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "collector", *args], cwd=ROOT, stdout=f, stderr=err)
+    f.close()
+    err.close()
+    end = time.monotonic() + 30
+    while "listening on port" not in Path(str(log) + ".err").read_text():
+        assert proc.poll() is None and time.monotonic() < end, Path(str(log) + ".err").read_text()
+        time.sleep(0.05)
+    return proc
+
+
+def test_full_run_with_embedded_model(tmp_path):
+    port = free_port()
+    jsonl, parquet, out = tmp_path / "scored.jsonl", tmp_path / "scored.parquet", tmp_path / "out.txt"
+    proc = _start(["--listen", f"127.0.0.1:{port}", "--baseline-rows", "2000", "--state-dir", str(tmp_path / "st"),
+                   "--jsonl", str(jsonl), "--parquet", str(parquet), "--print-flagged"], out)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            h = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "xdpml.v1.Collector"):
+                assert h.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+            r = reflection_pb2_grpc.ServerReflectionStub(ch)
+            (resp,) = list(r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                  timeout=5))
+            names = {s.name for s in resp.list_services_response.service}
+            assert {"xdpml.v1.Collector", "grpc.health.v1.Health"} <= names
+        verdicts = []
+        batches = [flow_batch(2500, seed=1), flow_batch(1000, seed=2), flow_batch(50, kind="portscan", seed=3),
+                   flow_batch(40, kind="synflood", seed=4)]
+        with GrpcExporter(ExporterSettings(target=f"127.0.0.1:{port}", node_name="node-7", flush_age_s=0.05),
+                          on_verdicts=verdicts.append) as ex:
+            for b in batches:
+                ex.put(b)
+                time.sleep(0.2)  # separate messages: the attack rows get their own verdict batch
+            end = time.monotonic() + 20
+            while ex.stats()["sent_rows"] < 3590 and time.monotonic() < end:
+                time.sleep(0.05)
+            while ex.stats()["verdicts_received"] < 90 and time.monotonic() < end:
+                time.sleep(0.05)
+        st = ex.stats()
+        assert st["sent_rows"] == 3590
+        keys = {(ip_to_str(v.key.src_ip), v.key.dst_port) for vb in verdicts for v in vb.verdicts}
+        scan_dst = {(ip_to_str(s), int(p)) for s, p in zip(batches[2]["src_ip"], batches[2]["dst_port"])}
+        assert scan_dst <= keys  # every probe of the scan came back as a verdict
+        assert all(vb.model.name == "embedded-iforest" for vb in verdicts)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(rows) == 3590
+    assert sum(r["label"] == "learning" for r in rows) == 2000 and rows[0]["score"] is None
+    assert rows[0]["node_name"] == "node-7" and rows[0]["src_ip"].startswith("10.0.1.")
+    attack = [r for r in rows if r["src_ip"].startswith("10.0.9.")]
+    assert len(attack) == 90 and all(r["flagged"] and r["label"] == "anomaly" for r in attack)
+    t = pq.read_table(parquet)
+    assert t.num_rows == 3590
+    assert t.schema.field("splt_ps").type.list_size == 10
+    assert t.schema.field("bidirectional_duration_ms").metadata[b"unit"] == b"ms"
+    np.testing.assert_array_equal(t.column("dst_port").to_numpy(),
+                                  np.concatenate([b["dst_port"] for b in batches]))
+    table = out.read_text()
+    assert table.splitlines()[0].split()[:4] == ["node", "src", "dst", "proto"]
+    assert "10.0.9.66:40000" in table or "10.0.9.66:4000" in table
+    assert "anomaly" in table
+    assert (tmp_path / "st" / "embedded-iforest.joblib").exists()
+
+
+def test_start_up_errors_are_clear(tmp_path):
+    r = _run(["--model", f"sklearn:{tmp_path / 'missing.joblib'}", "--listen", "127.0.0.1:0"])
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = _run(["--model", "v2:127.0.0.1:1/m?timeout=0.5", "--listen", "127.0.0.1:0"])
+    assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr
+    r = _run(["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(tmp_path / "nope.key"),
+              "--listen", "127.0.0.1:0"])
+    assert r.returncode == 2 and "cannot read server certificate" in r.stderr
+    r = _run(["--tls-cert", "x.pem"])
+    assert r.returncode == 2 and "go together" in r.stderr
+    r = _run(["--listen", "256.1.2.3:99999"])
+    assert r.returncode == 2 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
+    assert "examples:" in _run(["--help"]).stdout
