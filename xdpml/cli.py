@@ -193,16 +193,10 @@ def run_demo(a) -> int:
 
 
 def setup_logging(fmt: str, verbose: bool) -> None:
-    try:
-        from xdpml.logging_setup import setup_logging as real
-    except ImportError:
-        real = None
-    level = "DEBUG" if verbose else "INFO"
-    if real is not None:
-        real(fmt, level)
-    else:
-        logging.basicConfig(level=level, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Logs go to stderr: stdout may carry JSON lines (`-o -`). kubectl logs shows both."""
+    from xdpml.logging_setup import setup_logging as configure
+
+    configure(fmt, "debug" if verbose else "info", stream=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,7 +169,21 @@ def xdp_state(ifname: str) -> tuple[int, str]:
             return 0, ""
         attached = xdp.get_attr("IFLA_XDP_ATTACHED") or 0
         pid = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
-        return (pid, XDP_ATTACHED_MODE.get(attached, str(attached))) if attached else (0, "")
+        if not attached or attached in ("none", "xdp_none"):
+            return 0, ""
+        return pid, _xdp_mode_name(attached)
+
+
+def _xdp_mode_name(attached) -> str:
+    """pyroute2 reports IFLA_XDP_ATTACHED as a number or as a name ('xdpgeneric')."""
+    if isinstance(attached, int):
+        return XDP_ATTACHED_MODE.get(attached, str(attached))
+    text = str(attached).lower()
+    for key, name in (("generic", "generic"), ("skb", "generic"), ("drv", "native"),
+                      ("native", "native"), ("hw", "offload"), ("offload", "offload"), ("multi", "multi")):
+        if key in text:
+            return name
+    return text
 
 
 def _tc_filters(ipr, ifindex: int, parent: int) -> list:
