@@ -2,6 +2,7 @@
 # One install script for the README, .ci/run and the Dockerfile.
 #
 #   scripts/install.sh            runtime: apt packages, kernel headers, venv with xdpml
+#   scripts/install.sh --demo     runtime plus what `xdpml demo` uses (scapy, ethtool)
 #   scripts/install.sh --test     also test/bench tools (scapy, nfstream, mlserver venv, helm sdk...)
 #   scripts/install.sh --image    Dockerfile: runtime apt packages plus Debian's kernel headers
 #                                 (linked at container start by kernel-headers.sh, not here),
@@ -14,8 +15,9 @@ MODE=runtime
 for a in "$@"; do
   case "$a" in
     --test) MODE=test ;;
+    --demo) MODE=demo ;;
     --image) MODE=image ;;
-    -h|--help) sed -n 2,8p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -31,6 +33,9 @@ fi
 
 # ---- Debian packages -------------------------------------------------------
 APT_PKGS=(python3-bpfcc python3-venv python3-pyroute2 iproute2 ca-certificates)
+if [ "$MODE" = demo ]; then
+  APT_PKGS+=(ethtool procps)
+fi
 if [ "$MODE" = test ]; then
   APT_PKGS+=(tcpreplay iperf3 tcpdump libpcap0.8 procps iputils-ping ethtool gcc libc6-dev linux-libc-dev)
 fi
@@ -66,6 +71,8 @@ fi
 PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
 if [ "$MODE" = test ]; then
   "${PIP[@]}" -e "$ROOT[test]"
+elif [ "$MODE" = demo ]; then
+  "${PIP[@]}" -e "$ROOT[demo]"
 elif [ "$MODE" = image ]; then
   # Non-editable: the image needs no build tree; the BPF C sources are found through
   # XDPML_BPF_DIR (set in the Dockerfile).

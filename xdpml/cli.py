@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 import textwrap
 
@@ -72,6 +74,12 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSON lines file ('-' = stdout; the default when no other output is given)")
     o.add_argument("--unix-socket", metavar="PATH", help="stream JSON lines to this Unix socket")
     o.add_argument("--collector", metavar="HOST:PORT", help="stream protobuf batches to an xdpml collector")
+    o.add_argument("--tls-ca", metavar="PEM", help="CA that signed the collector's certificate (enables TLS)")
+    o.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
+    o.add_argument("--tls-key", metavar="PEM", help="client key for mutual TLS")
+    o.add_argument("--tls-server-name", metavar="NAME", help="name expected in the collector's certificate")
+    o.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(),
+                   help="node identity sent with every batch (default: $NODE_NAME or the hostname)")
     o.add_argument("--duration", type=_positive_float, default=0.0, metavar="S",
                    help="stop after S seconds (default: run until SIGINT/SIGTERM)")
     o.add_argument("--summary-interval", type=_positive_float, default=5.0, metavar="S",
@@ -116,7 +124,11 @@ def run_agent(a) -> int:
     if a.unix_socket:
         sinks.append(UnixSocketSink(a.unix_socket))
     if a.collector:
-        sinks.append(_grpc_sink(a))
+        try:
+            sinks.append(_grpc_sink(a))
+        except (ValueError, OSError) as exc:
+            print(f"xdpml agent: collector settings: {exc}", file=sys.stderr)
+            return 2
     agent = Agent(settings, interfaces=names, sinks=sinks, flows=not a.no_flows)
     install_signal_handlers(agent)
     try:
@@ -131,9 +143,23 @@ def run_agent(a) -> int:
 
 
 def _grpc_sink(a):
-    from agent.export.grpc_client import GrpcExporter  # noqa: F401 - wired in the export step
+    from agent.export.grpc_client import ExporterSettings, GrpcExporter
+    from agent.export.sinks import CollectorSink
+    from agent.export.tls import ClientTls
 
-    raise SystemExit("xdpml agent: --collector is not wired yet")
+    tls = None
+    if a.tls_ca or a.tls_cert or a.tls_key:
+        tls = ClientTls(ca_file=a.tls_ca, cert_file=a.tls_cert, key_file=a.tls_key,
+                        server_name=a.tls_server_name)
+
+    def on_verdicts(vb):
+        flagged = sum(1 for v in vb.verdicts if v.label not in ("", "normal"))
+        if flagged:
+            log.info("collector flagged %d of %d flows (model %s)", flagged, len(vb.verdicts), vb.model.name)
+
+    exporter = GrpcExporter(ExporterSettings(target=a.collector, tls=tls, node_name=a.node_name),
+                            on_verdicts=on_verdicts)
+    return CollectorSink(exporter)
 
 
 def run_cleanup(_a) -> int:

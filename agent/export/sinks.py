@@ -118,3 +118,25 @@ class UnixSocketSink:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+class CollectorSink:
+    """Feeds the gRPC exporter (agent.export.grpc_client.GrpcExporter): put() never
+    blocks the harvester; what the bounded queue drops is counted there."""
+
+    def __init__(self, exporter):
+        self.exporter = exporter
+
+    def write(self, batch: ColumnBatch) -> None:
+        if len(batch):
+            self.exporter.put(batch)
+
+    @property
+    def dropped(self) -> int:
+        return self.exporter.stats()["dropped_rows"]
+
+    def close(self) -> None:
+        stats = self.exporter.close()
+        log.info("collector export: sent %d of %d rows, dropped %d, verdicts received %d",
+                 stats.get("sent_rows", 0), stats.get("produced_rows", 0), stats.get("dropped_rows", 0),
+                 stats.get("verdicts_received", 0))
