@@ -212,10 +212,11 @@ def flow_columns(keys: np.ndarray, values: np.ndarray, *, expiration: np.ndarray
     if N > 0:
         seq = values["seq"]  # (n, N)
         valid = np.arange(N)[None, :] < values["n_seq"][:, None]
-        cols["splt_direction"] = np.where(valid, seq["dir"], -1).astype(np.int8)
-        cols["splt_ps"] = np.where(valid, seq["size"], -1).astype(np.int32)
+        # widen to signed types first: -1 must not wrap to 255/65535 in unsigned fields
+        cols["splt_direction"] = np.where(valid, seq["dir"].astype(np.int8), np.int8(-1))
+        cols["splt_ps"] = np.where(valid, seq["size"].astype(np.int32), np.int32(-1))
         cols["splt_piat_ms"] = np.where(valid, seq["piat_us"] / 1e3, -1.0)
-        cols["splt_flags"] = np.where(valid, seq["flags"], -1).astype(np.int16)
+        cols["splt_flags"] = np.where(valid, seq["flags"].astype(np.int16), np.int16(-1))
     else:
         for name in ("splt_direction", "splt_ps", "splt_piat_ms", "splt_flags"):
             cols[name] = np.zeros((n, 0), dtype=np.dtype(FLOW_SPECS[name].dtype))
