@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agent.export import codec
+from agent.export.memory import tune_malloc
 from agent.export.tls import ServerTls
 from collector.models import Model, ModelError
 from collector.sinks import ScoredBatch, Sink, now_ms
@@ -220,6 +221,7 @@ class CollectorServer:
     """
 
     def __init__(self, model: Model, sinks: Sequence[Sink], settings: CollectorSettings) -> None:
+        tune_malloc()
         self.settings = settings
         self.servicer = CollectorServicer(model, sinks, settings)
         s = settings

@@ -138,12 +138,19 @@ def encode_batch(
     loss_counters: Mapping[str, int] | None = None,
     include_schema: bool = True,
     created_unix_ns: int | None = None,
+    out: pb.FeatureBatch | None = None,
 ) -> pb.FeatureBatch:
-    """One FeatureBatch holding every row of ``batch`` (see :func:`encode_split` for size limits)."""
+    """One FeatureBatch holding every row of ``batch`` (see :func:`encode_split` for size limits).
+
+    ``out``: an empty FeatureBatch to fill in place, e.g. the ``batch`` field of an
+    ExportRequest; copying a finished multi-megabyte message into an envelope costs
+    as much as encoding it.
+    """
     kind = KINDS.get(batch.kind)
     if kind is None:
         raise UnsupportedColumn(f"record kind {batch.kind!r} is not one of {', '.join(KINDS)}")
-    msg = pb.FeatureBatch(sequence=sequence, kind=kind, rows=len(batch))
+    msg = pb.FeatureBatch() if out is None else out
+    msg.sequence, msg.kind, msg.rows = sequence, kind, len(batch)
     if node is not None:
         msg.node.node_name = node.node_name
         msg.node.agent_id = node.agent_id
@@ -178,34 +185,46 @@ def encode_split(
     node: NodeIdentity | None = None,
     loss_counters: Mapping[str, int] | None = None,
     include_schema: bool = True,
-) -> Iterator[pb.FeatureBatch]:
+    envelope=None,
+) -> Iterator:
     """Encode ``batch`` as as many FeatureBatch messages as needed to keep each under
     ``max_message_bytes``; ``next_sequence()`` numbers them.
+
+    With ``envelope`` (a message class with a FeatureBatch field ``batch``, such as
+    ExportRequest) it yields envelopes, each filled in place, and the size limit
+    applies to the envelope.
 
     The first guess comes from the fixed bytes per row; a chunk that still comes out
     too large (long strings) is halved until it fits. A single row that cannot fit
     raises UnsupportedColumn rather than sending a message the server must refuse.
     """
     n = len(batch)
-    per_row = max(1, _row_bytes(batch))
     # 1/8 slack for dictionaries, names and schema.
-    step = max(1, int(max_message_bytes * 0.875) // per_row)
+    step = rows_per_message(batch, max_message_bytes)
     start = 0
     while start < n or (n == 0 and start == 0):
         stop = min(n, start + step)
         part = batch if (start == 0 and stop == n) else batch.select(slice(start, stop))
-        msg = encode_batch(part, sequence=0, node=node, loss_counters=loss_counters, include_schema=include_schema)
-        if msg.ByteSize() > max_message_bytes:
+        env = envelope() if envelope is not None else None
+        msg = encode_batch(part, sequence=0, node=node, loss_counters=loss_counters, include_schema=include_schema,
+                           out=env.batch if env is not None else None)
+        size = (env or msg).ByteSize()
+        if size > max_message_bytes:
             if stop - start <= 1:
-                raise UnsupportedColumn(f"one {batch.kind} row encodes to {msg.ByteSize()} bytes, over the "
+                raise UnsupportedColumn(f"one {batch.kind} row encodes to {size} bytes, over the "
                                         f"{max_message_bytes}-byte message limit")
             step = max(1, (stop - start) // 2)
             continue
         msg.sequence = next_sequence()
-        yield msg
+        yield env if env is not None else msg
         if n == 0:
             return
         start = stop
+
+
+def rows_per_message(batch: ColumnBatch, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> int:
+    """First guess of how many rows of ``batch`` fit one message."""
+    return max(1, int(max_message_bytes * 0.875) // max(1, _row_bytes(batch)))
 
 
 def _row_bytes(batch: ColumnBatch) -> int:

@@ -30,6 +30,7 @@ import grpc
 
 from agent.columns import ColumnBatch
 from agent.export import codec
+from agent.export.memory import tune_malloc
 from agent.export.tls import ClientTls
 from xdpml.v1 import collector_pb2 as cpb
 from xdpml.v1 import collector_pb2_grpc as cgrpc
@@ -107,6 +108,7 @@ class GrpcExporter:
 
     def __init__(self, settings: ExporterSettings, *, on_verdicts: Callable[[cpb.VerdictBatch], None] | None = None,
                  loss_counters: Callable[[], dict[str, int]] | None = None) -> None:
+        tune_malloc()
         self.settings = settings
         self.on_verdicts = on_verdicts
         self._loss_counters = loss_counters
@@ -332,8 +334,27 @@ class GrpcExporter:
         self._encoding_rows = sum(len(b) for b in out)
         return out
 
+    def _groups(self, batches: list[ColumnBatch]):
+        """Merge small batches up to one message's worth; a big batch goes alone, uncopied."""
+        cap = codec.rows_per_message(batches[0], self.settings.max_message_bytes)
+        small: list[ColumnBatch] = []
+        rows = 0
+        for b in batches:
+            if len(b) >= cap // 2:
+                if small:
+                    yield small
+                    small, rows = [], 0
+                yield [b]
+                continue
+            small.append(b)
+            rows += len(b)
+            if rows >= cap:
+                yield small
+                small, rows = [], 0
+        if small:
+            yield small
+
     def _encode(self, batches: list[ColumnBatch]) -> list[_Pending]:
-        merged = batches[0] if len(batches) == 1 else ColumnBatch.concat(batches)
         loss = self._loss_counters() if self._loss_counters else None
         out = []
 
@@ -342,18 +363,21 @@ class GrpcExporter:
                 self._seq += 1
                 return self._seq
 
-        try:
-            for fb in codec.encode_split(merged, next_sequence=next_seq, max_message_bytes=self.settings.max_message_bytes,
-                                         node=self._node, loss_counters=loss, include_schema=self.settings.include_schema):
-                out.append(_Pending(cpb.ExportRequest(batch=fb), fb.rows))
-        except (codec.UnsupportedColumn, ValueError) as e:
-            log.error("cannot encode a %s batch of %d rows, dropped: %s", merged.kind, len(merged), e)
-            with self._cond:
-                if not self._stopped:
-                    self.counters["dropped_batches"] += len(batches)
-                    self.counters["dropped_rows"] += len(merged)
-                    self._encoding_rows = 0
-            out = []
+        for group in self._groups(batches):
+            merged = group[0] if len(group) == 1 else ColumnBatch.concat(group)
+            try:
+                # All or nothing per group, so a failure is counted once.
+                out.extend([_Pending(req, req.batch.rows) for req in codec.encode_split(
+                    merged, next_sequence=next_seq, envelope=cpb.ExportRequest,
+                    max_message_bytes=self.settings.max_message_bytes, node=self._node, loss_counters=loss,
+                    include_schema=self.settings.include_schema)])
+            except (codec.UnsupportedColumn, ValueError) as e:
+                log.error("cannot encode a %s batch of %d rows, dropped: %s", merged.kind, len(merged), e)
+                with self._cond:
+                    if not self._stopped:
+                        self.counters["dropped_batches"] += len(group)
+                        self.counters["dropped_rows"] += len(merged)
+                        self._encoding_rows -= len(merged)
         return out
 
     def _on_ack(self, ack: cpb.Ack) -> bool:
