@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="flag rows with score >= this (default: 0.65 for embedded, 0.5 otherwise)")
     g.add_argument("--baseline-rows", type=int, default=5000, metavar="N",
                    help="embedded model: flows to learn the baseline from before scoring (default %(default)s)")
+    g.add_argument("--trees", type=int, default=50, metavar="N",
+                   help="embedded model: trees in the forest; scoring cost grows linearly (default %(default)s)")
     g.add_argument("--features", metavar="A,B,...",
                    help="embedded model: feature columns to use instead of the built-in list")
     g.add_argument("--state-dir", default=_default_state_dir(), metavar="DIR",
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
         features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
-        model = load_model(args.model, state_dir=args.state_dir, baseline_rows=args.baseline_rows, features=features)
+        model = load_model(args.model, state_dir=args.state_dir, baseline_rows=args.baseline_rows, features=features,
+                           trees=args.trees)
         if args.jsonl:
             sinks.append(JsonlSink(args.jsonl))
         if args.parquet:

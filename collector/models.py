@@ -96,6 +96,7 @@ EMBEDDED_FEATURES = (
     "bps",
 )
 EMBEDDED_FILE = "embedded-iforest.joblib"
+PARALLEL_MIN_ROWS = 4096  # below this, threads cost more than they save
 
 
 class EmbeddedIsolationForest:
@@ -116,6 +117,8 @@ class EmbeddedIsolationForest:
                  n_estimators: int = 50, seed: int = 0) -> None:
         if baseline_rows < 16:
             raise ModelError("--baseline-rows must be at least 16")
+        if not 1 <= n_estimators <= 1000:
+            raise ModelError("--trees must be 1..1000")
         self.feature_names = tuple(features)
         self.baseline_rows = baseline_rows
         self.n_estimators = n_estimators
@@ -125,6 +128,7 @@ class EmbeddedIsolationForest:
         self._parts: list[np.ndarray] = []
         self._have = 0
         self._forest = None
+        self._pool = None
         self.version = "learning"
         if state_dir:
             self._load()
@@ -189,13 +193,26 @@ class EmbeddedIsolationForest:
                     # they are the baseline.
                     out = np.full(len(x), np.nan)
                     if need < len(x):
-                        out[need:] = -self._forest.score_samples(x[need:])
+                        out[need:] = self._score_rows(self._forest, x[need:])
                     return Scores(out)
                 forest = self._forest
-        return Scores(-forest.score_samples(x))
+        return Scores(self._score_rows(forest, x))
+
+    def _score_rows(self, forest, x: np.ndarray) -> np.ndarray:
+        # scikit-learn walks the trees without the GIL: big batches are scored in
+        # chunks on all cores (one agent stream would otherwise use only one).
+        workers = min(os.cpu_count() or 1, len(x) // PARALLEL_MIN_ROWS)
+        if workers <= 1:
+            return -forest.score_samples(x)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="xdpml-score")
+        return -np.concatenate(list(self._pool.map(forest.score_samples, np.array_split(x, workers))))
 
     def close(self) -> None:
-        pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
 
 # ---- scikit-learn file ----------------------------------------------------------------
@@ -337,11 +354,11 @@ class OnnxModel:
 # ---- model spec -------------------------------------------------------------------------
 
 def load_model(spec: str, *, state_dir: str | None = None, baseline_rows: int = 5000,
-               features: Sequence[str] | None = None) -> Model:
+               features: Sequence[str] | None = None, trees: int = 50) -> Model:
     """Build the model named by a ``--model`` value (see the module docstring)."""
     if spec in ("", "embedded"):
         return EmbeddedIsolationForest(state_dir=state_dir, baseline_rows=baseline_rows,
-                                       features=features or EMBEDDED_FEATURES)
+                                       features=features or EMBEDDED_FEATURES, n_estimators=trees)
     kind, _, rest = spec.partition(":")
     if kind == "sklearn" and rest:
         return SklearnFileModel(rest)
