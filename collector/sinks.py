@@ -201,7 +201,7 @@ def format_flagged_table(rows: list[dict], *, header: bool = True) -> str:
         flag_text = "".join(c for c, bit in _FLAG_NAMES if flags and int(flags) & bit) if flags is not None else ""
         dur = r.get("bidirectional_duration_ms")
         cells = [
-            str(r.get("node", ""))[:12],
+            str(r.get("node", r.get("node_name", "")))[:12],
             _endpoint(r.get("src_ip", ""), r.get("src_port")),
             _endpoint(r.get("dst_ip", ""), r.get("dst_port")),
             _PROTO.get(r.get("protocol"), str(r.get("protocol", ""))),
