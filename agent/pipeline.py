@@ -1,24 +1,30 @@
-"""Wiring only: datapath -> harvest/events -> features -> sinks.
+"""Wiring only: datapath -> harvest/events -> features -> enrich -> sinks.
 
 Shutdown order is fixed: detach (no new packets), drain (every flow left in the
 table, every record left in the ring buffers), flush (windows still open),
 close (sinks).
+
+Live changes (AgentConfig) arrive through :meth:`Agent.request` and are applied by
+the agent's own loop between scans, so the datapath is only touched by one thread:
+interfaces are attached/detached by difference, harvest timeouts and sinks swapped.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from agent.bpf.abi import PktEvent, WinEvent
 from agent.bpf.loader import Datapath
 from agent.bpf.maps import FlowMap
 from agent.columns import ColumnBatch
-from agent.config import AgentSettings
+from agent.config import AgentSettings, HarvestSettings
 from agent.events import RecordBuffer
 from agent.export.sinks import Sink
-from agent.features import WindowAccumulator, expand_segments, packet_columns, window_batch
+from agent.features import EXPIRATION, WindowAccumulator, expand_segments, packet_columns, window_batch
 from agent.harvest import Harvester, mono_to_unix_offset_ns
 
 log = logging.getLogger("xdpml.agent")
@@ -26,6 +32,11 @@ log = logging.getLogger("xdpml.agent")
 LOSS_COUNTERS = ("flow_full", "flow_busy", "rb_win_full", "rb_pkt_full")
 ERROR_COUNTERS = ("err_trunc_eth", "err_trunc_vlan", "err_trunc_ip", "err_bad_ihl",
                   "err_bad_ip_len", "err_trunc_l4", "err_ipv6_ext")
+PACKET_COUNTERS = ("pkt_xdp", "pkt_tc_ingress", "pkt_tc_egress")
+REASON_NAMES = {v: k for k, v in EXPIRATION.items()}
+
+# name -> (hooks, xdp_mode)
+AttachPlan = dict[str, tuple[str, str]]
 
 
 @dataclass
@@ -33,33 +44,123 @@ class AgentTotals:
     flows: int = 0
     windows: int = 0
     packets_sampled: int = 0
+    enrich_errors: int = 0
     kernel: dict = field(default_factory=dict)
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, *, interfaces: list[str], sinks: list[Sink],
-                 flows: bool = True, on_attached=None):
+    def __init__(self, settings: AgentSettings, *, interfaces: list[str] | AttachPlan, sinks: list[Sink],
+                 flows: bool = True, on_attached: Callable[[Datapath], None] | None = None,
+                 transform: Callable[[ColumnBatch], ColumnBatch] | None = None, telemetry=None):
         self.settings = settings.validate()
-        self.interfaces = interfaces
-        self.sinks = sinks
+        if isinstance(interfaces, dict):
+            self.plan: AttachPlan = dict(interfaces)
+        else:
+            self.plan = {n: (settings.interfaces.hooks, settings.interfaces.xdp_mode) for n in interfaces}
+        self.sinks = list(sinks)
         self.flows_enabled = flows
         self.totals = AgentTotals()
         self.on_attached = on_attached  # called once every interface is attached
+        self.transform = transform  # enrichment: flow batch -> flow batch with pod columns
+        self.telemetry = telemetry
         self.stop_event = threading.Event()
         self.datapath: Datapath | None = None
+        self._requests: queue.Queue = queue.Queue()
+        self._ifnames: dict[int, str] = {}
+        self._harvester: Harvester | None = None
+
+    @property
+    def interfaces(self) -> list[str]:
+        return list(self.plan)
+
+    # -- live changes ------------------------------------------------------------------
+    def request(self, kind: str, payload) -> None:
+        """Queue a live change: ("interfaces", AttachPlan), ("harvest", HarvestSettings),
+        ("sinks", list[Sink]). Applied by the agent loop within one scan interval."""
+        self._requests.put((kind, payload))
+
+    def _apply_requests(self) -> None:
+        while True:
+            try:
+                kind, payload = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if kind == "interfaces":
+                    self._reconcile(payload)
+                elif kind == "harvest":
+                    self.settings.harvest = payload
+                    if self._harvester is not None:
+                        self._harvester.settings = payload
+                    log.info("harvest settings now idle %.0fs, active %.0fs, scan every %.2fs",
+                             payload.idle_timeout_s, payload.active_timeout_s, payload.interval_s)
+                elif kind == "sinks":
+                    old, self.sinks = self.sinks, list(payload)
+                    for sink in old:
+                        if sink not in self.sinks:
+                            sink.close()
+                else:
+                    log.error("unknown live change %r", kind)
+            except Exception as exc:  # noqa: BLE001 - keep running on the old state
+                log.error("live change %s failed: %s", kind, exc)
+
+    def _reconcile(self, plan: AttachPlan) -> None:
+        dp = self.datapath
+        current = {a.ifname: a for a in dp.attachments}
+        for name, att in current.items():
+            if name not in plan or plan[name] != self.plan.get(name):
+                dp.detach(att)
+                self._ifnames.pop(att.ifindex, None)
+        for name, (hooks, mode) in plan.items():
+            if name not in current or plan[name] != self.plan.get(name):
+                att = dp.attach(name, hooks=hooks, xdp_mode=mode)
+                self._ifnames[att.ifindex] = name
+        self.plan = dict(plan)
 
     # -- helpers ---------------------------------------------------------------
     def _emit(self, batch: ColumnBatch | None) -> None:
         if batch is None or not len(batch):
             return
+        if self.transform is not None and batch.kind == "flow":
+            try:
+                batch = self.transform(batch)
+            except Exception as exc:  # noqa: BLE001 - export unenriched rather than lose flows
+                self.totals.enrich_errors += 1
+                log.error("enrichment failed, exporting without pod metadata: %s", exc)
         for sink in self.sinks:
             try:
                 sink.write(batch)
+                self._count("xdpml.agent.exported", len(batch), kind=batch.kind, sink=type(sink).__name__)
             except Exception as exc:  # noqa: BLE001 - one broken sink must not stop the others
+                self._count("xdpml.agent.dropped", len(batch), kind=batch.kind, reason="sink_error")
                 log.error("sink %s failed: %s", type(sink).__name__, exc)
 
+    def _count(self, name: str, value: int, **attrs) -> None:
+        if self.telemetry is not None and value:
+            self.telemetry.counter(name).add(value, attrs)
+
+    def _flows(self, batch: ColumnBatch | None) -> None:
+        if batch is None:
+            return
+        self.totals.flows += len(batch)
+        if self.telemetry is not None:
+            import numpy as np
+
+            for rid in np.unique(batch["expiration_id"]):
+                self._count("xdpml.agent.flows", int(np.sum(batch["expiration_id"] == rid)),
+                            reason=REASON_NAMES.get(int(rid), str(rid)))
+            for iface in np.unique(batch["interface"]):
+                m = batch["interface"] == iface
+                for d in ("src2dst", "dst2src"):
+                    self._count("xdpml.agent.packets", int(batch[f"{d}_packets"][m].sum()),
+                                interface=str(iface), direction=d)
+                    self._count("xdpml.agent.bytes", int(batch[f"{d}_bytes"][m].sum()),
+                                interface=str(iface), direction=d)
+        if self.flows_enabled:
+            self._emit(batch)
+
     def _events(self, wins: RecordBuffer | None, pkts: RecordBuffer | None,
-                acc: WindowAccumulator | None, offset: int, ifnames: dict) -> None:
+                acc: WindowAccumulator | None, offset: int) -> None:
         dp = self.datapath
         if wins is None and pkts is None:
             return
@@ -75,25 +176,41 @@ class Agent:
             ev = pkts.take()
             if len(ev):
                 self.totals.packets_sampled += len(ev)
-                self._emit(packet_columns(ev, mono_to_unix_ns=offset, ifnames=ifnames))
+                self._emit(packet_columns(ev, mono_to_unix_ns=offset, ifnames=self._ifnames))
+
+    def _register_metrics(self, dp: Datapath) -> None:
+        t = self.telemetry
+        if t is None:
+            return
+        t.observe_counter("xdpml.agent.kernel.events", lambda: dp.counters() if self.datapath else {})
+
+        def attached():
+            out: dict[tuple[str, str], int] = {}
+            for att in (self.datapath.attachments if self.datapath else []):
+                for hook in att.hooks:
+                    kind, _, mode = hook.partition(":")
+                    out[(kind, mode)] = out.get((kind, mode), 0) + 1
+            return [(n, {"hook": h, "mode": m}) for (h, m), n in out.items()]
+
+        t.observe_gauge("xdpml.agent.attached", attached)
 
     # -- run -----------------------------------------------------------------------
     def run(self, *, duration_s: float | None = None) -> AgentTotals:
         s = self.settings
         with Datapath(s) as dp:
             self.datapath = dp
-            ifnames: dict[int, str] = {}
-            for name in self.interfaces:
-                att = dp.attach(name, hooks=s.interfaces.hooks, xdp_mode=s.interfaces.xdp_mode)
-                ifnames[att.ifindex] = name
+            for name, (hooks, mode) in self.plan.items():
+                att = dp.attach(name, hooks=hooks, xdp_mode=mode)
+                self._ifnames[att.ifindex] = name
             offset = mono_to_unix_offset_ns()
             table = FlowMap(dp.flow_map_fd(), key_dtype=dp.types.key_dtype, value_dtype=dp.types.value_dtype)
-            harvester = Harvester(table, settings=s.harvest, first_n=s.datapath.first_n,
-                                  mono_to_unix_ns=offset, ifnames=ifnames)
+            harvester = self._harvester = Harvester(table, settings=s.harvest, first_n=s.datapath.first_n,
+                                                    mono_to_unix_ns=offset, ifnames=self._ifnames)
             wins = RecordBuffer(dp.bpf, "win_events", WinEvent) if dp.window else None
             pkts = RecordBuffer(dp.bpf, "pkt_events", PktEvent) if dp.sample_rate else None
             acc = (WindowAccumulator(packets=s.window.packets, seconds=s.window.seconds,
-                                     mono_to_unix_ns=offset, ifnames=ifnames) if wins else None)
+                                     mono_to_unix_ns=offset, ifnames=self._ifnames) if wins else None)
+            self._register_metrics(dp)
             if self.on_attached:
                 self.on_attached(dp)
             deadline = time.monotonic() + duration_s if duration_s else None
@@ -103,27 +220,18 @@ class Agent:
                 while not self.stop_event.is_set():
                     if deadline and time.monotonic() >= deadline:
                         break
-                    self.stop_event.wait(s.harvest.interval_s)
-                    self._events(wins, pkts, acc, offset, ifnames)
-                    if self.flows_enabled:
-                        batch = harvester.scan()
-                        if batch is not None:
-                            self.totals.flows += len(batch)
-                            self._emit(batch)
+                    self.stop_event.wait(harvester.settings.interval_s)
+                    self._apply_requests()
+                    self._events(wins, pkts, acc, offset)
+                    self._flows(harvester.scan())
                     if next_summary and time.monotonic() >= next_summary:
                         last_counts = self._summary(dp, harvester, last_counts)
                         next_summary = time.monotonic() + s.summary_interval_s
             finally:
                 # detach, drain, flush, close
                 dp.detach_all()
-                self._events(wins, pkts, acc, offset, ifnames)
-                if self.flows_enabled:
-                    batch = harvester.drain()
-                    if batch is not None:
-                        self.totals.flows += len(batch)
-                        self._emit(batch)
-                else:
-                    harvester.drain()
+                self._events(wins, pkts, acc, offset)
+                self._flows(harvester.drain())
                 if acc is not None:
                     rows = acc.flush()
                     if rows:
@@ -141,25 +249,27 @@ class Agent:
 
     def _summary(self, dp: Datapath, harvester: Harvester, last: dict, *, final: bool = False) -> dict:
         now = dp.counters() if not final else self.totals.kernel
-        pk = sum(now[k] for k in ("pkt_xdp", "pkt_tc_ingress", "pkt_tc_egress"))
-        pk_last = sum(last[k] for k in ("pkt_xdp", "pkt_tc_ingress", "pkt_tc_egress"))
+        pk = sum(now[k] for k in PACKET_COUNTERS)
+        pk_last = sum(last[k] for k in PACKET_COUNTERS)
         lost = sum(now[k] for k in LOSS_COUNTERS) + sum(getattr(sk, "dropped", 0) for sk in self.sinks)
         errors = sum(now[k] for k in ERROR_COUNTERS)
-        msg = (f"{'final: ' if final else ''}interfaces {len(self.interfaces)} | packets {pk} "
-               f"(+{pk - pk_last}) | flows active {harvester.stats.active} exported {self.totals.flows} "
-               f"| windows {self.totals.windows} | samples {self.totals.packets_sampled} "
-               f"| parse errors {errors} | lost {lost}")
-        log.info(msg)
+        log.info("%sinterfaces %d | packets %d (+%d) | flows active %d exported %d | windows %d | "
+                 "samples %d | parse errors %d | lost %d", "final: " if final else "",
+                 len(dp.attachments) if not final else len(self.plan), pk, pk - pk_last,
+                 harvester.stats.active, self.totals.flows, self.totals.windows,
+                 self.totals.packets_sampled, errors, lost)
         return now
 
 
-def install_signal_handlers(agent: Agent) -> None:
+def install_signal_handlers(stop_event: threading.Event) -> None:
     import signal
 
     def stop(signum, _frame):
         log.info("received %s: detaching and draining", signal.Signals(signum).name)
-        agent.stop_event.set()
+        stop_event.set()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
+
+__all__ = ["Agent", "AgentTotals", "AttachPlan", "HarvestSettings", "install_signal_handlers"]

@@ -80,6 +80,21 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--tls-server-name", metavar="NAME", help="name expected in the collector's certificate")
     o.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(),
                    help="node identity sent with every batch (default: $NODE_NAME or the hostname)")
+    k = p.add_argument_group("Kubernetes and operations")
+    k.add_argument("--kubernetes", action="store_true",
+                   help="configure from AgentConfig resources and enrich flows with pod metadata "
+                        "(interfaces then come from the AgentConfig; -i is not needed)")
+    k.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig (default: in-cluster, then ~/.kube/config)")
+    k.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "xdpml"),
+                   help="namespace of the AgentConfig resources (default: $POD_NAMESPACE or xdpml)")
+    k.add_argument("--config-name", default="", metavar="NAME",
+                   help="follow only the AgentConfig of this name (default: the oldest that selects the node)")
+    k.add_argument("--health-port", type=_nonneg_int, default=None, metavar="PORT",
+                   help="serve /livez and /readyz on this port")
+    k.add_argument("--metrics-port", type=_nonneg_int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on this port")
+    k.add_argument("--otlp-endpoint", default="", metavar="URL",
+                   help="push OpenTelemetry metrics over OTLP gRPC (host:port, http:// or https://)")
     o.add_argument("--duration", type=_positive_float, default=0.0, metavar="S",
                    help="stop after S seconds (default: run until SIGINT/SIGTERM)")
     o.add_argument("--summary-interval", type=_positive_float, default=5.0, metavar="S",
@@ -100,14 +115,26 @@ def settings_from_args(a):
     ).validate()
 
 
+def _telemetry(a, service: str):
+    from xdpml.telemetry import Telemetry, TelemetrySettings
+
+    attrs = {"k8s.node.name": a.node_name} if getattr(a, "node_name", "") else {}
+    return Telemetry.from_settings(TelemetrySettings(
+        service_name=service, prometheus_port=a.metrics_port, otlp_endpoint=a.otlp_endpoint,
+        resource_attributes=attrs))
+
+
 def run_agent(a) -> int:
     from agent.bpf.loader import AttachError, resolve_interfaces
     from agent.config import ConfigError
     from agent.export.sinks import JsonLinesSink, UnixSocketSink
     from agent.pipeline import Agent, install_signal_handlers
 
+    if a.kubernetes:
+        return run_kubernetes_agent(a)
     if not a.interface:
-        print("xdpml agent: give at least one interface with -i (see `ip link show`)", file=sys.stderr)
+        print("xdpml agent: give at least one interface with -i (see `ip link show`), or --kubernetes",
+              file=sys.stderr)
         return 2
     try:
         settings = settings_from_args(a)
@@ -129,8 +156,11 @@ def run_agent(a) -> int:
         except (ValueError, OSError) as exc:
             print(f"xdpml agent: collector settings: {exc}", file=sys.stderr)
             return 2
-    agent = Agent(settings, interfaces=names, sinks=sinks, flows=not a.no_flows)
-    install_signal_handlers(agent)
+    telemetry = _telemetry(a, "xdpml-agent")
+    health = _health(a, ("programs_attached",))
+    agent = Agent(settings, interfaces=names, sinks=sinks, flows=not a.no_flows, telemetry=telemetry,
+                  on_attached=(lambda dp: health.set("programs_attached")) if health else None)
+    install_signal_handlers(agent.stop_event)
     try:
         agent.run(duration_s=a.duration or None)
     except (AttachError, ConfigError) as exc:
@@ -139,7 +169,53 @@ def run_agent(a) -> int:
     except PermissionError as exc:
         log.error("permission denied (%s): the agent needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON", exc)
         return 1
+    finally:
+        telemetry.shutdown()
+        if health:
+            health.close()
     return 0
+
+
+def _health(a, conditions):
+    if a.health_port is None:
+        return None
+    from agent.health import HealthServer
+
+    return HealthServer(port=a.health_port, conditions=conditions)
+
+
+def run_kubernetes_agent(a) -> int:
+    from agent.export.sinks import JsonLinesSink, UnixSocketSink
+    from agent.export.tls import ClientTls
+    from agent.kube.client import KubeUnavailable, api_client
+    from agent.kubernetes import KubeAgentOptions, KubernetesAgent
+    from agent.pipeline import install_signal_handlers
+
+    try:
+        api = api_client(kubeconfig=a.kubeconfig)
+    except KubeUnavailable as exc:
+        print(f"xdpml agent: {exc}", file=sys.stderr)
+        return 2
+    extra = []
+    if a.output:
+        extra.append(JsonLinesSink(a.output))
+    if a.unix_socket:
+        extra.append(UnixSocketSink(a.unix_socket))
+    tls = None
+    if a.tls_ca or a.tls_cert or a.tls_key:
+        tls = ClientTls(ca_file=a.tls_ca, cert_file=a.tls_cert, key_file=a.tls_key, server_name=a.tls_server_name)
+    opts = KubeAgentOptions(namespace=a.namespace, node_name=a.node_name, config_name=a.config_name,
+                            collector=a.collector or "", collector_tls=tls, extra_sinks=extra)
+    telemetry = _telemetry(a, "xdpml-agent")
+    health = _health(a, ("programs_attached", "pod_cache_synced"))
+    sup = KubernetesAgent(api, opts, health=health, telemetry=telemetry)
+    install_signal_handlers(sup.stop_event)
+    try:
+        return sup.run()
+    finally:
+        telemetry.shutdown()
+        if health:
+            health.close()
 
 
 def _grpc_sink(a):

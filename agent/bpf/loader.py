@@ -302,13 +302,20 @@ class Datapath:
                                parent=parent, prio=TC_PRIO, classid=1, direct_action=True)
                     att.hooks.append(hook)
         except BaseException:
-            self._detach(att)
+            self._detach_hooks(att)
             raise
         self.attachments.append(att)
         log.info("attached %s (%s): %s", ifname, kind, ", ".join(att.hooks))
         return att
 
-    def _detach(self, att: Attachment) -> None:
+    def detach(self, att: Attachment) -> None:
+        """Detach one interface (live reconfiguration)."""
+        self._detach_hooks(att)
+        if att in self.attachments:
+            self.attachments.remove(att)
+        log.info("detached %s", att.ifname)
+
+    def _detach_hooks(self, att: Attachment) -> None:
         from bcc import BPF
         from pyroute2 import IPRoute
 
@@ -329,10 +336,8 @@ class Datapath:
                 _drop_clsact_if_empty(ipr, att.ifindex)
 
     def detach_all(self) -> None:
-        for att in reversed(self.attachments):
-            self._detach(att)
-            log.info("detached %s", att.ifname)
-        self.attachments.clear()
+        for att in list(reversed(self.attachments)):
+            self.detach(att)
 
     def close(self) -> None:
         self.detach_all()

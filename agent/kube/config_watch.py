@@ -84,11 +84,13 @@ class AgentConfigWatcher:
     def __init__(self, api_client: k8s_client.ApiClient, *, namespace: str, node_name: str,
                  on_change: ConfigCallback, node_labels: Mapping[str, str] | None = None,
                  tls_mount_root: str = DEFAULT_TLS_MOUNT_ROOT, watch_timeout_s: int = 300,
-                 backoff_factory: Callable[[], Backoff] = Backoff, component: str = COMPONENT):
+                 backoff_factory: Callable[[], Backoff] = Backoff, component: str = COMPONENT,
+                 config_name: str | None = None):
         if not namespace or not node_name:
             raise ValueError("namespace and node_name are required (downward API: metadata.namespace, "
                              "spec.nodeName)")
         self.namespace, self.node_name = namespace, node_name
+        self.config_name = config_name  # follow only this AgentConfig (None: the oldest matching)
         self._on_change = on_change
         self._node_labels = dict(node_labels) if node_labels is not None else None
         self._tls_mount_root = tls_mount_root
@@ -185,6 +187,8 @@ class AgentConfigWatcher:
         labels = self._node_labels or {}
         matching = []
         for obj in self.store.snapshot():
+            if self.config_name and obj["metadata"]["name"] != self.config_name:
+                continue
             selector = (obj.get("spec") or {}).get("nodeSelector") or {}
             if isinstance(selector, dict) and selects_node(selector, labels):
                 matching.append(obj)

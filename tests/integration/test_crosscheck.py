@@ -148,7 +148,6 @@ def test_packet_samples_carry_header_fields(sampled):
 def test_gso_super_packets_count_wire_segments():
     """Offloads on: TC sees TSO super-packets; packets must equal the sender's segment count."""
     with make_hosts(15, offloads=True) as (h,):
-        sh(f"ethtool -K {h.host_if} gro on >/dev/null 2>&1", check=False)
         with running_agent([h.host_if], idle_timeout_s=1.0) as (agent, sink):
             before = h.run("nstat -az TcpOutSegs TcpInSegs --json", capture=True)
             tcp_exchange(h, 9100, 2_000_000, 1000)

@@ -1,0 +1,221 @@
+"""The agent in Kubernetes: AgentConfig-driven, enriched with pod metadata.
+
+Holds the pieces together and applies each accepted AgentConfig with the least
+disruption: enrichment and exporter settings, interface sets and harvest
+timeouts change live; only datapath sizing, window and feature-set changes
+(which change the compiled BPF program) restart the datapath, after draining it.
+
+Collector address and TLS: the command-line flags (set by the Helm chart) are the
+defaults; an AgentConfig that names a collector address overrides them.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from agent.bpf.loader import AttachError, resolve_interfaces
+from agent.export.sinks import CollectorSink, Sink
+from agent.pipeline import Agent, AttachPlan
+
+log = logging.getLogger("xdpml.agent.kubernetes")
+
+RESTART_SECTIONS = {"datapath", "window", "features"}
+
+
+@dataclass
+class KubeAgentOptions:
+    namespace: str
+    node_name: str
+    config_name: str = ""  # follow only the AgentConfig of this name ("" = oldest matching)
+    collector: str = ""  # flag default for the collector address
+    collector_tls: object = None  # agent.export.tls.ClientTls from flags, or None
+    extra_sinks: list[Sink] = field(default_factory=list)  # e.g. -o FILE, tests
+    attach_timeout_s: float = 120.0
+
+
+def plan_from_rules(rules) -> AttachPlan:
+    """AgentConfig interface rules -> {interface: (hooks, xdp_mode)}; the first rule
+    naming an interface wins (the config parser already refuses overlapping rules)."""
+    plan: AttachPlan = {}
+    for rule in rules:
+        for name in resolve_interfaces(list(rule.names)):
+            plan.setdefault(name, (rule.hooks, rule.xdp_mode))
+    return plan
+
+
+class KubernetesAgent:
+    def __init__(self, api_client, options: KubeAgentOptions, *, health=None, telemetry=None,
+                 enrich_factory: Callable | None = None, watcher_kwargs: dict | None = None):
+        from agent.enrich.manager import EnrichmentManager
+
+        self.api = api_client
+        self.opts = options
+        self.health = health
+        self.telemetry = telemetry
+        factory = enrich_factory or (lambda api: EnrichmentManager(api, node_name=options.node_name))
+        self.enrich = factory(api_client)
+        self.agent: Agent | None = None
+        self._thread: threading.Thread | None = None
+        self._agent_error: list[BaseException] = []
+        self._exporter_sink: CollectorSink | None = None
+        self._export_key: tuple | None = None
+        self.stop_event = threading.Event()
+        self.restarts = 0
+        self.watcher_kwargs = watcher_kwargs or {}
+        self.watcher = None
+
+    # ---- applying configs -----------------------------------------------------------
+    def on_change(self, old, new) -> None:
+        """AgentConfigWatcher callback: raise to refuse (the node keeps the old config)."""
+        plan = plan_from_rules(new.interface_rules)
+        if not plan:
+            raise AttachError("no interface on this node matches the AgentConfig's interface rules")
+        sections = new.changed_sections(old)
+        if "enrichment" in sections:
+            self.enrich.apply(new.enrichment)
+        if self.agent is None or sections & RESTART_SECTIONS:
+            self._stop_agent()
+            try:
+                self._start_agent(new, plan)
+            except BaseException:
+                if old is not None:
+                    log.error("new config failed to start; restoring generation %d", old.generation)
+                    self._start_agent(old, plan_from_rules(old.interface_rules))
+                raise
+            return
+        if "interfaces" in sections or plan != self.agent.plan:
+            self.agent.request("interfaces", plan)
+        if "harvest" in sections:
+            self.agent.request("harvest", new.settings.harvest)
+        if "export" in sections:
+            self.agent.request("sinks", self._sinks(new))
+
+    def _sinks(self, cfg) -> list[Sink]:
+        from agent.export.grpc_client import ExporterSettings, GrpcExporter
+
+        if cfg.export.collector_address:
+            kw = cfg.export.exporter_kwargs()
+        elif self.opts.collector:
+            kw = {"target": self.opts.collector, "tls": self.opts.collector_tls}
+        else:
+            kw = None
+        key = (kw["target"], repr(kw["tls"])) if kw else None
+        if key != self._export_key:
+            old = self._exporter_sink
+            if old is not None:
+                # the agent swaps sinks within one scan; then the old exporter flushes and closes
+                threading.Timer(5.0, old.close).start()
+            self._exporter_sink = (CollectorSink(GrpcExporter(ExporterSettings(node_name=self.opts.node_name, **kw)))
+                                   if kw else None)
+            self._export_key = key
+        sinks: list[Sink] = [_Shared(s) for s in self.opts.extra_sinks]
+        if self._exporter_sink is not None:
+            sinks.append(_Shared(self._exporter_sink))
+        return sinks
+
+    def _start_agent(self, cfg, plan: AttachPlan) -> None:
+        attached = threading.Event()
+        self._agent_error = []
+        settings = cfg.settings
+        settings.interfaces.names = list(plan)
+        agent = Agent(settings, interfaces=plan, sinks=self._sinks(cfg), flows=cfg.features.flows,
+                      transform=self._enrich, telemetry=self.telemetry, on_attached=lambda dp: attached.set())
+
+        def run():
+            try:
+                agent.run()
+            except BaseException as exc:  # noqa: BLE001 - reported to on_change / the log
+                self._agent_error.append(exc)
+                attached.set()
+                log.error("datapath stopped: %s", exc)
+                if self.health is not None:
+                    self.health.clear("programs_attached", str(exc))
+
+        self._thread = threading.Thread(target=run, name="xdpml-datapath", daemon=True)
+        self._thread.start()
+        if not attached.wait(self.opts.attach_timeout_s):
+            raise AttachError("the datapath did not attach in time")
+        if self._agent_error:
+            self._thread.join(30)
+            raise self._agent_error[0]
+        self.agent = agent
+        self.restarts += 1
+        if self.health is not None:
+            self.health.set("programs_attached")
+        if self.watcher is not None:
+            self.watcher.set_ready(True, "Attached", f"{len(plan)} interfaces: {', '.join(plan)}")
+
+    def _stop_agent(self) -> None:
+        if self.agent is None:
+            return
+        log.info("restarting the datapath for the new config (draining first)")
+        self.agent.stop_event.set()
+        self._thread.join(60)
+        self.agent = None
+        if self.health is not None:
+            self.health.clear("programs_attached", "restarting the datapath")
+
+    def _enrich(self, batch):
+        return self.enrich.enrich(batch) if self.enrich.synced() or self._enrich_ready() else batch
+
+    def _enrich_ready(self) -> bool:
+        try:
+            return self.enrich.cache is not None
+        except RuntimeError:
+            return False
+
+    # ---- life cycle -------------------------------------------------------------------
+    def run(self) -> int:
+        from agent.kube.config_watch import AgentConfigWatcher
+
+        self.watcher = AgentConfigWatcher(self.api, namespace=self.opts.namespace, node_name=self.opts.node_name,
+                                          on_change=self.on_change, config_name=self.opts.config_name or None,
+                                          **self.watcher_kwargs)
+        log.info("waiting for an AgentConfig in namespace %s for node %s", self.opts.namespace,
+                 self.opts.node_name)
+        with self.watcher:
+            synced = False
+            while not self.stop_event.wait(1.0):
+                if self.health is not None:
+                    self.health.beat()
+                    try:
+                        now_synced = self.enrich.synced()
+                    except RuntimeError:
+                        now_synced = False
+                    if now_synced != synced:
+                        (self.health.set("pod_cache_synced") if now_synced
+                         else self.health.clear("pod_cache_synced", "pod watch not synced"))
+                        synced = now_synced
+        self.close()
+        return 1 if self._agent_error else 0
+
+    def close(self) -> None:
+        if self.agent is not None:
+            self.agent.stop_event.set()
+            self._thread.join(60)
+            self.agent = None
+        if self._exporter_sink is not None:
+            self._exporter_sink.close()
+        for sink in self.opts.extra_sinks:
+            sink.close()
+        self.enrich.close()
+
+
+class _Shared:
+    """A sink that outlives datapath restarts: the agent writes to it, the supervisor
+    closes it (once, at the end or when the export settings change)."""
+
+    def __init__(self, sink):
+        self.sink = sink
+
+    def write(self, batch) -> None:
+        self.sink.write(batch)
+
+    @property
+    def dropped(self) -> int:
+        return getattr(self.sink, "dropped", 0)
+
+    def close(self) -> None:
+        pass
