@@ -17,7 +17,7 @@ from typing import Callable
 
 from agent.bpf.loader import AttachError, resolve_interfaces
 from agent.export.sinks import CollectorSink, Sink
-from agent.pipeline import Agent, AttachPlan
+from agent.pipeline import Agent, AttachPlan, register_observables
 
 log = logging.getLogger("xdpml.agent.kubernetes")
 
@@ -33,6 +33,28 @@ class KubeAgentOptions:
     collector_tls: object = None  # agent.export.tls.ClientTls from flags, or None
     extra_sinks: list[Sink] = field(default_factory=list)  # e.g. -o FILE, tests
     attach_timeout_s: float = 120.0
+
+
+def verdict_counter(telemetry):
+    """Verdicts from the collector: logged (flagged ones) and counted by label and action.
+    Acting on them (drop rules) is not done yet."""
+
+    from xdpml.v1 import collector_pb2 as cpb
+
+    def on_verdicts(vb) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for v in vb.verdicts:
+            key = (v.label or "unknown", cpb.Action.Name(v.action).lower())
+            counts[key] = counts.get(key, 0) + 1
+        flagged = sum(n for (label, _), n in counts.items() if label not in ("normal", "unknown"))
+        if flagged:
+            log.info("collector flagged %d of %d flows (model %s)", flagged, len(vb.verdicts), vb.model.name)
+        if telemetry is not None:
+            c = telemetry.counter("xdpml.agent.verdicts")
+            for (label, action), n in counts.items():
+                c.add(n, {"label": label, "action": action})
+
+    return on_verdicts
 
 
 def plan_from_rules(rules) -> AttachPlan:
@@ -65,6 +87,7 @@ class KubernetesAgent:
         self.restarts = 0
         self.watcher_kwargs = watcher_kwargs or {}
         self.watcher = None
+        register_observables(telemetry, lambda: self.agent)
 
     # ---- applying configs -----------------------------------------------------------
     def on_change(self, old, new) -> None:
@@ -107,7 +130,8 @@ class KubernetesAgent:
             if old is not None:
                 # the agent swaps sinks within one scan; then the old exporter flushes and closes
                 threading.Timer(5.0, old.close).start()
-            self._exporter_sink = (CollectorSink(GrpcExporter(ExporterSettings(node_name=self.opts.node_name, **kw)))
+            self._exporter_sink = (CollectorSink(GrpcExporter(ExporterSettings(node_name=self.opts.node_name, **kw),
+                                                              on_verdicts=verdict_counter(self.telemetry)))
                                    if kw else None)
             self._export_key = key
         sinks: list[Sink] = [_Shared(s) for s in self.opts.extra_sinks]
@@ -216,6 +240,10 @@ class _Shared:
     @property
     def dropped(self) -> int:
         return getattr(self.sink, "dropped", 0)
+
+    @property
+    def queue_depth(self) -> int:
+        return getattr(self.sink, "queue_depth", 0)
 
     def close(self) -> None:
         pass

@@ -178,22 +178,6 @@ class Agent:
                 self.totals.packets_sampled += len(ev)
                 self._emit(packet_columns(ev, mono_to_unix_ns=offset, ifnames=self._ifnames))
 
-    def _register_metrics(self, dp: Datapath) -> None:
-        t = self.telemetry
-        if t is None:
-            return
-        t.observe_counter("xdpml.agent.kernel.events", lambda: dp.counters() if self.datapath else {})
-
-        def attached():
-            out: dict[tuple[str, str], int] = {}
-            for att in (self.datapath.attachments if self.datapath else []):
-                for hook in att.hooks:
-                    kind, _, mode = hook.partition(":")
-                    out[(kind, mode)] = out.get((kind, mode), 0) + 1
-            return [(n, {"hook": h, "mode": m}) for (h, m), n in out.items()]
-
-        t.observe_gauge("xdpml.agent.attached", attached)
-
     # -- run -----------------------------------------------------------------------
     def run(self, *, duration_s: float | None = None) -> AgentTotals:
         s = self.settings
@@ -210,7 +194,6 @@ class Agent:
             pkts = RecordBuffer(dp.bpf, "pkt_events", PktEvent) if dp.sample_rate else None
             acc = (WindowAccumulator(packets=s.window.packets, seconds=s.window.seconds,
                                      mono_to_unix_ns=offset, ifnames=self._ifnames) if wins else None)
-            self._register_metrics(dp)
             if self.on_attached:
                 self.on_attached(dp)
             deadline = time.monotonic() + duration_s if duration_s else None
@@ -261,6 +244,34 @@ class Agent:
         return now
 
 
+def register_observables(telemetry, current: Callable[[], "Agent | None"]) -> None:
+    """Metrics read at each collection from whatever agent runs now (once per process:
+    the Kubernetes supervisor replaces the Agent when the datapath restarts)."""
+    if telemetry is None:
+        return
+
+    def kernel():
+        a = current()
+        return a.datapath.counters() if a is not None and a.datapath is not None else {}
+
+    def attached():
+        a = current()
+        out: dict[tuple[str, str], int] = {}
+        for att in (a.datapath.attachments if a is not None and a.datapath is not None else []):
+            for hook in att.hooks:
+                kind, _, mode = hook.partition(":")
+                out[(kind, mode)] = out.get((kind, mode), 0) + 1
+        return [(n, {"hook": h, "mode": m}) for (h, m), n in out.items()]
+
+    def queue_depth():
+        a = current()
+        return {"export": sum(getattr(s, "queue_depth", 0) for s in (a.sinks if a is not None else []))}
+
+    telemetry.observe_counter("xdpml.agent.kernel.events", kernel)
+    telemetry.observe_gauge("xdpml.agent.attached", attached)
+    telemetry.observe_gauge("xdpml.agent.queue.depth", queue_depth)
+
+
 def install_signal_handlers(stop_event: threading.Event) -> None:
     import signal
 
@@ -272,4 +283,5 @@ def install_signal_handlers(stop_event: threading.Event) -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-__all__ = ["Agent", "AgentTotals", "AttachPlan", "HarvestSettings", "install_signal_handlers"]
+__all__ = ["Agent", "AgentTotals", "AttachPlan", "HarvestSettings", "install_signal_handlers",
+           "register_observables"]

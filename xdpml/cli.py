@@ -128,7 +128,7 @@ def run_agent(a) -> int:
     from agent.bpf.loader import AttachError, resolve_interfaces
     from agent.config import ConfigError
     from agent.export.sinks import JsonLinesSink, UnixSocketSink
-    from agent.pipeline import Agent, install_signal_handlers
+    from agent.pipeline import Agent, install_signal_handlers, register_observables
 
     if a.kubernetes:
         return run_kubernetes_agent(a)
@@ -150,16 +150,17 @@ def run_agent(a) -> int:
         sinks.append(JsonLinesSink(a.output or "-"))
     if a.unix_socket:
         sinks.append(UnixSocketSink(a.unix_socket))
+    telemetry = _telemetry(a, "xdpml-agent")
     if a.collector:
         try:
-            sinks.append(_grpc_sink(a))
+            sinks.append(_grpc_sink(a, telemetry))
         except (ValueError, OSError) as exc:
             print(f"xdpml agent: collector settings: {exc}", file=sys.stderr)
             return 2
-    telemetry = _telemetry(a, "xdpml-agent")
     health = _health(a, ("programs_attached",))
     agent = Agent(settings, interfaces=names, sinks=sinks, flows=not a.no_flows, telemetry=telemetry,
                   on_attached=(lambda dp: health.set("programs_attached")) if health else None)
+    register_observables(telemetry, lambda: agent)
     install_signal_handlers(agent.stop_event)
     try:
         agent.run(duration_s=a.duration or None)
@@ -218,8 +219,9 @@ def run_kubernetes_agent(a) -> int:
             health.close()
 
 
-def _grpc_sink(a):
+def _grpc_sink(a, telemetry):
     from agent.export.grpc_client import ExporterSettings, GrpcExporter
+    from agent.kubernetes import verdict_counter
     from agent.export.sinks import CollectorSink
     from agent.export.tls import ClientTls
 
@@ -228,13 +230,8 @@ def _grpc_sink(a):
         tls = ClientTls(ca_file=a.tls_ca, cert_file=a.tls_cert, key_file=a.tls_key,
                         server_name=a.tls_server_name)
 
-    def on_verdicts(vb):
-        flagged = sum(1 for v in vb.verdicts if v.label not in ("", "normal"))
-        if flagged:
-            log.info("collector flagged %d of %d flows (model %s)", flagged, len(vb.verdicts), vb.model.name)
-
     exporter = GrpcExporter(ExporterSettings(target=a.collector, tls=tls, node_name=a.node_name),
-                            on_verdicts=on_verdicts)
+                            on_verdicts=verdict_counter(telemetry))
     return CollectorSink(exporter)
 
 

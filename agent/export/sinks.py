@@ -135,6 +135,10 @@ class CollectorSink:
     def dropped(self) -> int:
         return self.exporter.stats()["dropped_rows"]
 
+    @property
+    def queue_depth(self) -> int:
+        return self.exporter.stats()["queue_batches"]
+
     def close(self) -> None:
         stats = self.exporter.close()
         log.info("collector export: sent %d of %d rows, dropped %d, verdicts received %d",
