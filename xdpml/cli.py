@@ -235,6 +235,28 @@ def _grpc_sink(a, telemetry):
     return CollectorSink(exporter)
 
 
+def run_check_config(a) -> int:
+    from agent.config import ConfigError
+    from agent.kube.agentconfig import check_file
+
+    bad = 0
+    for path in a.files:
+        try:
+            results = check_file(path)
+        except ConfigError as exc:
+            print(f"{path}: {exc}")
+            bad += 1
+            continue
+        for name, res in results:
+            if isinstance(res, ConfigError):
+                bad += 1
+                print(f"{path}: {name}: INVALID: {res}")
+            else:
+                rules = "; ".join(f"{'/'.join(r.names)} ({r.hooks})" for r in res.interface_rules)
+                print(f"{path}: {name}: ok (interfaces {rules})")
+    return 1 if bad else 0
+
+
 def run_cleanup(_a) -> int:
     from agent.bpf.loader import cleanup
 
@@ -262,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=AGENT_EXAMPLES)
     add_agent_arguments(ag)
     ag.set_defaults(func=run_agent)
+    cc = sub.add_parser("check-config", help="validate AgentConfig YAML files as the agents would")
+    cc.add_argument("files", nargs="+", metavar="FILE")
+    cc.set_defaults(func=run_check_config)
     cl = sub.add_parser("cleanup", help="remove xdpml programs a killed agent left attached")
     cl.set_defaults(func=run_cleanup)
     try:

@@ -1,0 +1,39 @@
+"""The command line: help, input errors without tracebacks, check-config."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+XDPML = [sys.executable, "-m", "xdpml.cli"]
+
+
+def run(*args):
+    return subprocess.run([*XDPML, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_agent_help_has_examples():
+    r = run("agent", "--help")
+    assert r.returncode == 0 and "xdpml agent -i eth0 -w 100 -o features.jsonl" in r.stdout
+
+
+def test_agent_without_interface_is_a_usage_error():
+    r = run("agent")
+    assert r.returncode == 2 and "-i" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_numbers_are_rejected_by_the_parser():
+    r = run("agent", "-i", "lo", "--first-n", "many")
+    assert r.returncode == 2 and "not a whole number" in r.stderr
+    r = run("agent", "-i", "lo", "--first-n", "99", "--duration", "0.1")
+    assert r.returncode == 2 and "first_n must be 0..32" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_check_config_valid_and_invalid():
+    valid = sorted((ROOT / "examples/agentconfig/valid").glob("*.yaml"))
+    invalid = sorted((ROOT / "examples/agentconfig/invalid").glob("*.yaml"))
+    r = run("check-config", *map(str, valid))
+    assert r.returncode == 0 and r.stdout.count(": ok (") == len(valid)
+    r = run("check-config", str(invalid[0]))
+    assert r.returncode == 1 and "INVALID" in r.stdout
+    r = run("check-config", "/nonexistent.yaml")
+    assert r.returncode == 1 and "cannot read" in r.stdout
