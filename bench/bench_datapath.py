@@ -191,6 +191,53 @@ def dispatcher_slots():
         subprocess.run(["ip", "netns", "del", BENCH_NS], check=False)
 
 
+# Stages of the flow program, cut out of the real source with markers (kernel
+# breakdown). Anchors are exact lines of bpf/xdp_flow.c and bpf/flow.h; if they
+# change, the breakdown is skipped with a note rather than measuring something else.
+STAGE_ANCHORS = {
+    "xdp_clock": "    __u64 now = bpf_ktime_get_ns();\n",
+    "flow_lock": "    bpf_spin_lock(&v->lock);\n",
+}
+STAGES = (
+    ("parse only (no clock, no table)", "BENCH_STAGE_PARSE"),
+    ("parse + clock read", "BENCH_STAGE_CLOCK"),
+    ("parse + clock + flow hash lookup", "BENCH_STAGE_LOOKUP"),
+    ("parse + clock + lookup + spin lock/unlock", "BENCH_STAGE_LOCK"),
+)
+
+
+def staged_source() -> str | None:
+    """The datapath source with #ifdef cut points, or None if the anchors moved."""
+    from agent.bpf.source import program_text
+
+    src = program_text()
+    x = src.find("int xdpml_xdp(")
+    if x < 0 or any(src.count(a) < 1 for a in STAGE_ANCHORS.values()):
+        return None
+    head, body = src[:x], src[x:]
+    if STAGE_ANCHORS["xdp_clock"] not in body:
+        return None
+    body = body.replace(STAGE_ANCHORS["xdp_clock"], (
+        "#ifdef BENCH_STAGE_PARSE\n    return XDP_PASS;\n#endif\n"
+        + STAGE_ANCHORS["xdp_clock"]
+        # keep the clock read alive without touching the table
+        + "#ifdef BENCH_STAGE_CLOCK\n    count_n(C_GSO_SEGS, now & 1);\n    return XDP_PASS;\n#endif\n"), 1)
+    head = head.replace(STAGE_ANCHORS["flow_lock"], (
+        "#ifdef BENCH_STAGE_LOOKUP\n    return;\n#endif\n" + STAGE_ANCHORS["flow_lock"]
+        + "#ifdef BENCH_STAGE_LOCK\n    bpf_spin_unlock(&v->lock);\n    return;\n#endif\n"), 1)
+    return head + body
+
+
+def default_cflags() -> list[str]:
+    """The -D flags agent/bpf/loader.py passes for default settings."""
+    from agent.config import DatapathSettings
+
+    d = DatapathSettings()
+    return [f"-DXDPML_FLOW_TABLE_SIZE={d.flow_table_size}", f"-DXDPML_FIRST_N={d.first_n}",
+            "-DXDPML_SAMPLE_RATE=0", "-DXDPML_WINDOW=0",
+            f"-DXDPML_RINGBUF_PAGES={max(1, d.ringbuf_kib // 4)}", "-Wno-unused-function"]
+
+
 @dataclass
 class Variant:
     name: str
@@ -241,6 +288,17 @@ def bench_kernel(p: Params, report: Report) -> None:
             variants.append(Variant(name, dp.progs[XDP_PROG].fd, repeat,
                                     consume=dp.bpf.ring_buffer_consume if maps else None,
                                     counters=dp.counters))
+        staged = staged_source()
+        if staged is None:
+            report.notes.append("kernel: breakdown skipped: the cut points in bpf/ moved "
+                                "(update STAGE_ANCHORS in bench/bench_datapath.py)")
+        else:
+            for name, macro in STAGES:
+                b = BPF(text=staged.encode(), cflags=default_cflags() + [f"-D{macro}"])
+                stack.callback(b.cleanup)
+                fn = b.load_func(XDP_PROG.encode(), BPF.XDP)
+                attach(fn)
+                variants.append(Variant(f"stage: {name}", fn.fd, p.repeat))
 
         # warm-up round: creates every flow (first run of each frame), warms caches
         for v in variants:
@@ -270,6 +328,10 @@ def bench_kernel(p: Params, report: Report) -> None:
                 continue
             ratio = med / base[v.repeat]
             goal = ""
+            if v.name.startswith("stage:"):
+                report.add("kernel", f"{v.name}, repeat {v.repeat}", med, "ns/pkt",
+                           baseline=f"{base[v.repeat]:.1f} ns trivial", ratio=f"{ratio:.2f}x", note=spread)
+                continue
             if "default" in v.name:
                 goal = f"<= 3x: {'met' if ratio <= 3 else 'NOT met'}"
             report.add("kernel", f"{v.name}, repeat {v.repeat}", med, "ns/pkt",
@@ -289,7 +351,9 @@ def bench_kernel(p: Params, report: Report) -> None:
             "update path of a live flow with its entry hot in cache; a real NIC interleaving "
             "many flows adds cache misses on the hash bucket and value. Every program is also "
             "attached in driver mode to an idle veth, so it sits in the kernel's XDP dispatcher "
-            "as under a real driver (otherwise each repeated test run waits ~20 ms for RCU).")
+            "as under a real driver (otherwise each repeated test run waits ~20 ms for RCU). "
+            "The 'stage:' rows are the same source cut short after each step (bench-only "
+            "#ifdefs), to show where the nanoseconds go.")
 
 
 # ---------------------------------------------------------------------------
@@ -309,6 +373,30 @@ def update_batch(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
     if rc < 0:
         err = C.get_errno()
         raise OSError(err, f"BPF_MAP_UPDATE_BATCH: {os.strerror(err)} after {attr.count} of {len(keys)}")
+
+
+def drain_into(fd: int, keys: np.ndarray, values: np.ndarray, *, chunk: int = 8192) -> int:
+    """Lookup-and-delete every entry straight into preallocated, reused arrays (no
+    per-chunk copies): the kernel's floor for draining. Returns the entries read."""
+    from agent.bpf.maps import BPF_F_LOCK, BPF_MAP_LOOKUP_AND_DELETE_BATCH, SYS_BPF, _BatchAttr
+
+    cur_in, cur_out = (C.c_uint8 * 64)(), (C.c_uint8 * 64)()
+    total, in_ptr = 0, 0
+    while total < len(keys):
+        attr = _BatchAttr(in_batch=in_ptr, out_batch=C.addressof(cur_out),
+                          keys=keys.ctypes.data + total * keys.dtype.itemsize,
+                          values=values.ctypes.data + total * values.dtype.itemsize,
+                          count=min(chunk, len(keys) - total), map_fd=fd, elem_flags=BPF_F_LOCK)
+        rc = _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_AND_DELETE_BATCH, C.byref(attr), C.sizeof(attr))
+        total += attr.count
+        if rc < 0:
+            err = C.get_errno()
+            if err == errno.ENOENT:
+                break
+            raise OSError(err, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(err)}")
+        cur_in, cur_out = cur_out, cur_in
+        in_ptr = C.addressof(cur_in)
+    return total
 
 
 def synthetic_flows(n: int, key_dtype: np.dtype, value_dtype: np.dtype, *, first_n: int,
@@ -401,7 +489,9 @@ def bench_drain(p: Params, report: Report) -> None:
             table.drain()
             update_batch(fd, keys, values)
 
-        t_drain, t_cols, t_iface, t_bcc, t_scan = [], [], [], [], []
+        t_drain, t_cols, t_iface, t_bcc, t_scan, t_floor = [], [], [], [], [], []
+        floor_keys = np.zeros(p.drain_table, dp.types.key_dtype)  # zeroed: pages already faulted in
+        floor_values = np.zeros(p.drain_table, dp.types.value_dtype)
         for _ in range(p.drain_rounds):
             fill()
             t0 = time.perf_counter()
@@ -426,6 +516,13 @@ def bench_drain(p: Params, report: Report) -> None:
             if got != n:
                 raise RuntimeError(f"BCC batch drain returned {got} flows, want {n}")
 
+            fill()
+            t0 = time.perf_counter()
+            got = drain_into(fd, floor_keys, floor_values)
+            t_floor.append(time.perf_counter() - t0)
+            if got != n:
+                raise RuntimeError(f"direct batch drain returned {got} flows, want {n}")
+
             # the agent's own path for expired flows: read_all + one lookup-and-delete per flow
             fill()
             harvester = Harvester(table, settings=HarvestSettings(), first_n=first_n,
@@ -447,6 +544,8 @@ def bench_drain(p: Params, report: Report) -> None:
     report.add("drain", "  of which flow_columns() (numpy)", n / med(t_cols), "flows/s")
     report.add("drain", "  of which the interface-name column (Python loop)", med(t_iface) / n * 1e9,
                "ns/flow", note="a per-flow Python loop inside flow_columns")
+    report.add("drain", "  kernel floor: lookup-and-delete batches into one reused buffer",
+               n / med(t_floor), "flows/s", note="no copies, no features")
     report.add("drain", "Harvester.scan(), all idle (read_all + take per flow + features)",
                n / med(t_scan), "flows/s")
     report.notes.append(
