@@ -163,3 +163,49 @@ def test_collector_killed_and_restarted(tmp_path):
     received = _ids_in(tmp_path / "first.jsonl") | _ids_in(tmp_path / "second.jsonl")
     assert len(received) >= st["sent_rows"]
     assert received <= set(range(next_id))
+
+
+class SlowModel:
+    name, version, default_threshold, feature_names = "slow", "1", 2.0, ()
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def score(self, batch):
+        time.sleep(self.seconds)
+        from collector.models import Scores
+
+        return Scores(np.zeros(len(batch)))
+
+    def close(self):
+        pass
+
+
+def test_close_respects_its_deadline_and_counts_what_is_left(collector):
+    srv = collector(model=SlowModel(1.0))
+    ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", flush_age_s=0.01,
+                                       max_message_bytes=64 * 1024))
+    ex.put(batch_with_ids(1000, 0))  # ~10 messages, each taking the collector 1 s
+    time.sleep(0.3)
+    t = time.monotonic()
+    st = ex.close(timeout_s=0.5)
+    assert time.monotonic() - t < 2.0
+    assert st["produced_rows"] == 1000 == st["sent_rows"] + st["dropped_rows"]
+    assert st["dropped_rows"] > 0 and st["pending_rows"] == 0
+
+
+def test_graceful_shutdown_acknowledges_every_batch_it_received(collector):
+    srv = collector(model=SlowModel(0.2))
+    ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", flush_age_s=0.01, max_in_flight=4,
+                                       max_message_bytes=64 * 1024, backoff_initial_s=0.05, backoff_max_s=0.1))
+    ex.put(batch_with_ids(2000, 0))
+    assert _wait(lambda: ex.stats()["sent_rows"] > 0)
+    srv.stop(grace_s=10)
+    received = srv.stats()["rows_received"]
+    assert received < 2000  # stopped mid-stream
+    time.sleep(0.3)
+    st = ex.close(timeout_s=0.5)
+    # Drained: every row the collector took in was scored and acknowledged before it left.
+    assert st["sent_rows"] == received
+    assert st["sent_rows"] + st["dropped_rows"] == st["produced_rows"] == 2000
+    assert "UNAVAILABLE" in ex.last_error
