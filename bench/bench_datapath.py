@@ -58,14 +58,14 @@ class Params:
     rounds: int = 5            # measured rounds, variants interleaved in each
     drain_flows: int = 200_000
     drain_table: int = 262_144
-    drain_rounds: int = 3
+    drain_rounds: int = 5
     cpu_packets: int = 400_000
     cpu_pps: int = 50_000
 
 
 FULL = Params()
 QUICK = Params(repeat=2000, ring_repeat=100, rounds=3, drain_flows=50_000, drain_table=65_536,
-               drain_rounds=2, cpu_packets=100_000)
+               drain_rounds=3, cpu_packets=100_000)
 
 
 @dataclass
@@ -89,8 +89,8 @@ class Report:
         self.rows.append(Row(*args, **kw))
 
     def text(self) -> str:
-        head = ("section", "measurement", "value", "baseline", "ratio", "goal")
-        body = [(r.section, r.name, f"{_fmt(r.value)} {r.unit}", r.baseline, r.ratio, r.goal)
+        head = ("section", "measurement", "value", "baseline", "ratio", "goal", "note")
+        body = [(r.section, r.name, f"{_fmt(r.value)} {r.unit}", r.baseline, r.ratio, r.goal, r.note)
                 for r in self.rows]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
         lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [head, *body]]
@@ -98,11 +98,11 @@ class Report:
         return "\n".join(lines + [f"* {n}" for n in self.notes])
 
     def markdown(self) -> str:
-        out = ["| section | measurement | value | baseline (same run) | ratio | goal |",
-               "|---|---|---|---|---|---|"]
+        out = ["| section | measurement | value | baseline (same run) | ratio | goal | note |",
+               "|---|---|---|---|---|---|---|"]
         for r in self.rows:
-            out.append(f"| {r.section} | {r.name} | {_fmt(r.value)} {r.unit} | {r.baseline} | "
-                       f"{r.ratio} | {r.goal} |")
+            out.append(f"| {r.section} | {r.name.strip()} | {_fmt(r.value)} {r.unit} | {r.baseline} | "
+                       f"{r.ratio} | {r.goal} | {r.note} |")
         return "\n".join(out + [""] + [f"- {n}" for n in self.notes])
 
 
@@ -212,10 +212,10 @@ def staged_source() -> str | None:
 
     src = program_text()
     x = src.find("int xdpml_xdp(")
-    if x < 0 or any(src.count(a) < 1 for a in STAGE_ANCHORS.values()):
+    if x < 0:
         return None
-    head, body = src[:x], src[x:]
-    if STAGE_ANCHORS["xdp_clock"] not in body:
+    head, body = src[:x], src[x:]  # head: the headers (flow.h); body: the XDP entry onwards
+    if STAGE_ANCHORS["xdp_clock"] not in body or STAGE_ANCHORS["flow_lock"] not in head:
         return None
     body = body.replace(STAGE_ANCHORS["xdp_clock"], (
         "#ifdef BENCH_STAGE_PARSE\n    return XDP_PASS;\n#endif\n"
@@ -246,7 +246,6 @@ class Variant:
     consume: object = None  # callable emptying the variant's ring buffers between rounds
     counters: object = None  # callable -> kernel counters
     round_means: list[float] = field(default_factory=list)
-    samples: list[np.ndarray] = field(default_factory=list)
 
 
 def _noop_event(_ctx, _data, _size) -> int:
@@ -315,14 +314,13 @@ def bench_kernel(p: Params, report: Report) -> None:
                     per[i] = test_run(v.fd, f, repeat=v.repeat)[1]
                 if v.consume:
                     v.consume()
-                v.samples.append(per)
                 v.round_means.append(float(per.mean()))
 
         base = {p.repeat: statistics.median(variants[0].round_means),
                 p.ring_repeat: statistics.median(variants[1].round_means)}
         for v in variants:
             med = statistics.median(v.round_means)
-            spread = f"rounds {min(v.round_means):.1f}..{max(v.round_means):.1f}"
+            spread = f"rounds {min(v.round_means):.1f}..{max(v.round_means):.1f} ns"
             if v.name.startswith("trivial"):
                 report.add("kernel", f"{v.name}, repeat {v.repeat}", med, "ns/pkt", note=spread)
                 continue
@@ -542,7 +540,7 @@ def bench_drain(p: Params, report: Report) -> None:
                ratio=f"{rate / bcc_rate:.1f}x", goal=f">= 1,000,000: {'met' if rate >= 1e6 else 'NOT met'}")
     report.add("drain", "  of which FlowMap.drain() (batch syscalls)", n / med(t_drain), "flows/s")
     report.add("drain", "  of which flow_columns() (numpy)", n / med(t_cols), "flows/s")
-    report.add("drain", "  of which the interface-name column (Python loop)", med(t_iface) / n * 1e9,
+    report.add("drain", "  of flow_columns(): the interface-name column", med(t_iface) / n * 1e9,
                "ns/flow", note="a per-flow Python loop inside flow_columns")
     report.add("drain", "  kernel floor: lookup-and-delete batches into one reused buffer",
                n / med(t_floor), "flows/s", note="no copies, no features")
