@@ -96,6 +96,13 @@ def _ips(raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(raw, dtype=np.uint8).view("S16").reshape(-1)
 
 
+def _names(ifindex: np.ndarray, names: Mapping[int, str]) -> np.ndarray:
+    """ifindex column -> interface name column, one dictionary lookup per distinct index."""
+    uniq, inv = np.unique(ifindex, return_inverse=True)
+    table = np.array([names.get(int(i), str(int(i))) for i in uniq], dtype=object)
+    return table[inv] if len(uniq) else np.zeros(0, dtype=object)
+
+
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     num = num.astype(np.float64)
     den = den.astype(np.float64)
@@ -139,8 +146,7 @@ def flow_columns(keys: np.ndarray, values: np.ndarray, *, expiration: np.ndarray
     cols["ip_version"] = keys["ip_version"].astype(np.uint8)
     cols["vlan_id"] = keys["vlan_id"].astype(np.uint16)
     cols["ifindex"] = keys["ifindex"].astype(np.uint32)
-    names = ifnames or {}
-    cols["interface"] = np.array([names.get(int(i), str(int(i))) for i in cols["ifindex"]], dtype=object)
+    cols["interface"] = _names(cols["ifindex"], ifnames or {})
     cols["expiration_id"] = np.broadcast_to(np.asarray(expiration, dtype=np.int8), (n,)).copy()
 
     d = values["dir"]  # (n, 2) DirStats
@@ -452,7 +458,7 @@ def packet_columns(ev: np.ndarray, *, mono_to_unix_ns: int,
     is_tcp = proto == 6
     cols = {
         "timestamp_ns": (ev["ts_ns"].astype(np.int64) + mono_to_unix_ns).astype(np.uint64),
-        "interface": np.array([names.get(int(i), str(int(i))) for i in ev["ifindex"]], dtype=object),
+        "interface": _names(ev["ifindex"], names),
         "hook": HOOK_NAMES[np.minimum(ev["hook"], 2)],
         "src_ip": _ips(ev["src_ip"]).copy(),
         "dst_ip": _ips(ev["dst_ip"]).copy(),
