@@ -487,7 +487,7 @@ def bench_drain(p: Params, report: Report) -> None:
             table.drain()
             update_batch(fd, keys, values)
 
-        t_drain, t_cols, t_iface, t_bcc, t_scan, t_floor = [], [], [], [], [], []
+        t_drain, t_cols, t_bcc, t_scan, t_floor = [], [], [], [], []
         floor_keys = np.zeros(p.drain_table, dp.types.key_dtype)  # zeroed: pages already faulted in
         floor_values = np.zeros(p.drain_table, dp.types.value_dtype)
         for _ in range(p.drain_rounds):
@@ -502,10 +502,6 @@ def bench_drain(p: Params, report: Report) -> None:
                 raise RuntimeError(f"drain returned {len(k)} flows / {len(batch)} rows, want {n}")
             t_drain.append(t1 - t0)
             t_cols.append(t2 - t1)
-            # the part of flow_columns that is a Python loop per flow (interface names)
-            t3 = time.thread_time()
-            _ = [ifnames.get(int(x), str(int(x))) for x in batch.columns["ifindex"]]
-            t_iface.append(time.thread_time() - t3)
 
             fill()
             t0 = time.thread_time()
@@ -540,8 +536,6 @@ def bench_drain(p: Params, report: Report) -> None:
                ratio=f"{rate / bcc_rate:.1f}x", goal=f">= 1,000,000: {'met' if rate >= 1e6 else 'NOT met'}")
     report.add("drain", "  of which FlowMap.drain() (batch syscalls)", n / med(t_drain), "flows/s")
     report.add("drain", "  of which flow_columns() (numpy)", n / med(t_cols), "flows/s")
-    report.add("drain", "  of flow_columns(): the interface-name column", med(t_iface) / n * 1e9,
-               "ns/flow", note="a per-flow Python loop inside flow_columns")
     report.add("drain", "  kernel floor: lookup-and-delete batches into one reused buffer",
                n / med(t_floor), "flows/s", note="no copies, no features")
     report.add("drain", "Harvester.scan(), all idle (read_all + take per flow + features)",
