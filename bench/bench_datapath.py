@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import socket
 import statistics
 import struct
@@ -859,6 +860,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the datapath benchmarks load BPF programs and create network namespaces: "
               "run as root", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so every finally block runs: namespaces deleted,
+    # child consumers stopped, programs detached
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     p = QUICK if args.quick else FULL
     report = Report()
     t0 = time.monotonic()
