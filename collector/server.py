@@ -267,7 +267,9 @@ class CollectorServer:
         self._stopped = True
         self.health.enter_graceful_shutdown()
         self.servicer.draining.set()
-        self.server.stop(grace_s).wait()
+        # Bounded: a handler stuck in a model call must not hang the process on exit.
+        if not self.server.stop(grace_s).wait(grace_s + 5):
+            log.warning("gRPC server did not stop within %.0f s; exiting anyway", grace_s + 5)
         self._pool.shutdown(wait=False)
         for sink in self.servicer.sinks:
             try:
