@@ -96,7 +96,7 @@ EMBEDDED_FEATURES = (
     "bps",
 )
 EMBEDDED_FILE = "embedded-iforest.joblib"
-PARALLEL_MIN_ROWS = 4096  # below this, threads cost more than they save
+PARALLEL_MIN_ROWS = 2048  # below this, threads cost more than they save
 
 
 class EmbeddedIsolationForest:
