@@ -193,7 +193,14 @@ class CollectorServicer(cgrpc.CollectorServicer):
         keys = {}
         for name in ("src_ip", "dst_ip", "src_port", "dst_port", "protocol", "vlan_id"):
             c = cols.get(name)
-            keys[name] = c[idx].tolist() if c is not None and c.ndim == 1 else [None] * len(idx)
+            if c is None or c.ndim != 1:
+                keys[name] = [None] * len(idx)
+            elif c.dtype.kind == "S":
+                # Not tolist(): numpy strips trailing NUL bytes (10.0.0.0 would lose a byte).
+                raw, w = np.ascontiguousarray(c[idx]).tobytes(), c.dtype.itemsize
+                keys[name] = [raw[k:k + w] for k in range(0, len(raw), w)]
+            else:
+                keys[name] = c[idx].tolist()
         action = ACTIONS[self.settings.action]
         for j, i in enumerate(idx.tolist()):
             v = vb.verdicts.add(row=i, score=float(score[i]), label=str(label[i]), action=action)

@@ -60,6 +60,16 @@ def _extra(scored: ScoredBatch) -> dict[str, list]:
     }
 
 
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 class JsonlSink:
     """One JSON object per row: every column (IPs as text, sequences as lists) plus
     score, label, flagged, node_name, agent_id, batch_sequence, model, model_version,
@@ -75,7 +85,10 @@ class JsonlSink:
         for i, row in enumerate(scored.batch.rows()):
             for k, v in extra.items():
                 row[k] = v[i]
-            lines.append(json.dumps(row, separators=(",", ":"), allow_nan=False))
+            try:
+                lines.append(json.dumps(row, separators=(",", ":"), allow_nan=False))
+            except ValueError:  # an infinite statistic: JSON has no Infinity, write null
+                lines.append(json.dumps(_finite(row), separators=(",", ":"), allow_nan=False))
         if lines:
             self._f.write("\n".join(lines) + "\n")
             self._f.flush()

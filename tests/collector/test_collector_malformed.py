@@ -1,5 +1,6 @@
 """Malformed and oversized batches get an error status; the collector keeps serving."""
 import grpc
+import numpy as np
 import pytest
 
 from agent.export import codec
@@ -102,3 +103,21 @@ def test_a_failing_model_costs_the_batch_not_the_stream(collector):
         acks = [r.ack for r in cgrpc.CollectorStub(ch).Export(iter([_good(1), _good(2)]), timeout=10)]
     assert [(a.sequence, a.error_code) for a in acks] == [(1, 13), (2, 13)]
     assert "ZeroDivisionError" in acks[0].error
+
+
+def test_verdict_keys_keep_every_address_byte(collector):
+    from agent.columns import ip_from_str
+
+    b = batch_with_ids(3, 0)
+    b.columns["src_ip"] = np.array([ip_from_str(a) for a in ("10.0.0.0", "2001:db8::", "10.1.2.3")], dtype="S16")
+    b.columns["bidirectional_packets"] = np.array([99, 99, 1], dtype=np.uint64)  # rows 0, 1 flagged
+    srv = collector()
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        resp = list(cgrpc.CollectorStub(ch).Export(iter([cpb.ExportRequest(batch=codec.encode_batch(b, sequence=1))]),
+                                                   timeout=10))
+    (vb,) = [r.verdicts for r in resp if r.HasField("verdicts")]
+    assert [v.row for v in vb.verdicts] == [0, 1]
+    assert [v.key.src_ip for v in vb.verdicts] == [ip_from_str("10.0.0.0"), ip_from_str("2001:db8::")]
+    assert all(len(v.key.dst_ip) == 16 for v in vb.verdicts)
+    assert [v.key.dst_port for v in vb.verdicts] == b["dst_port"][:2].tolist()
+    assert [round(v.score, 6) for v in vb.verdicts] == [0.99, 0.99] and vb.threshold == 0.5
