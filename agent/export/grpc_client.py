@@ -33,9 +33,10 @@ from agent.export import codec
 from agent.export.memory import tune_malloc
 from agent.export.tls import ClientTls
 from xdpml.v1 import collector_pb2 as cpb
-from xdpml.v1 import collector_pb2_grpc as cgrpc
 
 log = logging.getLogger(__name__)
+
+EXPORT_METHOD = "/xdpml.v1.Collector/Export"
 
 # The retryable codes of OpenTelemetry's OTLP exporter: transient by definition.
 RETRYABLE = frozenset({
@@ -99,8 +100,9 @@ class _LogBackoff:
 
 @dataclass
 class _Pending:
-    msg: cpb.ExportRequest
+    sequence: int
     rows: int
+    payload: bytes  # a serialized ExportRequest (codec.encode_request_bytes)
 
 
 class GrpcExporter:
@@ -255,8 +257,10 @@ class GrpcExporter:
         acked_any = False
         channel = self._channel()
         try:
-            stub = cgrpc.CollectorStub(channel)
-            call = stub.Export(self._requests(gen))
+            # Requests are already serialized: no request_serializer, bytes go out as they are.
+            export = channel.stream_stream(EXPORT_METHOD, request_serializer=None,
+                                           response_deserializer=cpb.ExportResponse.FromString)
+            call = export(self._requests(gen))
             self._call = call
             done = threading.Event()
             tls = self.settings.tls
@@ -286,7 +290,7 @@ class GrpcExporter:
             channel.close()
         return acked_any
 
-    def _requests(self, gen: int) -> Iterator[cpb.ExportRequest]:
+    def _requests(self, gen: int) -> Iterator[bytes]:
         """Runs on a gRPC thread: yields messages while this stream is current."""
         while True:
             with self._cond:
@@ -302,7 +306,7 @@ class GrpcExporter:
                     self._ready.extendleft(reversed(msgs))
                     self._cond.notify_all()
                 continue
-            yield pending.msg
+            yield pending.payload
 
     def _next_locked(self, gen: int):
         s = self.settings
@@ -311,7 +315,7 @@ class GrpcExporter:
                 return None
             if self._ready and len(self._unacked) < s.max_in_flight:
                 p = self._ready.popleft()
-                self._unacked[p.msg.batch.sequence] = p
+                self._unacked[p.sequence] = p
                 return p
             if self._queue and not self._ready:
                 rows = sum(len(b) for _, b, _ in self._queue)
@@ -367,10 +371,9 @@ class GrpcExporter:
             merged = group[0] if len(group) == 1 else ColumnBatch.concat(group)
             try:
                 # All or nothing per group, so a failure is counted once.
-                out.extend([_Pending(req, req.batch.rows) for req in codec.encode_split(
-                    merged, next_sequence=next_seq, envelope=cpb.ExportRequest,
-                    max_message_bytes=self.settings.max_message_bytes, node=self._node, loss_counters=loss,
-                    include_schema=self.settings.include_schema)])
+                out.extend([_Pending(seq, rows, payload) for seq, rows, payload in codec.encode_split_requests(
+                    merged, next_sequence=next_seq, max_message_bytes=self.settings.max_message_bytes,
+                    node=self._node, loss_counters=loss, include_schema=self.settings.include_schema)])
             except (codec.UnsupportedColumn, ValueError) as e:
                 log.error("cannot encode a %s batch of %d rows, dropped: %s", merged.kind, len(merged), e)
                 with self._cond:

@@ -121,3 +121,36 @@ def test_malformed_batches_raise_clear_errors(mutate, match):
     mutate(m)
     with pytest.raises(codec.MalformedBatch, match=match):
         codec.decode_batch(m)
+
+
+@pytest.mark.parametrize("make", [_small, lambda: flow_batch(700, seed=3), lambda: flow_batch(0, seed=1),
+                                  lambda: ColumnBatch("packet", {"x": np.zeros(3, dtype=np.float32)})])
+def test_fast_request_bytes_parse_to_the_same_message(make):
+    from xdpml.v1 import collector_pb2 as cpb
+
+    b = make()
+    kw = dict(sequence=300, node=codec.NodeIdentity("n", "a", "1"), loss_counters={"x": 5, "y": 2**40},
+              created_unix_ns=42)
+    fast = codec.encode_request_bytes(b, **kw)
+    want = cpb.ExportRequest(batch=codec.encode_batch(b, **kw))
+    got = cpb.ExportRequest.FromString(fast)
+    assert got == want
+    assert len(fast) == want.ByteSize()
+    back = codec.decode_batch(got.batch).batch
+    for name, col in b.columns.items():
+        np.testing.assert_array_equal(back[name], col)
+
+
+def test_split_request_bytes_stay_under_the_limit_and_cover_every_row():
+    from xdpml.v1 import collector_pb2 as cpb
+
+    b = flow_batch(2000, seed=8)
+    seq = iter(range(7, 10**6))
+    parts = list(codec.encode_split_requests(b, next_sequence=lambda: next(seq), max_message_bytes=200_000))
+    assert len(parts) > 5 and all(len(p) <= 200_000 for _, _, p in parts)
+    msgs = [cpb.ExportRequest.FromString(p).batch for _, _, p in parts]
+    assert [m.sequence for m in msgs] == [s for s, _, _ in parts] == list(range(7, 7 + len(parts)))
+    assert [m.rows for m in msgs] == [r for _, r, _ in parts]
+    back = ColumnBatch.concat([codec.decode_batch(m).batch for m in msgs])
+    for name, col in b.columns.items():
+        np.testing.assert_array_equal(back[name], col, err_msg=name)
