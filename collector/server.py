@@ -62,6 +62,22 @@ class CollectorSettings:
 _END = object()
 
 
+@dataclass
+class _Decoded:
+    sequence: int
+    decoded: codec.DecodedBatch | None  # None: malformed, see error
+    error: str = ""
+    sender: str = ""
+
+
+def _decode(req: cpb.ExportRequest) -> _Decoded:
+    msg = req.batch
+    try:
+        return _Decoded(msg.sequence, codec.decode_batch(msg))
+    except codec.MalformedBatch as e:
+        return _Decoded(msg.sequence, None, str(e), msg.node.node_name or msg.node.agent_id or "?")
+
+
 class CollectorServicer(cgrpc.CollectorServicer):
     def __init__(self, model: Model, sinks: Sequence[Sink], settings: CollectorSettings) -> None:
         self.model = model
@@ -88,9 +104,12 @@ class CollectorServicer(cgrpc.CollectorServicer):
         def read() -> None:
             try:
                 for req in request_iterator:
+                    # Decode here, so the handler scores batch k while this thread
+                    # decodes batch k+1 (tree walking releases the GIL).
+                    item = _decode(req)
                     while not stop.is_set():
                         try:
-                            inbox.put(req, timeout=0.2)
+                            inbox.put(item, timeout=0.2)
                             break
                         except queue.Full:
                             continue
@@ -136,15 +155,12 @@ class CollectorServicer(cgrpc.CollectorServicer):
             stop.set()
             self._count(streams_active=-1)
 
-    def _handle(self, req: cpb.ExportRequest) -> Iterator[cpb.ExportResponse]:
-        msg = req.batch
-        seq = msg.sequence
-        try:
-            dec = codec.decode_batch(msg)
-        except codec.MalformedBatch as e:
+    def _handle(self, item: "_Decoded") -> Iterator[cpb.ExportResponse]:
+        seq, dec = item.sequence, item.decoded
+        if dec is None:
             self._count(batches_rejected=1)
-            log.warning("rejected batch %d from %s: %s", seq, msg.node.node_name or msg.node.agent_id or "?", e)
-            yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, error=str(e), error_code=INVALID_ARGUMENT))
+            log.warning("rejected batch %d from %s: %s", seq, item.sender, item.error)
+            yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, error=item.error, error_code=INVALID_ARGUMENT))
             return
         n = len(dec.batch)
         self._count(batches_received=1, rows_received=n)
