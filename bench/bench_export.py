@@ -181,7 +181,7 @@ def bench_columnar(batches: list[ColumnBatch], flows: int, model_args: list[str]
     try:
         _wait_line(log, "listening on port", proc)
         settings = ExporterSettings(target=f"127.0.0.1:{port}", flush_rows=20_000, flush_age_s=0.05,
-                                    queue_max_bytes=256 * 1024 * 1024, max_in_flight=4)
+                                    queue_max_bytes=256 * 1024 * 1024)
         with GrpcExporter(settings) as ex:
             ex.put(batches[0])  # warm-up: connection, first-call costs
             while ex.stats()["sent_rows"] < len(batches[0]):
