@@ -83,8 +83,9 @@ class ExporterSettings:
 class _LogBackoff:
     """Log the first event, then at most once per period; the period doubles to 5 min."""
 
-    def __init__(self, what: str, *, initial_s: float = 5.0, max_s: float = 300.0) -> None:
-        self.what, self.period, self.max_s = what, initial_s, max_s
+    def __init__(self, what: str, *, initial_s: float = 5.0, max_s: float = 300.0,
+                 level: int = logging.WARNING) -> None:
+        self.what, self.period, self.max_s, self.level = what, initial_s, max_s, level
         self.next_at = 0.0
         self.unlogged = 0
 
@@ -92,7 +93,7 @@ class _LogBackoff:
         self.unlogged += 1
         now = time.monotonic()
         if now >= self.next_at:
-            log.warning("%s (%d since last report): %s", self.what, self.unlogged, detail)
+            log.log(self.level, "%s (%d since last report): %s", self.what, self.unlogged, detail)
             self.unlogged = 0
             self.next_at = now + self.period
             self.period = min(self.max_s, self.period * 2)
@@ -127,6 +128,7 @@ class GrpcExporter:
         self._stopped = False
         self._drop_log = _LogBackoff("export queue full, dropped batches")
         self._fail_log = _LogBackoff("collector stream failed", initial_s=1.0)
+        self._verdict_log = _LogBackoff("verdict batches from the collector", level=logging.INFO)
         self.counters = collections.Counter({k: 0 for k in (
             "produced_batches", "produced_rows", "sent_batches", "sent_rows", "dropped_batches",
             "dropped_rows", "rejected_batches", "reconnects", "verdict_batches", "verdicts_received",
@@ -403,7 +405,8 @@ class GrpcExporter:
         with self._cond:
             self.counters["verdict_batches"] += 1
             self.counters["verdicts_received"] += len(vb.verdicts)
-        log.debug("%d verdicts for batch %d from model %s", len(vb.verdicts), vb.sequence, vb.model.name)
+        self._verdict_log.event(f"latest: {len(vb.verdicts)} flagged flows in batch {vb.sequence}, model "
+                                f"{vb.model.name} {vb.model.version}, threshold {vb.threshold:g}")
         if self.on_verdicts is not None:
             try:
                 self.on_verdicts(vb)

@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 import collector.v2
 from agent.export.grpc_client import ExporterSettings, GrpcExporter
 from agent.export.synthetic import flow_batch
-from collector.models import ModelError, feature_matrix, load_model
+from collector.models import ModelError, load_model
 from collector.server import CollectorServer, CollectorSettings
 from conftest import free_port
 from xdpml.v1 import open_inference_pb2 as ipb

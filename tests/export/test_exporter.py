@@ -1,5 +1,4 @@
 """The gRPC exporter against a real collector on loopback."""
-import os
 import signal
 import subprocess
 import sys
