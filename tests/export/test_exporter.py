@@ -208,3 +208,32 @@ def test_graceful_shutdown_acknowledges_every_batch_it_received(collector):
     assert st["sent_rows"] == received
     assert st["sent_rows"] + st["dropped_rows"] == st["produced_rows"] == 2000
     assert "UNAVAILABLE" in ex.last_error
+
+
+def test_many_agents_at_once_get_their_own_verdicts(collector):
+    from agent.columns import ip_from_str, ip_to_str
+
+    srv = collector()
+    agents = []
+    for k in range(4):
+        got = []
+        ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", node_name=f"node-{k}", flush_age_s=0.02),
+                          on_verdicts=got.append)
+        agents.append((k, ex, got))
+    expected = {}
+    for k, ex, _ in agents:
+        flagged = 0
+        for j in range(5):
+            b = batch_with_ids(300, (k * 5 + j) * 300, seed=k * 10 + j)
+            b.columns["src_ip"] = np.array([ip_from_str(f"10.{k}.0.{i % 250 + 1}") for i in range(300)], dtype="S16")
+            flagged += int((b["bidirectional_packets"] >= 50).sum())
+            ex.put(b)
+        expected[k] = flagged
+    for k, ex, _ in agents:
+        assert _wait(lambda: ex.stats()["sent_rows"] == 1500 and ex.stats()["verdicts_received"] == expected[k])
+        ex.close(2)
+    np.testing.assert_array_equal(np.sort(srv.sink.all_ids()), np.arange(4 * 1500, dtype=np.uint64))
+    for k, _, got in agents:
+        srcs = {ip_to_str(v.key.src_ip) for vb in got for v in vb.verdicts}
+        assert srcs and all(s.startswith(f"10.{k}.0.") for s in srcs)
+    assert srv.stats()["streams_total"] == 4
