@@ -218,15 +218,19 @@ class EmbeddedIsolationForest:
 
         forest = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(x)
         self.version = f"baseline-{len(x)}-rows"
+        self._forest = forest
         if self.state_dir:
             import joblib
 
-            os.makedirs(self.state_dir, exist_ok=True)
-            tmp = self._path() + ".tmp"
-            joblib.dump({"model": forest, "feature_names": list(self.feature_names), "version": self.version}, tmp)
-            os.replace(tmp, self._path())  # atomic: a crash never leaves half a file
-            log.info("baseline learned from %d rows, saved to %s", len(x), self._path())
-        self._forest = forest
+            try:
+                os.makedirs(self.state_dir, exist_ok=True)
+                tmp = self._path() + ".tmp"
+                joblib.dump({"model": forest, "feature_names": list(self.feature_names), "version": self.version},
+                            tmp)
+                os.replace(tmp, self._path())  # atomic: a crash never leaves half a file
+                log.info("baseline learned from %d rows, saved to %s", len(x), self._path())
+            except OSError as e:  # scoring goes on; only the restart would re-learn
+                log.warning("baseline learned from %d rows but not saved to %s: %s", len(x), self.state_dir, e)
 
     def _x(self, batch: ColumnBatch) -> np.ndarray:
         x = feature_matrix(batch, self.feature_names, np.float32)

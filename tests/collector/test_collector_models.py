@@ -147,3 +147,11 @@ def test_feature_matrix_rejects_non_numeric_columns():
     b = ColumnBatch("flow", {"interface": np.array(["a"], dtype=object)})
     with pytest.raises(ModelError, match="numeric"):
         feature_matrix(b, ["interface"])
+
+
+def test_embedded_scores_even_when_the_state_dir_is_unwritable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    m = EmbeddedIsolationForest(state_dir=str(blocker / "state"), baseline_rows=500)
+    assert np.isnan(m.score(flow_batch(500, seed=1)).score).all()
+    assert m.trained and not np.isnan(m.score(flow_batch(50, seed=2)).score).any()
