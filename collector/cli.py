@@ -62,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-agents", type=int, default=256, help="concurrent agent streams (default %(default)s)")
     g.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, time to finish received batches (default %(default)s)")
+    g = parser.add_argument_group("metrics")
+    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on this port")
+    g.add_argument("--otlp-endpoint", default="", metavar="URL",
+                   help="push OpenTelemetry metrics over OTLP gRPC (host:port, http:// or https://)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from collector.models import ModelError, load_model
     from collector.server import CollectorServer, CollectorSettings, ListenError
     from collector.sinks import FlaggedPrinter, JsonlSink, ParquetSink
+    from xdpml.telemetry import Telemetry, TelemetryError, TelemetrySettings
 
     log = logging.getLogger("xdpml.collector")
     if not logging.getLogger().handlers:
@@ -97,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
         settings = CollectorSettings(listen=args.listen, tls=tls, threshold=args.threshold,
                                      send_verdicts=args.verdicts, action=args.action,
                                      max_message_bytes=args.max_message_bytes, max_agents=args.max_agents)
-        server = CollectorServer(model, sinks, settings)
-    except (ModelError, TlsConfigError, ListenError, ValueError, OSError) as e:
+        telemetry = Telemetry.from_settings(TelemetrySettings(
+            service_name="xdpml-collector", prometheus_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint))
+        server = CollectorServer(model, sinks, settings, telemetry)
+    except (ModelError, TlsConfigError, ListenError, ValueError, OSError, TelemetryError) as e:
         for s in sinks:
             s.close()
         return fail(str(e))
@@ -123,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         st = server.stats()
         print(f"xdpml collector: stopped; {st['batches_received']} batches, {st['rows_received']} rows, "
               f"{st['rows_flagged']} flagged, {st['batches_rejected']} rejected", file=sys.stderr, flush=True)
+        telemetry.shutdown()
     return 0
 
 

@@ -16,6 +16,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -79,9 +80,10 @@ def _decode(req: cpb.ExportRequest) -> _Decoded:
 
 
 class CollectorServicer(cgrpc.CollectorServicer):
-    def __init__(self, model: Model, sinks: Sequence[Sink], settings: CollectorSettings) -> None:
+    def __init__(self, model: Model, sinks: Sequence[Sink], settings: CollectorSettings, telemetry=None) -> None:
         self.model = model
         self.sinks = list(sinks)
+        self.telemetry = telemetry  # xdpml.telemetry.Telemetry or None
         self.settings = settings
         self.threshold = settings.threshold if settings.threshold is not None else model.default_threshold
         self.draining = threading.Event()
@@ -96,8 +98,19 @@ class CollectorServicer(cgrpc.CollectorServicer):
         with self._lock:
             self.counters.update(kw)
 
+    def _metric(self, name: str, value: float, **attrs) -> None:
+        if self.telemetry is None:
+            return
+        if name.endswith("latency"):
+            self.telemetry.histogram(name).record(value, attrs)
+        elif name == "xdpml.collector.agents":
+            self.telemetry.up_down_counter(name).add(value, attrs)
+        elif value:
+            self.telemetry.counter(name).add(value, attrs)
+
     def Export(self, request_iterator, context) -> Iterator[cpb.ExportResponse]:
         self._count(streams_total=1, streams_active=1)
+        self._metric("xdpml.collector.agents", 1)
         inbox: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
@@ -154,16 +167,21 @@ class CollectorServicer(cgrpc.CollectorServicer):
         finally:
             stop.set()
             self._count(streams_active=-1)
+            self._metric("xdpml.collector.agents", -1)
 
     def _handle(self, item: "_Decoded") -> Iterator[cpb.ExportResponse]:
         seq, dec = item.sequence, item.decoded
         if dec is None:
             self._count(batches_rejected=1)
+            self._metric("xdpml.collector.errors", 1, kind="malformed_batch")
             log.warning("rejected batch %d from %s: %s", seq, item.sender, item.error)
             yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, error=item.error, error_code=INVALID_ARGUMENT))
             return
         n = len(dec.batch)
         self._count(batches_received=1, rows_received=n)
+        self._metric("xdpml.collector.batches", 1, kind=dec.batch.kind)
+        self._metric("xdpml.collector.rows", n, kind=dec.batch.kind)
+        t0 = time.perf_counter()
         if dec.node.agent_id and dec.node.agent_id not in self.agents:
             self.agents[dec.node.agent_id] = dec.node.node_name
             log.info("agent %s on node %s connected", dec.node.agent_id, dec.node.node_name or "?")
@@ -171,11 +189,13 @@ class CollectorServicer(cgrpc.CollectorServicer):
             out = self.model.score(dec.batch)
         except ModelError as e:
             self._count(batches_rejected=1)
+            self._metric("xdpml.collector.errors", 1, kind="model_input")
             log.warning("cannot score batch %d from %s: %s", seq, dec.node.node_name or "?", e)
             yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, error=str(e), error_code=FAILED_PRECONDITION))
             return
         except Exception as e:  # a model bug costs this batch, never the stream or the server
             self._count(batches_rejected=1)
+            self._metric("xdpml.collector.errors", 1, kind="model_failure")
             log.exception("model %s failed on batch %d", self.model.name, seq)
             yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, error=f"model error: {type(e).__name__}: {e}",
                                                  error_code=INTERNAL))
@@ -187,7 +207,13 @@ class CollectorServicer(cgrpc.CollectorServicer):
         else:
             label = np.where(np.isnan(score), "learning", np.where(flagged, "anomaly", "normal")).astype(object)
         nflag = int(flagged.sum())
-        self._count(rows_scored=int(n - np.isnan(score).sum()), rows_flagged=nflag)
+        nscored = int(n - np.isnan(score).sum())
+        self._count(rows_scored=nscored, rows_flagged=nflag)
+        self._metric("xdpml.collector.model.latency", time.perf_counter() - t0, model=self.model.name)
+        self._metric("xdpml.collector.scored", nscored, model=self.model.name)
+        if nflag:
+            for lab, cnt in zip(*np.unique(label[flagged].astype(str), return_counts=True)):
+                self._metric("xdpml.collector.flagged", int(cnt), model=self.model.name, label=str(lab))
         if self.sinks:
             scored = ScoredBatch(dec.batch, score, label, flagged, dec.node.node_name, dec.node.agent_id, seq,
                                  self.model.name, self.model.version, now_ms())
@@ -196,6 +222,7 @@ class CollectorServicer(cgrpc.CollectorServicer):
                     try:
                         sink.write(scored)
                     except Exception:
+                        self._metric("xdpml.collector.errors", 1, kind="sink_failure")
                         log.exception("sink %s failed", type(sink).__name__)
         yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, rows_accepted=n))
         if nflag and self.settings.send_verdicts:
@@ -243,10 +270,10 @@ class CollectorServer:
     is the bound port, useful with ``:0``) and drains and stops it on exit.
     """
 
-    def __init__(self, model: Model, sinks: Sequence[Sink], settings: CollectorSettings) -> None:
+    def __init__(self, model: Model, sinks: Sequence[Sink], settings: CollectorSettings, telemetry=None) -> None:
         tune_malloc()
         self.settings = settings
-        self.servicer = CollectorServicer(model, sinks, settings)
+        self.servicer = CollectorServicer(model, sinks, settings, telemetry)
         s = settings
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),

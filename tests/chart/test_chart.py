@@ -403,9 +403,6 @@ def test_notes_render():
 
 # ---- the rendered commands against the real CLI parser ------------------------------
 
-@pytest.mark.xfail(reason="waits for the lead to add the Kubernetes-mode flags to xdpml.cli "
-                          "(--kubernetes, --config-name, --health-port, --metrics-port, --otlp-endpoint, "
-                          "--tls-*); remove this marker then", strict=False)
 @pytest.mark.parametrize("scenario", ALL, ids=scenario_id)
 def test_rendered_commands_parse_with_the_cli(scenario):
     from xdpml.cli import build_parser
