@@ -17,7 +17,7 @@ from typing import Callable
 
 from agent.bpf.loader import AttachError, resolve_interfaces
 from agent.export.sinks import CollectorSink, Sink
-from agent.pipeline import Agent, AttachPlan, register_observables
+from agent.pipeline import Agent, AttachPlan, loss_counters, register_observables
 
 log = logging.getLogger("xdpml.agent.kubernetes")
 
@@ -131,7 +131,8 @@ class KubernetesAgent:
                 # the agent swaps sinks within one scan; then the old exporter flushes and closes
                 threading.Timer(5.0, old.close).start()
             self._exporter_sink = (CollectorSink(GrpcExporter(ExporterSettings(node_name=self.opts.node_name, **kw),
-                                                              on_verdicts=verdict_counter(self.telemetry)))
+                                                              on_verdicts=verdict_counter(self.telemetry),
+                                                              loss_counters=loss_counters(lambda: self.agent)))
                                    if kw else None)
             self._export_key = key
         sinks: list[Sink] = [_Shared(s) for s in self.opts.extra_sinks]

@@ -272,6 +272,20 @@ def register_observables(telemetry, current: Callable[[], "Agent | None"]) -> No
     telemetry.observe_gauge("xdpml.agent.queue.depth", queue_depth)
 
 
+def loss_counters(current: Callable[[], "Agent | None"]) -> Callable[[], dict[str, int]]:
+    """For the exporter: the kernel's loss and parse-error counters of the running agent,
+    carried in every batch so the collector sees what the features do not cover."""
+
+    def read() -> dict[str, int]:
+        a = current()
+        if a is None or a.datapath is None:
+            return {}
+        c = a.datapath.counters()
+        return {k: c[k] for k in LOSS_COUNTERS + ERROR_COUNTERS + ("frag_nonfirst",)}
+
+    return read
+
+
 def install_signal_handlers(stop_event: threading.Event) -> None:
     import signal
 
@@ -284,4 +298,4 @@ def install_signal_handlers(stop_event: threading.Event) -> None:
 
 
 __all__ = ["Agent", "AgentTotals", "AttachPlan", "HarvestSettings", "install_signal_handlers",
-           "register_observables"]
+           "loss_counters", "register_observables"]

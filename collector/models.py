@@ -155,6 +155,14 @@ class _CompiledForest:
         return 2.0 ** (-depths / self.denominator)
 
 
+def range_excess(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per row, the largest distance outside [lo, hi] over the features, in units of
+    (hi - lo + 1): 0 for rows inside every range."""
+    span = (hi - lo + 1.0).astype(np.float32)
+    out = np.maximum(x - hi, 0) + np.maximum(lo - x, 0)
+    return (out / span).max(axis=1).astype(np.float64) if x.shape[1] else np.zeros(len(x))
+
+
 class EmbeddedIsolationForest:
     """Unsupervised baseline: the first ``baseline_rows`` flows train an Isolation Forest.
 
@@ -164,6 +172,15 @@ class EmbeddedIsolationForest:
     packet and byte counts span six orders of magnitude and the forest draws split
     points uniformly between the minimum and maximum. The fitted model is saved in
     ``state_dir`` and loaded on the next start, so a restart does not re-learn.
+
+    Range novelty: a forest never splits on a feature that was constant in the
+    baseline (say, RST counts when no connection was ever refused), so it cannot
+    see behaviour the baseline never showed. The score is therefore
+    ``max(forest score, 0.5 + excess)`` (capped at 1) for rows with ``excess > 0``,
+    where ``excess`` is how far the row lies
+    outside the baseline's [min, max] of any feature, in log1p units divided by
+    (range + 1). Rows inside every baseline range score as the forest says; a count
+    of 1 where the baseline only ever had 0 scores ~1.19 (capped at 1).
     """
 
     name = "embedded-iforest"
@@ -184,6 +201,7 @@ class EmbeddedIsolationForest:
         self._parts: list[np.ndarray] = []
         self._have = 0
         self._forest = None
+        self._ranges: tuple[np.ndarray, np.ndarray] | None = None  # baseline min, max (log1p space)
         self._compiled = None
         self._pool = None
         self.version = "learning"
@@ -209,6 +227,8 @@ class EmbeddedIsolationForest:
                 log.warning("baseline %s was trained on other features; learning a new one", path)
                 return
             self._forest, self.version = state["model"], state["version"]
+            if "ranges" in state:
+                self._ranges = tuple(np.asarray(r, dtype=np.float32) for r in state["ranges"])
             log.info("loaded baseline %s (%s)", path, self.version)
         except Exception as e:  # a corrupt state file must not stop the collector
             log.warning("cannot load baseline %s (%s); learning a new one", path, e)
@@ -218,6 +238,7 @@ class EmbeddedIsolationForest:
 
         forest = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(x)
         self.version = f"baseline-{len(x)}-rows"
+        self._ranges = (x.min(axis=0), x.max(axis=0))
         self._forest = forest
         if self.state_dir:
             import joblib
@@ -225,8 +246,8 @@ class EmbeddedIsolationForest:
             try:
                 os.makedirs(self.state_dir, exist_ok=True)
                 tmp = self._path() + ".tmp"
-                joblib.dump({"model": forest, "feature_names": list(self.feature_names), "version": self.version},
-                            tmp)
+                joblib.dump({"model": forest, "feature_names": list(self.feature_names), "version": self.version,
+                             "ranges": [r.tolist() for r in self._ranges]}, tmp)
                 os.replace(tmp, self._path())  # atomic: a crash never leaves half a file
                 log.info("baseline learned from %d rows, saved to %s", len(x), self._path())
             except OSError as e:  # scoring goes on; only the restart would re-learn
@@ -269,7 +290,11 @@ class EmbeddedIsolationForest:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="xdpml-score")
-        return self._compiled[1].score(x, self._pool, workers)
+        score = self._compiled[1].score(x, self._pool, workers)
+        if self._ranges is not None:
+            excess = range_excess(x, *self._ranges)
+            np.maximum(score, np.where(excess > 0, np.minimum(1.0, 0.5 + excess), 0.0), out=score)
+        return score
 
     def close(self) -> None:
         if self._pool is not None:

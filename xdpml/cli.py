@@ -151,15 +151,17 @@ def run_agent(a) -> int:
     if a.unix_socket:
         sinks.append(UnixSocketSink(a.unix_socket))
     telemetry = _telemetry(a, "xdpml-agent")
+    holder: dict = {}
     if a.collector:
         try:
-            sinks.append(_grpc_sink(a, telemetry))
+            sinks.append(_grpc_sink(a, telemetry, lambda: holder.get("agent")))
         except (ValueError, OSError) as exc:
             print(f"xdpml agent: collector settings: {exc}", file=sys.stderr)
             return 2
     health = _health(a, ("programs_attached",))
     agent = Agent(settings, interfaces=names, sinks=sinks, flows=not a.no_flows, telemetry=telemetry,
                   on_attached=(lambda dp: health.set("programs_attached")) if health else None)
+    holder["agent"] = agent
     register_observables(telemetry, lambda: agent)
     install_signal_handlers(agent.stop_event)
     try:
@@ -219,7 +221,7 @@ def run_kubernetes_agent(a) -> int:
             health.close()
 
 
-def _grpc_sink(a, telemetry):
+def _grpc_sink(a, telemetry, current_agent):
     from agent.export.grpc_client import ExporterSettings, GrpcExporter
     from agent.kubernetes import verdict_counter
     from agent.export.sinks import CollectorSink
@@ -230,8 +232,10 @@ def _grpc_sink(a, telemetry):
         tls = ClientTls(ca_file=a.tls_ca, cert_file=a.tls_cert, key_file=a.tls_key,
                         server_name=a.tls_server_name)
 
+    from agent.pipeline import loss_counters
+
     exporter = GrpcExporter(ExporterSettings(target=a.collector, tls=tls, node_name=a.node_name),
-                            on_verdicts=verdict_counter(telemetry))
+                            on_verdicts=verdict_counter(telemetry), loss_counters=loss_counters(current_agent))
     return CollectorSink(exporter)
 
 

@@ -291,11 +291,14 @@ def report(path: Path, hosts: list[Host], work: Path) -> int:
             print(f"{k:<12} {total[k]:>7} {flagged[k]:>8} {flagged[k] / total[k]:>7.1%}")
     top = sorted((r for r in scored if r.get("flagged")), key=lambda r: r["score"], reverse=True)
     if top:
-        print()
-        print(f"flagged flows (the {min(20, len(top))} most anomalous of {len(top)}):")
-        for r in top:
+        picks = []
+        for k in ("port scan", "SYN flood", "normal", "other"):
+            picks += [r for r in top if kind(r) == k][:6]
+        for r in picks:
             r.setdefault("node", r.get("node_name", ""))
-        print(format_flagged_table(top[:20]))
+        print()
+        print(f"flagged flows: {len(top)}; the most anomalous of each kind of traffic:")
+        print(format_flagged_table(sorted(picks, key=lambda r: r["score"], reverse=True)))
     print()
     print(f"scored flows: {path}")
     return 0

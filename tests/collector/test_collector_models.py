@@ -41,7 +41,16 @@ def test_embedded_learns_a_baseline_then_flags_scans_and_floods(tmp_path):
     # The same forest the embedded model uses, rebuilt independently: identical scores.
     x = np.log1p(feature_matrix(flow_batch(3000, seed=3), EMBEDDED_FEATURES, np.float32))
     state = joblib.load(tmp_path / "embedded-iforest.joblib")
-    np.testing.assert_allclose(normal, -state["model"].score_samples(x))
+    forest = -state["model"].score_samples(x)
+    # range novelty: distance outside the baseline's per-feature [min, max], over (range + 1)
+    lo, hi = (np.asarray(r) for r in state["ranges"])
+    base = np.log1p(np.concatenate([feature_matrix(flow_batch(2000, seed=1), EMBEDDED_FEATURES, np.float32),
+                                    feature_matrix(flow_batch(2000, seed=2), EMBEDDED_FEATURES, np.float32)[:1000]]))
+    np.testing.assert_allclose(lo, base.min(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(hi, base.max(axis=0), rtol=1e-6)
+    excess = ((np.maximum(x - hi, 0) + np.maximum(lo - x, 0)) / (hi - lo + 1)).max(axis=1)
+    np.testing.assert_allclose(normal, np.where(excess > 0, np.maximum(forest, np.minimum(1, 0.5 + excess)), forest),
+                               rtol=1e-6)
     # A restart loads the baseline instead of learning again.
     again = EmbeddedIsolationForest(state_dir=str(tmp_path), baseline_rows=3000)
     assert again.trained and again.version == m.version
