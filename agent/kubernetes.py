@@ -57,12 +57,21 @@ def verdict_counter(telemetry):
     return on_verdicts
 
 
-def plan_from_rules(rules) -> AttachPlan:
+def plan_from_rules(rules, *, pod_veths: Callable[[], list[str] | None] | None = None) -> AttachPlan:
     """AgentConfig interface rules -> {interface: (hooks, xdp_mode)}; the first rule
-    naming an interface wins (the config parser already refuses overlapping rules)."""
+    naming an interface wins (the config parser already refuses overlapping rules).
+    ``pod_veths`` returns the host-side veths that lead to known pods (VethMap), or
+    None when unknown, in which case 'pod-veths' means every host-namespace veth."""
     plan: AttachPlan = {}
     for rule in rules:
-        for name in resolve_interfaces(list(rule.names)):
+        names = list(rule.names)
+        found: list[str] = []
+        if "pod-veths" in names and pod_veths is not None:
+            known = pod_veths()
+            if known is not None:
+                names.remove("pod-veths")
+                found = list(known)
+        for name in found + (resolve_interfaces(names) if names else []):
             plan.setdefault(name, (rule.hooks, rule.xdp_mode))
     return plan
 
@@ -92,7 +101,7 @@ class KubernetesAgent:
     # ---- applying configs -----------------------------------------------------------
     def on_change(self, old, new) -> None:
         """AgentConfigWatcher callback: raise to refuse (the node keeps the old config)."""
-        plan = plan_from_rules(new.interface_rules)
+        plan = plan_from_rules(new.interface_rules, pod_veths=self._pod_veths)
         if not plan:
             raise AttachError("no interface on this node matches the AgentConfig's interface rules")
         sections = new.changed_sections(old)
@@ -105,7 +114,7 @@ class KubernetesAgent:
             except BaseException:
                 if old is not None:
                     log.error("new config failed to start; restoring generation %d", old.generation)
-                    self._start_agent(old, plan_from_rules(old.interface_rules))
+                    self._start_agent(old, plan_from_rules(old.interface_rules, pod_veths=self._pod_veths))
                 raise
             return
         if "interfaces" in sections or plan != self.agent.plan:
@@ -181,6 +190,32 @@ class KubernetesAgent:
         self.agent = None
         if self.health is not None:
             self.health.clear("programs_attached", "restarting the datapath")
+
+    def _pod_veths(self) -> list[str] | None:
+        """Host-side veths routed to pods the cache knows (agent/enrich/veth.py)."""
+        import socket
+
+        from agent.enrich.veth import IpRouteSource, VethMap
+
+        try:
+            cache = self.enrich.cache
+        except RuntimeError:
+            cache = None
+        if cache is None:
+            return None
+        vm = VethMap(IpRouteSource(), cache)
+        try:
+            vm.refresh()
+        except Exception as exc:  # noqa: BLE001 - fall back to every veth
+            log.warning("reading host routes for pod veths failed (%s); using every veth", exc)
+            return None
+        names = []
+        for ifindex in vm.pod_veths():
+            try:
+                names.append(socket.if_indextoname(ifindex))
+            except OSError:
+                continue
+        return names
 
     def _enrich(self, batch):
         return self.enrich.enrich(batch) if self.enrich.synced() or self._enrich_ready() else batch

@@ -277,7 +277,7 @@ class Datapath:
                     flags = XDP_FLAGS_UPDATE_IF_NOEXIST | (
                         XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE)
                     try:
-                        BPF.attach_xdp(ifname, self.progs[XDP_PROG], flags)
+                        BPF.attach_xdp(ifname.encode(), self.progs[XDP_PROG], flags)
                     except Exception as exc:
                         raise AttachError(f"attaching XDP ({mode}) to {ifname} failed: {exc}. "
                                           "Try --xdp-mode generic or --hooks tc") from exc
@@ -323,7 +323,7 @@ class Datapath:
             try:
                 if hook.startswith("xdp:"):
                     mode = hook.split(":", 1)[1]
-                    BPF.remove_xdp(att.ifname, XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE)
+                    BPF.remove_xdp(att.ifname.encode(), XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE)
                 else:
                     parent = CLSACT_INGRESS if hook.endswith("ingress") else CLSACT_EGRESS
                     with IPRoute() as ipr:
@@ -399,7 +399,7 @@ def cleanup() -> list[str]:
         pid, mode = xdp_state(ifname)
         if pid and prog_name(pid).startswith(PROG_PREFIX):
             flags = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}.get(mode, 0)
-            BPF.remove_xdp(ifname, flags)
+            BPF.remove_xdp(ifname.encode(), flags)
             done.append(f"{ifname}: xdp ({mode}) program {pid}")
         try:
             ifindex = socket_ifindex(ifname)

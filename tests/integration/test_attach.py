@@ -81,7 +81,7 @@ def test_other_xdp_program_is_left_alone(foreign_xdp):
 
     b, fn = foreign_xdp
     with make_hosts(21) as (h,):
-        BPF.attach_xdp(h.host_if, fn, 1 << 1)  # generic mode
+        BPF.attach_xdp(h.host_if.encode(), fn, 1 << 1)  # generic mode
         pid_before, _ = xdp_state(h.host_if)
         assert prog_name(pid_before) == "other_xdp"
         with Datapath(AgentSettings()) as dp:
@@ -91,7 +91,7 @@ def test_other_xdp_program_is_left_alone(foreign_xdp):
         pid_after, _ = xdp_state(h.host_if)
         assert pid_after == pid_before
         assert "xdpml" not in tc_filters(h.host_if, "egress")
-        BPF.remove_xdp(h.host_if, 1 << 1)
+        BPF.remove_xdp(h.host_if.encode(), 1 << 1)
 
 
 def test_sigterm_detaches_everything_and_keeps_foreign_tc_filters(foreign_xdp):

@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 
 from agent.health import HealthServer
+from agent.kube.agentconfig import EnrichmentSettings
 from agent.kube.reflector import Backoff
 from agent.kubernetes import KubeAgentOptions, KubernetesAgent
 from agent.enrich.manager import EnrichmentManager
@@ -116,3 +117,36 @@ def test_agentconfig_drives_the_datapath_live(fake_api, api_client):
             runner.join(60)
             health.close()
         assert not runner.is_alive()
+
+
+def test_pod_veths_rule_attaches_only_veths_routed_to_known_pods(fake_api, api_client):
+    from netns import sh
+
+    backoff = lambda: Backoff(base_s=0.05, cap_s=0.2)  # noqa: E731
+    with make_hosts(33, 34) as (pod_host, other):
+        # a routed CNI gives each pod a host route <pod IP>/32 via its veth; the other veth has none
+        sh(f"ip route add {pod_host.ns_ip}/32 dev {pod_host.host_if}")
+        try:
+            fake_api.create("pods", pod("api-0", ip=pod_host.ns_ip, namespace="shop"))
+            fake_api.create("agentconfigs", {"apiVersion": "xdpml.io/v1alpha1", "kind": "AgentConfig",
+                                             "metadata": {"name": "main", "namespace": "xdpml"},
+                                             "spec": {"interfaces": [{"names": ["pod-veths"], "hooks": "tc"}]}})
+            sup = KubernetesAgent(
+                api_client, KubeAgentOptions(namespace="xdpml", node_name="node-a"),
+                enrich_factory=lambda api: EnrichmentManager(api, node_name="node-a", watch_timeout_s=5,
+                                                             backoff_factory=backoff),
+                watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff})
+            # the pod cache must know the pod before the rule is resolved
+            sup.enrich.apply(EnrichmentSettings())
+            wait_for(sup.enrich.synced, 10, "pod cache synced")
+            runner = threading.Thread(target=sup.run, daemon=True)
+            runner.start()
+            try:
+                wait_for(lambda: sup.agent is not None, 90, "agent attached")
+                assert list(sup.agent.plan) == [pod_host.host_if]
+                assert other.host_if not in sup.agent.plan
+            finally:
+                sup.stop_event.set()
+                runner.join(60)
+        finally:
+            sh(f"ip route del {pod_host.ns_ip}/32 dev {pod_host.host_if}", check=False)
