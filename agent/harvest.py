@@ -6,9 +6,15 @@ so a packet that lands between the read and the removal is still exported.
 A flow is done when it has been idle for idle_timeout, has lasted
 active_timeout, or TCP ended it (RST, or FIN both ways) and it has been quiet
 for end_grace (so the last ACK lands in the same flow).
+
+Table pressure: when the table is fuller than ``high_water`` (say, under a SYN
+flood that leaves thousands of one-packet flows idle for two minutes), flows quiet
+for ``pressure_idle`` (idle_timeout / 16, at least 1 s) are exported early as idle,
+so new flows keep finding room; each such scan is logged (with backoff) and counted.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Mapping, Protocol
@@ -19,6 +25,8 @@ from agent.bpf.abi import END_FIN_INIT, END_FIN_RESP, END_RST
 from agent.columns import ColumnBatch
 from agent.config import HarvestSettings
 from agent.features import EXPIRATION, flow_columns
+
+log = logging.getLogger(__name__)
 
 
 class FlowTable(Protocol):
@@ -55,7 +63,8 @@ class HarvestStats:
 class Harvester:
     def __init__(self, table: FlowTable, *, settings: HarvestSettings, first_n: int,
                  mono_to_unix_ns: int, ifnames: Mapping[int, str] | None = None,
-                 end_grace_s: float = 1.0, clock=time.monotonic_ns):
+                 end_grace_s: float = 1.0, clock=time.monotonic_ns, capacity: int = 0,
+                 high_water: float = 0.9):
         self.table = table
         self.settings = settings
         self.first_n = first_n
@@ -63,7 +72,11 @@ class Harvester:
         self.ifnames = ifnames if ifnames is not None else {}
         self.end_grace_ns = int(end_grace_s * 1e9)
         self.clock = clock
+        self.capacity = capacity  # flow table entries; 0 = unknown (no pressure handling)
+        self.high_water = high_water
         self.stats = HarvestStats()
+        self.pressure_scans = 0
+        self._pressure_logged = 0.0
 
     def _reasons(self, values: np.ndarray, now: int) -> np.ndarray:
         """-2 keep, else the expiration id."""
@@ -77,6 +90,16 @@ class Harvester:
         reason[quiet >= int(self.settings.idle_timeout_s * 1e9)] = EXPIRATION["idle"]
         reason[now - first >= int(self.settings.active_timeout_s * 1e9)] = EXPIRATION["active"]
         reason[tcp_end & (quiet >= self.end_grace_ns)] = EXPIRATION["tcp_end"]
+        if self.capacity and len(values) > self.high_water * self.capacity:
+            early_ns = int(max(1.0, self.settings.idle_timeout_s / 16) * 1e9)
+            early = (reason == -2) & (quiet >= early_ns)
+            reason[early] = EXPIRATION["idle"]
+            self.pressure_scans += 1
+            if time.monotonic() - self._pressure_logged > 60:
+                self._pressure_logged = time.monotonic()
+                log.warning("flow table %d%% full (%d of %d): exporting %d flows quiet for %.0fs early; "
+                            "raise --flow-table-size if this persists", 100 * len(values) // self.capacity,
+                            len(values), self.capacity, int(early.sum()), early_ns / 1e9)
         return reason
 
     def scan(self, now_ns: int | None = None) -> ColumnBatch | None:

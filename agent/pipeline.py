@@ -189,7 +189,8 @@ class Agent:
             offset = mono_to_unix_offset_ns()
             table = FlowMap(dp.flow_map_fd(), key_dtype=dp.types.key_dtype, value_dtype=dp.types.value_dtype)
             harvester = self._harvester = Harvester(table, settings=s.harvest, first_n=s.datapath.first_n,
-                                                    mono_to_unix_ns=offset, ifnames=self._ifnames)
+                                                    mono_to_unix_ns=offset, ifnames=self._ifnames,
+                                                    capacity=s.datapath.flow_table_size)
             wins = RecordBuffer(dp.bpf, "win_events", WinEvent) if dp.window else None
             pkts = RecordBuffer(dp.bpf, "pkt_events", PktEvent) if dp.sample_rate else None
             acc = (WindowAccumulator(packets=s.window.packets, seconds=s.window.seconds,

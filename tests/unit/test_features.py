@@ -133,3 +133,25 @@ def test_window_accumulator_gso_expansion_and_cuts():
     assert [w["buffer_size"] for w in wins] == [2, 2]
     assert wins[0]["avg_packet_size"] == 807 and wins[1]["median_packet_size"] == 1007
     assert [w["buffer_size"] for w in acc.flush()] == [1]
+
+
+def test_harvester_exports_quiet_flows_early_when_the_table_is_nearly_full():
+    s = 1_000_000_000
+    n = 10
+    recs = [record([60], [], [0], []) for _ in range(n)]
+    keys = np.concatenate([r[0] for r in recs])
+    vals = np.concatenate([r[1] for r in recs])
+    keys["lo_port"] = np.arange(n)
+    now = 5000 * s
+    quiet_s = np.array([0, 0.5, 3, 5, 8, 9, 20, 30, 60, 100])  # all below the 120 s idle timeout
+    vals["first_ns"] = now - 200 * s
+    vals["last_ns"] = now - (quiet_s * s).astype(np.int64)
+    relaxed = Harvester(FakeTable(keys.copy(), vals.copy()), settings=HarvestSettings(), first_n=4,
+                        mono_to_unix_ns=0, capacity=100)
+    assert relaxed.scan(now) is None  # 10% full: nothing is due
+    full = Harvester(FakeTable(keys.copy(), vals.copy()), settings=HarvestSettings(), first_n=4,
+                     mono_to_unix_ns=0, capacity=10)
+    b = full.scan(now)
+    # 100% > 90%: flows quiet for >= 120/16 = 7.5 s leave early, as idle
+    assert sorted(b["src_port"].tolist()) == [4, 5, 6, 7, 8, 9]
+    assert set(b["expiration_id"].tolist()) == {0} and full.pressure_scans == 1
