@@ -224,13 +224,13 @@ class Datapath:
             f"-DXDPML_RINGBUF_PAGES={pages}",
             "-Wno-unused-function",
         ]
+        check_environment()
         t0 = time.monotonic()
         try:
             self.bpf = BPF(text=program_text().encode(), cflags=cflags)
         except Exception as exc:  # BCC raises bare Exception with the compiler output on stderr
-            raise AttachError(
-                f"compiling the BPF programs failed ({exc}). Kernel headers are needed at "
-                "/lib/modules/$(uname -r)/build: run scripts/kernel-headers.sh") from exc
+            raise AttachError(f"compiling or loading the BPF programs failed ({exc}); the compiler "
+                              "or verifier output is above") from exc
         self.progs = {
             XDP_PROG: self.bpf.load_func(XDP_PROG.encode(), BPF.XDP),
             TC_INGRESS_PROG: self.bpf.load_func(TC_INGRESS_PROG.encode(), BPF.SCHED_CLS),
@@ -348,6 +348,29 @@ class Datapath:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
+
+
+def check_environment() -> None:
+    """Fail early, with what to do, when BPF cannot work here."""
+    caps = 0
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+    except OSError:
+        caps = -1
+    has = lambda c: caps == -1 or bool(caps & (1 << c))  # noqa: E731
+    if not (has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))) or not has(CAP_NET_ADMIN):
+        raise AttachError("the agent needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN "
+                          "(the Helm chart grants them)")
+    build = Path("/lib/modules") / os.uname().release / "build"
+    if not build.exists():
+        raise AttachError(f"no kernel headers at {build}: BCC compiles at run time. Install your "
+                          "distribution's headers for this kernel, or run scripts/kernel-headers.sh "
+                          "(links Debian's packaged headers)")
 
 
 def socket_ifindex(ifname: str) -> int:

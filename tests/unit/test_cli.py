@@ -37,3 +37,18 @@ def test_check_config_valid_and_invalid():
     assert r.returncode == 1 and "INVALID" in r.stdout
     r = run("check-config", "/nonexistent.yaml")
     assert r.returncode == 1 and "cannot read" in r.stdout
+
+
+def test_without_privileges_the_agent_says_what_it_needs():
+    import os
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.fail("needs root to drop to an unprivileged user")
+    xdpml = str(Path(sys.executable).parent / "xdpml")
+    r = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", f"{xdpml} agent -i lo --duration 1"],
+                       capture_output=True, text=True, cwd="/tmp")
+    assert r.returncode == 1
+    assert "needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN" in r.stderr
+    assert "Traceback" not in r.stderr
