@@ -21,24 +21,23 @@ examples:
 """
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return v
+def _non_negative(convert, what: str):
+    """argparse type: a number >= 0, with a message naming what was expected."""
+
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return v
+_positive_float = _non_negative(float, "a number")
+_nonneg_int = _non_negative(int, "a whole number")
 
 
 def add_agent_arguments(p: argparse.ArgumentParser) -> None:
