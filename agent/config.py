@@ -43,7 +43,6 @@ class DatapathSettings:
     first_n: int = 10  # packets recorded per flow for sequence features (0..32)
     sample_rate: int = 0  # 1 in N packets to the per-packet stream; 0 = off
     ringbuf_kib: int = 4096  # per-packet/window ring buffer size, KiB (power of 2)
-    window_packets: int = 0  # >0: stream every packet's summary for window features
 
     def validate(self) -> None:
         if not 1024 <= self.flow_table_size <= 16_777_216:

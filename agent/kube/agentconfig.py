@@ -366,8 +366,7 @@ def parse_spec(spec: Any, *, tls_mount_root: str = DEFAULT_TLS_MOUNT_ROOT) -> Ag
     settings = AgentSettings(
         interfaces=iface,
         datapath=DatapathSettings(flow_table_size=table, first_n=first_n, sample_rate=rate if sets.packets else 0,
-                                  ringbuf_kib=ring,
-                                  window_packets=(win_packets or 1) if sets.windows else 0),
+                                  ringbuf_kib=ring),
         harvest=HarvestSettings(idle_timeout_s=idle, active_timeout_s=active, interval_s=scan),
         window=WindowSettings(packets=win_packets, seconds=win_seconds) if sets.windows else WindowSettings(),
         summary_interval_s=summary)

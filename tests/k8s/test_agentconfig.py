@@ -48,7 +48,7 @@ def test_changed_sections():
     for section, extra in cases.items():
         assert parse_spec(dict(BASE, **extra)).changed_sections(a) == {section}, section
     both = parse_spec(dict(BASE, features={"sets": ["flows", "windows"], "window": {"seconds": 1}}))
-    assert both.changed_sections(a) == {"features", "window", "datapath"}  # window stream switches on
+    assert both.changed_sections(a) == {"features", "window"}  # both restart the datapath (window stream on)
 
 
 def test_every_problem_reported_with_its_path():

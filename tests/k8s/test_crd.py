@@ -235,8 +235,8 @@ def test_full_example_maps_to_settings():
     assert [(r.names, r.hooks, r.xdp_mode) for r in cfg.interface_rules] == \
         [(["physical"], "xdp+tc", "native"), (["pod-veths"], "tc", "auto")]
     assert (s.interfaces.names, s.interfaces.hooks) == (["physical", "pod-veths"], "auto")
-    assert (s.datapath.flow_table_size, s.datapath.first_n, s.datapath.sample_rate, s.datapath.ringbuf_kib,
-            s.datapath.window_packets) == (262144, 16, 1000, 8192, 100)
+    assert (s.datapath.flow_table_size, s.datapath.first_n, s.datapath.sample_rate, s.datapath.ringbuf_kib) == \
+        (262144, 16, 1000, 8192)
     assert (s.harvest.idle_timeout_s, s.harvest.active_timeout_s, s.harvest.interval_s) == (60, 600, 0.5)
     assert (s.window.packets, s.window.seconds, s.summary_interval_s) == (100, 0, 10)
     assert (cfg.features.flows, cfg.features.windows, cfg.features.packets) == (True, True, True)
