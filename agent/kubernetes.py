@@ -269,9 +269,10 @@ class _Shared:
 
     def __init__(self, sink):
         self.sink = sink
+        self.name = getattr(sink, "name", type(sink).__name__)
 
-    def write(self, batch) -> None:
-        self.sink.write(batch)
+    def write(self, batch):
+        return self.sink.write(batch)
 
     @property
     def dropped(self) -> int:

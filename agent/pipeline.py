@@ -68,6 +68,7 @@ class Agent:
         self._requests: queue.Queue = queue.Queue()
         self._ifnames: dict[int, str] = {}
         self._harvester: Harvester | None = None
+        self._lost_seen = 0
 
     @property
     def interfaces(self) -> list[str]:
@@ -128,12 +129,25 @@ class Agent:
                 self.totals.enrich_errors += 1
                 log.error("enrichment failed, exporting without pod metadata: %s", exc)
         for sink in self.sinks:
+            name = getattr(sink, "name", type(sink).__name__)
             try:
-                sink.write(batch)
-                self._count("xdpml.agent.exported", len(batch), kind=batch.kind, sink=type(sink).__name__)
+                accepted = sink.write(batch)
             except Exception as exc:  # noqa: BLE001 - one broken sink must not stop the others
                 self._count("xdpml.agent.dropped", len(batch), kind=batch.kind, reason="sink_error")
-                log.error("sink %s failed: %s", type(sink).__name__, exc)
+                log.error("sink %s failed: %s", name, exc)
+                continue
+            if accepted is False:  # a bounded queue was full (counted and logged by the sink)
+                self._count("xdpml.agent.dropped", len(batch), kind=batch.kind, reason="queue_full")
+            else:
+                self._count("xdpml.agent.exported", len(batch), kind=batch.kind, sink=name)
+
+    def _count_lost(self, dp: Datapath) -> None:
+        if self.telemetry is None:
+            return
+        c = dp.counters()
+        lost = c["rb_win_full"] + c["rb_pkt_full"]
+        self._count("xdpml.agent.lost", lost - self._lost_seen, source="ringbuf")
+        self._lost_seen = lost
 
     def _count(self, name: str, value: int, **attrs) -> None:
         if self.telemetry is not None and value:
@@ -208,6 +222,7 @@ class Agent:
                     self._apply_requests()
                     self._events(wins, pkts, acc, offset)
                     self._flows(harvester.scan())
+                    self._count_lost(dp)
                     if next_summary and time.monotonic() >= next_summary:
                         last_counts = self._summary(dp, harvester, last_counts)
                         next_summary = time.monotonic() + s.summary_interval_s
@@ -266,7 +281,7 @@ def register_observables(telemetry, current: Callable[[], "Agent | None"]) -> No
 
     def queue_depth():
         a = current()
-        return {"export": sum(getattr(s, "queue_depth", 0) for s in (a.sinks if a is not None else []))}
+        return {"grpc": sum(getattr(s, "queue_depth", 0) for s in (a.sinks if a is not None else []))}
 
     telemetry.observe_counter("xdpml.agent.kernel.events", kernel)
     telemetry.observe_gauge("xdpml.agent.attached", attached)

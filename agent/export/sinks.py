@@ -33,6 +33,7 @@ class JsonLinesSink:
 
     def __init__(self, path: str):
         self.path = path
+        self.name = "stdout" if path == "-" else "file"  # metrics attribute
         self.records = 0
         if path == "-":
             self._fh: IO[str] = sys.stdout
@@ -62,6 +63,8 @@ class UnixSocketSink:
 
     Never blocks the agent for long: while the consumer is away, records are
     dropped and counted, and reconnection is retried with exponential backoff."""
+
+    name = "unix"  # metrics attribute
 
     def __init__(self, path: str, *, timeout_s: float = 2.0, max_backoff_s: float = 30.0):
         self.path = path
@@ -124,12 +127,14 @@ class CollectorSink:
     """Feeds the gRPC exporter (agent.export.grpc_client.GrpcExporter): put() never
     blocks the harvester; what the bounded queue drops is counted there."""
 
+    name = "grpc"  # metrics attribute
+
     def __init__(self, exporter):
         self.exporter = exporter
 
-    def write(self, batch: ColumnBatch) -> None:
-        if len(batch):
-            self.exporter.put(batch)
+    def write(self, batch: ColumnBatch) -> bool:
+        """False when the exporter's bounded queue dropped the batch."""
+        return self.exporter.put(batch) if len(batch) else True
 
     @property
     def dropped(self) -> int:
