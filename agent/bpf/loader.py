@@ -62,19 +62,7 @@ def interface_kind(ifname: str) -> str:
         raise AttachError(f"interface {ifname!r} does not exist (see `ip link show`)")
     if (base / "device").exists():
         return "physical"
-    try:
-        uevent = (base / "uevent").read_text()
-    except OSError:
-        uevent = ""
-    driver = ""
-    try:
-        driver = os.path.basename(os.readlink(base / "device" / "driver"))
-    except OSError:
-        pass
-    if driver == "veth" or _link_kind(ifname) == "veth":
-        return "veth"
-    del uevent
-    return "virtual"
+    return "veth" if _link_kind(ifname) == "veth" else "virtual"
 
 
 def _link_kind(ifname: str) -> str:
