@@ -319,11 +319,24 @@ def run_demo(a) -> int:
     return demo.main(a)
 
 
-def setup_logging(fmt: str, verbose: bool) -> None:
-    """Logs go to stderr: stdout may carry JSON lines (`-o -`). kubectl logs shows both."""
+def log_stream(a):
+    """Logs go to stdout (what `kubectl logs` is for) unless stdout carries data: the
+    agent's JSON lines (`-o -`, or no output option outside Kubernetes) or the
+    collector's (`--jsonl -`, `--print-flagged`). Then they go to stderr."""
+    cmd = getattr(a, "command", "")
+    if cmd == "agent":
+        data = a.output == "-" or (not a.kubernetes and not (a.output or a.unix_socket or a.collector))
+    elif cmd == "collector":
+        data = getattr(a, "jsonl", None) == "-" or getattr(a, "print_flagged", False)
+    else:
+        data = True  # demo, cleanup, check-config print their results on stdout
+    return sys.stderr if data else sys.stdout
+
+
+def setup_logging(fmt: str, verbose: bool, stream=None) -> None:
     from xdpml.logging_setup import setup_logging as configure
 
-    configure(fmt, "debug" if verbose else "info", stream=sys.stderr)
+    configure(fmt, "debug" if verbose else "info", stream=stream or sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(a, "func", None):
         parser.print_help()
         return 2
-    setup_logging(a.log_format, a.verbose)
+    setup_logging(a.log_format, a.verbose, log_stream(a))
     try:
         return a.func(a) or 0
     except KeyboardInterrupt:

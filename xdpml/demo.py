@@ -193,7 +193,7 @@ def main(args) -> int:
             [sys.executable, "-m", "xdpml.cli", "collector", "--listen", f"127.0.0.1:{port}",
              "--model", "embedded", "--baseline-rows", str(baseline), "--state-dir", str(work / "state"),
              "--jsonl", str(scored_path)],
-            stdout=subprocess.DEVNULL, stderr=open(work / "collector.log", "w"))
+            stdout=open(work / "collector.log", "w"), stderr=subprocess.STDOUT)
 
         settings = AgentSettings(
             interfaces=InterfaceSettings(names=[h.veth for h in hosts]),

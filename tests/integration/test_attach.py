@@ -22,14 +22,15 @@ def tc_filters(dev: str, direction: str) -> str:
 
 
 def start_agent(*args) -> subprocess.Popen:
-    """Start `xdpml agent` and wait (bounded) for its 'attached' log lines on stderr."""
+    """Start `xdpml agent` and wait (bounded) for its 'attached' log lines."""
     import queue
     import threading
 
+    # with a file output, logs go to stdout (docs: `kubectl logs`)
     p = subprocess.Popen([XDPML, "agent", *args, "-o", "/dev/null", "--summary-interval", "0"],
-                         stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in p.stderr], daemon=True).start()
+    threading.Thread(target=lambda: [lines.put(x) for x in p.stdout], daemon=True).start()
     want = sum(1 for a in args if a == "-i")
     seen, attached = [], 0
     deadline = time.monotonic() + 90

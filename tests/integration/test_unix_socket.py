@@ -39,10 +39,10 @@ def test_flows_stream_to_a_unix_socket_consumer(tmp_path):
     t.start()
     with make_hosts(42) as (h,):
         p = subprocess.Popen([XDPML, "agent", "-i", h.host_if, "--unix-socket", path, "--idle-timeout", "1",
-                              "--interval", "0.2", "--summary-interval", "0"], stderr=subprocess.PIPE, text=True)
+                              "--interval", "0.2", "--summary-interval", "0"], stdout=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 90
-            while time.monotonic() < deadline and "attached" not in p.stderr.readline():
+            while time.monotonic() < deadline and "attached" not in p.stdout.readline():
                 pass
             h.run(f"ping -c 2 -i 0.05 {h.host_ip}", capture=True)
             deadline = time.monotonic() + 15

@@ -52,3 +52,15 @@ def test_without_privileges_the_agent_says_what_it_needs():
     assert r.returncode == 1
     assert "needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_logs_go_to_stdout_unless_stdout_carries_data():
+    from xdpml.cli import build_parser, log_stream
+
+    p = build_parser()
+    assert log_stream(p.parse_args(["agent", "--kubernetes"])) is sys.stdout
+    assert log_stream(p.parse_args(["agent", "-i", "eth0", "--collector", "c:1"])) is sys.stdout
+    assert log_stream(p.parse_args(["agent", "-i", "eth0"])) is sys.stderr  # JSON lines on stdout
+    assert log_stream(p.parse_args(["agent", "--kubernetes", "-o", "-"])) is sys.stderr
+    assert log_stream(p.parse_args(["collector"])) is sys.stdout
+    assert log_stream(p.parse_args(["collector", "--jsonl", "-"])) is sys.stderr
