@@ -273,6 +273,7 @@ def bench_kernel(p: Params, report: Report) -> None:
         specs = [
             ("xdpml flow, first_n 10 (default)", dict(), 0, p.repeat),
             ("xdpml flow, first_n 0", dict(first_n=0), 0, p.repeat),
+            ("xdpml flow, no flow lock (--no-flow-lock)", dict(flow_lock=False), 0, p.repeat),
             ("xdpml flow + 1/100 sampling", dict(sample_rate=100, ringbuf_kib=65536), 0, p.repeat),
             ("xdpml flow + window records", dict(ringbuf_kib=65536), 100, p.ring_repeat),
         ]

@@ -14,6 +14,9 @@
 #ifndef XDPML_SAMPLE_RATE
 #define XDPML_SAMPLE_RATE 0         /* 1 in N packets to pkt_events; 0 = off (compiled out) */
 #endif
+#ifndef XDPML_FLOW_LOCK
+#define XDPML_FLOW_LOCK 1           /* 1: per-flow spin lock around updates (exact under concurrency) */
+#endif
 #ifndef XDPML_WINDOW
 #define XDPML_WINDOW 0              /* 1: every packet to win_events for window features */
 #endif

@@ -209,6 +209,7 @@ class Datapath:
             f"-DXDPML_FIRST_N={dp.first_n}",
             f"-DXDPML_SAMPLE_RATE={dp.sample_rate}",
             f"-DXDPML_WINDOW={1 if self.window else 0}",
+            f"-DXDPML_FLOW_LOCK={1 if dp.flow_lock else 0}",
             f"-DXDPML_RINGBUF_PAGES={pages}",
             "-Wno-unused-function",
         ]
