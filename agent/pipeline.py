@@ -194,6 +194,11 @@ class Agent:
 
     # -- run -----------------------------------------------------------------------
     def run(self, *, duration_s: float | None = None) -> AgentTotals:
+        from agent.export.memory import tune_malloc
+
+        # Feature columns are megabytes per scan at high flow rates: reuse heap pages
+        # instead of a fresh, page-faulted mmap per array (flow_columns ~1.4x faster).
+        tune_malloc()
         s = self.settings
         with Datapath(s) as dp:
             self.datapath = dp

@@ -466,6 +466,9 @@ def synthetic_flows(n: int, key_dtype: np.dtype, value_dtype: np.dtype, *, first
 
 
 def bench_drain(p: Params, report: Report) -> None:
+    from agent.export.memory import tune_malloc
+
+    tune_malloc()  # as the agent does at start (agent/pipeline.py): feature arrays reuse heap pages
     from agent.bpf.loader import Datapath
     from agent.bpf.maps import FlowMap
     from agent.config import AgentSettings, DatapathSettings, HarvestSettings
