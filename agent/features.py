@@ -97,10 +97,19 @@ def _ips(raw: np.ndarray) -> np.ndarray:
 
 
 def _names(ifindex: np.ndarray, names: Mapping[int, str]) -> np.ndarray:
-    """ifindex column -> interface name column, one dictionary lookup per distinct index."""
-    uniq, inv = np.unique(ifindex, return_inverse=True)
-    table = np.array([names.get(int(i), str(int(i))) for i in uniq], dtype=object)
-    return table[inv] if len(uniq) else np.zeros(0, dtype=object)
+    """ifindex column -> interface name column, one dictionary lookup per distinct index
+    (interface indexes are small: a table indexed by them, no sort)."""
+    if not len(ifindex):
+        return np.zeros(0, dtype=object)
+    idx = ifindex.astype(np.int64)
+    top = int(idx.max())
+    if top >= 1 << 20:  # not an interface index table any more: sort instead
+        uniq, inv = np.unique(idx, return_inverse=True)
+        return np.array([names.get(int(i), str(int(i))) for i in uniq], dtype=object)[inv]
+    table = np.empty(top + 1, dtype=object)
+    for i in np.flatnonzero(np.bincount(idx, minlength=top + 1)):
+        table[i] = names.get(int(i), str(int(i)))
+    return table[idx]
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -114,11 +123,13 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 def _sample_std(n: np.ndarray, total: np.ndarray, sumsq: np.ndarray) -> np.ndarray:
     """Sample standard deviation from count, sum and sum of squares (0 for n < 2)."""
     n = n.astype(np.float64)
-    mean = _safe_div(total, n)
-    var = np.zeros_like(n)
-    ok = n > 1
-    var[ok] = (sumsq[ok].astype(np.float64) - n[ok] * mean[ok] ** 2) / (n[ok] - 1)
-    return np.sqrt(np.clip(var, 0, None))
+    total = total.astype(np.float64)
+    # sum((x - mean)^2) = sumsq - total^2 / n, divided by n - 1
+    var = sumsq.astype(np.float64) - total * total / np.maximum(n, 1.0)
+    var /= np.maximum(n - 1.0, 1.0)
+    np.maximum(var, 0.0, out=var)  # rounding can leave a tiny negative
+    var[n < 2] = 0.0
+    return np.sqrt(var, out=var)
 
 
 def _iat_columns(prefix: str, n_iat: np.ndarray, sum_ns, sumsq_us2, min_ns, max_ns, cols: dict) -> None:

@@ -95,6 +95,7 @@ def test_icmp_ping(env):
 def test_tcp_connection_flags_and_end(env):
     (h, _), _, sink = env
     srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a previous run's TIME_WAIT
     srv.bind((h.host_ip, 8081))
     srv.listen(1)
 
