@@ -88,8 +88,6 @@ class KubernetesAgent:
         factory = enrich_factory or (lambda api: EnrichmentManager(api, node_name=options.node_name))
         self.enrich = factory(api_client)
         self.agent: Agent | None = None
-        self._thread: threading.Thread | None = None
-        self._agent_error: list[BaseException] = []
         self._exporter_sink: CollectorSink | None = None
         self._export_key: tuple | None = None
         self.stop_event = threading.Event()
@@ -150,30 +148,20 @@ class KubernetesAgent:
         return sinks
 
     def _start_agent(self, cfg, plan: AttachPlan) -> None:
-        attached = threading.Event()
-        self._agent_error = []
         settings = cfg.settings
         settings.interfaces.names = list(plan)
         agent = Agent(settings, interfaces=plan, sinks=self._sinks(cfg), flows=cfg.features.flows,
-                      transform=self._enrich, telemetry=self.telemetry, on_attached=lambda dp: attached.set())
+                      transform=self._enrich, telemetry=self.telemetry)
 
-        def run():
-            try:
-                agent.run()
-            except BaseException as exc:  # noqa: BLE001 - reported to on_change / the log
-                self._agent_error.append(exc)
-                attached.set()
-                log.error("datapath stopped: %s", exc)
-                if self.health is not None:
-                    self.health.clear("programs_attached", str(exc))
+        def failed(exc: BaseException) -> None:
+            log.error("datapath stopped: %s", exc)
+            if self.health is not None:
+                self.health.clear("programs_attached", str(exc))
 
-        self._thread = threading.Thread(target=run, name="xdpml-datapath", daemon=True)
-        self._thread.start()
-        if not attached.wait(self.opts.attach_timeout_s):
-            raise AttachError("the datapath did not attach in time")
-        if self._agent_error:
-            self._thread.join(30)
-            raise self._agent_error[0]
+        try:
+            agent.start(attach_timeout_s=self.opts.attach_timeout_s, on_error=failed)
+        except TimeoutError as exc:
+            raise AttachError(str(exc)) from None
         self.agent = agent
         self.restarts += 1
         if self.health is not None:
@@ -185,8 +173,7 @@ class KubernetesAgent:
         if self.agent is None:
             return
         log.info("restarting the datapath for the new config (draining first)")
-        self.agent.stop_event.set()
-        self._thread.join(60)
+        self.agent.stop()
         self.agent = None
         if self.health is not None:
             self.health.clear("programs_attached", "restarting the datapath")
@@ -248,13 +235,13 @@ class KubernetesAgent:
                         (self.health.set("pod_cache_synced") if now_synced
                          else self.health.clear("pod_cache_synced", "pod watch not synced"))
                         synced = now_synced
+        failed = self.agent is not None and self.agent.error is not None
         self.close()
-        return 1 if self._agent_error else 0
+        return 1 if failed else 0
 
     def close(self) -> None:
         if self.agent is not None:
-            self.agent.stop_event.set()
-            self._thread.join(60)
+            self.agent.stop()
             self.agent = None
         if self._exporter_sink is not None:
             self._exporter_sink.close()

@@ -69,6 +69,8 @@ class Agent:
         self._ifnames: dict[int, str] = {}
         self._harvester: Harvester | None = None
         self._lost_seen = 0
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # why a background run() ended, if it failed
 
     @property
     def interfaces(self) -> list[str]:
@@ -191,6 +193,48 @@ class Agent:
             if len(ev):
                 self.totals.packets_sampled += len(ev)
                 self._emit(packet_columns(ev, mono_to_unix_ns=offset, ifnames=self._ifnames))
+
+    # -- background run ----------------------------------------------------------
+    def start(self, *, attach_timeout_s: float = 120.0, on_error=None) -> "Agent":
+        """run() in a thread; returns once every interface is attached, or raises
+        what stopped it (or TimeoutError). ``on_error`` is called if run() fails later."""
+        attached = threading.Event()
+        user_hook = self.on_attached
+
+        def hook(dp):
+            if user_hook:
+                user_hook(dp)
+            attached.set()
+
+        def run():
+            try:
+                self.run()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self.error = exc
+                attached.set()
+                if on_error is not None:
+                    on_error(exc)
+
+        self.on_attached = hook
+        self._thread = threading.Thread(target=run, name="xdpml-datapath", daemon=True)
+        self._thread.start()
+        if not attached.wait(attach_timeout_s):
+            self.stop()
+            raise TimeoutError(f"the datapath did not attach within {attach_timeout_s:.0f}s")
+        if self.error is not None:
+            self._thread.join(30)
+            raise self.error
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop a start()ed agent: detach, drain, flush, close; wait for it."""
+        self.stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     # -- run -----------------------------------------------------------------------
     def run(self, *, duration_s: float | None = None) -> AgentTotals:

@@ -32,7 +32,6 @@ import os
 import platform
 import resource
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -659,31 +658,16 @@ def child_agent(iface: str) -> None:
             pass
 
     sink = CountSink()
-    attached = threading.Event()
     settings = AgentSettings(interfaces=InterfaceSettings(names=[iface]), summary_interval_s=0)
-    agent = Agent(settings, interfaces=[iface], sinks=[sink], on_attached=lambda dp: attached.set())
-    errors: list[BaseException] = []
-
-    def run():
-        try:
-            agent.run()
-        except BaseException as exc:  # noqa: BLE001 - reported by the parent
-            errors.append(exc)
-            attached.set()
-
-    t = threading.Thread(target=run, daemon=True)
+    agent = Agent(settings, interfaces=[iface], sinks=[sink])
 
     def start():
-        t.start()
-        attached.wait(120)
-        if errors:
-            raise errors[0]
+        agent.start()
 
     def stop():
-        agent.stop_event.set()
-        t.join(60)
-        if errors:
-            raise errors[0]
+        agent.stop()
+        if agent.error is not None:
+            raise agent.error
         k = agent.totals.kernel
         return {"seen": k.get("pkt_tc_ingress", 0) + k.get("pkt_tc_egress", 0) + k.get("pkt_xdp", 0),
                 "lost": sum(k.get(n, 0) for n in ("flow_full", "flow_busy")), "flows": sink.rows}

@@ -50,30 +50,14 @@ def running_agent(interfaces: list[str], *, hooks: str = "auto", xdp_mode: str =
         summary_interval_s=0,
     )
     sink = MemorySink()
-    attached = threading.Event()
-    agent = Agent(settings, interfaces=interfaces, sinks=[sink], on_attached=lambda dp: attached.set())
-    errors: list[BaseException] = []
-
-    def run():
-        try:
-            agent.run()
-        except BaseException as exc:  # noqa: BLE001 - surfaced to the test
-            errors.append(exc)
-            attached.set()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert attached.wait(90), "agent did not attach"
-    if errors:
-        raise errors[0]
+    agent = Agent(settings, interfaces=interfaces, sinks=[sink]).start(attach_timeout_s=90)
     try:
         yield agent, sink
     finally:
-        agent.stop_event.set()
-        t.join(60)
-        assert not t.is_alive(), "agent did not stop"
-        if errors:
-            raise errors[0]
+        agent.stop()
+        assert not agent.running, "agent did not stop"
+        if agent.error is not None:
+            raise agent.error
 
 
 def flow_between(a_ip: str, b_ip: str, proto: int, port: int | None = None):

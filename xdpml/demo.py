@@ -176,7 +176,7 @@ def main(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="xdpml-demo-"))
     scored_path = work / "scored.jsonl"
     hosts = [Host(CLIENT), Host(ATTACKER)]
-    servers = collector = agent_thread = agent = None
+    servers = collector = agent = None
     procs: list[subprocess.Popen] = []
     try:
         say("building test hosts: client 10.202.61.2, attacker 10.202.62.2 (network namespaces)")
@@ -199,24 +199,9 @@ def main(args) -> int:
             interfaces=InterfaceSettings(names=[h.veth for h in hosts]),
             harvest=HarvestSettings(idle_timeout_s=2.0, interval_s=0.5), summary_interval_s=5.0)
         exporter = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{port}", node_name="demo-node"))
-        attached = threading.Event()
-        agent = Agent(settings, interfaces=[h.veth for h in hosts], sinks=[CollectorSink(exporter)],
-                      on_attached=lambda dp: attached.set())
-        failure: list[BaseException] = []
-
-        def run_agent():
-            try:
-                agent.run()
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                failure.append(exc)
-                attached.set()
-
+        agent = Agent(settings, interfaces=[h.veth for h in hosts], sinks=[CollectorSink(exporter)])
         say("starting the agent on xdpd61 and xdpd62 (compiling the BPF programs takes a few seconds)")
-        agent_thread = threading.Thread(target=run_agent, daemon=True)
-        agent_thread.start()
-        attached.wait(120)
-        if failure:
-            raise failure[0]
+        agent.start()
 
         client, attacker = hosts
         say(f"phase 1: {seconds:.0f} s of normal traffic from the client (web requests, DNS-like queries, ping)")
@@ -242,9 +227,7 @@ def main(args) -> int:
             if p.poll() is None:
                 p.terminate()
         if agent is not None:
-            agent.stop_event.set()
-            if agent_thread is not None:
-                agent_thread.join(60)
+            agent.stop()
         if collector is not None:
             collector.terminate()
             try:

@@ -1,5 +1,4 @@
 """The agent's OpenTelemetry metrics on the Prometheus endpoint match what it did."""
-import threading
 import urllib.request
 
 import pytest
@@ -28,23 +27,19 @@ def test_agent_metrics_on_prometheus_endpoint():
         tel = Telemetry.from_settings(TelemetrySettings(service_name="xdpml-agent", prometheus_port=0,
                                                         prometheus_host="127.0.0.1"))
         sink = MemorySink()
-        attached = threading.Event()
         agent = Agent(AgentSettings(interfaces=InterfaceSettings(names=[h.host_if]),
                                     harvest=HarvestSettings(idle_timeout_s=1, interval_s=0.2), summary_interval_s=0),
-                      interfaces=[h.host_if], sinks=[sink], telemetry=tel, on_attached=lambda dp: attached.set())
+                      interfaces=[h.host_if], sinks=[sink], telemetry=tel)
         register_observables(tel, lambda: agent)
-        t = threading.Thread(target=agent.run, daemon=True)
-        t.start()
+        agent.start(attach_timeout_s=90)
         try:
-            assert attached.wait(90)
             h.run(f"ping -c 3 -i 0.05 -s 100 {h.host_ip}", capture=True)
             rows = sink.wait_rows("flow", flow_between(h.ns_ip, h.host_ip, 1))
             assert len(rows) == 1
             m = scrape(tel.prometheus_port)
             kernel = agent.datapath.counters()
         finally:
-            agent.stop_event.set()
-            t.join(60)
+            agent.stop()
             tel.shutdown()
     iface = (("direction", "src2dst"), ("interface", h.host_if))
     flows_idle = m[("xdpml_agent_flows_total", (("reason", "idle"),))]

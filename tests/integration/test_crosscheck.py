@@ -12,7 +12,7 @@ import time
 import pytest
 
 from harness import flow_between, running_agent
-from netns import make_hosts, sh
+from netns import make_hosts
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -1,7 +1,6 @@
 """Flow features from real traffic over veth pairs, against independent ground truth."""
 import socket
 import threading
-import time
 
 import numpy as np
 import pytest

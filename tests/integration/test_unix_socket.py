@@ -1,6 +1,5 @@
 """Seed 001's Unix-socket output: JSON lines to a consumer, and no stall without one."""
 import json
-import os
 import socket
 import subprocess
 import sys

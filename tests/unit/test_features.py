@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from agent.bpf.abi import END_FIN_INIT, END_FIN_RESP, END_RST, FlowKey, flow_types
+from agent.bpf.abi import END_FIN_INIT, END_FIN_RESP, END_RST, flow_types
 from agent.columns import ip_from_str
 from agent.config import HarvestSettings
 from agent.features import WindowAccumulator, expand_segments, flow_columns
