@@ -264,10 +264,14 @@ def run_check_config(a) -> int:
     return 1 if bad else 0
 
 
-def run_cleanup(_a) -> int:
-    from agent.bpf.loader import cleanup
+def run_cleanup(a) -> int:
+    from agent.bpf.loader import AgentRunning, cleanup
 
-    removed = cleanup()
+    try:
+        removed = cleanup(force=a.force)
+    except AgentRunning as exc:
+        print(f"xdpml cleanup: {exc}", file=sys.stderr)
+        return 1
     for line in removed:
         print(f"removed {line}")
     if not removed:
@@ -295,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("files", nargs="+", metavar="FILE")
     cc.set_defaults(func=run_check_config)
     cl = sub.add_parser("cleanup", help="remove xdpml programs a killed agent left attached")
+    cl.add_argument("--force", action="store_true",
+                    help="remove them even while an xdpml agent process is running")
     cl.set_defaults(func=run_cleanup)
     try:
         from collector import cli as collector_cli

@@ -401,10 +401,46 @@ def _ntohs(v: int) -> int:
     return ((v & 0xFF) << 8) | (v >> 8)
 
 
-def cleanup() -> list[str]:
-    """Remove every xdpml program left attached (e.g. after kill -9). Returns what was removed."""
+def live_holders() -> dict[int, list[str]]:
+    """Processes (other than this one) holding xdpml BPF programs open: pid -> names.
+    A running agent holds its programs; a killed one holds nothing."""
+    out: dict[int, list[str]] = {}
+    me = os.getpid()
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == me:
+            continue
+        try:
+            fdinfos = list((pid_dir / "fdinfo").iterdir())
+        except OSError:
+            continue
+        for fi in fdinfos:
+            try:
+                text = fi.read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("prog_id:"):
+                    name = prog_name(int(line.split()[1]))
+                    if name.startswith(PROG_PREFIX):
+                        out.setdefault(int(pid_dir.name), []).append(name)
+    return out
+
+
+class AgentRunning(RuntimeError):
+    """cleanup() found a live agent: removing its programs would blind it."""
+
+
+def cleanup(*, force: bool = False) -> list[str]:
+    """Remove every xdpml program left attached (e.g. after kill -9). Returns what was removed.
+    Refuses (AgentRunning) while a live process holds xdpml programs, unless ``force``."""
     from bcc import BPF
     from pyroute2 import IPRoute
+
+    holders = live_holders()
+    if holders and not force:
+        pids = ", ".join(str(p) for p in sorted(holders))
+        raise AgentRunning(f"an xdpml agent is running (pid {pids}) and holds its programs; stop it "
+                           "first (SIGTERM detaches cleanly), or use --force")
 
     done = []
     for ifname in sorted(os.listdir("/sys/class/net")):

@@ -108,6 +108,18 @@ def test_sigterm_detaches_everything_and_keeps_foreign_tc_filters(foreign_xdp):
         assert "xdpml" not in tc_filters(h.host_if, "ingress")
 
 
+def test_cleanup_refuses_while_an_agent_runs():
+    with make_hosts(25) as (h,):
+        p = start_agent("-i", h.host_if)
+        try:
+            r = subprocess.run([XDPML, "cleanup"], capture_output=True, text=True)
+            assert r.returncode == 1 and f"pid {p.pid}" in r.stderr
+            assert "xdpml_tc_egress" in tc_filters(h.host_if, "egress")  # left alone
+        finally:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(60) == 0
+
+
 def test_cleanup_after_kill_9(foreign_xdp):
     with make_hosts(23, 24) as (h, other):
         add_foreign_tc(foreign_xdp[0], other.host_if, "ingress")
