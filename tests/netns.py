@@ -23,9 +23,19 @@ def sh(cmd: str, *, check: bool = True, capture: bool = False) -> str:
     return r.stdout if capture else ""
 
 
+# Several checkouts may run tests on one machine at once (developers' worktrees): each sets
+# XDPML_TEST_HOST_OFFSET so its hosts (names, addresses) never collide with another's.
+HOST_OFFSET = int(os.environ.get("XDPML_TEST_HOST_OFFSET", "0"))
+
+
 @dataclass
 class TestHost:
     index: int
+
+    def __post_init__(self) -> None:
+        self.index += HOST_OFFSET
+        if not 0 < self.index < 255:
+            raise ValueError(f"test host index {self.index} out of range 1-254")
 
     @property
     def ns(self) -> str:
