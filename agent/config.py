@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from xdpml.errors import ConfigError
+
 HOOKS = ("auto", "xdp", "tc", "xdp+tc")
 XDP_MODES = ("auto", "native", "generic")
 
-
-class ConfigError(ValueError):
-    """A setting is out of range; the message says which and what is allowed."""
 
 
 @dataclass

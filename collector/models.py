@@ -29,12 +29,9 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from agent.columns import ColumnBatch
+from xdpml.errors import ModelError
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(RuntimeError):
-    """The model cannot be loaded or cannot score a batch; the message says why."""
 
 
 @dataclass

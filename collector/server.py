@@ -30,6 +30,7 @@ from agent.export import codec
 from agent.export.memory import tune_malloc
 from agent.export.tls import ServerTls
 from collector.models import Model, ModelError
+from xdpml.errors import ServiceError
 from collector.sinks import ScoredBatch, Sink, now_ms
 from xdpml.v1 import collector_pb2 as cpb
 from xdpml.v1 import collector_pb2_grpc as cgrpc
@@ -259,7 +260,7 @@ class CollectorServicer(cgrpc.CollectorServicer):
         return vb
 
 
-class ListenError(RuntimeError):
+class ListenError(ServiceError):
     """The server cannot bind its address."""
 
 

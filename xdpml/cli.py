@@ -8,6 +8,8 @@ import socket
 import sys
 import textwrap
 
+from xdpml.errors import XdpmlError
+
 log = logging.getLogger("xdpml")
 
 AGENT_EXAMPLES = """\
@@ -358,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(a.log_format, a.verbose, log_stream(a))
     try:
         return a.func(a) or 0
+    except XdpmlError as exc:
+        # the one place a user error becomes a message and an exit code
+        print(f"xdpml: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import IO, Any
 
+from xdpml.errors import ConfigError
+
 FORMATS = ("text", "json")
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -27,7 +29,7 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).
 _MARK = "_xdpml_handler"
 
 
-class LoggingConfigError(ValueError):
+class LoggingConfigError(ConfigError):
     """Unknown log format or level; the message lists the allowed ones."""
 
 

@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable, Mapping, Union
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from xdpml.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 COUNTER = "counter"
@@ -48,7 +50,7 @@ LATENCY_BUCKETS_S = (
 )
 
 
-class TelemetryError(ValueError):
+class TelemetryError(ConfigError):
     """Bad telemetry settings or a metric used the wrong way; the message says which."""
 
 

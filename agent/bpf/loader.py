@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import AgentSettings, ConfigError
+from xdpml.errors import AttachError, XdpmlError
 from agent.bpf.abi import flow_types
 from agent.bpf.source import program_text
 
@@ -36,10 +37,6 @@ XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_ATTACHED_MODE = {1: "native", 2: "generic", 3: "offload", 4: "multi"}
-
-
-class AttachError(RuntimeError):
-    """An interface could not be attached; the message says why and what to do."""
 
 
 @dataclass
@@ -426,7 +423,7 @@ def live_holders() -> dict[int, list[str]]:
     return out
 
 
-class AgentRunning(RuntimeError):
+class AgentRunning(XdpmlError):
     """cleanup() found a live agent: removing its programs would blind it."""
 
 

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from xdpml.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
-class TlsConfigError(ValueError):
+class TlsConfigError(ConfigError):
     """A TLS file is missing, unreadable, or the combination makes no sense."""
 
 

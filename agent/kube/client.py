@@ -7,8 +7,10 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
 
+from xdpml.errors import ServiceError
 
-class KubeUnavailable(RuntimeError):
+
+class KubeUnavailable(ServiceError):
     """No way to reach the API server; the message says what was tried."""
 
 
