@@ -3,6 +3,7 @@
 Topology of a TestHost named N with index k:
     root ns: veth `xdpt{k}` 10.201.k.1/24, fd00:201:k::1/64   <-- the agent attaches here
     netns `xdpml-test-{k}`: veth `eth0` 10.201.k.2/24, fd00:201:k::2/64
+(with XDPML_TEST_SLOT=s > 0: `xdpt{s}s{k}`, `xdpml-test-s{s}-{k}`, 10.{201+s}.k.0/24)
 Only these addresses are ever traffic targets. Offloads (TSO/GSO/GRO) are off by
 default so every packet on the wire is one frame (exact ground truth).
 """
@@ -24,42 +25,43 @@ def sh(cmd: str, *, check: bool = True, capture: bool = False) -> str:
 
 
 # Several checkouts may run tests on one machine at once (developers' worktrees): each sets
-# XDPML_TEST_HOST_OFFSET so its hosts (names, addresses) never collide with another's.
-HOST_OFFSET = int(os.environ.get("XDPML_TEST_HOST_OFFSET", "0"))
+# its own XDPML_TEST_SLOT (0-9) so its hosts' names and addresses never collide with another's.
+SLOT = int(os.environ.get("XDPML_TEST_SLOT", "0"))
+if not 0 <= SLOT <= 9:
+    raise ValueError(f"XDPML_TEST_SLOT={SLOT}: must be 0-9")
 
 
 @dataclass
 class TestHost:
     index: int
 
-    def __post_init__(self) -> None:
-        self.index += HOST_OFFSET
-        if not 0 < self.index < 255:
-            raise ValueError(f"test host index {self.index} out of range 1-254")
-
     @property
     def ns(self) -> str:
-        return f"xdpml-test-{self.index}"
+        return f"xdpml-test-{self.index}" if SLOT == 0 else f"xdpml-test-s{SLOT}-{self.index}"
 
     @property
     def host_if(self) -> str:
-        return f"xdpt{self.index}"
+        return f"xdpt{self.index}" if SLOT == 0 else f"xdpt{SLOT}s{self.index}"
+
+    @property
+    def _net(self) -> str:
+        return f"10.{201 + SLOT}.{self.index}"
 
     @property
     def host_ip(self) -> str:
-        return f"10.201.{self.index}.1"
+        return f"{self._net}.1"
 
     @property
     def ns_ip(self) -> str:
-        return f"10.201.{self.index}.2"
+        return f"{self._net}.2"
 
     @property
     def host_ip6(self) -> str:
-        return f"fd00:201:{self.index}::1"
+        return f"fd00:{201 + SLOT}:{self.index}::1"
 
     @property
     def ns_ip6(self) -> str:
-        return f"fd00:201:{self.index}::2"
+        return f"fd00:{201 + SLOT}:{self.index}::2"
 
     def run(self, cmd: str, **kw) -> str:
         return sh(f"ip netns exec {self.ns} {cmd}", **kw)
