@@ -1,0 +1,1 @@
+"""The node agent: harvest flows from the datapath, compute features, enrich, export."""

@@ -1,8 +1,8 @@
 """Pure, vectorised feature computation: raw kernel records -> ColumnBatch.
 
-No I/O, no kernel: numpy structured arrays in (as agent/bpf/abi.py describes
+No I/O, no kernel: numpy structured arrays in (as xdpml/datapath/abi.py describes
 them), typed columns out. Every column is documented by its ColumnSpec; the
-same table renders docs/features.md (``python -m agent.features --markdown``).
+same table renders docs/features.md (``python -m xdpml.agent.features --markdown``).
 
 Conventions (also in docs/features.md):
   * packet sizes ("ps") are L2 frame bytes as on the wire, without FCS;
@@ -18,7 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
-from agent.columns import ColumnBatch, ColumnSpec
+from xdpml.wire.columns import ColumnBatch, ColumnSpec
 
 DIRS = ("bidirectional", "src2dst", "dst2src")
 FLAGS = ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")  # TCP header bit order

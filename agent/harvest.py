@@ -21,16 +21,16 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
-from agent.bpf.abi import END_FIN_INIT, END_FIN_RESP, END_RST
-from agent.columns import ColumnBatch
-from agent.config import HarvestSettings
-from agent.features import EXPIRATION, flow_columns
+from xdpml.datapath.abi import END_FIN_INIT, END_FIN_RESP, END_RST
+from xdpml.wire.columns import ColumnBatch
+from xdpml.config import HarvestSettings
+from xdpml.agent.features import EXPIRATION, flow_columns
 
 log = logging.getLogger(__name__)
 
 
 class FlowTable(Protocol):
-    """What the harvester needs from the kernel flow map (agent.bpf.maps.FlowMap)."""
+    """What the harvester needs from the kernel flow map (xdpml.datapath.maps.FlowMap)."""
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]: ...
     def take(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...

@@ -15,9 +15,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from agent.bpf.loader import AttachError, resolve_interfaces
-from agent.export.sinks import CollectorSink, Sink
-from agent.pipeline import Agent, AttachPlan, loss_counters, register_observables
+from xdpml.datapath.loader import AttachError, resolve_interfaces
+from xdpml.agent.export.sinks import CollectorSink, Sink
+from xdpml.agent.pipeline import Agent, AttachPlan, loss_counters, register_observables
 
 log = logging.getLogger("xdpml.agent.kubernetes")
 
@@ -30,7 +30,7 @@ class KubeAgentOptions:
     node_name: str
     config_name: str = ""  # follow only the AgentConfig of this name ("" = oldest matching)
     collector: str = ""  # flag default for the collector address
-    collector_tls: object = None  # agent.export.tls.ClientTls from flags, or None
+    collector_tls: object = None  # xdpml.wire.tls.ClientTls from flags, or None
     extra_sinks: list[Sink] = field(default_factory=list)  # e.g. -o FILE, tests
     attach_timeout_s: float = 120.0
 
@@ -39,7 +39,7 @@ def verdict_counter(telemetry):
     """Verdicts from the collector: logged (flagged ones) and counted by label and action.
     Acting on them (drop rules) is not done yet."""
 
-    from xdpml.v1 import collector_pb2 as cpb
+    from xdpml.wire.v1 import collector_pb2 as cpb
 
     def on_verdicts(vb) -> None:
         counts: dict[tuple[str, str], int] = {}
@@ -79,7 +79,7 @@ def plan_from_rules(rules, *, pod_veths: Callable[[], list[str] | None] | None =
 class KubernetesAgent:
     def __init__(self, api_client, options: KubeAgentOptions, *, health=None, telemetry=None,
                  enrich_factory: Callable | None = None, watcher_kwargs: dict | None = None):
-        from agent.enrich.manager import EnrichmentManager
+        from xdpml.agent.enrich.manager import EnrichmentManager
 
         self.api = api_client
         self.opts = options
@@ -123,7 +123,7 @@ class KubernetesAgent:
             self.agent.request("sinks", self._sinks(new))
 
     def _sinks(self, cfg) -> list[Sink]:
-        from agent.export.grpc_client import ExporterSettings, GrpcExporter
+        from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
 
         if cfg.export.collector_address:
             kw = cfg.export.exporter_kwargs()
@@ -182,7 +182,7 @@ class KubernetesAgent:
         """Host-side veths routed to pods the cache knows (agent/enrich/veth.py)."""
         import socket
 
-        from agent.enrich.veth import IpRouteSource, VethMap
+        from xdpml.agent.enrich.veth import IpRouteSource, VethMap
 
         try:
             cache = self.enrich.cache
@@ -215,7 +215,7 @@ class KubernetesAgent:
 
     # ---- life cycle -------------------------------------------------------------------
     def run(self) -> int:
-        from agent.kube.config_watch import AgentConfigWatcher
+        from xdpml.kube.config_watch import AgentConfigWatcher
 
         self.watcher = AgentConfigWatcher(self.api, namespace=self.opts.namespace, node_name=self.opts.node_name,
                                           on_change=self.on_change, config_name=self.opts.config_name or None,

@@ -17,15 +17,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from agent.bpf.abi import PktEvent, WinEvent
-from agent.bpf.loader import Datapath
-from agent.bpf.maps import FlowMap
-from agent.columns import ColumnBatch
-from agent.config import AgentSettings, HarvestSettings
-from agent.events import RecordBuffer
-from agent.export.sinks import Sink
-from agent.features import EXPIRATION, WindowAccumulator, expand_segments, packet_columns, window_batch
-from agent.harvest import Harvester, mono_to_unix_offset_ns
+from xdpml import __version__
+from xdpml.datapath.abi import PktEvent, WinEvent
+from xdpml.datapath.loader import Datapath
+from xdpml.datapath.maps import FlowMap
+from xdpml.wire.columns import ColumnBatch
+from xdpml.config import AgentSettings, HarvestSettings
+from xdpml.agent.events import RecordBuffer
+from xdpml.agent.export.sinks import Sink
+from xdpml.agent.features import EXPIRATION, WindowAccumulator, expand_segments, packet_columns, window_batch
+from xdpml.agent.harvest import Harvester, mono_to_unix_offset_ns
 
 log = logging.getLogger("xdpml.agent")
 
@@ -238,17 +239,14 @@ class Agent:
 
     # -- run -----------------------------------------------------------------------
     def run(self, *, duration_s: float | None = None) -> AgentTotals:
-        from agent.export.memory import tune_malloc
-
-        # Feature columns are megabytes per scan at high flow rates: reuse heap pages
-        # instead of a fresh, page-faulted mmap per array (flow_columns ~1.4x faster).
-        tune_malloc()
         s = self.settings
         with Datapath(s) as dp:
             self.datapath = dp
             for name, (hooks, mode) in self.plan.items():
                 att = dp.attach(name, hooks=hooks, xdp_mode=mode)
                 self._ifnames[att.ifindex] = name
+            log.info("xdpml %s agent: attached to %s", __version__,
+                     ", ".join(f"{a.ifname} ({' '.join(a.hooks)})" for a in dp.attachments) or "no interface")
             offset = mono_to_unix_offset_ns()
             table = FlowMap(dp.flow_map_fd(), key_dtype=dp.types.key_dtype, value_dtype=dp.types.value_dtype)
             harvester = self._harvester = Harvester(table, settings=s.harvest, first_n=s.datapath.first_n,

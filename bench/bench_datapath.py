@@ -19,7 +19,7 @@ cpu     user+system CPU time of the consuming process per packet, for the same
         every packet through a ring buffer to a Python callback.
 
 Traffic only ever goes between the root namespace and the bench's own test
-namespace (tests/netns.py); the namespace, its veth and everything attached to
+namespace (xdpml.lab); the namespace, its veth and everything attached to
 it are removed on exit, failure included.
 """
 from __future__ import annotations
@@ -208,7 +208,7 @@ STAGES = (
 
 def staged_source() -> str | None:
     """The datapath source with #ifdef cut points, or None if the anchors moved."""
-    from agent.bpf.source import program_text
+    from xdpml.datapath.source import program_text
 
     src = program_text()
     x = src.find("int xdpml_xdp(")
@@ -229,8 +229,8 @@ def staged_source() -> str | None:
 
 
 def default_cflags() -> list[str]:
-    """The -D flags agent/bpf/loader.py passes for default settings."""
-    from agent.config import DatapathSettings
+    """The -D flags xdpml/datapath/loader.py passes for default settings."""
+    from xdpml.config import DatapathSettings
 
     d = DatapathSettings()
     return [f"-DXDPML_FLOW_TABLE_SIZE={d.flow_table_size}", f"-DXDPML_FIRST_N={d.first_n}",
@@ -255,9 +255,9 @@ def _noop_event(_ctx, _data, _size) -> int:
 def bench_kernel(p: Params, report: Report) -> None:
     from bcc import BPF
 
-    from agent.bpf.loader import XDP_PROG, Datapath
-    from agent.bpf.testrun import test_run
-    from agent.config import AgentSettings, DatapathSettings, WindowSettings
+    from xdpml.datapath.loader import XDP_PROG, Datapath
+    from xdpml.datapath.testrun import test_run
+    from xdpml.config import AgentSettings, DatapathSettings, WindowSettings
 
     frames = tcp_frames(p.flows)
     with ExitStack() as stack:
@@ -358,26 +358,26 @@ def bench_kernel(p: Params, report: Report) -> None:
 # ---------------------------------------------------------------------------
 # 2. drain rate
 
-_libc = C.CDLL(None, use_errno=True)
-_libc.syscall.restype = C.c_long
 BPF_MAP_UPDATE_BATCH = 26
 
 
 def update_batch(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
     """Insert every (key, value) with one BPF_MAP_UPDATE_BATCH syscall."""
-    from agent.bpf.maps import SYS_BPF, _BatchAttr
+    from xdpml.datapath import syscalls
+    from xdpml.datapath.maps import _BatchAttr
 
     attr = _BatchAttr(keys=keys.ctypes.data, values=values.ctypes.data, count=len(keys), map_fd=fd)
-    rc = _libc.syscall(SYS_BPF, BPF_MAP_UPDATE_BATCH, C.byref(attr), C.sizeof(attr))
+    rc = syscalls.bpf(BPF_MAP_UPDATE_BATCH, attr)
     if rc < 0:
-        err = C.get_errno()
+        err = -rc
         raise OSError(err, f"BPF_MAP_UPDATE_BATCH: {os.strerror(err)} after {attr.count} of {len(keys)}")
 
 
 def drain_into(fd: int, keys: np.ndarray, values: np.ndarray, *, chunk: int = 8192) -> int:
     """Lookup-and-delete every entry straight into preallocated, reused arrays (no
     per-chunk copies): the kernel's floor for draining. Returns the entries read."""
-    from agent.bpf.maps import BPF_F_LOCK, BPF_MAP_LOOKUP_AND_DELETE_BATCH, SYS_BPF, _BatchAttr
+    from xdpml.datapath import syscalls
+    from xdpml.datapath.maps import BPF_F_LOCK, BPF_MAP_LOOKUP_AND_DELETE_BATCH, _BatchAttr
 
     cur_in, cur_out = (C.c_uint8 * 64)(), (C.c_uint8 * 64)()
     total, in_ptr = 0, 0
@@ -386,10 +386,10 @@ def drain_into(fd: int, keys: np.ndarray, values: np.ndarray, *, chunk: int = 81
                           keys=keys.ctypes.data + total * keys.dtype.itemsize,
                           values=values.ctypes.data + total * values.dtype.itemsize,
                           count=min(chunk, len(keys) - total), map_fd=fd, elem_flags=BPF_F_LOCK)
-        rc = _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_AND_DELETE_BATCH, C.byref(attr), C.sizeof(attr))
+        rc = syscalls.bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH, attr)
         total += attr.count
         if rc < 0:
-            err = C.get_errno()
+            err = -rc
             if err == errno.ENOENT:
                 break
             raise OSError(err, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(err)}")
@@ -465,14 +465,14 @@ def synthetic_flows(n: int, key_dtype: np.dtype, value_dtype: np.dtype, *, first
 
 
 def bench_drain(p: Params, report: Report) -> None:
-    from agent.export.memory import tune_malloc
+    from xdpml.cli.memory import tune_malloc
 
-    tune_malloc()  # as the agent does at start (agent/pipeline.py): feature arrays reuse heap pages
-    from agent.bpf.loader import Datapath
-    from agent.bpf.maps import FlowMap
-    from agent.config import AgentSettings, DatapathSettings, HarvestSettings
-    from agent.features import flow_columns
-    from agent.harvest import Harvester, mono_to_unix_offset_ns
+    tune_malloc()  # as the CLI does for the agent (xdpml/cli/__init__.py): feature arrays reuse heap pages
+    from xdpml.datapath.loader import Datapath
+    from xdpml.datapath.maps import FlowMap
+    from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings
+    from xdpml.agent.features import flow_columns
+    from xdpml.agent.harvest import Harvester, mono_to_unix_offset_ns
 
     first_n = 10
     n = p.drain_flows
@@ -645,8 +645,8 @@ def _child_protocol(start, stop) -> None:
 
 def child_agent(iface: str) -> None:
     """The xdpml agent, flows only, default settings, a sink that keeps nothing."""
-    from agent.config import AgentSettings, InterfaceSettings
-    from agent.pipeline import Agent
+    from xdpml.config import AgentSettings, InterfaceSettings
+    from xdpml.agent.pipeline import Agent
 
     class CountSink:
         rows = 0
@@ -681,7 +681,7 @@ def child_seed(iface: str) -> None:
     from bcc import BPF
     from pyroute2 import IPRoute
 
-    from agent.bpf.loader import CLSACT_EGRESS, CLSACT_INGRESS, socket_ifindex
+    from xdpml.datapath.loader import CLSACT_EGRESS, CLSACT_INGRESS, socket_ifindex
 
     b = BPF(text=SEED_BASELINE_C)
     fin = b.load_func(b"bench_seed_in", BPF.SCHED_CLS)
@@ -791,8 +791,7 @@ def _one_consumer(kind: str, host, p: Params) -> dict:
 
 
 def bench_cpu(p: Params, report: Report) -> None:
-    sys.path.insert(0, str(REPO))
-    from tests.netns import make_hosts
+    from xdpml.lab import make_hosts
 
     with make_hosts(HOST_INDEX) as (host,):
         agent = _one_consumer("agent", host, p)

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Export benchmark: agent feature columns -> gRPC -> collector scores, on loopback.
 
-Measures, in one run and on the same synthetic flows (agent.export.synthetic, the
+Measures, in one run and on the same synthetic flows (xdpml.agent.export.synthetic, the
 agent's full flow schema, ~650 bytes of columns per flow):
 
   encode          ColumnBatch -> FeatureBatch bytes (codec + protobuf serialization)
   decode          bytes -> FeatureBatch -> numpy columns
   score           the embedded Isolation Forest alone, on decoded columns
-  columnar e2e    GrpcExporter in this process -> `python -m collector` in another
+  columnar e2e    GrpcExporter in this process -> `python -m xdpml collector` in another
                   process with the embedded model (baseline loaded, every row scored);
                   time from the first put() to the last acknowledgement, which the
                   collector sends after scoring
@@ -33,19 +33,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory  # noqa: E402
+import grpc
+import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from agent.columns import ColumnBatch  # noqa: E402
-from agent.export import codec  # noqa: E402
-from agent.export.grpc_client import ExporterSettings, GrpcExporter  # noqa: E402
-from agent.export.memory import tune_malloc  # noqa: E402
-from agent.export.synthetic import flow_batch  # noqa: E402
-from collector.models import EmbeddedIsolationForest  # noqa: E402
-from xdpml.v1 import collector_pb2 as cpb  # noqa: E402
+from xdpml.wire.columns import ColumnBatch
+from xdpml.wire import codec
+from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
+from xdpml.cli.memory import tune_malloc
+from xdpml.agent.export.synthetic import flow_batch
+from xdpml.collector.models import EmbeddedIsolationForest
+from xdpml.wire.v1 import collector_pb2 as cpb
 
 PER_FLOW_METHOD = "/xdpml.bench.PerFlow/Export"
 F = descriptor_pb2.FieldDescriptorProto
@@ -130,7 +129,7 @@ def serve_per_flow(port: int, state_dir: str) -> None:
 # ---- measurements ------------------------------------------------------------------------
 
 def bench_codec(batches: list[ColumnBatch], repeat: int) -> tuple[dict[str, float], list]:
-    tune_malloc()  # as the exporter and the collector do
+    tune_malloc()  # as the CLI does for the agent and the collector
     seq = iter(range(1, 10**9))
     n = sum(len(b) for b in batches) * repeat
     # What the exporter does: serialized ExportRequests, split under 4 MiB. Payloads are
@@ -175,7 +174,7 @@ def bench_columnar(batches: list[ColumnBatch], flows: int, model_args: list[str]
     port = free_port()
     log = tmp / f"collector-{len(list(tmp.glob('collector-*')))}.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "collector", "--listen", f"127.0.0.1:{port}", *model_args],
+        proc = subprocess.Popen([sys.executable, "-m", "xdpml", "collector", "--listen", f"127.0.0.1:{port}", *model_args],
                                 cwd=ROOT, stderr=f, stdout=f)
     # The collector loads the baseline from state_dir, so it scores with that forest size.
     try:

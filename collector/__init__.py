@@ -1,0 +1,1 @@
+"""The inference collector: gRPC ingest, models, verdicts, scored-flow sinks."""

@@ -28,7 +28,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from agent.columns import ColumnBatch
+from xdpml.wire.columns import ColumnBatch
 from xdpml.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -448,7 +448,7 @@ def load_model(spec: str, *, state_dir: str | None = None, baseline_rows: int = 
     if kind == "onnx" and rest:
         return OnnxModel(rest)
     if kind == "v2" and rest:
-        from collector.v2 import V2Model
+        from xdpml.collector.v2 import V2Model
 
         hostport, _, query = rest.partition("?")
         addr, _, model = hostport.partition("/")

@@ -26,14 +26,13 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agent.export import codec
-from agent.export.memory import tune_malloc
-from agent.export.tls import ServerTls
-from collector.models import Model, ModelError
+from xdpml.wire import codec
+from xdpml.wire.tls import ServerTls
+from xdpml.collector.models import Model, ModelError
 from xdpml.errors import ServiceError
-from collector.sinks import ScoredBatch, Sink, now_ms
-from xdpml.v1 import collector_pb2 as cpb
-from xdpml.v1 import collector_pb2_grpc as cgrpc
+from xdpml.collector.sinks import ScoredBatch, Sink, now_ms
+from xdpml.wire.v1 import collector_pb2 as cpb
+from xdpml.wire.v1 import collector_pb2_grpc as cgrpc
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class CollectorServicer(cgrpc.CollectorServicer):
     def __init__(self, model: Model, sinks: Sequence[Sink], settings: CollectorSettings, telemetry=None) -> None:
         self.model = model
         self.sinks = list(sinks)
-        self.telemetry = telemetry  # xdpml.telemetry.Telemetry or None
+        self.telemetry = telemetry  # xdpml.obs.telemetry.Telemetry or None
         self.settings = settings
         self.threshold = settings.threshold if settings.threshold is not None else model.default_threshold
         self.draining = threading.Event()
@@ -272,7 +271,6 @@ class CollectorServer:
     """
 
     def __init__(self, model: Model, sinks: Sequence[Sink], settings: CollectorSettings, telemetry=None) -> None:
-        tune_malloc()
         self.settings = settings
         self.servicer = CollectorServicer(model, sinks, settings, telemetry)
         s = settings

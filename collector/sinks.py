@@ -16,7 +16,7 @@ from typing import Protocol, TextIO
 
 import numpy as np
 
-from agent.columns import ColumnBatch, ip_to_str, to_python_list
+from xdpml.wire.columns import ColumnBatch, ip_to_str, to_python_list
 
 
 @dataclass

@@ -18,10 +18,10 @@ from typing import Sequence
 import grpc
 import numpy as np
 
-from agent.columns import ColumnBatch
-from collector.models import ModelError, Scores
-from xdpml.v1 import open_inference_pb2 as ipb
-from xdpml.v1 import open_inference_pb2_grpc as igrpc
+from xdpml.wire.columns import ColumnBatch
+from xdpml.collector.models import ModelError, Scores
+from xdpml.wire.v1 import open_inference_pb2 as ipb
+from xdpml.wire.v1 import open_inference_pb2_grpc as igrpc
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class V2Model:
         return y.astype(np.float64).reshape(rows, -1)[:, -1]
 
     def score(self, batch: ColumnBatch) -> Scores:
-        from collector.models import feature_matrix
+        from xdpml.collector.models import feature_matrix
 
         n = len(batch)
         missing = [f for f in self.feature_names if f not in batch.columns]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the Python protobuf/gRPC modules in xdpml/v1/ from proto/xdpml/v1/*.proto.
+# Regenerate the Python protobuf/gRPC modules in xdpml/wire/v1/ from proto/xdpml/wire/v1/*.proto.
 #
 #   scripts/gen-proto.sh            write into the repository (commit the result)
 #   scripts/gen-proto.sh OUTDIR     write into OUTDIR/xdpml/v1/ (tests compare the two)
@@ -15,4 +15,4 @@ cd "$ROOT/proto"
 # Relative paths keep the generated files free of machine-specific absolute paths.
 "$PY" -m grpc_tools.protoc -I . \
   --python_out="$OUT" --pyi_out="$OUT" --grpc_python_out="$OUT" \
-  $(ls xdpml/v1/*.proto | LC_ALL=C sort)
+  $(ls xdpml/wire/v1/*.proto | LC_ALL=C sort)

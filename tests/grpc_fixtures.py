@@ -6,10 +6,10 @@ import threading
 import numpy as np
 import pytest
 
-from agent.columns import ColumnBatch
-from agent.export.synthetic import flow_batch
-from collector.models import Scores, feature_matrix
-from collector.server import CollectorServer, CollectorSettings
+from xdpml.wire.columns import ColumnBatch
+from xdpml.agent.export.synthetic import flow_batch
+from xdpml.collector.models import Scores, feature_matrix
+from xdpml.collector.server import CollectorServer, CollectorSettings
 
 
 class PacketsModel:

@@ -7,9 +7,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from agent.columns import ColumnBatch
-from agent.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings, WindowSettings
-from agent.pipeline import Agent
+from xdpml.wire.columns import ColumnBatch
+from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings, WindowSettings
+from xdpml.agent.pipeline import Agent
 
 
 class MemorySink:

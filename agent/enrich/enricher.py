@@ -16,8 +16,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from agent.columns import ColumnBatch, ColumnSpec
-from agent.enrich.podcache import EndpointInfo, EndpointResolver
+from xdpml.wire.columns import ColumnBatch, ColumnSpec
+from xdpml.kube.podcache import EndpointInfo, EndpointResolver
 
 FIELDS = ("namespace", "pod", "workload_kind", "workload", "node", "service")
 SIDES = ("src", "dst")

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 from kubernetes import client as k8s_client
 
-from agent.columns import ColumnBatch
-from agent.enrich.enricher import Enricher
-from agent.enrich.podcache import PodCache
+from xdpml.wire.columns import ColumnBatch
+from xdpml.agent.enrich.enricher import Enricher
+from xdpml.kube.podcache import PodCache
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class EnrichmentManager:
         self._pending: tuple[Any, PodCache] | None = None  # (settings, cache) still syncing
 
     def apply(self, settings: Any) -> None:
-        """``settings``: an :class:`agent.kube.agentconfig.EnrichmentSettings`."""
+        """``settings``: an :class:`xdpml.kube.agentconfig.EnrichmentSettings`."""
         with self._lock:
             old = self._settings
             watch_key = (settings.cluster_wide, settings.services, settings.owners)

@@ -26,8 +26,8 @@ import subprocess
 import threading
 from typing import Iterable, Protocol
 
-from agent.columns import ip_from_str
-from agent.enrich.podcache import EndpointInfo, EndpointResolver
+from xdpml.wire.columns import ip_from_str
+from xdpml.kube.podcache import EndpointInfo, EndpointResolver
 
 log = logging.getLogger(__name__)
 

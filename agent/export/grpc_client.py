@@ -28,11 +28,10 @@ from typing import Callable, Iterator
 
 import grpc
 
-from agent.columns import ColumnBatch
-from agent.export import codec
-from agent.export.memory import tune_malloc
-from agent.export.tls import ClientTls
-from xdpml.v1 import collector_pb2 as cpb
+from xdpml.wire.columns import ColumnBatch
+from xdpml.wire import codec
+from xdpml.wire.tls import ClientTls
+from xdpml.wire.v1 import collector_pb2 as cpb
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,6 @@ class GrpcExporter:
 
     def __init__(self, settings: ExporterSettings, *, on_verdicts: Callable[[cpb.VerdictBatch], None] | None = None,
                  loss_counters: Callable[[], dict[str, int]] | None = None) -> None:
-        tune_malloc()
         self.settings = settings
         self.on_verdicts = on_verdicts
         self._loss_counters = loss_counters

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import IO, Protocol
 
-from agent.columns import ColumnBatch
+from xdpml.wire.columns import ColumnBatch
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class UnixSocketSink:
 
 
 class CollectorSink:
-    """Feeds the gRPC exporter (agent.export.grpc_client.GrpcExporter): put() never
+    """Feeds the gRPC exporter (xdpml.agent.export.grpc_client.GrpcExporter): put() never
     blocks the harvester; what the bounded queue drops is counted there."""
 
     name = "grpc"  # metrics attribute

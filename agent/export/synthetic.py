@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.columns import V4_MAPPED_PREFIX, ColumnBatch, ColumnSpec
+from xdpml.wire.columns import V4_MAPPED_PREFIX, ColumnBatch, ColumnSpec
 
 FLAGS = ("syn", "cwr", "ece", "urg", "ack", "psh", "rst", "fin")
 DIRS = ("bidirectional", "src2dst", "dst2src")

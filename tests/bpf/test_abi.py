@@ -1,4 +1,4 @@
-"""The ctypes mirror (agent/bpf/abi.py) has the C layout of bpf/abi.h.
+"""The ctypes mirror (xdpml/datapath/abi.py) has the C layout of bpf/abi.h.
 
 The host C compiler compiles bpf/abi.h and prints sizeof/offsetof for every
 field; the numbers come from the compiler, not from the code under test."""
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bpf import abi
+from xdpml.datapath import abi
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 

@@ -8,11 +8,11 @@ from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6
                                 IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
 from scapy.layers.l2 import ARP, GRE, Dot1AD, Dot1Q, Ether
 
-from agent.bpf.loader import XDP_PROG, Datapath
-from agent.bpf.maps import FlowMap
-from agent.bpf.testrun import test_run as prog_test_run
-from agent.columns import ip_to_str
-from agent.config import AgentSettings
+from xdpml.datapath.loader import XDP_PROG, Datapath
+from xdpml.datapath.maps import FlowMap
+from xdpml.datapath.testrun import test_run as prog_test_run
+from xdpml.wire.columns import ip_to_str
+from xdpml.config import AgentSettings
 
 pytestmark = pytest.mark.root
 XDP_PASS = 2
@@ -195,7 +195,7 @@ def test_both_directions_share_a_flow(run, dp):
 
 def test_lockless_build_counts_the_same():
     """-DXDPML_FLOW_LOCK=0 compiles, loads and accounts single-CPU traffic identically."""
-    from agent.config import DatapathSettings
+    from xdpml.config import DatapathSettings
 
     with Datapath(AgentSettings(datapath=DatapathSettings(flow_lock=False))) as d:
         table = FlowMap(d.flow_map_fd(), key_dtype=d.types.key_dtype, value_dtype=d.types.value_dtype)

@@ -142,7 +142,7 @@ def test_agentconfig_validates_against_crd_and_agent_parser(scenario):
     """The chart's AgentConfig passes the CRD's structural schema and the agent's own
     parser, and the TLS files that parser derives are exactly the files the DaemonSet
     mounts."""
-    from agent.kube.agentconfig import parse_spec
+    from xdpml.kube.agentconfig import parse_spec
 
     values = load_values(scenario)
     docs = render(values)

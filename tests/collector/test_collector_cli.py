@@ -1,4 +1,4 @@
-"""`python -m collector` (what `xdpml collector` runs) as a process: health, reflection,
+"""`python -m xdpml collector` (what `xdpml collector` runs) as a process: health, reflection,
 sinks, the flagged-flow table, graceful shutdown and clear start-up errors."""
 import json
 import signal
@@ -13,23 +13,23 @@ import pyarrow.parquet as pq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from agent.columns import ip_to_str
-from agent.export.grpc_client import ExporterSettings, GrpcExporter
-from agent.export.synthetic import flow_batch
+from xdpml.wire.columns import ip_to_str
+from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
+from xdpml.agent.export.synthetic import flow_batch
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(args, timeout=30):
-    return subprocess.run([sys.executable, "-m", "collector", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "xdpml", "collector", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def _start(args, log: Path):
     f = open(log, "w")
     err = open(str(log) + ".err", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "collector", *args], cwd=ROOT, stdout=f, stderr=err)
+    proc = subprocess.Popen([sys.executable, "-m", "xdpml", "collector", *args], cwd=ROOT, stdout=f, stderr=err)
     f.close()
     err.close()
     end = time.monotonic() + 30

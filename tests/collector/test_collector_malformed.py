@@ -3,11 +3,11 @@ import grpc
 import numpy as np
 import pytest
 
-from agent.export import codec
+from xdpml.wire import codec
 from conftest import batch_with_ids
-from xdpml.v1 import collector_pb2 as cpb
-from xdpml.v1 import collector_pb2_grpc as cgrpc
-from xdpml.v1 import feature_batch_pb2 as pb
+from xdpml.wire.v1 import collector_pb2 as cpb
+from xdpml.wire.v1 import collector_pb2_grpc as cgrpc
+from xdpml.wire.v1 import feature_batch_pb2 as pb
 
 
 def _good(seq: int, n: int = 10) -> cpb.ExportRequest:
@@ -106,7 +106,7 @@ def test_a_failing_model_costs_the_batch_not_the_stream(collector):
 
 
 def test_verdict_keys_keep_every_address_byte(collector):
-    from agent.columns import ip_from_str
+    from xdpml.wire.columns import ip_from_str
 
     b = batch_with_ids(3, 0)
     b.columns["src_ip"] = np.array([ip_from_str(a) for a in ("10.0.0.0", "2001:db8::", "10.1.2.3")], dtype="S16")

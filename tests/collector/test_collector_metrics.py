@@ -4,9 +4,9 @@ import urllib.request
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.export.grpc_client import ExporterSettings, GrpcExporter
-from collector.server import CollectorServer, CollectorSettings
-from xdpml.telemetry import Telemetry, TelemetrySettings
+from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
+from xdpml.collector.server import CollectorServer, CollectorSettings
+from xdpml.obs.telemetry import Telemetry, TelemetrySettings
 
 from conftest import PacketsModel, batch_with_ids
 

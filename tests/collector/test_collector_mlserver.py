@@ -16,14 +16,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-import collector.v2
-from agent.export.grpc_client import ExporterSettings, GrpcExporter
-from agent.export.synthetic import flow_batch
-from collector.models import ModelError, load_model
-from collector.server import CollectorServer, CollectorSettings
+import xdpml.collector.v2
+from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
+from xdpml.agent.export.synthetic import flow_batch
+from xdpml.collector.models import ModelError, load_model
+from xdpml.collector.server import CollectorServer, CollectorSettings
 from conftest import free_port
-from xdpml.v1 import open_inference_pb2 as ipb
-from xdpml.v1 import open_inference_pb2_grpc as igrpc
+from xdpml.wire.v1 import open_inference_pb2 as ipb
+from xdpml.wire.v1 import open_inference_pb2_grpc as igrpc
 
 ROOT = Path(__file__).resolve().parents[2]
 MLSERVER = Path(os.environ.get("XDPML_MLSERVER_VENV", ROOT / ".venv-mlserver")) / "bin" / "mlserver"
@@ -92,7 +92,7 @@ class ScoreSink:
 def test_collector_scores_equal_sklearn_predictions(mlserver, monkeypatch):
     addr, clf = mlserver
     # Small requests, so one batch is forwarded as several concurrent ModelInfer calls.
-    monkeypatch.setattr(collector.v2, "MAX_REQUEST_BYTES", 20_000)
+    monkeypatch.setattr(xdpml.collector.v2, "MAX_REQUEST_BYTES", 20_000)
     model = load_model(f"v2:{addr}/flows?output=predict_proba")
     assert model.feature_names == FEATS  # from the server's model metadata
     batches = [flow_batch(1500, seed=21), flow_batch(400, kind="portscan", seed=22),

@@ -10,9 +10,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from agent.columns import ColumnBatch
-from agent.export.synthetic import flow_batch
-from collector.models import (EMBEDDED_FEATURES, EmbeddedIsolationForest, ModelError, feature_matrix, load_model)
+from xdpml.wire.columns import ColumnBatch
+from xdpml.agent.export.synthetic import flow_batch
+from xdpml.collector.models import (EMBEDDED_FEATURES, EmbeddedIsolationForest, ModelError, feature_matrix, load_model)
 
 FEATS = ["bidirectional_packets", "bidirectional_bytes", "bps", "dst2src_packets"]
 

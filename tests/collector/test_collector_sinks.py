@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 
-from agent.columns import ColumnBatch, ColumnSpec, ip_from_str
-from collector.sinks import FlaggedPrinter, JsonlSink, ParquetSink, ScoredBatch, format_flagged_table
+from xdpml.wire.columns import ColumnBatch, ColumnSpec, ip_from_str
+from xdpml.collector.sinks import FlaggedPrinter, JsonlSink, ParquetSink, ScoredBatch, format_flagged_table
 
 
 def _scored(kind="flow"):

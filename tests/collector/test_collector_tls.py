@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.export.grpc_client import ExporterSettings, GrpcExporter
-from agent.export.tls import ClientTls, ServerTls, TlsConfigError
+from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
+from xdpml.wire.tls import ClientTls, ServerTls, TlsConfigError
 from conftest import batch_with_ids
 
 NOW = dt.datetime.now(dt.timezone.utc)

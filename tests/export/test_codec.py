@@ -4,10 +4,10 @@ import struct
 import numpy as np
 import pytest
 
-from agent.columns import ColumnBatch, ColumnSpec, ip_from_str
-from agent.export import codec
-from agent.export.synthetic import flow_batch
-from xdpml.v1 import feature_batch_pb2 as pb
+from xdpml.wire.columns import ColumnBatch, ColumnSpec, ip_from_str
+from xdpml.wire import codec
+from xdpml.agent.export.synthetic import flow_batch
+from xdpml.wire.v1 import feature_batch_pb2 as pb
 
 
 def _small() -> ColumnBatch:
@@ -126,7 +126,7 @@ def test_malformed_batches_raise_clear_errors(mutate, match):
 @pytest.mark.parametrize("make", [_small, lambda: flow_batch(700, seed=3), lambda: flow_batch(0, seed=1),
                                   lambda: ColumnBatch("packet", {"x": np.zeros(3, dtype=np.float32)})])
 def test_fast_request_bytes_parse_to_the_same_message(make):
-    from xdpml.v1 import collector_pb2 as cpb
+    from xdpml.wire.v1 import collector_pb2 as cpb
 
     b = make()
     kw = dict(sequence=300, node=codec.NodeIdentity("n", "a", "1"), loss_counters={"x": 5, "y": 2**40},
@@ -142,7 +142,7 @@ def test_fast_request_bytes_parse_to_the_same_message(make):
 
 
 def test_split_request_bytes_stay_under_the_limit_and_cover_every_row():
-    from xdpml.v1 import collector_pb2 as cpb
+    from xdpml.wire.v1 import collector_pb2 as cpb
 
     b = flow_batch(2000, seed=8)
     seq = iter(range(7, 10**6))

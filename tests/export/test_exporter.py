@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
-from agent.export.grpc_client import ExporterSettings, GrpcExporter
+from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
 from conftest import batch_with_ids, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ def test_non_retryable_status_drops_in_flight_rows():
 def _start_collector(port: int, tmp_path: Path, name: str) -> subprocess.Popen:
     log = open(tmp_path / f"{name}.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "collector", "--listen", f"127.0.0.1:{port}", "--baseline-rows", "200",
+        [sys.executable, "-m", "xdpml", "collector", "--listen", f"127.0.0.1:{port}", "--baseline-rows", "200",
          "--state-dir", str(tmp_path / "state"), "--jsonl", str(tmp_path / f"{name}.jsonl"), "--no-verdicts"],
         cwd=ROOT, stderr=log, stdout=log)
     log.close()
@@ -172,7 +172,7 @@ class SlowModel:
 
     def score(self, batch):
         time.sleep(self.seconds)
-        from collector.models import Scores
+        from xdpml.collector.models import Scores
 
         return Scores(np.zeros(len(batch)))
 
@@ -211,7 +211,7 @@ def test_graceful_shutdown_acknowledges_every_batch_it_received(collector):
 
 
 def test_many_agents_at_once_get_their_own_verdicts(collector):
-    from agent.columns import ip_from_str, ip_to_str
+    from xdpml.wire.columns import ip_from_str, ip_to_str
 
     srv = collector()
     agents = []

@@ -83,7 +83,7 @@ def test_dockerignore_keeps_what_the_image_needs():
     patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
                 if l.strip() and not l.startswith("#")]
     for needed in ("scripts/install.sh", "scripts/kernel-headers.sh", "bpf/xdp_flow.c",
-                   "pyproject.toml", "agent/health.py", "xdpml/telemetry.py"):
+                   "pyproject.toml", "xdpml/obs/health.py", "xdpml/obs/telemetry.py"):
         assert not _ignored(needed, patterns), needed
     for dropped in (".venv/bin/python", ".git/HEAD", "tests/chart/test_chart.py",
                     "agent/__pycache__/x.pyc", "xdpml.egg-info/PKG-INFO"):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.bpf.loader import AttachError, Datapath, prog_name, xdp_state
-from agent.config import AgentSettings
+from xdpml.datapath.loader import AttachError, Datapath, prog_name, xdp_state
+from xdpml.config import AgentSettings
 from netns import make_hosts, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

@@ -2,8 +2,8 @@
 counted in the kernel's flow_full counter."""
 import pytest
 
-from agent.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings
-from agent.pipeline import Agent
+from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings
+from xdpml.agent.pipeline import Agent
 from harness import MemorySink
 from netns import make_hosts
 from test_crosscheck import scapy_send

@@ -58,8 +58,8 @@ def test_flows_stream_to_a_unix_socket_consumer(tmp_path):
 
 
 def test_missing_consumer_drops_and_counts_without_stalling(tmp_path):
-    from agent.columns import ColumnBatch
-    from agent.export.sinks import UnixSocketSink
+    from xdpml.wire.columns import ColumnBatch
+    from xdpml.agent.export.sinks import UnixSocketSink
     import numpy as np
 
     sink = UnixSocketSink(str(tmp_path / "nobody.sock"))

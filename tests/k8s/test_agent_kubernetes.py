@@ -9,11 +9,11 @@ import urllib.request
 
 import pytest
 
-from agent.health import HealthServer
-from agent.kube.agentconfig import EnrichmentSettings
-from agent.kube.reflector import Backoff
-from agent.kubernetes import KubeAgentOptions, KubernetesAgent
-from agent.enrich.manager import EnrichmentManager
+from xdpml.obs.health import HealthServer
+from xdpml.kube.agentconfig import EnrichmentSettings
+from xdpml.kube.reflector import Backoff
+from xdpml.agent.kubernetes import KubeAgentOptions, KubernetesAgent
+from xdpml.agent.enrich.manager import EnrichmentManager
 from netns import make_hosts
 
 from .conftest import pod, wait_for

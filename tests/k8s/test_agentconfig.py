@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import ConfigError
-from agent.kube.agentconfig import assign_interfaces, parse_spec, rules_overlap
+from xdpml.config import ConfigError
+from xdpml.kube.agentconfig import assign_interfaces, parse_spec, rules_overlap
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -66,7 +66,7 @@ def test_every_problem_reported_with_its_path():
 
 
 def test_export_settings_feed_the_exporter():
-    from agent.export.grpc_client import ExporterSettings
+    from xdpml.agent.export.grpc_client import ExporterSettings
     cfg = parse_spec(dict(BASE, collector={"address": "collector.xdpml:50051",
                                            "tls": {"mode": "mtls", "secretName": "agent-tls",
                                                    "serverName": "collector"}}))

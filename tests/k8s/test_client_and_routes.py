@@ -10,9 +10,9 @@ import uuid
 
 import pytest
 
-from agent.columns import ip_from_str
-from agent.enrich import PodCache
-from agent.kube.client import KubeUnavailable, api_client
+from xdpml.wire.columns import ip_from_str
+from xdpml.agent.enrich import PodCache
+from xdpml.kube.client import KubeUnavailable, api_client
 
 from .conftest import pod
 
@@ -56,7 +56,7 @@ def test_ip_route_source_reads_host_routes_in_a_netns():
         run("ip", "route", "add", "10.244.1.7/32", "dev", "cali0a1b")
         run("ip", "route", "add", "10.244.9.0/24", "dev", "cali0a1c")  # a subnet route: not a pod
         run("ip", "-6", "route", "add", "fd00::7/128", "dev", "cali0a1c")
-        code = ("import json, socket; from agent.enrich.veth import IpRouteSource; "
+        code = ("import json, socket; from xdpml.agent.enrich.veth import IpRouteSource; "
                 "print(json.dumps([sorted(IpRouteSource().host_routes()), socket.if_nametoindex('cali0a1b'), "
                 "socket.if_nametoindex('cali0a1c')]))")
         out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], check=True,

@@ -5,9 +5,9 @@ import threading
 
 import pytest
 
-from agent.kube.agentconfig import AgentConfig
-from agent.kube.config_watch import AgentConfigWatcher
-from agent.kube.reflector import Backoff
+from xdpml.kube.agentconfig import AgentConfig
+from xdpml.kube.config_watch import AgentConfigWatcher
+from xdpml.kube.reflector import Backoff
 
 from .conftest import make_client, wait_for
 from .fakeapi import FakeKubeAPI

@@ -13,8 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from agent.config import ConfigError
-from agent.kube.agentconfig import parse_agentconfig
+from xdpml.config import ConfigError
+from xdpml.kube.agentconfig import parse_agentconfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -274,7 +274,7 @@ def test_agent_defaults_equal_the_crd_defaults():
 
 
 def test_check_file_reports_each_document(tmp_path):
-    from agent.kube.agentconfig import check_file
+    from xdpml.kube.agentconfig import check_file
     bundle = tmp_path / "bundle.yaml"
     bundle.write_text((EXAMPLES / "valid/minimal.yaml").read_text() + "\n---\n" +
                       (EXAMPLES / "invalid/overlapping-rules.yaml").read_text() +

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.columns import ColumnBatch, ColumnSpec, ip_from_str
-from agent.enrich import Enricher, EndpointInfo, PodCache, VethMap, metadata_column_names
-from agent.enrich.podcache import PodRecord, pod_record, workload_of
-from agent.kube.reflector import Backoff
+from xdpml.wire.columns import ColumnBatch, ColumnSpec, ip_from_str
+from xdpml.agent.enrich import Enricher, EndpointInfo, PodCache, VethMap, metadata_column_names
+from xdpml.kube.podcache import PodRecord, pod_record, workload_of
+from xdpml.kube.reflector import Backoff
 
 from .conftest import pod, wait_for
 

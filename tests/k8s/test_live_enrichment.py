@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.columns import ColumnBatch, ip_from_str
-from agent.enrich.manager import EnrichmentManager
-from agent.kube.config_watch import AgentConfigWatcher
-from agent.kube.reflector import Backoff
+from xdpml.wire.columns import ColumnBatch, ip_from_str
+from xdpml.agent.enrich.manager import EnrichmentManager
+from xdpml.kube.config_watch import AgentConfigWatcher
+from xdpml.kube.reflector import Backoff
 
 from .conftest import pod, wait_for
 

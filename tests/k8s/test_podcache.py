@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from agent.columns import ip_from_str
-from agent.enrich.podcache import PodCache
-from agent.kube.reflector import Backoff
+from xdpml.wire.columns import ip_from_str
+from xdpml.kube.podcache import PodCache
+from xdpml.kube.reflector import Backoff
 
 from .conftest import make_client, pod, wait_for
 from .fakeapi import FakeKubeAPI

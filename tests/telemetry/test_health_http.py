@@ -1,4 +1,4 @@
-"""agent/health.py: a real HTTP server on loopback answers the kubelet's probes."""
+"""xdpml/obs/health.py: a real HTTP server on loopback answers the kubelet's probes."""
 from __future__ import annotations
 
 import http.client
@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from agent.health import HealthServer, HealthState
+from xdpml.obs.health import HealthServer, HealthState
 
 
 def get(port: int, path: str, method: str = "GET") -> tuple[int, str]:

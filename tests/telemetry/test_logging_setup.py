@@ -1,4 +1,4 @@
-"""xdpml/logging_setup.py: text and JSON lines on stdout."""
+"""xdpml/obs/logs.py: text and JSON lines on stdout."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from xdpml.logging_setup import LoggingConfigError, setup_logging
+from xdpml.obs.logs import LoggingConfigError, setup_logging
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 
-from xdpml.telemetry import Telemetry, TelemetryError, TelemetrySettings
+from xdpml.obs.telemetry import Telemetry, TelemetryError, TelemetrySettings
 
 
 class Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from xdpml.telemetry import METRICS, Telemetry, TelemetryError, TelemetrySettings
+from xdpml.obs.telemetry import METRICS, Telemetry, TelemetryError, TelemetrySettings
 
 ROOT = Path(__file__).resolve().parents[2]
 

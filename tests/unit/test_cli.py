@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-XDPML = [sys.executable, "-m", "xdpml.cli"]
+XDPML = [sys.executable, "-m", "xdpml"]
 
 
 def run(*args):

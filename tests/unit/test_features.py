@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from agent.bpf.abi import END_FIN_INIT, END_FIN_RESP, END_RST, flow_types
-from agent.columns import ip_from_str
-from agent.config import HarvestSettings
-from agent.features import WindowAccumulator, expand_segments, flow_columns
-from agent.harvest import Harvester
+from xdpml.datapath.abi import END_FIN_INIT, END_FIN_RESP, END_RST, flow_types
+from xdpml.wire.columns import ip_from_str
+from xdpml.config import HarvestSettings
+from xdpml.agent.features import WindowAccumulator, expand_segments, flow_columns
+from xdpml.agent.harvest import Harvester
 
 T = flow_types(4)
 

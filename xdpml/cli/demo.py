@@ -1,0 +1,287 @@
+"""`xdpml demo`: the whole loop on one machine.
+
+Two test hosts in network namespaces reach services in the root namespace over veth
+pairs; the agent watches both veths and streams flows to a collector (embedded
+Isolation Forest) on loopback. Phase 1: normal traffic (HTTP-like TCP, DNS-like
+UDP, ping) teaches the model a baseline. Phase 2: the second host port-scans the
+server and SYN-floods it while normal traffic goes on. At the end, a table of the
+flows the model flagged and how each kind of traffic was judged. Everything made
+is removed, also on Ctrl-C.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+CLIENT, ATTACKER = 61, 62
+SERVER_TCP, SERVER_UDP = 8080, 5353
+
+
+def say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def sh(cmd: str, check: bool = True) -> None:
+    r = subprocess.run(cmd, shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if check and r.returncode:
+        raise RuntimeError(f"{cmd}: {r.stderr.strip()}")
+
+
+class Host:
+    def __init__(self, index: int):
+        self.ns = f"xdpml-demo-{index}"
+        self.veth = f"xdpd{index}"
+        self.host_ip = f"10.202.{index}.1"
+        self.ns_ip = f"10.202.{index}.2"
+
+    def up(self) -> None:
+        self.down()
+        sh(f"ip netns add {self.ns}")
+        sh(f"ip link add {self.veth} type veth peer name eth0 netns {self.ns}")
+        sh(f"sysctl -qw net.ipv6.conf.{self.veth}.disable_ipv6=1")
+        sh(f"ip netns exec {self.ns} sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1")
+        sh(f"ip addr add {self.host_ip}/24 dev {self.veth}")
+        sh(f"ip link set {self.veth} up")
+        sh(f"ip -n {self.ns} addr add {self.ns_ip}/24 dev eth0")
+        sh(f"ip -n {self.ns} link set eth0 up")
+        sh(f"ip -n {self.ns} link set lo up")
+        for dev, pre in ((self.veth, ""), ("eth0", f"ip netns exec {self.ns} ")):
+            sh(f"{pre}ethtool -K {dev} tso off gso off gro off >/dev/null 2>&1", check=False)
+
+    def down(self) -> None:
+        sh(f"ip link del {self.veth}", check=False)
+        sh(f"ip netns del {self.ns}", check=False)
+
+    def python(self, script: str, *, python: str = "/usr/bin/python3") -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.ns, python, "-c", script],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+class Servers:
+    """An HTTP-like TCP service and a DNS-like UDP service on the hosts' gateway addresses."""
+
+    def __init__(self, ips: list[str]):
+        self.stop = threading.Event()
+        self.socks = []
+        for ip in ips:
+            t = socket.socket()
+            t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            t.bind((ip, SERVER_TCP))
+            t.listen(4096)
+            t.settimeout(0.2)
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.bind((ip, SERVER_UDP))
+            u.settimeout(0.2)
+            self.socks += [t, u]
+            threading.Thread(target=self._tcp, args=(t,), daemon=True).start()
+            threading.Thread(target=self._udp, args=(u,), daemon=True).start()
+
+    def _tcp(self, s):
+        while not self.stop.is_set():
+            try:
+                c, _ = s.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _serve(c):
+        try:
+            c.settimeout(2)
+            req = c.recv(65535)
+            size = int(req.split(b" ", 2)[1]) if req.startswith(b"GET ") else 100
+            c.sendall(b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * size)
+        except (OSError, ValueError, IndexError):
+            pass
+        finally:
+            c.close()
+
+    def _udp(self, s):
+        while not self.stop.is_set():
+            try:
+                data, peer = s.recvfrom(2048)
+                s.sendto(data + b"\x00" * 64, peer)
+            except OSError:
+                continue
+
+    def close(self):
+        self.stop.set()
+        for s in self.socks:
+            s.close()
+
+
+NORMAL = """
+import random, socket, time
+end = time.time() + {seconds}
+i = 0
+while time.time() < end:
+    i += 1
+    try:
+        c = socket.create_connection(('{ip}', {tcp}), timeout=2)
+        c.sendall(b'GET %d /' % random.randint(500, 20000) + b'h' * random.randint(50, 600))
+        while c.recv(65535):
+            pass
+        c.close()
+    except OSError:
+        pass
+    if i % 3 == 0:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(1)
+        u.sendto(b'q' * random.randint(20, 80), ('{ip}', {udp}))
+        try: u.recvfrom(2048)
+        except OSError: pass
+        u.close()
+    time.sleep(random.uniform(0.02, 0.08))
+"""
+
+SCAN = """
+import socket
+for port in range(1, {ports} + 1):
+    s = socket.socket(); s.settimeout(0.2)
+    try: s.connect(('{ip}', port))
+    except OSError: pass
+    s.close()
+"""
+
+FLOOD = """
+from scapy.all import IP, TCP, send, RandShort
+send(IP(src='{src}', dst='{ip}') / TCP(sport=RandShort(), dport={tcp}, flags='S', seq=12345),
+     count={count}, inter=0.0005, verbose=False)
+"""
+
+
+def main(args) -> int:
+    if os.geteuid() != 0:
+        print("xdpml demo: run as root (it builds network namespaces and attaches BPF programs)",
+              file=sys.stderr)
+        return 2
+    for tool in ("ip", "ethtool"):
+        if not shutil.which(tool):
+            print(f"xdpml demo: `{tool}` is missing; run scripts/install.sh --demo", file=sys.stderr)
+            return 2
+    from xdpml.config import AgentSettings, HarvestSettings, InterfaceSettings
+    from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
+    from xdpml.agent.export.sinks import CollectorSink
+    from xdpml.agent.pipeline import Agent
+
+    seconds = args.seconds
+    work = Path(tempfile.mkdtemp(prefix="xdpml-demo-"))
+    scored_path = work / "scored.jsonl"
+    hosts = [Host(CLIENT), Host(ATTACKER)]
+    servers = collector = agent = None
+    procs: list[subprocess.Popen] = []
+    try:
+        say("building test hosts: client 10.202.61.2, attacker 10.202.62.2 (network namespaces)")
+        for h in hosts:
+            h.up()
+        servers = Servers([h.host_ip for h in hosts])
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        baseline = max(200, int(seconds * 12))
+        say(f"starting the collector on 127.0.0.1:{port} (embedded Isolation Forest, baseline {baseline} flows)")
+        collector = subprocess.Popen(
+            [sys.executable, "-m", "xdpml.cli", "collector", "--listen", f"127.0.0.1:{port}",
+             "--model", "embedded", "--baseline-rows", str(baseline), "--state-dir", str(work / "state"),
+             "--jsonl", str(scored_path)],
+            stdout=open(work / "collector.log", "w"), stderr=subprocess.STDOUT)
+
+        settings = AgentSettings(
+            interfaces=InterfaceSettings(names=[h.veth for h in hosts]),
+            harvest=HarvestSettings(idle_timeout_s=2.0, interval_s=0.5), summary_interval_s=5.0)
+        exporter = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{port}", node_name="demo-node"))
+        agent = Agent(settings, interfaces=[h.veth for h in hosts], sinks=[CollectorSink(exporter)])
+        say("starting the agent on xdpd61 and xdpd62 (compiling the BPF programs takes a few seconds)")
+        agent.start()
+
+        client, attacker = hosts
+        say(f"phase 1: {seconds:.0f} s of normal traffic from the client (web requests, DNS-like queries, ping)")
+        ping = subprocess.Popen(["ip", "netns", "exec", client.ns, "ping", "-q", "-i", "1", client.host_ip],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(ping)
+        normal = client.python(NORMAL.format(seconds=seconds * 2 + 15, ip=client.host_ip, tcp=SERVER_TCP,
+                                             udp=SERVER_UDP))
+        procs.append(normal)
+        time.sleep(seconds)
+        say("phase 2: the attacker port-scans 1-1024 and SYN-floods port 8080 (2000 SYNs); normal traffic goes on")
+        scan = attacker.python(SCAN.format(ports=1024, ip=attacker.host_ip))
+        scan.wait(120)
+        flood = attacker.python(FLOOD.format(src=attacker.ns_ip, ip=attacker.host_ip, tcp=SERVER_TCP, count=2000),
+                                python=sys.executable)
+        flood.wait(120)
+        say("waiting for the last flows to go idle and be scored")
+        time.sleep(6)
+    except KeyboardInterrupt:
+        say("interrupted")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        if agent is not None:
+            agent.stop()
+        if collector is not None:
+            collector.terminate()
+            try:
+                collector.wait(30)
+            except subprocess.TimeoutExpired:
+                collector.kill()
+        if servers is not None:
+            servers.close()
+        for h in hosts:
+            h.down()
+    return report(scored_path, hosts, work)
+
+
+def report(path: Path, hosts: list[Host], work: Path) -> int:
+    from xdpml.collector.sinks import format_flagged_table
+
+    if not path.exists():
+        print(f"xdpml demo: the collector wrote no scores; see {work / 'collector.log'}", file=sys.stderr)
+        return 1
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    flows = [r for r in rows if r.get("record", "flow") == "flow"]
+    client, attacker = hosts
+
+    def kind(r) -> str:
+        ips = {r.get("src_ip"), r.get("dst_ip")}
+        if attacker.ns_ip in ips:
+            return "SYN flood" if SERVER_TCP in (r.get("src_port"), r.get("dst_port")) else "port scan"
+        if client.ns_ip in ips:
+            return "normal"
+        return "other"
+
+    scored = [r for r in flows if r.get("score") is not None]
+    learning = len(flows) - len(scored)
+    total, flagged = Counter(), Counter()
+    for r in scored:
+        total[kind(r)] += 1
+        flagged[kind(r)] += bool(r.get("flagged"))
+    print()
+    print(f"{len(flows)} flows reached the collector: {learning} taught the baseline, {len(scored)} were scored")
+    print()
+    print(f"{'traffic':<12} {'scored':>7} {'flagged':>8} {'share':>7}")
+    for k in ("normal", "port scan", "SYN flood", "other"):
+        if total[k]:
+            print(f"{k:<12} {total[k]:>7} {flagged[k]:>8} {flagged[k] / total[k]:>7.1%}")
+    top = sorted((r for r in scored if r.get("flagged")), key=lambda r: r["score"], reverse=True)
+    if top:
+        picks = []
+        for k in ("port scan", "SYN flood", "normal", "other"):
+            picks += [r for r in top if kind(r) == k][:6]
+        for r in picks:
+            r.setdefault("node", r.get("node_name", ""))
+        print()
+        print(f"flagged flows: {len(top)}; the most anomalous of each kind of traffic:")
+        print(format_flagged_table(sorted(picks, key=lambda r: r["score"], reverse=True)))
+    print()
+    print(f"scored flows: {path}")
+    return 0

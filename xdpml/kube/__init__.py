@@ -1,0 +1,1 @@
+"""Kubernetes API: list/watch reflector, pod cache, AgentConfig validation and watch, status, events."""

@@ -1,0 +1,138 @@
+"""Throwaway test hosts: network namespaces joined to the root namespace by veth pairs.
+
+Topology of a TestHost named N with index k:
+    root ns: veth `xdpt{k}` 10.201.k.1/24, fd00:201:k::1/64   <-- the agent attaches here
+    netns `xdpml-test-{k}`: veth `eth0` 10.201.k.2/24, fd00:201:k::2/64
+(with XDPML_TEST_SLOT=s > 0: `xdpt{s}s{k}`, `xdpml-test-s{s}-{k}`, 10.{201+s}.k.0/24)
+Used by the tests and the benchmarks. Only these addresses are ever traffic targets. Offloads (TSO/GSO/GRO) are off by
+default so every packet on the wire is one frame (exact ground truth).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+def sh(cmd: str, *, check: bool = True, capture: bool = False) -> str:
+    r = subprocess.run(cmd, shell=True, check=False, text=True,
+                       stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{cmd!r} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout if capture else ""
+
+
+# Several checkouts may run tests on one machine at once (developers' worktrees): each sets
+# its own XDPML_TEST_SLOT (0-9) so its hosts' names and addresses never collide with another's.
+SLOT = int(os.environ.get("XDPML_TEST_SLOT", "0"))
+if not 0 <= SLOT <= 9:
+    raise ValueError(f"XDPML_TEST_SLOT={SLOT}: must be 0-9")
+
+
+@dataclass
+class TestHost:
+    index: int
+
+    @property
+    def ns(self) -> str:
+        return f"xdpml-test-{self.index}" if SLOT == 0 else f"xdpml-test-s{SLOT}-{self.index}"
+
+    @property
+    def host_if(self) -> str:
+        return f"xdpt{self.index}" if SLOT == 0 else f"xdpt{SLOT}s{self.index}"
+
+    @property
+    def _net(self) -> str:
+        return f"10.{201 + SLOT}.{self.index}"
+
+    @property
+    def host_ip(self) -> str:
+        return f"{self._net}.1"
+
+    @property
+    def ns_ip(self) -> str:
+        return f"{self._net}.2"
+
+    @property
+    def host_ip6(self) -> str:
+        return f"fd00:{201 + SLOT}:{self.index}::1"
+
+    @property
+    def ns_ip6(self) -> str:
+        return f"fd00:{201 + SLOT}:{self.index}::2"
+
+    def run(self, cmd: str, **kw) -> str:
+        return sh(f"ip netns exec {self.ns} {cmd}", **kw)
+
+    def popen(self, args: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.ns, *args], **kw)
+
+    def mac(self, inside: bool) -> str:
+        if inside:
+            return self.run("cat /sys/class/net/eth0/address", capture=True).strip()
+        return open(f"/sys/class/net/{self.host_if}/address").read().strip()
+
+
+def _teardown(h: TestHost) -> None:
+    sh(f"ip link del {h.host_if}", check=False)
+    sh(f"ip netns del {h.ns}", check=False)
+
+
+def create_host(index: int, *, offloads: bool = False, ipv6: bool = True) -> TestHost:
+    h = TestHost(index)
+    _teardown(h)
+    sh(f"ip netns add {h.ns}")
+    sh(f"ip link add {h.host_if} type veth peer name eth0 netns {h.ns}")
+    if not ipv6:  # a silent link: no router solicitations, MLD or ND
+        sh(f"sysctl -qw net.ipv6.conf.{h.host_if}.disable_ipv6=1")
+        h.run("sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1")
+    sh(f"ip addr add {h.host_ip}/24 dev {h.host_if}")
+    if ipv6:
+        sh(f"ip -6 addr add {h.host_ip6}/64 dev {h.host_if} nodad")
+    sh(f"ip link set {h.host_if} up")
+    h.run(f"ip addr add {h.ns_ip}/24 dev eth0")
+    if ipv6:
+        h.run(f"ip -6 addr add {h.ns_ip6}/64 dev eth0 nodad")
+    h.run("ip link set eth0 up")
+    h.run("ip link set lo up")
+    if not offloads:
+        for dev, pre in ((h.host_if, ""), ("eth0", f"ip netns exec {h.ns} ")):
+            sh(f"{pre}ethtool -K {dev} tso off gso off gro off tx off rx off >/dev/null 2>&1", check=False)
+    # static neighbours: no ARP/ND packets in the measurements
+    sh(f"ip neigh replace {h.ns_ip} lladdr {h.mac(True)} dev {h.host_if}")
+    h.run(f"ip neigh replace {h.host_ip} lladdr {h.mac(False)} dev eth0")
+    if ipv6:
+        sh(f"ip -6 neigh replace {h.ns_ip6} lladdr {h.mac(True)} dev {h.host_if}")
+        h.run(f"ip -6 neigh replace {h.host_ip6} lladdr {h.mac(False)} dev eth0")
+    return h
+
+
+@contextmanager
+def make_hosts(*indices: int, offloads: bool = False, ipv6: bool = True):
+    hosts = []
+    try:
+        for i in indices:
+            hosts.append(create_host(i, offloads=offloads, ipv6=ipv6))
+        yield hosts
+    finally:
+        for h in hosts:
+            _teardown(h)
+
+
+def wait_port(host: TestHost | None, ip: str, port: int, timeout: float = 5.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((ip, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{ip}:{port} not listening")
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0

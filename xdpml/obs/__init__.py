@@ -1,0 +1,1 @@
+"""Observability: logging setup, OpenTelemetry metrics (OTLP and Prometheus), health endpoints."""
