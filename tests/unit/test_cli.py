@@ -64,3 +64,26 @@ def test_logs_go_to_stdout_unless_stdout_carries_data():
     assert log_stream(p.parse_args(["agent", "--kubernetes", "-o", "-"])) is sys.stderr
     assert log_stream(p.parse_args(["collector"])) is sys.stdout
     assert log_stream(p.parse_args(["collector", "--jsonl", "-"])) is sys.stderr
+
+
+def test_version():
+    from importlib.metadata import version
+
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"xdpml {version('xdpml')}"
+
+
+def test_global_options_before_or_after_the_subcommand():
+    from xdpml.cli import build_parser
+
+    p = build_parser()
+    for argv in (["--log-format", "json", "agent", "-i", "x"], ["agent", "--log-format", "json", "-i", "x"],
+                 ["agent", "-i", "x", "--log-format", "json"]):
+        a = p.parse_args(argv)
+        assert (a.log_format, a.verbose) == ("json", False), argv
+    assert p.parse_args(["-v", "cleanup"]).verbose and p.parse_args(["cleanup", "-v"]).verbose
+    a = p.parse_args(["agent", "-i", "x"])
+    assert (a.log_format, a.verbose) == ("text", False)
+    # as a process too: json log lines on stderr from the option given after the subcommand
+    r = run("agent", "--log-format", "json", "-i", "no-such-interface-xyz", "-o", "/dev/null")
+    assert "Traceback" not in r.stderr and "unrecognized arguments" not in r.stderr
