@@ -13,11 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from xdpml.datapath.loader import AttachError, resolve_interfaces
 from xdpml.agent.export.sinks import CollectorSink, Sink
 from xdpml.agent.pipeline import Agent, AttachPlan, loss_counters, register_observables
+
+if TYPE_CHECKING:
+    from xdpml.kube.config_watch import AgentConfigWatcher
 
 log = logging.getLogger("xdpml.agent.kubernetes")
 
@@ -93,7 +96,7 @@ class KubernetesAgent:
         self.stop_event = threading.Event()
         self.restarts = 0
         self.watcher_kwargs = watcher_kwargs or {}
-        self.watcher = None
+        self.watcher: AgentConfigWatcher | None = None
         register_observables(telemetry, lambda: self.agent)
 
     # ---- applying configs -----------------------------------------------------------
@@ -217,12 +220,12 @@ class KubernetesAgent:
     def run(self) -> int:
         from xdpml.kube.config_watch import AgentConfigWatcher
 
-        self.watcher = AgentConfigWatcher(self.api, namespace=self.opts.namespace, node_name=self.opts.node_name,
+        watcher = self.watcher = AgentConfigWatcher(self.api, namespace=self.opts.namespace, node_name=self.opts.node_name,
                                           on_change=self.on_change, config_name=self.opts.config_name or None,
                                           **self.watcher_kwargs)
         log.info("waiting for an AgentConfig in namespace %s for node %s", self.opts.namespace,
                  self.opts.node_name)
-        with self.watcher:
+        with watcher:
             synced = False
             while not self.stop_event.wait(1.0):
                 if self.health is not None:

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
-    def write(self, batch: ColumnBatch) -> None: ...
+    def write(self, batch: ColumnBatch) -> object: ...  # CollectorSink says whether it queued the batch
     def close(self) -> None: ...
 
 

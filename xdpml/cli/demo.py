@@ -169,7 +169,7 @@ def main(args) -> int:
             return 2
     from xdpml.config import AgentSettings, HarvestSettings, InterfaceSettings
     from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
-    from xdpml.agent.export.sinks import CollectorSink
+    from xdpml.agent.export.sinks import CollectorSink, Sink
     from xdpml.agent.pipeline import Agent
 
     seconds = args.seconds
@@ -199,7 +199,8 @@ def main(args) -> int:
             interfaces=InterfaceSettings(names=[h.veth for h in hosts]),
             harvest=HarvestSettings(idle_timeout_s=2.0, interval_s=0.5), summary_interval_s=5.0)
         exporter = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{port}", node_name="demo-node"))
-        agent = Agent(settings, interfaces=[h.veth for h in hosts], sinks=[CollectorSink(exporter)])
+        sinks: list[Sink] = [CollectorSink(exporter)]
+        agent = Agent(settings, interfaces=[h.veth for h in hosts], sinks=sinks)
         say("starting the agent on xdpd61 and xdpd62 (compiling the BPF programs takes a few seconds)")
         agent.start()
 
@@ -261,7 +262,8 @@ def report(path: Path, hosts: list[Host], work: Path) -> int:
 
     scored = [r for r in flows if r.get("score") is not None]
     learning = len(flows) - len(scored)
-    total, flagged = Counter(), Counter()
+    total: Counter[str] = Counter()
+    flagged: Counter[str] = Counter()
     for r in scored:
         total[kind(r)] += 1
         flagged[kind(r)] += bool(r.get("flagged"))

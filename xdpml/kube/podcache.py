@@ -336,7 +336,7 @@ class PodCache:
         if self.services is not None:
             self.reflectors.append(Reflector(name="services", list_func=core.list_service_for_all_namespaces,
                                              store=self.services, backoff=backoff_factory(), **common))
-        if owners:
+        if self.replicasets is not None and self.jobs is not None:
             apps, batch = k8s_client.AppsV1Api(api_client), k8s_client.BatchV1Api(api_client)
             self.reflectors.append(Reflector(name="replicasets", list_func=apps.list_replica_set_for_all_namespaces,
                                              store=self.replicasets, backoff=backoff_factory(), **common))

@@ -37,7 +37,7 @@ KINDS = {
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 
 # Fixed-width element types; "<" pins little-endian on any host.
-_NUMERIC = {
+_NUMERIC: dict[pb.DataType, np.dtype] = {
     pb.DATA_TYPE_BOOL: np.dtype("?"),
     pb.DATA_TYPE_UINT8: np.dtype("<u1"),
     pb.DATA_TYPE_UINT16: np.dtype("<u2"),
@@ -82,7 +82,7 @@ class DecodedBatch:
     end_unix_ms: int = 0
 
 
-def wire_dtype(col: np.ndarray) -> int:
+def wire_dtype(col: np.ndarray) -> pb.DataType:
     """The DataType a numpy column travels as."""
     dt = col.dtype
     if dt.kind == "b":
@@ -119,7 +119,7 @@ def _encode_column(name: str, col: np.ndarray, out: pb.Column) -> None:
         out.data = np.ascontiguousarray(col, dtype=_NUMERIC[code]).tobytes()
 
 
-def _schema_entry(name: str, code: int, spec: ColumnSpec | None, out: pb.ColumnSchema) -> None:
+def _schema_entry(name: str, code: pb.DataType, spec: ColumnSpec | None, out: pb.ColumnSchema) -> None:
     out.name = name
     out.dtype = code
     if spec is not None:
@@ -282,7 +282,7 @@ def decode_column(c: pb.Column, rows: int) -> np.ndarray:
     raise _fail(name, f"unknown dtype {c.dtype} (known: {known})")
 
 
-def _numpy_dtype_str(code: int, c: pb.Column | None) -> str:
+def _numpy_dtype_str(code: pb.DataType, c: pb.Column | None) -> str:
     if code in _NUMERIC:
         return _NUMERIC[code].str.lstrip("<|=")
     if code == pb.DATA_TYPE_BYTES:
@@ -366,15 +366,16 @@ _COLUMN_TAG = _tag(5, _LEN)
 
 def _bytes_view(arr: np.ndarray) -> memoryview:
     """The array's memory as flat bytes, no copy (arr must be C-contiguous)."""
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return arr.reshape(-1).view(np.uint8).data
 
 
-def _column_parts(name: str, col: np.ndarray) -> tuple[list, int]:
+def _column_parts(name: str, col: np.ndarray) -> tuple[list[bytes | memoryview], int]:
     """Wire parts of one Column (without the field-5 tag and length) and their size."""
     if col.ndim not in (1, 2):
         raise UnsupportedColumn(f"column {name!r} has {col.ndim} dimensions; only rows or rows x N travel")
     code = wire_dtype(col)
-    head = [_tag(1, _LEN), _varint(len(name.encode())), name.encode(), _tag(2, _VARINT), _varint(code)]
+    head: list[bytes | memoryview] = [_tag(1, _LEN), _varint(len(name.encode())), name.encode(), _tag(2, _VARINT),
+                                      _varint(code)]
     shape = b"".join(_varint(int(d)) for d in col.shape)
     head += [_tag(3, _LEN), _varint(len(shape)), shape]
     if code == pb.DATA_TYPE_STRING:

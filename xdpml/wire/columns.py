@@ -60,7 +60,7 @@ class ColumnBatch:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.columns[name]
 
-    def select(self, mask_or_index: np.ndarray) -> "ColumnBatch":
+    def select(self, mask_or_index: np.ndarray | slice) -> "ColumnBatch":
         return ColumnBatch(self.kind, {k: v[mask_or_index] for k, v in self.columns.items()}, self.specs)
 
     def rows(self) -> Iterator[dict]:
