@@ -290,3 +290,39 @@ def test_check_file_reports_each_document(tmp_path):
     (tmp_path / "none.yaml").write_text("kind: Pod\n")
     with pytest.raises(ConfigError, match="no AgentConfig"):
         check_file(str(tmp_path / "none.yaml"))
+
+
+def test_packaged_crd_is_the_charts():
+    """The validator reads a copy shipped in the package: it must be the chart's CRD."""
+    from importlib import resources
+
+    import agent.kube.agentconfig as ac
+    packaged = resources.files(ac.__package__).joinpath(ac.CRD_RESOURCE).read_bytes()
+    assert packaged == CRD_PATH.read_bytes(), "run: cp helm/xdpml/crds/agentconfig.yaml agent/kube/agentconfig-crd.yaml"
+    assert ac.crd_schema().schema == schema()
+
+
+def test_crd_enums_are_what_the_pipeline_accepts():
+    from agent.config import HOOKS, XDP_MODES
+
+    rule = schema()["properties"]["spec"]["properties"]["interfaces"]["items"]["properties"]
+    assert tuple(rule["hooks"]["enum"]) == HOOKS and tuple(rule["xdpMode"]["enum"]) == XDP_MODES
+
+
+def test_check_config_refuses_what_the_crd_refuses(tmp_path):
+    """`xdpml check-config`: a bad label pair, and each kind of CRD refusal, one line each."""
+    import subprocess
+    import sys
+
+    bundle = tmp_path / "bad.yaml"
+    bundle.write_text("\n---\n".join((EXAMPLES / "invalid" / name).read_text() for name in (
+        "node-selector-bad-value.yaml", "node-selector-bad-key.yaml", "bad-hook.yaml", "tc-with-xdp-mode.yaml")))
+    r = subprocess.run([sys.executable, "-m", "xdpml.cli", "check-config", str(bundle)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4 and all(": INVALID: " in line for line in lines), lines
+    assert "node-selector-bad-value: INVALID: spec.nodeSelector[xdpml.io/pool]: 'gpu nodes' does not match" in lines[0]
+    assert "node-selector-bad-key: INVALID: spec.nodeSelector: label keys are [prefix/]name" in lines[1]
+    assert "spec.interfaces[0].hooks: must be one of auto, xdp, tc, xdp+tc, not" in lines[2]
+    assert "spec.interfaces[0]: xdpMode has no effect with hooks 'tc'" in lines[3]
