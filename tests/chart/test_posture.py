@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_chart import CHART, NAMESPACE, RELEASE, load_values, one, render  # noqa: E402  (same directory)
+from grpc_fixtures import collector  # noqa: E402,F401 - the pytest fixture (tests/ is on sys.path)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -182,6 +183,48 @@ def test_plaintext_only_on_request():
     for kind in ("DaemonSet", "Deployment"):
         assert not [a for a in container(docs, kind)["args"] if a.startswith("--tls")]
     assert "tls" not in one(docs, "AgentConfig")["spec"]["collector"]
+
+
+def _as_mounted(docs: list[dict], kind: str, c: dict, root: Path) -> dict[str, str]:
+    """The TLS flags of container ``c`` with each file written where its Secret is mounted
+    (under ``root`` instead of /), as the kubelet would lay them out."""
+    out = {}
+    for a in c["args"]:
+        if a.startswith("--tls-") and "=" in a and not a.startswith("--tls-server-name"):
+            name, path = a[2:].split("=", 1)
+            f = root / path.lstrip("/")
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(secret_files(docs, mounted_secret(docs, kind, path))[Path(path).name])
+            out[name] = str(f)
+    return out
+
+
+def test_agent_exporter_and_collector_speak_mtls_with_the_rendered_files(collector, tmp_path):
+    """The project's own gRPC collector and exporter, configured from the rendered flags
+    and the generated Secrets' files: a batch goes through; an agent certificate from
+    another install does not."""
+    from agent.export.grpc_client import ExporterSettings, GrpcExporter
+    from agent.export.tls import ClientTls, ServerTls
+    from grpc_fixtures import batch_with_ids
+
+    docs = render()
+    agent, col = container(docs, "DaemonSet"), container(docs, "Deployment")
+    srv_files = _as_mounted(docs, "Deployment", col, tmp_path / "collector")
+    srv = collector(tls=ServerTls(srv_files["tls-cert"], srv_files["tls-key"], client_ca_file=srv_files["tls-client-ca"]))
+    host = flag(agent, "collector").rsplit(":", 1)[0]
+
+    def export(files: dict[str, str], rows: int, wait_s: float) -> int:
+        tls = ClientTls(ca_file=files["tls-ca"], cert_file=files["tls-cert"], key_file=files["tls-key"],
+                        server_name=host)
+        ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", tls=tls, flush_age_s=0.01,
+                                           backoff_initial_s=0.05, backoff_max_s=0.2))
+        ex.put(batch_with_ids(rows, 0))
+        return ex.close(wait_s)["sent_rows"]  # returns once every row is acknowledged
+
+    assert export(_as_mounted(docs, "DaemonSet", agent, tmp_path / "agent"), 20, 60) == 20
+    stranger = render()  # another install: another CA
+    assert export(_as_mounted(stranger, "DaemonSet", container(stranger, "DaemonSet"), tmp_path / "other"), 5, 1) == 0
+    assert srv.stats()["rows_received"] == 20
 
 
 # ---- NetworkPolicy --------------------------------------------------------------------
