@@ -10,8 +10,10 @@ and CEL rules are evaluated here (:mod:`agent.kube.crd_schema`) exactly as the A
 server does, from the copy of ``helm/xdpml/crds/agentconfig.yaml`` shipped in this
 package (an agent must not trust that the CRD installed in the cluster is the current
 one, and the same checks serve ``xdpml check-config``). On top come only the checks a
-CRD cannot express, each with its reason at :func:`_agent_checks`. Every problem is
-reported, each prefixed with its field path, in one :class:`ConfigError`.
+CRD cannot express, each with its reason where it is made: unknown fields
+(:func:`validate_spec`), overlapping interface rules (:func:`_agent_checks`), the
+pipeline's own limits (:func:`parse_spec`). Every problem is reported, each prefixed
+with its field path, in one :class:`ConfigError`.
 """
 from __future__ import annotations
 
@@ -171,7 +173,9 @@ def _agent_checks(spec: Mapping) -> list[str]:
 def validate_spec(spec: Any) -> Mapping:
     """The spec pruned and defaulted as the API server would; ConfigError lists every
     problem the CRD (schema, CEL) and :func:`_agent_checks` find."""
-    defaulted, errs = crd_schema().validate(spec, "spec")
+    # unknown=True: the API server prunes unknown fields silently; in a file, or from a
+    # CRD newer than this agent, they are typos or settings this agent lacks: refuse them.
+    defaulted, errs = crd_schema().validate(spec, "spec", unknown=True)
     if not errs:
         errs = _agent_checks(defaulted)
     if errs:
