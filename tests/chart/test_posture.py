@@ -177,6 +177,16 @@ def test_cert_manager_with_an_existing_issuer():
     assert len(certs) == 2 and all(c["issuerRef"] == ref for c in certs)
 
 
+def test_cert_manager_for_an_external_collector_needs_its_issuer():
+    external = {"collector": {"enabled": False}, "agent": {"collectorAddress": "c.example:50051"}}
+    with pytest.raises(helm.HelmRenderError, match="needs tls.certManager.issuerRef"):
+        render({**external, "tls": {"certManager": {"enabled": True}}})
+    ref = {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    docs = render({**external, "tls": {"certManager": {"enabled": True, "issuerRef": ref}}})
+    (cert,) = [d for d in docs if d["kind"] == "Certificate"]
+    assert cert["metadata"]["name"] == f"{RELEASE}-xdpml-agent" and cert["spec"]["issuerRef"] == ref
+
+
 def test_plaintext_only_on_request():
     docs = render(load_values(CHART / "ci" / "plaintext-values.yaml"))
     assert not [d for d in docs if d["kind"] in ("Secret", "Certificate")]
