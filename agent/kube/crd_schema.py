@@ -22,8 +22,9 @@ does not have. Unknown fields, which the API server prunes silently, are reporte
 ``unknown_fields=True`` (outside ``metadata``), since in a file they are typos.
 
 Errors are strings ``"<field path>: <what is wrong>"`` (``spec.interfaces[0].hooks:
-must be one of auto, xdp, tc, xdp+tc, not 'bpf'``); CEL failures carry the rule's
-message.
+must be one of auto, xdp, tc, xdp+tc, not 'bpf'``); a value that fails a ``pattern``
+is explained by the field's ``description`` when it has one; CEL failures carry the
+rule's message.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import celpy
 import jsonschema
 from celpy import celtypes
 
-_NOT_JSON_SCHEMA = {"nullable", "default", "description", "example", "externalDocs", "format",
+_NOT_JSON_SCHEMA = {"nullable", "default", "example", "externalDocs", "format",
                     "x-kubernetes-validations", "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields",
                     "x-kubernetes-embedded-resource", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
                     "x-kubernetes-map-type"}
@@ -146,7 +147,9 @@ def _describe(err: jsonschema.ValidationError) -> list[tuple[tuple, str]]:
     if kw == "maxLength":
         return [(path, f"is longer than {want} characters")]
     if kw == "pattern":
-        return [(path, f"{_short(got)} does not match {want}")]
+        # The field's description says the form in words; the regex only if it has none.
+        what = node.get("description") or f"must match {want}"
+        return [(path, f"{_short(got)} is not valid: {what}")]
     if kw == "uniqueItems":
         return [(path, "has duplicate items")]
     if kw == "required":

@@ -327,7 +327,7 @@ def test_check_config_refuses_what_the_crd_refuses(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 4 and all(": INVALID: " in line for line in lines), lines
-    assert "node-selector-bad-value: INVALID: spec.nodeSelector[xdpml.io/pool]: 'gpu nodes' does not match" in lines[0]
+    assert "node-selector-bad-value: INVALID: spec.nodeSelector[xdpml.io/pool]: 'gpu nodes' is not valid: A label value" in lines[0]
     assert "node-selector-bad-key: INVALID: spec.nodeSelector: label keys are [prefix/]name" in lines[1]
     assert "spec.interfaces[0].hooks: must be one of auto, xdp, tc, xdp+tc, not" in lines[2]
     assert "spec.interfaces[0]: xdpMode has no effect with hooks 'tc'" in lines[3]

@@ -26,6 +26,8 @@ SCHEMA = {
                 "target": {"x-kubernetes-int-or-string": True},
                 "note": {"type": "string", "nullable": True},
                 "level": {"type": "string", "default": "info", "enum": ["info", "debug"]},
+                "code": {"type": "string", "pattern": "^[a-z]+$", "description": "Lowercase letters."},
+                "raw": {"type": "string", "pattern": "^[a-z]+$"},
                 "ratio": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
                           "x-kubernetes-validations": [{"rule": "self != 0.5", "message": "not one half"}]},
                 "tags": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}},
@@ -68,6 +70,11 @@ def test_int_or_string_and_types(crd):
     assert err == "spec.target: must be an integer or a string, not 1.5"
     (err,) = crd.validate({"port": 1, "level": "trace"}, "spec")[1]
     assert err == "spec.level: must be one of info, debug, not 'trace'"
+
+
+def test_pattern_errors_say_the_form(crd):
+    _, errs = crd.validate({"port": 1, "code": "A1", "raw": "A1"}, "spec")
+    assert errs == ["spec.code: 'A1' is not valid: Lowercase letters.", "spec.raw: 'A1' is not valid: must match ^[a-z]+$"]
 
 
 def test_openapi_exclusive_minimum_is_boolean(crd):
