@@ -61,7 +61,7 @@ ALL = [None, *SCENARIOS]
 def test_scenarios_exist():
     names = {p.name for p in SCENARIOS}
     assert {"tls-values.yaml", "privileged-values.yaml", "servicemonitor-values.yaml",
-            "external-collector-values.yaml"} <= names
+            "external-collector-values.yaml", "certmanager-values.yaml", "plaintext-values.yaml"} <= names
 
 
 @pytest.mark.parametrize("scenario", ALL, ids=scenario_id)
@@ -115,6 +115,36 @@ SERVICEMONITOR_SCHEMA = {
 }
 
 
+# cert-manager's CRDs are not ours to ship either: the cert-manager.io/v1 Issuer and
+# Certificate fields the chart uses, strict.
+_ISSUER_REF = {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
+    "name": {"type": "string", "minLength": 1}, "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+    "group": {"type": "string"}}}
+CERT_MANAGER_SCHEMAS = {
+    "Issuer": {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"const": "cert-manager.io/v1"}, "spec": {
+            "type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+            "properties": {"selfSigned": {"type": "object", "additionalProperties": False},
+                           "ca": {"type": "object", "additionalProperties": False, "required": ["secretName"],
+                                  "properties": {"secretName": {"type": "string"}}}}}}},
+    "Certificate": {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"const": "cert-manager.io/v1"}, "spec": {
+            "type": "object", "additionalProperties": False, "required": ["secretName", "issuerRef"],
+            "properties": {
+                "secretName": {"type": "string"}, "commonName": {"type": "string", "maxLength": 64},
+                "isCA": {"type": "boolean"}, "dnsNames": {"type": "array", "items": {"type": "string"}},
+                "duration": {"type": "string"}, "renewBefore": {"type": "string"},
+                "usages": {"type": "array", "items": {"enum": [
+                    "digital signature", "key encipherment", "server auth", "client auth", "cert sign"]}},
+                "privateKey": {"type": "object", "additionalProperties": False, "properties": {
+                    "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]}, "size": {"type": "integer"},
+                    "rotationPolicy": {"enum": ["Never", "Always"]}}},
+                "issuerRef": _ISSUER_REF}}}},
+}
+
+
 @pytest.mark.parametrize("scenario", ALL, ids=scenario_id)
 def test_every_rendered_object_validates(scenario):
     docs = render(load_values(scenario))
@@ -124,6 +154,8 @@ def test_every_rendered_object_validates(scenario):
         ident = f"{kind}/{d['metadata']['name']}"
         if kind == "ServiceMonitor":
             jsonschema.validate(d, SERVICEMONITOR_SCHEMA)
+        elif api.startswith("cert-manager.io/"):
+            jsonschema.validate(d, CERT_MANAGER_SCHEMAS[kind])
         elif api.startswith("xdpml.io/"):
             # validated against the CRD in test_agentconfig_validates_against_crd
             assert (api, kind) == ("xdpml.io/v1alpha1", "AgentConfig"), ident
@@ -220,14 +252,18 @@ def test_agent_defaults_least_privilege():
     assert not pod.get("hostPID") and not pod.get("hostIPC")
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    # the address the health and metrics endpoints are to bind (the node's, not 0.0.0.0)
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"health": 8081, "metrics": 9464}
     # --log-format belongs to `xdpml` itself, so it comes before the subcommand
+    tls = "/etc/xdpml/tls/xdpml-agent-tls"
     assert c["args"] == [
         "--log-format=text", "agent", "--kubernetes", "--config-name=default",
         f"--collector={RELEASE}-xdpml-collector.{NAMESPACE}.svc:50051",
-        "--health-port=8081", "--metrics-port=9464"]
+        "--health-port=8081", "--metrics-port=9464",
+        f"--tls-ca={tls}/ca.crt", f"--tls-cert={tls}/tls.crt", f"--tls-key={tls}/tls.key"]
     # the shell wrapper must hand over with exec so SIGTERM reaches the agent
     assert c["command"][:2] == ["/bin/sh", "-c"] and 'exec xdpml "$@"' in c["command"][2]
     assert "--check-only" in c["command"][2]
@@ -254,6 +290,7 @@ def test_agent_privileged_scenario():
 
 def test_tls_scenario_wires_secret_files():
     docs = render(load_values(CHART / "ci" / "tls-values.yaml"))
+    assert not [d for d in docs if d["kind"] == "Secret"]  # tls.generate=false: the operator's Secrets
     pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
     (agent,) = pod["containers"]
     d = "/etc/xdpml/tls/xdpml-agent-tls"
@@ -273,7 +310,7 @@ def test_tls_scenario_wires_secret_files():
 
 
 def test_collector_runs_as_non_root_with_grpc_probes():
-    dep = one(render(), "Deployment", f"{RELEASE}-xdpml-collector")
+    dep = one(render(load_values(CHART / "ci" / "plaintext-values.yaml")), "Deployment", f"{RELEASE}-xdpml-collector")
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
@@ -287,6 +324,13 @@ def test_collector_runs_as_non_root_with_grpc_probes():
     assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
     svc = one(render(), "Service", f"{RELEASE}-xdpml-collector")
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    # by default (mutual TLS) the same collector with TLS flags, and TCP probes
+    (c,) = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"]
+    tls = "/etc/xdpml/tls/xdpml-collector-tls"
+    assert c["args"] == ["--log-format=text", "collector", "--listen=0.0.0.0:50051",
+                         "--state-dir=/var/lib/xdpml/state", "--metrics-port=9464", f"--tls-cert={tls}/tls.crt",
+                         f"--tls-key={tls}/tls.key", f"--tls-client-ca={tls}/ca.crt"]
+    assert c["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
 
 
 def test_external_collector_scenario():
@@ -372,7 +416,10 @@ def test_rbac_off_renders_none():
     ({"agent": {"collectorAddress": "no-port"}}, "/agent/collectorAddress"),
     ({"agent": {"extraArgs": ["positional"]}}, "/agent/extraArgs/0"),
     ({"collector": {"enabled": False}}, "/agent/collectorAddress"),
-    ({"tls": {"mutual": True}}, "/tls/enabled"),
+    ({"tls": {"certManager": {"issuerRef": {"kind": "Bogus"}}}}, "/tls/certManager/issuerRef/kind"),
+    ({"tls": {"validityDays": 0}}, "/tls/validityDays"),
+    ({"networkPolicy": {"agentNodeCIDRs": ["10.0.0.0"]}}, "/networkPolicy/agentNodeCIDRs/0"),
+    ({"networkPolicy": {"scrapers": [{}]}}, "/networkPolicy/scrapers/0"),
     ({"logging": {"format": "xml"}}, "/logging/format"),
     ({"logging": {"level": "trace"}}, "/logging/level"),
     ({"otlp": {"endpoint": "grpc://x:4317"}}, "/otlp/endpoint"),

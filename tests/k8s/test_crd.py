@@ -5,6 +5,7 @@ validation agrees with the CRD on every example."""
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import celpy
@@ -80,13 +81,17 @@ def typed(data, node: dict):
     return celpy.json_to_cel(data)
 
 
+@functools.lru_cache(maxsize=None)
+def _program(rule: str):
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
 def cel_failures(data, node: dict, path: str = "") -> list[str]:
     """Messages of every x-kubernetes-validations rule that is false on ``data``."""
     out = []
-    env = celpy.Environment()
     for rule in node.get("x-kubernetes-validations") or []:
-        program = env.program(env.compile(rule["rule"]))
-        result = program.evaluate({"self": typed(data, node)})
+        result = _program(rule["rule"]).evaluate({"self": typed(data, node)})
         if isinstance(result, Exception) or not bool(result):
             out.append(f"{path}: {rule.get('message', rule['rule'])}")
     if isinstance(data, dict) and node.get("type") == "object":
@@ -290,3 +295,77 @@ def test_check_file_reports_each_document(tmp_path):
     (tmp_path / "none.yaml").write_text("kind: Pod\n")
     with pytest.raises(ConfigError, match="no AgentConfig"):
         check_file(str(tmp_path / "none.yaml"))
+
+
+def test_packaged_crd_is_the_charts():
+    """The validator reads a copy shipped in the package: it must be the chart's CRD."""
+    from importlib import resources
+
+    import xdpml.kube.agentconfig as ac
+    packaged = resources.files(ac.__package__).joinpath(ac.CRD_RESOURCE).read_bytes()
+    assert packaged == CRD_PATH.read_bytes(), "run: cp helm/xdpml/crds/agentconfig.yaml xdpml/kube/agentconfig-crd.yaml"
+    assert ac.crd_schema().schema == schema()
+
+
+def test_crd_enums_are_what_the_pipeline_accepts():
+    from xdpml.config import HOOKS, XDP_MODES
+
+    rule = schema()["properties"]["spec"]["properties"]["interfaces"]["items"]["properties"]
+    assert tuple(rule["hooks"]["enum"]) == HOOKS and tuple(rule["xdpMode"]["enum"]) == XDP_MODES
+
+
+def test_check_config_refuses_what_the_crd_refuses(tmp_path):
+    """`xdpml check-config`: a bad label pair, and each kind of CRD refusal, one line each."""
+    import subprocess
+    import sys
+
+    bundle = tmp_path / "bad.yaml"
+    bundle.write_text("\n---\n".join((EXAMPLES / "invalid" / name).read_text() for name in (
+        "node-selector-bad-value.yaml", "node-selector-bad-key.yaml", "bad-hook.yaml", "tc-with-xdp-mode.yaml")))
+    r = subprocess.run([sys.executable, "-m", "xdpml", "check-config", str(bundle)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4 and all(": INVALID: " in line for line in lines), lines
+    assert "node-selector-bad-value: INVALID: spec.nodeSelector[xdpml.io/pool]: 'gpu nodes' is not valid: A label value" in lines[0]
+    assert "node-selector-bad-key: INVALID: spec.nodeSelector: label keys are [prefix/]name" in lines[1]
+    assert "spec.interfaces[0].hooks: must be one of auto, xdp, tc, xdp+tc, not" in lines[2]
+    assert "spec.interfaces[0]: xdpMode has no effect with hooks 'tc'" in lines[3]
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(node, list) and node and not isinstance(node[0], str):
+        for i, v in enumerate(node):
+            yield from _leaves(v, (*path, i))
+    else:
+        yield path
+
+
+def test_agent_and_crd_model_agree_on_mutated_specs():
+    """Every field of the full example set to values of other types and out of range:
+    the agent accepts exactly what this file's model of the API server accepts."""
+    base = yaml.safe_load((EXAMPLES / "valid/full.yaml").read_text())
+    crd_schema = schema()
+    validator = jsonschema.Draft7Validator(crd_schema)
+    tried = disagree = 0
+    for path in _leaves(base["spec"]):
+        for bad in ("x", -1, 0, 0.5, 10**9, True, [], {}, ["flows"]):
+            obj = copy.deepcopy(base)
+            parent = obj["spec"]
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = bad
+            defaulted = apply_defaults(copy.deepcopy(obj), crd_schema)
+            model_ok = validator.is_valid(defaulted) and not cel_failures(defaulted, crd_schema)
+            try:
+                parse_agentconfig(obj)
+                agent_ok = True
+            except ConfigError:
+                agent_ok = False
+            tried += 1
+            disagree += model_ok != agent_ok
+            assert model_ok == agent_ok, (path, bad)
+    assert tried > 200 and disagree == 0
