@@ -42,7 +42,10 @@ def _start(args, log: Path):
 def test_full_run_with_embedded_model(tmp_path):
     port = free_port()
     jsonl, parquet, out = tmp_path / "scored.jsonl", tmp_path / "scored.parquet", tmp_path / "out.txt"
-    proc = _start(["--listen", f"127.0.0.1:{port}", "--baseline-rows", "2000", "--state-dir", str(tmp_path / "st"),
+    # --learn-from any: live learning from an unauthenticated peer is an explicit choice
+    # (the default learns from nobody); --reflection is off by default.
+    proc = _start(["--listen", f"127.0.0.1:{port}", "--learn-from", "any", "--reflection",
+                   "--baseline-rows", "2000", "--state-dir", str(tmp_path / "st"),
                    "--jsonl", str(jsonl), "--parquet", str(parquet), "--print-flagged"], out)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -106,6 +109,6 @@ def test_start_up_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "cannot read server certificate" in r.stderr
     r = _run(["--tls-cert", "x.pem"])
     assert r.returncode == 2 and "go together" in r.stderr
-    r = _run(["--listen", "256.1.2.3:99999"])
+    r = _run(["--listen", "256.1.2.3:5000"])
     assert r.returncode == 2 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
     assert "examples:" in _run(["--help"]).stdout
