@@ -109,6 +109,65 @@ def test_start_up_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "cannot read server certificate" in r.stderr
     r = _run(["--tls-cert", "x.pem"])
     assert r.returncode == 2 and "go together" in r.stderr
+    r = _run(["--baseline", str(tmp_path / "nope.joblib"), "--listen", "127.0.0.1:0"])  # pinned, missing
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = _run(["--listen", "256.1.2.3:5000"])
     assert r.returncode == 2 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
     assert "examples:" in _run(["--help"]).stdout
+
+
+def test_collector_learn_makes_a_baseline_with_provenance_and_never_replaces_it_silently(tmp_path, capsys):
+    from sklearn.ensemble import IsolationForest
+
+    from collector.cli import main as collector_main
+
+    from agent.export.sinks import JsonLinesSink
+    from collector.models import EMBEDDED_FEATURES, feature_matrix, load_model
+
+    normal = flow_batch(1500, seed=11)
+    normal.columns["bps"] = normal["bps"].copy()
+    normal.columns["bps"][0] = np.nan  # written as null: learned as 0, never as NaN
+    rec = tmp_path / "flows.jsonl"
+    sink = JsonLinesSink(str(rec))
+    sink.write(normal)
+    sink.close()
+    state = tmp_path / "state"
+    assert collector_main(["learn", str(rec), "--state-dir", str(state)]) == 0  # in-process: fast
+    path = state / "embedded-iforest.joblib"
+    assert path.stat().st_mode & 0o777 == 0o600
+    prov = json.loads((state / "embedded-iforest.json").read_text())
+    assert prov["rows"] == 1500 and prov["source"] == "collector learn" and prov["inputs"] == [str(rec)]
+    assert prov["nonfinite_values_as_zero"] == 1
+    # The collector loads it; its scores are scikit-learn's on the same rows, fitted independently.
+    model = load_model("embedded", state_dir=str(state))
+    x = feature_matrix(normal, EMBEDDED_FEATURES, np.float32)
+    x[~np.isfinite(x)] = 0
+    x = np.log1p(x)
+    forest = IsolationForest(n_estimators=50, random_state=0).fit(x)
+    probe = flow_batch(200, seed=13)
+    xp = np.log1p(feature_matrix(probe, EMBEDDED_FEATURES, np.float32))
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    excess = ((np.maximum(xp - hi, 0) + np.maximum(lo - xp, 0)) / (hi - lo + 1)).max(axis=1)
+    want = -forest.score_samples(xp)
+    want = np.where(excess > 0, np.maximum(want, np.minimum(1, 0.5 + excess)), want)
+    np.testing.assert_allclose(model.score(probe).score, want, rtol=1e-6)
+    assert model.provenance["rows"] == 1500
+    # A second run does not replace it without --replace.
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert collector_main(["learn", str(rec), "--state-dir", str(state)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a baseline already (1500 rows" in err and "--replace" in err
+    assert path.read_bytes() == before
+    assert collector_main(["learn", str(tmp_path / "missing.jsonl"), "--state-dir", str(tmp_path / "s2")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_careless_listen_addresses_are_refused_in_one_line():
+    for listen, why in (("127.0.0.1", "expected HOST:PORT"), (":99999", "give the address"),
+                        ("127.0.0.1:99999", "out of range")):
+        r = _run(["--listen", listen])
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _run(["--learn-from", "authenticated", "--listen", "127.0.0.1:0"])
+    assert r.returncode == 2 and "needs mutual TLS" in r.stderr
