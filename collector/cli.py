@@ -71,7 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="where the embedded model keeps its baseline (default %(default)s)")
     g = parser.add_argument_group("output")
     g.add_argument("--jsonl", metavar="PATH", help="append scored rows as JSON lines ('-' = stdout)")
-    g.add_argument("--parquet", metavar="PATH", help="write scored rows to a Parquet file (complete on exit)")
+    g.add_argument("--parquet", metavar="PATH",
+                   help="write scored rows to Parquet files named after PATH (flows.parquet -> "
+                        "flows-<time>-<n>.parquet), each complete and renamed into place when rotated")
+    g.add_argument("--parquet-file-mb", type=float, default=256, metavar="MB",
+                   help="rotate a Parquet file at this size (default %(default)g)")
+    g.add_argument("--parquet-file-seconds", type=float, default=300, metavar="SECONDS",
+                   help="rotate a Parquet file at this age, so rows are readable within it (default %(default)g)")
     g.add_argument("--verdicts", action=argparse.BooleanOptionalAction, default=True,
                    help="stream verdicts for flagged rows back to the agents (default on)")
     g.add_argument("--action", choices=("alert", "drop", "rate-limit"), default="alert",
@@ -116,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from collector.models import describe_provenance, load_model
     from collector.server import CollectorServer, CollectorSettings
     from collector.sinks import FlaggedPrinter, JsonlSink, ParquetSink
-    from xdpml.errors import XdpmlError
+    from xdpml.errors import ConfigError, XdpmlError
     from xdpml.telemetry import Telemetry, TelemetrySettings
 
     log = logging.getLogger("xdpml.collector")
@@ -148,7 +154,11 @@ def run(args: argparse.Namespace) -> int:
         if args.jsonl:
             sinks.append(JsonlSink(args.jsonl))
         if args.parquet:
-            sinks.append(ParquetSink(args.parquet))
+            if args.parquet_file_mb <= 0 or args.parquet_file_seconds <= 0:
+                raise ConfigError("--parquet-file-mb and --parquet-file-seconds must be positive")
+            sinks.append(ParquetSink(args.parquet, max_file_bytes=int(args.parquet_file_mb * 1024 * 1024),
+                                     max_file_age_s=args.parquet_file_seconds,
+                                     flush_s=min(10.0, args.parquet_file_seconds)))
         if args.print_flagged:
             sinks.append(FlaggedPrinter())
         telemetry = Telemetry.from_settings(TelemetrySettings(

@@ -31,6 +31,7 @@ from agent.columns import ColumnBatch
 from agent.export import codec
 from agent.export.memory import tune_malloc
 from agent.export.tls import ServerTls
+from collector import wire_schema
 from collector.models import Model, ModelError
 from xdpml.errors import ConfigError, ServiceError
 from collector.sinks import ScoredBatch, Sink, now_ms
@@ -156,6 +157,7 @@ class _Decoded:
     decoded: codec.DecodedBatch | None  # None: malformed, see error
     error: str = ""
     sender: str = ""
+    schema: bool = False  # rejected for not fitting wire schema v1
 
 
 def _decode(raw: bytes) -> "_Decoded | _BadMessage":
@@ -176,9 +178,32 @@ def _decode(raw: bytes) -> "_Decoded | _BadMessage":
     if len(node.agent_version) > 64:
         return _Decoded(msg.sequence, None, "node.agent_version must be at most 64 characters", sender)
     try:
-        return _Decoded(msg.sequence, codec.decode_batch(msg))
+        dec = codec.decode_batch(msg)
     except codec.MalformedBatch as e:
         return _Decoded(msg.sequence, None, printable(str(e), 200), sender)
+    why = schema_mismatch(dec.batch)
+    if why:
+        return _Decoded(msg.sequence, None, why, sender, schema=True)
+    return _Decoded(msg.sequence, dec)
+
+
+def schema_mismatch(batch: ColumnBatch) -> str:
+    """'' when every column wire schema v1 knows has its v1 type and shape, else why not.
+    Columns v1 does not know are allowed (the sinks decide what to keep)."""
+    table = wire_schema.V1.get(batch.kind, {})
+    for name, col in batch.columns.items():
+        spec = table.get(name)
+        if spec is None:
+            continue
+        want = np.dtype(spec.dtype)
+        ndim = 2 if spec.role == "sequence" else 1
+        if (col.dtype.kind, col.dtype.itemsize) != (want.kind, want.itemsize) and not (
+                want.kind == "O" and col.dtype.kind in "OU"):
+            return (f"column {name} is {col.dtype.name}; wire schema {wire_schema.SCHEMA_VERSION} says "
+                    f"{'text' if want.kind == 'O' else want.name}")
+        if col.ndim != ndim:
+            return f"column {name} has {col.ndim} dimension(s); wire schema {wire_schema.SCHEMA_VERSION} says {ndim}"
+    return ""
 
 
 def _peer_address(peer: str) -> str:
@@ -229,7 +254,7 @@ class CollectorServicer(cgrpc.CollectorServicer):
         self.counters = collections.Counter({k: 0 for k in (
             "streams_total", "streams_active", "streams_refused", "streams_idle_closed", "streams_aged_out",
             "batches_received", "rows_received", "rows_scored", "rows_flagged", "rows_unscored",
-            "batches_rejected", "bad_messages", "verdicts_sent", "agents_evicted", "nonfinite_values")})
+            "batches_rejected", "schema_mismatches", "bad_messages", "verdicts_sent", "agents_evicted", "nonfinite_values")})
         self.nonfinite: collections.Counter = collections.Counter()  # column -> values replaced
         # agent_id -> node name, for logs; least recently seen first, at most max_tracked_agents.
         self.agents: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -392,8 +417,8 @@ class CollectorServicer(cgrpc.CollectorServicer):
     def _handle(self, item: "_Decoded", learn: str | None = None) -> Iterator[cpb.ExportResponse]:
         seq, dec = item.sequence, item.decoded
         if dec is None:
-            self._count(batches_rejected=1)
-            self._metric("xdpml.collector.errors", 1, kind="malformed_batch")
+            self._count(batches_rejected=1, schema_mismatches=int(item.schema))
+            self._metric("xdpml.collector.errors", 1, kind="schema_mismatch" if item.schema else "malformed_batch")
             self._reject_log.warning("rejected batch %d from %s: %s", seq, item.sender, item.error)
             yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, error=item.error, error_code=INVALID_ARGUMENT))
             return
@@ -546,8 +571,26 @@ class CollectorServer:
 
             telemetry.observe_gauge("xdpml.collector.baseline.rows", baseline_rows)
         self._stopped = False
+        self._ticker_stop = threading.Event()
+        self._ticker = None
+
+    def _tick(self) -> None:
+        # Time-bound sink work (Parquet row groups and file rotation) for quiet periods.
+        while not self._ticker_stop.wait(1.0):
+            with self.servicer._sink_lock:
+                for sink in self.servicer.sinks:
+                    tick = getattr(sink, "tick", None)
+                    if tick is None:
+                        continue
+                    try:
+                        tick()
+                    except Exception:
+                        self.servicer._metric("xdpml.collector.errors", 1, kind="sink_failure")
+                        log.exception("sink %s failed", type(sink).__name__)
 
     def start(self) -> "CollectorServer":
+        self._ticker = threading.Thread(target=self._tick, name="xdpml-collector-tick", daemon=True)
+        self._ticker.start()
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -568,6 +611,9 @@ class CollectorServer:
         if not self.server.stop(grace_s).wait(grace_s + 1):
             log.warning("gRPC server did not stop within %.0f s; exiting anyway", grace_s + 1)
         self._pool.shutdown(wait=False)
+        self._ticker_stop.set()
+        if self._ticker is not None:
+            self._ticker.join(2.0)
         # A handler still writing (a cancelled stream) finishes its batch first, within bounds.
         locked = self.servicer._sink_lock.acquire(timeout=2.0)
         try:

@@ -86,9 +86,12 @@ def test_full_run_with_embedded_model(tmp_path):
     assert rows[0]["node_name"] == "node-7" and rows[0]["src_ip"].startswith("10.0.1.")
     attack = [r for r in rows if r["src_ip"].startswith("10.0.9.")]
     assert len(attack) == 90 and all(r["flagged"] and r["label"] == "anomaly" for r in attack)
-    t = pq.read_table(parquet)
+    parts = sorted(tmp_path.glob("scored-*.parquet"))  # complete files only, renamed into place
+    assert parts and not list(tmp_path.glob(".*.tmp"))
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in parts + [jsonl])
+    t = pq.read_table(parts)
     assert t.num_rows == 3590
-    assert t.schema.field("splt_ps").type.list_size == 10
+    assert {len(v) for v in t.column("splt_ps").to_pylist()} == {10}
     assert t.schema.field("bidirectional_duration_ms").metadata[b"unit"] == b"ms"
     np.testing.assert_array_equal(t.column("dst_port").to_numpy(),
                                   np.concatenate([b["dst_port"] for b in batches]))

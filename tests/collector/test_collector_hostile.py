@@ -258,3 +258,20 @@ def test_no_return_break_or_continue_out_of_a_finally_block():
             for stmt in getattr(node, "finalbody", []):
                 found += [f"{path.name}:{j.lineno}" for j in _jumps(ast.Module(body=[stmt], type_ignores=[]))]
     assert found == []
+
+
+def test_batches_that_do_not_fit_wire_schema_v1_are_rejected_and_counted(collector):
+    b = batch_with_ids(4, 0)
+    wrong_type = batch_with_ids(4, 4)
+    wrong_type.columns["bps"] = np.arange(4, dtype=np.uint8)  # v1: float64
+    wrong_shape = batch_with_ids(4, 8)
+    wrong_shape.columns["splt_ps"] = np.zeros(4, dtype=np.int32)  # v1: rows x N packets
+    srv = collector()
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        reqs = [_request(wrong_type, 1), _request(wrong_shape, 2), _request(b, 3)]
+        acks = [r.ack for r in cgrpc.CollectorStub(ch).Export(iter(reqs), timeout=10) if r.HasField("ack")]
+    assert [(a.error_code, a.rows_accepted) for a in acks] == [(3, 0), (3, 0), (0, 4)]
+    assert acks[0].error == "column bps is uint8; wire schema xdpml.v1 says float64"
+    assert "column splt_ps has 1 dimension(s)" in acks[1].error
+    assert srv.stats()["schema_mismatches"] == 2 and srv.stats()["rows_received"] == 4
+    np.testing.assert_array_equal(srv.sink.all_ids(), b["row_id"])  # only the batch that fits is stored
