@@ -161,6 +161,8 @@ def parquet_schema(kind: str):
 
     fields = [pa.field(name, _arrow_type(spec), metadata={"unit": spec.unit, "doc": spec.doc, "role": spec.role})
               for name, spec in wire_schema.V1[kind].items()]
+    fields.append(pa.field("extra_meta", pa.map_(pa.string(), pa.string()), metadata={
+        "unit": "", "role": "meta", "doc": "text columns wire schema v1 does not name (e.g. pod label columns)"}))
     fields += [pa.field("score", pa.float64()), pa.field("label", pa.string()), pa.field("flagged", pa.bool_()),
                pa.field("node_name", pa.string()), pa.field("agent_id", pa.string()), pa.field("model", pa.string()),
                pa.field("model_version", pa.string()), pa.field("batch_sequence", pa.uint64()),
@@ -203,7 +205,8 @@ class ParquetSink:
     reaches ``max_file_bytes`` or ``max_file_age_s``, and on close. Rows are buffered
     and written as a row group every ``row_group_rows`` rows or ``flush_s`` seconds.
     The schema is :func:`parquet_schema` (wire schema v1): v1 columns a batch lacks are
-    null, columns v1 does not know are not stored (counted in ``dropped_columns``).
+    null; text columns v1 does not name (pod label columns) go into the ``extra_meta``
+    map; other columns v1 does not know are not stored (counted in ``dropped_columns``).
     Files are mode 0600; a directory writable by others is refused."""
 
     def __init__(self, path: str, *, max_file_bytes: int = 256 * 1024 * 1024, max_file_age_s: float = 300.0,
@@ -254,14 +257,23 @@ class ParquetSink:
         schema = self._schemas.get(b.kind)
         if schema is None:
             schema = self._schemas[b.kind] = parquet_schema(b.kind)
-        for name in b.columns:
-            if schema.get_field_index(name) < 0:
+        text = []  # unknown text columns: kept in extra_meta
+        for name, col in b.columns.items():
+            if schema.get_field_index(name) >= 0:
+                continue
+            if col.dtype.kind in "OU" and col.ndim == 1:
+                text.append(name)
+            else:
                 self.dropped_columns[name] = self.dropped_columns.get(name, 0) + 1
         extra = _extra(scored)
         n = len(b)
         cols = []
         for f in schema:
-            if f.name == "score":
+            if f.name == "extra_meta":
+                values = [b.columns[name].tolist() for name in text]
+                cols.append(pa.array([[(k, None if v[i] is None else str(v[i])) for k, v in zip(text, values)]
+                                      for i in range(n)] if text else [None] * n, f.type))
+            elif f.name == "score":
                 cols.append(pa.array(scored.score, pa.float64(), mask=np.isnan(scored.score)))
             elif f.name == "flagged":
                 cols.append(pa.array(scored.flagged, pa.bool_()))

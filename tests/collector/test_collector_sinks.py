@@ -80,7 +80,8 @@ def test_parquet_schema_is_the_wire_schema_not_the_first_batch(tmp_path):
     from collector.sinks import parquet_schema
 
     sink = ParquetSink(str(tmp_path / "f.parquet"))
-    evil = ColumnBatch("flow", {"src_port": np.array([1], dtype=np.uint16), "evil": np.array([7], dtype=np.uint8)})
+    evil = ColumnBatch("flow", {"src_port": np.array([1], dtype=np.uint16), "evil": np.array([7], dtype=np.uint8),
+                                "src_label_app": np.array(["web"], dtype=object)})
     one = dict(score=np.array([np.nan]), label=np.array(["x"], dtype=object), flagged=np.array([False]),
                node_name="n", agent_id="a", sequence=1, model="m", model_version="v", received_unix_ms=1)
     sink.write(ScoredBatch(evil, **one))
@@ -95,6 +96,7 @@ def test_parquet_schema_is_the_wire_schema_not_the_first_batch(tmp_path):
     assert set(FLOW_SPECS) <= set(t.column_names) and "evil" not in t.column_names
     np.testing.assert_array_equal(t.column("bidirectional_packets").to_numpy()[1:], good["bidirectional_packets"])
     assert t.column("src_port").to_pylist()[0] == 1 and sink.dropped_columns == {"evil": 1}
+    assert t.column("extra_meta").to_pylist()[:2] == [[("src_label_app", "web")], None]
 
 
 def test_parquet_files_are_complete_while_the_sink_runs_and_rotate(tmp_path):
