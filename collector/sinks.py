@@ -74,9 +74,12 @@ def _finite(value):
 
 def check_output_path(path: str) -> None:
     """Refuse an output file another local user could replace or read: its directory
-    must exist and not be writable by others (no /tmp), and it must not be a symlink."""
+    (created 0700 when missing) must not be writable by others (no /tmp), and the file
+    must not be a symlink."""
     d = os.path.dirname(os.path.abspath(path))
     try:
+        if not os.path.lexists(d):
+            os.makedirs(d, mode=0o700)
         st = os.stat(d)
     except OSError as e:
         raise OutputError(describe_os_error(e, f"output directory {d}")) from None

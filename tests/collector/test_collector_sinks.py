@@ -129,8 +129,11 @@ def test_output_files_are_private_and_unsafe_directories_refused(tmp_path):
     (tmp_path / "link.jsonl").symlink_to(tmp_path / "target")
     with pytest.raises(OutputError, match="symbolic link"):
         JsonlSink(str(tmp_path / "link.jsonl"))
-    with pytest.raises(OutputError, match="no such file or directory"):
-        JsonlSink(str(tmp_path / "missing" / "x.jsonl"))
+    JsonlSink(str(tmp_path / "new" / "x.jsonl")).close()  # a missing directory is made, 0700
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match="not a directory"):
+        JsonlSink(str(tmp_path / "file" / "x.jsonl"))
     old = tmp_path / "old.jsonl"
     old.write_text("")
     old.chmod(0o644)
