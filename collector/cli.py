@@ -113,6 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("metrics")
     g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics on this port")
+    g.add_argument("--metrics-host", default=None, metavar="ADDR",
+                   help="address the metrics endpoint binds (default: the --listen host, so loopback unless "
+                        "gRPC is served further)")
     g.add_argument("--otlp-endpoint", default="", metavar="URL",
                    help="push OpenTelemetry metrics over OTLP gRPC (host:port, http:// or https://)")
 
@@ -120,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from agent.export.tls import ServerTls, TlsConfigError
     from collector.models import describe_provenance, load_model
-    from collector.server import CollectorServer, CollectorSettings
+    from collector.server import CollectorServer, CollectorSettings, parse_listen
     from collector.sinks import FlaggedPrinter, JsonlSink, ParquetSink
     from xdpml.errors import ConfigError, XdpmlError
     from xdpml.telemetry import Telemetry, TelemetrySettings
@@ -162,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         if args.print_flagged:
             sinks.append(FlaggedPrinter())
         telemetry = Telemetry.from_settings(TelemetrySettings(
-            service_name="xdpml-collector", prometheus_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint))
+            service_name="xdpml-collector", prometheus_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint,
+            prometheus_host=args.metrics_host or parse_listen(args.listen)[0].strip("[]")))
         server = CollectorServer(model, sinks, settings, telemetry)
     except (XdpmlError, TlsConfigError, ValueError, OSError) as e:
         for s in sinks:

@@ -44,7 +44,9 @@ def test_full_run_with_embedded_model(tmp_path):
     jsonl, parquet, out = tmp_path / "scored.jsonl", tmp_path / "scored.parquet", tmp_path / "out.txt"
     # --learn-from any: live learning from an unauthenticated peer is an explicit choice
     # (the default learns from nobody); --reflection is off by default.
+    mport = free_port()
     proc = _start(["--listen", f"127.0.0.1:{port}", "--learn-from", "any", "--reflection",
+                   "--metrics-port", str(mport),
                    "--baseline-rows", "2000", "--state-dir", str(tmp_path / "st"),
                    "--jsonl", str(jsonl), "--parquet", str(parquet), "--print-flagged"], out)
     try:
@@ -58,6 +60,11 @@ def test_full_run_with_embedded_model(tmp_path):
                                                   timeout=5))
             names = {s.name for s in resp.list_services_response.service}
             assert {"xdpml.v1.Collector", "grpc.health.v1.Health"} <= names
+        # Metrics bind where gRPC does (loopback here), not every interface: the one
+        # listening socket on that port (/proc/net/tcp: address hex, state 0A) is 127.0.0.1.
+        rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        assert [(r[1], r[3]) for r in rows if int(r[1].split(":")[1], 16) == mport and r[3] == "0A"] == \
+            [(f"0100007F:{mport:04X}", "0A")]
         verdicts = []
         batches = [flow_batch(2500, seed=1), flow_batch(1000, seed=2), flow_batch(50, kind="portscan", seed=3),
                    flow_batch(40, kind="synflood", seed=4)]
