@@ -368,7 +368,9 @@ def save_baseline(path: str, forest, feature_names, version: str, ranges, proven
     for target, write in ((path, lambda f: joblib.dump(state, f)),
                           (sidecar, lambda f: f.write(json.dumps(provenance, indent=1, sort_keys=True).encode()))):
         tmp = f"{target}.tmp.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a stale one of ours; O_EXCL below refuses anything put there meanwhile
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)

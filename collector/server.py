@@ -536,6 +536,9 @@ class CollectorServer:
             # streams are freed instead of holding workers until the idle timeout.
             ("grpc.keepalive_time_ms", int(s.keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout_s * 1000)),  # newer gRPC cores use this one
+            # Keep pinging an idle stream (the default stops after 2 pings without data).
+            ("grpc.http2.max_pings_without_data", 0),
             ("grpc.so_reuseport", 0),  # a second collector on the same port is an error, not a silent split
         ]
         # Each stream holds a handler thread (plus its own reader thread) for its

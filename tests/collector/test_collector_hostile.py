@@ -275,3 +275,51 @@ def test_batches_that_do_not_fit_wire_schema_v1_are_rejected_and_counted(collect
     assert "column splt_ps has 1 dimension(s)" in acks[1].error
     assert srv.stats()["schema_mismatches"] == 2 and srv.stats()["rows_received"] == 4
     np.testing.assert_array_equal(srv.sink.all_ids(), b["row_id"])  # only the batch that fits is stored
+
+
+def test_a_peer_that_vanishes_without_closing_is_dropped_by_keepalive(collector):
+    """A TCP proxy freezes (keeps the connection open, forwards nothing, like a host
+    that lost power): the collector's keepalive pings go unanswered and the stream is
+    freed, long before the idle timeout."""
+    import socket
+
+    srv = collector(keepalive_s=1.0, keepalive_timeout_s=1.0, idle_timeout_s=600)
+    lsock = socket.create_server(("127.0.0.1", 0))
+    frozen = threading.Event()
+    conns = []
+
+    def pump(a, b):
+        try:
+            while not frozen.is_set():
+                data = a.recv(65536)
+                if not data or frozen.is_set():
+                    return
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def accept():
+        c, _ = lsock.accept()
+        up = socket.create_connection(("127.0.0.1", srv.port))
+        conns.extend([c, up])
+        for a, b in ((c, up), (up, c)):
+            threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    hold = threading.Event()
+    with grpc.insecure_channel(f"127.0.0.1:{lsock.getsockname()[1]}") as ch:
+        call = cgrpc.CollectorStub(ch).Export(iter(hold.wait, True), timeout=60)
+        end = time.monotonic() + 20
+        while srv.stats()["streams_active"] < 1:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        frozen.set()  # from now on nothing crosses the proxy
+        end = time.monotonic() + 30
+        while srv.stats()["streams_active"] > 0:
+            assert time.monotonic() < end, "the stream of a vanished peer was never freed"
+            time.sleep(0.05)
+        call.cancel()
+        hold.set()
+    for c in conns:
+        c.close()
+    lsock.close()
