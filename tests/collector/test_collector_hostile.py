@@ -83,7 +83,7 @@ def test_undecodable_messages_get_invalid_argument_leak_nothing_and_shutdown_is_
             list(idle)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         hold.set()
-    assert took < 3.0, f"stop(1) took {took:.1f} s"
+    assert took < 4.5, f"stop(1) took {took:.1f} s"  # before: 6 s and more
 
 
 def test_identities_are_bounded_the_agent_table_is_an_lru_and_logs_are_escaped(collector, caplog):
@@ -143,14 +143,14 @@ def test_idle_streams_cannot_take_the_health_check_and_are_ended(collector):
 
 
 def test_streams_per_peer_are_capped_and_idle_streams_end(collector):
-    srv = collector(max_streams_per_peer=3, idle_timeout_s=2.0)
+    srv = collector(max_streams_per_peer=3, idle_timeout_s=3.0)
     hold = threading.Event()
     with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         stub = cgrpc.CollectorStub(ch)
         idle = [stub.Export(iter(hold.wait, True), timeout=60) for _ in range(2)]
 
-        def steady():  # a message every 0.1 s for 3 s: never idle
-            for i in range(30):
+        def steady():  # a message every 0.1 s for 4 s: never idle
+            for i in range(40):
                 yield _request(batch_with_ids(2, i * 2), i + 1)
                 time.sleep(0.1)
 
@@ -165,10 +165,10 @@ def test_streams_per_peer_are_capped_and_idle_streams_end(collector):
         for call in idle:
             with pytest.raises(grpc.RpcError) as e:
                 list(call)
-            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "no message for 2 s" in e.value.details()
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "no message for 3 s" in e.value.details()
         acks = [r.ack for r in busy if r.HasField("ack")]
         hold.set()
-    assert [a.sequence for a in acks] == list(range(1, 31)) and all(a.rows_accepted == 2 for a in acks)
+    assert [a.sequence for a in acks] == list(range(1, 41)) and all(a.rows_accepted == 2 for a in acks)
     assert srv.stats()["streams_idle_closed"] == 2 and srv.stats()["streams_refused"] == 1
 
 
@@ -323,3 +323,25 @@ def test_a_peer_that_vanishes_without_closing_is_dropped_by_keepalive(collector)
     for c in conns:
         c.close()
     lsock.close()
+
+
+def test_streams_older_than_the_age_limit_are_drained_and_ended(collector):
+    srv = collector(max_stream_age_s=1.0)
+    sent = []
+
+    def steady():  # keeps sending well past the age limit
+        for i in range(100):
+            sent.append(i + 1)
+            yield _request(batch_with_ids(2, i * 2), i + 1)
+            time.sleep(0.05)
+
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        call = cgrpc.CollectorStub(ch).Export(steady(), timeout=60)
+        acks = []
+        with pytest.raises(grpc.RpcError) as e:
+            for r in call:
+                acks.append(r.ack.sequence)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "stream older than 1 s" in e.value.details()
+    # What the stream delivered before it ended was acknowledged, in order, and stored.
+    assert acks == list(range(1, len(acks) + 1)) and 5 <= len(acks) < 100
+    assert srv.stats()["rows_received"] == 2 * len(acks) and srv.stats()["streams_aged_out"] == 1
