@@ -24,7 +24,8 @@ docs: docs/collector.md (models, flags, file formats), docs/wire-format.md
 
 LEARN_DOC = """Fit the embedded Isolation Forest on flows you recorded and trust, and save it
 (mode 0600, atomically) with its provenance: the input files, the agents (node names)
-the rows came from, the row count and the time, also in a .json file beside it. The
+the rows came from, the row count and the time, also in a .json file beside it. Rows
+a collector flagged (its --jsonl/--parquet output) are left out. The
 collector loads it at start (from --state-dir, or pinned with --baseline FILE) and
 never replaces it by itself. Record normal traffic with `xdpml agent -i eth0 -o
 flows.jsonl`, or keep a collector's `--jsonl`/`--parquet` output."""
@@ -209,8 +210,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_rows(path: str, names: list[str]) -> tuple[dict, list[str]]:
-    """Feature columns of the flow records in one file, and the node names seen."""
+def _read_rows(path: str, names: list[str]) -> tuple[dict, list[str], int]:
+    """Feature columns of the flow records in one file, the node names seen, and how
+    many rows a collector had flagged (left out: an anomaly must not become normal)."""
     import json
 
     import numpy as np
@@ -227,11 +229,15 @@ def _read_rows(path: str, names: list[str]) -> tuple[dict, list[str]]:
         missing = [n for n in names if n not in t.column_names]
         if missing:
             raise ConfigError(f"{path} has no column(s) {', '.join(missing)}: not flow records")
-        cols = {n: t.column(n).to_numpy(zero_copy_only=False).astype(np.float64) for n in names}
+        keep = np.ones(t.num_rows, dtype=bool)
+        if "flagged" in t.column_names:
+            keep = ~np.asarray(t.column("flagged").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+        cols = {n: t.column(n).to_numpy(zero_copy_only=False).astype(np.float64)[keep] for n in names}
         nodes = sorted(set(t.column("node_name").to_pylist())) if "node_name" in t.column_names else []
-        return cols, [n for n in nodes if n]
+        return cols, [n for n in nodes if n], int((~keep).sum())
     vals: dict[str, list] = {n: [] for n in names}
     nodes: set[str] = set()
+    flagged = 0
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -244,6 +250,9 @@ def _read_rows(path: str, names: list[str]) -> tuple[dict, list[str]]:
                 if not isinstance(row, dict) or row.get("record", "flow") != "flow" or \
                         any(n not in row for n in names):
                     continue  # window or packet records, or another schema
+                if row.get("flagged") is True:
+                    flagged += 1
+                    continue
                 for n in names:
                     v = row[n]
                     vals[n].append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan)
@@ -251,7 +260,7 @@ def _read_rows(path: str, names: list[str]) -> tuple[dict, list[str]]:
                     nodes.add(row["node_name"])
     except OSError as e:
         raise ConfigError(describe_os_error(e, f"cannot read {path}")) from None
-    return {n: np.asarray(v, dtype=np.float64) for n, v in vals.items()}, sorted(nodes)
+    return {n: np.asarray(v, dtype=np.float64) for n, v in vals.items()}, sorted(nodes), flagged
 
 
 def run_learn(args: argparse.Namespace) -> int:
@@ -261,7 +270,7 @@ def run_learn(args: argparse.Namespace) -> int:
     from agent.columns import ColumnBatch
     from collector.models import EMBEDDED_FEATURES, EmbeddedIsolationForest, describe_provenance
     from collector.server import printable
-    from xdpml.errors import XdpmlError
+    from xdpml.errors import ConfigError, XdpmlError
 
     log = logging.getLogger("xdpml.collector")
     if not logging.getLogger().handlers:
@@ -272,13 +281,14 @@ def run_learn(args: argparse.Namespace) -> int:
         if os.path.exists(out):
             if not args.replace:
                 old = EmbeddedIsolationForest(state_dir=None, baseline_file=out, features=names)
-                raise XdpmlError(f"{out} holds a baseline already ({describe_provenance(old.provenance)}); "
-                                 "--replace overwrites it")
+                raise ConfigError(f"{out} holds a baseline already ({describe_provenance(old.provenance)}); "
+                                  "--replace overwrites it")
             log.warning("replacing baseline %s", out)
         parts, nodes, used = [], set(), []
-        have = 0
+        have = skipped = 0
         for path in args.inputs:
-            cols, seen = _read_rows(path, names)
+            cols, seen, flagged = _read_rows(path, names)
+            skipped += flagged
             n = len(cols[names[0]])
             if n == 0:
                 log.warning("%s holds no flow records with the features %s", path, ", ".join(names))
@@ -291,12 +301,12 @@ def run_learn(args: argparse.Namespace) -> int:
             if have >= args.max_rows:
                 break
         if not parts:
-            raise XdpmlError("no flow records to learn from in " + ", ".join(args.inputs))
+            raise ConfigError("no flow records to learn from in " + ", ".join(args.inputs))
         model = EmbeddedIsolationForest(state_dir=None, features=names, n_estimators=args.trees)
         x = np.concatenate([model.features_of(b) for b in parts])
         nonfinite = int(sum(int((~np.isfinite(b[n])).sum()) for b in parts for n in names))
         model.fit(x, {"source": "collector learn", "inputs": used, "nodes": [printable(n, 253) for n in sorted(nodes)],
-                      "nonfinite_values_as_zero": nonfinite})
+                      "nonfinite_values_as_zero": nonfinite, "skipped_flagged_rows": skipped})
         from collector.models import save_baseline
 
         model.provenance["file"] = os.path.abspath(out)

@@ -141,13 +141,16 @@ def test_collector_learn_makes_a_baseline_with_provenance_and_never_replaces_it_
     sink = JsonLinesSink(str(rec))
     sink.write(normal)
     sink.close()
+    first = json.loads(rec.read_text().splitlines()[0])
+    with open(rec, "a") as f:  # a row a collector flagged: never learned as normal
+        f.write(json.dumps({**first, "bidirectional_packets": 10**9, "flagged": True}) + "\n")
     state = tmp_path / "state"
     assert collector_main(["learn", str(rec), "--state-dir", str(state)]) == 0  # in-process: fast
     path = state / "embedded-iforest.joblib"
     assert path.stat().st_mode & 0o777 == 0o600
     prov = json.loads((state / "embedded-iforest.json").read_text())
     assert prov["rows"] == 1500 and prov["source"] == "collector learn" and prov["inputs"] == [str(rec)]
-    assert prov["nonfinite_values_as_zero"] == 1
+    assert prov["nonfinite_values_as_zero"] == 1 and prov["skipped_flagged_rows"] == 1
     # The collector loads it; its scores are scikit-learn's on the same rows, fitted independently.
     model = load_model("embedded", state_dir=str(state))
     x = feature_matrix(normal, EMBEDDED_FEATURES, np.float32)
