@@ -155,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
                                      reflection=args.reflection, learn_from=learn_from)
         model = load_model(args.model, state_dir=args.state_dir, baseline_rows=args.baseline_rows, features=features,
                            trees=args.trees, baseline_file=args.baseline)
+        if learn_from and not getattr(model, "learns", False):
+            model.close()
+            raise ConfigError(f"--learn-from is for the embedded model; {model.name} does not learn")
         if args.jsonl:
             sinks.append(JsonlSink(args.jsonl))
         if args.parquet:

@@ -184,3 +184,17 @@ def test_careless_listen_addresses_are_refused_in_one_line():
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _run(["--learn-from", "authenticated", "--listen", "127.0.0.1:0"])
     assert r.returncode == 2 and "needs mutual TLS" in r.stderr
+
+
+def test_learn_from_is_refused_for_a_model_that_does_not_learn(tmp_path, capsys):
+    from sklearn.linear_model import LogisticRegression
+
+    from collector.cli import main as collector_main
+
+    x = np.array([[0.0], [1.0], [2.0], [3.0]])
+    joblib_path = tmp_path / "m.joblib"
+    import joblib
+
+    joblib.dump({"model": LogisticRegression().fit(x, [0, 0, 1, 1]), "feature_names": ["bps"]}, joblib_path)
+    assert collector_main(["--model", f"sklearn:{joblib_path}", "--learn-from", "any", "--listen", "127.0.0.1:0"]) == 2
+    assert "--learn-from is for the embedded model" in capsys.readouterr().err
