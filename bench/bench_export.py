@@ -264,7 +264,7 @@ def main() -> int:
             # One baseline per forest size, loaded by every server of that run.
             states[t] = str(tmp / f"state-{t}-trees")
             EmbeddedIsolationForest(state_dir=states[t], baseline_rows=5000, n_estimators=t).score(
-                flow_batch(5000, seed=999))
+                flow_batch(5000, seed=999), learn_from="bench")
         c, decoded = bench_codec(batches, repeat=2)
         score = {t: bench_score(decoded, states[t]) for t in trees}
         col = {t: bench_columnar(batches, args.flows, ["--state-dir", states[t]], tmp) for t in trees}

@@ -3,7 +3,7 @@
 ``--model`` chooses one:
 
 =========================  ==========================================================
-``embedded`` (default)     Isolation Forest learning a baseline from the first rows
+``embedded`` (default)     Isolation Forest on a baseline the operator chose
 ``sklearn:PATH``           joblib/pickle of a scikit-learn estimator or pipeline
 ``onnx:PATH``              an ONNX model run by onnxruntime
 ``v2:HOST:PORT/MODEL``     a V2 / Open Inference Protocol gRPC server (MLServer, Triton,
@@ -17,10 +17,12 @@ the operator (missing feature columns, unreadable files, unreachable servers).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import threading
+import time
 import urllib.parse
 import warnings
 from dataclasses import dataclass
@@ -161,14 +163,30 @@ def range_excess(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 class EmbeddedIsolationForest:
-    """Unsupervised baseline: the first ``baseline_rows`` flows train an Isolation Forest.
+    """Unsupervised baseline: an Isolation Forest fitted on flows the operator chose.
+
+    Where the baseline comes from (never from whoever connects first):
+
+    * ``baseline_file``: a pinned file (made by ``xdpml collector learn``), loaded
+      read-only; the model never learns and never writes.
+    * ``state_dir``: ``embedded-iforest.joblib`` there, if present (written by
+      ``collector learn`` or by an earlier live learning run). A file that cannot be
+      used is an error, never silently replaced by a new baseline.
+    * live learning: only rows :meth:`score` receives with ``learn_from`` set (the
+      collector sets it for streams of the agents ``--learn-from`` allows) are kept,
+      until ``baseline_rows`` of them; then the forest is fitted and saved. Rows from
+      other agents, before a baseline exists, are not scored (label ``unscored``).
+
+    Every baseline carries its provenance (who taught it how many rows, when): in the
+    state file, in ``embedded-iforest.json`` beside it, in the log and in
+    :attr:`provenance`.
 
     Scores are the anomaly score of Liu et al. (2008), ``2 ** (-E[h(x)] / c(n))`` =
     ``-IsolationForest.score_samples``: about 0.5 or below for ordinary rows, towards
     1 for rows isolated in few splits. Features go through log1p first, because
     packet and byte counts span six orders of magnitude and the forest draws split
-    points uniformly between the minimum and maximum. The fitted model is saved in
-    ``state_dir`` and loaded on the next start, so a restart does not re-learn.
+    points uniformly between the minimum and maximum. Non-finite feature values
+    (NaN, inf) count as 0, so they can neither enter a baseline nor its ranges.
 
     Range novelty: a forest never splits on a feature that was constant in the
     baseline (say, RST counts when no connection was ever refused), so it cannot
@@ -182,9 +200,10 @@ class EmbeddedIsolationForest:
 
     name = "embedded-iforest"
     default_threshold = 0.65
+    learns = True  # the collector passes learn_from= to score()
 
     def __init__(self, *, state_dir: str | None, baseline_rows: int = 5000, features: Sequence[str] = EMBEDDED_FEATURES,
-                 n_estimators: int = 50, seed: int = 0) -> None:
+                 n_estimators: int = 50, seed: int = 0, baseline_file: str | None = None) -> None:
         if baseline_rows < 16:
             raise ModelError("--baseline-rows must be at least 16")
         if not 1 <= n_estimators <= 1000:
@@ -193,17 +212,25 @@ class EmbeddedIsolationForest:
         self.baseline_rows = baseline_rows
         self.n_estimators = n_estimators
         self.seed = seed
-        self.state_dir = state_dir
+        self.state_dir = None if baseline_file else state_dir
+        self.pinned = baseline_file
         self._lock = threading.Lock()
         self._parts: list[np.ndarray] = []
         self._have = 0
+        self._teachers: dict[str, int] = {}  # learn_from -> rows taken into the baseline so far
         self._forest = None
         self._ranges: tuple[np.ndarray, np.ndarray] | None = None  # baseline min, max (log1p space)
         self._compiled = None
         self._pool = None
-        self.version = "learning"
-        if state_dir:
-            self._load()
+        self.provenance: dict | None = None
+        self.version = "no-baseline"
+        if baseline_file:
+            if not os.path.isfile(baseline_file):
+                raise ModelError(f"baseline file {baseline_file!r} does not exist (make one with `xdpml collector "
+                                 "learn`)")
+            self._load(baseline_file)
+        elif state_dir and os.path.exists(self._path()):
+            self._load(self._path())
 
     @property
     def trained(self) -> bool:
@@ -212,61 +239,81 @@ class EmbeddedIsolationForest:
     def _path(self) -> str | None:
         return os.path.join(self.state_dir, EMBEDDED_FILE) if self.state_dir else None
 
-    def _load(self) -> None:
+    def _load(self, path: str) -> None:
         import joblib
 
-        path = self._path()
-        if not os.path.exists(path):
-            return
+        hint = "move it away to learn a new baseline" if not self.pinned else "pin another one"
         try:
             state = joblib.load(path)
-            if tuple(state["feature_names"]) != self.feature_names:
-                log.warning("baseline %s was trained on other features; learning a new one", path)
-                return
-            self._forest, self.version = state["model"], state["version"]
-            if "ranges" in state:
-                self._ranges = tuple(np.asarray(r, dtype=np.float32) for r in state["ranges"])
-            log.info("loaded baseline %s (%s)", path, self.version)
-        except Exception as e:  # a corrupt state file must not stop the collector
-            log.warning("cannot load baseline %s (%s); learning a new one", path, e)
+            feats, forest, version = tuple(state["feature_names"]), state["model"], state["version"]
+        except Exception as e:
+            raise ModelError(f"cannot load baseline {path!r} ({type(e).__name__}); {hint}") from None
+        if feats != self.feature_names:
+            raise ModelError(f"baseline {path!r} was trained on other features ({', '.join(feats)}); {hint}")
+        if not hasattr(forest, "estimators_"):
+            raise ModelError(f"baseline {path!r} holds no fitted forest; {hint}")
+        ranges = state.get("ranges")
+        if ranges is not None:
+            ranges = tuple(np.asarray(r, dtype=np.float32) for r in ranges)
+            if not all(np.isfinite(r).all() for r in ranges):
+                raise ModelError(f"baseline {path!r} has non-finite feature ranges; {hint}")
+        self._forest, self.version, self._ranges = forest, version, ranges
+        self.provenance = dict(state.get("provenance") or {"source": "unknown (saved before provenance was kept)"})
+        self.provenance["file"] = path
+        log.info("loaded baseline %s: %s", path, describe_provenance(self.provenance))
 
-    def _fit(self, x: np.ndarray) -> None:
+    def fit(self, x: np.ndarray, provenance: dict) -> None:
+        """Fit the forest on ``x`` (rows x features, already through :meth:`features_of`)
+        and save it with ``provenance``. Refuses when a baseline exists."""
         from sklearn.ensemble import IsolationForest
 
+        if self._forest is not None:
+            raise ModelError("this model already has a baseline; it is never replaced in place")
+        if len(x) < 16:
+            raise ModelError(f"a baseline needs at least 16 rows, got {len(x)}")
         forest = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(x)
         self.version = f"baseline-{len(x)}-rows"
         self._ranges = (x.min(axis=0), x.max(axis=0))
+        self.provenance = {**provenance, "rows": int(len(x)), "features": list(self.feature_names),
+                           "trees": self.n_estimators, "learned_unix": int(time.time()),
+                           "learned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self._forest = forest
+        log.info("baseline learned: %s", describe_provenance(self.provenance))
         if self.state_dir:
-            import joblib
-
             try:
-                os.makedirs(self.state_dir, exist_ok=True)
-                tmp = self._path() + ".tmp"
-                joblib.dump({"model": forest, "feature_names": list(self.feature_names), "version": self.version,
-                             "ranges": [r.tolist() for r in self._ranges]}, tmp)
-                os.replace(tmp, self._path())  # atomic: a crash never leaves half a file
-                log.info("baseline learned from %d rows, saved to %s", len(x), self._path())
-            except OSError as e:  # scoring goes on; only the restart would re-learn
-                log.warning("baseline learned from %d rows but not saved to %s: %s", len(x), self.state_dir, e)
+                save_baseline(self._path(), forest, self.feature_names, self.version, self._ranges, self.provenance)
+                self.provenance["file"] = self._path()
+                log.info("baseline saved to %s", self._path())
+            except OSError as e:  # scoring goes on; only the restart would have no baseline
+                log.warning("baseline learned but not saved to %s: %s", self.state_dir, e)
 
-    def _x(self, batch: ColumnBatch) -> np.ndarray:
+    def features_of(self, batch: ColumnBatch) -> np.ndarray:
+        """The model's input: feature columns, non-finite values as 0, negatives as 0, log1p."""
         x = feature_matrix(batch, self.feature_names, np.float32)
+        x[~np.isfinite(x)] = 0
         np.maximum(x, 0, out=x)
         return np.log1p(x, out=x)
 
-    def score(self, batch: ColumnBatch) -> Scores:
+    _x = features_of
+
+    def score(self, batch: ColumnBatch, learn_from: str | None = None) -> Scores:
+        """Scores; before a baseline exists, rows with ``learn_from`` set (who sent them)
+        become the baseline (label ``learning``), others are not scored (``unscored``)."""
         x = self._x(batch)
         forest = self._forest
         if forest is None:
             with self._lock:
                 if self._forest is None:
+                    if not learn_from or self.pinned:
+                        return Scores(np.full(len(x), np.nan), np.full(len(x), "unscored", dtype=object))
                     need = self.baseline_rows - self._have
                     self._parts.append(x[:need])
-                    self._have += min(need, len(x))
+                    took = min(need, len(x))
+                    self._have += took
+                    self._teachers[learn_from] = self._teachers.get(learn_from, 0) + took
                     if self._have < self.baseline_rows:
-                        return Scores(np.full(len(x), np.nan))
-                    self._fit(np.concatenate(self._parts))
+                        return Scores(np.full(len(x), np.nan), np.full(len(x), "learning", dtype=object))
+                    self.fit(np.concatenate(self._parts), {"source": "live", "agents": dict(self._teachers)})
                     self._parts = []
                     # Rows of this batch that completed the baseline are not scored:
                     # they are the baseline.
@@ -296,6 +343,42 @@ class EmbeddedIsolationForest:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def describe_provenance(p: dict) -> str:
+    """One log line about where a baseline came from."""
+    agents = p.get("agents") or {}
+    who = ", ".join(f"{k} ({v} rows)" for k, v in sorted(agents.items())) or ", ".join(p.get("nodes") or []) or "-"
+    files = p.get("inputs")
+    src = p.get("source", "?") + (f" from {', '.join(files)}" if files else "")
+    return f"{p.get('rows', '?')} rows, {src}, agents: {who}, at {p.get('learned_at', '?')}"
+
+
+def save_baseline(path: str, forest, feature_names, version: str, ranges, provenance: dict) -> None:
+    """Write the baseline (joblib) and its provenance (JSON beside it), mode 0600,
+    atomically: a crash never leaves half a file."""
+    import json
+
+    import joblib
+
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    state = {"model": forest, "feature_names": list(feature_names), "version": version,
+             "ranges": [r.tolist() for r in ranges], "provenance": provenance}
+    sidecar = os.path.splitext(path)[0] + ".json"
+    for target, write in ((path, lambda f: joblib.dump(state, f)),
+                          (sidecar, lambda f: f.write(json.dumps(provenance, indent=1, sort_keys=True).encode()))):
+        tmp = f"{target}.tmp.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a stale one of ours; O_EXCL below refuses anything put there meanwhile
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 # ---- scikit-learn file ----------------------------------------------------------------
@@ -437,11 +520,14 @@ class OnnxModel:
 # ---- model spec -------------------------------------------------------------------------
 
 def load_model(spec: str, *, state_dir: str | None = None, baseline_rows: int = 5000,
-               features: Sequence[str] | None = None, trees: int = 50) -> Model:
+               features: Sequence[str] | None = None, trees: int = 50, baseline_file: str | None = None) -> Model:
     """Build the model named by a ``--model`` value (see the module docstring)."""
     if spec in ("", "embedded"):
         return EmbeddedIsolationForest(state_dir=state_dir, baseline_rows=baseline_rows,
-                                       features=features or EMBEDDED_FEATURES, n_estimators=trees)
+                                       features=features or EMBEDDED_FEATURES, n_estimators=trees,
+                                       baseline_file=baseline_file)
+    if baseline_file:
+        raise ModelError("--baseline is for the embedded model only")
     kind, _, rest = spec.partition(":")
     if kind == "sklearn" and rest:
         return SklearnFileModel(rest)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import re
 import threading
 import time
 from concurrent import futures
@@ -26,10 +27,12 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from xdpml.wire.columns import ColumnBatch
 from xdpml.wire import codec
 from xdpml.wire.tls import ServerTls
+from xdpml.collector import wire_schema
 from xdpml.collector.models import Model, ModelError
-from xdpml.errors import ServiceError
+from xdpml.errors import ConfigError, ServiceError
 from xdpml.collector.sinks import ScoredBatch, Sink, now_ms
 from xdpml.wire.v1 import collector_pb2 as cpb
 from xdpml.wire.v1 import collector_pb2_grpc as cgrpc
@@ -41,26 +44,110 @@ ACTIONS = {"alert": cpb.ACTION_ALERT, "drop": cpb.ACTION_DROP, "rate-limit": cpb
 # google.rpc.Code values used in Ack.error_code.
 INVALID_ARGUMENT, FAILED_PRECONDITION, INTERNAL = 3, 9, 13
 MAX_VERDICTS_PER_BATCH = 10_000
+# Identity fields a client sends: bounded, so they can key a table and go into logs.
+AGENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+NODE_NAME_RE = re.compile(r"[\x21-\x7e]{1,253}")  # printable ASCII, no spaces (DNS names fit)
+# Pool threads no Export stream can take: health checks and refusals always find one.
+RESERVED_WORKERS = 8
+
+
+def printable(text: str, limit: int = 120) -> str:
+    """A client-supplied string made safe for one log line: control and non-ASCII
+    characters escaped (a newline cannot start a forged line), long text cut."""
+    out = text.encode("ascii", "backslashreplace").decode("ascii")
+    out = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in out)
+    return out if len(out) <= limit else f"{out[:limit]}...({len(text)} chars)"
+
+
+class _Throttled:
+    """Log a warning at most once per ``every_s`` (then how many were not logged): a
+    flood of bad input must not flood the logs."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s, self._next, self._skipped = every_s, 0.0, 0
+        self._lock = threading.Lock()
+
+    def warning(self, msg: str, *args) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                self._skipped += 1
+                return
+            skipped, self._skipped, self._next = self._skipped, 0, now + self.every_s
+        log.warning(msg + (f" (and {skipped} more like it since the last report)" if skipped else ""), *args)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT``, port 0-65535 (0: the system picks one); else ConfigError.
+
+    gRPC itself would serve ``127.0.0.1`` (no port) on 443 and bind some other port for
+    ``:99999``; both are refused here."""
+    text = listen.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or (host.count(":") and not (host.startswith("[") and host.endswith("]"))):
+        raise ConfigError(f"--listen {listen!r}: expected HOST:PORT (e.g. 127.0.0.1:50051, [::1]:50051, "
+                          "0.0.0.0:50051)")
+    if not host or host == "[]":
+        raise ConfigError(f"--listen {listen!r}: give the address to listen on (127.0.0.1 for this host only, "
+                          "0.0.0.0 for every interface)")
+    value = int(port)
+    if value > 65535:
+        raise ConfigError(f"--listen {listen!r}: port {value} is out of range (0-65535; 0 picks a free port)")
+    return host, value
 
 
 @dataclass
 class CollectorSettings:
-    listen: str = "0.0.0.0:50051"
+    listen: str = "127.0.0.1:50051"
     tls: ServerTls | None = None
     threshold: float | None = None  # None: the model's default
     send_verdicts: bool = True
     action: str = "alert"  # suggested action for flagged rows
     max_message_bytes: int = codec.GRPC_DEFAULT_MAX_MESSAGE
     max_agents: int = 256  # concurrent Export streams; more are refused (RESOURCE_EXHAUSTED)
+    max_streams_per_peer: int = 16  # concurrent Export streams from one address
+    max_tracked_agents: int = 4096  # agent ids remembered for logs (least recently seen go first)
+    idle_timeout_s: float = 300.0  # a stream without a complete message for this long is ended
+    max_stream_age_s: float = 3600.0  # then the stream is drained and ended; the agent reconnects (0: never)
+    reflection: bool = False  # gRPC server reflection (lists the services to anyone who asks)
+    # Who may teach the embedded model its baseline: () nobody (default), ("any",),
+    # ("authenticated",) any verified client certificate, or certificate names.
+    learn_from: tuple[str, ...] = ()
     # Shortest keepalive ping interval accepted from agents; their default is 30 s.
     min_ping_interval_s: float = 10.0
+    # The server pings connections silent for this long and closes those that do not answer.
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
-            raise ValueError(f"action must be one of {', '.join(ACTIONS)}")
+            raise ConfigError(f"action must be one of {', '.join(ACTIONS)}")
+        parse_listen(self.listen)
+        for name in ("max_agents", "max_streams_per_peer", "max_tracked_agents"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
+        if self.idle_timeout_s <= 0 or self.max_stream_age_s < 0:
+            raise ConfigError("idle timeout must be > 0 s and the stream age limit >= 0 s")
+        self.learn_from = tuple(self.learn_from)
+        if self.learn_from:
+            if self.tls is None and self.learn_from != ("any",):
+                raise ConfigError("--learn-from authenticated agents needs mutual TLS (--tls-cert, --tls-key, "
+                                  "--tls-client-ca); '--learn-from any' lets every peer teach the baseline")
+            if self.tls is not None and not self.tls.client_ca_file and self.learn_from != ("any",):
+                raise ConfigError("--learn-from needs --tls-client-ca: without client certificates no agent is "
+                                  "authenticated")
+            if "any" in self.learn_from and len(self.learn_from) > 1:
+                raise ConfigError("--learn-from any cannot be combined with names")
 
 
 _END = object()
+
+
+class _BadMessage:
+    """The stream sent bytes that are not an ExportRequest: it ends with INVALID_ARGUMENT."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 @dataclass
@@ -69,14 +156,88 @@ class _Decoded:
     decoded: codec.DecodedBatch | None  # None: malformed, see error
     error: str = ""
     sender: str = ""
+    schema: bool = False  # rejected for not fitting wire schema v1
 
 
-def _decode(req: cpb.ExportRequest) -> _Decoded:
-    msg = req.batch
+def _decode(raw: bytes) -> "_Decoded | _BadMessage":
+    # Parsed here rather than by grpcio's deserializer: its failure path leaks the
+    # message and answers INTERNAL; this answers INVALID_ARGUMENT and frees everything.
     try:
-        return _Decoded(msg.sequence, codec.decode_batch(msg))
+        req = cpb.ExportRequest.FromString(raw)
+    except Exception as e:  # google.protobuf.message.DecodeError, or a C++ parse error
+        return _BadMessage(f"request is not an xdpml.v1.ExportRequest ({type(e).__name__})")
+    msg = req.batch
+    node = msg.node
+    sender = printable(node.node_name or node.agent_id or "?", 64)
+    if node.agent_id and not AGENT_ID_RE.fullmatch(node.agent_id):
+        return _Decoded(msg.sequence, None, "node.agent_id must be 1-64 characters of A-Z a-z 0-9 . _ : -", sender)
+    if node.node_name and not NODE_NAME_RE.fullmatch(node.node_name):
+        return _Decoded(msg.sequence, None, "node.node_name must be 1-253 printable ASCII characters without spaces",
+                        sender)
+    if len(node.agent_version) > 64:
+        return _Decoded(msg.sequence, None, "node.agent_version must be at most 64 characters", sender)
+    try:
+        dec = codec.decode_batch(msg)
     except codec.MalformedBatch as e:
-        return _Decoded(msg.sequence, None, str(e), msg.node.node_name or msg.node.agent_id or "?")
+        return _Decoded(msg.sequence, None, printable(str(e), 200), sender)
+    why = schema_mismatch(dec.batch)
+    if why:
+        return _Decoded(msg.sequence, None, why, sender, schema=True)
+    return _Decoded(msg.sequence, dec)
+
+
+def schema_mismatch(batch: ColumnBatch) -> str:
+    """'' when every column wire schema v1 knows has its v1 type and shape, else why not.
+    Columns v1 does not know are allowed (the sinks decide what to keep)."""
+    table = wire_schema.V1.get(batch.kind, {})
+    for name, col in batch.columns.items():
+        spec = table.get(name)
+        if spec is None:
+            continue
+        want = np.dtype(spec.dtype)
+        ndim = 2 if spec.role == "sequence" else 1
+        if (col.dtype.kind, col.dtype.itemsize) != (want.kind, want.itemsize) and not (
+                want.kind == "O" and col.dtype.kind in "OU"):
+            return (f"column {name} is {col.dtype.name}; wire schema {wire_schema.SCHEMA_VERSION} says "
+                    f"{'text' if want.kind == 'O' else want.name}")
+        if col.ndim != ndim:
+            return f"column {name} has {col.ndim} dimension(s); wire schema {wire_schema.SCHEMA_VERSION} says {ndim}"
+    return ""
+
+
+def _peer_address(peer: str) -> str:
+    """``ipv4:10.0.0.1:5555`` -> ``ipv4:10.0.0.1``: streams are capped per address."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rpartition(":")[0]
+    return peer
+
+
+def _identities(context) -> list[str]:
+    """Names in the peer's verified client certificate (empty without mTLS)."""
+    auth = context.auth_context() or {}
+    names = []
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        names += [v.decode("utf-8", "replace") for v in auth.get(key, [])]
+    return names
+
+
+def sanitize_features(batch: ColumnBatch, names: Sequence[str]) -> tuple[ColumnBatch, dict[str, int]]:
+    """The batch with NaN and +-inf in the float feature columns ``names`` replaced by 0,
+    and how many were replaced per column. Other columns (and the rows stored by the
+    sinks) are untouched; a model never sees a non-finite value."""
+    fixed, counts = {}, {}
+    for name in names:
+        col = batch.columns.get(name)
+        if col is None or col.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(col)
+        n = int(bad.sum())
+        if n:
+            counts[name] = n
+            fixed[name] = np.where(bad, 0, col).astype(col.dtype)
+    if not fixed:
+        return batch, counts
+    return ColumnBatch(batch.kind, {**batch.columns, **fixed}, batch.specs), counts
 
 
 class CollectorServicer(cgrpc.CollectorServicer):
@@ -90,9 +251,15 @@ class CollectorServicer(cgrpc.CollectorServicer):
         self._lock = threading.Lock()
         self._sink_lock = threading.Lock()
         self.counters = collections.Counter({k: 0 for k in (
-            "streams_total", "streams_active", "batches_received", "rows_received", "rows_scored",
-            "rows_flagged", "batches_rejected", "verdicts_sent")})
-        self.agents: dict[str, str] = {}  # agent_id -> node name, for logs
+            "streams_total", "streams_active", "streams_refused", "streams_idle_closed", "streams_aged_out",
+            "batches_received", "rows_received", "rows_scored", "rows_flagged", "rows_unscored",
+            "batches_rejected", "schema_mismatches", "bad_messages", "verdicts_sent", "agents_evicted", "nonfinite_values")})
+        self.nonfinite: collections.Counter = collections.Counter()  # column -> values replaced
+        # agent_id -> node name, for logs; least recently seen first, at most max_tracked_agents.
+        self.agents: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._per_peer: collections.Counter = collections.Counter()
+        self._learns = bool(getattr(model, "learns", False))
+        self._bad_log, self._reject_log = _Throttled(), _Throttled()
 
     def _count(self, **kw: int) -> None:
         with self._lock:
@@ -108,41 +275,93 @@ class CollectorServicer(cgrpc.CollectorServicer):
         elif value:
             self.telemetry.counter(name).add(value, attrs)
 
+    def _learn_source(self, context) -> str | None:
+        """Who this stream's rows may be learned as (None: they may not teach the baseline)."""
+        allowed = self.settings.learn_from
+        if not self._learns or not allowed:
+            return None
+        names = _identities(context)
+        if allowed == ("any",):
+            return names[0] if names else _peer_address(context.peer())
+        if allowed == ("authenticated",):
+            return names[0] if names else None
+        return next((n for n in names if n in allowed), None)
+
+    def _admit(self, peer: str) -> str:
+        """'' when the stream may run, else why it is refused."""
+        with self._lock:
+            if self.counters["streams_active"] >= self.settings.max_agents:
+                return f"collector at its limit of {self.settings.max_agents} streams"
+            if self._per_peer[peer] >= self.settings.max_streams_per_peer:
+                return f"{self.settings.max_streams_per_peer} streams from this address already"
+            self._per_peer[peer] += 1
+            self.counters.update(streams_total=1, streams_active=1)
+        return ""
+
+    def _release(self, peer: str) -> None:
+        with self._lock:
+            self._per_peer[peer] -= 1
+            if self._per_peer[peer] <= 0:
+                del self._per_peer[peer]
+            self.counters.update(streams_active=-1)
+
     def Export(self, request_iterator, context) -> Iterator[cpb.ExportResponse]:
-        self._count(streams_total=1, streams_active=1)
+        peer = _peer_address(context.peer())
+        why = self._admit(peer)
+        if why:
+            self._count(streams_refused=1)
+            self._metric("xdpml.collector.streams.closed", 1, reason="limit")
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(why)
+            return
         self._metric("xdpml.collector.agents", 1)
+        try:
+            yield from self._stream(request_iterator, context, self._learn_source(context))
+        finally:
+            self._release(peer)
+            self._metric("xdpml.collector.agents", -1)
+
+    def _stream(self, request_iterator, context, learn: str | None) -> Iterator[cpb.ExportResponse]:
+        s = self.settings
         inbox: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
+        started = last = time.monotonic()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    inbox.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def read() -> None:
+            nonlocal last
             try:
-                for req in request_iterator:
+                for raw in request_iterator:
+                    last = time.monotonic()
                     # Decode here, so the handler scores batch k while this thread
                     # decodes batch k+1 (tree walking releases the GIL).
-                    item = _decode(req)
-                    while not stop.is_set():
-                        try:
-                            inbox.put(item, timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    item = _decode(raw)
+                    if not put(item) or isinstance(item, _BadMessage):
                         return
             except Exception:  # the RPC ended (cancelled, peer gone, message too large)
                 pass
-            finally:
-                while not stop.is_set():
-                    try:
-                        inbox.put(_END, timeout=0.2)
-                        return
-                    except queue.Full:
-                        continue
+            put(_END)
 
         reader = threading.Thread(target=read, name="xdpml-collector-read", daemon=True)
         reader.start()
         try:
             while True:
+                ending = None
                 if self.draining.is_set():
+                    ending = "collector shutting down; re-send unacknowledged batches"
+                elif s.max_stream_age_s and time.monotonic() - started > s.max_stream_age_s:
+                    self._count(streams_aged_out=1)
+                    self._metric("xdpml.collector.streams.closed", 1, reason="max_age")
+                    ending = f"stream older than {s.max_stream_age_s:g} s; reconnect and re-send unacknowledged batches"
+                if ending:
                     # Finish what this stream has already received, then hand the agent back.
                     stop.set()
                     while True:
@@ -150,31 +369,56 @@ class CollectorServicer(cgrpc.CollectorServicer):
                             req = inbox.get_nowait()
                         except queue.Empty:
                             break
-                        if req is not _END:
-                            yield from self._handle(req)
+                        if isinstance(req, _Decoded):
+                            yield from self._handle(req, learn)
                     context.set_code(grpc.StatusCode.UNAVAILABLE)
-                    context.set_details("collector shutting down; re-send unacknowledged batches")
+                    context.set_details(ending)
                     return
                 try:
                     req = inbox.get(timeout=0.2)
                 except queue.Empty:
                     if not context.is_active():
                         return
+                    if time.monotonic() - last > s.idle_timeout_s:
+                        self._count(streams_idle_closed=1)
+                        self._metric("xdpml.collector.streams.closed", 1, reason="idle")
+                        context.set_code(grpc.StatusCode.UNAVAILABLE)
+                        context.set_details(f"no message for {s.idle_timeout_s:g} s; reconnect when there is data")
+                        return
                     continue
                 if req is _END:
                     return
-                yield from self._handle(req)
+                if isinstance(req, _BadMessage):
+                    self._count(bad_messages=1)
+                    self._metric("xdpml.collector.errors", 1, kind="bad_message")
+                    self._bad_log.warning("ended a stream from %s: %s", printable(context.peer()), req.reason)
+                    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                    context.set_details(req.reason)
+                    return
+                yield from self._handle(req, learn)
         finally:
             stop.set()
-            self._count(streams_active=-1)
-            self._metric("xdpml.collector.agents", -1)
 
-    def _handle(self, item: "_Decoded") -> Iterator[cpb.ExportResponse]:
+    def _remember(self, node: codec.NodeIdentity) -> None:
+        with self._lock:
+            if node.agent_id in self.agents:
+                self.agents.move_to_end(node.agent_id)
+                return
+            self.agents[node.agent_id] = node.node_name
+            evicted = 0
+            while len(self.agents) > self.settings.max_tracked_agents:
+                self.agents.popitem(last=False)
+                evicted += 1
+            self.counters.update(agents_evicted=evicted)
+        self._metric("xdpml.collector.agents.evicted", evicted)
+        log.info("agent %s on node %s connected", node.agent_id, node.node_name or "?")
+
+    def _handle(self, item: "_Decoded", learn: str | None = None) -> Iterator[cpb.ExportResponse]:
         seq, dec = item.sequence, item.decoded
         if dec is None:
-            self._count(batches_rejected=1)
-            self._metric("xdpml.collector.errors", 1, kind="malformed_batch")
-            log.warning("rejected batch %d from %s: %s", seq, item.sender, item.error)
+            self._count(batches_rejected=1, schema_mismatches=int(item.schema))
+            self._metric("xdpml.collector.errors", 1, kind="schema_mismatch" if item.schema else "malformed_batch")
+            self._reject_log.warning("rejected batch %d from %s: %s", seq, item.sender, item.error)
             yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, error=item.error, error_code=INVALID_ARGUMENT))
             return
         n = len(dec.batch)
@@ -182,15 +426,21 @@ class CollectorServicer(cgrpc.CollectorServicer):
         self._metric("xdpml.collector.batches", 1, kind=dec.batch.kind)
         self._metric("xdpml.collector.rows", n, kind=dec.batch.kind)
         t0 = time.perf_counter()
-        if dec.node.agent_id and dec.node.agent_id not in self.agents:
-            self.agents[dec.node.agent_id] = dec.node.node_name
-            log.info("agent %s on node %s connected", dec.node.agent_id, dec.node.node_name or "?")
+        if dec.node.agent_id:
+            self._remember(dec.node)
+        batch, nonfinite = sanitize_features(dec.batch, self.model.feature_names)
+        if nonfinite:
+            with self._lock:
+                self.nonfinite.update(nonfinite)
+                self.counters.update(nonfinite_values=sum(nonfinite.values()))
+            for col, cnt in nonfinite.items():
+                self._metric("xdpml.collector.nonfinite", cnt, column=col)
         try:
-            out = self.model.score(dec.batch)
+            out = self.model.score(batch, learn_from=learn) if self._learns else self.model.score(batch)
         except ModelError as e:
             self._count(batches_rejected=1)
             self._metric("xdpml.collector.errors", 1, kind="model_input")
-            log.warning("cannot score batch %d from %s: %s", seq, dec.node.node_name or "?", e)
+            log.warning("cannot score batch %d from %s: %s", seq, printable(dec.node.node_name or "?"), e)
             yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, error=str(e), error_code=FAILED_PRECONDITION))
             return
         except Exception as e:  # a model bug costs this batch, never the stream or the server
@@ -208,7 +458,7 @@ class CollectorServicer(cgrpc.CollectorServicer):
             label = np.where(np.isnan(score), "learning", np.where(flagged, "anomaly", "normal")).astype(object)
         nflag = int(flagged.sum())
         nscored = int(n - np.isnan(score).sum())
-        self._count(rows_scored=nscored, rows_flagged=nflag)
+        self._count(rows_scored=nscored, rows_flagged=nflag, rows_unscored=n - nscored)
         self._metric("xdpml.collector.model.latency", time.perf_counter() - t0, model=self.model.name)
         self._metric("xdpml.collector.scored", nscored, model=self.model.name)
         if nflag:
@@ -280,16 +530,32 @@ class CollectorServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", int(s.min_ping_interval_s * 1000)),
             ("grpc.http2.max_ping_strikes", 2),
+            # Ping silent connections, close those that do not answer: a vanished peer's
+            # streams are freed instead of holding workers until the idle timeout.
+            ("grpc.keepalive_time_ms", int(s.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout_s * 1000)),  # newer gRPC cores use this one
+            # Keep pinging an idle stream (the default stops after 2 pings without data).
+            ("grpc.http2.max_pings_without_data", 0),
             ("grpc.so_reuseport", 0),  # a second collector on the same port is an error, not a silent split
         ]
-        # Each stream holds a handler thread (plus its reader thread) for its lifetime.
-        self._pool = futures.ThreadPoolExecutor(max_workers=s.max_agents + 8, thread_name_prefix="xdpml-collector")
-        self.server = grpc.server(self._pool, options=options, maximum_concurrent_rpcs=s.max_agents + 8)
-        cgrpc.add_CollectorServicer_to_server(self.servicer, self.server)
+        # Each stream holds a handler thread (plus its own reader thread) for its
+        # lifetime; the servicer admits at most max_agents of them, so RESERVED_WORKERS
+        # threads are always left for health checks and for refusing streams.
+        workers = s.max_agents + RESERVED_WORKERS
+        self._pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xdpml-collector")
+        self.server = grpc.server(self._pool, options=options, maximum_concurrent_rpcs=workers + 4 * RESERVED_WORKERS)
+        # Request bytes reach the handler unparsed (no request_deserializer): see _decode.
+        export = grpc.stream_stream_rpc_method_handler(
+            self.servicer.Export, request_deserializer=None,
+            response_serializer=cpb.ExportResponse.SerializeToString)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Export": export}),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
+        if s.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.server)
         try:
             if s.tls is not None:
                 self.port = self.server.add_secure_port(s.listen, s.tls.credentials())
@@ -299,9 +565,33 @@ class CollectorServer:
             raise ListenError(f"cannot listen on {s.listen}: {e}") from None
         if not self.port:
             raise ListenError(f"cannot listen on {s.listen} (address in use or not local?)")
+        if telemetry is not None and getattr(model, "learns", False):
+            def baseline_rows():
+                p = model.provenance
+                return {p.get("source", "?"): p.get("rows", 0)} if p else {"none": 0}
+
+            telemetry.observe_gauge("xdpml.collector.baseline.rows", baseline_rows)
         self._stopped = False
+        self._ticker_stop = threading.Event()
+        self._ticker = None
+
+    def _tick(self) -> None:
+        # Time-bound sink work (Parquet row groups and file rotation) for quiet periods.
+        while not self._ticker_stop.wait(1.0):
+            with self.servicer._sink_lock:
+                for sink in self.servicer.sinks:
+                    tick = getattr(sink, "tick", None)
+                    if tick is None:
+                        continue
+                    try:
+                        tick()
+                    except Exception:
+                        self.servicer._metric("xdpml.collector.errors", 1, kind="sink_failure")
+                        log.exception("sink %s failed", type(sink).__name__)
 
     def start(self) -> "CollectorServer":
+        self._ticker = threading.Thread(target=self._tick, name="xdpml-collector-tick", daemon=True)
+        self._ticker.start()
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -310,21 +600,32 @@ class CollectorServer:
         return self
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Stop taking batches, finish the ones received, then close the sinks."""
+        """Stop taking batches, finish the ones received, then close the sinks.
+
+        Takes at most about ``grace_s`` + 1 s: streams still open then are cancelled."""
         if self._stopped:
             return
         self._stopped = True
         self.health.enter_graceful_shutdown()
         self.servicer.draining.set()
         # Bounded: a handler stuck in a model call must not hang the process on exit.
-        if not self.server.stop(grace_s).wait(grace_s + 5):
-            log.warning("gRPC server did not stop within %.0f s; exiting anyway", grace_s + 5)
+        if not self.server.stop(grace_s).wait(grace_s + 1):
+            log.warning("gRPC server did not stop within %.0f s; exiting anyway", grace_s + 1)
         self._pool.shutdown(wait=False)
-        for sink in self.servicer.sinks:
-            try:
-                sink.close()
-            except Exception:
-                log.exception("closing sink %s failed", type(sink).__name__)
+        self._ticker_stop.set()
+        if self._ticker is not None:
+            self._ticker.join(2.0)
+        # A handler still writing (a cancelled stream) finishes its batch first, within bounds.
+        locked = self.servicer._sink_lock.acquire(timeout=2.0)
+        try:
+            for sink in self.servicer.sinks:
+                try:
+                    sink.close()
+                except Exception:
+                    log.exception("closing sink %s failed", type(sink).__name__)
+        finally:
+            if locked:
+                self.servicer._sink_lock.release()
         self.servicer.model.close()
 
     def stats(self) -> dict[str, int]:

@@ -26,12 +26,13 @@ def _training():
 
 def test_embedded_learns_a_baseline_then_flags_scans_and_floods(tmp_path):
     m = EmbeddedIsolationForest(state_dir=str(tmp_path), baseline_rows=3000)
-    assert m.version == "learning"
-    first = m.score(flow_batch(2000, seed=1))
-    assert np.isnan(first.score).all()  # still learning
-    second = m.score(flow_batch(2000, seed=2))
+    assert m.version == "no-baseline"
+    first = m.score(flow_batch(2000, seed=1), learn_from="agent-a")
+    assert np.isnan(first.score).all() and set(first.label) == {"learning"}  # still learning
+    second = m.score(flow_batch(2000, seed=2), learn_from="agent-b")
     assert np.isnan(second.score[:1000]).all() and not np.isnan(second.score[1000:]).any()
     assert m.trained and (tmp_path / "embedded-iforest.joblib").exists()
+    assert m.provenance["agents"] == {"agent-a": 2000, "agent-b": 1000} and m.provenance["rows"] == 3000
     t = m.default_threshold
     normal = m.score(flow_batch(3000, seed=3)).score
     scan = m.score(flow_batch(500, kind="portscan", seed=4)).score
@@ -54,14 +55,19 @@ def test_embedded_learns_a_baseline_then_flags_scans_and_floods(tmp_path):
     # A restart loads the baseline instead of learning again.
     again = EmbeddedIsolationForest(state_dir=str(tmp_path), baseline_rows=3000)
     assert again.trained and again.version == m.version
+    assert again.provenance["agents"] == {"agent-a": 2000, "agent-b": 1000}
     np.testing.assert_array_equal(again.score(flow_batch(3000, seed=3).select(slice(0, 100))).score, normal[:100])
 
 
-def test_embedded_ignores_a_corrupt_or_foreign_state_file(tmp_path):
+def test_embedded_refuses_a_corrupt_or_foreign_state_file_instead_of_replacing_it(tmp_path):
+    # A learned baseline is never silently replaced: an unusable one stops the start.
     (tmp_path / "embedded-iforest.joblib").write_bytes(b"garbage")
-    assert not EmbeddedIsolationForest(state_dir=str(tmp_path), baseline_rows=100).trained
+    with pytest.raises(ModelError, match="cannot load baseline .* move it away"):
+        EmbeddedIsolationForest(state_dir=str(tmp_path), baseline_rows=100)
     joblib.dump({"model": None, "feature_names": ["other"], "version": "x"}, tmp_path / "embedded-iforest.joblib")
-    assert not EmbeddedIsolationForest(state_dir=str(tmp_path), baseline_rows=100).trained
+    with pytest.raises(ModelError, match="trained on other features"):
+        EmbeddedIsolationForest(state_dir=str(tmp_path), baseline_rows=100)
+    assert (tmp_path / "embedded-iforest.joblib").exists()
 
 
 def test_sklearn_dict_file_scores_with_predict_proba(tmp_path):
@@ -162,5 +168,5 @@ def test_embedded_scores_even_when_the_state_dir_is_unwritable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     m = EmbeddedIsolationForest(state_dir=str(blocker / "state"), baseline_rows=500)
-    assert np.isnan(m.score(flow_batch(500, seed=1)).score).all()
+    assert np.isnan(m.score(flow_batch(500, seed=1), learn_from="a").score).all()
     assert m.trained and not np.isnan(m.score(flow_batch(50, seed=2)).score).any()

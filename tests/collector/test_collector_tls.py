@@ -69,6 +69,7 @@ def pki(tmp_path_factory):
         "expired": _write(d, "expired", _leaf(ca, "collector", dns="collector.test", expired=True)),
         "other_ca_server": _write(d, "other_ca_server", _leaf(other_ca, "collector", dns="collector.test")),
         "client": _write(d, "client", _leaf(ca, "agent-1", client=True)),
+        "client2": _write(d, "client2", _leaf(ca, "agent-2", client=True)),
         "other_ca_client": _write(d, "other_ca_client", _leaf(other_ca, "agent-1", client=True)),
         "dir": d,
     }
@@ -169,3 +170,33 @@ def test_tls_configuration_errors(tmp_path, pki):
     (tmp_path / "junk.pem").write_text("hello")
     with pytest.raises(TlsConfigError, match="not a PEM"):
         ClientTls(ca_file=str(tmp_path / "junk.pem")).credentials()
+
+
+def test_only_the_agents_named_in_learn_from_teach_the_baseline(collector, pki, tmp_path):
+    """--learn-from agent-1 over mTLS: agent-2's rows (attack-like, sent first) are not
+    learned; agent-1's are, and the provenance names agent-1 only."""
+    from xdpml.agent.export.synthetic import flow_batch
+    from xdpml.collector.models import EmbeddedIsolationForest
+
+    model = EmbeddedIsolationForest(state_dir=str(tmp_path), baseline_rows=300)
+    srv = collector(tls=ServerTls(*pki["server"], client_ca_file=pki["ca"]), model=model, learn_from=("agent-1",))
+
+    def send(cert, batch):
+        ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", tls=_client(pki, cert=cert),
+                                           flush_age_s=0.01))
+        ex.put(batch)
+        end = time.monotonic() + 20
+        while ex.stats()["sent_rows"] < len(batch):
+            assert time.monotonic() < end, ex.stats()
+            time.sleep(0.02)
+        ex.close(1)
+
+    send("client2", flow_batch(400, kind="synflood", seed=1))
+    assert not model.trained and srv.stats()["rows_unscored"] == 400
+    send("client", flow_batch(300, seed=2))
+    assert model.trained and model.provenance["agents"] == {"agent-1": 300} and model.provenance["rows"] == 300
+    import json
+
+    side = json.loads((tmp_path / "embedded-iforest.json").read_text())
+    assert side["agents"] == {"agent-1": 300} and side["source"] == "live"
+    assert (tmp_path / "embedded-iforest.joblib").stat().st_mode & 0o777 == 0o600

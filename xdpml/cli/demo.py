@@ -190,9 +190,10 @@ def main(args) -> int:
         baseline = max(200, int(seconds * 12))
         say(f"starting the collector on 127.0.0.1:{port} (embedded Isolation Forest, baseline {baseline} flows)")
         collector = subprocess.Popen(
-            [sys.executable, "-m", "xdpml.cli", "collector", "--listen", f"127.0.0.1:{port}",
+            [sys.executable, "-m", "xdpml", "collector", "--listen", f"127.0.0.1:{port}",
              "--model", "embedded", "--baseline-rows", str(baseline), "--state-dir", str(work / "state"),
-             "--jsonl", str(scored_path)],
+             # Live learning from the local agent: a lab choice (any local peer could teach it).
+             "--learn-from", "any", "--jsonl", str(scored_path)],
             stdout=open(work / "collector.log", "w"), stderr=subprocess.STDOUT)
 
         settings = AgentSettings(

@@ -132,6 +132,17 @@ METRICS: dict[str, MetricSpec] = {
            "kind"),
         _m("xdpml.collector.agents", UP_DOWN_COUNTER, "{agent}",
            "Agent streams currently connected."),
+        _m("xdpml.collector.streams.closed", COUNTER, "{stream}",
+           "Streams the collector refused or ended itself, by reason.",
+           "reason"),
+        _m("xdpml.collector.agents.evicted", COUNTER, "{agent}",
+           "Agent ids dropped from the bounded table of known agents (least recently seen first)."),
+        _m("xdpml.collector.nonfinite", COUNTER, "{value}",
+           "NaN or infinite feature values replaced by 0 before scoring, by column.",
+           "column"),
+        _m("xdpml.collector.baseline.rows", OBSERVABLE_GAUGE, "{row}",
+           "Rows the embedded model's baseline was learned from (0: no baseline), by where it came from.",
+           "source"),
     )
 }
 
