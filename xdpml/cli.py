@@ -17,7 +17,7 @@ examples:
   xdpml agent -i eth0 -o features.jsonl           flows from eth0 to a file
   xdpml agent -i eth0 -w 100 -o features.jsonl     + seed-000 windows of 100 packets
   xdpml agent -i 'eth*' -i physical --sample 100   flows + 1-in-100 packet samples, stdout
-  xdpml agent -i eth0 --unix-socket /tmp/ids.sock  stream JSON lines to a local consumer
+  xdpml agent -i eth0 --unix-socket ids.sock       stream JSON lines to /run/xdpml/ids.sock
   xdpml agent -i eth0 --collector collector:50051  stream protobuf batches over gRPC
   xdpml cleanup                                     remove programs a killed agent left
 """
@@ -75,8 +75,12 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
                    help="flow table scan period, seconds (default: %(default)s)")
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", metavar="FILE",
-                   help="JSON lines file ('-' = stdout; the default when no other output is given)")
-    o.add_argument("--unix-socket", metavar="PATH", help="stream JSON lines to this Unix socket")
+                   help="JSON lines file ('-' = stdout; the default when no other output is given); "
+                        "created 0600, refused in a directory others can write to")
+    o.add_argument("--unix-socket", metavar="PATH",
+                   help="stream JSON lines to this Unix socket; a bare name is in /run/xdpml (0700). "
+                        "Refused in a directory others can write to; the listener must be root, the "
+                        "agent's user or the directory's owner")
     o.add_argument("--collector", metavar="HOST:PORT", help="stream protobuf batches to an xdpml collector")
     o.add_argument("--tls-ca", metavar="PEM", help="CA that signed the collector's certificate (enables TLS)")
     o.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
@@ -228,7 +232,7 @@ def run_kubernetes_agent(a) -> int:
 
 def _grpc_sink(a, telemetry, current_agent):
     from agent.export.grpc_client import ExporterSettings, GrpcExporter
-    from agent.kubernetes import verdict_counter
+    from agent.export.verdicts import verdict_counter
     from agent.export.sinks import CollectorSink
     from agent.export.tls import ClientTls
 
