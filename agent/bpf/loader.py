@@ -6,7 +6,15 @@ Rules this module keeps (DESIGN.md):
     XDP_FLAGS_UPDATE_IF_NOEXIST after checking the interface, and TC filters are
     added beside existing ones (own priority, TC_ACT_UNSPEC so others still run);
   * everything attached is detached on close(), and ``cleanup()`` removes what a
-    killed agent left behind, recognising ours by program name.
+    killed agent left behind.
+
+Which agent owns an attachment, per interface: an XDP program is xdpml's by its
+name (``xdpml_*``) and belongs to whichever live processes hold its program id
+open (/proc/*/fdinfo); a TC filter is xdpml's by its name, which also carries the
+owner: ``xdpml_tc_egress@<pid>.<process start time>``. An xdpml attachment whose
+owner is gone (kill -9, OOM) is *stale*: a starting agent takes it over (removes it
+and attaches its own, logged) and ``cleanup()`` removes it, on the interfaces asked
+for, while other agents keep running; an attachment of a live agent is left alone.
 """
 from __future__ import annotations
 
@@ -186,6 +194,113 @@ def _filter_name(msg) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Ownership: who holds an xdpml program, and whether it still lives
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot ('' if it is gone): with the
+    pid, an identity that a later process reusing the pid does not share."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def owner_tag(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}.{_process_start(pid)}"
+
+
+def tc_filter_name(prog: str) -> str:
+    """The name our TC filters carry: program name @ owner."""
+    return f"{prog}@{owner_tag()}"
+
+
+def filter_owner(name: str) -> tuple[int, bool] | None:
+    """(pid, alive) of the agent that added an xdpml TC filter of this name; None for a
+    name without an owner (added by an older agent)."""
+    _, sep, tag = name.partition("@")
+    pid_s, dot, start = tag.partition(".")
+    if not sep or not dot or not pid_s.isdigit():
+        return None
+    pid = int(pid_s)
+    return pid, _process_start(pid) == start != ""
+
+
+def prog_holders() -> dict[int, set[int]]:
+    """xdpml program id -> pids of the processes (this one included) holding it open."""
+    out: dict[int, set[int]] = {}
+    names: dict[int, str] = {}
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            fdinfos = list((pid_dir / "fdinfo").iterdir())
+        except OSError:
+            continue
+        for fi in fdinfos:
+            try:
+                text = fi.read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("prog_id:"):
+                    pid = int(line.split()[1])
+                    if pid not in names:
+                        names[pid] = prog_name(pid)
+                    if names[pid].startswith(PROG_PREFIX):
+                        out.setdefault(pid, set()).add(int(pid_dir.name))
+    return out
+
+
+@dataclass
+class Owned:
+    """One xdpml attachment found on an interface, and who owns it."""
+
+    ifname: str
+    hook: str  # "xdp" | "tc ingress" | "tc egress"
+    what: str  # program id or filter name, for messages
+    owners: set[int]  # live pids holding it (this process excluded); empty = stale
+    mine: bool = False  # held or added by this process
+
+    @property
+    def stale(self) -> bool:
+        return not self.owners and not self.mine
+
+
+def owned_attachments(ifname: str, holders: dict[int, set[int]] | None = None) -> list[Owned]:
+    """The xdpml XDP program and TC filters on ``ifname``, with their owners."""
+    from pyroute2 import IPRoute
+
+    holders = prog_holders() if holders is None else holders
+    me = os.getpid()
+    out: list[Owned] = []
+    pid, mode = xdp_state(ifname)
+    if pid and prog_name(pid).startswith(PROG_PREFIX):
+        held = holders.get(pid, set())
+        out.append(Owned(ifname, "xdp", f"xdp ({mode}) program {pid}", held - {me}, me in held))
+    ifindex = socket_ifindex(ifname)
+    legacy = None
+    with IPRoute() as ipr:
+        for parent, direction in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
+            for f in _tc_filters(ipr, ifindex, parent):
+                name = _filter_name(f)
+                if not name.startswith(PROG_PREFIX):
+                    continue
+                owner = filter_owner(name)
+                if owner is None:  # no owner in the name: any live xdpml holder may be it
+                    if legacy is None:
+                        legacy = {p for ps in holders.values() for p in ps} - {me}
+                    owners, mine = set(legacy), False
+                else:
+                    owners = {owner[0]} if owner[1] and owner[0] != me else set()
+                    mine = owner[1] and owner[0] == me
+                out.append(Owned(ifname, f"tc {direction}", f"tc {direction} filter", owners, mine))
+    return out
+
+
+# ---------------------------------------------------------------------------
 
 
 class Datapath:
@@ -249,11 +364,16 @@ class Datapath:
         kind = interface_kind(ifname)
         plan = plan_hooks(kind, hooks, xdp_mode)
         ifindex = socket_ifindex(ifname)
+        self._take_over_stale(ifname)
         att = Attachment(ifname, ifindex, kind)
         try:
             for hook in plan:
                 if hook.startswith("xdp:"):
                     mode = hook.split(":", 1)[1]
+                    if mode == "generic" and kind != "physical":
+                        log.warning("%s is a %s interface: XDP runs there in generic mode, after GRO, so "
+                                    "it sees merged super-packets (packet counts and sizes are not the "
+                                    "wire's); --hooks tc counts every packet", ifname, kind)
                     pid, cur_mode = xdp_state(ifname)
                     if pid:
                         raise AttachError(
@@ -282,9 +402,10 @@ class Datapath:
                         for f in _tc_filters(ipr, ifindex, parent):
                             if _filter_name(f).startswith(PROG_PREFIX):
                                 raise AttachError(
-                                    f"{ifname} already has an xdpml TC {direction} filter: another "
-                                    "agent runs here, or one was killed (run `xdpml cleanup`)")
-                        ipr.tc("add-filter", "bpf", ifindex, ":1", fd=prog.fd, name=prog.name.decode(),
+                                    f"{ifname} already has an xdpml TC {direction} filter "
+                                    f"({_filter_name(f)}) of a running agent")
+                        ipr.tc("add-filter", "bpf", ifindex, ":1", fd=prog.fd,
+                               name=tc_filter_name(prog.name.decode()),
                                parent=parent, prio=TC_PRIO, classid=1, direct_action=True)
                     att.hooks.append(hook)
         except BaseException:
@@ -293,6 +414,24 @@ class Datapath:
         self.attachments.append(att)
         log.info("attached %s (%s): %s", ifname, kind, ", ".join(att.hooks))
         return att
+
+    def _take_over_stale(self, ifname: str) -> None:
+        """Remove xdpml attachments a dead agent left on ``ifname``; refuse a live agent's."""
+        found = owned_attachments(ifname)
+        live = [o for o in found if o.owners]
+        if live:
+            pids = ", ".join(f"pid {p}" for p in sorted(set().union(*(o.owners for o in live))))
+            raise AttachError(f"{ifname} is attached by another running xdpml agent ({pids}): "
+                              f"{', '.join(o.what for o in live)}; stop it first, or choose other interfaces")
+        stale = [o for o in found if o.stale]
+        if stale:
+            removed = _remove_owned(stale)
+            log.warning("%s: took over from a stopped xdpml agent: removed its %s", ifname, ", ".join(removed))
+
+    def forget(self, att: Attachment) -> None:
+        """The interface is gone (deleted): its programs went with it; only forget it."""
+        if att in self.attachments:
+            self.attachments.remove(att)
 
     def detach(self, att: Attachment) -> None:
         """Detach one interface (live reconfiguration)."""
@@ -313,7 +452,7 @@ class Datapath:
                 else:
                     parent = CLSACT_INGRESS if hook.endswith("ingress") else CLSACT_EGRESS
                     with IPRoute() as ipr:
-                        _remove_our_filters(ipr, att.ifindex, parent)
+                        _remove_our_filters(ipr, att.ifindex, parent, only=_mine)
                 att.hooks.remove(hook)
             except Exception as exc:  # noqa: BLE001 - keep detaching the rest
                 log.warning("detaching %s from %s: %s", hook, att.ifname, exc)
@@ -368,10 +507,17 @@ def socket_ifindex(ifname: str) -> int:
         raise AttachError(f"interface {ifname!r} does not exist") from exc
 
 
-def _remove_our_filters(ipr, ifindex: int, parent: int) -> int:
+def _mine(name: str) -> bool:
+    owner = filter_owner(name)
+    return owner is not None and owner[0] == os.getpid() and owner[1]
+
+
+def _remove_our_filters(ipr, ifindex: int, parent: int, only=lambda name: True) -> int:
+    """Remove the xdpml TC filters (for which ``only(name)``) from one hook; returns how many."""
     removed = 0
     for f in _tc_filters(ipr, ifindex, parent):
-        if not _filter_name(f).startswith(PROG_PREFIX):
+        name = _filter_name(f)
+        if not name.startswith(PROG_PREFIX) or not only(name):
             continue
         info = f["info"]
         prio = (info >> 16) & 0xFFFF
@@ -399,61 +545,93 @@ def _ntohs(v: int) -> int:
 
 
 def live_holders() -> dict[int, list[str]]:
-    """Processes (other than this one) holding xdpml BPF programs open: pid -> names.
-    A running agent holds its programs; a killed one holds nothing."""
+    """Processes (other than this one) holding xdpml BPF programs open: pid -> names."""
     out: dict[int, list[str]] = {}
     me = os.getpid()
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == me:
-            continue
-        try:
-            fdinfos = list((pid_dir / "fdinfo").iterdir())
-        except OSError:
-            continue
-        for fi in fdinfos:
-            try:
-                text = fi.read_text()
-            except OSError:
-                continue
-            for line in text.splitlines():
-                if line.startswith("prog_id:"):
-                    name = prog_name(int(line.split()[1]))
-                    if name.startswith(PROG_PREFIX):
-                        out.setdefault(int(pid_dir.name), []).append(name)
+    for prog_id, pids in prog_holders().items():
+        for pid in pids - {me}:
+            out.setdefault(pid, []).append(prog_name(prog_id))
     return out
 
 
 class AgentRunning(XdpmlError):
-    """cleanup() found a live agent: removing its programs would blind it."""
+    """cleanup() left attachments of a live agent: removing them would blind it."""
 
 
-def cleanup(*, force: bool = False) -> list[str]:
-    """Remove every xdpml program left attached (e.g. after kill -9). Returns what was removed.
-    Refuses (AgentRunning) while a live process holds xdpml programs, unless ``force``."""
+def _remove_owned(items: list[Owned]) -> list[str]:
+    """Remove these xdpml attachments (one interface's); returns what was removed, in words."""
     from bcc import BPF
     from pyroute2 import IPRoute
 
-    holders = live_holders()
-    if holders and not force:
-        pids = ", ".join(str(p) for p in sorted(holders))
-        raise AgentRunning(f"an xdpml agent is running (pid {pids}) and holds its programs; stop it "
-                           "first (SIGTERM detaches cleanly), or use --force")
-
     done = []
-    for ifname in sorted(os.listdir("/sys/class/net")):
-        pid, mode = xdp_state(ifname)
-        if pid and prog_name(pid).startswith(PROG_PREFIX):
-            flags = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}.get(mode, 0)
-            BPF.remove_xdp(ifname.encode(), flags)
-            done.append(f"{ifname}: xdp ({mode}) program {pid}")
-        try:
-            ifindex = socket_ifindex(ifname)
-        except AttachError:
-            continue
+    if not items:
+        return done
+    ifname = items[0].ifname
+    for o in items:
+        if o.hook == "xdp":
+            _pid, mode = xdp_state(ifname)
+            BPF.remove_xdp(ifname.encode(), {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}.get(mode, 0))
+            done.append(f"{ifname}: {o.what}")
+    tc = {o.hook.split()[1] for o in items if o.hook.startswith("tc ")}
+    if tc:
+        ifindex = socket_ifindex(ifname)
         with IPRoute() as ipr:
-            for parent, name in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
-                if _remove_our_filters(ipr, ifindex, parent):
-                    done.append(f"{ifname}: tc {name} filter")
-            if any(d.startswith(f"{ifname}: tc") for d in done):
-                _drop_clsact_if_empty(ipr, ifindex)
+            for parent, direction in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
+                if direction in tc and _remove_our_filters(ipr, ifindex, parent, only=_not_live):
+                    done.append(f"{ifname}: tc {direction} filter")
+            _drop_clsact_if_empty(ipr, ifindex)
     return done
+
+
+def _not_live(name: str) -> bool:
+    owner = filter_owner(name)
+    return owner is None or not owner[1]
+
+
+@dataclass
+class CleanupResult:
+    removed: list[str] = field(default_factory=list)  # "<if>: what" removed
+    left: list[Owned] = field(default_factory=list)  # a live agent's, left alone
+
+    def left_message(self) -> str:
+        pids = ", ".join(f"pid {p}" for p in sorted(set().union(*(o.owners for o in self.left))))
+        where = ", ".join(sorted({o.ifname for o in self.left}))
+        return (f"left what a running xdpml agent ({pids}) holds on {where}; stop it first (SIGTERM "
+                "detaches cleanly), or use --force")
+
+
+def cleanup(*, interfaces: list[str] | None = None, force: bool = False) -> CleanupResult:
+    """Remove xdpml attachments whose agent is gone (e.g. after kill -9) from ``interfaces``
+    (default: every interface). A live agent's are left (``left``) unless ``force``."""
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
+    names = sorted(os.listdir("/sys/class/net")) if not interfaces else list(interfaces)
+    for n in names:
+        if not (Path("/sys/class/net") / n).exists():
+            raise AttachError(f"interface {n!r} does not exist (see `ip link show`)")
+    holders = prog_holders()
+    out = CleanupResult()
+    for ifname in names:
+        try:
+            found = owned_attachments(ifname, holders)
+        except AttachError:  # gone meanwhile
+            continue
+        if force:
+            for o in found:
+                if o.hook == "xdp":
+                    _pid, mode = xdp_state(ifname)
+                    BPF.remove_xdp(ifname.encode(),
+                                   {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}.get(mode, 0))
+                    out.removed.append(f"{ifname}: {o.what}")
+            if any(o.hook.startswith("tc ") for o in found):
+                ifindex = socket_ifindex(ifname)
+                with IPRoute() as ipr:
+                    for parent, direction in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
+                        if _remove_our_filters(ipr, ifindex, parent):
+                            out.removed.append(f"{ifname}: tc {direction} filter")
+                    _drop_clsact_if_empty(ipr, ifindex)
+            continue
+        out.left.extend(o for o in found if o.owners)
+        out.removed.extend(_remove_owned([o for o in found if o.stale]))
+    return out
