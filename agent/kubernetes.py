@@ -236,6 +236,8 @@ class _Shared:
     def __init__(self, sink):
         self.sink = sink
         self.name = getattr(sink, "name", type(sink).__name__)
+        self.kinds = getattr(sink, "kinds", None)
+        self.drop_reason = getattr(sink, "drop_reason", "queue_full")
 
     def write(self, batch):
         return self.sink.write(batch)

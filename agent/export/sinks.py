@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
-    def write(self, batch: ColumnBatch) -> None: ...
+    """What the pipeline writes to. Optional attributes it also reads: ``name`` (metrics),
+    ``kinds`` (record kinds the sink takes; None = all), ``dropped`` (rows not delivered),
+    ``drop_reason`` (metric reason when write() returns False) and ``delivery()``
+    ((rows given, rows delivered), read after close)."""
+
+    def write(self, batch: ColumnBatch) -> bool | None: ...
     def close(self) -> None: ...
 
 
@@ -55,6 +60,9 @@ class JsonLinesSink:
         self._fh.flush()
         self.records += len(lines)
 
+    def delivery(self) -> tuple[int, int]:
+        return self.records, self.records
+
     def close(self) -> None:
         if self._fh is not sys.stdout:
             self._fh.close()
@@ -75,6 +83,7 @@ class UnixSocketSink:
     ``refused_peers``, and its records dropped."""
 
     name = "unix"  # metrics attribute
+    drop_reason = "no_consumer"
 
     def __init__(self, path: str, *, timeout_s: float = 2.0, max_backoff_s: float = 30.0,
                  socket_dir: str = DEFAULT_SOCKET_DIR):
@@ -120,21 +129,27 @@ class UnixSocketSink:
         log.info("unix socket %s: connected", self.path)
         return True
 
-    def write(self, batch: ColumnBatch) -> None:
+    def write(self, batch: ColumnBatch) -> bool:
+        """False (the rows counted in ``dropped``) when no trusted consumer took them."""
         if not len(batch):
-            return
+            return True
         if not self._connect():
             self.dropped += len(batch)
-            return
+            return False
         data = ("\n".join(batch_lines(batch)) + "\n").encode()
         try:
             self._sock.sendall(data)
             self.records += len(batch)
+            return True
         except OSError as exc:
             self.dropped += len(batch)
             log.warning("unix socket %s: %s; reconnecting", self.path, exc.strerror or exc)
             self._sock.close()
             self._sock = None
+            return False
+
+    def delivery(self) -> tuple[int, int]:
+        return self.records + self.dropped, self.records
 
     def close(self) -> None:
         if self._sock is not None:
@@ -144,12 +159,20 @@ class UnixSocketSink:
 
 class CollectorSink:
     """Feeds the gRPC exporter (agent.export.grpc_client.GrpcExporter): put() never
-    blocks the harvester; what the bounded queue drops is counted there."""
+    blocks the harvester; what the bounded queue drops is counted there.
+
+    ``kinds``: the record kinds the collector scores (flows); the pipeline does not
+    hand it others (windows, packet samples go to the local sinks only)."""
 
     name = "grpc"  # metrics attribute
 
-    def __init__(self, exporter):
+    def __init__(self, exporter, *, kinds: tuple[str, ...] | None = ("flow",)):
         self.exporter = exporter
+        self.kinds = kinds
+
+    def delivery(self) -> tuple[int, int]:
+        st = self.exporter.stats()
+        return st["produced_rows"], st["sent_rows"]
 
     def write(self, batch: ColumnBatch) -> bool:
         """False when the exporter's bounded queue dropped the batch."""
