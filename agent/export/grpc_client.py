@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 import uuid
@@ -46,11 +47,25 @@ from agent.export.batching import BatchQueue, encode
 from agent.export.memory import tune_malloc
 from agent.export.tls import ClientTls
 from agent.export.verdicts import VerdictHandler
+from xdpml.errors import ConfigError
 from xdpml.v1 import collector_pb2 as cpb
 
 log = logging.getLogger(__name__)
 
 EXPORT_METHOD = "/xdpml.v1.Collector/Export"
+
+# host:port or [ipv6]:port, as the AgentConfig CRD accepts for spec.collector.address
+_TARGET = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):([0-9]{1,5})$")
+
+
+def check_target(target: str) -> str:
+    """A collector address as host:port or [ipv6]:port with a port 1..65535, else ConfigError."""
+    m = _TARGET.match(target)
+    if not m:
+        raise ConfigError(f"collector address {target!r} is not host:port or [ipv6]:port")
+    if not 1 <= int(m.group(3)) <= 65535:
+        raise ConfigError(f"collector address {target!r}: port {m.group(3)} is not 1..65535")
+    return target
 
 # The retryable codes of OpenTelemetry's OTLP exporter: transient by definition.
 RETRYABLE = frozenset({
@@ -88,14 +103,15 @@ class ExporterSettings:
     include_schema: bool = True
 
     def __post_init__(self) -> None:
+        check_target(self.target)
         if self.flush_rows < 1 or self.flush_age_s <= 0:
-            raise ValueError("flush_rows must be >= 1 and flush_age_s > 0")
+            raise ConfigError("flush_rows must be >= 1 and flush_age_s > 0")
         if self.max_message_bytes > codec.GRPC_DEFAULT_MAX_MESSAGE:
-            raise ValueError("max_message_bytes must stay under gRPC's 4 MiB default")
+            raise ConfigError("max_message_bytes must stay under gRPC's 4 MiB default")
         if self.keepalive_s < 10:
-            raise ValueError("keepalive_s below 10 s would be refused by the collector (too_many_pings)")
+            raise ConfigError("keepalive_s below 10 s would be refused by the collector (too_many_pings)")
         if self.ack_timeout_s <= 0:
-            raise ValueError("ack_timeout_s must be > 0 seconds")
+            raise ConfigError("ack_timeout_s must be > 0 seconds")
 
 
 class GrpcExporter:
