@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import AgentSettings, ConfigError
-from xdpml.errors import AttachError, XdpmlError
+from xdpml.errors import AttachError
 from agent.bpf.abi import flow_types
 from agent.bpf.source import program_text
 
@@ -542,20 +542,6 @@ def _drop_clsact_if_empty(ipr, ifindex: int) -> None:
 
 def _ntohs(v: int) -> int:
     return ((v & 0xFF) << 8) | (v >> 8)
-
-
-def live_holders() -> dict[int, list[str]]:
-    """Processes (other than this one) holding xdpml BPF programs open: pid -> names."""
-    out: dict[int, list[str]] = {}
-    me = os.getpid()
-    for prog_id, pids in prog_holders().items():
-        for pid in pids - {me}:
-            out.setdefault(pid, []).append(prog_name(prog_id))
-    return out
-
-
-class AgentRunning(XdpmlError):
-    """cleanup() left attachments of a live agent: removing them would blind it."""
 
 
 def _remove_owned(items: list[Owned]) -> list[str]:

@@ -1,7 +1,6 @@
 """Local outputs other users cannot squat or read: 0600 files, no world-writable
 directories, no symlinks, Unix socket listeners checked with SO_PEERCRED."""
 import os
-import socket
 import stat
 import subprocess
 import sys
