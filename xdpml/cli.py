@@ -81,7 +81,9 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
                    help="stream JSON lines to this Unix socket; a bare name is in /run/xdpml (0700). "
                         "Refused in a directory others can write to; the listener must be root, the "
                         "agent's user or the directory's owner")
-    o.add_argument("--collector", metavar="HOST:PORT", help="stream protobuf batches to an xdpml collector")
+    o.add_argument("--collector", metavar="HOST:PORT",
+                   help="stream flow records as protobuf batches to an xdpml collector (windows and "
+                        "packet samples go to the local outputs only); exit code 8 if none was delivered")
     o.add_argument("--tls-ca", metavar="PEM", help="CA that signed the collector's certificate (enables TLS)")
     o.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
     o.add_argument("--tls-key", metavar="PEM", help="client key for mutual TLS")
