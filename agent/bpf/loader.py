@@ -8,13 +8,14 @@ Rules this module keeps (DESIGN.md):
   * everything attached is detached on close(), and ``cleanup()`` removes what a
     killed agent left behind.
 
-Which agent owns an attachment, per interface: an XDP program is xdpml's by its
-name (``xdpml_*``) and belongs to whichever live processes hold its program id
-open (/proc/*/fdinfo); a TC filter is xdpml's by its name, which also carries the
-owner: ``xdpml_tc_egress@<pid>.<process start time>``. An xdpml attachment whose
-owner is gone (kill -9, OOM) is *stale*: a starting agent takes it over (removes it
-and attaches its own, logged) and ``cleanup()`` removes it, on the interfaces asked
-for, while other agents keep running; an attachment of a live agent is left alone.
+Which agent owns an attachment, per interface: xdpml's programs and TC filters are
+recognised by name (``xdpml_*``); the owner is the Datapath whose id (its XDP
+program's id) is the XDP program's id or follows the ``@`` in the TC filter's name
+(``xdpml_tc_egress@<id>``), and it runs while the abstract socket
+``@xdpml.datapath.<id>`` is held (see OwnerToken). An xdpml attachment whose owner is
+gone (kill -9, OOM) is *stale*: a starting agent takes it over (removes it and
+attaches its own, logged) and ``cleanup()`` removes it, on the interfaces asked for,
+while other agents keep running; an attachment of a live agent is left alone.
 """
 from __future__ import annotations
 
@@ -194,42 +195,106 @@ def _filter_name(msg) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Ownership: who holds an xdpml program, and whether it still lives
+# Ownership: which agent an xdpml attachment belongs to, and whether it still runs
+#
+# Each Datapath has an owner id: the id of its XDP program (unique in the kernel while
+# the program exists). While the Datapath is open it listens on the abstract Unix
+# socket "@xdpml.datapath.<id>": abstract names live in the network namespace, so
+# every process that can see the interfaces can see them, whatever its PID namespace
+# (a pod without hostPID sees another pod's agent), and the kernel frees the name
+# when the process dies, kill -9 included. Its TC filters are named
+# "<program>@<id>"; its XDP program's id is the id itself.
+
+OWNER_SOCKET = "xdpml.datapath.{}"
+_local_owners: set[int] = set()  # owner ids of the Datapaths open in this process
 
 
-def _process_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot ('' if it is gone): with the
-    pid, an identity that a later process reusing the pid does not share."""
+def prog_id_of_fd(fd: int) -> int:
+    class InfoAttr(C.Structure):
+        _fields_ = [("fd", C.c_uint32), ("info_len", C.c_uint32), ("info", C.c_uint64)]
+
+    buf = (C.c_uint8 * 256)()
+    ia = InfoAttr(fd=fd, info_len=256, info=C.addressof(buf))
+    if _libc.syscall(321, BPF_OBJ_GET_INFO_BY_FD, C.byref(ia), C.sizeof(ia)) < 0:
+        raise AttachError(f"cannot read the id of a loaded BPF program: {os.strerror(C.get_errno())}")
+    return int.from_bytes(bytes(buf[4:8]), "little")
+
+
+class OwnerToken:
+    """Listens on @xdpml.datapath.<id> while this Datapath is open; answers each
+    connection by closing it (the peer reads our pid with SO_PEERCRED)."""
+
+    def __init__(self, owner_id: int) -> None:
+        import socket
+        import threading
+
+        self.owner_id = owner_id
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.bind("\0" + OWNER_SOCKET.format(owner_id))
+        except OSError as exc:
+            self._sock.close()
+            raise AttachError(f"cannot register datapath {owner_id} (abstract socket): {exc.strerror}") from None
+        self._sock.listen(64)
+        self._sock.settimeout(0.5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="xdpml-owner", daemon=True)
+        self._thread.start()
+        _local_owners.add(owner_id)
+
+    def _serve(self) -> None:
+        import socket
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            conn.close()
+
+    def close(self) -> None:
+        _local_owners.discard(self.owner_id)
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
+
+
+def owner_alive(owner_id: int) -> tuple[bool, int]:
+    """(alive, pid) of the agent with this owner id; pid 0 when it runs in a PID
+    namespace this process cannot see."""
+    import socket
+    import struct
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
+        s.connect("\0" + OWNER_SOCKET.format(owner_id))
+    except BlockingIOError:  # its backlog is full: it is there
+        return True, 0
+    except OSError:  # ECONNREFUSED: nobody listens on that name
+        return False, 0
+    else:
+        pid, _uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                           struct.calcsize("3i")))
+        return True, pid
+    finally:
+        s.close()
 
 
-def owner_tag(pid: int | None = None) -> str:
-    pid = os.getpid() if pid is None else pid
-    return f"{pid}.{_process_start(pid)}"
+def tc_filter_name(prog: str, owner_id: int) -> str:
+    """The name our TC filters carry: program name @ owner id."""
+    return f"{prog}@{owner_id}"
 
 
-def tc_filter_name(prog: str) -> str:
-    """The name our TC filters carry: program name @ owner."""
-    return f"{prog}@{owner_tag()}"
-
-
-def filter_owner(name: str) -> tuple[int, bool] | None:
-    """(pid, alive) of the agent that added an xdpml TC filter of this name; None for a
-    name without an owner (added by an older agent)."""
+def filter_owner(name: str) -> int | None:
+    """The owner id in an xdpml TC filter's name; None for a name without one (older agents)."""
     _, sep, tag = name.partition("@")
-    pid_s, dot, start = tag.partition(".")
-    if not sep or not dot or not pid_s.isdigit():
-        return None
-    pid = int(pid_s)
-    return pid, _process_start(pid) == start != ""
+    return int(tag) if sep and tag.isdigit() else None
 
 
 def prog_holders() -> dict[int, set[int]]:
-    """xdpml program id -> pids of the processes (this one included) holding it open."""
+    """xdpml program id -> pids of the visible processes (this one included) holding it
+    open: how agents that predate owner sockets are recognised."""
     out: dict[int, set[int]] = {}
     names: dict[int, str] = {}
     for pid_dir in Path("/proc").iterdir():
@@ -261,12 +326,37 @@ class Owned:
     ifname: str
     hook: str  # "xdp" | "tc ingress" | "tc egress"
     what: str  # program id or filter name, for messages
-    owners: set[int]  # live pids holding it (this process excluded); empty = stale
-    mine: bool = False  # held or added by this process
+    live: bool  # its agent runs (in another process)
+    pids: set[int] = field(default_factory=set)  # that agent's pid(s) when visible
+    mine: bool = False  # a Datapath of this process owns it
 
     @property
     def stale(self) -> bool:
-        return not self.owners and not self.mine
+        return not self.live and not self.mine
+
+    def owner_text(self) -> str:
+        pids = ", ".join(f"pid {p}" for p in sorted(self.pids))
+        return pids or "in a PID namespace not visible here"
+
+
+def _owner_state(owner_id: int | None, holders: dict[int, set[int]], prog_id: int = 0) -> tuple[bool, set[int], bool]:
+    """(live, pids, mine) of an attachment with this owner id (None: an older agent's)
+    and, for XDP, this program id."""
+    me = os.getpid()
+    if owner_id is not None and owner_id in _local_owners:
+        return False, set(), True
+    live, pids = False, set()
+    if owner_id is not None:
+        alive, pid = owner_alive(owner_id)
+        live = alive
+        if pid:
+            pids.add(pid)
+    if prog_id or owner_id is None:  # processes holding the program (or, for an old filter, any xdpml one)
+        held = holders.get(prog_id, set()) if prog_id else {p for ps in holders.values() for p in ps}
+        held -= {me}
+        if held:
+            live, pids = True, pids | held
+    return live, pids, False
 
 
 def owned_attachments(ifname: str, holders: dict[int, set[int]] | None = None) -> list[Owned]:
@@ -274,29 +364,20 @@ def owned_attachments(ifname: str, holders: dict[int, set[int]] | None = None) -
     from pyroute2 import IPRoute
 
     holders = prog_holders() if holders is None else holders
-    me = os.getpid()
     out: list[Owned] = []
     pid, mode = xdp_state(ifname)
     if pid and prog_name(pid).startswith(PROG_PREFIX):
-        held = holders.get(pid, set())
-        out.append(Owned(ifname, "xdp", f"xdp ({mode}) program {pid}", held - {me}, me in held))
+        live, pids, mine = _owner_state(pid, holders, prog_id=pid)
+        out.append(Owned(ifname, "xdp", f"xdp ({mode}) program {pid}", live, pids, mine))
     ifindex = socket_ifindex(ifname)
-    legacy = None
     with IPRoute() as ipr:
         for parent, direction in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
             for f in _tc_filters(ipr, ifindex, parent):
                 name = _filter_name(f)
                 if not name.startswith(PROG_PREFIX):
                     continue
-                owner = filter_owner(name)
-                if owner is None:  # no owner in the name: any live xdpml holder may be it
-                    if legacy is None:
-                        legacy = {p for ps in holders.values() for p in ps} - {me}
-                    owners, mine = set(legacy), False
-                else:
-                    owners = {owner[0]} if owner[1] and owner[0] != me else set()
-                    mine = owner[1] and owner[0] == me
-                out.append(Owned(ifname, f"tc {direction}", f"tc {direction} filter", owners, mine))
+                live, pids, mine = _owner_state(filter_owner(name), holders)
+                out.append(Owned(ifname, f"tc {direction}", f"tc {direction} filter {name}", live, pids, mine))
     return out
 
 
@@ -337,6 +418,8 @@ class Datapath:
             TC_INGRESS_PROG: self.bpf.load_func(TC_INGRESS_PROG.encode(), BPF.SCHED_CLS),
             TC_EGRESS_PROG: self.bpf.load_func(TC_EGRESS_PROG.encode(), BPF.SCHED_CLS),
         }
+        # Registered before anything is attached, so no other agent ever sees ours as stale.
+        self.owner = OwnerToken(prog_id_of_fd(self.progs[XDP_PROG].fd))
         log.info("compiled datapath in %.1fs (flow table %d, first-N %d, sample 1/%s, windows %s)",
                  time.monotonic() - t0, dp.flow_table_size, dp.first_n,
                  dp.sample_rate or "off", "on" if self.window else "off")
@@ -405,7 +488,7 @@ class Datapath:
                                     f"{ifname} already has an xdpml TC {direction} filter "
                                     f"({_filter_name(f)}) of a running agent")
                         ipr.tc("add-filter", "bpf", ifindex, ":1", fd=prog.fd,
-                               name=tc_filter_name(prog.name.decode()),
+                               name=tc_filter_name(prog.name.decode(), self.owner.owner_id),
                                parent=parent, prio=TC_PRIO, classid=1, direct_action=True)
                     att.hooks.append(hook)
         except BaseException:
@@ -418,10 +501,9 @@ class Datapath:
     def _take_over_stale(self, ifname: str) -> None:
         """Remove xdpml attachments a dead agent left on ``ifname``; refuse a live agent's."""
         found = owned_attachments(ifname)
-        live = [o for o in found if o.owners]
+        live = [o for o in found if o.live]
         if live:
-            pids = ", ".join(f"pid {p}" for p in sorted(set().union(*(o.owners for o in live))))
-            raise AttachError(f"{ifname} is attached by another running xdpml agent ({pids}): "
+            raise AttachError(f"{ifname} is attached by another running xdpml agent ({live[0].owner_text()}): "
                               f"{', '.join(o.what for o in live)}; stop it first, or choose other interfaces")
         stale = [o for o in found if o.stale]
         if stale:
@@ -452,7 +534,8 @@ class Datapath:
                 else:
                     parent = CLSACT_INGRESS if hook.endswith("ingress") else CLSACT_EGRESS
                     with IPRoute() as ipr:
-                        _remove_our_filters(ipr, att.ifindex, parent, only=_mine)
+                        _remove_our_filters(ipr, att.ifindex, parent,
+                                            only=lambda name: filter_owner(name) == self.owner.owner_id)
                 att.hooks.remove(hook)
             except Exception as exc:  # noqa: BLE001 - keep detaching the rest
                 log.warning("detaching %s from %s: %s", hook, att.ifname, exc)
@@ -466,6 +549,7 @@ class Datapath:
 
     def close(self) -> None:
         self.detach_all()
+        self.owner.close()
         self.bpf.cleanup()
 
     def __enter__(self) -> "Datapath":
@@ -505,11 +589,6 @@ def socket_ifindex(ifname: str) -> int:
         return socket.if_nametoindex(ifname)
     except OSError as exc:
         raise AttachError(f"interface {ifname!r} does not exist") from exc
-
-
-def _mine(name: str) -> bool:
-    owner = filter_owner(name)
-    return owner is not None and owner[0] == os.getpid() and owner[1]
 
 
 def _remove_our_filters(ipr, ifindex: int, parent: int, only=lambda name: True) -> int:
@@ -558,20 +637,16 @@ def _remove_owned(items: list[Owned]) -> list[str]:
             _pid, mode = xdp_state(ifname)
             BPF.remove_xdp(ifname.encode(), {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}.get(mode, 0))
             done.append(f"{ifname}: {o.what}")
-    tc = {o.hook.split()[1] for o in items if o.hook.startswith("tc ")}
-    if tc:
+    stale_tc = {(o.hook.split()[1], o.what.rsplit(" ", 1)[1]) for o in items if o.hook.startswith("tc ")}
+    if stale_tc:
         ifindex = socket_ifindex(ifname)
         with IPRoute() as ipr:
             for parent, direction in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
-                if direction in tc and _remove_our_filters(ipr, ifindex, parent, only=_not_live):
+                names = {n for d, n in stale_tc if d == direction}
+                if names and _remove_our_filters(ipr, ifindex, parent, only=names.__contains__):
                     done.append(f"{ifname}: tc {direction} filter")
             _drop_clsact_if_empty(ipr, ifindex)
     return done
-
-
-def _not_live(name: str) -> bool:
-    owner = filter_owner(name)
-    return owner is None or not owner[1]
 
 
 @dataclass
@@ -580,9 +655,9 @@ class CleanupResult:
     left: list[Owned] = field(default_factory=list)  # a live agent's, left alone
 
     def left_message(self) -> str:
-        pids = ", ".join(f"pid {p}" for p in sorted(set().union(*(o.owners for o in self.left))))
+        owners = ", ".join(sorted({o.owner_text() for o in self.left}))
         where = ", ".join(sorted({o.ifname for o in self.left}))
-        return (f"left what a running xdpml agent ({pids}) holds on {where}; stop it first (SIGTERM "
+        return (f"left what a running xdpml agent ({owners}) holds on {where}; stop it first (SIGTERM "
                 "detaches cleanly), or use --force")
 
 
@@ -618,6 +693,6 @@ def cleanup(*, interfaces: list[str] | None = None, force: bool = False) -> Clea
                             out.removed.append(f"{ifname}: tc {direction} filter")
                     _drop_clsact_if_empty(ipr, ifindex)
             continue
-        out.left.extend(o for o in found if o.owners)
+        out.left.extend(o for o in found if o.live)
         out.removed.extend(_remove_owned([o for o in found if o.stale]))
     return out

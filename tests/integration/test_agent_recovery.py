@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.bpf.loader import prog_name, xdp_state
+from agent.bpf.loader import owner_alive, prog_name, xdp_state
 from agent.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings
 from agent.pipeline import Agent, register_observables
 from grpc_fixtures import free_port
@@ -91,7 +91,9 @@ def test_restart_after_kill_9_takes_over_its_own_attachments():
             new_xdp = xdp_state(h.host_if)[0]
             assert new_xdp != old_xdp and prog_name(new_xdp) == "xdpml_xdp"
             egress = tc_filters(h.host_if, "egress")
-            assert egress.count("xdpml_tc_egress@") == 1 and f"xdpml_tc_egress@{second.pid}." in egress
+            # the new filter names its owner: the new datapath, whose id is its XDP program's
+            assert egress.count("xdpml_tc_egress@") == 1 and f"xdpml_tc_egress@{new_xdp} " in egress
+            assert owner_alive(new_xdp) == (True, second.pid) and owner_alive(old_xdp) == (False, 0)
         finally:
             assert second.stop() == 0
         assert xdp_state(h.host_if) == (0, "")
@@ -135,7 +137,15 @@ def test_cleanup_of_one_interface_while_another_agent_runs(foreign_tc):
             assert "other_tc" in tc_filters(dead.host_if, "ingress")
             r = subprocess.run([XDPML, "cleanup", "--interface", live.host_if], capture_output=True, text=True)
             assert r.returncode == 1 and f"pid {running.pid}" in r.stderr and "removed" not in r.stdout
-            assert f"xdpml_tc_egress@{running.pid}." in tc_filters(live.host_if, "egress")
+            owner = int(re.search(r"xdpml_tc_egress@(\d+) ", tc_filters(live.host_if, "egress")).group(1))
+            assert owner_alive(owner) == (True, running.pid)  # untouched, and its agent answers
+            # From a PID namespace that cannot see the agent's process (a pod without hostPID):
+            # still recognised as live through its abstract socket, and left alone.
+            r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", XDPML, "cleanup", "--interface",
+                                live.host_if], capture_output=True, text=True)
+            assert r.returncode == 1 and "in a PID namespace not visible here" in r.stderr, r.stderr
+            assert owner_alive(owner) == (True, running.pid)
+            assert f"xdpml_tc_egress@{owner} " in tc_filters(live.host_if, "egress")
         finally:
             assert running.stop() == 0
         assert "xdpml" not in tc_filters(live.host_if, "egress") + tc_filters(live.host_if, "ingress")
