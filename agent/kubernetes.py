@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 from xdpml.datapath.loader import AttachError, resolve_interfaces
 from xdpml.agent.export.sinks import CollectorSink, Sink
+from xdpml.agent.export.verdicts import verdict_counter
 from xdpml.agent.pipeline import Agent, AttachPlan, loss_counters, register_observables
 
 if TYPE_CHECKING:
@@ -36,28 +37,6 @@ class KubeAgentOptions:
     collector_tls: object = None  # xdpml.wire.tls.ClientTls from flags, or None
     extra_sinks: list[Sink] = field(default_factory=list)  # e.g. -o FILE, tests
     attach_timeout_s: float = 120.0
-
-
-def verdict_counter(telemetry):
-    """Verdicts from the collector: logged (flagged ones) and counted by label and action.
-    Acting on them (drop rules) is not done yet."""
-
-    from xdpml.wire.v1 import collector_pb2 as cpb
-
-    def on_verdicts(vb) -> None:
-        counts: dict[tuple[str, str], int] = {}
-        for v in vb.verdicts:
-            key = (v.label or "unknown", cpb.Action.Name(v.action).lower())
-            counts[key] = counts.get(key, 0) + 1
-        flagged = sum(n for (label, _), n in counts.items() if label not in ("normal", "unknown"))
-        if flagged:
-            log.info("collector flagged %d of %d flows (model %s)", flagged, len(vb.verdicts), vb.model.name)
-        if telemetry is not None:
-            c = telemetry.counter("xdpml.agent.verdicts")
-            for (label, action), n in counts.items():
-                c.add(n, {"label": label, "action": action})
-
-    return on_verdicts
 
 
 def plan_from_rules(rules, *, pod_veths: Callable[[], list[str] | None] | None = None) -> AttachPlan:
@@ -260,6 +239,8 @@ class _Shared:
     def __init__(self, sink):
         self.sink = sink
         self.name = getattr(sink, "name", type(sink).__name__)
+        self.kinds = getattr(sink, "kinds", None)
+        self.drop_reason = getattr(sink, "drop_reason", "queue_full")
 
     def write(self, batch):
         return self.sink.write(batch)

@@ -7,10 +7,16 @@ close (sinks).
 Live changes (AgentConfig) arrive through :meth:`Agent.request` and are applied by
 the agent's own loop between scans, so the datapath is only touched by one thread:
 interfaces are attached/detached by difference, harvest timeouts and sinks swapped.
+
+Interfaces come and go under the agent: a :class:`LinkWatcher` follows the kernel's
+link events (netlink); after one, the loop forgets attachments whose interface was
+deleted (their programs went with it) and attaches again every planned interface
+that exists and is not attached. The summary line says what is attached now.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -27,10 +33,13 @@ from xdpml.agent.events import RecordBuffer
 from xdpml.agent.export.sinks import Sink
 from xdpml.agent.features import EXPIRATION, WindowAccumulator, expand_segments, packet_columns, window_batch
 from xdpml.agent.harvest import Harvester, mono_to_unix_offset_ns
+from xdpml.errors import XdpmlError
 
 log = logging.getLogger("xdpml.agent")
 
 LOSS_COUNTERS = ("flow_full", "flow_busy", "rb_win_full", "rb_pkt_full")
+# xdpml.agent.lost sources: kernel counters whose events reach no record
+LOST_SOURCES = {"flow_table": ("flow_full", "flow_busy"), "ringbuf": ("rb_win_full", "rb_pkt_full")}
 ERROR_COUNTERS = ("err_trunc_eth", "err_trunc_vlan", "err_trunc_ip", "err_bad_ihl",
                   "err_bad_ip_len", "err_trunc_l4", "err_ipv6_ext")
 PACKET_COUNTERS = ("pkt_xdp", "pkt_tc_ingress", "pkt_tc_egress")
@@ -46,7 +55,49 @@ class AgentTotals:
     windows: int = 0
     packets_sampled: int = 0
     enrich_errors: int = 0
+    dropped: int = 0  # rows a sink refused or failed on (xdpml.agent.dropped)
     kernel: dict = field(default_factory=dict)
+    # per sink, after close: name -> (rows given, rows delivered); see Agent.deliveries()
+    deliveries: dict = field(default_factory=dict)
+
+
+class LinkWatcher:
+    """Sets ``changed`` on every kernel link event (RTM_NEWLINK/RTM_DELLINK), from a
+    thread reading a netlink socket bound to the link multicast group."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+        self.changed = threading.Event()
+        self._stop = threading.Event()
+        self._ipr = IPRoute()
+        self._ipr.bind(groups=RTMGRP_LINK)
+        self._thread = threading.Thread(target=self._run, name="xdpml-links", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import select
+
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([self._ipr], [], [], 0.5)
+                if ready:
+                    for msg in self._ipr.get():
+                        if msg.get("event") in ("RTM_NEWLINK", "RTM_DELLINK"):
+                            self.changed.set()
+            except Exception as exc:  # noqa: BLE001 - fall back to checking every scan
+                if self._stop.is_set():
+                    return
+                log.warning("link events unavailable (%s): checking interfaces every scan instead", exc)
+                while not self._stop.wait(1.0):
+                    self.changed.set()
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._ipr.close()
 
 
 class Agent:
@@ -69,7 +120,8 @@ class Agent:
         self._requests: queue.Queue = queue.Queue()
         self._ifnames: dict[int, str] = {}
         self._harvester: Harvester | None = None
-        self._lost_seen = 0
+        self._lost_seen: dict[str, int] = {}
+        self._links: LinkWatcher | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # why a background run() ended, if it failed
 
@@ -108,6 +160,33 @@ class Agent:
             except Exception as exc:  # noqa: BLE001 - keep running on the old state
                 log.error("live change %s failed: %s", kind, exc)
 
+    def _follow_links(self) -> None:
+        """After link events: forget attachments of deleted interfaces, attach the planned
+        ones that exist again (or for the first time)."""
+        import socket
+
+        dp = self.datapath
+        for att in list(dp.attachments):
+            try:
+                index = socket.if_nametoindex(att.ifname)
+            except OSError:
+                index = 0
+            if index != att.ifindex:
+                dp.forget(att)
+                log.warning("%s was deleted (ifindex %d): its programs went with it; it is attached "
+                            "again if it comes back", att.ifname, att.ifindex)
+        attached = {a.ifname for a in dp.attachments}
+        for name, (hooks, mode) in self.plan.items():
+            if name in attached or not os.path.exists(f"/sys/class/net/{name}"):
+                continue
+            try:
+                att = dp.attach(name, hooks=hooks, xdp_mode=mode)
+            except XdpmlError as exc:
+                log.error("%s is back but cannot be attached: %s", name, exc)
+                continue
+            self._ifnames[att.ifindex] = name
+            log.info("%s is back (ifindex %d): attached again", name, att.ifindex)
+
     def _reconcile(self, plan: AttachPlan) -> None:
         dp = self.datapath
         current = {a.ifname: a for a in dp.attachments}
@@ -133,24 +212,29 @@ class Agent:
                 log.error("enrichment failed, exporting without pod metadata: %s", exc)
         for sink in self.sinks:
             name = getattr(sink, "name", type(sink).__name__)
+            kinds = getattr(sink, "kinds", None)
+            if kinds is not None and batch.kind not in kinds:
+                continue  # e.g. the collector scores flows only
             try:
                 accepted = sink.write(batch)
             except Exception as exc:  # noqa: BLE001 - one broken sink must not stop the others
+                self.totals.dropped += len(batch)
                 self._count("xdpml.agent.dropped", len(batch), kind=batch.kind, reason="sink_error")
                 log.error("sink %s failed: %s", name, exc)
                 continue
-            if accepted is False:  # a bounded queue was full (counted and logged by the sink)
-                self._count("xdpml.agent.dropped", len(batch), kind=batch.kind, reason="queue_full")
+            if accepted is False:  # a bounded queue was full or no consumer listens (the sink logs it)
+                self.totals.dropped += len(batch)
+                self._count("xdpml.agent.dropped", len(batch), kind=batch.kind,
+                            reason=getattr(sink, "drop_reason", "queue_full"))
             else:
                 self._count("xdpml.agent.exported", len(batch), kind=batch.kind, sink=name)
 
-    def _count_lost(self, dp: Datapath) -> None:
-        if self.telemetry is None:
-            return
-        c = dp.counters()
-        lost = c["rb_win_full"] + c["rb_pkt_full"]
-        self._count("xdpml.agent.lost", lost - self._lost_seen, source="ringbuf")
-        self._lost_seen = lost
+    def _count_lost(self, counters: dict[str, int]) -> None:
+        """xdpml.agent.lost by source, up to ``counters``: the same figure the summary says."""
+        for source, names in LOST_SOURCES.items():
+            lost = sum(counters[k] for k in names)
+            self._count("xdpml.agent.lost", lost - self._lost_seen.get(source, 0), source=source)
+            self._lost_seen[source] = lost
 
     def _count(self, name: str, value: int, **attrs) -> None:
         if self.telemetry is not None and value:
@@ -256,6 +340,11 @@ class Agent:
             pkts = RecordBuffer(dp.bpf, "pkt_events", PktEvent) if dp.sample_rate else None
             acc = (WindowAccumulator(packets=s.window.packets, seconds=s.window.seconds,
                                      mono_to_unix_ns=offset, ifnames=self._ifnames) if wins else None)
+            try:
+                self._links = LinkWatcher()
+            except Exception as exc:  # noqa: BLE001 - e.g. no netlink: run without
+                log.warning("not following link events (%s): a deleted and re-added interface stays "
+                            "detached", exc)
             if self.on_attached:
                 self.on_attached(dp)
             deadline = time.monotonic() + duration_s if duration_s else None
@@ -268,13 +357,20 @@ class Agent:
                     self.stop_event.wait(harvester.settings.interval_s)
                     self._apply_requests()
                     self._events(wins, pkts, acc, offset)
+                    if self._links is not None and self._links.changed.is_set():
+                        self._links.changed.clear()
+                        self._follow_links()
                     self._flows(harvester.scan())
-                    self._count_lost(dp)
+                    self._count_lost(dp.counters())
                     if next_summary and time.monotonic() >= next_summary:
                         last_counts = self._summary(dp, harvester, last_counts)
                         next_summary = time.monotonic() + s.summary_interval_s
             finally:
                 # detach, drain, flush, close
+                if self._links is not None:
+                    self._links.close()
+                    self._links = None
+                attached_at_end = [a.ifname for a in dp.attachments]
                 dp.detach_all()
                 self._events(wins, pkts, acc, offset)
                 self._flows(harvester.drain())
@@ -284,27 +380,44 @@ class Agent:
                         self.totals.windows += len(rows)
                         self._emit(window_batch(rows))
                 self.totals.kernel = dp.counters()
-                self._summary(dp, harvester, last_counts, final=True)
+                self._count_lost(self.totals.kernel)
                 for sink in self.sinks:
                     try:
                         sink.close()
                     except Exception as exc:  # noqa: BLE001
                         log.error("closing sink %s: %s", type(sink).__name__, exc)
+                    delivery = getattr(sink, "delivery", None)
+                    if delivery is not None:
+                        self.totals.deliveries[getattr(sink, "name", type(sink).__name__)] = delivery()
+                self._summary(dp, harvester, last_counts, final=True, attached=attached_at_end)
                 self.datapath = None
         return self.totals
 
-    def _summary(self, dp: Datapath, harvester: Harvester, last: dict, *, final: bool = False) -> dict:
+    def _summary(self, dp: Datapath, harvester: Harvester, last: dict, *, final: bool = False,
+                 attached: list[str] | None = None) -> dict:
+        """One line: what is attached now (of the plan), packets, flows, records, and the
+        losses: ``lost`` = kernel events that reach no record (flow table full or busy,
+        ring buffer full; the xdpml.agent.lost metric), ``dropped`` = rows the sinks did
+        not deliver (each sink's own count)."""
         now = dp.counters() if not final else self.totals.kernel
         pk = sum(now[k] for k in PACKET_COUNTERS)
         pk_last = sum(last[k] for k in PACKET_COUNTERS)
-        lost = sum(now[k] for k in LOSS_COUNTERS) + sum(getattr(sk, "dropped", 0) for sk in self.sinks)
+        lost = sum(now[k] for k in LOSS_COUNTERS)
+        dropped = sum(getattr(sk, "dropped", 0) for sk in self.sinks)
         errors = sum(now[k] for k in ERROR_COUNTERS)
-        log.info("%sinterfaces %d | packets %d (+%d) | flows active %d exported %d | windows %d | "
-                 "samples %d | parse errors %d | lost %d", "final: " if final else "",
-                 len(dp.attachments) if not final else len(self.plan), pk, pk - pk_last,
+        names = attached if attached is not None else [a.ifname for a in dp.attachments]
+        missing = [n for n in self.plan if n not in names]
+        log.info("%sattached %d of %d interfaces (%s%s) | packets %d (+%d) | flows active %d exported %d | "
+                 "windows %d | samples %d | parse errors %d | lost %d | dropped %d", "final: " if final else "",
+                 len(names), len(self.plan), ", ".join(names) or "none",
+                 f"; not attached: {', '.join(missing)}" if missing else "", pk, pk - pk_last,
                  harvester.stats.active, self.totals.flows, self.totals.windows,
-                 self.totals.packets_sampled, errors, lost)
+                 self.totals.packets_sampled, errors, lost, dropped)
         return now
+
+    def deliveries(self) -> dict[str, tuple[int, int]]:
+        """After run(): per sink that reports it, (rows given, rows delivered)."""
+        return dict(self.totals.deliveries)
 
 
 def register_observables(telemetry, current: Callable[[], "Agent | None"]) -> None:

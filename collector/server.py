@@ -159,11 +159,13 @@ class _Decoded:
     schema: bool = False  # rejected for not fitting wire schema v1
 
 
-def _decode(raw: bytes) -> "_Decoded | _BadMessage":
+def _decode(raw: "bytes | cpb.ExportRequest") -> "_Decoded | _BadMessage":
     # Parsed here rather than by grpcio's deserializer: its failure path leaks the
     # message and answers INTERNAL; this answers INVALID_ARGUMENT and frees everything.
+    # (A servicer mounted with the generated add_CollectorServicer_to_server gets
+    # messages grpcio already parsed: those are taken as they are.)
     try:
-        req = cpb.ExportRequest.FromString(raw)
+        req = raw if isinstance(raw, cpb.ExportRequest) else cpb.ExportRequest.FromString(raw)
     except Exception as e:  # google.protobuf.message.DecodeError, or a C++ parse error
         return _BadMessage(f"request is not an xdpml.v1.ExportRequest ({type(e).__name__})")
     msg = req.batch

@@ -12,6 +12,7 @@ set -euo pipefail
 RUNS=${1:-3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/xdpml-load.XXXXXX)
+chmod 755 "$WORK"  # some tests run the CLI as an unprivileged user
 git clone -q "$ROOT" "$WORK/repo"
 burners=()
 cleanup() { for p in "${burners[@]}"; do kill "$p" 2>/dev/null || true; done; }

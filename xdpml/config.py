@@ -69,6 +69,9 @@ class HarvestSettings:
     def validate(self) -> None:
         if self.idle_timeout_s <= 0 or self.active_timeout_s <= 0:
             raise ConfigError("timeouts must be > 0 seconds")
+        if self.active_timeout_s < self.idle_timeout_s:  # as the AgentConfig CRD requires
+            raise ConfigError(f"the active timeout ({self.active_timeout_s:g} s) must be >= the idle "
+                              f"timeout ({self.idle_timeout_s:g} s)")
         if not 0.05 <= self.interval_s <= 60:
             raise ConfigError("interval_s must be 0.05..60 seconds")
 

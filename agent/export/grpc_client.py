@@ -5,6 +5,12 @@
                            batches when full) ▼
                                    collector ──► acks, verdicts ──► counters, on_verdicts()
 
+One job per module, sharing the exporter's one condition lock:
+``batching`` (the bounded queue, flushes, message-sized groups, encoding),
+``accounting`` (what is waiting, in flight, acknowledged or dropped: the identity
+below), ``verdicts`` (checking and counting what comes back), and this module:
+the connection, its retries and the acknowledgement deadline.
+
 ``put()`` never blocks: when the queue (bounded in bytes and batches) is full the
 batch is dropped, counted, and logged with backoff. Every row is accounted for:
 ``produced_rows == sent_rows + dropped_rows + pending_rows`` at all times, where
@@ -14,12 +20,18 @@ A broken stream is re-opened with jittered exponential backoff. Messages not yet
 acknowledged are sent again after a retryable failure (UNAVAILABLE, a collector
 restart...), so delivery is at least once across collector restarts; after a
 non-retryable status (bad credentials, unimplemented) they are dropped and counted.
+
+A collector that takes the stream but stops acknowledging (it never reads, or is
+wedged) would hold the in-flight window forever while the queue overflows: when
+nothing has been acknowledged for ``ack_timeout_s`` although messages are in
+flight, the stream is cancelled (counted in ``ack_timeouts``, logged with the rows
+dropped so far) and re-opened, and the unacknowledged messages are sent again.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import random
+import re
 import threading
 import time
 import uuid
@@ -30,12 +42,29 @@ import grpc
 
 from xdpml.wire.columns import ColumnBatch
 from xdpml.wire import codec
+from xdpml.agent.export.accounting import AckLedger, LogBackoff, Pending
+from xdpml.agent.export.batching import BatchQueue, encode
 from xdpml.wire.tls import ClientTls
+from xdpml.agent.export.verdicts import VerdictHandler
+from xdpml.errors import ConfigError
 from xdpml.wire.v1 import collector_pb2 as cpb
 
 log = logging.getLogger(__name__)
 
 EXPORT_METHOD = "/xdpml.v1.Collector/Export"
+
+# host:port or [ipv6]:port, as the AgentConfig CRD accepts for spec.collector.address
+_TARGET = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):([0-9]{1,5})$")
+
+
+def check_target(target: str) -> str:
+    """A collector address as host:port or [ipv6]:port with a port 1..65535, else ConfigError."""
+    m = _TARGET.match(target)
+    if not m:
+        raise ConfigError(f"collector address {target!r} is not host:port or [ipv6]:port")
+    if not 1 <= int(m.group(3)) <= 65535:
+        raise ConfigError(f"collector address {target!r}: port {m.group(3)} is not 1..65535")
+    return target
 
 # The retryable codes of OpenTelemetry's OTLP exporter: transient by definition.
 RETRYABLE = frozenset({
@@ -68,41 +97,20 @@ class ExporterSettings:
     keepalive_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     tls_check_interval_s: float = 5.0
+    # Messages in flight and nothing acknowledged for this long: reconnect (see above).
+    ack_timeout_s: float = 30.0
     include_schema: bool = True
 
     def __post_init__(self) -> None:
+        check_target(self.target)
         if self.flush_rows < 1 or self.flush_age_s <= 0:
-            raise ValueError("flush_rows must be >= 1 and flush_age_s > 0")
+            raise ConfigError("flush_rows must be >= 1 and flush_age_s > 0")
         if self.max_message_bytes > codec.GRPC_DEFAULT_MAX_MESSAGE:
-            raise ValueError("max_message_bytes must stay under gRPC's 4 MiB default")
+            raise ConfigError("max_message_bytes must stay under gRPC's 4 MiB default")
         if self.keepalive_s < 10:
-            raise ValueError("keepalive_s below 10 s would be refused by the collector (too_many_pings)")
-
-
-class _LogBackoff:
-    """Log the first event, then at most once per period; the period doubles to 5 min."""
-
-    def __init__(self, what: str, *, initial_s: float = 5.0, max_s: float = 300.0,
-                 level: int = logging.WARNING) -> None:
-        self.what, self.period, self.max_s, self.level = what, initial_s, max_s, level
-        self.next_at = 0.0
-        self.unlogged = 0
-
-    def event(self, detail: str) -> None:
-        self.unlogged += 1
-        now = time.monotonic()
-        if now >= self.next_at:
-            log.log(self.level, "%s (%d since last report): %s", self.what, self.unlogged, detail)
-            self.unlogged = 0
-            self.next_at = now + self.period
-            self.period = min(self.max_s, self.period * 2)
-
-
-@dataclass
-class _Pending:
-    sequence: int
-    rows: int
-    payload: bytes  # a serialized ExportRequest (codec.encode_request_bytes)
+            raise ConfigError("keepalive_s below 10 s would be refused by the collector (too_many_pings)")
+        if self.ack_timeout_s <= 0:
+            raise ConfigError("ack_timeout_s must be > 0 seconds")
 
 
 class GrpcExporter:
@@ -110,50 +118,45 @@ class GrpcExporter:
 
     def __init__(self, settings: ExporterSettings, *, on_verdicts: Callable[[cpb.VerdictBatch], None] | None = None,
                  loss_counters: Callable[[], dict[str, int]] | None = None) -> None:
-        self.settings = settings
-        self.on_verdicts = on_verdicts
+        s = self.settings = settings
         self._loss_counters = loss_counters
-        self._node = codec.NodeIdentity(settings.node_name, settings.agent_id, settings.agent_version)
+        self._node = codec.NodeIdentity(s.node_name, s.agent_id, s.agent_version)
         self._cond = threading.Condition()
-        self._queue: collections.deque[tuple[float, ColumnBatch, int]] = collections.deque()
-        self._queue_bytes = 0
-        self._ready: collections.deque[_Pending] = collections.deque()  # encoded, not yet sent
-        self._unacked: dict[int, _Pending] = {}  # sent on the current stream, ordered by seq
-        self._encoding_rows = 0  # taken from the queue, being encoded outside the lock
+        self._queue = BatchQueue(max_bytes=s.queue_max_bytes, max_batches=s.queue_max_batches,
+                                 flush_rows=s.flush_rows, flush_age_s=s.flush_age_s)
+        self._ledger = AckLedger()
+        self.counters = self._ledger.counters
+        self._verdicts = VerdictHandler(on_verdicts)
         self._seq = 0
         self._generation = 0
         self._closing = False
         self._stopped = False
-        self._drop_log = _LogBackoff("export queue full, dropped batches")
-        self._fail_log = _LogBackoff("collector stream failed", initial_s=1.0)
-        self._verdict_log = _LogBackoff("verdict batches from the collector", level=logging.INFO)
-        self.counters = collections.Counter({k: 0 for k in (
-            "produced_batches", "produced_rows", "sent_batches", "sent_rows", "dropped_batches",
-            "dropped_rows", "rejected_batches", "reconnects", "verdict_batches", "verdicts_received",
-            "stream_failures")})
+        self._call = None
+        self._drop_log = LogBackoff("export queue full, dropped batches")
+        self._fail_log = LogBackoff("collector stream failed", initial_s=1.0)
         self.last_error = ""
         self._thread = threading.Thread(target=self._run, name="xdpml-export", daemon=True)
         self._thread.start()
+
+    @property
+    def on_verdicts(self) -> Callable[[cpb.VerdictBatch], None] | None:
+        return self._verdicts.callback
+
+    @on_verdicts.setter
+    def on_verdicts(self, callback: Callable[[cpb.VerdictBatch], None] | None) -> None:
+        self._verdicts.callback = callback
 
     # ---- harvester side -------------------------------------------------------------
     def put(self, batch: ColumnBatch) -> bool:
         """Queue a batch for export; returns False (and counts it) when it was dropped."""
         rows = len(batch)
-        size = sum(c.nbytes for c in batch.columns.values())
         with self._cond:
-            self.counters["produced_batches"] += 1
-            self.counters["produced_rows"] += rows
-            s = self.settings
-            if (self._closing or len(self._queue) >= s.queue_max_batches
-                    or self._queue_bytes + size > s.queue_max_bytes):
-                self.counters["dropped_batches"] += 1
-                self.counters["dropped_rows"] += rows
-                self._drop_log.event(f"{rows} rows; collector {s.target} ({self.last_error or 'slow'})")
+            self._ledger.produced(rows)
+            if self._closing or not self._queue.offer_locked(batch):
+                self._ledger.dropped(rows)
+                self._drop_log.event(f"{rows} rows; collector {self.settings.target} "
+                                     f"({self.last_error or 'slow'})")
                 return False
-            if rows == 0:
-                return True
-            self._queue.append((time.monotonic(), batch, size))
-            self._queue_bytes += size
             self._cond.notify_all()
         return True
 
@@ -161,13 +164,15 @@ class GrpcExporter:
         with self._cond:
             out = dict(self.counters)
             out["queue_batches"] = len(self._queue)
-            out["queue_bytes"] = self._queue_bytes
+            out["queue_bytes"] = self._queue.bytes
             out["pending_rows"] = self._pending_rows_locked()
             return out
 
     def _pending_rows_locked(self) -> int:
-        return (sum(len(b) for _, b, _ in self._queue) + self._encoding_rows + sum(p.rows for p in self._ready)
-                + sum(p.rows for p in self._unacked.values()))
+        return self._queue.rows_locked() + self._ledger.pending_rows()
+
+    def _has_work_locked(self) -> bool:
+        return bool(len(self._queue) or self._queue.encoding_rows or self._ledger.ready or self._ledger.unacked)
 
     # ---- shutdown ------------------------------------------------------------------
     def close(self, timeout_s: float = 5.0) -> dict[str, int]:
@@ -179,23 +184,17 @@ class GrpcExporter:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            while (self._queue or self._encoding_rows or self._ready or self._unacked) and time.monotonic() < deadline:
+            while self._has_work_locked() and time.monotonic() < deadline:
                 self._cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
             self._stopped = True
-            left = self._pending_rows_locked()
-            nbatches = len(self._queue) + len(self._ready) + len(self._unacked)
-            if left or nbatches:
-                self.counters["dropped_rows"] += left
-                self.counters["dropped_batches"] += nbatches
-                log.warning("export closed with %d rows unacknowledged (counted as dropped)", left)
-            self._queue.clear()
-            self._queue_bytes = 0
-            self._encoding_rows = 0
-            self._ready.clear()
-            self._unacked.clear()
+            qrows, qbatches = self._queue.clear_locked()
+            lrows, lmsgs = self._ledger.clear()
+            if qrows + lrows or qbatches + lmsgs:
+                self._ledger.dropped(qrows + lrows, qbatches + lmsgs)
+                log.warning("export closed with %d rows unacknowledged (counted as dropped)", qrows + lrows)
             self._generation += 1
             self._cond.notify_all()
-            call = getattr(self, "_call", None)
+            call = self._call
         if call is not None:
             call.cancel()
         self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
@@ -207,7 +206,7 @@ class GrpcExporter:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ---- network side --------------------------------------------------------------
+    # ---- connection and retry --------------------------------------------------------
     def _channel(self) -> grpc.Channel:
         s = self.settings
         opts = [
@@ -230,14 +229,14 @@ class GrpcExporter:
                 if self._stopped:
                     return
                 # Connect lazily: no stream while there is nothing to send.
-                while not (self._queue or self._ready) and not self._stopped:
+                while not (len(self._queue) or self._ledger.ready) and not self._stopped:
                     self._cond.wait(0.5)
                 if self._stopped:
                     return
                 self._generation += 1
                 gen = self._generation
-            if not first:
-                self.counters["reconnects"] += 1
+                if not first:
+                    self.counters["reconnects"] += 1
             first = False
             acked_any = self._stream_once(gen)
             with self._cond:
@@ -260,20 +259,14 @@ class GrpcExporter:
             # Requests are already serialized: no request_serializer, bytes go out as they are.
             export = channel.stream_stream(EXPORT_METHOD, request_serializer=None,
                                            response_deserializer=cpb.ExportResponse.FromString)
+            with self._cond:
+                self._ledger.stream_started()
             call = export(self._requests(gen))
             self._call = call
             done = threading.Event()
-            tls = self.settings.tls
-
-            def watch_tls() -> None:
-                while not done.wait(self.settings.tls_check_interval_s):
-                    if tls.changed():
-                        log.info("TLS files changed: reconnecting with the new ones")
-                        call.cancel()
-                        return
-
-            if tls is not None:
-                threading.Thread(target=watch_tls, name="xdpml-export-tls", daemon=True).start()
+            timed_out: list[str] = []
+            threading.Thread(target=self._watch, args=(call, done, timed_out), name="xdpml-export-watch",
+                             daemon=True).start()
             try:
                 for resp in call:
                     if resp.HasField("ack"):
@@ -285,13 +278,58 @@ class GrpcExporter:
                 code, detail = e.code(), e.details()
             finally:
                 done.set()
+            if timed_out:
+                code, detail = grpc.StatusCode.DEADLINE_EXCEEDED, timed_out[0]
             self._on_stream_end(gen, code, detail)
         finally:
             channel.close()
         return acked_any
 
+    def _watch(self, call, done: threading.Event, timed_out: list[str]) -> None:
+        """While the stream lives: the acknowledgement deadline, and TLS file rotation."""
+        s = self.settings
+        tls = s.tls
+        period = min(1.0, s.ack_timeout_s / 4)
+        next_tls = time.monotonic() + s.tls_check_interval_s
+        while not done.wait(period):
+            now = time.monotonic()
+            with self._cond:
+                silent = self._ledger.unacknowledged_for(now)
+                in_flight = len(self._ledger.unacked)
+                dropped = self.counters["dropped_rows"]
+            if silent >= s.ack_timeout_s:
+                with self._cond:
+                    self.counters["ack_timeouts"] += 1
+                reason = (f"no acknowledgement for {silent:.0f} s with {in_flight} messages in flight "
+                          "(the collector accepts but does not read)")
+                timed_out.append(reason)
+                log.warning("collector %s: %s; reconnecting, will resend them (%d rows dropped so far)",
+                            s.target, reason, dropped)
+                call.cancel()
+                return
+            if tls is not None and now >= next_tls:
+                next_tls = now + s.tls_check_interval_s
+                if tls.changed():
+                    log.info("TLS files changed: reconnecting with the new ones")
+                    call.cancel()
+                    return
+
+    def _on_stream_end(self, gen: int, code: grpc.StatusCode | None, detail: str | None) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            if gen == self._generation:
+                self._generation += 1  # ends _requests() of this stream
+            # Retryable: resend in the original order before anything newer; otherwise drop.
+            self._ledger.stream_ended(resend=code is None or code == grpc.StatusCode.OK or code in RETRYABLE)
+            self.counters["stream_failures"] += 1
+            self.last_error = f"{code.name if code else 'ended'}: {detail or ''}".strip()
+            self._cond.notify_all()
+        self._fail_log.event(f"{self.settings.target}: {self.last_error}")
+
+    # ---- sending (runs on a gRPC thread) ----------------------------------------------
     def _requests(self, gen: int) -> Iterator[bytes]:
-        """Runs on a gRPC thread: yields messages while this stream is current."""
+        """Yields messages while this stream is current."""
         while True:
             with self._cond:
                 pending = self._next_locked(gen)
@@ -302,131 +340,54 @@ class GrpcExporter:
                 with self._cond:
                     if self._stopped:  # close() gave up meanwhile and counted these rows
                         return
-                    self._encoding_rows = 0
-                    self._ready.extendleft(reversed(msgs))
+                    self._queue.encoding_rows = 0
+                    self._ledger.ready.extendleft(reversed(msgs))
                     self._cond.notify_all()
                 continue
             yield pending.payload
 
-    def _next_locked(self, gen: int):
-        s = self.settings
+    def _next_locked(self, gen: int) -> Pending | list[ColumnBatch] | None:
         while True:
             if gen != self._generation or self._stopped:
                 return None
-            if self._ready and len(self._unacked) < s.max_in_flight:
-                p = self._ready.popleft()
-                self._unacked[p.sequence] = p
+            p = self._ledger.next_to_send(self.settings.max_in_flight)
+            if p is not None:
                 return p
-            if self._queue and not self._ready:
-                rows = sum(len(b) for _, b, _ in self._queue)
-                age = time.monotonic() - self._queue[0][0]
-                if rows >= s.flush_rows or age >= s.flush_age_s or self._closing:
-                    return self._take_locked()
-                self._cond.wait(max(0.001, s.flush_age_s - age))
+            if len(self._queue) and not self._ledger.ready:
+                wait = self._queue.wait_s_locked(closing=self._closing)
+                if not wait:
+                    return self._queue.take_locked()
+                self._cond.wait(wait)
                 continue
             self._cond.wait(0.25)
 
-    def _take_locked(self) -> list[ColumnBatch]:
-        # Consecutive batches with the same kind and columns are merged into one flush.
-        _, first, _ = self._queue[0]
-        key = (first.kind, tuple(first.columns))
-        out = []
-        while self._queue and (self._queue[0][1].kind, tuple(self._queue[0][1].columns)) == key:
-            _, b, size = self._queue.popleft()
-            self._queue_bytes -= size
-            out.append(b)
-        self._encoding_rows = sum(len(b) for b in out)
-        return out
-
-    def _groups(self, batches: list[ColumnBatch]):
-        """Merge small batches up to one message's worth; a big batch goes alone, uncopied."""
-        cap = codec.rows_per_message(batches[0], self.settings.max_message_bytes)
-        small: list[ColumnBatch] = []
-        rows = 0
-        for b in batches:
-            if len(b) >= cap // 2:
-                if small:
-                    yield small
-                    small, rows = [], 0
-                yield [b]
-                continue
-            small.append(b)
-            rows += len(b)
-            if rows >= cap:
-                yield small
-                small, rows = [], 0
-        if small:
-            yield small
-
-    def _encode(self, batches: list[ColumnBatch]) -> list[_Pending]:
-        loss = self._loss_counters() if self._loss_counters else None
-        out = []
-
+    def _encode(self, batches: list[ColumnBatch]) -> list[Pending]:
         def next_seq() -> int:
             with self._cond:
                 self._seq += 1
                 return self._seq
 
-        for group in self._groups(batches):
-            merged = group[0] if len(group) == 1 else ColumnBatch.concat(group)
-            try:
-                # All or nothing per group, so a failure is counted once.
-                out.extend([_Pending(seq, rows, payload) for seq, rows, payload in codec.encode_split_requests(
-                    merged, next_sequence=next_seq, max_message_bytes=self.settings.max_message_bytes,
-                    node=self._node, loss_counters=loss, include_schema=self.settings.include_schema)])
-            except (codec.UnsupportedColumn, ValueError) as e:
-                log.error("cannot encode a %s batch of %d rows, dropped: %s", merged.kind, len(merged), e)
-                with self._cond:
-                    if not self._stopped:
-                        self.counters["dropped_batches"] += len(group)
-                        self.counters["dropped_rows"] += len(merged)
-                        self._encoding_rows -= len(merged)
-        return out
+        def failed(merged: ColumnBatch, nbatches: int, e: Exception) -> None:
+            log.error("cannot encode a %s batch of %d rows, dropped: %s", merged.kind, len(merged), e)
+            with self._cond:
+                if not self._stopped:
+                    self._ledger.dropped(len(merged), nbatches)
+                    self._queue.encoding_rows -= len(merged)
 
+        s = self.settings
+        return encode(batches, next_sequence=next_seq, max_message_bytes=s.max_message_bytes, node=self._node,
+                      loss_counters=self._loss_counters() if self._loss_counters else None,
+                      include_schema=s.include_schema, on_failure=failed)
+
+    # ---- what comes back ----------------------------------------------------------------
     def _on_ack(self, ack: cpb.Ack) -> bool:
         with self._cond:
-            p = self._unacked.pop(ack.sequence, None)
-            if p is None:
-                return False
-            if ack.error:
-                self.counters["rejected_batches"] += 1
-                self.counters["dropped_batches"] += 1
-                self.counters["dropped_rows"] += p.rows
-                log.error("collector rejected batch %d (%d rows): %s", ack.sequence, p.rows, ack.error)
-            else:
-                self.counters["sent_batches"] += 1
-                self.counters["sent_rows"] += p.rows
+            ok = self._ledger.ack(ack.sequence, ack.error)
             self._cond.notify_all()
-        return not ack.error
+        return ok
 
     def _on_verdicts(self, vb: cpb.VerdictBatch) -> None:
+        vb, unknown = self._verdicts.check(vb)
         with self._cond:
-            self.counters["verdict_batches"] += 1
-            self.counters["verdicts_received"] += len(vb.verdicts)
-        self._verdict_log.event(f"latest: {len(vb.verdicts)} flagged flows in batch {vb.sequence}, model "
-                                f"{vb.model.name} {vb.model.version}, threshold {vb.threshold:g}")
-        if self.on_verdicts is not None:
-            try:
-                self.on_verdicts(vb)
-            except Exception:  # a consumer bug must not break the stream
-                log.exception("verdict callback failed")
-
-    def _on_stream_end(self, gen: int, code: grpc.StatusCode | None, detail: str | None) -> None:
-        with self._cond:
-            if self._stopped:
-                return
-            if gen == self._generation:
-                self._generation += 1  # ends _requests() of this stream
-            unacked = list(self._unacked.values())
-            self._unacked.clear()
-            if code is None or code == grpc.StatusCode.OK or code in RETRYABLE:
-                # Resend in the original order before anything newer.
-                self._ready.extendleft(reversed(unacked))
-            else:
-                rows = sum(p.rows for p in unacked)
-                self.counters["dropped_batches"] += len(unacked)
-                self.counters["dropped_rows"] += rows
-            self.counters["stream_failures"] += 1
-            self.last_error = f"{code.name if code else 'ended'}: {detail or ''}".strip()
-            self._cond.notify_all()
-        self._fail_log.event(f"{self.settings.target}: {self.last_error}")
+            self._verdicts.count_locked(self.counters, vb, unknown)
+        self._verdicts.deliver(vb, unknown)

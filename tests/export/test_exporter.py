@@ -139,7 +139,8 @@ def test_collector_killed_and_restarted(tmp_path):
     second = None
     try:
         produce(1.5)
-        assert _wait(lambda: ex.stats()["sent_rows"] > 0)
+        # the first acknowledgement waits for the collector to learn its baseline (seconds under load)
+        assert _wait(lambda: ex.stats()["sent_rows"] > 0, 60)
         first.send_signal(signal.SIGKILL)
         first.wait()
         sent_before = ex.stats()["sent_rows"]

@@ -112,7 +112,7 @@ def test_cleanup_refuses_while_an_agent_runs():
     with make_hosts(25) as (h,):
         p = start_agent("-i", h.host_if)
         try:
-            r = subprocess.run([XDPML, "cleanup"], capture_output=True, text=True)
+            r = subprocess.run([XDPML, "cleanup", "--interface", h.host_if], capture_output=True, text=True)
             assert r.returncode == 1 and f"pid {p.pid}" in r.stderr
             assert "xdpml_tc_egress" in tc_filters(h.host_if, "egress")  # left alone
         finally:
@@ -129,13 +129,14 @@ def test_cleanup_after_kill_9(foreign_xdp):
         # BCC's programs stay attached after the process dies
         assert prog_name(xdp_state(h.host_if)[0]) == "xdpml_xdp"
         assert "xdpml_tc_egress" in tc_filters(h.host_if, "egress")
-        out = subprocess.run([XDPML, "cleanup"], capture_output=True, text=True, check=True).stdout
+        mine = ["--interface", h.host_if, "--interface", other.host_if]  # other tests' agents may run
+        out = subprocess.run([XDPML, "cleanup", *mine], capture_output=True, text=True, check=True).stdout
         assert f"{h.host_if}: xdp" in out and f"{h.host_if}: tc egress" in out
         for dev in (h.host_if, other.host_if):
             assert xdp_state(dev) == (0, "")
             assert "xdpml" not in tc_filters(dev, "egress") + tc_filters(dev, "ingress")
         assert "other_tc" in tc_filters(other.host_if, "ingress")
-        again = subprocess.run([XDPML, "cleanup"], capture_output=True, text=True, check=True).stdout
+        again = subprocess.run([XDPML, "cleanup", *mine], capture_output=True, text=True, check=True).stdout
         assert "nothing of xdpml's was attached" in again
 
 

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 from xdpml import __version__
-from xdpml.errors import XdpmlError
+from xdpml.errors import DataLoss, XdpmlError
 
 log = logging.getLogger("xdpml")
 
@@ -18,7 +18,7 @@ examples:
   xdpml agent -i eth0 -o features.jsonl           flows from eth0 to a file
   xdpml agent -i eth0 -w 100 -o features.jsonl     + seed-000 windows of 100 packets
   xdpml agent -i 'eth*' -i physical --sample 100   flows + 1-in-100 packet samples, stdout
-  xdpml agent -i eth0 --unix-socket /tmp/ids.sock  stream JSON lines to a local consumer
+  xdpml agent -i eth0 --unix-socket ids.sock       stream JSON lines to /run/xdpml/ids.sock
   xdpml agent -i eth0 --collector collector:50051  stream protobuf batches over gRPC
   xdpml cleanup                                     remove programs a killed agent left
 """
@@ -76,9 +76,15 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
                    help="flow table scan period, seconds (default: %(default)s)")
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", metavar="FILE",
-                   help="JSON lines file ('-' = stdout; the default when no other output is given)")
-    o.add_argument("--unix-socket", metavar="PATH", help="stream JSON lines to this Unix socket")
-    o.add_argument("--collector", metavar="HOST:PORT", help="stream protobuf batches to an xdpml collector")
+                   help="JSON lines file ('-' = stdout; the default when no other output is given); "
+                        "created 0600, refused in a directory others can write to")
+    o.add_argument("--unix-socket", metavar="PATH",
+                   help="stream JSON lines to this Unix socket; a bare name is in /run/xdpml (0700). "
+                        "Refused in a directory others can write to; the listener must be root, the "
+                        "agent's user or the directory's owner")
+    o.add_argument("--collector", metavar="HOST:PORT",
+                   help="stream flow records as protobuf batches to an xdpml collector (windows and "
+                        "packet samples go to the local outputs only); exit code 8 if none was delivered")
     o.add_argument("--tls-ca", metavar="PEM", help="CA that signed the collector's certificate (enables TLS)")
     o.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
     o.add_argument("--tls-key", metavar="PEM", help="client key for mutual TLS")
@@ -95,9 +101,12 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--config-name", default="", metavar="NAME",
                    help="follow only the AgentConfig of this name (default: the oldest that selects the node)")
     k.add_argument("--health-port", type=_nonneg_int, default=None, metavar="PORT",
-                   help="serve /livez and /readyz on this port")
+                   help="serve /livez and /readyz on this port (0..65535)")
     k.add_argument("--metrics-port", type=_nonneg_int, default=None, metavar="PORT",
-                   help="serve Prometheus metrics on this port")
+                   help="serve Prometheus metrics on this port (0..65535)")
+    k.add_argument("--bind-address", default=None, metavar="ADDR",
+                   help="address the health and metrics ports listen on (default: 127.0.0.1; "
+                        "0.0.0.0 with --kubernetes, where the kubelet and scrapers reach the pod)")
     k.add_argument("--otlp-endpoint", default="", metavar="URL",
                    help="push OpenTelemetry metrics over OTLP gRPC (host:port, http:// or https://)")
     o.add_argument("--duration", type=_positive_float, default=0.0, metavar="S",
@@ -121,13 +130,46 @@ def settings_from_args(a):
     ).validate()
 
 
+def _bind_address(a) -> str:
+    if a.bind_address is not None:
+        return a.bind_address
+    return "0.0.0.0" if getattr(a, "kubernetes", False) else "127.0.0.1"
+
+
 def _telemetry(a, service: str):
     from xdpml.obs.telemetry import Telemetry, TelemetrySettings
 
     attrs = {"k8s.node.name": a.node_name} if getattr(a, "node_name", "") else {}
     return Telemetry.from_settings(TelemetrySettings(
-        service_name=service, prometheus_port=a.metrics_port, otlp_endpoint=a.otlp_endpoint,
-        resource_attributes=attrs))
+        service_name=service, prometheus_port=a.metrics_port, prometheus_host=_bind_address(a),
+        otlp_endpoint=a.otlp_endpoint, resource_attributes=attrs))
+
+
+def check_agent_args(a) -> None:
+    """What argparse cannot check alone: refused here, before anything starts, as the
+    AgentConfig would refuse it (ConfigError, one line)."""
+    from xdpml.errors import ConfigError
+
+    for flag, port in (("--metrics-port", a.metrics_port), ("--health-port", a.health_port)):
+        if port is not None and not 0 <= port <= 65535:
+            raise ConfigError(f"{flag} must be 0..65535, not {port}")
+    if a.bind_address is not None:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(a.bind_address)
+        except ValueError:
+            raise ConfigError(f"--bind-address {a.bind_address!r} is not an IP address") from None
+    if a.collector:
+        from xdpml.agent.export.grpc_client import check_target
+
+        check_target(a.collector)
+        local = a.output or a.unix_socket
+        extra = [flag for flag, on in (("-w/--window", a.window), ("--window-seconds", a.window_seconds),
+                                       ("--sample", a.sample)) if on]
+        if extra and not local and not a.kubernetes:
+            raise ConfigError(f"the collector scores flow records only: {' and '.join(extra)} records need "
+                              "a local output too (-o FILE or --unix-socket PATH)")
 
 
 def run_agent(a) -> int:
@@ -136,6 +178,7 @@ def run_agent(a) -> int:
     from xdpml.agent.export.sinks import JsonLinesSink, UnixSocketSink
     from xdpml.agent.pipeline import Agent, install_signal_handlers, register_observables
 
+    check_agent_args(a)
     if a.kubernetes:
         return run_kubernetes_agent(a)
     if not a.interface:
@@ -171,7 +214,7 @@ def run_agent(a) -> int:
     register_observables(telemetry, lambda: agent)
     install_signal_handlers(agent.stop_event)
     try:
-        agent.run(duration_s=a.duration or None)
+        totals = agent.run(duration_s=a.duration or None)
     except (AttachError, ConfigError) as exc:
         log.error("%s", exc)
         return 1
@@ -182,7 +225,17 @@ def run_agent(a) -> int:
         telemetry.shutdown()
         if health:
             health.close()
+    check_delivered(totals.deliveries)
     return 0
+
+
+def check_delivered(deliveries: dict[str, tuple[int, int]]) -> None:
+    """DataLoss (exit 8) when an output was given rows and delivered none of them."""
+    lost = [f"{name}: 0 of {given} rows delivered" for name, (given, done) in deliveries.items()
+            if given and not done]
+    if lost:
+        raise DataLoss("every row sent to an output was dropped (" + "; ".join(lost) + "); see the "
+                       "warnings above")
 
 
 def _health(a, conditions):
@@ -190,7 +243,7 @@ def _health(a, conditions):
         return None
     from xdpml.obs.health import HealthServer
 
-    return HealthServer(port=a.health_port, conditions=conditions)
+    return HealthServer(host=_bind_address(a), port=a.health_port, conditions=conditions)
 
 
 def run_kubernetes_agent(a) -> int:
@@ -229,7 +282,7 @@ def run_kubernetes_agent(a) -> int:
 
 def _grpc_sink(a, telemetry, current_agent):
     from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
-    from xdpml.agent.kubernetes import verdict_counter
+    from xdpml.agent.export.verdicts import verdict_counter
     from xdpml.agent.export.sinks import CollectorSink
     from xdpml.wire.tls import ClientTls
 
@@ -268,17 +321,16 @@ def run_check_config(a) -> int:
 
 
 def run_cleanup(a) -> int:
-    from xdpml.datapath.loader import AgentRunning, cleanup
+    from xdpml.datapath.loader import cleanup
 
-    try:
-        removed = cleanup(force=a.force)
-    except AgentRunning as exc:
-        print(f"xdpml cleanup: {exc}", file=sys.stderr)
-        return 1
-    for line in removed:
+    result = cleanup(interfaces=a.interface or None, force=a.force)
+    for line in result.removed:
         print(f"removed {line}")
-    if not removed:
-        print("nothing of xdpml's was attached")
+    if result.left:
+        print(f"xdpml cleanup: {result.left_message()}", file=sys.stderr)
+        return 1
+    if not result.removed:
+        print("nothing of xdpml's was attached" + (f" to {', '.join(a.interface)}" if a.interface else ""))
     return 0
 
 
@@ -321,9 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("check-config", help="validate AgentConfig YAML files as the agents would")
     cc.add_argument("files", nargs="+", metavar="FILE")
     cc.set_defaults(func=run_check_config)
-    cl = sub.add_parser("cleanup", help="remove xdpml programs a killed agent left attached")
+    cl = sub.add_parser("cleanup", help="remove xdpml programs a killed agent left attached",
+                        description="Remove the xdpml XDP programs and TC filters whose agent is gone "
+                                    "(kill -9, OOM). What a running agent holds is left alone, and the "
+                                    "exit code is 1 if anything was left.")
+    cl.add_argument("-i", "--interface", action="append", default=[], metavar="IFACE",
+                    help="only this interface (repeatable; default: every interface)")
     cl.add_argument("--force", action="store_true",
-                    help="remove them even while an xdpml agent process is running")
+                    help="remove them even while an xdpml agent process holds them")
     cl.set_defaults(func=run_cleanup)
     try:
         from xdpml.cli import collector as collector_cli

@@ -6,7 +6,16 @@ Rules this module keeps (DESIGN.md):
     XDP_FLAGS_UPDATE_IF_NOEXIST after checking the interface, and TC filters are
     added beside existing ones (own priority, TC_ACT_UNSPEC so others still run);
   * everything attached is detached on close(), and ``cleanup()`` removes what a
-    killed agent left behind, recognising ours by program name.
+    killed agent left behind.
+
+Which agent owns an attachment, per interface: xdpml's programs and TC filters are
+recognised by name (``xdpml_*``); the owner is the Datapath whose id (its XDP
+program's id) is the XDP program's id or follows the ``@`` in the TC filter's name
+(``xdpml_tc_egress@<id>``), and it runs while the abstract socket
+``@xdpml.datapath.<id>`` is held (see OwnerToken). An xdpml attachment whose owner is
+gone (kill -9, OOM) is *stale*: a starting agent takes it over (removes it and
+attaches its own, logged) and ``cleanup()`` removes it, on the interfaces asked for,
+while other agents keep running; an attachment of a live agent is left alone.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xdpml.config import AgentSettings, ConfigError
-from xdpml.errors import AttachError, XdpmlError
+from xdpml.errors import AttachError
 from xdpml.datapath import syscalls
 from xdpml.datapath.abi import flow_types
 from xdpml.datapath.source import program_text
@@ -185,6 +194,194 @@ def _filter_name(msg) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Ownership: which agent an xdpml attachment belongs to, and whether it still runs
+#
+# Each Datapath has an owner id: the id of its XDP program (unique in the kernel while
+# the program exists). While the Datapath is open it listens on the abstract Unix
+# socket "@xdpml.datapath.<id>": abstract names live in the network namespace, so
+# every process that can see the interfaces can see them, whatever its PID namespace
+# (a pod without hostPID sees another pod's agent), and the kernel frees the name
+# when the process dies, kill -9 included. Its TC filters are named
+# "<program>@<id>"; its XDP program's id is the id itself.
+
+OWNER_SOCKET = "xdpml.datapath.{}"
+_local_owners: set[int] = set()  # owner ids of the Datapaths open in this process
+
+
+def prog_id_of_fd(fd: int) -> int:
+    class InfoAttr(C.Structure):
+        _fields_ = [("fd", C.c_uint32), ("info_len", C.c_uint32), ("info", C.c_uint64)]
+
+    buf = (C.c_uint8 * 256)()
+    ia = InfoAttr(fd=fd, info_len=256, info=C.addressof(buf))
+    rc = syscalls.bpf(BPF_OBJ_GET_INFO_BY_FD, ia)
+    if rc < 0:
+        raise AttachError(f"cannot read the id of a loaded BPF program: {os.strerror(-rc)}")
+    return int.from_bytes(bytes(buf[4:8]), "little")
+
+
+class OwnerToken:
+    """Listens on @xdpml.datapath.<id> while this Datapath is open; answers each
+    connection by closing it (the peer reads our pid with SO_PEERCRED)."""
+
+    def __init__(self, owner_id: int) -> None:
+        import socket
+        import threading
+
+        self.owner_id = owner_id
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.bind("\0" + OWNER_SOCKET.format(owner_id))
+        except OSError as exc:
+            self._sock.close()
+            raise AttachError(f"cannot register datapath {owner_id} (abstract socket): {exc.strerror}") from None
+        self._sock.listen(64)
+        self._sock.settimeout(0.5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="xdpml-owner", daemon=True)
+        self._thread.start()
+        _local_owners.add(owner_id)
+
+    def _serve(self) -> None:
+        import socket
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            conn.close()
+
+    def close(self) -> None:
+        _local_owners.discard(self.owner_id)
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
+
+
+def owner_alive(owner_id: int) -> tuple[bool, int]:
+    """(alive, pid) of the agent with this owner id; pid 0 when it runs in a PID
+    namespace this process cannot see."""
+    import socket
+    import struct
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect("\0" + OWNER_SOCKET.format(owner_id))
+    except BlockingIOError:  # its backlog is full: it is there
+        return True, 0
+    except OSError:  # ECONNREFUSED: nobody listens on that name
+        return False, 0
+    else:
+        pid, _uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                           struct.calcsize("3i")))
+        return True, pid
+    finally:
+        s.close()
+
+
+def tc_filter_name(prog: str, owner_id: int) -> str:
+    """The name our TC filters carry: program name @ owner id."""
+    return f"{prog}@{owner_id}"
+
+
+def filter_owner(name: str) -> int | None:
+    """The owner id in an xdpml TC filter's name; None for a name without one (older agents)."""
+    _, sep, tag = name.partition("@")
+    return int(tag) if sep and tag.isdigit() else None
+
+
+def prog_holders() -> dict[int, set[int]]:
+    """xdpml program id -> pids of the visible processes (this one included) holding it
+    open: how agents that predate owner sockets are recognised."""
+    out: dict[int, set[int]] = {}
+    names: dict[int, str] = {}
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            fdinfos = list((pid_dir / "fdinfo").iterdir())
+        except OSError:
+            continue
+        for fi in fdinfos:
+            try:
+                text = fi.read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("prog_id:"):
+                    pid = int(line.split()[1])
+                    if pid not in names:
+                        names[pid] = prog_name(pid)
+                    if names[pid].startswith(PROG_PREFIX):
+                        out.setdefault(pid, set()).add(int(pid_dir.name))
+    return out
+
+
+@dataclass
+class Owned:
+    """One xdpml attachment found on an interface, and who owns it."""
+
+    ifname: str
+    hook: str  # "xdp" | "tc ingress" | "tc egress"
+    what: str  # program id or filter name, for messages
+    live: bool  # its agent runs (in another process)
+    pids: set[int] = field(default_factory=set)  # that agent's pid(s) when visible
+    mine: bool = False  # a Datapath of this process owns it
+
+    @property
+    def stale(self) -> bool:
+        return not self.live and not self.mine
+
+    def owner_text(self) -> str:
+        pids = ", ".join(f"pid {p}" for p in sorted(self.pids))
+        return pids or "in a PID namespace not visible here"
+
+
+def _owner_state(owner_id: int | None, holders: dict[int, set[int]], prog_id: int = 0) -> tuple[bool, set[int], bool]:
+    """(live, pids, mine) of an attachment with this owner id (None: an older agent's)
+    and, for XDP, this program id."""
+    me = os.getpid()
+    if owner_id is not None and owner_id in _local_owners:
+        return False, set(), True
+    live, pids = False, set()
+    if owner_id is not None:
+        alive, pid = owner_alive(owner_id)
+        live = alive
+        if pid:
+            pids.add(pid)
+    if prog_id or owner_id is None:  # processes holding the program (or, for an old filter, any xdpml one)
+        held = holders.get(prog_id, set()) if prog_id else {p for ps in holders.values() for p in ps}
+        held -= {me}
+        if held:
+            live, pids = True, pids | held
+    return live, pids, False
+
+
+def owned_attachments(ifname: str, holders: dict[int, set[int]] | None = None) -> list[Owned]:
+    """The xdpml XDP program and TC filters on ``ifname``, with their owners."""
+    from pyroute2 import IPRoute
+
+    holders = prog_holders() if holders is None else holders
+    out: list[Owned] = []
+    pid, mode = xdp_state(ifname)
+    if pid and prog_name(pid).startswith(PROG_PREFIX):
+        live, pids, mine = _owner_state(pid, holders, prog_id=pid)
+        out.append(Owned(ifname, "xdp", f"xdp ({mode}) program {pid}", live, pids, mine))
+    ifindex = socket_ifindex(ifname)
+    with IPRoute() as ipr:
+        for parent, direction in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
+            for f in _tc_filters(ipr, ifindex, parent):
+                name = _filter_name(f)
+                if not name.startswith(PROG_PREFIX):
+                    continue
+                live, pids, mine = _owner_state(filter_owner(name), holders)
+                out.append(Owned(ifname, f"tc {direction}", f"tc {direction} filter {name}", live, pids, mine))
+    return out
+
+
+# ---------------------------------------------------------------------------
 
 
 class Datapath:
@@ -221,6 +418,8 @@ class Datapath:
             TC_INGRESS_PROG: self.bpf.load_func(TC_INGRESS_PROG.encode(), BPF.SCHED_CLS),
             TC_EGRESS_PROG: self.bpf.load_func(TC_EGRESS_PROG.encode(), BPF.SCHED_CLS),
         }
+        # Registered before anything is attached, so no other agent ever sees ours as stale.
+        self.owner = OwnerToken(prog_id_of_fd(self.progs[XDP_PROG].fd))
         log.info("compiled datapath in %.1fs (flow table %d, first-N %d, sample 1/%s, windows %s)",
                  time.monotonic() - t0, dp.flow_table_size, dp.first_n,
                  dp.sample_rate or "off", "on" if self.window else "off")
@@ -248,11 +447,16 @@ class Datapath:
         kind = interface_kind(ifname)
         plan = plan_hooks(kind, hooks, xdp_mode)
         ifindex = socket_ifindex(ifname)
+        self._take_over_stale(ifname)
         att = Attachment(ifname, ifindex, kind)
         try:
             for hook in plan:
                 if hook.startswith("xdp:"):
                     mode = hook.split(":", 1)[1]
+                    if mode == "generic" and kind != "physical":
+                        log.warning("%s is a %s interface: XDP runs there in generic mode, after GRO, so "
+                                    "it sees merged super-packets (packet counts and sizes are not the "
+                                    "wire's); --hooks tc counts every packet", ifname, kind)
                     pid, cur_mode = xdp_state(ifname)
                     if pid:
                         raise AttachError(
@@ -281,9 +485,10 @@ class Datapath:
                         for f in _tc_filters(ipr, ifindex, parent):
                             if _filter_name(f).startswith(PROG_PREFIX):
                                 raise AttachError(
-                                    f"{ifname} already has an xdpml TC {direction} filter: another "
-                                    "agent runs here, or one was killed (run `xdpml cleanup`)")
-                        ipr.tc("add-filter", "bpf", ifindex, ":1", fd=prog.fd, name=prog.name.decode(),
+                                    f"{ifname} already has an xdpml TC {direction} filter "
+                                    f"({_filter_name(f)}) of a running agent")
+                        ipr.tc("add-filter", "bpf", ifindex, ":1", fd=prog.fd,
+                               name=tc_filter_name(prog.name.decode(), self.owner.owner_id),
                                parent=parent, prio=TC_PRIO, classid=1, direct_action=True)
                     att.hooks.append(hook)
         except BaseException:
@@ -292,6 +497,23 @@ class Datapath:
         self.attachments.append(att)
         log.info("attached %s (%s): %s", ifname, kind, ", ".join(att.hooks))
         return att
+
+    def _take_over_stale(self, ifname: str) -> None:
+        """Remove xdpml attachments a dead agent left on ``ifname``; refuse a live agent's."""
+        found = owned_attachments(ifname)
+        live = [o for o in found if o.live]
+        if live:
+            raise AttachError(f"{ifname} is attached by another running xdpml agent ({live[0].owner_text()}): "
+                              f"{', '.join(o.what for o in live)}; stop it first, or choose other interfaces")
+        stale = [o for o in found if o.stale]
+        if stale:
+            removed = _remove_owned(stale)
+            log.warning("%s: took over from a stopped xdpml agent: removed its %s", ifname, ", ".join(removed))
+
+    def forget(self, att: Attachment) -> None:
+        """The interface is gone (deleted): its programs went with it; only forget it."""
+        if att in self.attachments:
+            self.attachments.remove(att)
 
     def detach(self, att: Attachment) -> None:
         """Detach one interface (live reconfiguration)."""
@@ -312,7 +534,8 @@ class Datapath:
                 else:
                     parent = CLSACT_INGRESS if hook.endswith("ingress") else CLSACT_EGRESS
                     with IPRoute() as ipr:
-                        _remove_our_filters(ipr, att.ifindex, parent)
+                        _remove_our_filters(ipr, att.ifindex, parent,
+                                            only=lambda name: filter_owner(name) == self.owner.owner_id)
                 att.hooks.remove(hook)
             except Exception as exc:  # noqa: BLE001 - keep detaching the rest
                 log.warning("detaching %s from %s: %s", hook, att.ifname, exc)
@@ -326,6 +549,7 @@ class Datapath:
 
     def close(self) -> None:
         self.detach_all()
+        self.owner.close()
         self.bpf.cleanup()
 
     def __enter__(self) -> "Datapath":
@@ -367,10 +591,12 @@ def socket_ifindex(ifname: str) -> int:
         raise AttachError(f"interface {ifname!r} does not exist") from exc
 
 
-def _remove_our_filters(ipr, ifindex: int, parent: int) -> int:
+def _remove_our_filters(ipr, ifindex: int, parent: int, only=lambda name: True) -> int:
+    """Remove the xdpml TC filters (for which ``only(name)``) from one hook; returns how many."""
     removed = 0
     for f in _tc_filters(ipr, ifindex, parent):
-        if not _filter_name(f).startswith(PROG_PREFIX):
+        name = _filter_name(f)
+        if not name.startswith(PROG_PREFIX) or not only(name):
             continue
         info = f["info"]
         prio = (info >> 16) & 0xFFFF
@@ -397,62 +623,76 @@ def _ntohs(v: int) -> int:
     return ((v & 0xFF) << 8) | (v >> 8)
 
 
-def live_holders() -> dict[int, list[str]]:
-    """Processes (other than this one) holding xdpml BPF programs open: pid -> names.
-    A running agent holds its programs; a killed one holds nothing."""
-    out: dict[int, list[str]] = {}
-    me = os.getpid()
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == me:
-            continue
-        try:
-            fdinfos = list((pid_dir / "fdinfo").iterdir())
-        except OSError:
-            continue
-        for fi in fdinfos:
-            try:
-                text = fi.read_text()
-            except OSError:
-                continue
-            for line in text.splitlines():
-                if line.startswith("prog_id:"):
-                    name = prog_name(int(line.split()[1]))
-                    if name.startswith(PROG_PREFIX):
-                        out.setdefault(int(pid_dir.name), []).append(name)
-    return out
-
-
-class AgentRunning(XdpmlError):
-    """cleanup() found a live agent: removing its programs would blind it."""
-
-
-def cleanup(*, force: bool = False) -> list[str]:
-    """Remove every xdpml program left attached (e.g. after kill -9). Returns what was removed.
-    Refuses (AgentRunning) while a live process holds xdpml programs, unless ``force``."""
+def _remove_owned(items: list[Owned]) -> list[str]:
+    """Remove these xdpml attachments (one interface's); returns what was removed, in words."""
     from bcc import BPF
     from pyroute2 import IPRoute
 
-    holders = live_holders()
-    if holders and not force:
-        pids = ", ".join(str(p) for p in sorted(holders))
-        raise AgentRunning(f"an xdpml agent is running (pid {pids}) and holds its programs; stop it "
-                           "first (SIGTERM detaches cleanly), or use --force")
-
     done = []
-    for ifname in sorted(os.listdir("/sys/class/net")):
-        pid, mode = xdp_state(ifname)
-        if pid and prog_name(pid).startswith(PROG_PREFIX):
-            flags = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}.get(mode, 0)
-            BPF.remove_xdp(ifname.encode(), flags)
-            done.append(f"{ifname}: xdp ({mode}) program {pid}")
-        try:
-            ifindex = socket_ifindex(ifname)
-        except AttachError:
-            continue
+    if not items:
+        return done
+    ifname = items[0].ifname
+    for o in items:
+        if o.hook == "xdp":
+            _pid, mode = xdp_state(ifname)
+            BPF.remove_xdp(ifname.encode(), {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}.get(mode, 0))
+            done.append(f"{ifname}: {o.what}")
+    stale_tc = {(o.hook.split()[1], o.what.rsplit(" ", 1)[1]) for o in items if o.hook.startswith("tc ")}
+    if stale_tc:
+        ifindex = socket_ifindex(ifname)
         with IPRoute() as ipr:
-            for parent, name in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
-                if _remove_our_filters(ipr, ifindex, parent):
-                    done.append(f"{ifname}: tc {name} filter")
-            if any(d.startswith(f"{ifname}: tc") for d in done):
-                _drop_clsact_if_empty(ipr, ifindex)
+            for parent, direction in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
+                names = {n for d, n in stale_tc if d == direction}
+                if names and _remove_our_filters(ipr, ifindex, parent, only=names.__contains__):
+                    done.append(f"{ifname}: tc {direction} filter")
+            _drop_clsact_if_empty(ipr, ifindex)
     return done
+
+
+@dataclass
+class CleanupResult:
+    removed: list[str] = field(default_factory=list)  # "<if>: what" removed
+    left: list[Owned] = field(default_factory=list)  # a live agent's, left alone
+
+    def left_message(self) -> str:
+        owners = ", ".join(sorted({o.owner_text() for o in self.left}))
+        where = ", ".join(sorted({o.ifname for o in self.left}))
+        return (f"left what a running xdpml agent ({owners}) holds on {where}; stop it first (SIGTERM "
+                "detaches cleanly), or use --force")
+
+
+def cleanup(*, interfaces: list[str] | None = None, force: bool = False) -> CleanupResult:
+    """Remove xdpml attachments whose agent is gone (e.g. after kill -9) from ``interfaces``
+    (default: every interface). A live agent's are left (``left``) unless ``force``."""
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
+    names = sorted(os.listdir("/sys/class/net")) if not interfaces else list(interfaces)
+    for n in names:
+        if not (Path("/sys/class/net") / n).exists():
+            raise AttachError(f"interface {n!r} does not exist (see `ip link show`)")
+    holders = prog_holders()
+    out = CleanupResult()
+    for ifname in names:
+        try:
+            found = owned_attachments(ifname, holders)
+        except AttachError:  # gone meanwhile
+            continue
+        if force:
+            for o in found:
+                if o.hook == "xdp":
+                    _pid, mode = xdp_state(ifname)
+                    BPF.remove_xdp(ifname.encode(),
+                                   {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}.get(mode, 0))
+                    out.removed.append(f"{ifname}: {o.what}")
+            if any(o.hook.startswith("tc ") for o in found):
+                ifindex = socket_ifindex(ifname)
+                with IPRoute() as ipr:
+                    for parent, direction in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
+                        if _remove_our_filters(ipr, ifindex, parent):
+                            out.removed.append(f"{ifname}: tc {direction} filter")
+                    _drop_clsact_if_empty(ipr, ifindex)
+            continue
+        out.left.extend(o for o in found if o.live)
+        out.removed.extend(_remove_owned([o for o in found if o.stale]))
+    return out
