@@ -141,3 +141,28 @@ def test_install_script_image_mode_parses():
     help_text = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "--help"],
                                capture_output=True, text=True).stdout
     assert "--image" in help_text
+
+
+def test_chart_runs_each_target_in_its_pod():
+    """The DaemonSet runs the agent image, the collector Deployment the collector image; the
+    old single `image.repository` is refused by the values schema, not silently ignored."""
+    sys.path.insert(0, str(ROOT / "tests" / "chart"))
+    import helm_python as helm
+    from test_chart import CHART, NAMESPACE, RELEASE, one, render
+
+    version = next(line.split(":", 1)[1].strip() for line in (CHART / "Chart.yaml").read_text().splitlines()
+                   if line.startswith("appVersion:")).strip('"')
+
+    def images(values: dict) -> dict[str, str]:
+        docs = render(values)
+        ds, dep = one(docs, "DaemonSet"), one(docs, "Deployment")
+        return {"agent": ds["spec"]["template"]["spec"]["containers"][0]["image"],
+                "collector": dep["spec"]["template"]["spec"]["containers"][0]["image"]}
+
+    assert images({}) == {"agent": f"xdpml-agent:{version}", "collector": f"xdpml-collector:{version}"}
+    assert images({"image": {"agent": {"repository": "r.example/a"}, "collector": {"repository": "r.example/c"},
+                             "tag": "7"}}) == {"agent": "r.example/a:7", "collector": "r.example/c:7"}
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError) as err:
+            chart.render({"image": {"repository": "xdpml"}}, name=RELEASE, namespace=NAMESPACE)
+    assert "repository" in str(err.value)
