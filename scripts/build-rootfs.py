@@ -6,8 +6,9 @@
     scripts/build-rootfs.py stages          # the parsed Dockerfile, as JSON
 
 `build` starts from Debian's own bootstrap (debootstrap --variant=minbase) of the suite
-named by the base image (`FROM debian:bookworm-slim` -> bookworm), cached as a tarball
-under /var/cache/xdpml (XDPML_ROOTFS_CACHE), then replays the target's stages from the
+named by the base image (`FROM debian:bookworm-slim` -> bookworm, made slim as Debian's
+container images are: see container_image_tweaks), cached as a tarball under
+/var/cache/xdpml (XDPML_ROOTFS_CACHE), then replays the target's stages from the
 Dockerfile, which stays the source of truth: FROM (an earlier stage or the Debian base),
 SHELL, ENV (with $VAR expansion), WORKDIR, COPY (filtered by .dockerignore), RUN (in a
 chroot, with the stage's environment, user and working directory; `--mount=type=cache`
@@ -235,8 +236,8 @@ def base_tarball(image: str) -> Path:
     m = re.fullmatch(r"debian:(\w+)(-slim)?", image)
     if not m:
         raise BuildError(f"FROM {image}: only debian:SUITE[-slim] bases can be bootstrapped here")
-    suite = m.group(1)
-    tar = CACHE / "base" / f"debian-{suite}-minbase.tar"
+    suite, slim = m.group(1), bool(m.group(2))
+    tar = CACHE / "base" / f"debian-{suite}{'-slim' if slim else ''}-{BASE_VERSION}.tar"
     tar.parent.mkdir(parents=True, exist_ok=True)
     with open(tar.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -253,11 +254,7 @@ def base_tarball(image: str) -> Path:
         if r.returncode:
             shutil.rmtree(tmp, ignore_errors=True)
             raise BuildError(f"debootstrap {suite} failed: {r.stderr.strip()[-500:]}")
-        # What Debian's container images add to a bootstrap: no service starts in a build,
-        # and no host files left behind.
-        policy = tmp / "usr/sbin/policy-rc.d"
-        policy.write_text("#!/bin/sh\nexit 101\n")
-        policy.chmod(0o755)
+        container_image_tweaks(tmp, slim)
         for f in ("etc/resolv.conf", "etc/hostname"):
             (tmp / f).unlink(missing_ok=True)
         shutil.rmtree(tmp / "var/cache/apt/archives", ignore_errors=True)
@@ -267,6 +264,50 @@ def base_tarball(image: str) -> Path:
         shutil.rmtree(tmp)
         log(f"base ready in {time.monotonic() - t0:.0f} s")
         return tar
+
+
+# What Debian's container images (debian:SUITE, debian:SUITE-slim) add to a minbase
+# bootstrap, written here from their documented behaviour: no service starts during a
+# build, dpkg without fsync, apt without translations; -slim also drops documentation,
+# manual pages and translations (copyright files stay). Bump BASE_VERSION when changing.
+BASE_VERSION = 2
+DPKG_SLIM = ["/usr/share/doc/*", "/usr/share/info/*", "/usr/share/man/*", "/usr/share/locale/*",
+             "/usr/share/lintian/overrides/*", "/usr/share/linda/*", "/usr/share/groff/*"]
+DPKG_KEEP = ["/usr/share/doc/*/copyright"]
+
+
+def container_image_tweaks(root: Path, slim: bool) -> None:
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    (root / "etc/dpkg/dpkg.cfg.d/container-unsafe-io").write_text("force-unsafe-io\n")
+    (root / "etc/apt/apt.conf.d/container-no-languages").write_text('Acquire::Languages "none";\n')
+    if not slim:
+        return
+    (root / "etc/dpkg/dpkg.cfg.d/container-slim").write_text(
+        "".join(f"path-exclude {p}\n" for p in DPKG_SLIM) + "".join(f"path-include {p}\n" for p in DPKG_KEEP))
+    doc = root / "usr/share/doc"
+
+    def keep(f: Path) -> bool:
+        return f.name == "copyright" and f.parent.parent == doc
+
+    for pattern in DPKG_SLIM:  # what the bootstrap already installed
+        for top in root.glob(pattern.lstrip("/")):
+            if top.is_symlink() or not top.is_dir():
+                top.unlink()
+                continue
+            for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+                for n in filenames:
+                    if not keep(Path(dirpath, n)):
+                        os.unlink(os.path.join(dirpath, n))
+                for n in dirnames:
+                    d = os.path.join(dirpath, n)
+                    if os.path.islink(d):
+                        os.unlink(d)
+                    elif not os.listdir(d):
+                        os.rmdir(d)
+            if not any(top.iterdir()):
+                top.rmdir()
 
 
 def tree_size(path: Path) -> int:

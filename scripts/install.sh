@@ -51,7 +51,8 @@ if [ "$MODE" = demo ]; then
   APT_PKGS+=(ethtool procps)
 fi
 if [ "$MODE" = test ]; then
-  APT_PKGS+=(tcpreplay iperf3 tcpdump libpcap0.8 procps iputils-ping ethtool gcc libc6-dev linux-libc-dev)
+  # debootstrap: tests/image/test_rootfs.py builds the images' root filesystems with it
+  APT_PKGS+=(tcpreplay iperf3 tcpdump libpcap0.8 procps iputils-ping ethtool gcc libc6-dev linux-libc-dev debootstrap)
 fi
 if [ "$IMAGE" = agent ]; then
   # The fallback for nodes without headers. Which kernel the image will run on is

@@ -186,3 +186,35 @@ def test_install_script_installs_each_image_its_extra():
     assert dry()["pip"] == "-e [agent,collector]"
     r = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "--image"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "install.sh: --image needs a target: agent or collector"
+
+
+def test_cli_names_the_extra_a_missing_module_belongs_to():
+    """xdpml.cli.EXTRA_OF_MODULE (the one-line error for `xdpml collector` in the agent
+    image and the like) holds exactly the modules only one side's extra provides."""
+    from xdpml.cli import EXTRA_OF_MODULE
+
+    _, agent = agent_side()
+    _, coll = collector_side()
+    expected = {top: "agent" for top in agent - coll} | {top: "collector" for top in coll - agent - OPTIONAL}
+    assert EXTRA_OF_MODULE == expected
+
+
+def test_a_missing_extra_is_one_line(monkeypatch, capsys):
+    import builtins
+
+    from xdpml import cli
+
+    real = builtins.__import__
+
+    def no_grpc_health(name, *args, **kw):
+        if name.split(".")[0] == "grpc_health":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args, **kw)
+
+    for m in [m for m in sys.modules if m.startswith(("collector", "grpc_health"))]:
+        monkeypatch.delitem(sys.modules, m)
+    monkeypatch.setattr(builtins, "__import__", no_grpc_health)
+    assert cli.main(["collector", "--listen", "127.0.0.1:0"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["xdpml collector: this install has no grpc_health.v1: the collector needs it "
+                   "(pip install 'xdpml[collector]'; in containers, the collector image)"]
