@@ -9,9 +9,19 @@ import sys
 import textwrap
 
 from xdpml import __version__
-from xdpml.errors import DataLoss, XdpmlError
+from xdpml.errors import DataLoss, EnvironmentNotReady, XdpmlError
 
 log = logging.getLogger("xdpml")
+
+# Modules only one side's install has (pyproject.toml's extras; bcc is Debian's
+# python3-bpfcc): running the other side's command in an install without them, e.g.
+# `xdpml collector` in the agent image, is a one-line error rather than a traceback.
+# tests/image/test_extras.py keeps this table equal to the extras.
+EXTRA_OF_MODULE = {
+    "bcc": "agent", "pyroute2": "agent", "kubernetes": "agent", "yaml": "agent", "jsonschema": "agent", "celpy": "agent",
+    "grpc_health": "collector", "grpc_reflection": "collector", "sklearn": "collector",
+    "joblib": "collector", "pyarrow": "collector", "onnxruntime": "collector",
+}
 
 AGENT_EXAMPLES = """\
 examples:
@@ -449,6 +459,15 @@ def main(argv: list[str] | None = None) -> int:
         # the one place a user error becomes a message and an exit code
         print(f"xdpml: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        how = ("Debian's python3-bpfcc, seen by the venv (scripts/install.sh)" if exc.name == "bcc"
+               else f"pip install 'xdpml[{extra}]'")
+        print(f"xdpml {a.command}: this install has no {exc.name}: the {extra} needs it ({how}; "
+              f"in containers, the {extra} image)", file=sys.stderr)
+        return EnvironmentNotReady.exit_code
     except KeyboardInterrupt:
         return 130
 

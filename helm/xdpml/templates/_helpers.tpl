@@ -51,8 +51,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{- define "xdpml.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- define "xdpml.agent.image" -}}
+{{- printf "%s:%s" .Values.image.agent.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "xdpml.collector.image" -}}
+{{- printf "%s:%s" .Values.image.collector.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
 {{- define "xdpml.agent.serviceAccountName" -}}
