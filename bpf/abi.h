@@ -150,9 +150,9 @@ enum xdpml_counter {
     C_ERR_TRUNC_IP,       /* IP header cut short */
     C_ERR_BAD_IHL,        /* IPv4 IHL < 5 or beyond the packet */
     C_ERR_BAD_IP_LEN,     /* IP total length smaller than its header */
-    C_ERR_TRUNC_L4,       /* TCP/UDP/ICMP header cut short */
+    C_ERR_TRUNC_L4,       /* TCP/UDP/ICMP header cut short by the frame: port-less flow */
     C_ERR_IPV6_EXT,       /* IPv6 extension chain longer than we follow, or cut short */
-    C_FRAG_NONFIRST,      /* IP fragments after the first: no ports, not in any flow */
+    C_FRAG_NONFIRST,      /* IP fragments after the first: port-less flow of their protocol */
     C_OTHER_L3,           /* not IPv4/IPv6 (ARP, LLDP...) */
     C_FLOW_NEW,           /* flows created */
     C_FLOW_FULL,          /* flow table full: packet not counted in any flow */
@@ -161,6 +161,8 @@ enum xdpml_counter {
     C_RB_PKT_FULL,        /* sample ring buffer full: sample lost */
     C_PKT_SAMPLED,        /* samples written */
     C_GSO_SEGS,           /* extra segments accounted from GSO super-packets */
+    C_L4_TRUNC_IP_LEN,    /* TCP/UDP/ICMP header (TCP: with options) beyond the IP length: port-less flow */
+    C_ERR_TCP_DOFF,       /* TCP data offset below 5 words: port-less flow */
     C_COUNTERS_MAX,
 };
 

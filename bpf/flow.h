@@ -1,6 +1,7 @@
 /* flow.h - the bidirectional flow table update shared by every hook.
  *
- * Algorithm, per packet (after parse_packet succeeded):
+ * Algorithm, per packet (after parse_packet succeeded; a packet without a readable
+ * L4 header arrives with ports 0 and the reason in p->l4_note, counted here):
  *  1. Normalise the 5-tuple (+VLAN, +ifindex) so both directions map to one key:
  *     the (ip, port) endpoint that compares lower is "lo".
  *  2. One hash lookup; a miss inserts an all-zero value with BPF_NOEXIST (a race
@@ -117,6 +118,8 @@ static __always_inline void flow_account(struct pkt_info *p, __u32 ifindex, __u6
                                          struct seg_info *g)
 {
     struct flow_key key;
+    if (p->l4_note)
+        count(p->l4_note); /* why this packet is in a port-less flow */
     int lo_to_hi = endpoint_lo_first(p);
     if (lo_to_hi) {
         __builtin_memcpy(key.lo_ip, p->src_ip, 16);
@@ -220,7 +223,7 @@ static __always_inline void flow_account(struct pkt_info *p, __u32 ifindex, __u6
 static __always_inline void emit_events(struct pkt_info *p, __u32 ifindex, __u64 now,
                                         struct seg_info *g, __u32 frame_len, __u8 hook)
 {
-    __u32 payload = p->l3_end > p->hdr_len ? p->l3_end - p->hdr_len : 0;
+    __u32 payload = p->payload;
 #if XDPML_WINDOW
     struct win_event *w = win_events.ringbuf_reserve(sizeof(struct win_event));
     if (w) {

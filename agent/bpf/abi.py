@@ -129,6 +129,8 @@ COUNTERS = (
     "rb_pkt_full",
     "pkt_sampled",
     "gso_segs",
+    "l4_trunc_ip_len",
+    "err_tcp_doff",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 
