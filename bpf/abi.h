@@ -34,7 +34,10 @@ struct flow_key {
 };
 
 /* Per-direction accumulators. Sums of squares let user space compute exact
- * means and standard deviations without per-packet data. */
+ * means and standard deviations without per-packet data. Inter-arrival times
+ * are summed in ns and their squares in ns^2, 128 bits wide: the sum of squares
+ * is at most (flow duration in ns)^2, so only a flow longer than 584 years could
+ * overflow it (64 bits of ns^2 would overflow on one gap of 4.3 s). */
 struct dir_stats {
     __u64 packets;
     __u64 bytes;         /* L2 frame bytes */
@@ -42,7 +45,8 @@ struct dir_stats {
     __u64 last_ns;
     __u64 size_sumsq;    /* sum of frame size^2 (bytes^2) */
     __u64 iat_sum_ns;    /* inter-arrival times between packets of this direction */
-    __u64 iat_sumsq_us2; /* sum of (iat in whole microseconds)^2: ns^2 would overflow */
+    __u64 iat_sumsq_lo;  /* sum of iat_ns^2 in 128 bits: low 64 bits ... */
+    __u64 iat_sumsq_hi;  /* ... and high 64 bits */
     __u64 iat_min_ns;
     __u64 iat_max_ns;
     __u32 flag_count[8]; /* TCP flags in header bit order: FIN SYN RST PSH ACK URG ECE CWR */
@@ -58,7 +62,8 @@ struct dir_stats {
  * directions: they need the interleaving). */
 struct iat_stats {
     __u64 sum_ns;
-    __u64 sumsq_us2;
+    __u64 sumsq_lo;      /* sum of iat_ns^2 in 128 bits, as in dir_stats */
+    __u64 sumsq_hi;
     __u64 min_ns;
     __u64 max_ns;
 };
