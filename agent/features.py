@@ -56,7 +56,7 @@ def _flow_specs() -> dict[str, ColumnSpec]:
             ColumnSpec(f"{d}_max_ps", "f8", "bytes", f"largest L2 frame, {who}"),
             ColumnSpec(f"{d}_min_piat_ms", "f8", "ms", f"smallest packet inter-arrival time, {who}"),
             ColumnSpec(f"{d}_mean_piat_ms", "f8", "ms", f"mean packet inter-arrival time, {who}"),
-            ColumnSpec(f"{d}_stddev_piat_ms", "f8", "ms", f"sample standard deviation of inter-arrival time, {who} (microsecond resolution)"),
+            ColumnSpec(f"{d}_stddev_piat_ms", "f8", "ms", f"sample standard deviation (n-1) of the packets-1 inter-arrival times, {who}, from ns sums (0 below 3 packets)"),
             ColumnSpec(f"{d}_max_piat_ms", "f8", "ms", f"largest packet inter-arrival time, {who}"),
         ]
         s += [ColumnSpec(f"{d}_{f}_packets", "u4", "packets", f"TCP packets with {f.upper()} set, {who}") for f in FLAGS]
@@ -132,12 +132,13 @@ def _sample_std(n: np.ndarray, total: np.ndarray, sumsq: np.ndarray) -> np.ndarr
     return np.sqrt(var, out=var)
 
 
-def _iat_columns(prefix: str, n_iat: np.ndarray, sum_ns, sumsq_us2, min_ns, max_ns, cols: dict) -> None:
+def _iat_columns(prefix: str, n_iat: np.ndarray, sum_ns, sumsq_lo, sumsq_hi, min_ns, max_ns, cols: dict) -> None:
     has = n_iat > 0
     cols[f"{prefix}_min_piat_ms"] = np.where(has, min_ns / 1e6, 0.0)
     cols[f"{prefix}_mean_piat_ms"] = _safe_div(sum_ns, n_iat) / 1e6
-    # sum of squares is kept in whole microseconds (ns^2 overflows 64 bits)
-    cols[f"{prefix}_stddev_piat_ms"] = _sample_std(n_iat, sum_ns / 1e3, sumsq_us2) / 1e3
+    # the kernel sums gaps in ns and their squares in ns^2 as a 128-bit number (hi, lo)
+    sumsq_ns2 = sumsq_hi.astype(np.float64) * 18446744073709551616.0 + sumsq_lo.astype(np.float64)
+    cols[f"{prefix}_stddev_piat_ms"] = _sample_std(n_iat, sum_ns, sumsq_ns2) / 1e6
     cols[f"{prefix}_max_piat_ms"] = np.where(has, max_ns / 1e6, 0.0)
 
 
@@ -186,7 +187,8 @@ def flow_columns(keys: np.ndarray, values: np.ndarray, *, expiration: np.ndarray
         cols[f"{name}_stddev_ps"] = _sample_std(p, st["bytes"], st["size_sumsq"])
         cols[f"{name}_max_ps"] = st["size_max"].astype(np.float64)
         n_iat = np.where(present, p - 1, 0)
-        _iat_columns(name, n_iat, st["iat_sum_ns"], st["iat_sumsq_us2"], st["iat_min_ns"], st["iat_max_ns"], cols)
+        _iat_columns(name, n_iat, st["iat_sum_ns"], st["iat_sumsq_lo"], st["iat_sumsq_hi"],
+                     st["iat_min_ns"], st["iat_max_ns"], cols)
         for i, f in enumerate(FLAGS):
             cols[f"{name}_{f}_packets"] = st["flag_count"][:, i].astype(np.uint32)
 
@@ -204,7 +206,8 @@ def flow_columns(keys: np.ndarray, values: np.ndarray, *, expiration: np.ndarray
     cols[f"{b}_stddev_ps"] = _sample_std(p, byts, s2d["size_sumsq"] + d2s["size_sumsq"])
     cols[f"{b}_max_ps"] = np.maximum(s2d["size_max"], d2s["size_max"]).astype(np.float64)
     iat = values["iat"]
-    _iat_columns(b, np.where(p > 0, p - 1, 0), iat["sum_ns"], iat["sumsq_us2"], iat["min_ns"], iat["max_ns"], cols)
+    _iat_columns(b, np.where(p > 0, p - 1, 0), iat["sum_ns"], iat["sumsq_lo"], iat["sumsq_hi"],
+                 iat["min_ns"], iat["max_ns"], cols)
     for f in FLAGS:
         cols[f"{b}_{f}_packets"] = cols[f"src2dst_{f}_packets"] + cols[f"dst2src_{f}_packets"]
 

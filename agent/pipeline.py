@@ -41,7 +41,7 @@ LOSS_COUNTERS = ("flow_full", "flow_busy", "rb_win_full", "rb_pkt_full")
 # xdpml.agent.lost sources: kernel counters whose events reach no record
 LOST_SOURCES = {"flow_table": ("flow_full", "flow_busy"), "ringbuf": ("rb_win_full", "rb_pkt_full")}
 ERROR_COUNTERS = ("err_trunc_eth", "err_trunc_vlan", "err_trunc_ip", "err_bad_ihl",
-                  "err_bad_ip_len", "err_trunc_l4", "err_ipv6_ext")
+                  "err_bad_ip_len", "err_trunc_l4", "err_ipv6_ext", "err_tcp_doff")
 PACKET_COUNTERS = ("pkt_xdp", "pkt_tc_ingress", "pkt_tc_egress")
 REASON_NAMES = {v: k for k, v in EXPIRATION.items()}
 
@@ -457,7 +457,7 @@ def loss_counters(current: Callable[[], "Agent | None"]) -> Callable[[], dict[st
         if a is None or a.datapath is None:
             return {}
         c = a.datapath.counters()
-        return {k: c[k] for k in LOSS_COUNTERS + ERROR_COUNTERS + ("frag_nonfirst",)}
+        return {k: c[k] for k in LOSS_COUNTERS + ERROR_COUNTERS + ("frag_nonfirst", "l4_trunc_ip_len")}
 
     return read
 

@@ -440,7 +440,9 @@ def synthetic_flows(n: int, key_dtype: np.dtype, value_dtype: np.dtype, *, first
         s["size_max"] = size
         iat = dur // np.maximum(pk, 1)
         s["iat_sum_ns"] = iat * (pk - 1)
-        s["iat_sumsq_us2"] = (iat // 1000) ** 2 * (pk - 1)
+        sq = iat.astype(np.float64) ** 2 * (pk - 1).astype(np.float64)  # ns^2, 128 bits in the kernel
+        s["iat_sumsq_hi"] = np.floor(sq / 2.0**64).astype(np.uint64)
+        s["iat_sumsq_lo"] = (sq - s["iat_sumsq_hi"] * 2.0**64).astype(np.uint64)
         s["iat_min_ns"] = iat
         s["iat_max_ns"] = iat
         s["flag_count"][:, 4] = pk  # ACK

@@ -34,7 +34,10 @@ struct flow_key {
 };
 
 /* Per-direction accumulators. Sums of squares let user space compute exact
- * means and standard deviations without per-packet data. */
+ * means and standard deviations without per-packet data. Inter-arrival times
+ * are summed in ns and their squares in ns^2, 128 bits wide: the sum of squares
+ * is at most (flow duration in ns)^2, so only a flow longer than 584 years could
+ * overflow it (64 bits of ns^2 would overflow on one gap of 4.3 s). */
 struct dir_stats {
     __u64 packets;
     __u64 bytes;         /* L2 frame bytes */
@@ -42,7 +45,8 @@ struct dir_stats {
     __u64 last_ns;
     __u64 size_sumsq;    /* sum of frame size^2 (bytes^2) */
     __u64 iat_sum_ns;    /* inter-arrival times between packets of this direction */
-    __u64 iat_sumsq_us2; /* sum of (iat in whole microseconds)^2: ns^2 would overflow */
+    __u64 iat_sumsq_lo;  /* sum of iat_ns^2 in 128 bits: low 64 bits ... */
+    __u64 iat_sumsq_hi;  /* ... and high 64 bits */
     __u64 iat_min_ns;
     __u64 iat_max_ns;
     __u32 flag_count[8]; /* TCP flags in header bit order: FIN SYN RST PSH ACK URG ECE CWR */
@@ -58,7 +62,8 @@ struct dir_stats {
  * directions: they need the interleaving). */
 struct iat_stats {
     __u64 sum_ns;
-    __u64 sumsq_us2;
+    __u64 sumsq_lo;      /* sum of iat_ns^2 in 128 bits, as in dir_stats */
+    __u64 sumsq_hi;
     __u64 min_ns;
     __u64 max_ns;
 };
@@ -150,9 +155,9 @@ enum xdpml_counter {
     C_ERR_TRUNC_IP,       /* IP header cut short */
     C_ERR_BAD_IHL,        /* IPv4 IHL < 5 or beyond the packet */
     C_ERR_BAD_IP_LEN,     /* IP total length smaller than its header */
-    C_ERR_TRUNC_L4,       /* TCP/UDP/ICMP header cut short */
+    C_ERR_TRUNC_L4,       /* TCP/UDP/ICMP header cut short by the frame: port-less flow */
     C_ERR_IPV6_EXT,       /* IPv6 extension chain longer than we follow, or cut short */
-    C_FRAG_NONFIRST,      /* IP fragments after the first: no ports, not in any flow */
+    C_FRAG_NONFIRST,      /* IP fragments after the first: port-less flow of their protocol */
     C_OTHER_L3,           /* not IPv4/IPv6 (ARP, LLDP...) */
     C_FLOW_NEW,           /* flows created */
     C_FLOW_FULL,          /* flow table full: packet not counted in any flow */
@@ -161,6 +166,8 @@ enum xdpml_counter {
     C_RB_PKT_FULL,        /* sample ring buffer full: sample lost */
     C_PKT_SAMPLED,        /* samples written */
     C_GSO_SEGS,           /* extra segments accounted from GSO super-packets */
+    C_L4_TRUNC_IP_LEN,    /* TCP/UDP/ICMP header (TCP: with options) beyond the IP length: port-less flow */
+    C_ERR_TCP_DOFF,       /* TCP data offset below 5 words: port-less flow */
     C_COUNTERS_MAX,
 };
 

@@ -1,6 +1,7 @@
 /* flow.h - the bidirectional flow table update shared by every hook.
  *
- * Algorithm, per packet (after parse_packet succeeded):
+ * Algorithm, per packet (after parse_packet succeeded; a packet without a readable
+ * L4 header arrives with ports 0 and the reason in p->l4_note, counted here):
  *  1. Normalise the 5-tuple (+VLAN, +ifindex) so both directions map to one key:
  *     the (ip, port) endpoint that compares lower is "lo".
  *  2. One hash lookup; a miss inserts an all-zero value with BPF_NOEXIST (a race
@@ -51,12 +52,31 @@ static __always_inline int endpoint_lo_first(struct pkt_info *p)
     return p->src_port <= p->dst_port;
 }
 
-static __always_inline void iat_add(__u64 *sum, __u64 *sumsq, __u64 *mn, __u64 *mx,
+/* *lo, *hi += x * x as one 128-bit number. With x = a * 2^32 + b:
+ * x^2 = a^2 * 2^64 + ab * 2^33 + b^2, and every product fits 64 bits. Gaps below
+ * 4.3 s (a == 0) take the short way. */
+static __always_inline void sq_add128(__u64 *lo, __u64 *hi, __u64 x)
+{
+    __u64 a = x >> 32;
+    __u64 b = x & 0xffffffffULL;
+    __u64 bb = b * b;
+    __u64 l = *lo + bb;
+    __u64 h = *hi + (l < bb);
+    if (a) {
+        __u64 ab = a * b;
+        __u64 mid = ab << 33;
+        l += mid;
+        h += (l < mid) + (ab >> 31) + a * a;
+    }
+    *lo = l;
+    *hi = h;
+}
+
+static __always_inline void iat_add(__u64 *sum, __u64 *sq_lo, __u64 *sq_hi, __u64 *mn, __u64 *mx,
                                     __u64 iat, int first)
 {
-    __u64 us = iat / 1000;
     *sum += iat;
-    *sumsq += us * us;
+    sq_add128(sq_lo, sq_hi, iat);
     if (first || iat < *mn)
         *mn = iat;
     if (iat > *mx)
@@ -89,7 +109,7 @@ static __always_inline void dir_add(struct dir_stats *s, struct pkt_info *p,
         s->tos = p->tos;
     } else {
         /* the first inter-arrival time of this direction sets the minimum */
-        iat_add(&s->iat_sum_ns, &s->iat_sumsq_us2, &s->iat_min_ns, &s->iat_max_ns,
+        iat_add(&s->iat_sum_ns, &s->iat_sumsq_lo, &s->iat_sumsq_hi, &s->iat_min_ns, &s->iat_max_ns,
                 now - s->last_ns, s->packets == 1);
     }
     s->last_ns = now;
@@ -117,6 +137,8 @@ static __always_inline void flow_account(struct pkt_info *p, __u32 ifindex, __u6
                                          struct seg_info *g)
 {
     struct flow_key key;
+    if (p->l4_note)
+        count(p->l4_note); /* why this packet is in a port-less flow */
     int lo_to_hi = endpoint_lo_first(p);
     if (lo_to_hi) {
         __builtin_memcpy(key.lo_ip, p->src_ip, 16);
@@ -163,7 +185,7 @@ static __always_inline void flow_account(struct pkt_info *p, __u32 ifindex, __u6
         v->init_lo_to_hi = lo_to_hi;
         v->first_ns = now;
     } else {
-        iat_add(&v->iat.sum_ns, &v->iat.sumsq_us2, &v->iat.min_ns, &v->iat.max_ns,
+        iat_add(&v->iat.sum_ns, &v->iat.sumsq_lo, &v->iat.sumsq_hi, &v->iat.min_ns, &v->iat.max_ns,
                 now - prev, v->dir[0].packets + v->dir[1].packets == 1);
     }
     if (g->segs > 1)
@@ -220,7 +242,7 @@ static __always_inline void flow_account(struct pkt_info *p, __u32 ifindex, __u6
 static __always_inline void emit_events(struct pkt_info *p, __u32 ifindex, __u64 now,
                                         struct seg_info *g, __u32 frame_len, __u8 hook)
 {
-    __u32 payload = p->l3_end > p->hdr_len ? p->l3_end - p->hdr_len : 0;
+    __u32 payload = p->payload;
 #if XDPML_WINDOW
     struct win_event *w = win_events.ringbuf_reserve(sizeof(struct win_event));
     if (w) {

@@ -2,8 +2,11 @@
  * (bounded extension-header chain), TCP, UDP, ICMP and ICMPv6.
  *
  * parse_packet() returns 0 when the packet belongs to a flow, otherwise the
- * counter (enum xdpml_counter) that explains why not. Callers always pass the
- * packet on: parsing never decides a verdict (fail open). */
+ * counter (enum xdpml_counter) that explains why not. A packet whose L4 header
+ * cannot be read (non-first fragment, header cut by the IP length or by the
+ * frame, bad TCP data offset) still belongs to a flow: the port-less flow of its
+ * protocol, with p->l4_note set to the counter of the reason. Callers always pass
+ * the packet on: parsing never decides a verdict (fail open). */
 #ifndef XDPML_PARSE_H
 #define XDPML_PARSE_H
 
@@ -34,6 +37,7 @@ struct pkt_info {
     __u32 tcp_ack;
     __u32 hdr_len;   /* bytes from frame start to L4 payload */
     __u32 l3_end;    /* frame offset where the IP datagram ends (from its length field) */
+    __u32 payload;   /* L4 payload bytes inside the IP length (0 when the L4 header is cut) */
     __u8  proto;
     __u8  ip_version;
     __u8  ttl;
@@ -41,7 +45,7 @@ struct pkt_info {
     __u8  tcp_flags;
     __u8  ihl;
     __u8  has_vlan;
-    __u8  _pad;
+    __u8  l4_note;   /* counter for a packet put in its protocol's port-less flow, else 0 */
 };
 
 struct vlan_hdr_ {
@@ -58,15 +62,35 @@ static __always_inline void ip4_mapped(__u8 *dst, __be32 addr)
     d[3] = addr;
 }
 
-static __always_inline int parse_l4(void *l4, void *end, struct pkt_info *p)
+/* The L4 header is read only when the IP length covers all of it (TCP: with its
+ * options) and the frame holds the fixed part we read; otherwise the packet
+ * joins the port-less flow of its protocol and p->l4_note names the reason
+ * (counted by flow_account). Bytes past the IP length (Ethernet padding) are
+ * never read as L4 and never count as payload. */
+static __always_inline int l4_portless(struct pkt_info *p, __u8 why)
 {
+    p->l4_note = why;
+    p->payload = 0; /* a partial L4 header is no payload */
+    return 0;
+}
+
+static __always_inline int parse_l4(void *data, void *l4, void *end, struct pkt_info *p)
+{
+    __u32 off = (__u32)(l4 - data);
+    __u32 room = p->l3_end > off ? p->l3_end - off : 0; /* L4 bytes inside the IP length */
     __u32 l4len;
+    p->hdr_len = off;
     if (p->proto == IPPROTO_TCP) {
         struct tcphdr *th = l4;
+        if (room < sizeof(*th))
+            return l4_portless(p, C_L4_TRUNC_IP_LEN);
         if ((void *)(th + 1) > end)
-            return C_ERR_TRUNC_L4;
-        if (th->doff < 5)
-            return C_ERR_TRUNC_L4;
+            return l4_portless(p, C_ERR_TRUNC_L4);
+        l4len = th->doff * 4;
+        if (l4len < sizeof(*th))
+            return l4_portless(p, C_ERR_TCP_DOFF);
+        if (room < l4len)
+            return l4_portless(p, C_L4_TRUNC_IP_LEN);
         p->src_port = bpf_ntohs(th->source);
         p->dst_port = bpf_ntohs(th->dest);
         p->tcp_seq = bpf_ntohl(th->seq);
@@ -74,24 +98,39 @@ static __always_inline int parse_l4(void *l4, void *end, struct pkt_info *p)
         p->tcp_window = bpf_ntohs(th->window);
         p->tcp_urg = bpf_ntohs(th->urg_ptr);
         p->tcp_flags = ((__u8 *)th)[13];
-        l4len = th->doff * 4;
     } else if (p->proto == IPPROTO_UDP) {
         struct udphdr *uh = l4;
+        if (room < sizeof(*uh))
+            return l4_portless(p, C_L4_TRUNC_IP_LEN);
         if ((void *)(uh + 1) > end)
-            return C_ERR_TRUNC_L4;
+            return l4_portless(p, C_ERR_TRUNC_L4);
         p->src_port = bpf_ntohs(uh->source);
         p->dst_port = bpf_ntohs(uh->dest);
         l4len = sizeof(*uh);
     } else if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
         /* type, code, checksum and 4 bytes of rest-of-header; ports stay 0
          * (NFStream's convention) */
+        if (room < 8)
+            return l4_portless(p, C_L4_TRUNC_IP_LEN);
         if (l4 + 8 > end)
-            return C_ERR_TRUNC_L4;
+            return l4_portless(p, C_ERR_TRUNC_L4);
         l4len = 8;
     } else {
         l4len = 0; /* 'other' L4: a flow keyed by addresses and protocol */
     }
-    p->hdr_len += l4len;
+    p->hdr_len = off + l4len;
+    p->payload = room - l4len;
+    return 0;
+}
+
+/* A fragment after the first: its bytes continue the datagram's L4 payload, so
+ * no header is read from them (they may look like anything, a TCP SYN...). */
+static __always_inline int l4_nonfirst_fragment(void *data, void *cur, struct pkt_info *p)
+{
+    __u32 off = (__u32)(cur - data);
+    p->hdr_len = off;
+    p->payload = p->l3_end > off ? p->l3_end - off : 0;
+    p->l4_note = C_FRAG_NONFIRST;
     return 0;
 }
 
@@ -118,11 +157,10 @@ static __always_inline int parse_ipv4(void *l3, void *data, void *end, struct pk
     p->frag_off = bpf_ntohs(iph->frag_off);
     ip4_mapped(p->src_ip, iph->saddr);
     ip4_mapped(p->dst_ip, iph->daddr);
-    p->hdr_len = (__u32)(l3 - data) + hlen;
     p->l3_end = (__u32)(l3 - data) + tot;
     if (p->frag_off & 0x1fff)
-        return C_FRAG_NONFIRST;
-    return parse_l4(l3 + hlen, end, p);
+        return l4_nonfirst_fragment(data, l3 + hlen, p);
+    return parse_l4(data, l3 + hlen, end, p);
 }
 
 static __always_inline int parse_ipv6(void *l3, void *data, void *end, struct pkt_info *p)
@@ -133,10 +171,13 @@ static __always_inline int parse_ipv6(void *l3, void *data, void *end, struct pk
     p->ip_version = 6;
     p->ttl = ip6->hop_limit;
     p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
-    p->ip_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+    __u16 plen = bpf_ntohs(ip6->payload_len);
+    p->ip_len = plen + sizeof(*ip6);
     __builtin_memcpy(p->src_ip, &ip6->saddr, 16);
     __builtin_memcpy(p->dst_ip, &ip6->daddr, 16);
-    p->l3_end = (__u32)(l3 - data) + p->ip_len;
+    /* payload length 0: a jumbogram (or BIG TCP) whose length is elsewhere; the
+     * frame bounds it instead */
+    p->l3_end = plen ? (__u32)(l3 - data) + p->ip_len : (__u32)(end - data);
 
     __u8 nexthdr = ip6->nexthdr;
     void *cur = l3 + sizeof(*ip6);
@@ -165,13 +206,12 @@ static __always_inline int parse_ipv6(void *l3, void *data, void *end, struct pk
             p->frag_off = off;
             if (off & 0xfff8) {
                 p->proto = nexthdr;
-                return C_FRAG_NONFIRST;
+                return l4_nonfirst_fragment(data, cur + 8, p);
             }
             len = 8;
         } else {
             p->proto = nexthdr;
-            p->hdr_len = (__u32)(cur - data);
-            return parse_l4(cur, end, p);
+            return parse_l4(data, cur, end, p);
         }
         cur += len;
     }

@@ -27,7 +27,10 @@ int xdpml_xdp(struct xdp_md *ctx)
     __u64 now = bpf_ktime_get_ns();
     __u32 len = (__u32)(end - data);
     struct seg_info g = {.size = len, .last_size = len, .segs = 1};
-    flow_account(&p, ctx->ingress_ifindex, now, &g);
-    emit_events(&p, ctx->ingress_ifindex, now, &g, len, XDPML_HOOK_XDP);
+    /* read once: clang may otherwise keep &ctx->ingress_ifindex, which the
+     * verifier refuses to dereference */
+    __u32 ifindex = ctx->ingress_ifindex;
+    flow_account(&p, ifindex, now, &g);
+    emit_events(&p, ifindex, now, &g, len, XDPML_HOOK_XDP);
     return XDP_PASS;
 }

@@ -11,6 +11,12 @@ from xdpml.agent.harvest import Harvester
 T = flow_types(4)
 
 
+def sq128(iat) -> tuple[int, int]:
+    """Sum of squares in ns^2 as the kernel keeps it: (low, high) 64-bit halves."""
+    total = sum(int(i) ** 2 for i in iat)
+    return total & (2**64 - 1), total >> 64
+
+
 def record(sizes_fwd, sizes_rev, times_fwd, times_rev, *, lo_is_init=True):
     """One flow as the kernel would hold it, built from per-packet lists."""
     k = np.zeros(1, T.key_dtype)
@@ -30,7 +36,7 @@ def record(sizes_fwd, sizes_rev, times_fwd, times_rev, *, lo_is_init=True):
         st["size_min"], st["size_max"] = min(sizes), max(sizes)
         if len(iat):
             st["iat_sum_ns"] = iat.sum()
-            st["iat_sumsq_us2"] = sum((i // 1000) ** 2 for i in iat)
+            st["iat_sumsq_lo"], st["iat_sumsq_hi"] = sq128(iat)
             st["iat_min_ns"], st["iat_max_ns"] = iat.min(), iat.max()
         v["dir"][0, d] = st
     allt = sorted(times_fwd + times_rev)
@@ -38,7 +44,7 @@ def record(sizes_fwd, sizes_rev, times_fwd, times_rev, *, lo_is_init=True):
     iat = np.diff(allt)
     if len(iat):
         v["iat"]["sum_ns"], v["iat"]["min_ns"], v["iat"]["max_ns"] = iat.sum(), iat.min(), iat.max()
-        v["iat"]["sumsq_us2"] = sum((i // 1000) ** 2 for i in iat)
+        v["iat"]["sumsq_lo"], v["iat"]["sumsq_hi"] = sq128(iat)
     return k, v
 
 

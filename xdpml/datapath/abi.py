@@ -36,7 +36,8 @@ class DirStats(C.Structure):
         ("last_ns", u64),
         ("size_sumsq", u64),
         ("iat_sum_ns", u64),
-        ("iat_sumsq_us2", u64),
+        ("iat_sumsq_lo", u64),  # sum of iat_ns^2, 128 bits: low half
+        ("iat_sumsq_hi", u64),  # high half
         ("iat_min_ns", u64),
         ("iat_max_ns", u64),
         ("flag_count", u32 * 8),
@@ -50,7 +51,7 @@ class DirStats(C.Structure):
 
 
 class IatStats(C.Structure):
-    _fields_ = [("sum_ns", u64), ("sumsq_us2", u64), ("min_ns", u64), ("max_ns", u64)]
+    _fields_ = [("sum_ns", u64), ("sumsq_lo", u64), ("sumsq_hi", u64), ("min_ns", u64), ("max_ns", u64)]
 
 
 class SeqEntry(C.Structure):
@@ -129,6 +130,8 @@ COUNTERS = (
     "rb_pkt_full",
     "pkt_sampled",
     "gso_segs",
+    "l4_trunc_ip_len",
+    "err_tcp_doff",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 
