@@ -208,9 +208,18 @@ class Datapath:
             f"-DXDPML_WINDOW={1 if self.window else 0}",
             f"-DXDPML_FLOW_LOCK={1 if dp.flow_lock else 0}",
             f"-DXDPML_RINGBUF_PAGES={pages}",
+            f"-DXDPML_ENF_MAX_RULES={settings.enforce.map_rules}",
+            f"-DXDPML_ENF_MAX_ALLOW={settings.enforce.map_allow}",
             "-Wno-unused-function",
         ]
         check_environment()
+        self.pin_dir = settings.enforce.pin_dir
+        if self.pin_dir:
+            from agent.enforce.pins import prepare_pin_dir
+
+            prepare_pin_dir(self.pin_dir, map_rules=settings.enforce.map_rules,
+                            map_allow=settings.enforce.map_allow)
+            cflags.append(f'-DXDPML_PIN_DIR="{self.pin_dir}"')
         t0 = time.monotonic()
         try:
             self.bpf = BPF(text=program_text().encode(), cflags=cflags)
@@ -230,6 +239,15 @@ class Datapath:
     # -- maps ---------------------------------------------------------------
     def flow_map_fd(self) -> int:
         return self.bpf[b"flows"].map_fd
+
+    def rule_table(self):
+        """The enforcement maps (agent/enforce/table.py), pinned ones when pinning is on."""
+        from agent.enforce.pins import from_bcc, open_pinned
+        from agent.enforce.table import RuleTable
+
+        if self.pin_dir:
+            return RuleTable(open_pinned(self.pin_dir), lock_path=self.pin_dir)
+        return RuleTable(from_bcc(self.bpf, self.settings.enforce.map_rules))
 
     def counters(self) -> dict[str, int]:
         from agent.bpf.abi import COUNTERS
