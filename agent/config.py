@@ -104,6 +104,8 @@ class EnforceSettings:
     burst_installs: int = 100  # ... with this burst
     max_ttl_s: float = 600.0  # longer TTLs are clamped to this
     default_ttl_s: float = 60.0  # TTL of a rule made from a verdict
+    rate_limit_pps: float = 100.0  # RATE_LIMIT verdicts: packets per second allowed per flow
+    rate_limit_burst: int = 100  # ... with this burst, packets
     recent_flows: int = 65536  # exported flow keys remembered (verdicts must name one)
     recent_ttl_s: float = 300.0  # ... for this long
 
@@ -118,6 +120,8 @@ class EnforceSettings:
             raise ConfigError("enforce max_installs_per_s must be > 0 and burst_installs >= 1")
         if not 0 < self.default_ttl_s <= self.max_ttl_s:
             raise ConfigError("enforce default_ttl_s must be > 0 and <= max_ttl_s")
+        if self.rate_limit_pps <= 0 or self.rate_limit_burst < 1:
+            raise ConfigError("enforce rate_limit_pps must be > 0 and rate_limit_burst >= 1")
         if self.recent_flows < 1 or self.recent_ttl_s <= 0:
             raise ConfigError("enforce recent_flows must be >= 1 and recent_ttl_s > 0")
 

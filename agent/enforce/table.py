@@ -323,6 +323,10 @@ class RuleTable:
                                    both_ways=len(keys) > 1))
             return out
 
+    def live_slots(self) -> set[int]:
+        with self._locked() as st:
+            return set(st.rules)
+
     def count(self) -> int:
         with self._locked() as st:
             return len(st.rules)
