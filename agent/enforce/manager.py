@@ -59,7 +59,7 @@ def _canonical(src: bytes, dst: bytes, sport: int, dport: int, proto: int) -> Fl
 
 class RecentFlows:
     """Keys of the flows this agent exported lately: a bounded table (oldest out first),
-    entries valid for ttl_s. It is a sink: put it beside the others to see every flow batch."""
+    entries valid for ttl_s. ``wrap(sink)`` records every flow batch that sink accepts."""
 
     def __init__(self, *, capacity: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
         self.capacity, self.ttl_s, self.clock = capacity, ttl_s, clock
@@ -97,6 +97,29 @@ class RecentFlows:
 
     def close(self) -> None:
         pass
+
+    def wrap(self, sink) -> "RecordingSink":
+        return RecordingSink(sink, self)
+
+
+class RecordingSink:
+    """A sink that remembers the flows it exported (for the verdicts about them) and is
+    otherwise the sink it wraps."""
+
+    def __init__(self, inner, recent: RecentFlows):
+        self.inner, self.recent = inner, recent
+
+    def write(self, batch):
+        accepted = self.inner.write(batch)
+        if accepted is not False:
+            self.recent.write(batch)
+        return accepted
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 class NamespaceOf(Protocol):
