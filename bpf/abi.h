@@ -215,6 +215,13 @@ struct enf_exact_key {
     __u8  _pad[3];
 };
 
+/* enf_exact value: the rule slot; reverse = 1 for the entry of a two-way rule's
+ * reverse direction (user space lists the rule by its forward entry). */
+struct enf_exact_val {
+    __u32 slot;
+    __u32 reverse;
+};
+
 struct enf_lpm4_key {
     __u32 prefixlen;
     __u8  addr[4];

@@ -47,7 +47,7 @@ ENF_TABLE("array", __u32, __u32, enf_kill, 1, 0);
 /* enf_rules: slot -> rule (action, expiry, buckets, hit counters). */
 ENF_TABLE("array", __u32, struct enf_rule, enf_rules, XDPML_ENF_MAX_RULES, 0);
 /* match maps: -> rule slot. Exact: one entry per direction a rule covers. */
-ENF_TABLE("hash", struct enf_exact_key, __u32, enf_exact, 2 * XDPML_ENF_MAX_RULES, 0);
+ENF_TABLE("hash", struct enf_exact_key, struct enf_exact_val, enf_exact, 2 * XDPML_ENF_MAX_RULES, 0);
 ENF_TABLE("lpm_trie", struct enf_lpm4_key, __u32, enf_src4, XDPML_ENF_MAX_RULES, BPF_F_NO_PREALLOC);
 ENF_TABLE("lpm_trie", struct enf_lpm4_key, __u32, enf_dst4, XDPML_ENF_MAX_RULES, BPF_F_NO_PREALLOC);
 ENF_TABLE("lpm_trie", struct enf_lpm6_key, __u32, enf_src6, XDPML_ENF_MAX_RULES, BPF_F_NO_PREALLOC);
@@ -107,9 +107,9 @@ static __always_inline __u32 enf_decide(struct pkt_info *p, struct enf_config *c
         k.src_port = p->src_port;
         k.dst_port = p->dst_port;
         k.proto = p->proto;
-        s = enf_exact.lookup(&k);
-        if (enf_rule_fits(s, p, now))
-            slot = *s;
+        struct enf_exact_val *e = enf_exact.lookup(&k);
+        if (e && enf_rule_fits(&e->slot, p, now))
+            slot = e->slot;
     }
     if (!slot && p->ip_version == 4) {
         struct enf_lpm4_key k = {.prefixlen = 32};

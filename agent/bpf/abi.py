@@ -123,6 +123,10 @@ class EnfExactKey(C.Structure):
                 ("proto", u8), ("_pad", u8 * 3)]
 
 
+class EnfExactVal(C.Structure):
+    _fields_ = [("slot", u32), ("reverse", u32)]
+
+
 class EnfLpm4Key(C.Structure):
     _fields_ = [("prefixlen", u32), ("addr", u8 * 4)]
 

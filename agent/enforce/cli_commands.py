@@ -295,9 +295,7 @@ class AgentEnforcement:
         self.manager.on_verdicts(vb)
 
     def on_attached(self, dp) -> None:
-        self.manager.attach(dp.rule_table())
-        if self.mode:
-            self.manager.set_mode(self.mode)
+        self.manager.attach(dp.rule_table(), mode=self.mode)
 
     def close(self) -> None:
         self.manager.close()

@@ -245,10 +245,13 @@ class RuleManager:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------
-    def attach(self, table: RuleTable) -> None:
-        """Start acting: write the allowlist to the kernel, begin the expiry sweep."""
+    def attach(self, table: RuleTable, *, mode: str = "") -> None:
+        """Start acting: write the allowlist to the kernel, set the mode if given ("" keeps
+        the pinned maps' mode), begin the expiry sweep."""
         table.set_allowlist(self.allowlist)
         self.table = table
+        if mode:
+            self.set_mode(mode)
         self._thread = threading.Thread(target=self._sweep_loop, name="xdpml-enforce", daemon=True)
         self._thread.start()
         log.info("enforcement ready: mode %s, %d allowlist prefixes, verdicts over %s%s", table.mode(),

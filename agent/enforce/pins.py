@@ -24,7 +24,7 @@ MAPS = {
     "enf_config": (C.c_uint32, abi.EnfConfig, 1),
     "enf_kill": (C.c_uint32, C.c_uint32, 1),
     "enf_rules": (C.c_uint32, abi.EnfRule, "rules"),
-    "enf_exact": (abi.EnfExactKey, C.c_uint32, "exact"),
+    "enf_exact": (abi.EnfExactKey, abi.EnfExactVal, "exact"),
     "enf_src4": (abi.EnfLpm4Key, C.c_uint32, "rules"),
     "enf_dst4": (abi.EnfLpm4Key, C.c_uint32, "rules"),
     "enf_src6": (abi.EnfLpm6Key, C.c_uint32, "rules"),

@@ -171,7 +171,12 @@ class RuleTable:
             m = self.maps[name]
             for k in m.keys():
                 v = m.lookup(k)
-                if v is not None:
+                if v is None:
+                    continue
+                if name == "enf_exact":  # the forward entry first
+                    entries = st.keys.setdefault(v.slot, [])
+                    entries.insert(len(entries) if v.reverse else 0, (name, k))
+                else:
                     st.keys.setdefault(v.value, []).append((name, k))
         self._state = st
         return st
@@ -221,8 +226,9 @@ class RuleTable:
             keys = self._match_keys(rule)
             for name, k in keys:
                 v = self.maps[name].lookup(k)
-                if v is not None and v.value in st.rules:
-                    raise ConfigError(f"a rule with this match exists (slot {v.value}); delete it first")
+                taken = v is not None and (v.slot if name == "enf_exact" else v.value)
+                if taken in st.rules:
+                    raise ConfigError(f"a rule with this match exists (slot {taken}); delete it first")
             slot = self._free_slot(st)
             if not slot:
                 raise ConfigError(f"the rule table is full ({self.maps.map_rules - 1} slots)")
@@ -239,8 +245,9 @@ class RuleTable:
                     r.ps_per_byte = max(1, int(1e12 / rule.bps))
                     r.burst_byte_ns = r.ps_per_byte * max(1500, rule.burst_bytes) // 1000
             self.maps["enf_rules"].update(C.c_uint32(slot), r)
-            for name, k in keys:
-                self.maps[name].update(k, C.c_uint32(slot))
+            for i, (name, k) in enumerate(keys):
+                value = abi.EnfExactVal(slot=slot, reverse=i) if name == "enf_exact" else C.c_uint32(slot)
+                self.maps[name].update(k, value)
             st.rules[slot] = r
             st.keys[slot] = keys
             self._commit(st)
@@ -259,7 +266,7 @@ class RuleTable:
     def _remove(self, st: _State, slot: int) -> None:
         for name, k in st.keys.pop(slot, []):
             v = self.maps[name].lookup(k)
-            if v is not None and v.value == slot:
+            if v is not None and (v.slot if name == "enf_exact" else v.value) == slot:
                 self.maps[name].delete(k)
         self.maps["enf_rules"].update(C.c_uint32(slot), abi.EnfRule())
         st.rules.pop(slot, None)

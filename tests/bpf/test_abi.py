@@ -45,7 +45,7 @@ def test_ctypes_mirror_matches_c(tmp_path, first_n):
     mirrors = {"flow_key": abi.FlowKey, "dir_stats": abi.DirStats, "iat_stats": abi.IatStats,
                "seq_entry": abi.SeqEntry, "flow_value": ftypes.value,
                "win_event": abi.WinEvent, "pkt_event": abi.PktEvent,
-               "enf_config": abi.EnfConfig, "enf_exact_key": abi.EnfExactKey,
+               "enf_config": abi.EnfConfig, "enf_exact_key": abi.EnfExactKey, "enf_exact_val": abi.EnfExactVal,
                "enf_lpm4_key": abi.EnfLpm4Key, "enf_lpm6_key": abi.EnfLpm6Key, "enf_rule": abi.EnfRule}
     structs = {name: [f for f, _ in st._fields_ if not (name in ("flow_value", "enf_rule") and f == "lock")]
                for name, st in mirrors.items()}
