@@ -18,7 +18,9 @@
  *     under the rule's lock). A drop is only real in enforce mode and for rules
  *     without the dry-run flag; otherwise it is counted as "would drop".
  * Tunables (-D, set by agent/bpf/loader.py): XDPML_ENF_MAX_RULES, XDPML_ENF_MAX_ALLOW,
- * XDPML_PIN_DIR (maps pinned there, so rules outlive an agent restart). */
+ * XDPML_PIN_DIR (maps pinned there, so rules outlive an agent restart). For
+ * bench/bench_enforce.py only: XDPML_ENFORCE=0 (compiled out) and
+ * XDPML_ENF_BENCH_NO_CACHE (decide on every packet, as on a flow's first one). */
 #ifndef XDPML_RULES_H
 #define XDPML_RULES_H
 
@@ -27,6 +29,9 @@
 
 #ifndef XDPML_ENF_MAX_RULES
 #define XDPML_ENF_MAX_RULES 16384   /* rule slots (slot 0 unused) */
+#endif
+#ifndef XDPML_ENFORCE
+#define XDPML_ENFORCE 1             /* 0: compiled out (the benchmark's baseline) */
 #endif
 #ifndef XDPML_ENF_MAX_ALLOW
 #define XDPML_ENF_MAX_ALLOW 1024    /* allowlist prefixes per address family */
@@ -192,6 +197,9 @@ static __always_inline int enf_act(struct enf_rule *r, struct enf_config *cfg, _
 static __always_inline int enforce_packet(struct pkt_info *p, struct flow_value *fv, __u64 now,
                                           __u32 bytes, __u32 segs)
 {
+#if !XDPML_ENFORCE
+    return 0;
+#endif
     __u32 z = 0;
     struct enf_config *cfg = enf_config.lookup(&z);
     if (!cfg || cfg->rules == 0 || cfg->mode == XDPML_ENF_OFF)
@@ -209,6 +217,9 @@ static __always_inline int enforce_packet(struct pkt_info *p, struct flow_value 
         cgen = d ? &fv->enf_gen[1] : &fv->enf_gen[0];
         cslot = d ? &fv->enf_slot[1] : &fv->enf_slot[0];
     }
+#ifdef XDPML_ENF_BENCH_NO_CACHE
+    cgen = 0;
+#endif
     if (cgen && *cgen == gen) {
         slot = *cslot;
     } else {

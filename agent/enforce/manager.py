@@ -47,6 +47,7 @@ DEFAULT_NAMESPACE_POLICY = {"kube-system": frozenset(), "*": frozenset({"drop", 
 LINK_LOCAL = ("169.254.0.0/16", "fe80::/10")
 
 FlowTuple = tuple[bytes, bytes, int, int, int]
+V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 def _canonical(src: bytes, dst: bytes, sport: int, dport: int, proto: int) -> FlowTuple:
@@ -55,6 +56,14 @@ def _canonical(src: bytes, dst: bytes, sport: int, dport: int, proto: int) -> Fl
     if b < a:
         a, b = b, a
     return a[0], b[0], a[1], b[1], proto
+
+
+def _range16(net) -> tuple[int, int]:
+    """[first, last] of a network as integers of the 16-byte datapath form."""
+    if net.version == 4:
+        base = 0xFFFF << 32
+        return base + int(net.network_address), base + int(net.broadcast_address)
+    return int(net.network_address), int(net.broadcast_address)
 
 
 class RecentFlows:
@@ -190,11 +199,12 @@ class _Backoff:
         self.next_at = 0.0
         self.pending = 0
 
-    def event(self, detail: str) -> None:
+    def event(self, detail) -> None:
         now = time.monotonic()
         self.pending += 1
         if now >= self.next_at:
-            log.warning("%s: %s (%d since the last message)", self.what, detail, self.pending)
+            log.warning("%s: %s (%d since the last message)", self.what, detail() if callable(detail) else detail,
+                        self.pending)
             self.pending = 0
             self.next_at = now + self.interval
             self.interval = min(self.interval * 2, self.max_s)
@@ -229,6 +239,7 @@ class RuleManager:
         self.settings = settings
         self.channel = channel
         self.allowlist = [ipaddress.ip_network(n, strict=False) for n in allowlist]
+        self._allow_ranges = [_range16(n) for n in self.allowlist]
         self.recent = recent or RecentFlows(capacity=settings.recent_flows, ttl_s=settings.recent_ttl_s)
         self.namespace_of = namespace_of
         self.policy = dict(DEFAULT_NAMESPACE_POLICY if namespace_policy is None else namespace_policy)
@@ -294,10 +305,12 @@ class RuleManager:
     # -- verdicts ------------------------------------------------------------------
     def on_verdicts(self, vb) -> None:
         """Exporter callback (agent/export/grpc_client.py on_verdicts)."""
+        mode = self.table.mode() if self.table is not None else ""
         for v in vb.verdicts:
-            self.consider(v)
+            self.consider(v, mode=mode)
 
-    def _refuse(self, reason: str, detail: str) -> None:
+    def _refuse(self, reason: str, detail) -> None:
+        """detail: text, or a callable making it (only called when the line is logged)."""
         self.stats.refused[reason] += 1
         self._count("xdpml.agent.enforce.verdicts_refused", 1, {"reason": reason})
         self._logs[reason].event(detail)
@@ -308,9 +321,10 @@ class RuleManager:
 
     def _allowlisted(self, *ips: bytes) -> bool:
         for raw in ips:
-            ip = ipaddress.ip_address(ip_from16(raw))
-            if any(ip.version == n.version and ip in n for n in self.allowlist):
-                return True
+            v = int.from_bytes(raw, "big")
+            for lo, hi in self._allow_ranges:
+                if lo <= v <= hi:
+                    return True
         return False
 
     def _namespace_allows(self, action: str, *ips: bytes) -> bool:
@@ -333,8 +347,9 @@ class RuleManager:
             return True
         return False
 
-    def consider(self, v) -> int:
-        """One verdict; returns the slot of the rule made, 0 if none."""
+    def consider(self, v, *, mode: str = "") -> int:
+        """One verdict; returns the slot of the rule made, 0 if none. mode: the table's
+        mode if the caller read it already (once per batch)."""
         t0 = time.monotonic()
         action = VERDICT_ACTIONS.get(int(v.action))
         if action is None:
@@ -346,7 +361,7 @@ class RuleManager:
         if self.table is None:
             self._refuse("not_ready", "datapath not loaded yet")
             return 0
-        if self.table.mode() == "off":
+        if (mode or self.table.mode()) == "off":
             self._refuse("mode_off", "enforcement is off")
             return 0
         k = v.key
@@ -355,19 +370,22 @@ class RuleManager:
             self._refuse("malformed", f"flow key {k.src_ip!r} {k.dst_ip!r} {k.src_port} {k.dst_port} {k.protocol}")
             return 0
         src, dst = bytes(k.src_ip), bytes(k.dst_ip)
-        if ip_from16(src).count(".") != ip_from16(dst).count("."):
+        if (src[:12] == V4_MAPPED) != (dst[:12] == V4_MAPPED):
             self._refuse("malformed", "addresses of two IP versions")
             return 0
         flow = (src, dst, k.src_port, k.dst_port, k.protocol)
-        text = f"{ip_from16(src)}:{k.src_port} -> {ip_from16(dst)}:{k.dst_port} proto {k.protocol}"
+
+        def text() -> str:
+            return f"{ip_from16(src)}:{k.src_port} -> {ip_from16(dst)}:{k.dst_port} proto {k.protocol}"
+
         if flow not in self.recent:
-            self._refuse("unknown_flow", f"{text} was not exported by this agent recently")
+            self._refuse("unknown_flow", lambda: f"{text()} was not exported by this agent recently")
             return 0
         if self._allowlisted(src, dst):
             self._refuse("allowlisted", text)
             return 0
         if not self._namespace_allows(action, src, dst):
-            self._refuse("namespace_policy", f"{action} not allowed for {text}")
+            self._refuse("namespace_policy", lambda: f"{action} not allowed for {text()}")
             return 0
         ttl = float(v.ttl_seconds) if getattr(v, "ttl_seconds", 0) else self.settings.default_ttl_s
         if ttl > self.settings.max_ttl_s:
@@ -392,7 +410,7 @@ class RuleManager:
             try:
                 slot = self.table.add(rule)
             except (ConfigError, OSError) as exc:
-                self._refuse("install_failed", f"{text}: {exc}")
+                self._refuse("install_failed", f"{text()}: {exc}")
                 return 0
             self._installed[ck] = slot
             self.stats.installed += 1
@@ -401,7 +419,7 @@ class RuleManager:
         self._count("xdpml.agent.enforce.rules_installed", 1, {"action": action})
         if self.telemetry is not None:
             self.telemetry.histogram("xdpml.agent.enforce.install_latency").record(lat)
-        log.info("rule %d: %s %s for %.0fs%s", slot, action, text, ttl,
+        log.info("rule %d: %s %s for %.0fs%s", slot, action, text(), ttl,
                  "" if self.channel.authenticated else " (dry-run: unauthenticated channel)")
         return slot
 

@@ -9,6 +9,7 @@ value and needs no lock.
 """
 from __future__ import annotations
 
+import collections
 import ctypes as C
 import fcntl
 import ipaddress
@@ -130,6 +131,7 @@ class _State:
     rules: dict[int, abi.EnfRule] = field(default_factory=dict)  # live slots
     keys: dict[int, list[tuple[str, object]]] = field(default_factory=dict)  # slot -> (map, key)
     hint: int = 1  # where the search for a free slot starts
+    counts: collections.Counter = field(default_factory=collections.Counter)  # match map -> entries
 
 
 class RuleTable:
@@ -173,6 +175,7 @@ class RuleTable:
                 v = m.lookup(k)
                 if v is None:
                     continue
+                st.counts[name] += 1
                 if name == "enf_exact":  # the forward entry first
                     entries = st.keys.setdefault(v.slot, [])
                     entries.insert(len(entries) if v.reverse else 0, (name, k))
@@ -183,10 +186,7 @@ class RuleTable:
 
     def _commit(self, st: _State, *, mode: int | None = None) -> None:
         cfg = abi.EnfConfig.from_buffer_copy(st.cfg)
-        counts = {"enf_exact": 0, "enf_src4": 0, "enf_dst4": 0, "enf_src6": 0, "enf_dst6": 0}
-        for entries in st.keys.values():
-            for name, _ in entries:
-                counts[name] += 1
+        counts = st.counts
         cfg.exact, cfg.src4, cfg.dst4 = counts["enf_exact"], counts["enf_src4"], counts["enf_dst4"]
         cfg.src6, cfg.dst6 = counts["enf_src6"], counts["enf_dst6"]
         cfg.rules = len(st.rules)
@@ -248,6 +248,7 @@ class RuleTable:
             for i, (name, k) in enumerate(keys):
                 value = abi.EnfExactVal(slot=slot, reverse=i) if name == "enf_exact" else C.c_uint32(slot)
                 self.maps[name].update(k, value)
+                st.counts[name] += 1
             st.rules[slot] = r
             st.keys[slot] = keys
             self._commit(st)
@@ -268,6 +269,7 @@ class RuleTable:
             v = self.maps[name].lookup(k)
             if v is not None and (v.slot if name == "enf_exact" else v.value) == slot:
                 self.maps[name].delete(k)
+                st.counts[name] -= 1
         self.maps["enf_rules"].update(C.c_uint32(slot), abi.EnfRule())
         st.rules.pop(slot, None)
 
