@@ -18,9 +18,10 @@ frames of bench/bench_datapath.py), every program compiled here in the same run:
              program's cost, in the baseline as well, so it is not counted here.
 
 As in bench_datapath, each frame is run `repeat` times per round after a warm-up
-round, variants interleaved within each round; the value is the median over rounds
-of the mean over frames, and "added" is the difference to the baseline of the same
-round set. Every program is kept in the XDP dispatcher by an idle driver-mode
+round, variants interleaved within each round (order reversed every other round);
+the value is the median over rounds of the mean over frames, and "added" is the
+median over rounds of (variant - baseline) within the round, which cancels the
+drift other jobs on the machine cause. Every program is kept in the XDP dispatcher by an idle driver-mode
 attachment in the bench's own namespace (see bench_datapath.dispatcher_slots).
 """
 from __future__ import annotations
@@ -44,13 +45,13 @@ BENCH_NS = "xdpml-bench-enf"
 @dataclass(frozen=True)
 class Params:
     flows: int = 1000
-    repeat: int = 2000
-    rounds: int = 5
+    repeat: int = 1000
+    rounds: int = 11
     big: int = 100_000
 
 
 FULL = Params()
-QUICK = Params(repeat=1000, rounds=3, big=20_000)
+QUICK = Params(repeat=500, rounds=5, big=20_000)
 
 
 @dataclass
@@ -88,8 +89,8 @@ def measure(variants: list[Variant], frames: list[bytes], p: Params) -> None:
             rc, _ = test_run(v.fd, f, repeat=1)
             if rc != XDP_PASS:
                 raise RuntimeError(f"{v.name} returned {rc}, not XDP_PASS")
-    for _ in range(p.rounds):
-        for v in variants:
+    for r in range(p.rounds):
+        for v in (variants if r % 2 == 0 else variants[::-1]):  # alternate the order: no position bias
             per = np.empty(len(frames))
             for i, f in enumerate(frames):
                 per[i] = test_run(v.fd, f, repeat=p.repeat)[1]
@@ -162,11 +163,15 @@ def run(p: Params) -> bd.Report:
         base = statistics.median(group[0].round_means)
         for v in group:
             med = statistics.median(v.round_means)
-            spread = f"rounds {min(v.round_means):.1f}..{max(v.round_means):.1f} ns"
             if v is group[0]:
+                spread = f"rounds {min(v.round_means):.1f}..{max(v.round_means):.1f} ns"
                 report.add("enforce", v.name, med, "ns/pkt", note=spread)
                 continue
-            added = med - base
+            # paired: this variant minus the baseline of the same round, so drift from
+            # other load on the machine cancels; the median of the round differences
+            diffs = sorted(a - b for a, b in zip(v.round_means, group[0].round_means))
+            added = statistics.median(diffs)
+            spread = f"added per round {diffs[0]:+.1f}..{diffs[-1]:+.1f} ns (quartiles {diffs[len(diffs) // 4]:+.1f}..{diffs[(3 * len(diffs)) // 4]:+.1f})"
             goal = ""
             for key, (text_, limit) in goals.items():
                 if key in v.name and "matching" not in v.name:
@@ -174,7 +179,8 @@ def run(p: Params) -> bd.Report:
             report.add("enforce", v.name, med, "ns/pkt", baseline=f"{base:.1f} ns baseline",
                        ratio=f"{added:+.1f} ns", goal=goal, note=spread)
     report.notes.append(f"{p.flows} distinct flows, repeat {p.repeat}, {p.rounds} rounds; "
-                        "'ratio' here is the nanoseconds added to the baseline of the same round set")
+                        "'ratio' is the nanoseconds added: the median over rounds of (variant - baseline) "
+                        "within each round")
     return report
 
 
