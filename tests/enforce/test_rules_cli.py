@@ -89,3 +89,15 @@ def test_bad_input_is_one_line_never_a_traceback(pin_dir, args, message):
 def test_no_pinned_maps(tmp_path):
     r = rules(str(tmp_path / "none"), "list", ok=False)
     assert r.returncode == 3 and r.stderr.count("\n") == 1 and "start an agent first" in r.stderr
+
+
+def test_agent_refuses_enforce_without_mutual_tls():
+    from netns import make_hosts
+
+    with make_hosts(71, ipv6=False) as (h,):
+        r = subprocess.run([XDPML, "agent", "-i", h.host_if, "--collector", "127.0.0.1:9", "--enforce-mode", "enforce",
+                            "-o", "/dev/null", "--duration", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "xdpml: --enforce-mode enforce needs mutual TLS to the collector (--tls-ca, --tls-cert, --tls-key): "
+        "verdicts that can drop traffic must be authenticated"]
