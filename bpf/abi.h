@@ -173,7 +173,7 @@ enum xdpml_counter {
     C_ENF_PASSED,         /* packets matched by a pass rule */
     C_ENF_WOULD_DROP,     /* packets a rule would drop (dry-run mode or dry-run rule) */
     C_ENF_DROPPED,        /* packets dropped by a rule (enforce mode) */
-    C_ENF_KILL_PASSED,    /* packets passed unchecked by the kill switch while rules exist */
+    C_ENF_KILL_PASSED,    /* packets a rule matched that the kill switch passed */
     C_COUNTERS_MAX,
 };
 

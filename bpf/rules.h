@@ -4,14 +4,14 @@
  * Per packet, after flow_account() found the packet's flow entry:
  *  1. enf_config[0]: no rule installed, or mode off -> return (one inlined array
  *     lookup: the whole cost when enforcement is unused).
- *  2. Kill switch set -> pass.
- *  3. The flow entry caches the decision (rule slot) per packet orientation (rules are
+ *  2. The flow entry caches the decision (rule slot) per packet orientation (rules are
  *     directional) with the rule-set generation it was taken at. Same generation ->
  *     reuse it. Otherwise decide: exact 5-tuple
  *     rule, then source-prefix rules, then destination-prefix rules (each map
  *     skipped while empty); a rule whose protocol/port does not fit, or that has
  *     expired (kernel clock), is passed over. A rule found, the allowlist (either
  *     address in it) turns the decision into "allowlisted": pass and count.
+ *  3. A rule found (or allowlisted): the kill switch set -> pass.
  *  4. The cached rule is re-read on every packet: expired -> decide again (so an
  *     expired rule never acts, whether or not the agent is alive to delete it).
  *  5. Action: pass; drop; rate-limit (GCRA token buckets for packets and bytes,
@@ -150,6 +150,16 @@ static __always_inline __u32 enf_decide(struct pkt_info *p, struct enf_config *c
     return slot;
 }
 
+/* Which of the flow entry's two cache slots this packet's direction uses: any rule
+ * that gives the two directions of a flow different answers will do; ports decide
+ * most packets with one compare. */
+static __always_inline int enf_dir(struct pkt_info *p)
+{
+    if (p->src_port != p->dst_port)
+        return p->src_port > p->dst_port;
+    return endpoint_lo_first(p) ? 0 : 1;
+}
+
 /* Apply the rule; 1: drop the packet. */
 static __always_inline int enf_act(struct enf_rule *r, struct enf_config *cfg, __u64 now,
                                    __u32 bytes, __u32 segs)
@@ -204,16 +214,11 @@ static __always_inline int enforce_packet(struct pkt_info *p, struct flow_value 
     struct enf_config *cfg = enf_config.lookup(&z);
     if (!cfg || cfg->rules == 0 || cfg->mode == XDPML_ENF_OFF)
         return 0;
-    __u32 *kill = enf_kill.lookup(&z);
-    if (kill && *kill) {
-        count_n(C_ENF_KILL_PASSED, segs);
-        return 0;
-    }
     __u32 gen = cfg->gen;
     __u32 slot;
     __u32 *cgen = 0, *cslot = 0;
     if (fv) {
-        int d = endpoint_lo_first(p) ? 0 : 1;
+        int d = enf_dir(p);
         cgen = d ? &fv->enf_gen[1] : &fv->enf_gen[0];
         cslot = d ? &fv->enf_slot[1] : &fv->enf_slot[0];
     }
@@ -233,6 +238,13 @@ static __always_inline int enforce_packet(struct pkt_info *p, struct flow_value 
         return 0;
     if (slot == XDPML_ENF_SLOT_ALLOWLISTED) {
         count_n(C_ENF_ALLOWLISTED, segs);
+        return 0;
+    }
+    /* a rule matched: the kill switch is only looked at now (established flows that
+     * no rule matches never pay for it) */
+    __u32 *kill = enf_kill.lookup(&z);
+    if (kill && *kill) {
+        count_n(C_ENF_KILL_PASSED, segs);
         return 0;
     }
     struct enf_rule *r = enf_rules.lookup(&slot);

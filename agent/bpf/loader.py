@@ -216,9 +216,16 @@ class Datapath:
         self.pin_dir = settings.enforce.pin_dir
         if self.pin_dir:
             from agent.enforce.pins import prepare_pin_dir
+            from xdpml.errors import EnvironmentNotReady
 
-            prepare_pin_dir(self.pin_dir, map_rules=settings.enforce.map_rules,
-                            map_allow=settings.enforce.map_allow)
+            try:
+                prepare_pin_dir(self.pin_dir, map_rules=settings.enforce.map_rules,
+                                map_allow=settings.enforce.map_allow)
+            except EnvironmentNotReady as exc:
+                # flows matter more than rules surviving a restart: go on unpinned
+                log.warning("%s; the rule maps are not pinned (rules end with this agent)", exc)
+                self.pin_dir = ""
+        if self.pin_dir:
             cflags.append(f'-DXDPML_PIN_DIR="{self.pin_dir}"')
         t0 = time.monotonic()
         try:

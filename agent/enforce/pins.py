@@ -66,7 +66,10 @@ def prepare_pin_dir(pin_dir: str, *, map_rules: int, map_allow: int) -> None:
             _mount_bpffs(str(parent))
         else:
             raise AttachError(f"{parent} is not a BPF filesystem: mount one (`mount -t bpf bpf {parent}`)")
-    d.mkdir(mode=0o700, exist_ok=True)
+    try:
+        d.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentNotReady(f"cannot create the pin directory {pin_dir}: {exc.strerror}") from None
     check_pins(pin_dir, map_rules=map_rules, map_allow=map_allow)
 
 
