@@ -81,6 +81,12 @@ struct flow_value {
     __u8  end_flags;     /* XDPML_END_* */
     __u8  tcp_flags_or;  /* OR of every packet's TCP flags */
     __u8  n_seq;         /* valid entries in seq[] */
+    /* enforcement decision cache (bpf/rules.h), one per direction slot (rules are
+     * directional; rules.h enf_dir() picks the slot): the rule slot decided (0 none,
+     * XDPML_ENF_SLOT_ALLOWLISTED) at rule-set generation enf_gen (0 = never). Kept in
+     * the entry's first cache line, which every packet's update writes anyway. */
+    __u32 enf_gen[2];
+    __u32 enf_slot[2];
     __u64 first_ns;
     __u64 last_ns;
     struct iat_stats iat;
@@ -88,11 +94,6 @@ struct flow_value {
 #if XDPML_FIRST_N > 0
     struct seq_entry seq[XDPML_FIRST_N];
 #endif
-    /* enforcement decision cache (bpf/rules.h), per packet orientation ([0] lo -> hi,
-     * [1] hi -> lo: rules are directional): the rule slot decided (0 none,
-     * XDPML_ENF_SLOT_ALLOWLISTED) at rule-set generation enf_gen (0 = never) */
-    __u32 enf_gen[2];
-    __u32 enf_slot[2];
 };
 
 /* Hooks, as recorded in events and counters. */

@@ -211,6 +211,8 @@ def flow_types(first_n: int) -> FlowTypes:
         ("end_flags", u8),
         ("tcp_flags_or", u8),
         ("n_seq", u8),
+        ("enf_gen", u32 * 2),
+        ("enf_slot", u32 * 2),
         ("first_ns", u64),
         ("last_ns", u64),
         ("iat", IatStats),
@@ -218,6 +220,5 @@ def flow_types(first_n: int) -> FlowTypes:
     ]
     if first_n > 0:
         fields.append(("seq", SeqEntry * first_n))
-    fields += [("enf_gen", u32 * 2), ("enf_slot", u32 * 2)]
     value = type(f"FlowValue{first_n}", (C.Structure,), {"_fields_": fields})
     return FlowTypes(first_n, value, np.dtype(FlowKey), np.dtype(value))
