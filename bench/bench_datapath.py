@@ -223,8 +223,8 @@ def staged_source() -> str | None:
         # keep the clock read alive without touching the table
         + "#ifdef BENCH_STAGE_CLOCK\n    count_n(C_GSO_SEGS, now & 1);\n    return XDP_PASS;\n#endif\n"), 1)
     head = head.replace(STAGE_ANCHORS["flow_lock"], (
-        "#ifdef BENCH_STAGE_LOOKUP\n    return;\n#endif\n" + STAGE_ANCHORS["flow_lock"]
-        + "#ifdef BENCH_STAGE_LOCK\n    bpf_spin_unlock(&v->lock);\n    return;\n#endif\n"), 1)
+        "#ifdef BENCH_STAGE_LOOKUP\n    return 0;\n#endif\n" + STAGE_ANCHORS["flow_lock"]
+        + "#ifdef BENCH_STAGE_LOCK\n    bpf_spin_unlock(&v->lock);\n    return 0;\n#endif\n"), 1)
     return head + body
 
 

@@ -86,6 +86,12 @@ struct flow_value {
     __u8  end_flags;     /* XDPML_END_* */
     __u8  tcp_flags_or;  /* OR of every packet's TCP flags */
     __u8  n_seq;         /* valid entries in seq[] */
+    /* enforcement decision cache (bpf/rules.h), one per direction slot (rules are
+     * directional; rules.h enf_dir() picks the slot): the rule slot decided (0 none,
+     * XDPML_ENF_SLOT_ALLOWLISTED) at rule-set generation enf_gen (0 = never). Kept in
+     * the entry's first cache line, which every packet's update writes anyway. */
+    __u32 enf_gen[2];
+    __u32 enf_slot[2];
     __u64 first_ns;
     __u64 last_ns;
     struct iat_stats iat;
@@ -168,7 +174,93 @@ enum xdpml_counter {
     C_GSO_SEGS,           /* extra segments accounted from GSO super-packets */
     C_L4_TRUNC_IP_LEN,    /* TCP/UDP/ICMP header (TCP: with options) beyond the IP length: port-less flow */
     C_ERR_TCP_DOFF,       /* TCP data offset below 5 words: port-less flow */
+    /* enforcement (bpf/rules.h); packets, GSO segments counted as wire packets */
+    C_ENF_DECIDED,        /* rule decisions taken (first packet of a flow per rule-set generation) */
+    C_ENF_ALLOWLISTED,    /* packets a rule matched but the allowlist passed */
+    C_ENF_EXPIRED,        /* decisions that found an expired rule and ignored it */
+    C_ENF_PASSED,         /* packets matched by a pass rule */
+    C_ENF_WOULD_DROP,     /* packets a rule would drop (dry-run mode or dry-run rule) */
+    C_ENF_DROPPED,        /* packets dropped by a rule (enforce mode) */
+    C_ENF_KILL_PASSED,    /* packets a rule matched that the kill switch passed */
     C_COUNTERS_MAX,
+};
+
+/* ---- enforcement (bpf/rules.h, docs/enforcement.md) ---------------------------- */
+
+/* Modes. A zeroed config (fresh maps) is dry-run: the fail-safe default. */
+#define XDPML_ENF_DRY_RUN 0   /* rules match and count "would drop"; traffic passes */
+#define XDPML_ENF_OFF     1   /* rules are not looked at */
+#define XDPML_ENF_ENFORCE 2   /* rules act */
+
+#define XDPML_ACT_PASS       1
+#define XDPML_ACT_DROP       2
+#define XDPML_ACT_RATE_LIMIT 3
+
+#define XDPML_RULE_DRY_RUN 1  /* rule flag: this rule only counts, whatever the mode */
+
+#define XDPML_ENF_SLOT_ALLOWLISTED 0xffffffffu
+
+/* enf_config[0], written by user space only (under its lock file). */
+struct enf_config {
+    __u32 mode;          /* XDPML_ENF_* */
+    __u32 gen;           /* rule-set generation: bumped on every change; cached decisions
+                          * older than it are taken again */
+    __u32 rules;         /* rules installed; 0: the hook returns at once */
+    __u32 exact;         /* entries per match map: empty maps are not looked up */
+    __u32 src4;
+    __u32 dst4;
+    __u32 src6;
+    __u32 dst6;
+};
+
+/* enf_exact key: one direction of a 5-tuple (a two-way rule has two entries). */
+struct enf_exact_key {
+    __u8  src_ip[16];    /* IPv4 as IPv4-mapped IPv6 */
+    __u8  dst_ip[16];
+    __u16 src_port;      /* host byte order */
+    __u16 dst_port;
+    __u8  proto;
+    __u8  _pad[3];
+};
+
+/* enf_exact value: the rule slot; reverse = 1 for the entry of a two-way rule's
+ * reverse direction (user space lists the rule by its forward entry). */
+struct enf_exact_val {
+    __u32 slot;
+    __u32 reverse;
+};
+
+struct enf_lpm4_key {
+    __u32 prefixlen;
+    __u8  addr[4];
+};
+
+struct enf_lpm6_key {
+    __u32 prefixlen;
+    __u8  addr[16];
+};
+
+/* enf_rules[slot]: the rule the match maps point at. Slot 0 is never used. */
+struct enf_rule {
+    struct bpf_spin_lock lock; /* token bucket update */
+    __u32 gen;           /* generation the rule was written at */
+    __u64 expires_ns;    /* CLOCK_MONOTONIC; at or after it the rule never acts; 0 = empty */
+    __u64 tat_pkt_ns;    /* token buckets as GCRA: theoretical arrival times */
+    __u64 tat_byte_ns;
+    __u64 ns_per_pkt;    /* 1e9 / packets per second; 0 = no packet limit */
+    __u64 ps_per_byte;   /* 1e12 / bytes per second; 0 = no byte limit */
+    __u64 burst_pkt_ns;  /* packet burst * ns_per_pkt */
+    __u64 burst_byte_ns; /* byte burst * ps_per_byte / 1000 */
+    __u64 hit_packets;   /* packets matched, whatever the action */
+    __u64 hit_bytes;
+    __u64 drop_packets;  /* dropped, or would have been (dry-run) */
+    __u64 first_hit_ns;
+    __u64 last_hit_ns;
+    __u8  action;        /* XDPML_ACT_* */
+    __u8  proto;         /* LPM rules: 0 any, else this IP protocol only */
+    __u16 dst_port;      /* LPM rules: 0 any, else this destination port only */
+    __u8  flags;         /* XDPML_RULE_* */
+    __u8  _pad[3];
 };
 
 #endif /* XDPML_ABI_H */

@@ -133,7 +133,8 @@ static __always_inline void dir_add(struct dir_stats *s, struct pkt_info *p,
         flags_add(s, p->tcp_flags, g->segs);
 }
 
-static __always_inline void flow_account(struct pkt_info *p, __u32 ifindex, __u64 now,
+/* Returns the flow's entry (rules.h caches its decision there), NULL if none. */
+static __always_inline struct flow_value *flow_account(struct pkt_info *p, __u32 ifindex, __u64 now,
                                          struct seg_info *g)
 {
     struct flow_key key;
@@ -161,18 +162,18 @@ static __always_inline void flow_account(struct pkt_info *p, __u32 ifindex, __u6
         __u32 z = 0;
         struct flow_value_bytes *zero = flow_zero.lookup(&z);
         if (!zero)
-            return;
+            return 0;
         int err = flows.insert(&key, (struct flow_value *)zero);
         if (err == 0)
             count(C_FLOW_NEW);
         else if (err != -EEXIST) {
             count(err == -E2BIG ? C_FLOW_FULL : C_FLOW_BUSY);
-            return;
+            return 0;
         }
         v = flows.lookup(&key);
         if (!v) {
             count(C_FLOW_BUSY);
-            return;
+            return 0;
         }
     }
 
@@ -237,6 +238,7 @@ static __always_inline void flow_account(struct pkt_info *p, __u32 ifindex, __u6
 #if XDPML_FLOW_LOCK
     bpf_spin_unlock(&v->lock);
 #endif
+    return v;
 }
 
 static __always_inline void emit_events(struct pkt_info *p, __u32 ifindex, __u64 now,

@@ -3,7 +3,8 @@
  * Same parser and flow table as xdp_flow.c. TC sees socket buffers: an outer
  * VLAN tag may sit in skb metadata instead of the frame, and a GSO super-packet
  * stands for gso_segs wire segments (flow.h explains the accounting). Returns
- * TC_ACT_UNSPEC so any other classifier on the hook still runs. */
+ * TC_ACT_UNSPEC so any other classifier on the hook still runs, or TC_ACT_SHOT for
+ * a packet an explicit, expiring rule drops in enforce mode (rules.h). */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <linux/in.h>
@@ -14,6 +15,7 @@
 #include <linux/udp.h>
 
 #include "flow.h"
+#include "rules.h"
 
 #define PULL_LEN 128
 
@@ -51,8 +53,10 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
         g.last_size = skb->len - (segs - 1) * gso_size + vlan_extra;
         count_n(C_GSO_SEGS, segs - 1);
     }
-    flow_account(&p, skb->ifindex, now, &g);
+    struct flow_value *fv = flow_account(&p, skb->ifindex, now, &g);
     emit_events(&p, skb->ifindex, now, &g, len, hook);
+    if (enforce_packet(&p, fv, now, len, g.segs)) /* rules.h */
+        return TC_ACT_SHOT;
     return TC_ACT_UNSPEC;
 }
 

@@ -2,7 +2,8 @@
  *
  * Parse (parse.h), account the packet to its bidirectional flow (flow.h), and
  * optionally stream a window record / a 1-in-N sample (ring buffers). Every
- * packet gets XDP_PASS: nothing here may cut a node off its network. */
+ * packet gets XDP_PASS except those an explicit, expiring rule drops in enforce
+ * mode (rules.h); a parse failure always passes. */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
 #include <linux/if_ether.h>
@@ -12,6 +13,7 @@
 #include <linux/udp.h>
 
 #include "flow.h"
+#include "rules.h"
 
 int xdpml_xdp(struct xdp_md *ctx)
 {
@@ -30,7 +32,9 @@ int xdpml_xdp(struct xdp_md *ctx)
     /* read once: clang may otherwise keep &ctx->ingress_ifindex, which the
      * verifier refuses to dereference */
     __u32 ifindex = ctx->ingress_ifindex;
-    flow_account(&p, ifindex, now, &g);
+    struct flow_value *fv = flow_account(&p, ifindex, now, &g);
     emit_events(&p, ifindex, now, &g, len, XDPML_HOOK_XDP);
+    if (enforce_packet(&p, fv, now, len, 1)) /* rules.h */
+        return XDP_DROP;
     return XDP_PASS;
 }

@@ -93,11 +93,49 @@ class WindowSettings:
 
 
 @dataclass
+class EnforceSettings:
+    """Acting on verdicts (docs/enforcement.md). Kernel sizing becomes -D flags; the
+    rest are the rule manager's limits."""
+
+    # Where the rule maps are pinned (a bpffs directory), so rules outlive an agent
+    # restart and `xdpml rules` reaches them; "" = not pinned (private to the process).
+    pin_dir: str = "/sys/fs/bpf/xdpml"
+    map_rules: int = 16384  # kernel rule slots (-DXDPML_ENF_MAX_RULES); fixed while pinned
+    map_allow: int = 1024  # kernel allowlist prefixes per address family
+    max_rules: int = 4096  # rules the agent installs from verdicts at most
+    max_installs_per_s: float = 50.0  # verdict-made rules installed per second at most
+    burst_installs: int = 100  # ... with this burst
+    max_ttl_s: float = 600.0  # longer TTLs are clamped to this
+    default_ttl_s: float = 60.0  # TTL of a rule made from a verdict
+    rate_limit_pps: float = 100.0  # RATE_LIMIT verdicts: packets per second allowed per flow
+    rate_limit_burst: int = 100  # ... with this burst, packets
+    recent_flows: int = 65536  # exported flow keys remembered (verdicts must name one)
+    recent_ttl_s: float = 300.0  # ... for this long
+
+    def validate(self) -> None:
+        if not 16 <= self.map_rules <= 1_048_576:
+            raise ConfigError("enforce map_rules must be 16..1048576 slots")
+        if not 8 <= self.map_allow <= 65536:
+            raise ConfigError("enforce map_allow must be 8..65536 prefixes")
+        if not 0 <= self.max_rules < self.map_rules:
+            raise ConfigError(f"enforce max_rules must be 0..{self.map_rules - 1} (below map_rules)")
+        if self.max_installs_per_s <= 0 or self.burst_installs < 1:
+            raise ConfigError("enforce max_installs_per_s must be > 0 and burst_installs >= 1")
+        if not 0 < self.default_ttl_s <= self.max_ttl_s:
+            raise ConfigError("enforce default_ttl_s must be > 0 and <= max_ttl_s")
+        if self.rate_limit_pps <= 0 or self.rate_limit_burst < 1:
+            raise ConfigError("enforce rate_limit_pps must be > 0 and rate_limit_burst >= 1")
+        if self.recent_flows < 1 or self.recent_ttl_s <= 0:
+            raise ConfigError("enforce recent_flows must be >= 1 and recent_ttl_s > 0")
+
+
+@dataclass
 class AgentSettings:
     interfaces: InterfaceSettings = field(default_factory=InterfaceSettings)
     datapath: DatapathSettings = field(default_factory=DatapathSettings)
     harvest: HarvestSettings = field(default_factory=HarvestSettings)
     window: WindowSettings = field(default_factory=WindowSettings)
+    enforce: EnforceSettings = field(default_factory=EnforceSettings)
     summary_interval_s: float = 5.0  # stderr summary line period; 0 = off
 
     def validate(self) -> "AgentSettings":
@@ -105,4 +143,5 @@ class AgentSettings:
         self.datapath.validate()
         self.harvest.validate()
         self.window.validate()
+        self.enforce.validate()
         return self

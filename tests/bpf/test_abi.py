@@ -44,14 +44,17 @@ def test_ctypes_mirror_matches_c(tmp_path, first_n):
     ftypes = abi.flow_types(first_n)
     mirrors = {"flow_key": abi.FlowKey, "dir_stats": abi.DirStats, "iat_stats": abi.IatStats,
                "seq_entry": abi.SeqEntry, "flow_value": ftypes.value,
-               "win_event": abi.WinEvent, "pkt_event": abi.PktEvent}
-    structs = {name: [f for f, _ in st._fields_ if not (name == "flow_value" and f == "lock")]
+               "win_event": abi.WinEvent, "pkt_event": abi.PktEvent,
+               "enf_config": abi.EnfConfig, "enf_exact_key": abi.EnfExactKey, "enf_exact_val": abi.EnfExactVal,
+               "enf_lpm4_key": abi.EnfLpm4Key, "enf_lpm6_key": abi.EnfLpm6Key, "enf_rule": abi.EnfRule}
+    structs = {name: [f for f, _ in st._fields_ if not (name in ("flow_value", "enf_rule") and f == "lock")]
                for name, st in mirrors.items()}
     got_c = c_layout(tmp_path, first_n, structs)
     want = {}
     for name, st in mirrors.items():
         want.update(py_layout(name, st))
     want.pop("flow_value.lock")
+    want.pop("enf_rule.lock")
     assert got_c == want
     assert ftypes.value_dtype.itemsize == got_c["flow_value"]
     assert ftypes.key_dtype.itemsize == got_c["flow_key"]

@@ -119,6 +119,8 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
                         "0.0.0.0 with --kubernetes, where the kubelet and scrapers reach the pod)")
     k.add_argument("--otlp-endpoint", default="", metavar="URL",
                    help="push OpenTelemetry metrics over OTLP gRPC (host:port, http:// or https://)")
+    from xdpml.agent.enforce.cli_commands import add_enforce_arguments
+    add_enforce_arguments(p)
     o.add_argument("--duration", type=_positive_float, default=0.0, metavar="S",
                    help="stop after S seconds (default: run until SIGINT/SIGTERM)")
     o.add_argument("--summary-interval", type=_positive_float, default=5.0, metavar="S",
@@ -128,6 +130,7 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
 def settings_from_args(a):
     from xdpml.config import (AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings,
                               WindowSettings)
+    from xdpml.agent.enforce.cli_commands import enforce_settings_from_args
 
     return AgentSettings(
         interfaces=InterfaceSettings(names=a.interface, hooks=a.hooks, xdp_mode=a.xdp_mode),
@@ -136,6 +139,7 @@ def settings_from_args(a):
         harvest=HarvestSettings(idle_timeout_s=a.idle_timeout, active_timeout_s=a.active_timeout,
                                 interval_s=a.interval),
         window=WindowSettings(packets=a.window, seconds=a.window_seconds),
+        enforce=enforce_settings_from_args(a),
         summary_interval_s=a.summary_interval,
     ).validate()
 
@@ -211,15 +215,23 @@ def run_agent(a) -> int:
         sinks.append(UnixSocketSink(a.unix_socket))
     telemetry = _telemetry(a, "xdpml-agent")
     holder: dict = {}
+    from xdpml.agent.enforce.cli_commands import AgentEnforcement
+    enf = AgentEnforcement(a, settings.enforce, telemetry)  # verdicts -> rules (docs/enforcement.md)
     if a.collector:
         try:
-            sinks.append(_grpc_sink(a, telemetry, lambda: holder.get("agent")))
+            sinks.append(enf.wrap(_grpc_sink(a, telemetry, lambda: holder.get("agent"), enf.on_verdicts)))
         except (ValueError, OSError) as exc:
             print(f"xdpml agent: collector settings: {exc}", file=sys.stderr)
             return 2
     health = _health(a, ("programs_attached",))
+
+    def attached(dp) -> None:
+        enf.on_attached(dp)
+        if health:
+            health.set("programs_attached")
+
     agent = Agent(settings, interfaces=names, sinks=sinks, flows=not a.no_flows, telemetry=telemetry,
-                  on_attached=(lambda dp: health.set("programs_attached")) if health else None)
+                  on_attached=attached)
     holder["agent"] = agent
     register_observables(telemetry, lambda: agent)
     install_signal_handlers(agent.stop_event)
@@ -232,6 +244,7 @@ def run_agent(a) -> int:
         log.error("permission denied (%s): the agent needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON", exc)
         return 1
     finally:
+        enf.close()
         telemetry.shutdown()
         if health:
             health.close()
@@ -290,7 +303,7 @@ def run_kubernetes_agent(a) -> int:
             health.close()
 
 
-def _grpc_sink(a, telemetry, current_agent):
+def _grpc_sink(a, telemetry, current_agent, on_verdicts=None):
     from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
     from xdpml.agent.export.verdicts import verdict_counter
     from xdpml.agent.export.sinks import CollectorSink
@@ -303,8 +316,15 @@ def _grpc_sink(a, telemetry, current_agent):
 
     from xdpml.agent.pipeline import loss_counters
 
+    count = verdict_counter(telemetry)
+
+    def verdicts(vb) -> None:
+        count(vb)
+        if on_verdicts is not None:
+            on_verdicts(vb)
+
     exporter = GrpcExporter(ExporterSettings(target=a.collector, tls=tls, node_name=a.node_name),
-                            on_verdicts=verdict_counter(telemetry), loss_counters=loss_counters(current_agent))
+                            on_verdicts=verdicts, loss_counters=loss_counters(current_agent))
     return CollectorSink(exporter)
 
 
@@ -392,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--force", action="store_true",
                     help="remove them even while an xdpml agent process holds them")
     cl.set_defaults(func=run_cleanup)
+    from xdpml.agent.enforce.cli_commands import add_rules_commands
+    add_rules_commands(sub)
     try:
         from xdpml.cli import collector as collector_cli
     except ImportError:

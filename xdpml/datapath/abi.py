@@ -105,6 +105,61 @@ class PktEvent(C.Structure):
     ]
 
 
+# ---- enforcement (bpf/rules.h) ----
+ENF_DRY_RUN, ENF_OFF, ENF_ENFORCE = 0, 1, 2
+ENF_MODES = {"dry-run": ENF_DRY_RUN, "off": ENF_OFF, "enforce": ENF_ENFORCE}
+ACT_PASS, ACT_DROP, ACT_RATE_LIMIT = 1, 2, 3
+ACTIONS = {"pass": ACT_PASS, "drop": ACT_DROP, "rate-limit": ACT_RATE_LIMIT}
+RULE_DRY_RUN = 1
+ENF_SLOT_ALLOWLISTED = 0xFFFFFFFF
+
+
+class EnfConfig(C.Structure):
+    _fields_ = [("mode", u32), ("gen", u32), ("rules", u32), ("exact", u32),
+                ("src4", u32), ("dst4", u32), ("src6", u32), ("dst6", u32)]
+
+
+class EnfExactKey(C.Structure):
+    _fields_ = [("src_ip", u8 * 16), ("dst_ip", u8 * 16), ("src_port", u16), ("dst_port", u16),
+                ("proto", u8), ("_pad", u8 * 3)]
+
+
+class EnfExactVal(C.Structure):
+    _fields_ = [("slot", u32), ("reverse", u32)]
+
+
+class EnfLpm4Key(C.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 4)]
+
+
+class EnfLpm6Key(C.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 16)]
+
+
+class EnfRule(C.Structure):
+    _fields_ = [
+        ("lock", u32),  # struct bpf_spin_lock
+        ("gen", u32),
+        ("expires_ns", u64),
+        ("tat_pkt_ns", u64),
+        ("tat_byte_ns", u64),
+        ("ns_per_pkt", u64),
+        ("ps_per_byte", u64),
+        ("burst_pkt_ns", u64),
+        ("burst_byte_ns", u64),
+        ("hit_packets", u64),
+        ("hit_bytes", u64),
+        ("drop_packets", u64),
+        ("first_hit_ns", u64),
+        ("last_hit_ns", u64),
+        ("action", u8),
+        ("proto", u8),
+        ("dst_port", u16),
+        ("flags", u8),
+        ("_pad", u8 * 3),
+    ]
+
+
 END_FIN_INIT, END_FIN_RESP, END_RST = 1, 2, 4
 HOOK_XDP, HOOK_TC_INGRESS, HOOK_TC_EGRESS = 0, 1, 2
 TCP_FLAG_NAMES = ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")  # header bit order
@@ -132,6 +187,13 @@ COUNTERS = (
     "gso_segs",
     "l4_trunc_ip_len",
     "err_tcp_doff",
+    "enf_decided",
+    "enf_allowlisted",
+    "enf_expired",
+    "enf_passed",
+    "enf_would_drop",
+    "enf_dropped",
+    "enf_kill_passed",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 
@@ -152,6 +214,8 @@ def flow_types(first_n: int) -> FlowTypes:
         ("end_flags", u8),
         ("tcp_flags_or", u8),
         ("n_seq", u8),
+        ("enf_gen", u32 * 2),
+        ("enf_slot", u32 * 2),
         ("first_ns", u64),
         ("last_ns", u64),
         ("iat", IatStats),

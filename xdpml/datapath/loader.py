@@ -404,9 +404,25 @@ class Datapath:
             f"-DXDPML_WINDOW={1 if self.window else 0}",
             f"-DXDPML_FLOW_LOCK={1 if dp.flow_lock else 0}",
             f"-DXDPML_RINGBUF_PAGES={pages}",
+            f"-DXDPML_ENF_MAX_RULES={settings.enforce.map_rules}",
+            f"-DXDPML_ENF_MAX_ALLOW={settings.enforce.map_allow}",
             "-Wno-unused-function",
         ]
         check_environment()
+        self.pin_dir = settings.enforce.pin_dir
+        if self.pin_dir:
+            from xdpml.datapath.pins import prepare_pin_dir
+            from xdpml.errors import EnvironmentNotReady
+
+            try:
+                prepare_pin_dir(self.pin_dir, map_rules=settings.enforce.map_rules,
+                                map_allow=settings.enforce.map_allow)
+            except EnvironmentNotReady as exc:
+                # flows matter more than rules surviving a restart: go on unpinned
+                log.warning("%s; the rule maps are not pinned (rules end with this agent)", exc)
+                self.pin_dir = ""
+        if self.pin_dir:
+            cflags.append(f'-DXDPML_PIN_DIR="{self.pin_dir}"')
         t0 = time.monotonic()
         try:
             self.bpf = BPF(text=program_text().encode(), cflags=cflags)
@@ -428,6 +444,15 @@ class Datapath:
     # -- maps ---------------------------------------------------------------
     def flow_map_fd(self) -> int:
         return self.bpf[b"flows"].map_fd
+
+    def rule_table(self):
+        """The enforcement maps (xdpml/datapath/rules.py), pinned ones when pinning is on."""
+        from xdpml.datapath.pins import from_bcc, open_pinned
+        from xdpml.datapath.rules import RuleTable
+
+        if self.pin_dir:
+            return RuleTable(open_pinned(self.pin_dir), lock_path=self.pin_dir)
+        return RuleTable(from_bcc(self.bpf, self.settings.enforce.map_rules))
 
     def counters(self) -> dict[str, int]:
         from xdpml.datapath.abi import COUNTERS

@@ -64,18 +64,20 @@ class FlowKey(_message.Message):
     def __init__(self, src_ip: _Optional[bytes] = ..., dst_ip: _Optional[bytes] = ..., src_port: _Optional[int] = ..., dst_port: _Optional[int] = ..., protocol: _Optional[int] = ..., vlan_id: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("key", "row", "score", "label", "action")
+    __slots__ = ("key", "row", "score", "label", "action", "ttl_seconds")
     KEY_FIELD_NUMBER: _ClassVar[int]
     ROW_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     key: FlowKey
     row: int
     score: float
     label: str
     action: Action
-    def __init__(self, key: _Optional[_Union[FlowKey, _Mapping]] = ..., row: _Optional[int] = ..., score: _Optional[float] = ..., label: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ...) -> None: ...
+    ttl_seconds: int
+    def __init__(self, key: _Optional[_Union[FlowKey, _Mapping]] = ..., row: _Optional[int] = ..., score: _Optional[float] = ..., label: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version")

@@ -1,0 +1,55 @@
+"""Building the agent's enforcement from its options: the allowlist from this host,
+the verdict channel's authentication, the manager and its recent-exports sink."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from xdpml.config import EnforceSettings
+from xdpml.agent.enforce.manager import (Channel, RecentFlows, RuleManager, build_allowlist, default_gateways,
+                                   node_addresses, resolve_host)
+
+log = logging.getLogger("xdpml.enforce")
+
+
+def dns_servers(path: str = "/etc/resolv.conf") -> list[str]:
+    out = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    out.append(parts[1])
+    except OSError:
+        pass
+    return out
+
+
+def api_servers() -> list[str]:
+    """In a pod: the API service address; its endpoints come from the Kubernetes client
+    when the agent runs with --kubernetes (not yet watched: docs/enforcement.md)."""
+    host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
+    return [host] if host else []
+
+
+@dataclass
+class EnforceOptions:
+    collector: str = ""  # host:port of the verdict source
+    mutual_tls: bool = False  # CA + client certificate + key given
+    operator_allow: list[str] = field(default_factory=list)
+    mode: str = ""  # "" = keep what the pinned maps say (fresh maps: dry-run)
+
+
+def channel_for(opts: EnforceOptions) -> Channel:
+    if opts.mutual_tls:
+        return Channel(authenticated=True, description=f"mutual TLS to {opts.collector}")
+    return Channel(authenticated=False, description=f"an unauthenticated channel to {opts.collector or '(none)'}")
+
+
+def build_manager(settings: EnforceSettings, opts: EnforceOptions, *, telemetry=None) -> RuleManager:
+    allow = build_allowlist(node=node_addresses(), gateways=default_gateways(), api_servers=api_servers(),
+                            dns=dns_servers(), collector=resolve_host(opts.collector) if opts.collector else [],
+                            operator=opts.operator_allow)
+    recent = RecentFlows(capacity=settings.recent_flows, ttl_s=settings.recent_ttl_s)
+    return RuleManager(settings, channel=channel_for(opts), allowlist=allow, recent=recent, telemetry=telemetry)
