@@ -161,6 +161,7 @@ enum xdpml_counter {
     C_RB_PKT_FULL,        /* sample ring buffer full: sample lost */
     C_PKT_SAMPLED,        /* samples written */
     C_GSO_SEGS,           /* extra segments accounted from GSO super-packets */
+    C_MODEL_ERR,          /* model walk reached no leaf / index out of range: not classified */
     C_COUNTERS_MAX,
 };
 

@@ -14,6 +14,9 @@
 #include <linux/udp.h>
 
 #include "flow.h"
+#if XDPML_MODEL
+#include "model.h"
+#endif
 
 #define PULL_LEN 128
 
@@ -53,6 +56,9 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
     }
     flow_account(&p, skb->ifindex, now, &g);
     emit_events(&p, skb->ifindex, now, &g, len, hook);
+#if XDPML_MODEL /* -DXDPML_MODEL=1: a model in the kernel (model.h) */
+    model_classify(&p, len);
+#endif
     return TC_ACT_UNSPEC;
 }
 

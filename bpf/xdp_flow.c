@@ -12,6 +12,9 @@
 #include <linux/udp.h>
 
 #include "flow.h"
+#if XDPML_MODEL
+#include "model.h"
+#endif
 
 int xdpml_xdp(struct xdp_md *ctx)
 {
@@ -29,5 +32,8 @@ int xdpml_xdp(struct xdp_md *ctx)
     struct seg_info g = {.size = len, .last_size = len, .segs = 1};
     flow_account(&p, ctx->ingress_ifindex, now, &g);
     emit_events(&p, ctx->ingress_ifindex, now, &g, len, XDPML_HOOK_XDP);
+#if XDPML_MODEL /* -DXDPML_MODEL=1: a model in the kernel (model.h) */
+    model_classify(&p, len);
+#endif
     return XDP_PASS;
 }

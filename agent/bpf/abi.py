@@ -129,6 +129,7 @@ COUNTERS = (
     "rb_pkt_full",
     "pkt_sampled",
     "gso_segs",
+    "model_err",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 

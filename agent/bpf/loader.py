@@ -191,7 +191,9 @@ def _filter_name(msg) -> str:
 class Datapath:
     """The compiled programs and maps, and what they are attached to."""
 
-    def __init__(self, settings: AgentSettings):
+    def __init__(self, settings: AgentSettings, *, model_limits=None):
+        """``model_limits`` (xdpml.models.layout.Limits): compile the model table walk
+        in (-DXDPML_MODEL=1, bpf/model.h) with these limits; None: no model code."""
         from bcc import BPF
 
         self.settings = settings
@@ -210,6 +212,9 @@ class Datapath:
             f"-DXDPML_RINGBUF_PAGES={pages}",
             "-Wno-unused-function",
         ]
+        self.model_limits = model_limits
+        if model_limits is not None:
+            cflags += ["-DXDPML_MODEL=1", *model_limits.cflags()]
         check_environment()
         t0 = time.monotonic()
         try:

@@ -64,9 +64,18 @@ class ModelSlots:
 
     @classmethod
     def of(cls, bpf, limits: L.Limits) -> "ModelSlots":
-        """From a BCC BPF object compiled with -DXDPML_MODEL=1."""
-        return cls(slots_fd=bpf[b"model_slots"].map_fd, ctl_fd=bpf[b"model_ctl"].map_fd,
-                   stats_fd=bpf[b"model_stats"].map_fd, limits=limits)
+        """From a BCC BPF object compiled with -DXDPML_MODEL=1 (map fds straight from
+        libbcc: BCC's table wrapper cannot decode the slot's signed-char weights)."""
+        from bcc import libbcc
+
+        fds = {}
+        for name in ("model_slots", "model_ctl", "model_stats"):
+            fd = libbcc.lib.bpf_table_fd(bpf.module, name.encode())
+            if fd < 0:
+                raise ModelError("this datapath was compiled without a model (-DXDPML_MODEL=1)")
+            fds[name] = fd
+        return cls(slots_fd=fds["model_slots"], ctl_fd=fds["model_ctl"], stats_fd=fds["model_stats"],
+                   limits=limits)
 
     # -- raw slot access ---------------------------------------------------
     def active(self) -> int:
