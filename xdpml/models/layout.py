@@ -3,8 +3,9 @@
 A whole model lives in one array-map value (``struct model_slot``), so the kernel
 does one lookup per packet and then plain indexed loads (DESIGN.md: one lookup per
 model, not per node). The limits are -D flags; :class:`Limits` holds their values
-and builds the flags, and :func:`slot_type` the matching ctypes structure, checked
-against the C compiler's layout by tests/models/test_layout.py.
+and builds the flags, and :func:`slot_type` the matching ctypes structure. The kernel refuses a slot value
+of another size (ModelSlots.write_slot), and tests/models/test_kernel.py checks every
+field through the kernel's own classification of crafted packets.
 """
 from __future__ import annotations
 
