@@ -182,6 +182,7 @@ enum xdpml_counter {
     C_ENF_WOULD_DROP,     /* packets a rule would drop (dry-run mode or dry-run rule) */
     C_ENF_DROPPED,        /* packets dropped by a rule (enforce mode) */
     C_ENF_KILL_PASSED,    /* packets a rule matched that the kill switch passed */
+    C_MODEL_ERR,          /* model walk reached no leaf / index out of range: not classified */
     C_COUNTERS_MAX,
 };
 

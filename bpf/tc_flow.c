@@ -16,6 +16,9 @@
 
 #include "flow.h"
 #include "rules.h"
+#if XDPML_MODEL
+#include "model.h"
+#endif
 
 #define PULL_LEN 128
 
@@ -57,6 +60,9 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
     emit_events(&p, skb->ifindex, now, &g, len, hook);
     if (enforce_packet(&p, fv, now, len, g.segs)) /* rules.h */
         return TC_ACT_SHOT;
+#if XDPML_MODEL /* -DXDPML_MODEL=1: a model in the kernel (model.h) */
+    model_classify(&p, len);
+#endif
     return TC_ACT_UNSPEC;
 }
 

@@ -14,6 +14,9 @@
 
 #include "flow.h"
 #include "rules.h"
+#if XDPML_MODEL
+#include "model.h"
+#endif
 
 int xdpml_xdp(struct xdp_md *ctx)
 {
@@ -36,5 +39,8 @@ int xdpml_xdp(struct xdp_md *ctx)
     emit_events(&p, ifindex, now, &g, len, XDPML_HOOK_XDP);
     if (enforce_packet(&p, fv, now, len, 1)) /* rules.h */
         return XDP_DROP;
+#if XDPML_MODEL /* -DXDPML_MODEL=1: a model in the kernel (model.h) */
+    model_classify(&p, len);
+#endif
     return XDP_PASS;
 }

@@ -113,7 +113,10 @@ def agent_side() -> tuple[set[str], set[str]]:
     # Everything of agent/ and the CLI; not the collector's subcommand nor the demo,
     # which runs both sides (xdpml[demo]).
     return reachable(all_modules("agent") + ["xdpml.cli", "xdpml.obs.telemetry", "xdpml.obs.logs"],
-                     exclude=("xdpml.collector", "xdpml.cli.collector", "xdpml.cli.demo"))
+                     # `xdpml model compile` reads scikit-learn models: a training-side tool,
+                     # run where xdpml[collector] is installed (its error says so elsewhere)
+                     exclude=("xdpml.collector", "xdpml.cli.collector", "xdpml.cli.demo",
+                              "xdpml.models.cli_commands", "xdpml.models.zoo"))
 
 
 def collector_side() -> tuple[set[str], set[str]]:

@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     dm.add_argument("--seconds", type=_positive_float, default=20.0, help="baseline traffic duration")
     dm.set_defaults(func=run_demo)
+    from xdpml.models.cli_commands import add_model_commands
+    add_model_commands(sub)
     return p
 
 

@@ -194,6 +194,7 @@ COUNTERS = (
     "enf_would_drop",
     "enf_dropped",
     "enf_kill_passed",
+    "model_err",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 

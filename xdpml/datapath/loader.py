@@ -387,7 +387,9 @@ def owned_attachments(ifname: str, holders: dict[int, set[int]] | None = None) -
 class Datapath:
     """The compiled programs and maps, and what they are attached to."""
 
-    def __init__(self, settings: AgentSettings):
+    def __init__(self, settings: AgentSettings, *, model_limits=None):
+        """``model_limits`` (xdpml.models.layout.Limits): compile the model table walk
+        in (-DXDPML_MODEL=1, bpf/model.h) with these limits; None: no model code."""
         from bcc import BPF
 
         self.settings = settings
@@ -408,6 +410,9 @@ class Datapath:
             f"-DXDPML_ENF_MAX_ALLOW={settings.enforce.map_allow}",
             "-Wno-unused-function",
         ]
+        self.model_limits = model_limits
+        if model_limits is not None:
+            cflags += ["-DXDPML_MODEL=1", *model_limits.cflags()]
         check_environment()
         self.pin_dir = settings.enforce.pin_dir
         if self.pin_dir:

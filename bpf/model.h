@@ -1,0 +1,404 @@
+/* model.h - a scikit-learn model as data: one table walk per packet.
+ *
+ * Compiled in only with -DXDPML_MODEL=1 (the default datapath and its cost are
+ * unchanged). The compiler (xdpml/models/compiler.py) turns a fitted estimator into
+ * one struct model_slot; user space writes it to the idle one of two slots and then
+ * flips model_ctl.active, so a model is swapped live without recompiling or
+ * re-attaching. A packet reads the active index once and finishes on that slot.
+ *
+ * Per packet: the model's inputs (feature ids, MF_* below, the names of the
+ * exported packet columns; xdpml/models/features.py is the same table) are computed
+ * from the parsed headers, then
+ *   trees   bounded walk of each tree (x[feat] <= thr ? left : right) to a leaf;
+ *           the leaf's class (one tree), or its fixed-point values summed into acc[]
+ *   linear  acc[o] = bias[o] + sum_i w[o][i] * x[i]           (fixed point, 64-bit)
+ *   mlp     int8 weights, int16 activations, 64-bit accumulators, ReLU
+ * and the class is argmax(acc) (first on ties) or, binary, acc[0] >= 0.
+ * A walk that reaches no leaf, or an index out of range, is counted (C_MODEL_ERR)
+ * and the packet is not classified; the packet always passes either way.
+ * Limits are -D flags (xdpml/models/layout.py Limits builds them); nodes, leaf
+ * values and features are powers of two (indices are masked, not branched on). */
+#ifndef XDPML_MODEL_H
+#define XDPML_MODEL_H
+
+#include "counters.h"
+#include "parse.h"
+
+#ifndef XDPML_MODEL_MAX_FEATURES
+#define XDPML_MODEL_MAX_FEATURES 16
+#endif
+#ifndef XDPML_MODEL_MAX_DEPTH
+#define XDPML_MODEL_MAX_DEPTH 16 /* a multiple of 4 */
+#endif
+#ifndef XDPML_MODEL_MAX_TREES
+#define XDPML_MODEL_MAX_TREES 128
+#endif
+#ifndef XDPML_MODEL_MAX_NODES
+#define XDPML_MODEL_MAX_NODES 8192
+#endif
+#ifndef XDPML_MODEL_MAX_LEAF_VALUES
+#define XDPML_MODEL_MAX_LEAF_VALUES 8192
+#endif
+#ifndef XDPML_MODEL_MAX_OUTPUTS
+#define XDPML_MODEL_MAX_OUTPUTS 8
+#endif
+#ifndef XDPML_MODEL_MAX_LAYERS
+#define XDPML_MODEL_MAX_LAYERS 3
+#endif
+#ifndef XDPML_MODEL_MAX_WIDTH
+#define XDPML_MODEL_MAX_WIDTH 16
+#endif
+
+#define MODEL_KIND_TREES 1
+#define MODEL_KIND_LINEAR 2
+#define MODEL_KIND_MLP 3
+#define MODEL_DEC_LEAF 0
+#define MODEL_DEC_ARGMAX 1
+#define MODEL_DEC_BINARY 2
+#define MODEL_REQ_SHIFT 24
+/* clang's unrolling and vectorising turn these bounded loops into shapes the verifier
+ * cannot bound (and multiply its work): each loop stays one simple loop */
+#define MODEL_LOOP _Pragma("clang loop unroll(disable) vectorize(disable)")
+/* loop bounds are re-read from the slot at each test: a bound kept in a register would
+ * carry what each exit taught the verifier about it, and no two exits would prune */
+#define MODEL_RD(x) (*(volatile __typeof__(x) *)&(x))
+#define MODEL_ACT_MAX 32767
+
+/* feature ids: the order of xdpml/models/features.py */
+#define MF_IP_VERSION 0
+#define MF_IP_IHL 1
+#define MF_TOS 2
+#define MF_IP_DSCP 3
+#define MF_IP_ECN 4
+#define MF_IP_TOTAL_LENGTH 5
+#define MF_IP_FRAG_OFFSET 6
+#define MF_IP_FLAGS 7
+#define MF_IP_ID 8
+#define MF_IP_TTL 9
+#define MF_PROTOCOL 10
+#define MF_SRC_PORT 11
+#define MF_DST_PORT 12
+#define MF_TCP_SEQUENCE_NUM 13
+#define MF_TCP_ACK_NUM 14
+#define MF_TCP_WINDOW_SIZE 15
+#define MF_TCP_URGENT_POINTER 16
+#define MF_TCP_FIN 17
+#define MF_TCP_SYN 18
+#define MF_TCP_RST 19
+#define MF_TCP_PSH 20
+#define MF_TCP_ACK 21
+#define MF_TCP_URG 22
+#define MF_TCP_ECE 23
+#define MF_TCP_CWR 24
+#define MF_PKT_LEN 25
+#define MF_PAYLOAD_LEN 26
+#define MF_VLAN_ID 27
+#define MF_PR_TCP 28
+#define MF_PR_UDP 29
+#define MF_PR_ICMP 30
+#define MF_PR_OTHER 31
+#define MF_SRC_PORT_LOW 32
+#define MF_SRC_PORT_MID 33
+#define MF_SRC_PORT_HIGH 34
+#define MF_DST_PORT_LOW 35
+#define MF_DST_PORT_MID 36
+#define MF_DST_PORT_HIGH 37
+
+struct model_node {
+    __s64 thr;    /* go left when x[feat] <= thr (integer threshold, see compiler.py) */
+    __u16 feat;   /* model input index (0 at a leaf) */
+    __u16 left;   /* index of the left child (over all trees); right is left + 1; a leaf: itself */
+    __u16 leaf;   /* leaf: the class (one tree) or the offset of its n_outputs values */
+    __u16 _pad;
+};
+
+struct model_trees {
+    __u16 root[XDPML_MODEL_MAX_TREES];
+    struct model_node node[XDPML_MODEL_MAX_NODES];
+    __s64 leaf[XDPML_MODEL_MAX_LEAF_VALUES];
+};
+
+struct model_linear {
+    __s64 w[XDPML_MODEL_MAX_OUTPUTS][XDPML_MODEL_MAX_FEATURES];
+};
+
+struct model_mlp {
+    __s64 in_mul[XDPML_MODEL_MAX_FEATURES]; /* input j: (x * in_mul + in_add) >> in_shift */
+    __s64 in_add[XDPML_MODEL_MAX_FEATURES];
+    __s64 in_shift[XDPML_MODEL_MAX_FEATURES];
+    __s64 mult[XDPML_MODEL_MAX_LAYERS];     /* requantisation: (relu(acc) * mult + 2^23) >> 24 */
+    __s64 bias[XDPML_MODEL_MAX_LAYERS][XDPML_MODEL_MAX_WIDTH];
+    __u32 width[XDPML_MODEL_MAX_LAYERS];    /* outputs of each layer */
+    __s8  w[XDPML_MODEL_MAX_LAYERS][XDPML_MODEL_MAX_WIDTH][XDPML_MODEL_MAX_WIDTH]; /* [layer][in][out] */
+};
+
+struct model_slot {
+    __u32 kind;       /* 0: empty (no model; packets are not classified) */
+    __u32 decision;   /* MODEL_DEC_* */
+    __u32 n_features;
+    __u32 n_outputs;
+    __u32 n_trees;
+    __u32 n_layers;
+    __u32 model_id;   /* set by user space, for `xdpml model show` */
+    __u32 depth;      /* trees: levels walked (the deepest leaf) */
+    __u16 feat_id[XDPML_MODEL_MAX_FEATURES]; /* model input i -> MF_* */
+    __s64 bias[XDPML_MODEL_MAX_OUTPUTS];
+    struct model_trees trees;
+    struct model_linear lin;
+    struct model_mlp mlp;
+};
+
+struct model_ctl {
+    __u32 active;     /* slot the next packet uses: 0 or 1 */
+    __u32 _pad;
+};
+
+struct model_scratch {
+    __s64 x[XDPML_MODEL_MAX_FEATURES];
+    __s64 acc[XDPML_MODEL_MAX_OUTPUTS];
+    __s64 act[2][XDPML_MODEL_MAX_WIDTH];
+};
+
+#define MODEL_STATS_PER_SLOT (XDPML_MODEL_MAX_OUTPUTS + 1)
+
+/* model_slots: the two slots; model_ctl[0]: the active index; model_stats: per CPU,
+ * per slot, packets classified as each class, then packets seen while empty. */
+BPF_TABLE("array", __u32, struct model_slot, model_slots, 2);
+BPF_TABLE("array", __u32, struct model_ctl, model_ctl, 1);
+BPF_TABLE("percpu_array", __u32, struct model_scratch, model_scratch, 1);
+BPF_TABLE("percpu_array", __u32, __u64, model_stats, 2 * MODEL_STATS_PER_SLOT);
+
+static __always_inline __s64 model_feature(struct pkt_info *p, __u32 frame_len, __u32 id)
+{
+    __u8 tcp = p->proto == IPPROTO_TCP;
+    __u8 f = tcp ? p->tcp_flags : 0;
+    int v4 = p->ip_version == 4;
+    switch (id) {
+    case MF_IP_VERSION: return p->ip_version;
+    case MF_IP_IHL: return v4 ? p->ihl : 0;
+    case MF_TOS: return p->tos;
+    case MF_IP_DSCP: return p->tos >> 2;
+    case MF_IP_ECN: return p->tos & 3;
+    case MF_IP_TOTAL_LENGTH: return p->ip_len;
+    case MF_IP_FRAG_OFFSET: return v4 ? (p->frag_off & 0x1fff) : (p->frag_off >> 3);
+    case MF_IP_FLAGS: return v4 ? ((p->frag_off >> 13) & 3) : (p->frag_off & 1);
+    case MF_IP_ID: return v4 ? p->ip_id : 0;
+    case MF_IP_TTL: return p->ttl;
+    case MF_PROTOCOL: return p->proto;
+    case MF_SRC_PORT: return p->src_port;
+    case MF_DST_PORT: return p->dst_port;
+    case MF_TCP_SEQUENCE_NUM: return tcp ? p->tcp_seq : 0;
+    case MF_TCP_ACK_NUM: return tcp ? p->tcp_ack : 0;
+    case MF_TCP_WINDOW_SIZE: return tcp ? p->tcp_window : 0;
+    case MF_TCP_URGENT_POINTER: return tcp ? p->tcp_urg : 0;
+    /* the flags byte is TCP header byte 13, bit 0 FIN ... bit 7 CWR: no byte swap */
+    case MF_TCP_FIN: return f & 1;
+    case MF_TCP_SYN: return (f >> 1) & 1;
+    case MF_TCP_RST: return (f >> 2) & 1;
+    case MF_TCP_PSH: return (f >> 3) & 1;
+    case MF_TCP_ACK: return (f >> 4) & 1;
+    case MF_TCP_URG: return (f >> 5) & 1;
+    case MF_TCP_ECE: return (f >> 6) & 1;
+    case MF_TCP_CWR: return (f >> 7) & 1;
+    case MF_PKT_LEN: return frame_len;
+    case MF_PAYLOAD_LEN: return (__u16)(p->l3_end > p->hdr_len ? p->l3_end - p->hdr_len : 0);
+    case MF_VLAN_ID: return p->vlan_id;
+    case MF_PR_TCP: return tcp;
+    case MF_PR_UDP: return p->proto == IPPROTO_UDP;
+    case MF_PR_ICMP: return p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6;
+    case MF_PR_OTHER: return !(tcp || p->proto == IPPROTO_UDP || p->proto == IPPROTO_ICMP ||
+                               p->proto == IPPROTO_ICMPV6);
+    case MF_SRC_PORT_LOW: return p->src_port < 1024;
+    case MF_SRC_PORT_MID: return p->src_port >= 1024 && p->src_port < 49152;
+    case MF_SRC_PORT_HIGH: return p->src_port >= 49152;
+    case MF_DST_PORT_LOW: return p->dst_port < 1024;
+    case MF_DST_PORT_MID: return p->dst_port >= 1024 && p->dst_port < 49152;
+    case MF_DST_PORT_HIGH: return p->dst_port >= 49152;
+    }
+    return 0;
+}
+
+#define MODEL_NODE_MASK (XDPML_MODEL_MAX_NODES - 1)
+#define MODEL_FEAT_MASK (XDPML_MODEL_MAX_FEATURES - 1)
+#define MODEL_LEAFV_MASK (XDPML_MODEL_MAX_LEAF_VALUES - 1)
+
+#define MODEL_STEP(m, s, i)                                                          \
+    do {                                                                             \
+        struct model_node *n_ = &(m)->trees.node[i];                                 \
+        __s64 x_ = (s)->x[n_->feat & MODEL_FEAT_MASK];                               \
+        i = (n_->left + (__u32)((__u64)(n_->thr - x_) >> 63)) & MODEL_NODE_MASK;     \
+    } while (0)
+
+/* Walk every tree `depth` levels (rounded up to 4) without a data-dependent branch:
+ * the two children of a node are adjacent (right = left + 1), so a step is
+ * left + (x > thr), taken from the sign of thr - x (|thr|, |x| < 2^62: no overflow);
+ * a leaf points to itself with thr 2^62, so shallower leaves stay put. Indices are
+ * masked (the limits are powers of two), so the verifier needs no branch either, and
+ * distinct packets cost what one repeated packet costs. The compiler guarantees
+ * every walk ends on a leaf; a corrupt slot gives a wrong class, never a bad access.
+ * Returns the class (one tree) or 0 (sums in acc[]). */
+static __always_inline int model_trees_eval(struct model_slot *m, struct model_scratch *s)
+{
+    int cls = 0;
+    MODEL_LOOP
+    for (__u32 t = 0; t < XDPML_MODEL_MAX_TREES; t++) {
+        if (t >= MODEL_RD(m->n_trees))
+            break;
+        __u32 i = m->trees.root[t] & MODEL_NODE_MASK;
+        MODEL_LOOP
+        for (__u32 d = 0; d < XDPML_MODEL_MAX_DEPTH; d += 4) {
+            if (d >= MODEL_RD(m->depth))
+                break;
+            MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, i);
+        }
+        __u32 base = m->trees.node[i].leaf;
+        if (m->decision == MODEL_DEC_LEAF) {
+            cls = base;
+        } else if (MODEL_RD(m->n_outputs) == 1) {
+            s->acc[0] += m->trees.leaf[base & MODEL_LEAFV_MASK];
+        } else {
+            MODEL_LOOP
+            for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
+                if (o >= MODEL_RD(m->n_outputs))
+                    break;
+                s->acc[o] += m->trees.leaf[(base + o) & MODEL_LEAFV_MASK];
+            }
+        }
+    }
+    return cls;
+}
+
+static __always_inline void model_linear_eval(struct model_slot *m, struct model_scratch *s)
+{
+    MODEL_LOOP
+    for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
+        if (o >= MODEL_RD(m->n_outputs))
+            break;
+        __s64 a = s->acc[o];
+        MODEL_LOOP
+        for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++) {
+            if (i >= MODEL_RD(m->n_features))
+                break;
+            a += m->lin.w[o][i] * s->x[i];
+        }
+        s->acc[o] = a;
+    }
+}
+
+static __always_inline int model_mlp_eval(struct model_slot *m, struct model_scratch *s)
+{
+    MODEL_LOOP
+    for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++) {
+        if (i >= MODEL_RD(m->n_features))
+            break;
+        __s64 a = (s->x[i] * m->mlp.in_mul[i] + m->mlp.in_add[i]) >> (m->mlp.in_shift[i] & 63);
+        if (a > MODEL_ACT_MAX)
+            a = MODEL_ACT_MAX;
+        if (a < -MODEL_ACT_MAX)
+            a = -MODEL_ACT_MAX;
+        s->act[0][i] = a;
+    }
+    MODEL_LOOP
+    for (__u32 l = 0; l < XDPML_MODEL_MAX_LAYERS; l++) {
+        if (l >= MODEL_RD(m->n_layers))
+            break;
+        __u32 src = l & 1, dst = src ^ 1;
+        MODEL_LOOP
+        for (__u32 j = 0; j < XDPML_MODEL_MAX_WIDTH; j++) {
+            if (j >= MODEL_RD(m->mlp.width[l]))
+                break;
+            __s64 a = m->mlp.bias[l][j];
+            MODEL_LOOP
+            for (__u32 i = 0; i < XDPML_MODEL_MAX_WIDTH; i++) {
+                /* inputs of layer l: the features, then the previous layer's outputs */
+                if (i >= (l == 0 ? MODEL_RD(m->n_features) : MODEL_RD(m->mlp.width[l - 1])))
+                    break;
+                a += (__s64)m->mlp.w[l][i][j] * s->act[src][i];
+            }
+            if (l + 1 == MODEL_RD(m->n_layers)) {
+                if (j < XDPML_MODEL_MAX_OUTPUTS)
+                    s->acc[j] = a;
+            } else {
+                a = a > 0 ? (a * m->mlp.mult[l] + (1LL << (MODEL_REQ_SHIFT - 1))) >> MODEL_REQ_SHIFT : 0;
+                s->act[dst][j] = a > MODEL_ACT_MAX ? MODEL_ACT_MAX : a;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Classify one parsed packet on the active slot; returns the class or -1. */
+static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len)
+{
+    __u32 z = 0;
+    struct model_ctl *ctl = model_ctl.lookup(&z);
+    struct model_scratch *s = model_scratch.lookup(&z);
+    if (!ctl || !s)
+        return -1;
+    __u32 slot = ctl->active & 1; /* read once: the packet finishes on this slot */
+    struct model_slot *m = model_slots.lookup(&slot);
+    if (!m)
+        return -1;
+    __u32 kind = m->kind;
+    if (kind == 0) {
+        __u32 k = slot * MODEL_STATS_PER_SLOT + XDPML_MODEL_MAX_OUTPUTS;
+        __u64 *c = model_stats.lookup(&k);
+        if (c)
+            *c += 1;
+        return -1;
+    }
+    MODEL_LOOP
+    for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++) {
+        if (i >= MODEL_RD(m->n_features))
+            break;
+        s->x[i] = model_feature(p, frame_len, m->feat_id[i]);
+    }
+    MODEL_LOOP
+    for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
+        if (o >= MODEL_RD(m->n_outputs))
+            break;
+        s->acc[o] = m->bias[o];
+    }
+    int cls = 0;
+    if (kind == MODEL_KIND_TREES)
+        cls = model_trees_eval(m, s);
+    else if (kind == MODEL_KIND_LINEAR)
+        model_linear_eval(m, s);
+    else if (kind == MODEL_KIND_MLP)
+        cls = model_mlp_eval(m, s);
+    else
+        cls = -1;
+    if (cls < 0) {
+        count(C_MODEL_ERR);
+        return -1;
+    }
+    if (m->decision == MODEL_DEC_BINARY) {
+        cls = s->acc[0] >= 0;
+    } else if (m->decision == MODEL_DEC_ARGMAX) {
+        __s64 best = s->acc[0];
+        cls = 0;
+        MODEL_LOOP
+        for (__u32 o = 1; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
+            if (o >= MODEL_RD(m->n_outputs))
+                break;
+            if (s->acc[o] > best) {
+                best = s->acc[o];
+                cls = o;
+            }
+        }
+    }
+    if (cls >= XDPML_MODEL_MAX_OUTPUTS) {
+        count(C_MODEL_ERR);
+        return -1;
+    }
+    __u32 k = slot * MODEL_STATS_PER_SLOT + (__u32)cls;
+    __u64 *c = model_stats.lookup(&k);
+    if (c)
+        *c += 1;
+    return cls;
+}
+
+#endif /* XDPML_MODEL_H */

@@ -1,0 +1,119 @@
+"""The kernel's class (real XDP flow program compiled with -DXDPML_MODEL=1, run by
+BPF_PROG_TEST_RUN on packets crafted by scapy) equals the Python walk of the same slot
+and scikit-learn's predict, for every model kind; swaps and the empty slot."""
+import numpy as np
+import pytest
+
+from xdpml.datapath.loader import XDP_PROG, Datapath
+from xdpml.datapath.testrun import test_run as prog_test_run
+from xdpml.config import AgentSettings
+from models import packets
+from xdpml.models import zoo
+from xdpml.errors import ModelError
+from xdpml.models import layout as L
+from xdpml.models.compiler import compile_model
+from xdpml.models.kernel import ModelSlots
+from xdpml.models.reference import predict_index
+
+pytestmark = pytest.mark.root
+LIM = L.Limits(trees=32, depth=12, nodes=4096, leaf_values=8192)
+N_KERNEL = 600  # packets through the kernel per model kind (the Python walk sees 100,000)
+XDP_PASS = 2
+
+
+@pytest.fixture(scope="module")
+def dp():
+    with Datapath(AgentSettings(), model_limits=LIM) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def slots(dp):
+    return ModelSlots.of(dp.bpf, LIM)
+
+
+@pytest.fixture(scope="module")
+def traffic():
+    _, X = zoo.dataset(6000, seed=1)
+    f, Xk = zoo.dataset(N_KERNEL, seed=7)
+    frames = [packets.frame(f, i) for i in range(N_KERNEL)]
+    return X, zoo.labels(X), Xk, frames
+
+
+def kernel_classes(dp, slots, frames) -> np.ndarray:
+    """Class index of each frame as the kernel counted it (-1: not classified)."""
+    fd = dp.progs[XDP_PROG].fd
+    out = np.empty(len(frames), np.int64)
+    err0 = dp.counters()["model_err"]
+    for i, fr in enumerate(frames):
+        before = slots.class_counts()
+        rc, _ = prog_test_run(fd, fr)
+        assert rc == XDP_PASS
+        delta = slots.class_counts() - before
+        assert delta.sum() == 1, delta
+        k = int(np.flatnonzero(delta)[0])
+        out[i] = -1 if k == LIM.outputs else k
+    assert dp.counters()["model_err"] == err0
+    return out
+
+
+@pytest.mark.parametrize("kind", zoo.KINDS)
+def test_kernel_class_equals_walk_and_sklearn(dp, slots, traffic, kind):
+    X, y, Xk, frames = traffic
+    model = zoo.train(kind, X, y)
+    c = compile_model(model, zoo.NAMES, limits=LIM)
+    packed = c.pack(LIM)
+    slots.swap(packed)
+    got = kernel_classes(dp, slots, frames)
+    walk = predict_index(packed, Xk, LIM)
+    assert (got == walk).all(), [(i, got[i], walk[i]) for i in np.flatnonzero(got != walk)[:10]]
+    want = model.predict(Xk.astype(np.float64))
+    agree = c.label(got) == want
+    if kind in zoo.EXACT or kind in zoo.SUMS:
+        assert agree.all(), np.flatnonzero(~agree)
+    elif kind in zoo.LINEAR:
+        outside = zoo.decision_values(model, Xk) > c.margin(Xk)
+        assert agree[outside].all()
+    else:
+        assert agree.mean() >= 0.99
+    assert len(set(got)) > 1
+
+
+def test_tcp_flag_bits_in_header_order(dp, slots):
+    """A tree on tcp_cwr alone (bit 7 of TCP byte 13) and one on tcp_fin (bit 0):
+    a byte-swapped or mis-shifted flag read would send these packets the other way."""
+    from sklearn.tree import DecisionTreeClassifier
+    for name in ("tcp_cwr", "tcp_fin", "tcp_ece"):
+        feats = [name]
+        col = packets.feature_matrix(zoo_fields(), feats)
+        model = DecisionTreeClassifier(max_depth=1).fit(col.astype(float), col[:, 0])
+        c = compile_model(model, feats, limits=LIM)
+        slots.swap(c.pack(LIM))
+        f = zoo_fields()
+        frs = [packets.frame(f, i) for i in range(200)]
+        got = kernel_classes(dp, slots, frs)
+        assert (c.label(got) == col[:200, 0]).all(), name
+        assert 0 < col[:200, 0].sum() < 200
+
+
+def zoo_fields():
+    f = packets.random_fields(400, np.random.default_rng(11))
+    f["proto"] = np.full(400, 6)
+    f["v6"] = np.zeros(400, bool)
+    return f
+
+
+def test_swap_flips_and_empty_slot_counts(dp, slots, traffic):
+    X, y, Xk, frames = traffic
+    tree = compile_model(zoo.train("tree", X, y), zoo.NAMES, limits=LIM)
+    first = slots.swap(tree.pack(LIM, model_id=7))
+    assert slots.active() == first and int(slots.read_slot(first)["model_id"]) == 7
+    with pytest.raises(ModelError, match="is active"):
+        slots.write_slot(first, tree.pack(LIM))
+    empty = slots.unload()
+    assert empty == first ^ 1 and slots.active() == empty
+    got = kernel_classes(dp, slots, frames[:50])
+    assert (got == -1).all()  # counted as seen while empty, never classified
+    back = slots.swap(tree.pack(LIM))
+    assert back == first
+    assert (kernel_classes(dp, slots, frames[:50]) == predict_index(tree.pack(LIM), Xk[:50], LIM)).all()

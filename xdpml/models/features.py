@@ -1,0 +1,115 @@
+"""The features a model in the kernel can read, by the names of the exported columns.
+
+One table, used by both sides: the compiler maps a model's input names to these
+ids, bpf/model.h computes the value of each id from the parsed packet (its
+``MF_*`` constants carry the same numbers, checked by tests/models/test_features.py),
+and the parity tests build the same values from the packets they craft.
+
+Every feature is an integer, so a model trained on exported columns compares
+exactly: the per-packet columns of docs/features.md (``kind: packet``) are already
+integers or booleans (0/1), and ``ip_ecn`` (``tos & 3``) is the one model-only
+addition, the ECN half of ``tos`` beside ``ip_dscp``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdpml.errors import ModelError
+
+U16, U32 = 0xFFFF, 0xFFFF_FFFF
+
+
+@dataclass(frozen=True)
+class Feature:
+    id: int
+    name: str
+    max: int     # largest value the kernel can produce (bounds fixed-point sums)
+    doc: str
+
+
+_TABLE = [
+    ("ip_version", 6, "4 or 6"),
+    ("ip_ihl", 15, "IPv4 header length in 32-bit words (0 for IPv6)"),
+    ("tos", 255, "IPv4 ToS / IPv6 traffic class"),
+    ("ip_dscp", 63, "tos >> 2"),
+    ("ip_ecn", 3, "tos & 3 (model-only: the ECN bits of the tos column)"),
+    ("ip_total_length", U16, "IPv4 total length / IPv6 payload length + 40"),
+    ("ip_frag_offset", 8191, "fragment offset in 8-byte units (flags masked off)"),
+    ("ip_flags", 3, "IPv4 flags (2 DF, 1 MF); IPv6: the fragment header's M flag"),
+    ("ip_id", U16, "IPv4 identification (0 for IPv6)"),
+    ("ip_ttl", 255, "TTL / hop limit"),
+    ("protocol", 255, "IP protocol number"),
+    ("src_port", U16, "source port (0 without ports)"),
+    ("dst_port", U16, "destination port (0 without ports)"),
+    ("tcp_sequence_num", U32, "TCP sequence number"),
+    ("tcp_ack_num", U32, "TCP acknowledgement number"),
+    ("tcp_window_size", U16, "TCP window field (unscaled)"),
+    ("tcp_urgent_pointer", U16, "TCP urgent pointer"),
+    ("tcp_fin", 1, "TCP FIN flag (header byte 13, bit 0)"),
+    ("tcp_syn", 1, "TCP SYN flag (bit 1)"),
+    ("tcp_rst", 1, "TCP RST flag (bit 2)"),
+    ("tcp_psh", 1, "TCP PSH flag (bit 3)"),
+    ("tcp_ack", 1, "TCP ACK flag (bit 4)"),
+    ("tcp_urg", 1, "TCP URG flag (bit 5)"),
+    ("tcp_ece", 1, "TCP ECE flag (bit 6)"),
+    ("tcp_cwr", 1, "TCP CWR flag (bit 7)"),
+    ("pkt_len", U32, "L2 frame bytes (TC: a GSO super-packet's whole length)"),
+    ("payload_len", U16, "L4 payload bytes"),
+    ("vlan_id", 4095, "outermost VLAN id, 0 untagged"),
+    ("pr_tcp", 1, "protocol is TCP"),
+    ("pr_udp", 1, "protocol is UDP"),
+    ("pr_icmp", 1, "protocol is ICMP or ICMPv6"),
+    ("pr_other", 1, "any other protocol"),
+    ("src_port_low", 1, "src_port < 1024"),
+    ("src_port_mid", 1, "1024 <= src_port < 49152"),
+    ("src_port_high", 1, "src_port >= 49152"),
+    ("dst_port_low", 1, "dst_port < 1024"),
+    ("dst_port_mid", 1, "1024 <= dst_port < 49152"),
+    ("dst_port_high", 1, "dst_port >= 49152"),
+]
+
+FEATURES: tuple[Feature, ...] = tuple(Feature(i, n, m, d) for i, (n, m, d) in enumerate(_TABLE))
+BY_NAME = {f.name: f for f in FEATURES}
+
+
+def resolve(names) -> list[Feature]:
+    """Model input names -> features, in order; ModelError names the unknown ones."""
+    names = [str(n) for n in names]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise ModelError(f"unknown model feature(s) {', '.join(unknown)}; the kernel offers: "
+                         f"{', '.join(BY_NAME)} (docs/models.md)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ModelError(f"feature(s) named twice: {', '.join(dup)}")
+    return [BY_NAME[n] for n in names]
+
+
+def packet_features(*, version: int, ihl: int = 0, tos: int = 0, ip_len: int = 0, frag_off: int = 0,
+                    ip_id: int = 0, ttl: int = 0, proto: int = 0, sport: int = 0, dport: int = 0,
+                    seq: int = 0, ack: int = 0, window: int = 0, urg: int = 0, flags: int = 0,
+                    pkt_len: int = 0, payload_len: int = 0, vlan_id: int = 0) -> dict[str, int]:
+    """Feature values of one packet from its header fields, as the columns define them
+    (``frag_off``: the IPv4 flags+offset field, or the IPv6 fragment header's offset word)."""
+    v4 = version == 4
+    tcp = proto == 6
+    out = {
+        "ip_version": version, "ip_ihl": ihl if v4 else 0, "tos": tos, "ip_dscp": tos >> 2,
+        "ip_ecn": tos & 3, "ip_total_length": ip_len,
+        "ip_frag_offset": (frag_off & 0x1FFF) if v4 else frag_off >> 3,
+        "ip_flags": ((frag_off >> 13) & 3) if v4 else frag_off & 1,
+        "ip_id": ip_id if v4 else 0, "ip_ttl": ttl, "protocol": proto,
+        "src_port": sport, "dst_port": dport,
+        "tcp_sequence_num": seq if tcp else 0, "tcp_ack_num": ack if tcp else 0,
+        "tcp_window_size": window if tcp else 0, "tcp_urgent_pointer": urg if tcp else 0,
+        "pkt_len": pkt_len, "payload_len": payload_len & U16, "vlan_id": vlan_id,
+        "pr_tcp": int(tcp), "pr_udp": int(proto == 17), "pr_icmp": int(proto in (1, 58)),
+        "pr_other": int(proto not in (1, 6, 17, 58)),
+    }
+    for i, f in enumerate(("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")):
+        out[f"tcp_{f}"] = int(tcp and (flags >> i) & 1)
+    for side, port in (("src", sport), ("dst", dport)):
+        out[f"{side}_port_low"] = int(port < 1024)
+        out[f"{side}_port_mid"] = int(1024 <= port < 49152)
+        out[f"{side}_port_high"] = int(port >= 49152)
+    return out
