@@ -39,7 +39,7 @@ def main() -> int:
     from xdpml.datapath.loader import TC_INGRESS_PROG, Datapath
     from xdpml.config import AgentSettings
     from bench.bench_datapath import tcp_frames
-    from xdpml.models import zoo
+    from bench import model_zoo as zoo
     from xdpml.models import layout as L
     from xdpml.models.compiler import compile_model
     from xdpml.models.kernel import ModelSlots

@@ -116,7 +116,7 @@ def agent_side() -> tuple[set[str], set[str]]:
                      # `xdpml model compile` reads scikit-learn models: a training-side tool,
                      # run where xdpml[collector] is installed (its error says so elsewhere)
                      exclude=("xdpml.collector", "xdpml.cli.collector", "xdpml.cli.demo",
-                              "xdpml.models.cli_commands", "xdpml.models.zoo"))
+                              "xdpml.models.cli_commands"))
 
 
 def collector_side() -> tuple[set[str], set[str]]:

@@ -5,7 +5,7 @@ import json
 import joblib
 import pytest
 
-from xdpml.models import zoo
+from bench import model_zoo as zoo
 from xdpml.errors import ModelError
 from xdpml.models.cli_commands import add_model_commands
 

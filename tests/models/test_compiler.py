@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.tree import DecisionTreeClassifier
 
-from xdpml.models import zoo
+from bench import model_zoo as zoo
 from xdpml.errors import ModelError
 from xdpml.models import layout as L
 from xdpml.models.compiler import compile_model, int_threshold

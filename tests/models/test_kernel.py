@@ -7,8 +7,8 @@ import pytest
 from xdpml.datapath.loader import XDP_PROG, Datapath
 from xdpml.datapath.testrun import test_run as prog_test_run
 from xdpml.config import AgentSettings
-from models import packets
-from xdpml.models import zoo
+from bench import model_packets as packets
+from bench import model_zoo as zoo
 from xdpml.errors import ModelError
 from xdpml.models import layout as L
 from xdpml.models.compiler import compile_model

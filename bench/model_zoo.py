@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 from sklearn.tree import DecisionTreeClassifier
 
-from models.packets import feature_matrix, random_fields
+from bench.model_packets import feature_matrix, random_fields
 
 # tcp_urgent_pointer first: zero for most packets, and the first feature (index 0)
 NAMES = ["tcp_urgent_pointer", "ip_version", "ip_ihl", "ip_dscp", "ip_ecn", "ip_total_length",
