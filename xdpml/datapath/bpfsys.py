@@ -91,7 +91,7 @@ class Map:
         return True
 
     def keys(self) -> list:
-        out = []
+        out: list = []
         nxt = self.key_type()
         attr = _ElemAttr(map_fd=self.fd, key=0, value=C.addressof(nxt))
         while True:

@@ -658,7 +658,7 @@ def _remove_owned(items: list[Owned]) -> list[str]:
     from bcc import BPF
     from pyroute2 import IPRoute
 
-    done = []
+    done: list = []
     if not items:
         return done
     ifname = items[0].ifname

@@ -199,7 +199,7 @@ class RuleTable:
     # -- rules ---------------------------------------------------------------------
     def _match_keys(self, rule: Rule) -> list[tuple[str, object]]:
         if rule.kind == "exact":
-            out = []
+            out: list[tuple[str, object]] = []
             ends = [(rule.src, rule.dst, rule.src_port, rule.dst_port)]
             if rule.both_ways:
                 ends.append((rule.dst, rule.src, rule.dst_port, rule.src_port))
@@ -211,13 +211,14 @@ class RuleTable:
                 out.append(("enf_exact", k))
             return out
         net = rule.network()
+        key: abi.EnfLpm4Key | abi.EnfLpm6Key
         if net.version == 4:
-            k = abi.EnfLpm4Key(prefixlen=net.prefixlen)
-            C.memmove(k.addr, net.network_address.packed, 4)
+            key = abi.EnfLpm4Key(prefixlen=net.prefixlen)
+            C.memmove(key.addr, net.network_address.packed, 4)
         else:
-            k = abi.EnfLpm6Key(prefixlen=net.prefixlen)
-            C.memmove(k.addr, net.network_address.packed, 16)
-        return [(f"enf_{rule.kind}{net.version}", k)]
+            key = abi.EnfLpm6Key(prefixlen=net.prefixlen)
+            C.memmove(key.addr, net.network_address.packed, 16)
+        return [(f"enf_{rule.kind}{net.version}", key)]
 
     def add(self, rule: Rule) -> int:
         """Install; returns the slot. Refuses a match already taken by another live rule."""
@@ -367,9 +368,10 @@ class RuleTable:
     def set_allowlist(self, networks) -> None:
         """Replace the kernel allowlist with these networks (new ones first, then the
         stale removed, so no instant is left without the allowlist)."""
-        want = {}
+        want: dict = {}
         for net in networks:
             net = ipaddress.ip_network(net, strict=False)
+            k: abi.EnfLpm4Key | abi.EnfLpm6Key
             if net.version == 4:
                 k = abi.EnfLpm4Key(prefixlen=net.prefixlen)
                 C.memmove(k.addr, net.network_address.packed, 4)

@@ -167,7 +167,8 @@ class AgentConfigWatcher:
 
     def _read_node_labels(self) -> bool:
         try:
-            resp = self._core.read_node(self.node_name, _preload_content=False, _request_timeout=10)
+            # raw response (urllib3), not a V1Node: _preload_content=False
+            resp: Any = self._core.read_node(self.node_name, _preload_content=False, _request_timeout=10)
             try:
                 if resp.status == 200:
                     self._node_labels = (json.loads(resp.data).get("metadata") or {}).get("labels") or {}
@@ -283,7 +284,7 @@ class AgentConfigWatcher:
             patch["conditions"] = [{
                 "type": "Accepted", "status": accepted[0], "reason": accepted[1],
                 "message": accepted[2][:32768], "observedGeneration": generation,
-                "lastTransitionTime": _rfc3339(time.time()) if changed else previous["lastTransitionTime"]}]
+                "lastTransitionTime": _rfc3339(time.time()) if changed else (previous or {})["lastTransitionTime"]}]
         with self._lock:
             self._pending_status[meta["name"]] = {"status": patch}
 
@@ -339,7 +340,7 @@ class AgentConfigWatcher:
                     break
                 event = self._pending_events[0]
             try:
-                self._core.create_namespaced_event(self.namespace, event, _request_timeout=10)
+                self._core.create_namespaced_event(self.namespace, event, _request_timeout=10)  # type: ignore[arg-type]  # a dict is sent as is
             except Exception as err:
                 log.warning("cannot post Event %s: %s; will retry", event["reason"], err)
                 return False

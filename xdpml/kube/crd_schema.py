@@ -127,7 +127,7 @@ def _describe(err: jsonschema.ValidationError) -> list[tuple[tuple, str]]:
     path, kw, want, got, node = tuple(err.absolute_path), err.validator, err.validator_value, err.instance, err.schema
     if kw == "type":
         types = want if isinstance(want, list) else [want]
-        return [(path, f"must be {' or '.join(_TYPE_WORDS.get(t, t) for t in types)}, not {_short(got)}")]
+        return [(path, f"must be {' or '.join(str(_TYPE_WORDS.get(t, t)) for t in types)}, not {_short(got)}")]
     if kw == "enum":
         return [(path, f"must be one of {', '.join(map(str, want))}, not {_short(got)}")]
     if kw in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +92,10 @@ class CompiledModel:
     node_left: np.ndarray | None = None
     node_leaf: np.ndarray | None = None
     leaf_values: np.ndarray | None = None
+
+    @property
+    def n_leaf_values(self) -> int:
+        return 0 if self.leaf_values is None else len(self.leaf_values)
     depth: int = 0
     # linear
     weights: np.ndarray | None = None
@@ -141,7 +146,7 @@ class CompiledModel:
             need("trees", self.n_trees, lim.trees, "TREES")
             need("tree depth", self.depth, lim.depth, "DEPTH")
             need("tree nodes", self.n_nodes, lim.nodes, "NODES")
-            need("leaf values", len(self.leaf_values), lim.leaf_values, "LEAF_VALUES")
+            need("leaf values", self.n_leaf_values, lim.leaf_values, "LEAF_VALUES")
         if self.kind == L.KIND_MLP:
             need("MLP layers", len(self.layers), lim.layers, "LAYERS")
             need("MLP width", max(max(w.shape) for w, _, _ in self.layers), lim.width, "WIDTH")
@@ -164,7 +169,7 @@ class CompiledModel:
             for name, arr in (("feat", self.node_feat), ("thr", self.node_thr), ("left", self.node_left),
                               ("leaf", self.node_leaf)):
                 t["node"][name][:n] = arr
-            t["leaf"][: len(self.leaf_values)] = self.leaf_values
+            t["leaf"][: self.n_leaf_values] = self.leaf_values
         elif self.kind == L.KIND_LINEAR:
             s["lin"]["w"][: self.n_outputs, : self.n_features] = self.weights
         elif self.kind == L.KIND_MLP:
@@ -181,11 +186,11 @@ class CompiledModel:
         return s
 
     def stats(self) -> dict:
-        out = {"estimator": self.estimator, "features": [f.name for f in self.features],
+        out: dict[str, Any] = {"estimator": self.estimator, "features": [f.name for f in self.features],
                "classes": [_plain(c) for c in self.classes]}
         if self.kind == L.KIND_TREES:
-            out.update(trees=self.n_trees, nodes=self.n_nodes, depth=self.depth,
-                       leaf_values=len(self.leaf_values))
+            out.update({"trees": self.n_trees, "nodes": self.n_nodes, "depth": self.depth,
+                        "leaf_values": self.n_leaf_values})
         if self.kind == L.KIND_MLP:
             out["layers"] = [list(w.shape) for w, _, _ in self.layers]
         if self.frac_bits:
