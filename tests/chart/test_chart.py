@@ -262,7 +262,7 @@ def test_agent_defaults_least_privilege():
     assert c["args"] == [
         "--log-format=text", "agent", "--kubernetes", "--config-name=default",
         f"--collector={RELEASE}-xdpml-collector.{NAMESPACE}.svc:50051",
-        "--health-port=8081", "--metrics-port=9464",
+        "--health-port=8081", "--bind-address=$(POD_IP)", "--metrics-port=9464",
         f"--tls-ca={tls}/ca.crt", f"--tls-cert={tls}/tls.crt", f"--tls-key={tls}/tls.key"]
     # the shell wrapper must hand over with exec so SIGTERM reaches the agent
     assert c["command"][:2] == ["/bin/sh", "-c"] and 'exec xdpml "$@"' in c["command"][2]
@@ -318,7 +318,8 @@ def test_collector_runs_as_non_root_with_grpc_probes():
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "privileged": False,
                                     "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     assert c["args"] == ["--log-format=text", "collector", "--listen=0.0.0.0:50051",
-                         "--state-dir=/var/lib/xdpml/state", "--metrics-port=9464"]
+                         "--state-dir=/var/lib/xdpml/state", "--learn-from=any",
+                         "--parquet=/var/lib/xdpml/scored/flows.parquet", "--metrics-port=9464"]
     assert {"name": "data", "mountPath": "/var/lib/xdpml"} in c["volumeMounts"]
     assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": ""}
     assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
@@ -328,7 +329,8 @@ def test_collector_runs_as_non_root_with_grpc_probes():
     (c,) = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"]
     tls = "/etc/xdpml/tls/xdpml-collector-tls"
     assert c["args"] == ["--log-format=text", "collector", "--listen=0.0.0.0:50051",
-                         "--state-dir=/var/lib/xdpml/state", "--metrics-port=9464", f"--tls-cert={tls}/tls.crt",
+                         "--state-dir=/var/lib/xdpml/state", "--learn-from=authenticated",
+                         "--parquet=/var/lib/xdpml/scored/flows.parquet", "--metrics-port=9464", f"--tls-cert={tls}/tls.crt",
                          f"--tls-key={tls}/tls.key", f"--tls-client-ca={tls}/ca.crt"]
     assert c["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
 

@@ -293,3 +293,133 @@ def test_network_policy_follows_ports_and_switches():
 def _notes(values: dict) -> str:
     from test_chart import notes
     return notes(values)
+
+
+# ---- the agent's endpoints bind the pod IP ------------------------------------------
+
+def kubelet_expand(arg: str, env: dict[str, str]) -> str:
+    """$(VAR) in container args, as the kubelet expands it (only variables the
+    container's env defines; anything else is left as written)."""
+    import re
+
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
+
+
+def test_agent_endpoints_bind_the_pod_ip_and_probes_reach_them():
+    import urllib.request
+
+    from xdpml.cli import _health, build_parser, check_agent_args
+
+    docs = render()
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    c = container(docs, "DaemonSet")
+    assert pod["hostNetwork"] is True
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # the kubelet probes the pod IP (no host set) on the named port the agent serves
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "host" not in c[probe]["httpGet"] and c[probe]["httpGet"]["port"] == "health"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+
+    # 127.0.0.2 stands for the node's address: a loopback address that is not 127.0.0.1
+    pod_ip = "127.0.0.2"
+    args = build_parser().parse_args([kubelet_expand(a, {"POD_IP": pod_ip}) for a in c["args"]])
+    check_agent_args(args)
+    assert args.bind_address == pod_ip and args.health_port == ports["health"]
+    assert args.metrics_port == ports["metrics"]
+    # unexpanded (POD_IP missing from env), the agent refuses in one line rather than bind 0.0.0.0
+    raw = build_parser().parse_args(c["args"])
+    with pytest.raises(Exception, match=r"--bind-address '\$\(POD_IP\)' is not an IP address"):
+        check_agent_args(raw)
+
+    # the real health server the agent starts from these arguments: answers on the pod
+    # IP, and nowhere else (127.0.0.1 stands for every other address of the node)
+    args.health_port = 0
+    health = _health(args, conditions=())
+    try:
+        port = health.port
+        with urllib.request.urlopen(f"http://{pod_ip}:{port}/livez", timeout=30) as r:
+            assert r.status == 200
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=30).close()
+    finally:
+        health.close()
+
+
+# ---- the collector scores, with a baseline the operator chose, and stores rows -------
+
+def test_collector_learns_from_authenticated_agents_by_default():
+    docs = render()
+    col = container(docs, "Deployment")
+    assert flag(col, "learn-from") == "authenticated"
+    assert not [a for a in col["args"] if a.startswith("--baseline")]
+    # "authenticated" means a client certificate verified against this CA: mTLS is on
+    assert mounted_secret(docs, "Deployment", flag(col, "tls-client-ca")) == "xdpml-collector-tls"
+    # scored rows in a subdirectory of the data volume (an emptyDir unless a claim is named)
+    assert flag(col, "parquet") == "/var/lib/xdpml/scored/flows.parquet"
+    assert not [a for a in col["args"] if a.startswith("--jsonl")]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (data,) = [v for v in pod["volumes"] if v["name"] == "data"]
+    assert data == {"name": "data", "emptyDir": {}}
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+
+
+def test_learning_from_authenticated_without_mtls_is_refused():
+    with pytest.raises(Exception, match="learnFrom=authenticated needs tls.enabled and tls.mutual"):
+        render({"tls": {"mutual": False}})
+    # without TLS an operator must say so: a pinned baseline, or "any" (a lab)
+    col = container(render(load_values(CHART / "ci" / "plaintext-values.yaml")), "Deployment")
+    assert flag(col, "learn-from") == "any"
+
+
+def test_pinned_baseline_and_created_claim(tmp_path):
+    from xdpml.cli import build_parser
+
+    docs = render(load_values(CHART / "ci" / "baseline-values.yaml"))
+    col = container(docs, "Deployment")
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert flag(col, "baseline") == "/etc/xdpml/baseline/baseline.joblib"
+    assert not [a for a in col["args"] if a.startswith("--learn-from")]  # pinned: nobody teaches it
+    vols = {v["name"]: v for v in pod["volumes"]}
+    mnt = {m["mountPath"]: m for m in col["volumeMounts"]}
+    assert mnt["/etc/xdpml/baseline"]["readOnly"] is True
+    assert vols[mnt["/etc/xdpml/baseline"]["name"]]["configMap"]["name"] == "xdpml-baseline"
+    claim = one(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert claim["spec"]["storageClassName"] == "fast"
+    assert vols[mnt["/var/lib/xdpml"]["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    a = build_parser().parse_args(col["args"])
+    assert a.parquet == "/var/lib/xdpml/scored/flows.parquet" and a.jsonl == "/var/lib/xdpml/scored/flows.jsonl"
+    # a baseline from an existing claim instead
+    docs = render({"collector": {"baseline": {"existingClaim": "baselines", "key": "b.joblib"}}})
+    col = container(docs, "Deployment")
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (v,) = [v for v in pod["volumes"] if v["name"] == "baseline"]
+    assert v["persistentVolumeClaim"] == {"claimName": "baselines", "readOnly": True}
+    assert flag(col, "baseline") == "/etc/xdpml/baseline/b.joblib"
+
+
+def test_collector_accepts_the_rendered_output_directory(tmp_path):
+    """The collector's own output check on the volume as Kubernetes lays it out with
+    fsGroup (the volume root group-writable and setgid): it creates scored/ 0700 and
+    accepts it; the volume root itself would also pass, /tmp-like directories not."""
+    import os
+    import stat
+
+    from xdpml.collector.sinks import check_output_path
+    from xdpml.errors import OutputError
+
+    col = container(render(), "Deployment")
+    parquet = flag(col, "parquet")
+    rel = os.path.relpath(parquet, "/var/lib/xdpml")
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    vol.chmod(0o2775)
+    check_output_path(str(vol / rel))
+    made = vol / os.path.dirname(rel)
+    assert stat.S_IMODE(made.stat().st_mode) & 0o777 == 0o700  # (setgid kept from the volume root)
+    sticky = tmp_path / "shared"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    with pytest.raises(OutputError, match="writable by every user"):
+        check_output_path(str(sticky / "flows.parquet"))
