@@ -1,23 +1,24 @@
 """The verdict policy over real gRPC: exact verdicts for crafted scores across
 thresholds and classes, the dry-run switch, safe defaults, bad policy files."""
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-
+from conftest import PacketsModel, batch_with_ids
+from test_collector_metrics import scrape
 from xdpml.collector.models import Scores, feature_matrix
 from xdpml.collector.policy import Policy, Rule, load_policy
+
 from xdpml.errors import ConfigError
 from xdpml.obs.telemetry import Telemetry, TelemetrySettings
 from xdpml.wire import codec
 from xdpml.wire.v1 import collector_pb2 as cpb
 from xdpml.wire.v1 import collector_pb2_grpc as cgrpc
-
-from conftest import PacketsModel, batch_with_ids
-from test_collector_metrics import scrape
 
 ROOT = Path(__file__).resolve().parents[2]
 A = cpb  # Action values: A.ACTION_ALERT, ...
@@ -97,7 +98,7 @@ def test_exact_verdicts_across_thresholds_and_classes(collector, tmp_path):
 
 def test_default_policy_only_alerts(collector):
     srv = collector()  # PacketsModel, no policy, no --action: threshold 0.5, ALERT, 300 s
-    ack, vb = export(srv, crafted([10, 49, 50, 100], [1, 2, 3, 4]))
+    _, vb = export(srv, crafted([10, 49, 50, 100], [1, 2, 3, 4]))
     assert table(vb) == [(2, 0.5, "anomaly", A.ACTION_ALERT, A.ACTION_ALERT, 300),
                          (3, 1.0, "anomaly", A.ACTION_ALERT, A.ACTION_ALERT, 300)]
     assert vb.threshold == 0.5 and not vb.dry_run
@@ -173,3 +174,37 @@ def test_cli_refuses_a_bad_policy_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "xdpml", "collector", "--policy", str(tmp_path / "missing.yaml")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot read policy file" in r.stderr
+
+
+def test_flags_override_the_files_default_rule_and_dry_run(tmp_path):
+    from xdpml.collector.policy import with_overrides
+
+    (tmp_path / "p.yaml").write_text("dry_run: true\ndefault: {action: drop, ttl_seconds: 30}\n"
+                                     "rules: [{class: scan, action: rate-limit}]\n")
+    p = load_policy(str(tmp_path / "p.yaml"))
+    assert p == Policy(Rule("drop", ttl_seconds=30), (Rule("rate-limit", cls="scan"),), True)
+    assert with_overrides(p) == p
+    q = with_overrides(p, action="alert", threshold=0.7, ttl_seconds=10, dry_run=False)
+    assert q == Policy(Rule("alert", threshold=0.7, ttl_seconds=10), p.rules, False)
+    with pytest.raises(ConfigError, match="default rule: ttl_seconds must be"):
+        with_overrides(p, ttl_seconds=86401)
+
+
+def test_cli_runs_a_policy_file_in_dry_run(tmp_path):
+    (tmp_path / "p.yaml").write_text("default: {action: drop}\n")
+    err = tmp_path / "err"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "xdpml", "collector", "--listen", "127.0.0.1:0", "--state-dir",
+                                 str(tmp_path), "--policy", str(tmp_path / "p.yaml"), "--dry-run"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=f)
+    try:
+        # The start line comes after the policy was loaded: wait for it, not for a time.
+        for _ in range(600):
+            if "listening on port" in err.read_text() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        text = err.read_text()
+        assert "policy: default drop, ttl 300 s, 0 more rule(s), may suggest drop (DRY RUN: sent as alert)" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
