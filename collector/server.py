@@ -32,6 +32,7 @@ from xdpml.wire import codec
 from xdpml.wire.tls import ServerTls
 from xdpml.collector import wire_schema
 from xdpml.collector.models import Model, ModelError
+from xdpml.collector.policy import ACTION_NAMES, ACTIONS, Policy, Rule
 from xdpml.errors import ConfigError, ServiceError
 from xdpml.collector.sinks import ScoredBatch, Sink, now_ms
 from xdpml.wire.v1 import collector_pb2 as cpb
@@ -40,7 +41,6 @@ from xdpml.wire.v1 import collector_pb2_grpc as cgrpc
 log = logging.getLogger(__name__)
 
 SERVICE = cpb.DESCRIPTOR.services_by_name["Collector"].full_name
-ACTIONS = {"alert": cpb.ACTION_ALERT, "drop": cpb.ACTION_DROP, "rate-limit": cpb.ACTION_RATE_LIMIT}
 # google.rpc.Code values used in Ack.error_code.
 INVALID_ARGUMENT, FAILED_PRECONDITION, INTERNAL = 3, 9, 13
 MAX_VERDICTS_PER_BATCH = 10_000
@@ -102,7 +102,8 @@ class CollectorSettings:
     tls: ServerTls | None = None
     threshold: float | None = None  # None: the model's default
     send_verdicts: bool = True
-    action: str = "alert"  # suggested action for flagged rows
+    action: str = "alert"  # suggested action for flagged rows (the default rule when no policy is given)
+    policy: Policy | None = None  # None: every flagged row gets `action`, TTL 300 s, no dry-run
     max_message_bytes: int = codec.GRPC_DEFAULT_MAX_MESSAGE
     max_agents: int = 256  # concurrent Export streams; more are refused (RESOURCE_EXHAUSTED)
     max_streams_per_peer: int = 16  # concurrent Export streams from one address
@@ -122,6 +123,8 @@ class CollectorSettings:
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ConfigError(f"action must be one of {', '.join(ACTIONS)}")
+        if self.policy is None:
+            self.policy = Policy(Rule(action=self.action))
         parse_listen(self.listen)
         for name in ("max_agents", "max_streams_per_peer", "max_tracked_agents"):
             if getattr(self, name) < 1:
@@ -248,14 +251,20 @@ class CollectorServicer(cgrpc.CollectorServicer):
         self.sinks = list(sinks)
         self.telemetry = telemetry  # xdpml.obs.telemetry.Telemetry or None
         self.settings = settings
-        self.threshold = settings.threshold if settings.threshold is not None else model.default_threshold
+        self.policy: Policy = settings.policy
+        # The threshold of rules that name none: --threshold, else the model's default.
+        self.base_threshold = settings.threshold if settings.threshold is not None else model.default_threshold
+        # The default rule's threshold (reported in VerdictBatch.threshold).
+        self.threshold = self.policy.default.threshold if self.policy.default.threshold is not None \
+            else self.base_threshold
         self.draining = threading.Event()
         self._lock = threading.Lock()
         self._sink_lock = threading.Lock()
         self.counters = collections.Counter({k: 0 for k in (
             "streams_total", "streams_active", "streams_refused", "streams_idle_closed", "streams_aged_out",
             "batches_received", "rows_received", "rows_scored", "rows_flagged", "rows_unscored",
-            "batches_rejected", "schema_mismatches", "bad_messages", "verdicts_sent", "agents_evicted", "nonfinite_values")})
+            "batches_rejected", "schema_mismatches", "bad_messages", "verdicts_sent", "agents_evicted",
+            "nonfinite_values", *(f"verdicts_{a.replace('-', '_')}" for a in ACTIONS))})
         self.nonfinite: collections.Counter = collections.Counter()  # column -> values replaced
         # agent_id -> node name, for logs; least recently seen first, at most max_tracked_agents.
         self.agents: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -453,7 +462,8 @@ class CollectorServicer(cgrpc.CollectorServicer):
                                                  error_code=INTERNAL))
             return
         score = np.asarray(out.score, dtype=np.float64)
-        flagged = score >= self.threshold  # NaN (not scored) compares False
+        decision = self.policy.decide(self.model.name, score, out.label, self.base_threshold)
+        flagged = decision.flagged  # NaN (not scored) is never flagged
         if out.label is not None:
             label = np.asarray(out.label, dtype=object)
         else:
@@ -478,12 +488,12 @@ class CollectorServicer(cgrpc.CollectorServicer):
                         log.exception("sink %s failed", type(sink).__name__)
         yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, rows_accepted=n))
         if nflag and self.settings.send_verdicts:
-            yield cpb.ExportResponse(verdicts=self._verdicts(dec, seq, score, label, flagged))
+            yield cpb.ExportResponse(verdicts=self._verdicts(dec, seq, score, label, decision))
 
-    def _verdicts(self, dec: codec.DecodedBatch, seq: int, score, label, flagged) -> cpb.VerdictBatch:
+    def _verdicts(self, dec: codec.DecodedBatch, seq: int, score, label, decision) -> cpb.VerdictBatch:
         cols = dec.batch.columns
-        idx = np.flatnonzero(flagged)[:MAX_VERDICTS_PER_BATCH]
-        vb = cpb.VerdictBatch(sequence=seq, threshold=self.threshold)
+        idx = np.flatnonzero(decision.flagged)[:MAX_VERDICTS_PER_BATCH]
+        vb = cpb.VerdictBatch(sequence=seq, threshold=self.threshold, dry_run=self.policy.dry_run)
         vb.model.name, vb.model.version = self.model.name, self.model.version
         keys = {}
         for name in ("src_ip", "dst_ip", "src_port", "dst_port", "protocol", "vlan_id"):
@@ -496,9 +506,11 @@ class CollectorServicer(cgrpc.CollectorServicer):
                 keys[name] = [raw[k:k + w] for k in range(0, len(raw), w)]
             else:
                 keys[name] = c[idx].tolist()
-        action = ACTIONS[self.settings.action]
+        sent, chosen, ttl = (decision.action[idx].tolist(), decision.policy_action[idx].tolist(),
+                             decision.ttl_seconds[idx].tolist())
         for j, i in enumerate(idx.tolist()):
-            v = vb.verdicts.add(row=i, score=float(score[i]), label=str(label[i]), action=action)
+            v = vb.verdicts.add(row=i, score=float(score[i]), label=str(label[i]), action=sent[j],
+                                policy_action=chosen[j], ttl_seconds=ttl[j])
             k = v.key
             if isinstance(keys["src_ip"][j], bytes):
                 k.src_ip = keys["src_ip"][j]
@@ -508,6 +520,11 @@ class CollectorServicer(cgrpc.CollectorServicer):
                 if isinstance(keys[name][j], int):
                     setattr(k, name, keys[name][j])
         self._count(verdicts_sent=len(vb.verdicts))
+        dry = "true" if self.policy.dry_run else "false"
+        for code, cnt in zip(*np.unique(np.asarray(sent, dtype=np.int32), return_counts=True), strict=True):
+            name = ACTION_NAMES[int(code)]
+            self._count(**{f"verdicts_{name.replace('-', '_')}": int(cnt)})
+            self._metric("xdpml.collector.verdicts", int(cnt), model=self.model.name, action=name, dry_run=dry)
         return vb
 
 

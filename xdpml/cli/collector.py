@@ -15,6 +15,7 @@ EPILOG = """examples:
   xdpml collector                                   # embedded model, plaintext on 127.0.0.1:50051
   xdpml collector --listen 0.0.0.0:50051 --print-flagged --jsonl scored.jsonl
   xdpml collector --model sklearn:model.joblib --threshold 0.8 --parquet flows.parquet
+  xdpml collector --policy policy.yaml --dry-run    # see what the policy would drop, drop nothing
   xdpml collector --model v2:127.0.0.1:8081/flows?output=predict_proba
   xdpml collector --tls-cert server.pem --tls-key server.key --tls-client-ca agents-ca.pem
 
@@ -81,8 +82,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="rotate a Parquet file at this age, so rows are readable within it (default %(default)g)")
     g.add_argument("--verdicts", action=argparse.BooleanOptionalAction, default=True,
                    help="stream verdicts for flagged rows back to the agents (default on)")
-    g.add_argument("--action", choices=("alert", "drop", "rate-limit"), default="alert",
-                   help="action suggested in verdicts (default %(default)s)")
+    g = parser.add_argument_group("verdict policy (docs/collector.md#verdict-policy)")
+    g.add_argument("--policy", metavar="FILE",
+                   help="YAML policy: threshold, min_confidence, action and TTL per model and class")
+    g.add_argument("--action", choices=("allow", "alert", "rate-limit", "drop"), default=None,
+                   help="action of the default rule (overrides the policy file; default alert)")
+    g.add_argument("--verdict-ttl", type=int, default=None, metavar="SECONDS",
+                   help="TTL of the default rule's verdicts, 1-86400 (overrides the policy file; default 300)")
+    g.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=None,
+                   help="send every drop and rate-limit verdict as alert (the policy's choice in policy_action); "
+                        "overrides the policy file's dry_run (default off)")
     g.add_argument("--print-flagged", action="store_true", help="print a table of flagged flows to stdout")
     g = parser.add_argument_group("limits")
     g.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024,
@@ -147,8 +156,12 @@ def run(args: argparse.Namespace) -> int:
         features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
         learn_from = tuple(w.strip() for w in args.learn_from.split(",") if w.strip()) if args.learn_from else ()
         # Settings first: a bad address or --learn-from fails before a model is loaded.
+        from xdpml.collector.policy import Policy, load_policy, with_overrides
+
+        policy = with_overrides(load_policy(args.policy) if args.policy else Policy(), action=args.action,
+                                threshold=args.threshold, ttl_seconds=args.verdict_ttl, dry_run=args.dry_run)
         settings = CollectorSettings(listen=args.listen, tls=tls, threshold=args.threshold,
-                                     send_verdicts=args.verdicts, action=args.action,
+                                     send_verdicts=args.verdicts, policy=policy,
                                      max_message_bytes=args.max_message_bytes, max_agents=args.max_agents,
                                      max_streams_per_peer=args.max_streams_per_peer,
                                      idle_timeout_s=args.idle_timeout, max_stream_age_s=args.max_stream_age,
@@ -186,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     server.start()
-    threshold = settings.threshold if settings.threshold is not None else model.default_threshold
+    threshold = server.servicer.threshold
     if getattr(model, "learns", False):
         if model.trained:
             log.info("baseline: %s", describe_provenance(model.provenance))
@@ -200,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
                         "(label 'unscored'); make one with `xdpml collector learn`, pin one with --baseline, "
                         "or let authenticated agents teach it with --learn-from")
     print(f"xdpml collector: listening on port {server.port}, model {model.name} ({model.version}), "
-          f"threshold {threshold:g}", file=sys.stderr, flush=True)
+          f"threshold {threshold:g}; policy: {policy.summary()}", file=sys.stderr, flush=True)
     try:
         while not stop.wait(1.0):
             pass

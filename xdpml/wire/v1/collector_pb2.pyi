@@ -64,20 +64,22 @@ class FlowKey(_message.Message):
     def __init__(self, src_ip: _Optional[bytes] = ..., dst_ip: _Optional[bytes] = ..., src_port: _Optional[int] = ..., dst_port: _Optional[int] = ..., protocol: _Optional[int] = ..., vlan_id: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("key", "row", "score", "label", "action", "ttl_seconds")
+    __slots__ = ("key", "row", "score", "label", "action", "ttl_seconds", "policy_action")
     KEY_FIELD_NUMBER: _ClassVar[int]
     ROW_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ACTION_FIELD_NUMBER: _ClassVar[int]
     key: FlowKey
     row: int
     score: float
     label: str
     action: Action
     ttl_seconds: int
-    def __init__(self, key: _Optional[_Union[FlowKey, _Mapping]] = ..., row: _Optional[int] = ..., score: _Optional[float] = ..., label: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    policy_action: Action
+    def __init__(self, key: _Optional[_Union[FlowKey, _Mapping]] = ..., row: _Optional[int] = ..., score: _Optional[float] = ..., label: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., ttl_seconds: _Optional[int] = ..., policy_action: _Optional[_Union[Action, str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version")
@@ -88,13 +90,15 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class VerdictBatch(_message.Message):
-    __slots__ = ("sequence", "model", "threshold", "verdicts")
+    __slots__ = ("sequence", "model", "threshold", "verdicts", "dry_run")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     model: ModelInfo
     threshold: float
     verdicts: _containers.RepeatedCompositeFieldContainer[Verdict]
-    def __init__(self, sequence: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., threshold: _Optional[float] = ..., verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ...) -> None: ...
+    dry_run: bool
+    def __init__(self, sequence: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., threshold: _Optional[float] = ..., verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
