@@ -4,6 +4,7 @@ BCC calls back once per record; the callback only copies the record into a
 preallocated numpy array (and returns an int: returning None costs ~0.5 us per
 event), and the batch is decoded with numpy afterwards.
 """
+
 from __future__ import annotations
 
 import ctypes as C

@@ -11,10 +11,11 @@ Conventions (also in docs/features.md):
   * the first inter-arrival time of a flow is 0 in splt_piat_ms, and there are
     packets-1 inter-arrival times per direction (none for a single packet: 0).
 """
+
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -27,7 +28,9 @@ EXPIRATION = {"idle": 0, "active": 1, "tcp_end": 2, "agent_stop": -1}
 
 def _flow_specs() -> dict[str, ColumnSpec]:
     s: list[ColumnSpec] = [
-        ColumnSpec("src_ip", "S16", "", "initiator address (side of the first packet seen); 16 bytes, IPv4 mapped", "key"),
+        ColumnSpec(
+            "src_ip", "S16", "", "initiator address (side of the first packet seen); 16 bytes, IPv4 mapped", "key"
+        ),
         ColumnSpec("dst_ip", "S16", "", "responder address", "key"),
         ColumnSpec("src_port", "u2", "", "initiator port (0 for ICMP and protocols without ports)", "key"),
         ColumnSpec("dst_port", "u2", "", "responder port", "key"),
@@ -36,7 +39,13 @@ def _flow_specs() -> dict[str, ColumnSpec]:
         ColumnSpec("vlan_id", "u2", "", "outermost 802.1Q VLAN id, 0 untagged", "key"),
         ColumnSpec("ifindex", "u4", "", "interface index the flow was seen on", "key"),
         ColumnSpec("interface", "O", "", "interface name", "key"),
-        ColumnSpec("expiration_id", "i1", "", "why the flow was exported: 0 idle timeout, 1 active timeout, 2 TCP FIN/RST, -1 agent stop", "time"),
+        ColumnSpec(
+            "expiration_id",
+            "i1",
+            "",
+            "why the flow was exported: 0 idle timeout, 1 active timeout, 2 TCP FIN/RST, -1 agent stop",
+            "time",
+        ),
     ]
     for d in DIRS:
         s += [
@@ -44,27 +53,47 @@ def _flow_specs() -> dict[str, ColumnSpec]:
             ColumnSpec(f"{d}_last_seen_ms", "u8", "ms", f"Unix time of the last {d} packet", "time"),
         ]
     for d in DIRS:
-        who = {"bidirectional": "both directions", "src2dst": "initiator to responder",
-               "dst2src": "responder to initiator"}[d]
+        who = {
+            "bidirectional": "both directions",
+            "src2dst": "initiator to responder",
+            "dst2src": "responder to initiator",
+        }[d]
         s += [
             ColumnSpec(f"{d}_duration_ms", "f8", "ms", f"last minus first packet time, {who}"),
-            ColumnSpec(f"{d}_packets", "u8", "packets", f"packets, {who} (GSO super-packets count as their wire segments)"),
+            ColumnSpec(
+                f"{d}_packets", "u8", "packets", f"packets, {who} (GSO super-packets count as their wire segments)"
+            ),
             ColumnSpec(f"{d}_bytes", "u8", "bytes", f"L2 frame bytes, {who}"),
             ColumnSpec(f"{d}_min_ps", "f8", "bytes", f"smallest L2 frame, {who}"),
             ColumnSpec(f"{d}_mean_ps", "f8", "bytes", f"mean L2 frame size, {who}"),
-            ColumnSpec(f"{d}_stddev_ps", "f8", "bytes", f"sample standard deviation of L2 frame size, {who} (0 below 2 packets)"),
+            ColumnSpec(
+                f"{d}_stddev_ps",
+                "f8",
+                "bytes",
+                f"sample standard deviation of L2 frame size, {who} (0 below 2 packets)",
+            ),
             ColumnSpec(f"{d}_max_ps", "f8", "bytes", f"largest L2 frame, {who}"),
             ColumnSpec(f"{d}_min_piat_ms", "f8", "ms", f"smallest packet inter-arrival time, {who}"),
             ColumnSpec(f"{d}_mean_piat_ms", "f8", "ms", f"mean packet inter-arrival time, {who}"),
-            ColumnSpec(f"{d}_stddev_piat_ms", "f8", "ms", f"sample standard deviation (n-1) of the packets-1 inter-arrival times, {who}, from ns sums (0 below 3 packets)"),
+            ColumnSpec(
+                f"{d}_stddev_piat_ms",
+                "f8",
+                "ms",
+                f"sample standard deviation (n-1) of the packets-1 inter-arrival times, {who}, "
+                f"from ns sums (0 below 3 packets)",
+            ),
             ColumnSpec(f"{d}_max_piat_ms", "f8", "ms", f"largest packet inter-arrival time, {who}"),
         ]
-        s += [ColumnSpec(f"{d}_{f}_packets", "u4", "packets", f"TCP packets with {f.upper()} set, {who}") for f in FLAGS]
+        s += [
+            ColumnSpec(f"{d}_{f}_packets", "u4", "packets", f"TCP packets with {f.upper()} set, {who}") for f in FLAGS
+        ]
     for d in ("src2dst", "dst2src"):
         s += [
             ColumnSpec(f"{d}_init_window", "u2", "bytes", f"TCP window field of the first {d} packet (unscaled)"),
             ColumnSpec(f"{d}_ttl", "u1", "hops", f"IPv4 TTL / IPv6 hop limit of the first {d} packet"),
-            ColumnSpec(f"{d}_tos", "u1", "", f"IPv4 ToS / IPv6 traffic class of the first {d} packet (DSCP = tos >> 2)"),
+            ColumnSpec(
+                f"{d}_tos", "u1", "", f"IPv4 ToS / IPv6 traffic class of the first {d} packet (DSCP = tos >> 2)"
+            ),
         ]
     s += [
         ColumnSpec("bps", "f8", "bytes/packet", "seed 002 'bps': bidirectional bytes per packet"),
@@ -80,9 +109,18 @@ def _flow_specs() -> dict[str, ColumnSpec]:
             ColumnSpec(f"{side}_port_high", "?", "", f"{side}_port >= 49152"),
         ]
     s += [
-        ColumnSpec("splt_direction", "i1", "", "first N packets: 0 initiator->responder, 1 reverse; -1 unused", "sequence", -1),
+        ColumnSpec(
+            "splt_direction", "i1", "", "first N packets: 0 initiator->responder, 1 reverse; -1 unused", "sequence", -1
+        ),
         ColumnSpec("splt_ps", "i4", "bytes", "first N packets: L2 frame size; -1 unused", "sequence", -1),
-        ColumnSpec("splt_piat_ms", "f8", "ms", "first N packets: time since the previous packet of the flow (0 for the first); -1 unused", "sequence", -1),
+        ColumnSpec(
+            "splt_piat_ms",
+            "f8",
+            "ms",
+            "first N packets: time since the previous packet of the flow (0 for the first); -1 unused",
+            "sequence",
+            -1,
+        ),
         ColumnSpec("splt_flags", "i2", "", "first N packets: TCP flags byte; -1 unused", "sequence", -1),
     ]
     return {c.name: c for c in s}
@@ -142,9 +180,15 @@ def _iat_columns(prefix: str, n_iat: np.ndarray, sum_ns, sumsq_lo, sumsq_hi, min
     cols[f"{prefix}_max_piat_ms"] = np.where(has, max_ns / 1e6, 0.0)
 
 
-def flow_columns(keys: np.ndarray, values: np.ndarray, *, expiration: np.ndarray,
-                 mono_to_unix_ns: int, ifnames: Mapping[int, str] | None = None,
-                 first_n: int) -> ColumnBatch:
+def flow_columns(
+    keys: np.ndarray,
+    values: np.ndarray,
+    *,
+    expiration: np.ndarray,
+    mono_to_unix_ns: int,
+    ifnames: Mapping[int, str] | None = None,
+    first_n: int,
+) -> ColumnBatch:
     """Flow table records (abi.FlowKey / flow_types(first_n).value arrays) -> flow features."""
     n = len(keys)
     cols: dict[str, np.ndarray] = {}
@@ -187,8 +231,16 @@ def flow_columns(keys: np.ndarray, values: np.ndarray, *, expiration: np.ndarray
         cols[f"{name}_stddev_ps"] = _sample_std(p, st["bytes"], st["size_sumsq"])
         cols[f"{name}_max_ps"] = st["size_max"].astype(np.float64)
         n_iat = np.where(present, p - 1, 0)
-        _iat_columns(name, n_iat, st["iat_sum_ns"], st["iat_sumsq_lo"], st["iat_sumsq_hi"],
-                     st["iat_min_ns"], st["iat_max_ns"], cols)
+        _iat_columns(
+            name,
+            n_iat,
+            st["iat_sum_ns"],
+            st["iat_sumsq_lo"],
+            st["iat_sumsq_hi"],
+            st["iat_min_ns"],
+            st["iat_max_ns"],
+            cols,
+        )
         for i, f in enumerate(FLAGS):
             cols[f"{name}_{f}_packets"] = st["flag_count"][:, i].astype(np.uint32)
 
@@ -199,15 +251,26 @@ def flow_columns(keys: np.ndarray, values: np.ndarray, *, expiration: np.ndarray
     cols[f"{b}_packets"] = p.astype(np.uint64)
     cols[f"{b}_bytes"] = byts.astype(np.uint64)
     both = (s2d["packets"] > 0) & (d2s["packets"] > 0)
-    mins = np.where(both, np.minimum(s2d["size_min"], d2s["size_min"]),
-                    np.where(s2d["packets"] > 0, s2d["size_min"], d2s["size_min"]))
+    mins = np.where(
+        both,
+        np.minimum(s2d["size_min"], d2s["size_min"]),
+        np.where(s2d["packets"] > 0, s2d["size_min"], d2s["size_min"]),
+    )
     cols[f"{b}_min_ps"] = mins.astype(np.float64)
     cols[f"{b}_mean_ps"] = _safe_div(byts, p)
     cols[f"{b}_stddev_ps"] = _sample_std(p, byts, s2d["size_sumsq"] + d2s["size_sumsq"])
     cols[f"{b}_max_ps"] = np.maximum(s2d["size_max"], d2s["size_max"]).astype(np.float64)
     iat = values["iat"]
-    _iat_columns(b, np.where(p > 0, p - 1, 0), iat["sum_ns"], iat["sumsq_lo"], iat["sumsq_hi"],
-                 iat["min_ns"], iat["max_ns"], cols)
+    _iat_columns(
+        b,
+        np.where(p > 0, p - 1, 0),
+        iat["sum_ns"],
+        iat["sumsq_lo"],
+        iat["sumsq_hi"],
+        iat["min_ns"],
+        iat["max_ns"],
+        cols,
+    )
     for f in FLAGS:
         cols[f"{b}_{f}_packets"] = cols[f"src2dst_{f}_packets"] + cols[f"dst2src_{f}_packets"]
 
@@ -249,33 +312,38 @@ def flow_columns(keys: np.ndarray, values: np.ndarray, *, expiration: np.ndarray
 # Window features (seed 000), over every packet
 
 
-WINDOW_SPECS = {c.name: c for c in [
-    ColumnSpec("interface", "O", "", "interface the window's packets were seen on", "key"),
-    ColumnSpec("buffer_size", "u4", "packets", "packets in the window"),
-    ColumnSpec("timestamp_start", "f8", "s", "Unix time of the window's first packet", "time"),
-    ColumnSpec("timestamp_end", "f8", "s", "Unix time of the window's last packet", "time"),
-    ColumnSpec("duration_ms", "f8", "ms", "last minus first packet time"),
-    ColumnSpec("avg_packet_size", "f8", "bytes", "mean L2 frame size"),
-    ColumnSpec("min_packet_size", "f8", "bytes", "smallest L2 frame"),
-    ColumnSpec("max_packet_size", "f8", "bytes", "largest L2 frame"),
-    ColumnSpec("std_packet_size", "f8", "bytes", "population standard deviation of L2 frame size"),
-    ColumnSpec("median_packet_size", "f8", "bytes", "median L2 frame size (mean of the middle two for even counts)"),
-    ColumnSpec("avg_inter_arrival_ms", "f8", "ms", "mean of the buffer_size-1 inter-arrival times"),
-    ColumnSpec("min_inter_arrival_ms", "f8", "ms", "smallest inter-arrival time"),
-    ColumnSpec("max_inter_arrival_ms", "f8", "ms", "largest inter-arrival time"),
-    ColumnSpec("std_inter_arrival_ms", "f8", "ms", "population standard deviation of inter-arrival times"),
-    ColumnSpec("total_payload", "u8", "bytes", "L4 payload bytes (IP length minus IP and L4 headers)"),
-    ColumnSpec("avg_payload", "f8", "bytes", "mean L4 payload per packet"),
-    ColumnSpec("unique_src_ips", "u4", "", "distinct source addresses"),
-    ColumnSpec("unique_dst_ips", "u4", "", "distinct destination addresses"),
-    ColumnSpec("unique_src_ports", "u4", "", "distinct source ports"),
-    ColumnSpec("unique_dst_ports", "u4", "", "distinct destination ports"),
-    ColumnSpec("proto_tcp", "u4", "packets", "TCP packets"),
-    ColumnSpec("proto_udp", "u4", "packets", "UDP packets"),
-    ColumnSpec("proto_icmp", "u4", "packets", "ICMP and ICMPv6 packets"),
-    ColumnSpec("proto_other", "u4", "packets", "packets of other IP protocols"),
-    ColumnSpec("protocol_distribution", "O", "", "JSON object text: IP protocol number -> packets"),
-]}
+WINDOW_SPECS = {
+    c.name: c
+    for c in [
+        ColumnSpec("interface", "O", "", "interface the window's packets were seen on", "key"),
+        ColumnSpec("buffer_size", "u4", "packets", "packets in the window"),
+        ColumnSpec("timestamp_start", "f8", "s", "Unix time of the window's first packet", "time"),
+        ColumnSpec("timestamp_end", "f8", "s", "Unix time of the window's last packet", "time"),
+        ColumnSpec("duration_ms", "f8", "ms", "last minus first packet time"),
+        ColumnSpec("avg_packet_size", "f8", "bytes", "mean L2 frame size"),
+        ColumnSpec("min_packet_size", "f8", "bytes", "smallest L2 frame"),
+        ColumnSpec("max_packet_size", "f8", "bytes", "largest L2 frame"),
+        ColumnSpec("std_packet_size", "f8", "bytes", "population standard deviation of L2 frame size"),
+        ColumnSpec(
+            "median_packet_size", "f8", "bytes", "median L2 frame size (mean of the middle two for even counts)"
+        ),
+        ColumnSpec("avg_inter_arrival_ms", "f8", "ms", "mean of the buffer_size-1 inter-arrival times"),
+        ColumnSpec("min_inter_arrival_ms", "f8", "ms", "smallest inter-arrival time"),
+        ColumnSpec("max_inter_arrival_ms", "f8", "ms", "largest inter-arrival time"),
+        ColumnSpec("std_inter_arrival_ms", "f8", "ms", "population standard deviation of inter-arrival times"),
+        ColumnSpec("total_payload", "u8", "bytes", "L4 payload bytes (IP length minus IP and L4 headers)"),
+        ColumnSpec("avg_payload", "f8", "bytes", "mean L4 payload per packet"),
+        ColumnSpec("unique_src_ips", "u4", "", "distinct source addresses"),
+        ColumnSpec("unique_dst_ips", "u4", "", "distinct destination addresses"),
+        ColumnSpec("unique_src_ports", "u4", "", "distinct source ports"),
+        ColumnSpec("unique_dst_ports", "u4", "", "distinct destination ports"),
+        ColumnSpec("proto_tcp", "u4", "packets", "TCP packets"),
+        ColumnSpec("proto_udp", "u4", "packets", "UDP packets"),
+        ColumnSpec("proto_icmp", "u4", "packets", "ICMP and ICMPv6 packets"),
+        ColumnSpec("proto_other", "u4", "packets", "packets of other IP protocols"),
+        ColumnSpec("protocol_distribution", "O", "", "JSON object text: IP protocol number -> packets"),
+    ]
+}
 
 WIN_FIELDS = ("ts_ns", "size", "payload", "proto", "src_ip", "dst_ip", "src_port", "dst_port", "ifindex")
 
@@ -295,9 +363,20 @@ def expand_segments(ev: np.ndarray) -> np.ndarray:
         is_last = np.zeros(len(out), dtype=bool)
         is_last[ends] = True
         sizes = np.where(is_last, out["last_size"], out["size"])
-    res = np.zeros(len(out), dtype=[("ts_ns", "u8"), ("size", "u4"), ("payload", "u4"), ("proto", "u1"),
-                                     ("src_ip", "S16"), ("dst_ip", "S16"), ("src_port", "u2"),
-                                     ("dst_port", "u2"), ("ifindex", "u4")])
+    res = np.zeros(
+        len(out),
+        dtype=[
+            ("ts_ns", "u8"),
+            ("size", "u4"),
+            ("payload", "u4"),
+            ("proto", "u1"),
+            ("src_ip", "S16"),
+            ("dst_ip", "S16"),
+            ("src_port", "u2"),
+            ("dst_port", "u2"),
+            ("ifindex", "u4"),
+        ],
+    )
     res["ts_ns"] = out["ts_ns"]
     res["size"] = sizes
     res["payload"] = out["payload"]
@@ -359,8 +438,7 @@ class WindowAccumulator:
     """Cuts the packet stream of each interface into tumbling windows of N packets
     and/or T seconds (whichever closes first). Keeps only the open window."""
 
-    def __init__(self, *, packets: int, seconds: float, mono_to_unix_ns: int,
-                 ifnames: Mapping[int, str] | None = None):
+    def __init__(self, *, packets: int, seconds: float, mono_to_unix_ns: int, ifnames: Mapping[int, str] | None = None):
         self.packets = packets
         self.span_ns = int(seconds * 1e9)
         self.mono_to_unix_ns = mono_to_unix_ns
@@ -383,12 +461,10 @@ class WindowAccumulator:
                 if self.span_ns:
                     limit = buf["ts_ns"][start] + self.span_ns
                     end = min(end, start + int(np.searchsorted(buf["ts_ns"][start:], limit, side="left")))
-                full = (self.packets and end - start == self.packets) or (
-                    self.span_ns and end < len(buf))
+                full = (self.packets and end - start == self.packets) or (self.span_ns and end < len(buf))
                 if not full:
                     break
-                out.append(window_row(buf[start:end], interface=self._name(ifx),
-                                      mono_to_unix_ns=self.mono_to_unix_ns))
+                out.append(window_row(buf[start:end], interface=self._name(ifx), mono_to_unix_ns=self.mono_to_unix_ns))
                 start = end
             if start < len(buf):
                 self._open[int(ifx)] = [buf[start:]]
@@ -408,8 +484,11 @@ class WindowAccumulator:
 
     def flush(self) -> list[dict]:
         """Close every open window (agent stop): partial windows are still reported."""
-        out = [window_row(p[0], interface=self._name(ifx), mono_to_unix_ns=self.mono_to_unix_ns)
-               for ifx, p in self._open.items() if len(p[0])]
+        out = [
+            window_row(p[0], interface=self._name(ifx), mono_to_unix_ns=self.mono_to_unix_ns)
+            for ifx, p in self._open.items()
+            if len(p[0])
+        ]
         self._open.clear()
         return out
 
@@ -421,50 +500,52 @@ class WindowAccumulator:
 # Per-packet features (seed 001 schema + seed 004 header fields), sampled
 
 
-PACKET_SPECS = {c.name: c for c in [
-    ColumnSpec("timestamp_ns", "u8", "ns", "Unix time the packet was seen", "time"),
-    ColumnSpec("interface", "O", "", "interface name", "key"),
-    ColumnSpec("hook", "O", "", "xdp, tc_ingress or tc_egress", "key"),
-    ColumnSpec("src_ip", "S16", "", "source address (IPv4 mapped)", "key"),
-    ColumnSpec("dst_ip", "S16", "", "destination address", "key"),
-    ColumnSpec("ip_version", "u1", "", "4 or 6"),
-    ColumnSpec("protocol", "u1", "", "IP protocol number"),
-    ColumnSpec("pr_tcp", "?", "", "protocol is TCP"),
-    ColumnSpec("pr_udp", "?", "", "protocol is UDP"),
-    ColumnSpec("pr_icmp", "?", "", "protocol is ICMP or ICMPv6"),
-    ColumnSpec("pr_other", "?", "", "any other protocol"),
-    *[ColumnSpec(f"tcp_{f}", "?", "", f"TCP {f.upper()} flag") for f in FLAGS],
-    ColumnSpec("src_port", "u2", "", "source port (0 without ports)"),
-    ColumnSpec("src_port_low", "?", "", "src_port < 1024"),
-    ColumnSpec("src_port_mid", "?", "", "1024 <= src_port < 49152"),
-    ColumnSpec("src_port_high", "?", "", "src_port >= 49152"),
-    ColumnSpec("dst_port", "u2", "", "destination port"),
-    ColumnSpec("dst_port_low", "?", "", "dst_port < 1024"),
-    ColumnSpec("dst_port_mid", "?", "", "1024 <= dst_port < 49152"),
-    ColumnSpec("dst_port_high", "?", "", "dst_port >= 49152"),
-    ColumnSpec("pkt_len", "u4", "bytes", "L2 frame bytes (a GSO super-packet's whole length; see segs)"),
-    ColumnSpec("payload_len", "u2", "bytes", "L4 payload bytes"),
-    ColumnSpec("tos", "u1", "", "IPv4 ToS / IPv6 traffic class"),
-    ColumnSpec("ip_dscp", "u1", "", "tos >> 2"),
-    ColumnSpec("ip_ihl", "u1", "words", "IPv4 header length in 32-bit words (0 for IPv6)"),
-    ColumnSpec("ip_total_length", "u2", "bytes", "IPv4 total length / IPv6 payload length + 40"),
-    ColumnSpec("ip_frag_offset", "u2", "8 bytes", "fragment offset (flags masked off)"),
-    ColumnSpec("ip_flags", "u1", "", "IPv4 flags: 2 DF, 1 MF"),
-    ColumnSpec("ip_id", "u2", "", "IPv4 identification"),
-    ColumnSpec("ip_ttl", "u1", "hops", "TTL / hop limit"),
-    ColumnSpec("tcp_sequence_num", "u4", "", "TCP sequence number"),
-    ColumnSpec("tcp_ack_num", "u4", "", "TCP acknowledgement number"),
-    ColumnSpec("tcp_window_size", "u2", "", "TCP window field (unscaled)"),
-    ColumnSpec("tcp_urgent_pointer", "u2", "", "TCP urgent pointer"),
-    ColumnSpec("vlan_id", "u2", "", "outermost VLAN id, 0 untagged"),
-    ColumnSpec("segs", "u2", "packets", "wire segments this record stands for (GSO), 1 normally"),
-]}
+PACKET_SPECS = {
+    c.name: c
+    for c in [
+        ColumnSpec("timestamp_ns", "u8", "ns", "Unix time the packet was seen", "time"),
+        ColumnSpec("interface", "O", "", "interface name", "key"),
+        ColumnSpec("hook", "O", "", "xdp, tc_ingress or tc_egress", "key"),
+        ColumnSpec("src_ip", "S16", "", "source address (IPv4 mapped)", "key"),
+        ColumnSpec("dst_ip", "S16", "", "destination address", "key"),
+        ColumnSpec("ip_version", "u1", "", "4 or 6"),
+        ColumnSpec("protocol", "u1", "", "IP protocol number"),
+        ColumnSpec("pr_tcp", "?", "", "protocol is TCP"),
+        ColumnSpec("pr_udp", "?", "", "protocol is UDP"),
+        ColumnSpec("pr_icmp", "?", "", "protocol is ICMP or ICMPv6"),
+        ColumnSpec("pr_other", "?", "", "any other protocol"),
+        *[ColumnSpec(f"tcp_{f}", "?", "", f"TCP {f.upper()} flag") for f in FLAGS],
+        ColumnSpec("src_port", "u2", "", "source port (0 without ports)"),
+        ColumnSpec("src_port_low", "?", "", "src_port < 1024"),
+        ColumnSpec("src_port_mid", "?", "", "1024 <= src_port < 49152"),
+        ColumnSpec("src_port_high", "?", "", "src_port >= 49152"),
+        ColumnSpec("dst_port", "u2", "", "destination port"),
+        ColumnSpec("dst_port_low", "?", "", "dst_port < 1024"),
+        ColumnSpec("dst_port_mid", "?", "", "1024 <= dst_port < 49152"),
+        ColumnSpec("dst_port_high", "?", "", "dst_port >= 49152"),
+        ColumnSpec("pkt_len", "u4", "bytes", "L2 frame bytes (a GSO super-packet's whole length; see segs)"),
+        ColumnSpec("payload_len", "u2", "bytes", "L4 payload bytes"),
+        ColumnSpec("tos", "u1", "", "IPv4 ToS / IPv6 traffic class"),
+        ColumnSpec("ip_dscp", "u1", "", "tos >> 2"),
+        ColumnSpec("ip_ihl", "u1", "words", "IPv4 header length in 32-bit words (0 for IPv6)"),
+        ColumnSpec("ip_total_length", "u2", "bytes", "IPv4 total length / IPv6 payload length + 40"),
+        ColumnSpec("ip_frag_offset", "u2", "8 bytes", "fragment offset (flags masked off)"),
+        ColumnSpec("ip_flags", "u1", "", "IPv4 flags: 2 DF, 1 MF"),
+        ColumnSpec("ip_id", "u2", "", "IPv4 identification"),
+        ColumnSpec("ip_ttl", "u1", "hops", "TTL / hop limit"),
+        ColumnSpec("tcp_sequence_num", "u4", "", "TCP sequence number"),
+        ColumnSpec("tcp_ack_num", "u4", "", "TCP acknowledgement number"),
+        ColumnSpec("tcp_window_size", "u2", "", "TCP window field (unscaled)"),
+        ColumnSpec("tcp_urgent_pointer", "u2", "", "TCP urgent pointer"),
+        ColumnSpec("vlan_id", "u2", "", "outermost VLAN id, 0 untagged"),
+        ColumnSpec("segs", "u2", "packets", "wire segments this record stands for (GSO), 1 normally"),
+    ]
+}
 
 HOOK_NAMES = np.array(["xdp", "tc_ingress", "tc_egress"], dtype=object)
 
 
-def packet_columns(ev: np.ndarray, *, mono_to_unix_ns: int,
-                   ifnames: Mapping[int, str] | None = None) -> ColumnBatch:
+def packet_columns(ev: np.ndarray, *, mono_to_unix_ns: int, ifnames: Mapping[int, str] | None = None) -> ColumnBatch:
     """abi.PktEvent records -> seed 001/004 per-packet features."""
     names = ifnames or {}
     proto = ev["proto"].astype(np.uint8)
@@ -493,33 +574,37 @@ def packet_columns(ev: np.ndarray, *, mono_to_unix_ns: int,
         cols[f"{side}_port_high"] = port >= 49152
     v4 = ev["ip_version"] == 4
     frag = ev["frag_off"].astype(np.uint16)
-    cols.update({
-        "pkt_len": ev["pkt_len"].astype(np.uint32),
-        "payload_len": ev["payload_len"].astype(np.uint16),
-        "tos": ev["tos"].astype(np.uint8),
-        "ip_dscp": (ev["tos"] >> 2).astype(np.uint8),
-        "ip_ihl": ev["ihl"].astype(np.uint8),
-        "ip_total_length": ev["ip_len"].astype(np.uint16),
-        "ip_frag_offset": np.where(v4, frag & 0x1FFF, frag >> 3).astype(np.uint16),
-        "ip_flags": np.where(v4, (frag >> 13) & 0x3, frag & 1).astype(np.uint8),
-        "ip_id": ev["ip_id"].astype(np.uint16),
-        "ip_ttl": ev["ttl"].astype(np.uint8),
-        "tcp_sequence_num": ev["tcp_seq"].astype(np.uint32),
-        "tcp_ack_num": ev["tcp_ack"].astype(np.uint32),
-        "tcp_window_size": ev["tcp_window"].astype(np.uint16),
-        "tcp_urgent_pointer": ev["tcp_urg_ptr"].astype(np.uint16),
-        "vlan_id": ev["vlan_id"].astype(np.uint16),
-        "segs": np.maximum(ev["segs"], 1).astype(np.uint16),
-    })
+    cols.update(
+        {
+            "pkt_len": ev["pkt_len"].astype(np.uint32),
+            "payload_len": ev["payload_len"].astype(np.uint16),
+            "tos": ev["tos"].astype(np.uint8),
+            "ip_dscp": (ev["tos"] >> 2).astype(np.uint8),
+            "ip_ihl": ev["ihl"].astype(np.uint8),
+            "ip_total_length": ev["ip_len"].astype(np.uint16),
+            "ip_frag_offset": np.where(v4, frag & 0x1FFF, frag >> 3).astype(np.uint16),
+            "ip_flags": np.where(v4, (frag >> 13) & 0x3, frag & 1).astype(np.uint8),
+            "ip_id": ev["ip_id"].astype(np.uint16),
+            "ip_ttl": ev["ttl"].astype(np.uint8),
+            "tcp_sequence_num": ev["tcp_seq"].astype(np.uint32),
+            "tcp_ack_num": ev["tcp_ack"].astype(np.uint32),
+            "tcp_window_size": ev["tcp_window"].astype(np.uint16),
+            "tcp_urgent_pointer": ev["tcp_urg_ptr"].astype(np.uint16),
+            "vlan_id": ev["vlan_id"].astype(np.uint16),
+            "segs": np.maximum(ev["segs"], 1).astype(np.uint16),
+        }
+    )
     return ColumnBatch("packet", {k: cols[k] for k in PACKET_SPECS}, PACKET_SPECS)
 
 
 def markdown() -> str:
     """docs/features.md body, rendered from the specs above."""
     out = []
-    for title, specs in (("Flow features (`kind: flow`)", FLOW_SPECS),
-                         ("Window features (`kind: window`, `-w N` / `--window-seconds T`)", WINDOW_SPECS),
-                         ("Per-packet features (`kind: packet`, `--sample N`)", PACKET_SPECS)):
+    for title, specs in (
+        ("Flow features (`kind: flow`)", FLOW_SPECS),
+        ("Window features (`kind: window`, `-w N` / `--window-seconds T`)", WINDOW_SPECS),
+        ("Per-packet features (`kind: packet`, `--sample N`)", PACKET_SPECS),
+    ):
         out.append(f"## {title}\n\n| column | type | unit | meaning |\n|---|---|---|---|")
         for s in specs.values():
             typ = {"O": "string", "S16": "ip (16 bytes)", "?": "bool"}.get(s.dtype, np.dtype(s.dtype).name)

@@ -12,19 +12,21 @@ flood that leaves thousands of one-packet flows idle for two minutes), flows qui
 for ``pressure_idle`` (idle_timeout / 16, at least 1 s) are exported early as idle,
 so new flows keep finding room; each such scan is logged (with backoff) and counted.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Protocol
 
 import numpy as np
+from xdpml.agent.features import EXPIRATION, flow_columns
 
+from xdpml.config import HarvestSettings
 from xdpml.datapath.abi import END_FIN_INIT, END_FIN_RESP, END_RST
 from xdpml.wire.columns import ColumnBatch
-from xdpml.config import HarvestSettings
-from xdpml.agent.features import EXPIRATION, flow_columns
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,19 @@ class HarvestStats:
 
 
 class Harvester:
-    def __init__(self, table: FlowTable, *, settings: HarvestSettings, first_n: int,
-                 mono_to_unix_ns: int, ifnames: Mapping[int, str] | None = None,
-                 end_grace_s: float = 1.0, clock=time.monotonic_ns, capacity: int = 0,
-                 high_water: float = 0.9):
+    def __init__(
+        self,
+        table: FlowTable,
+        *,
+        settings: HarvestSettings,
+        first_n: int,
+        mono_to_unix_ns: int,
+        ifnames: Mapping[int, str] | None = None,
+        end_grace_s: float = 1.0,
+        clock=time.monotonic_ns,
+        capacity: int = 0,
+        high_water: float = 0.9,
+    ):
         self.table = table
         self.settings = settings
         self.first_n = first_n
@@ -97,9 +108,15 @@ class Harvester:
             self.pressure_scans += 1
             if time.monotonic() - self._pressure_logged > 60:
                 self._pressure_logged = time.monotonic()
-                log.warning("flow table %d%% full (%d of %d): exporting %d flows quiet for %.0fs early; "
-                            "raise --flow-table-size if this persists", 100 * len(values) // self.capacity,
-                            len(values), self.capacity, int(early.sum()), early_ns / 1e9)
+                log.warning(
+                    "flow table %d%% full (%d of %d): exporting %d flows quiet for %.0fs early; "
+                    "raise --flow-table-size if this persists",
+                    100 * len(values) // self.capacity,
+                    len(values),
+                    self.capacity,
+                    int(early.sum()),
+                    early_ns / 1e9,
+                )
         return reason
 
     def scan(self, now_ns: int | None = None) -> ColumnBatch | None:
@@ -133,5 +150,11 @@ class Harvester:
         self.stats.exported += len(keys)
         for name, rid in EXPIRATION.items():
             self.stats.by_reason[name] += int(np.sum(reason == rid))
-        return flow_columns(keys, values, expiration=reason, mono_to_unix_ns=self.mono_to_unix_ns,
-                            ifnames=self.ifnames, first_n=self.first_n)
+        return flow_columns(
+            keys,
+            values,
+            expiration=reason,
+            mono_to_unix_ns=self.mono_to_unix_ns,
+            ifnames=self.ifnames,
+            first_n=self.first_n,
+        )

@@ -8,17 +8,20 @@ timeouts change live; only datapath sizing, window and feature-set changes
 Collector address and TLS: the command-line flags (set by the Helm chart) are the
 defaults; an AgentConfig that names a collector address overrides them.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from xdpml.datapath.loader import AttachError, resolve_interfaces
 from xdpml.agent.export.sinks import CollectorSink, Sink
 from xdpml.agent.export.verdicts import verdict_counter
 from xdpml.agent.pipeline import Agent, AttachPlan, loss_counters, register_observables
+
+from xdpml.datapath.loader import AttachError, resolve_interfaces
 
 if TYPE_CHECKING:
     from xdpml.kube.config_watch import AgentConfigWatcher
@@ -59,8 +62,16 @@ def plan_from_rules(rules, *, pod_veths: Callable[[], list[str] | None] | None =
 
 
 class KubernetesAgent:
-    def __init__(self, api_client, options: KubeAgentOptions, *, health=None, telemetry=None,
-                 enrich_factory: Callable | None = None, watcher_kwargs: dict | None = None):
+    def __init__(
+        self,
+        api_client,
+        options: KubeAgentOptions,
+        *,
+        health=None,
+        telemetry=None,
+        enrich_factory: Callable | None = None,
+        watcher_kwargs: dict | None = None,
+    ):
         from xdpml.agent.enrich.manager import EnrichmentManager
 
         self.api = api_client
@@ -119,10 +130,17 @@ class KubernetesAgent:
             if old is not None:
                 # the agent swaps sinks within one scan; then the old exporter flushes and closes
                 threading.Timer(5.0, old.close).start()
-            self._exporter_sink = (CollectorSink(GrpcExporter(ExporterSettings(node_name=self.opts.node_name, **kw),
-                                                              on_verdicts=verdict_counter(self.telemetry),
-                                                              loss_counters=loss_counters(lambda: self.agent)))
-                                   if kw else None)
+            self._exporter_sink = (
+                CollectorSink(
+                    GrpcExporter(
+                        ExporterSettings(node_name=self.opts.node_name, **kw),
+                        on_verdicts=verdict_counter(self.telemetry),
+                        loss_counters=loss_counters(lambda: self.agent),
+                    )
+                )
+                if kw
+                else None
+            )
             self._export_key = key
         sinks: list[Sink] = [_Shared(s) for s in self.opts.extra_sinks]
         if self._exporter_sink is not None:
@@ -132,8 +150,14 @@ class KubernetesAgent:
     def _start_agent(self, cfg, plan: AttachPlan) -> None:
         settings = cfg.settings
         settings.interfaces.names = list(plan)
-        agent = Agent(settings, interfaces=plan, sinks=self._sinks(cfg), flows=cfg.features.flows,
-                      transform=self._enrich, telemetry=self.telemetry)
+        agent = Agent(
+            settings,
+            interfaces=plan,
+            sinks=self._sinks(cfg),
+            flows=cfg.features.flows,
+            transform=self._enrich,
+            telemetry=self.telemetry,
+        )
 
         def failed(exc: BaseException) -> None:
             log.error("datapath stopped: %s", exc)
@@ -175,7 +199,7 @@ class KubernetesAgent:
         vm = VethMap(IpRouteSource(), cache)
         try:
             vm.refresh()
-        except Exception as exc:  # noqa: BLE001 - fall back to every veth
+        except Exception as exc:
             log.warning("reading host routes for pod veths failed (%s); using every veth", exc)
             return None
         names = []
@@ -199,11 +223,15 @@ class KubernetesAgent:
     def run(self) -> int:
         from xdpml.kube.config_watch import AgentConfigWatcher
 
-        watcher = self.watcher = AgentConfigWatcher(self.api, namespace=self.opts.namespace, node_name=self.opts.node_name,
-                                          on_change=self.on_change, config_name=self.opts.config_name or None,
-                                          **self.watcher_kwargs)
-        log.info("waiting for an AgentConfig in namespace %s for node %s", self.opts.namespace,
-                 self.opts.node_name)
+        watcher = self.watcher = AgentConfigWatcher(
+            self.api,
+            namespace=self.opts.namespace,
+            node_name=self.opts.node_name,
+            on_change=self.on_change,
+            config_name=self.opts.config_name or None,
+            **self.watcher_kwargs,
+        )
+        log.info("waiting for an AgentConfig in namespace %s for node %s", self.opts.namespace, self.opts.node_name)
         with watcher:
             synced = False
             while not self.stop_event.wait(1.0):
@@ -214,8 +242,11 @@ class KubernetesAgent:
                     except RuntimeError:
                         now_synced = False
                     if now_synced != synced:
-                        (self.health.set("pod_cache_synced") if now_synced
-                         else self.health.clear("pod_cache_synced", "pod watch not synced"))
+                        (
+                            self.health.set("pod_cache_synced")
+                            if now_synced
+                            else self.health.clear("pod_cache_synced", "pod watch not synced")
+                        )
                         synced = now_synced
         failed = self.agent is not None and self.agent.error is not None
         self.close()

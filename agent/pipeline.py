@@ -13,6 +13,7 @@ link events (netlink); after one, the loop forgets attachments whose interface w
 deleted (their programs went with it) and attaches again every planned interface
 that exists and is not attached. The summary line says what is attached now.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,28 +21,37 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from xdpml import __version__
-from xdpml.datapath.abi import PktEvent, WinEvent
-from xdpml.datapath.loader import Datapath
-from xdpml.datapath.maps import FlowMap
-from xdpml.wire.columns import ColumnBatch
-from xdpml.config import AgentSettings, HarvestSettings
 from xdpml.agent.events import RecordBuffer
 from xdpml.agent.export.sinks import Sink
 from xdpml.agent.features import EXPIRATION, WindowAccumulator, expand_segments, packet_columns, window_batch
 from xdpml.agent.harvest import Harvester, mono_to_unix_offset_ns
+
+from xdpml import __version__
+from xdpml.config import AgentSettings, HarvestSettings
+from xdpml.datapath.abi import PktEvent, WinEvent
+from xdpml.datapath.loader import Datapath
+from xdpml.datapath.maps import FlowMap
 from xdpml.errors import XdpmlError
+from xdpml.wire.columns import ColumnBatch
 
 log = logging.getLogger("xdpml.agent")
 
 LOSS_COUNTERS = ("flow_full", "flow_busy", "rb_win_full", "rb_pkt_full")
 # xdpml.agent.lost sources: kernel counters whose events reach no record
 LOST_SOURCES = {"flow_table": ("flow_full", "flow_busy"), "ringbuf": ("rb_win_full", "rb_pkt_full")}
-ERROR_COUNTERS = ("err_trunc_eth", "err_trunc_vlan", "err_trunc_ip", "err_bad_ihl",
-                  "err_bad_ip_len", "err_trunc_l4", "err_ipv6_ext", "err_tcp_doff")
+ERROR_COUNTERS = (
+    "err_trunc_eth",
+    "err_trunc_vlan",
+    "err_trunc_ip",
+    "err_bad_ihl",
+    "err_bad_ip_len",
+    "err_trunc_l4",
+    "err_ipv6_ext",
+    "err_tcp_doff",
+)
 PACKET_COUNTERS = ("pkt_xdp", "pkt_tc_ingress", "pkt_tc_egress")
 REASON_NAMES = {v: k for k, v in EXPIRATION.items()}
 
@@ -86,7 +96,7 @@ class LinkWatcher:
                     for msg in self._ipr.get():
                         if msg.get("event") in ("RTM_NEWLINK", "RTM_DELLINK"):
                             self.changed.set()
-            except Exception as exc:  # noqa: BLE001 - fall back to checking every scan
+            except Exception as exc:
                 if self._stop.is_set():
                     return
                 log.warning("link events unavailable (%s): checking interfaces every scan instead", exc)
@@ -101,9 +111,17 @@ class LinkWatcher:
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, *, interfaces: list[str] | AttachPlan, sinks: list[Sink],
-                 flows: bool = True, on_attached: Callable[[Datapath], None] | None = None,
-                 transform: Callable[[ColumnBatch], ColumnBatch] | None = None, telemetry=None):
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        interfaces: list[str] | AttachPlan,
+        sinks: list[Sink],
+        flows: bool = True,
+        on_attached: Callable[[Datapath], None] | None = None,
+        transform: Callable[[ColumnBatch], ColumnBatch] | None = None,
+        telemetry=None,
+    ):
         self.settings = settings.validate()
         if isinstance(interfaces, dict):
             self.plan: AttachPlan = dict(interfaces)
@@ -148,8 +166,12 @@ class Agent:
                     self.settings.harvest = payload
                     if self._harvester is not None:
                         self._harvester.settings = payload
-                    log.info("harvest settings now idle %.0fs, active %.0fs, scan every %.2fs",
-                             payload.idle_timeout_s, payload.active_timeout_s, payload.interval_s)
+                    log.info(
+                        "harvest settings now idle %.0fs, active %.0fs, scan every %.2fs",
+                        payload.idle_timeout_s,
+                        payload.active_timeout_s,
+                        payload.interval_s,
+                    )
                 elif kind == "sinks":
                     old, self.sinks = self.sinks, list(payload)
                     for sink in old:
@@ -157,7 +179,7 @@ class Agent:
                             sink.close()
                 else:
                     log.error("unknown live change %r", kind)
-            except Exception as exc:  # noqa: BLE001 - keep running on the old state
+            except Exception as exc:
                 log.error("live change %s failed: %s", kind, exc)
 
     def _follow_links(self) -> None:
@@ -173,8 +195,11 @@ class Agent:
                 index = 0
             if index != att.ifindex:
                 dp.forget(att)
-                log.warning("%s was deleted (ifindex %d): its programs went with it; it is attached "
-                            "again if it comes back", att.ifname, att.ifindex)
+                log.warning(
+                    "%s was deleted (ifindex %d): its programs went with it; it is attached again if it comes back",
+                    att.ifname,
+                    att.ifindex,
+                )
         attached = {a.ifname for a in dp.attachments}
         for name, (hooks, mode) in self.plan.items():
             if name in attached or not os.path.exists(f"/sys/class/net/{name}"):
@@ -207,7 +232,7 @@ class Agent:
         if self.transform is not None and batch.kind == "flow":
             try:
                 batch = self.transform(batch)
-            except Exception as exc:  # noqa: BLE001 - export unenriched rather than lose flows
+            except Exception as exc:
                 self.totals.enrich_errors += 1
                 log.error("enrichment failed, exporting without pod metadata: %s", exc)
         for sink in self.sinks:
@@ -217,15 +242,19 @@ class Agent:
                 continue  # e.g. the collector scores flows only
             try:
                 accepted = sink.write(batch)
-            except Exception as exc:  # noqa: BLE001 - one broken sink must not stop the others
+            except Exception as exc:
                 self.totals.dropped += len(batch)
                 self._count("xdpml.agent.dropped", len(batch), kind=batch.kind, reason="sink_error")
                 log.error("sink %s failed: %s", name, exc)
                 continue
             if accepted is False:  # a bounded queue was full or no consumer listens (the sink logs it)
                 self.totals.dropped += len(batch)
-                self._count("xdpml.agent.dropped", len(batch), kind=batch.kind,
-                            reason=getattr(sink, "drop_reason", "queue_full"))
+                self._count(
+                    "xdpml.agent.dropped",
+                    len(batch),
+                    kind=batch.kind,
+                    reason=getattr(sink, "drop_reason", "queue_full"),
+                )
             else:
                 self._count("xdpml.agent.exported", len(batch), kind=batch.kind, sink=name)
 
@@ -248,20 +277,26 @@ class Agent:
             import numpy as np
 
             for rid in np.unique(batch["expiration_id"]):
-                self._count("xdpml.agent.flows", int(np.sum(batch["expiration_id"] == rid)),
-                            reason=REASON_NAMES.get(int(rid), str(rid)))
+                self._count(
+                    "xdpml.agent.flows",
+                    int(np.sum(batch["expiration_id"] == rid)),
+                    reason=REASON_NAMES.get(int(rid), str(rid)),
+                )
             for iface in np.unique(batch["interface"]):
                 m = batch["interface"] == iface
                 for d in ("src2dst", "dst2src"):
-                    self._count("xdpml.agent.packets", int(batch[f"{d}_packets"][m].sum()),
-                                interface=str(iface), direction=d)
-                    self._count("xdpml.agent.bytes", int(batch[f"{d}_bytes"][m].sum()),
-                                interface=str(iface), direction=d)
+                    self._count(
+                        "xdpml.agent.packets", int(batch[f"{d}_packets"][m].sum()), interface=str(iface), direction=d
+                    )
+                    self._count(
+                        "xdpml.agent.bytes", int(batch[f"{d}_bytes"][m].sum()), interface=str(iface), direction=d
+                    )
         if self.flows_enabled:
             self._emit(batch)
 
-    def _events(self, wins: RecordBuffer | None, pkts: RecordBuffer | None,
-                acc: WindowAccumulator | None, offset: int) -> None:
+    def _events(
+        self, wins: RecordBuffer | None, pkts: RecordBuffer | None, acc: WindowAccumulator | None, offset: int
+    ) -> None:
         dp = self.datapath
         if wins is None and pkts is None:
             return
@@ -280,7 +315,7 @@ class Agent:
                 self._emit(packet_columns(ev, mono_to_unix_ns=offset, ifnames=self._ifnames))
 
     # -- background run ----------------------------------------------------------
-    def start(self, *, attach_timeout_s: float = 120.0, on_error=None) -> "Agent":
+    def start(self, *, attach_timeout_s: float = 120.0, on_error=None) -> Agent:
         """run() in a thread; returns once every interface is attached, or raises
         what stopped it (or TimeoutError). ``on_error`` is called if run() fails later."""
         attached = threading.Event()
@@ -294,7 +329,7 @@ class Agent:
         def run():
             try:
                 self.run()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            except BaseException as exc:
                 self.error = exc
                 attached.set()
                 if on_error is not None:
@@ -329,22 +364,34 @@ class Agent:
             for name, (hooks, mode) in self.plan.items():
                 att = dp.attach(name, hooks=hooks, xdp_mode=mode)
                 self._ifnames[att.ifindex] = name
-            log.info("xdpml %s agent: attached to %s", __version__,
-                     ", ".join(f"{a.ifname} ({' '.join(a.hooks)})" for a in dp.attachments) or "no interface")
+            log.info(
+                "xdpml %s agent: attached to %s",
+                __version__,
+                ", ".join(f"{a.ifname} ({' '.join(a.hooks)})" for a in dp.attachments) or "no interface",
+            )
             offset = mono_to_unix_offset_ns()
             table = FlowMap(dp.flow_map_fd(), key_dtype=dp.types.key_dtype, value_dtype=dp.types.value_dtype)
-            harvester = self._harvester = Harvester(table, settings=s.harvest, first_n=s.datapath.first_n,
-                                                    mono_to_unix_ns=offset, ifnames=self._ifnames,
-                                                    capacity=s.datapath.flow_table_size)
+            harvester = self._harvester = Harvester(
+                table,
+                settings=s.harvest,
+                first_n=s.datapath.first_n,
+                mono_to_unix_ns=offset,
+                ifnames=self._ifnames,
+                capacity=s.datapath.flow_table_size,
+            )
             wins = RecordBuffer(dp.bpf, "win_events", WinEvent) if dp.window else None
             pkts = RecordBuffer(dp.bpf, "pkt_events", PktEvent) if dp.sample_rate else None
-            acc = (WindowAccumulator(packets=s.window.packets, seconds=s.window.seconds,
-                                     mono_to_unix_ns=offset, ifnames=self._ifnames) if wins else None)
+            acc = (
+                WindowAccumulator(
+                    packets=s.window.packets, seconds=s.window.seconds, mono_to_unix_ns=offset, ifnames=self._ifnames
+                )
+                if wins
+                else None
+            )
             try:
                 self._links = LinkWatcher()
-            except Exception as exc:  # noqa: BLE001 - e.g. no netlink: run without
-                log.warning("not following link events (%s): a deleted and re-added interface stays "
-                            "detached", exc)
+            except Exception as exc:
+                log.warning("not following link events (%s): a deleted and re-added interface stays detached", exc)
             if self.on_attached:
                 self.on_attached(dp)
             deadline = time.monotonic() + duration_s if duration_s else None
@@ -384,7 +431,7 @@ class Agent:
                 for sink in self.sinks:
                     try:
                         sink.close()
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         log.error("closing sink %s: %s", type(sink).__name__, exc)
                     delivery = getattr(sink, "delivery", None)
                     if delivery is not None:
@@ -393,8 +440,9 @@ class Agent:
                 self.datapath = None
         return self.totals
 
-    def _summary(self, dp: Datapath, harvester: Harvester, last: dict, *, final: bool = False,
-                 attached: list[str] | None = None) -> dict:
+    def _summary(
+        self, dp: Datapath, harvester: Harvester, last: dict, *, final: bool = False, attached: list[str] | None = None
+    ) -> dict:
         """One line: what is attached now (of the plan), packets, flows, records, and the
         losses: ``lost`` = kernel events that reach no record (flow table full or busy,
         ring buffer full; the xdpml.agent.lost metric), ``dropped`` = rows the sinks did
@@ -407,12 +455,24 @@ class Agent:
         errors = sum(now[k] for k in ERROR_COUNTERS)
         names = attached if attached is not None else [a.ifname for a in dp.attachments]
         missing = [n for n in self.plan if n not in names]
-        log.info("%sattached %d of %d interfaces (%s%s) | packets %d (+%d) | flows active %d exported %d | "
-                 "windows %d | samples %d | parse errors %d | lost %d | dropped %d", "final: " if final else "",
-                 len(names), len(self.plan), ", ".join(names) or "none",
-                 f"; not attached: {', '.join(missing)}" if missing else "", pk, pk - pk_last,
-                 harvester.stats.active, self.totals.flows, self.totals.windows,
-                 self.totals.packets_sampled, errors, lost, dropped)
+        log.info(
+            "%sattached %d of %d interfaces (%s%s) | packets %d (+%d) | flows active %d exported %d | "
+            "windows %d | samples %d | parse errors %d | lost %d | dropped %d",
+            "final: " if final else "",
+            len(names),
+            len(self.plan),
+            ", ".join(names) or "none",
+            f"; not attached: {', '.join(missing)}" if missing else "",
+            pk,
+            pk - pk_last,
+            harvester.stats.active,
+            self.totals.flows,
+            self.totals.windows,
+            self.totals.packets_sampled,
+            errors,
+            lost,
+            dropped,
+        )
         return now
 
     def deliveries(self) -> dict[str, tuple[int, int]]:
@@ -420,7 +480,7 @@ class Agent:
         return dict(self.totals.deliveries)
 
 
-def register_observables(telemetry, current: Callable[[], "Agent | None"]) -> None:
+def register_observables(telemetry, current: Callable[[], Agent | None]) -> None:
     """Metrics read at each collection from whatever agent runs now (once per process:
     the Kubernetes supervisor replaces the Agent when the datapath restarts)."""
     if telemetry is None:
@@ -433,7 +493,7 @@ def register_observables(telemetry, current: Callable[[], "Agent | None"]) -> No
     def attached():
         a = current()
         out: dict[tuple[str, str], int] = {}
-        for att in (a.datapath.attachments if a is not None and a.datapath is not None else []):
+        for att in a.datapath.attachments if a is not None and a.datapath is not None else []:
             for hook in att.hooks:
                 kind, _, mode = hook.partition(":")
                 out[(kind, mode)] = out.get((kind, mode), 0) + 1
@@ -448,7 +508,7 @@ def register_observables(telemetry, current: Callable[[], "Agent | None"]) -> No
     telemetry.observe_gauge("xdpml.agent.queue.depth", queue_depth)
 
 
-def loss_counters(current: Callable[[], "Agent | None"]) -> Callable[[], dict[str, int]]:
+def loss_counters(current: Callable[[], Agent | None]) -> Callable[[], dict[str, int]]:
     """For the exporter: the kernel's loss and parse-error counters of the running agent,
     carried in every batch so the collector sees what the features do not cover."""
 
@@ -473,5 +533,12 @@ def install_signal_handlers(stop_event: threading.Event) -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-__all__ = ["Agent", "AgentTotals", "AttachPlan", "HarvestSettings", "install_signal_handlers",
-           "loss_counters", "register_observables"]
+__all__ = [
+    "Agent",
+    "AgentTotals",
+    "AttachPlan",
+    "HarvestSettings",
+    "install_signal_handlers",
+    "loss_counters",
+    "register_observables",
+]

@@ -22,6 +22,7 @@ Traffic only ever goes between the root namespace and the bench's own test
 namespace (xdpml.lab); the namespace, its veth and everything attached to
 it are removed on exit, failure included.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,10 @@ XDP_PASS = 2
 
 @dataclass(frozen=True)
 class Params:
-    flows: int = 1000          # distinct flows for the per-packet cost
-    repeat: int = 5000         # BPF_PROG_TEST_RUN repeat per frame (plain variants)
-    ring_repeat: int = 500     # repeat for variants that write a ring buffer (it must not fill)
-    rounds: int = 5            # measured rounds, variants interleaved in each
+    flows: int = 1000  # distinct flows for the per-packet cost
+    repeat: int = 5000  # BPF_PROG_TEST_RUN repeat per frame (plain variants)
+    ring_repeat: int = 500  # repeat for variants that write a ring buffer (it must not fill)
+    rounds: int = 5  # measured rounds, variants interleaved in each
     drain_flows: int = 200_000
     drain_table: int = 262_144
     drain_rounds: int = 5
@@ -64,8 +65,9 @@ class Params:
 
 
 FULL = Params()
-QUICK = Params(repeat=2000, ring_repeat=100, rounds=3, drain_flows=50_000, drain_table=65_536,
-               drain_rounds=3, cpu_packets=100_000)
+QUICK = Params(
+    repeat=2000, ring_repeat=100, rounds=3, drain_flows=50_000, drain_table=65_536, drain_rounds=3, cpu_packets=100_000
+)
 
 
 @dataclass
@@ -90,19 +92,24 @@ class Report:
 
     def text(self) -> str:
         head = ("section", "measurement", "value", "baseline", "ratio", "goal", "note")
-        body = [(r.section, r.name, f"{_fmt(r.value)} {r.unit}", r.baseline, r.ratio, r.goal, r.note)
-                for r in self.rows]
+        body = [
+            (r.section, r.name, f"{_fmt(r.value)} {r.unit}", r.baseline, r.ratio, r.goal, r.note) for r in self.rows
+        ]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
         lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [head, *body]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines + [f"* {n}" for n in self.notes])
 
     def markdown(self) -> str:
-        out = ["| section | measurement | value | baseline (same run) | ratio | goal | note |",
-               "|---|---|---|---|---|---|---|"]
+        out = [
+            "| section | measurement | value | baseline (same run) | ratio | goal | note |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in self.rows:
-            out.append(f"| {r.section} | {r.name.strip()} | {_fmt(r.value)} {r.unit} | {r.baseline} | "
-                       f"{r.ratio} | {r.goal} | {r.note} |")
+            out.append(
+                f"| {r.section} | {r.name.strip()} | {_fmt(r.value)} {r.unit} | {r.baseline} | "
+                f"{r.ratio} | {r.goal} | {r.note} |"
+            )
         return "\n".join(out + [""] + [f"- {n}" for n in self.notes])
 
 
@@ -122,7 +129,7 @@ def _fmt(v: float) -> str:
 
 def tcp_frames(n: int) -> list[bytes]:
     """n 64-byte Ethernet/IPv4/TCP frames (ACK, 10 payload bytes), one distinct flow each."""
-    eth = bytes.fromhex("020000000002" "020000000001") + b"\x08\x00"
+    eth = bytes.fromhex("020000000002020000000001") + b"\x08\x00"
     frames = []
     for i in range(n):
         src = bytes([10, 1, (i >> 8) & 0xFF, i & 0xFF])
@@ -169,8 +176,9 @@ def dispatcher_slots():
         nonlocal count
         name = f"xb{count}"
         count += 1
-        subprocess.run(["ip", "-n", BENCH_NS, "link", "add", name, "type", "veth", "peer", "name", name + "p"],
-                       check=True)
+        subprocess.run(
+            ["ip", "-n", BENCH_NS, "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True
+        )
         own = os.open("/proc/self/ns/net", os.O_RDONLY)
         target = os.open(f"/run/netns/{BENCH_NS}", os.O_RDONLY)
         try:
@@ -217,14 +225,25 @@ def staged_source() -> str | None:
     head, body = src[:x], src[x:]  # head: the headers (flow.h); body: the XDP entry onwards
     if STAGE_ANCHORS["xdp_clock"] not in body or STAGE_ANCHORS["flow_lock"] not in head:
         return None
-    body = body.replace(STAGE_ANCHORS["xdp_clock"], (
-        "#ifdef BENCH_STAGE_PARSE\n    return XDP_PASS;\n#endif\n"
-        + STAGE_ANCHORS["xdp_clock"]
-        # keep the clock read alive without touching the table
-        + "#ifdef BENCH_STAGE_CLOCK\n    count_n(C_GSO_SEGS, now & 1);\n    return XDP_PASS;\n#endif\n"), 1)
-    head = head.replace(STAGE_ANCHORS["flow_lock"], (
-        "#ifdef BENCH_STAGE_LOOKUP\n    return 0;\n#endif\n" + STAGE_ANCHORS["flow_lock"]
-        + "#ifdef BENCH_STAGE_LOCK\n    bpf_spin_unlock(&v->lock);\n    return 0;\n#endif\n"), 1)
+    body = body.replace(
+        STAGE_ANCHORS["xdp_clock"],
+        (
+            "#ifdef BENCH_STAGE_PARSE\n    return XDP_PASS;\n#endif\n"
+            + STAGE_ANCHORS["xdp_clock"]
+            # keep the clock read alive without touching the table
+            + "#ifdef BENCH_STAGE_CLOCK\n    count_n(C_GSO_SEGS, now & 1);\n    return XDP_PASS;\n#endif\n"
+        ),
+        1,
+    )
+    head = head.replace(
+        STAGE_ANCHORS["flow_lock"],
+        (
+            "#ifdef BENCH_STAGE_LOOKUP\n    return 0;\n#endif\n"
+            + STAGE_ANCHORS["flow_lock"]
+            + "#ifdef BENCH_STAGE_LOCK\n    bpf_spin_unlock(&v->lock);\n    return 0;\n#endif\n"
+        ),
+        1,
+    )
     return head + body
 
 
@@ -233,9 +252,14 @@ def default_cflags() -> list[str]:
     from xdpml.config import DatapathSettings
 
     d = DatapathSettings()
-    return [f"-DXDPML_FLOW_TABLE_SIZE={d.flow_table_size}", f"-DXDPML_FIRST_N={d.first_n}",
-            "-DXDPML_SAMPLE_RATE=0", "-DXDPML_WINDOW=0",
-            f"-DXDPML_RINGBUF_PAGES={max(1, d.ringbuf_kib // 4)}", "-Wno-unused-function"]
+    return [
+        f"-DXDPML_FLOW_TABLE_SIZE={d.flow_table_size}",
+        f"-DXDPML_FIRST_N={d.first_n}",
+        "-DXDPML_SAMPLE_RATE=0",
+        "-DXDPML_WINDOW=0",
+        f"-DXDPML_RINGBUF_PAGES={max(1, d.ringbuf_kib // 4)}",
+        "-Wno-unused-function",
+    ]
 
 
 @dataclass
@@ -255,9 +279,9 @@ def _noop_event(_ctx, _data, _size) -> int:
 def bench_kernel(p: Params, report: Report) -> None:
     from bcc import BPF
 
+    from xdpml.config import AgentSettings, DatapathSettings, WindowSettings
     from xdpml.datapath.loader import XDP_PROG, Datapath
     from xdpml.datapath.testrun import test_run
-    from xdpml.config import AgentSettings, DatapathSettings, WindowSettings
 
     frames = tcp_frames(p.flows)
     with ExitStack() as stack:
@@ -266,8 +290,7 @@ def bench_kernel(p: Params, report: Report) -> None:
         stack.callback(trivial.cleanup)
         tfn = trivial.load_func(b"bench_xdp_pass", BPF.XDP)
         attach(tfn)
-        variants = [Variant("trivial XDP_PASS", tfn.fd, p.repeat),
-                    Variant("trivial XDP_PASS", tfn.fd, p.ring_repeat)]
+        variants = [Variant("trivial XDP_PASS", tfn.fd, p.repeat), Variant("trivial XDP_PASS", tfn.fd, p.ring_repeat)]
         # the ring variants' buffers hold a whole round of records (no reservation failures)
         specs = [
             ("xdpml flow, first_n 10 (default)", dict(), 0, p.repeat),
@@ -277,21 +300,31 @@ def bench_kernel(p: Params, report: Report) -> None:
             ("xdpml flow + window records", dict(ringbuf_kib=65536), 100, p.ring_repeat),
         ]
         for name, dp_kw, window, repeat in specs:
-            dp = Datapath(AgentSettings(datapath=DatapathSettings(**dp_kw),
-                                        window=WindowSettings(packets=window)))
+            dp = Datapath(AgentSettings(datapath=DatapathSettings(**dp_kw), window=WindowSettings(packets=window)))
             stack.callback(dp.close)
-            maps = [m for m in ("win_events", "pkt_events")
-                    if (m == "win_events" and dp.window) or (m == "pkt_events" and dp.sample_rate)]
+            maps = [
+                m
+                for m in ("win_events", "pkt_events")
+                if (m == "win_events" and dp.window) or (m == "pkt_events" and dp.sample_rate)
+            ]
             for m in maps:
                 dp.bpf[m.encode()].open_ring_buffer(_noop_event)
             attach(dp.progs[XDP_PROG])
-            variants.append(Variant(name, dp.progs[XDP_PROG].fd, repeat,
-                                    consume=dp.bpf.ring_buffer_consume if maps else None,
-                                    counters=dp.counters))
+            variants.append(
+                Variant(
+                    name,
+                    dp.progs[XDP_PROG].fd,
+                    repeat,
+                    consume=dp.bpf.ring_buffer_consume if maps else None,
+                    counters=dp.counters,
+                )
+            )
         staged = staged_source()
         if staged is None:
-            report.notes.append("kernel: breakdown skipped: the cut points in bpf/ moved "
-                                "(update STAGE_ANCHORS in bench/bench_datapath.py)")
+            report.notes.append(
+                "kernel: breakdown skipped: the cut points in bpf/ moved "
+                "(update STAGE_ANCHORS in bench/bench_datapath.py)"
+            )
         else:
             for name, macro in STAGES:
                 b = BPF(text=staged.encode(), cflags=default_cflags() + [f"-D{macro}"])
@@ -317,8 +350,10 @@ def bench_kernel(p: Params, report: Report) -> None:
                     v.consume()
                 v.round_means.append(float(per.mean()))
 
-        base = {p.repeat: statistics.median(variants[0].round_means),
-                p.ring_repeat: statistics.median(variants[1].round_means)}
+        base = {
+            p.repeat: statistics.median(variants[0].round_means),
+            p.ring_repeat: statistics.median(variants[1].round_means),
+        }
         for v in variants:
             med = statistics.median(v.round_means)
             spread = f"rounds {min(v.round_means):.1f}..{max(v.round_means):.1f} ns"
@@ -328,20 +363,36 @@ def bench_kernel(p: Params, report: Report) -> None:
             ratio = med / base[v.repeat]
             goal = ""
             if v.name.startswith("stage:"):
-                report.add("kernel", f"{v.name}, repeat {v.repeat}", med, "ns/pkt",
-                           baseline=f"{base[v.repeat]:.1f} ns trivial", ratio=f"{ratio:.2f}x", note=spread)
+                report.add(
+                    "kernel",
+                    f"{v.name}, repeat {v.repeat}",
+                    med,
+                    "ns/pkt",
+                    baseline=f"{base[v.repeat]:.1f} ns trivial",
+                    ratio=f"{ratio:.2f}x",
+                    note=spread,
+                )
                 continue
             if "default" in v.name:
                 goal = f"<= 3x: {'met' if ratio <= 3 else 'NOT met'}"
-            report.add("kernel", f"{v.name}, repeat {v.repeat}", med, "ns/pkt",
-                       baseline=f"{base[v.repeat]:.1f} ns trivial", ratio=f"{ratio:.2f}x", goal=goal,
-                       note=spread)
+            report.add(
+                "kernel",
+                f"{v.name}, repeat {v.repeat}",
+                med,
+                "ns/pkt",
+                baseline=f"{base[v.repeat]:.1f} ns trivial",
+                ratio=f"{ratio:.2f}x",
+                goal=goal,
+                note=spread,
+            )
             if v.counters:
                 c = v.counters()
                 lost = c["flow_full"] + c["flow_busy"] + c["rb_win_full"] + c["rb_pkt_full"]
                 if c["flow_new"] != p.flows or lost:
-                    report.notes.append(f"kernel: {v.name}: flow_new {c['flow_new']} (want {p.flows}), "
-                                        f"losses {lost}: the measurement is not the steady state")
+                    report.notes.append(
+                        f"kernel: {v.name}: flow_new {c['flow_new']} (want {p.flows}), "
+                        f"losses {lost}: the measurement is not the steady state"
+                    )
         report.notes.append(
             f"kernel: BPF_PROG_TEST_RUN, {p.flows} distinct 64-byte TCP frames, each run "
             f"`repeat` times per round, {p.rounds} rounds after a warm-up round that creates the "
@@ -352,7 +403,8 @@ def bench_kernel(p: Params, report: Report) -> None:
             "attached in driver mode to an idle veth, so it sits in the kernel's XDP dispatcher "
             "as under a real driver (otherwise each repeated test run waits ~20 ms for RCU). "
             "The 'stage:' rows are the same source cut short after each step (bench-only "
-            "#ifdefs), to show where the nanoseconds go.")
+            "#ifdefs), to show where the nanoseconds go."
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -382,10 +434,15 @@ def drain_into(fd: int, keys: np.ndarray, values: np.ndarray, *, chunk: int = 81
     cur_in, cur_out = (C.c_uint8 * 64)(), (C.c_uint8 * 64)()
     total, in_ptr = 0, 0
     while total < len(keys):
-        attr = _BatchAttr(in_batch=in_ptr, out_batch=C.addressof(cur_out),
-                          keys=keys.ctypes.data + total * keys.dtype.itemsize,
-                          values=values.ctypes.data + total * values.dtype.itemsize,
-                          count=min(chunk, len(keys) - total), map_fd=fd, elem_flags=BPF_F_LOCK)
+        attr = _BatchAttr(
+            in_batch=in_ptr,
+            out_batch=C.addressof(cur_out),
+            keys=keys.ctypes.data + total * keys.dtype.itemsize,
+            values=values.ctypes.data + total * values.dtype.itemsize,
+            count=min(chunk, len(keys) - total),
+            map_fd=fd,
+            elem_flags=BPF_F_LOCK,
+        )
         rc = syscalls.bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH, attr)
         total += attr.count
         if rc < 0:
@@ -398,8 +455,9 @@ def drain_into(fd: int, keys: np.ndarray, values: np.ndarray, *, chunk: int = 81
     return total
 
 
-def synthetic_flows(n: int, key_dtype: np.dtype, value_dtype: np.dtype, *, first_n: int,
-                    now_ns: int) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_flows(
+    n: int, key_dtype: np.dtype, value_dtype: np.dtype, *, first_n: int, now_ns: int
+) -> tuple[np.ndarray, np.ndarray]:
     """n distinct IPv4 TCP flows with plausible, self-consistent counters."""
     rng = np.random.default_rng(7)
     keys = np.zeros(n, key_dtype)
@@ -470,11 +528,12 @@ def bench_drain(p: Params, report: Report) -> None:
     from xdpml.cli.memory import tune_malloc
 
     tune_malloc()  # as the CLI does for the agent (xdpml/cli/__init__.py): feature arrays reuse heap pages
-    from xdpml.datapath.loader import Datapath
-    from xdpml.datapath.maps import FlowMap
-    from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings
     from xdpml.agent.features import flow_columns
     from xdpml.agent.harvest import Harvester, mono_to_unix_offset_ns
+
+    from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings
+    from xdpml.datapath.loader import Datapath
+    from xdpml.datapath.maps import FlowMap
 
     first_n = 10
     n = p.drain_flows
@@ -482,8 +541,9 @@ def bench_drain(p: Params, report: Report) -> None:
     with Datapath(settings) as dp:
         fd = dp.flow_map_fd()
         table = FlowMap(fd, key_dtype=dp.types.key_dtype, value_dtype=dp.types.value_dtype)
-        keys, values = synthetic_flows(n, dp.types.key_dtype, dp.types.value_dtype, first_n=first_n,
-                                       now_ns=time.monotonic_ns())
+        keys, values = synthetic_flows(
+            n, dp.types.key_dtype, dp.types.value_dtype, first_n=first_n, now_ns=time.monotonic_ns()
+        )
         want_packets = int(values["dir"]["packets"].sum())
         offset = mono_to_unix_offset_ns()
         ifnames = {1: "lo"}
@@ -501,8 +561,9 @@ def bench_drain(p: Params, report: Report) -> None:
             t0 = time.thread_time()
             k, v = table.drain()
             t1 = time.thread_time()
-            batch = flow_columns(k, v, expiration=np.zeros(len(k), np.int8), mono_to_unix_ns=offset,
-                                 ifnames=ifnames, first_n=first_n)
+            batch = flow_columns(
+                k, v, expiration=np.zeros(len(k), np.int8), mono_to_unix_ns=offset, ifnames=ifnames, first_n=first_n
+            )
             t2 = time.thread_time()
             if len(k) != n or len(batch) != n or int(batch.columns["bidirectional_packets"].sum()) != want_packets:
                 raise RuntimeError(f"drain returned {len(k)} flows / {len(batch)} rows, want {n}")
@@ -525,8 +586,9 @@ def bench_drain(p: Params, report: Report) -> None:
 
             # the agent's own path for expired flows: read_all + one lookup-and-delete per flow
             fill()
-            harvester = Harvester(table, settings=HarvestSettings(), first_n=first_n,
-                                  mono_to_unix_ns=offset, ifnames=ifnames)
+            harvester = Harvester(
+                table, settings=HarvestSettings(), first_n=first_n, mono_to_unix_ns=offset, ifnames=ifnames
+            )
             t0 = time.thread_time()
             out = harvester.scan(now_ns=time.monotonic_ns() + 10**12)  # all idle
             t_scan.append(time.thread_time() - t0)
@@ -537,21 +599,32 @@ def bench_drain(p: Params, report: Report) -> None:
     med = statistics.median
     rate = n / med([a + b for a, b in zip(t_drain, t_cols)])
     bcc_rate = n / med(t_bcc)
-    report.add("drain", f"FlowMap.drain() + flow_columns(), {n:,} flows", rate, "flows/s",
-               baseline=f"BCC items_lookup_and_delete_batch() {bcc_rate:,.0f} flows/s (no features)",
-               ratio=f"{rate / bcc_rate:.1f}x", goal=f">= 1,000,000: {'met' if rate >= 1e6 else 'NOT met'}")
+    report.add(
+        "drain",
+        f"FlowMap.drain() + flow_columns(), {n:,} flows",
+        rate,
+        "flows/s",
+        baseline=f"BCC items_lookup_and_delete_batch() {bcc_rate:,.0f} flows/s (no features)",
+        ratio=f"{rate / bcc_rate:.1f}x",
+        goal=f">= 1,000,000: {'met' if rate >= 1e6 else 'NOT met'}",
+    )
     report.add("drain", "  of which FlowMap.drain() (batch syscalls)", n / med(t_drain), "flows/s")
     report.add("drain", "  of which flow_columns() (numpy)", n / med(t_cols), "flows/s")
-    report.add("drain", "  kernel floor: lookup-and-delete batches into one reused buffer",
-               n / med(t_floor), "flows/s", note="no copies, no features")
-    report.add("drain", "Harvester.scan(), all idle (read_all + take per flow + features)",
-               n / med(t_scan), "flows/s")
+    report.add(
+        "drain",
+        "  kernel floor: lookup-and-delete batches into one reused buffer",
+        n / med(t_floor),
+        "flows/s",
+        note="no copies, no features",
+    )
+    report.add("drain", "Harvester.scan(), all idle (read_all + take per flow + features)", n / med(t_scan), "flows/s")
     report.notes.append(
         f"drain: flow table of {p.drain_table:,} entries, first_n {first_n}, filled with {n:,} "
         "synthetic flows by BPF_MAP_UPDATE_BATCH before each timed drain (fill not timed); "
         f"median of {p.drain_rounds} rounds, one Python thread, timed by the thread's own CPU clock "
         "(user + system, CLOCK_THREAD_CPUTIME_ID), so other processes on the machine do not "
-        "inflate it. The BCC baseline only iterates its (key, value) ctypes pairs.")
+        "inflate it. The BCC baseline only iterates its (key, value) ctypes pairs."
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -621,9 +694,17 @@ int bench_seed_out(struct __sk_buff *skb) { return one(skb); }
 
 
 class _SeedPkt(C.Structure):
-    _fields_ = [("ts", C.c_uint64), ("saddr", C.c_uint32), ("daddr", C.c_uint32),
-                ("sport", C.c_uint16), ("dport", C.c_uint16), ("len", C.c_uint32),
-                ("payload", C.c_uint32), ("proto", C.c_uint8), ("pad", C.c_uint8 * 7)]
+    _fields_ = [
+        ("ts", C.c_uint64),
+        ("saddr", C.c_uint32),
+        ("daddr", C.c_uint32),
+        ("sport", C.c_uint16),
+        ("dport", C.c_uint16),
+        ("len", C.c_uint32),
+        ("payload", C.c_uint32),
+        ("proto", C.c_uint8),
+        ("pad", C.c_uint8 * 7),
+    ]
 
 
 def _cpu_s() -> tuple[float, float]:
@@ -647,8 +728,9 @@ def _child_protocol(start, stop) -> None:
 
 def child_agent(iface: str) -> None:
     """The xdpml agent, flows only, default settings, a sink that keeps nothing."""
-    from xdpml.config import AgentSettings, InterfaceSettings
     from xdpml.agent.pipeline import Agent
+
+    from xdpml.config import AgentSettings, InterfaceSettings
 
     class CountSink:
         rows = 0
@@ -671,8 +753,11 @@ def child_agent(iface: str) -> None:
         if agent.error is not None:
             raise agent.error
         k = agent.totals.kernel
-        return {"seen": k.get("pkt_tc_ingress", 0) + k.get("pkt_tc_egress", 0) + k.get("pkt_xdp", 0),
-                "lost": sum(k.get(n, 0) for n in ("flow_full", "flow_busy")), "flows": sink.rows}
+        return {
+            "seen": k.get("pkt_tc_ingress", 0) + k.get("pkt_tc_egress", 0) + k.get("pkt_xdp", 0),
+            "lost": sum(k.get(n, 0) for n in ("flow_full", "flow_busy")),
+            "flows": sink.rows,
+        }
 
     _child_protocol(start, stop)
 
@@ -714,8 +799,18 @@ def child_seed(iface: str) -> None:
         with IPRoute() as ipr:
             ipr.tc("add", "clsact", ifindex)
             for parent, fn in ((CLSACT_INGRESS, fin), (CLSACT_EGRESS, fout)):
-                ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fn.fd, name=fn.name.decode(),
-                       parent=parent, prio=1, classid=1, direct_action=True)
+                ipr.tc(
+                    "add-filter",
+                    "bpf",
+                    ifindex,
+                    ":1",
+                    fd=fn.fd,
+                    name=fn.name.decode(),
+                    parent=parent,
+                    prio=1,
+                    classid=1,
+                    direct_action=True,
+                )
         t.start()
 
     def stop():
@@ -734,8 +829,13 @@ def child_seed(iface: str) -> None:
 
 @contextmanager
 def _child(kind: str, iface: str):
-    proc = subprocess.Popen([sys.executable, "-m", "bench.bench_datapath", "--child", kind, "--iface", iface],
-                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.bench_datapath", "--child", kind, "--iface", iface],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         yield proc
     finally:
@@ -768,16 +868,21 @@ def _one_consumer(kind: str, host, p: Params) -> dict:
     with _child(kind, host.host_if) as proc:
         if _readline(proc, 180) != "READY":
             raise RuntimeError(f"bench child {kind} did not attach")
-        server = subprocess.Popen(["iperf3", "-s", "-1", "-B", host.host_ip, "-p", str(IPERF_PORT)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            ["iperf3", "-s", "-1", "-B", host.host_ip, "-p", str(IPERF_PORT)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             time.sleep(0.3)
             before = _if_packets(host.host_if)
             proc.stdin.write("GO\n")
             proc.stdin.flush()
             t0 = time.monotonic()
-            host.run(f"iperf3 -c {host.host_ip} -p {IPERF_PORT} -u -l 22 -b {rate_bits} "
-                     f"-k {p.cpu_packets} --connect-timeout 3000 >/dev/null")
+            host.run(
+                f"iperf3 -c {host.host_ip} -p {IPERF_PORT} -u -l 22 -b {rate_bits} "
+                f"-k {p.cpu_packets} --connect-timeout 3000 >/dev/null"
+            )
             time.sleep(0.5)  # let the consumer catch up before the count is closed
             wall = time.monotonic() - t0
             packets = _if_packets(host.host_if) - before
@@ -804,23 +909,30 @@ def bench_cpu(p: Params, report: Report) -> None:
         res[name] = cpu / max(r["packets"], 1) * 1e9
         r["cpu_s"] = cpu
     ratio = res["seed"] / res["agent"] if res["agent"] else float("inf")
-    report.add("cpu", "xdpml agent (flows only), CPU per packet", res["agent"], "ns/pkt",
-               baseline=f"seed-000-style ring buffer to Python {res['seed']:.0f} ns/pkt",
-               ratio=f"{ratio:.0f}x less")
+    report.add(
+        "cpu",
+        "xdpml agent (flows only), CPU per packet",
+        res["agent"],
+        "ns/pkt",
+        baseline=f"seed-000-style ring buffer to Python {res['seed']:.0f} ns/pkt",
+        ratio=f"{ratio:.0f}x less",
+    )
     report.add("cpu", "seed-000-style per-packet ring buffer, CPU per packet", res["seed"], "ns/pkt")
     for name, r in (("agent", agent), ("seed", seed)):
         report.notes.append(
             f"cpu: {name}: {r['packets']:,} packets (interface counters) in {r['wall_s']:.1f} s, "
             f"consumer CPU {r['user_s']:.3f} s user + {r['sys_s']:.3f} s system, BPF program saw "
             f"{r['seen']:,}, lost {r['lost']}"
-            + (f", {r['flows']} flow rows exported" if "flows" in r else f", {r['events']:,} events decoded"))
+            + (f", {r['flows']} flow rows exported" if "flows" in r else f", {r['events']:,} events decoded")
+        )
     report.notes.append(
         f"cpu: iperf3 UDP, 64-byte frames at {p.cpu_pps:,} packets/s, {p.cpu_packets:,} packets from "
         f"the test namespace to the root namespace over veth {HOST_INDEX}; each consumer in its own "
         "process, attached on TC ingress+egress of the same veth in turn; CPU = getrusage of that "
         "process from GO to its final drain. The agent's cost is per scan (1 s), not per packet, "
         "so its ns/packet falls as the rate rises; the baseline's callback only decodes and "
-        "buffers packets, so the seed's real cost (statistics per window) is higher still.")
+        "buffers packets, so the seed's real cost (statistics per window) is higher still."
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -834,9 +946,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.bench_datapath",
         description="Datapath benchmarks (kernel cost per packet, drain rate, user CPU per packet), "
-                    "each against its baseline in the same run. Needs root.",
-        epilog="examples:\n  python -m bench.bench_datapath\n  python -m bench.bench_datapath --quick "
-               "--section kernel", formatter_class=argparse.RawDescriptionHelpFormatter)
+        "each against its baseline in the same run. Needs root.",
+        epilog="examples:\n  python -m bench.bench_datapath\n  python -m bench.bench_datapath --quick --section kernel",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="smaller runs (under a minute)")
     ap.add_argument("--section", choices=("kernel", "drain", "cpu", "all"), default="all")
     ap.add_argument("--child", choices=("agent", "seed"), help=argparse.SUPPRESS)
@@ -846,8 +959,10 @@ def main(argv: list[str] | None = None) -> int:
         (child_agent if args.child == "agent" else child_seed)(args.iface)
         return 0
     if os.geteuid() != 0:
-        print("error: the datapath benchmarks load BPF programs and create network namespaces: "
-              "run as root", file=sys.stderr)
+        print(
+            "error: the datapath benchmarks load BPF programs and create network namespaces: run as root",
+            file=sys.stderr,
+        )
         return 2
     # SIGTERM unwinds like Ctrl-C, so every finally block runs: namespaces deleted,
     # child consumers stopped, programs detached
@@ -861,12 +976,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {s} ...", file=sys.stderr, flush=True)
         try:
             {"kernel": bench_kernel, "drain": bench_drain, "cpu": bench_cpu}[s](p, report)
-        except Exception as exc:  # noqa: BLE001 - report and go on with the other sections
+        except Exception as exc:
             print(f"error: section {s} failed: {exc}", file=sys.stderr)
             report.notes.append(f"{s}: FAILED: {exc}")
         print(f"[bench] {s} done in {time.monotonic() - ts:.0f} s", file=sys.stderr, flush=True)
-    cmd = "python -m bench.bench_datapath" + (" --quick" if args.quick else "") + (
-        f" --section {args.section}" if args.section != "all" else "")
+    cmd = (
+        "python -m bench.bench_datapath"
+        + (" --quick" if args.quick else "")
+        + (f" --section {args.section}" if args.section != "all" else "")
+    )
     print(f"\n{machine()}; `{cmd}` took {time.monotonic() - t0:.0f} s\n")
     print(report.text())
     print("\n--- markdown ---\n")

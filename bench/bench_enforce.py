@@ -21,9 +21,11 @@ As in bench_datapath, each frame is run `repeat` times per round after a warm-up
 round, variants interleaved within each round (order reversed every other round);
 the value is the mean over frames of each frame's fastest round (other jobs on a
 shared machine only ever add time), and "added" is its difference to the baseline's.
-The note gives the per-round paired differences, whose spread shows the noise. Every program is kept in the XDP dispatcher by an idle driver-mode
+The note gives the per-round paired differences, whose spread shows the noise. Every program is
+kept in the XDP dispatcher by an idle driver-mode
 attachment in the bench's own namespace (see bench_datapath.dispatcher_slots).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +78,18 @@ def install_rules(table, n: int) -> float:
     n_dst = n - n_exact - n_src
     for i in range(n_exact):
         a = ipaddress.IPv4Address(int(ipaddress.IPv4Address("172.16.0.0")) + i)
-        table.add(Rule(kind="exact", action="drop", ttl_s=3600, src=str(a), dst="192.0.2.1", src_port=1000 + i % 50000,
-                       dst_port=80, proto=6))
+        table.add(
+            Rule(
+                kind="exact",
+                action="drop",
+                ttl_s=3600,
+                src=str(a),
+                dst="192.0.2.1",
+                src_port=1000 + i % 50000,
+                dst_port=80,
+                proto=6,
+            )
+        )
     base = int(ipaddress.IPv4Address("100.64.0.0"))
     for i in range(n_src):
         table.add(Rule(kind="src", action="drop", ttl_s=3600, src=f"{ipaddress.IPv4Address(base + 16 * i)}/28"))
@@ -96,7 +108,7 @@ def measure(variants: list[Variant], frames: list[bytes], p: Params) -> None:
             if rc != XDP_PASS:
                 raise RuntimeError(f"{v.name} returned {rc}, not XDP_PASS")
     for r in range(p.rounds):
-        for v in (variants if r % 2 == 0 else variants[::-1]):  # alternate the order: no position bias
+        for v in variants if r % 2 == 0 else variants[::-1]:  # alternate the order: no position bias
             per = np.empty(len(frames))
             for i, f in enumerate(frames):
                 per[i] = test_run(v.fd, f, repeat=p.repeat)[1]
@@ -108,9 +120,9 @@ def run(p: Params) -> bd.Report:
     from bcc import BPF
 
     from xdpml.datapath.loader import XDP_PROG
-    from xdpml.datapath.source import program_text
     from xdpml.datapath.pins import from_bcc
     from xdpml.datapath.rules import Rule, RuleTable
+    from xdpml.datapath.source import program_text
 
     report = bd.Report()
     frames = bd.tcp_frames(p.flows)
@@ -139,22 +151,27 @@ def run(p: Params) -> bd.Report:
         secs = install_rules(tables["1k"], 1000)
         for name in ("big", "first"):
             secs = install_rules(tables[name], p.big)
-        report.notes.append(f"installing {p.big:,} rules through RuleTable.add() took {secs:.1f} s "
-                            f"({p.big / secs:,.0f} rules/s)")
+        report.notes.append(
+            f"installing {p.big:,} rules through RuleTable.add() took {secs:.1f} s ({p.big / secs:,.0f} rules/s)"
+        )
         for t in tables.values():
             t.set_mode("enforce")
 
         big = f"{p.big // 1000}k"
-        variants = [Variant("baseline: flow program, enforcement compiled out", base_fn.fd),
-                    Variant("enforcement, 0 rules", zero_fn.fd),
-                    Variant("enforcement, 1k rules, established flow", k1_fn.fd),
-                    Variant(f"enforcement, {big} rules, established flow", big_fn.fd),
-                    Variant(f"enforcement, {big} rules, decision on every packet (first packet)", first_fn.fd)]
+        variants = [
+            Variant("baseline: flow program, enforcement compiled out", base_fn.fd),
+            Variant("enforcement, 0 rules", zero_fn.fd),
+            Variant("enforcement, 1k rules, established flow", k1_fn.fd),
+            Variant(f"enforcement, {big} rules, established flow", big_fn.fd),
+            Variant(f"enforcement, {big} rules, decision on every packet (first packet)", first_fn.fd),
+        ]
         measure(variants, frames, p)
         # then one dry-run rule all frames match (src 10.1.0.0/16), measured against the baseline again
         tables["big"].add(Rule(kind="src", action="drop", ttl_s=3600, src="10.1.0.0/16", dry_run=True))
-        phase2 = [Variant("baseline: flow program, enforcement compiled out", base_fn.fd),
-                  Variant(f"enforcement, {big} rules, established flow matching a rule (dry-run)", big_fn.fd)]
+        phase2 = [
+            Variant("baseline: flow program, enforcement compiled out", base_fn.fd),
+            Variant(f"enforcement, {big} rules, established flow matching a rule (dry-run)", big_fn.fd),
+        ]
         measure(phase2, frames, p)
         hits = [r for r in tables["big"].rows() if r.src == "10.1.0.0/16"][0].hits
         expected = p.flows * (1 + p.rounds * p.repeat)
@@ -163,31 +180,50 @@ def run(p: Params) -> bd.Report:
         for t in tables.values():
             t.maps.close()
 
-    goals = {"enforcement, 0 rules": ("<= 2 ns added", 2.0),
-             "established flow": ("<= 5 ns added", 5.0),
-             "first packet": ("<= 80 ns added", 80.0)}
+    goals = {
+        "enforcement, 0 rules": ("<= 2 ns added", 2.0),
+        "established flow": ("<= 5 ns added", 5.0),
+        "first packet": ("<= 80 ns added", 80.0),
+    }
     for group in (variants, phase2):
         base = group[0].floor()
         for v in group:
             value = v.floor()
             if v is group[0]:
-                report.add("enforce", v.name, value, "ns/pkt",
-                           note=f"median of round means {statistics.median(v.round_means):.1f} ns")
+                report.add(
+                    "enforce",
+                    v.name,
+                    value,
+                    "ns/pkt",
+                    note=f"median of round means {statistics.median(v.round_means):.1f} ns",
+                )
                 continue
             added = value - base
             # paired per round (the variant minus the baseline of the same round): the spread
             diffs = sorted(a - b for a, b in zip(v.round_means, group[0].round_means))
-            spread = (f"per-round paired difference: median {statistics.median(diffs):+.1f} ns, "
-                      f"quartiles {diffs[len(diffs) // 4]:+.1f}..{diffs[(3 * len(diffs)) // 4]:+.1f}")
+            spread = (
+                f"per-round paired difference: median {statistics.median(diffs):+.1f} ns, "
+                f"quartiles {diffs[len(diffs) // 4]:+.1f}..{diffs[(3 * len(diffs)) // 4]:+.1f}"
+            )
             goal = ""
             for key, (text_, limit) in goals.items():
                 if key in v.name and "matching" not in v.name:
                     goal = f"{text_}: {'met' if added <= limit else 'NOT met'}"
-            report.add("enforce", v.name, value, "ns/pkt", baseline=f"{base:.1f} ns baseline",
-                       ratio=f"{added:+.1f} ns", goal=goal, note=spread)
-    report.notes.append(f"{p.flows} distinct flows, repeat {p.repeat}, {p.rounds} rounds; "
-                        "value: the mean over frames of each frame's fastest round; 'ratio' is the "
-                        "nanoseconds added to the baseline's value")
+            report.add(
+                "enforce",
+                v.name,
+                value,
+                "ns/pkt",
+                baseline=f"{base:.1f} ns baseline",
+                ratio=f"{added:+.1f} ns",
+                goal=goal,
+                note=spread,
+            )
+    report.notes.append(
+        f"{p.flows} distinct flows, repeat {p.repeat}, {p.rounds} rounds; "
+        "value: the mean over frames of each frame's fastest round; 'ratio' is the "
+        "nanoseconds added to the baseline's value"
+    )
     return report
 
 

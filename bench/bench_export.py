@@ -18,6 +18,7 @@ agent's full flow schema, ~650 bytes of columns per flow):
 
     .venv/bin/python bench/bench_export.py [--flows 1000000] [--per-flow-flows 20000] [--trees 50,25]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,19 +33,19 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-from xdpml.wire.columns import ColumnBatch
-from xdpml.wire import codec
 from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
-from xdpml.cli.memory import tune_malloc
 from xdpml.agent.export.synthetic import flow_batch
 from xdpml.collector.models import EmbeddedIsolationForest
+
+from xdpml.cli.memory import tune_malloc
+from xdpml.wire import codec
+from xdpml.wire.columns import ColumnBatch
 from xdpml.wire.v1 import collector_pb2 as cpb
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PER_FLOW_METHOD = "/xdpml.bench.PerFlow/Export"
 F = descriptor_pb2.FieldDescriptorProto
@@ -76,14 +77,16 @@ def flow_record_class(sample: ColumnBatch):
     fdp = descriptor_pb2.FileDescriptorProto(name="xdpml_bench_per_flow.proto", package="xdpml.bench", syntax="proto3")
     msg = fdp.message_type.add(name="FlowRecord")
     for i, (name, col) in enumerate(sample.columns.items(), 1):
-        msg.field.add(name=name, number=i, type=_proto_type(col),
-                      label=F.LABEL_REPEATED if col.ndim == 2 else F.LABEL_OPTIONAL)
+        msg.field.add(
+            name=name, number=i, type=_proto_type(col), label=F.LABEL_REPEATED if col.ndim == 2 else F.LABEL_OPTIONAL
+        )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("xdpml.bench.FlowRecord"))
 
 
 # ---- per-flow server (runs as a separate process) ---------------------------------------
+
 
 def serve_per_flow(port: int, state_dir: str) -> None:
     from concurrent import futures
@@ -105,8 +108,12 @@ def serve_per_flow(port: int, state_dir: str) -> None:
     def export(request_iterator, context):
         rows, scored = [], 0
         for m in request_iterator:
-            rows.append([list(getattr(m, n)) if dtypes[n].kind != "O" and sample.columns[n].ndim == 2
-                         else getattr(m, n) for n in names])
+            rows.append(
+                [
+                    list(getattr(m, n)) if dtypes[n].kind != "O" and sample.columns[n].ndim == 2 else getattr(m, n)
+                    for n in names
+                ]
+            )
             if len(rows) >= 4096:
                 scored += flush(rows)
                 rows = []
@@ -114,9 +121,14 @@ def serve_per_flow(port: int, state_dir: str) -> None:
             scored += flush(rows)
         return struct.pack("<Q", scored)
 
-    handler = grpc.method_handlers_generic_handler("xdpml.bench.PerFlow", {
-        "Export": grpc.stream_unary_rpc_method_handler(export, request_deserializer=FlowRecord.FromString,
-                                                       response_serializer=lambda b: b)})
+    handler = grpc.method_handlers_generic_handler(
+        "xdpml.bench.PerFlow",
+        {
+            "Export": grpc.stream_unary_rpc_method_handler(
+                export, request_deserializer=FlowRecord.FromString, response_serializer=lambda b: b
+            )
+        },
+    )
     server = grpc.server(futures.ThreadPoolExecutor(4))
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -127,6 +139,7 @@ def serve_per_flow(port: int, state_dir: str) -> None:
 
 
 # ---- measurements ------------------------------------------------------------------------
+
 
 def bench_codec(batches: list[ColumnBatch], repeat: int) -> tuple[dict[str, float], list]:
     tune_malloc()  # as the CLI does for the agent and the collector
@@ -148,8 +161,12 @@ def bench_codec(batches: list[ColumnBatch], repeat: int) -> tuple[dict[str, floa
     # What the collector does: gRPC's deserializer, then the codec.
     decoded = [codec.decode_batch(cpb.ExportRequest.FromString(w).batch) for w in wire]
     dec = time.perf_counter() - t
-    return {"encode": n / enc, "decode": n / dec, "bytes_per_flow": nbytes / n,
-            "encode_MBps": nbytes / enc / 1e6}, decoded[: len(decoded) // repeat]
+    return {
+        "encode": n / enc,
+        "decode": n / dec,
+        "bytes_per_flow": nbytes / n,
+        "encode_MBps": nbytes / enc / 1e6,
+    }, decoded[: len(decoded) // repeat]
 
 
 def bench_score(decoded: list, state_dir: str) -> float:
@@ -174,13 +191,18 @@ def bench_columnar(batches: list[ColumnBatch], flows: int, model_args: list[str]
     port = free_port()
     log = tmp / f"collector-{len(list(tmp.glob('collector-*')))}.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "xdpml", "collector", "--listen", f"127.0.0.1:{port}", *model_args],
-                                cwd=ROOT, stderr=f, stdout=f)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xdpml", "collector", "--listen", f"127.0.0.1:{port}", *model_args],
+            cwd=ROOT,
+            stderr=f,
+            stdout=f,
+        )
     # The collector loads the baseline from state_dir, so it scores with that forest size.
     try:
         _wait_line(log, "listening on port", proc)
-        settings = ExporterSettings(target=f"127.0.0.1:{port}", flush_rows=20_000, flush_age_s=0.05,
-                                    queue_max_bytes=256 * 1024 * 1024)
+        settings = ExporterSettings(
+            target=f"127.0.0.1:{port}", flush_rows=20_000, flush_age_s=0.05, queue_max_bytes=256 * 1024 * 1024
+        )
         with GrpcExporter(settings) as ex:
             ex.put(batches[0])  # warm-up: connection, first-call costs
             while ex.stats()["sent_rows"] < len(batches[0]):
@@ -207,16 +229,22 @@ def bench_columnar(batches: list[ColumnBatch], flows: int, model_args: list[str]
         proc.wait(30)
     m = re.search(r"(\d+) rows, (\d+) flagged", log.read_text())
     scored_rows = int(m.group(1)) if m else -1
-    return {"flows_per_s": produced / elapsed, "flows": produced, "dropped": st["dropped_rows"],
-            "collector_rows": scored_rows, "messages": st["sent_batches"]}
+    return {
+        "flows_per_s": produced / elapsed,
+        "flows": produced,
+        "dropped": st["dropped_rows"],
+        "collector_rows": scored_rows,
+        "messages": st["sent_batches"],
+    }
 
 
 def bench_per_flow(batches: list[ColumnBatch], flows: int, state_dir: str, tmp: Path) -> dict[str, float]:
     port = free_port()
     log = tmp / "per_flow.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, __file__, "--serve-per-flow", str(port), state_dir],
-                                cwd=ROOT, stdout=f, stderr=f)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-per-flow", str(port), state_dir], cwd=ROOT, stdout=f, stderr=f
+        )
     FlowRecord = flow_record_class(batches[0])
     try:
         _wait_line(log, "ready", proc)
@@ -232,8 +260,11 @@ def bench_per_flow(batches: list[ColumnBatch], flows: int, state_dir: str, tmp: 
                     sent += 1
 
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            call = ch.stream_unary(PER_FLOW_METHOD, request_serializer=lambda m: m.SerializeToString(),
-                                   response_deserializer=lambda b: struct.unpack("<Q", b)[0])
+            call = ch.stream_unary(
+                PER_FLOW_METHOD,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=lambda b: struct.unpack("<Q", b)[0],
+            )
             t = time.perf_counter()
             scored = call(records(), timeout=600)
             elapsed = time.perf_counter() - t
@@ -264,7 +295,8 @@ def main() -> int:
             # One baseline per forest size, loaded by every server of that run.
             states[t] = str(tmp / f"state-{t}-trees")
             EmbeddedIsolationForest(state_dir=states[t], baseline_rows=5000, n_estimators=t).score(
-                flow_batch(5000, seed=999), learn_from="bench")
+                flow_batch(5000, seed=999), learn_from="bench"
+            )
         c, decoded = bench_codec(batches, repeat=2)
         score = {t: bench_score(decoded, states[t]) for t in trees}
         col = {t: bench_columnar(batches, args.flows, ["--state-dir", states[t]], tmp) for t in trees}
@@ -276,8 +308,9 @@ def main() -> int:
         cheap = ["bidirectional_packets", "bps"]
         lin = LinearRegression().fit(np.c_[batches[0][cheap[0]], batches[0][cheap[1]]], batches[0]["log_bytes"])
         joblib.dump({"model": lin, "feature_names": cheap}, tmp / "linear.joblib")
-        col["linear"] = bench_columnar(batches, args.flows, ["--model", f"sklearn:{tmp / 'linear.joblib'}",
-                                                             "--threshold", "1e9"], tmp)
+        col["linear"] = bench_columnar(
+            batches, args.flows, ["--model", f"sklearn:{tmp / 'linear.joblib'}", "--threshold", "1e9"], tmp
+        )
         per = bench_per_flow(batches, args.per_flow_flows, states[trees[0]], tmp)
     load = os.getloadavg()
     print(f"cpus: {os.cpu_count()}, load average (1/5/15 min) at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
@@ -285,24 +318,34 @@ def main() -> int:
     print()
     print("| measurement | flows/s |")
     print("|---|---:|")
-    print(f"| encode only (ColumnBatch -> serialized ExportRequest) | {c['encode']:,.0f} ({c['encode_MBps']:.0f} MB/s) |")
+    print(
+        f"| encode only (ColumnBatch -> serialized ExportRequest) | {c['encode']:,.0f} ({c['encode_MBps']:.0f} MB/s) |"
+    )
     print(f"| decode only (ExportRequest bytes -> numpy columns, validated) | {c['decode']:,.0f} |")
     for t in trees:
         print(f"| embedded model scoring only, {t} trees | {score[t]:,.0f} |")
     for t in trees:
         r = col[t]
-        print(f"| **columnar end to end**, embedded model {t} trees, {r['flows']:,} flows in {r['messages']} "
-              f"messages | **{r['flows_per_s']:,.0f}** |")
+        print(
+            f"| **columnar end to end**, embedded model {t} trees, {r['flows']:,} flows in {r['messages']} "
+            f"messages | **{r['flows_per_s']:,.0f}** |"
+        )
     r = col["linear"]
-    print(f"| columnar end to end, linear model on 2 columns (transport + codec + collector), {r['flows']:,} flows "
-          f"| {r['flows_per_s']:,.0f} |")
-    print(f"| one protobuf message per flow end to end, {trees[0]} trees, {per['flows']:,} flows "
-          f"| {per['flows_per_s']:,.0f} |")
+    print(
+        f"| columnar end to end, linear model on 2 columns (transport + codec + collector), {r['flows']:,} flows "
+        f"| {r['flows_per_s']:,.0f} |"
+    )
+    print(
+        f"| one protobuf message per flow end to end, {trees[0]} trees, {per['flows']:,} flows "
+        f"| {per['flows_per_s']:,.0f} |"
+    )
     print()
     for t in trees:
         r = col[t]
-        print(f"{t} trees: columnar / per-flow = {r['flows_per_s'] / per['flows_per_s']:.1f}x; dropped rows "
-              f"{r['dropped']}; rows the collector received {r['collector_rows']:,} (incl. {args.batch_rows:,} warm-up)")
+        print(
+            f"{t} trees: columnar / per-flow = {r['flows_per_s'] / per['flows_per_s']:.1f}x; dropped rows "
+            f"{r['dropped']}; rows the collector received {r['collector_rows']:,} (incl. {args.batch_rows:,} warm-up)"
+        )
     print(f"per-flow rows scored: {per['scored']:,}")
     return 0
 

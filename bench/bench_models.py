@@ -8,6 +8,7 @@ each model loaded in turn into the same datapath; per variant, the mean ns per r
 over 1,000 distinct 64-byte TCP frames (each repeated N times) and over one frame.
 The 'added' column is the model variant minus the no-model program of the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,10 @@ def main() -> int:
     from sklearn.neural_network import MLPClassifier
     from sklearn.tree import DecisionTreeClassifier
 
-    from xdpml.datapath.loader import TC_INGRESS_PROG, Datapath
-    from xdpml.config import AgentSettings
-    from bench.bench_datapath import tcp_frames
     from bench import model_zoo as zoo
+    from bench.bench_datapath import tcp_frames
+    from xdpml.config import AgentSettings
+    from xdpml.datapath.loader import TC_INGRESS_PROG, Datapath
     from xdpml.models import layout as L
     from xdpml.models.compiler import compile_model
     from xdpml.models.kernel import ModelSlots
@@ -53,11 +54,12 @@ def main() -> int:
         warnings.simplefilter("ignore")
         models = [
             ("decision tree depth 10", DecisionTreeClassifier(max_depth=10, random_state=0).fit(Xf, noise)),
-            ("random forest 10 x depth 8", RandomForestClassifier(n_estimators=10, max_depth=8,
-                                                                  random_state=0).fit(Xf, y)),
+            (
+                "random forest 10 x depth 8",
+                RandomForestClassifier(n_estimators=10, max_depth=8, random_state=0).fit(Xf, y),
+            ),
             ("logistic regression, 16 features", LogisticRegression(max_iter=300).fit(Xf, y > 1)),
-            ("int8 MLP 16-16-2", MLPClassifier(hidden_layer_sizes=(16,), max_iter=200,
-                                               random_state=0).fit(Xf, y > 1)),
+            ("int8 MLP 16-16-2", MLPClassifier(hidden_layer_sizes=(16,), max_iter=200, random_state=0).fit(Xf, y > 1)),
         ]
     lim = L.Limits(depth=12, trees=16, nodes=8192, leaf_values=8192)
     rows = []

@@ -15,6 +15,7 @@ Every model returns one float score per row; a row is flagged when its score is 
 or above the threshold. Models raise :class:`ModelError` with a message meant for
 the operator (missing feature columns, unreadable files, unreachable servers).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,13 +26,14 @@ import threading
 import time
 import urllib.parse
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
-from xdpml.wire.columns import ColumnBatch
 from xdpml.errors import ModelError
+from xdpml.wire.columns import ColumnBatch
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,7 @@ def feature_matrix(batch: ColumnBatch, names: Sequence[str], dtype=np.float64) -
     """Rows x features, in ``names`` order; ModelError naming every missing column."""
     missing = [n for n in names if n not in batch.columns]
     if missing:
-        raise ModelError(f"the model needs feature columns the {batch.kind} batch does not have: "
-                         f"{', '.join(missing)}")
+        raise ModelError(f"the model needs feature columns the {batch.kind} batch does not have: {', '.join(missing)}")
     bad = [n for n in names if batch.columns[n].ndim != 1 or batch.columns[n].dtype.kind not in "biuf"]
     if bad:
         raise ModelError(f"feature columns must be numeric scalars; not: {', '.join(bad)}")
@@ -122,8 +123,10 @@ class _CompiledForest:
     def __init__(self, forest) -> None:
         self.trees = [e.tree_ for e in forest.estimators_]
         nfeat = forest.n_features_in_
-        self.features = [None if len(f) == nfeat and np.array_equal(f, np.arange(nfeat)) else np.asarray(f)
-                         for f in forest.estimators_features_]
+        self.features = [
+            None if len(f) == nfeat and np.array_equal(f, np.arange(nfeat)) else np.asarray(f)
+            for f in forest.estimators_features_
+        ]
         self.values = [self._leaf_values(t) for t in self.trees]
         self.denominator = len(self.trees) * float(_average_path_length([forest.max_samples_])[0])
 
@@ -202,8 +205,16 @@ class EmbeddedIsolationForest:
     default_threshold = 0.65
     learns = True  # the collector passes learn_from= to score()
 
-    def __init__(self, *, state_dir: str | None, baseline_rows: int = 5000, features: Sequence[str] = EMBEDDED_FEATURES,
-                 n_estimators: int = 50, seed: int = 0, baseline_file: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        state_dir: str | None,
+        baseline_rows: int = 5000,
+        features: Sequence[str] = EMBEDDED_FEATURES,
+        n_estimators: int = 50,
+        seed: int = 0,
+        baseline_file: str | None = None,
+    ) -> None:
         if baseline_rows < 16:
             raise ModelError("--baseline-rows must be at least 16")
         if not 1 <= n_estimators <= 1000:
@@ -226,8 +237,9 @@ class EmbeddedIsolationForest:
         self.version = "no-baseline"
         if baseline_file:
             if not os.path.isfile(baseline_file):
-                raise ModelError(f"baseline file {baseline_file!r} does not exist (make one with `xdpml collector "
-                                 "learn`)")
+                raise ModelError(
+                    f"baseline file {baseline_file!r} does not exist (make one with `xdpml collector learn`)"
+                )
             self._load(baseline_file)
         elif state_dir and os.path.exists(self._path()):
             self._load(self._path())
@@ -274,9 +286,14 @@ class EmbeddedIsolationForest:
         forest = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(x)
         self.version = f"baseline-{len(x)}-rows"
         self._ranges = (x.min(axis=0), x.max(axis=0))
-        self.provenance = {**provenance, "rows": int(len(x)), "features": list(self.feature_names),
-                           "trees": self.n_estimators, "learned_unix": int(time.time()),
-                           "learned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.provenance = {
+            **provenance,
+            "rows": len(x),
+            "features": list(self.feature_names),
+            "trees": self.n_estimators,
+            "learned_unix": int(time.time()),
+            "learned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         self._forest = forest
         log.info("baseline learned: %s", describe_provenance(self.provenance))
         if self.state_dir:
@@ -362,11 +379,18 @@ def save_baseline(path: str, forest, feature_names, version: str, ranges, proven
     import joblib
 
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    state = {"model": forest, "feature_names": list(feature_names), "version": version,
-             "ranges": [r.tolist() for r in ranges], "provenance": provenance}
+    state = {
+        "model": forest,
+        "feature_names": list(feature_names),
+        "version": version,
+        "ranges": [r.tolist() for r in ranges],
+        "provenance": provenance,
+    }
     sidecar = os.path.splitext(path)[0] + ".json"
-    for target, write in ((path, lambda f: joblib.dump(state, f)),
-                          (sidecar, lambda f: f.write(json.dumps(provenance, indent=1, sort_keys=True).encode()))):
+    for target, write in (
+        (path, lambda f: joblib.dump(state, f)),
+        (sidecar, lambda f: f.write(json.dumps(provenance, indent=1, sort_keys=True).encode())),
+    ):
         tmp = f"{target}.tmp.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # a stale one of ours; O_EXCL below refuses anything put there meanwhile
@@ -382,6 +406,7 @@ def save_baseline(path: str, forest, feature_names, version: str, ranges, proven
 
 
 # ---- scikit-learn file ----------------------------------------------------------------
+
 
 def _score_estimator(est, x) -> np.ndarray:
     """Higher = more suspicious: P(last class), else -score_samples, else predict()."""
@@ -426,8 +451,10 @@ class SklearnFileModel:
         if names is None:
             names = getattr(est, "feature_names_in_", None)
         if names is None:
-            raise ModelError(f"{path!r}: no feature names; save {{'model': m, 'feature_names': [...]}} "
-                             "or fit the model on a DataFrame")
+            raise ModelError(
+                f"{path!r}: no feature names; save {{'model': m, 'feature_names': [...]}} "
+                "or fit the model on a DataFrame"
+            )
         if not (hasattr(est, "predict") or hasattr(est, "score_samples")):
             raise ModelError(f"{path!r} holds a {type(est).__name__}, not a fitted estimator")
         self._est = est
@@ -459,6 +486,7 @@ class SklearnFileModel:
 
 # ---- ONNX -----------------------------------------------------------------------------
 
+
 class OnnxModel:
     """An ONNX model: one float input [rows, features] whose feature names are in the
     model's metadata (``feature_names``, comma separated), or one [rows, 1] input per
@@ -481,11 +509,12 @@ class OnnxModel:
         inputs = self._sess.get_inputs()
         meta = self._sess.get_modelmeta().custom_metadata_map
         self._inputs = inputs
-        if len(inputs) == 1 and (len(inputs[0].shape) == 2 and inputs[0].shape[1] != 1 or "feature_names" in meta):
+        if len(inputs) == 1 and ((len(inputs[0].shape) == 2 and inputs[0].shape[1] != 1) or "feature_names" in meta):
             names = meta.get("feature_names")
             if not names:
-                raise ModelError(f"{path!r} has one matrix input; store the column names in its metadata "
-                                 "as feature_names=a,b,c")
+                raise ModelError(
+                    f"{path!r} has one matrix input; store the column names in its metadata as feature_names=a,b,c"
+                )
             self.feature_names = [n.strip() for n in names.split(",")]
             self._matrix = True
         else:
@@ -519,13 +548,25 @@ class OnnxModel:
 
 # ---- model spec -------------------------------------------------------------------------
 
-def load_model(spec: str, *, state_dir: str | None = None, baseline_rows: int = 5000,
-               features: Sequence[str] | None = None, trees: int = 50, baseline_file: str | None = None) -> Model:
+
+def load_model(
+    spec: str,
+    *,
+    state_dir: str | None = None,
+    baseline_rows: int = 5000,
+    features: Sequence[str] | None = None,
+    trees: int = 50,
+    baseline_file: str | None = None,
+) -> Model:
     """Build the model named by a ``--model`` value (see the module docstring)."""
     if spec in ("", "embedded"):
-        return EmbeddedIsolationForest(state_dir=state_dir, baseline_rows=baseline_rows,
-                                       features=features or EMBEDDED_FEATURES, n_estimators=trees,
-                                       baseline_file=baseline_file)
+        return EmbeddedIsolationForest(
+            state_dir=state_dir,
+            baseline_rows=baseline_rows,
+            features=features or EMBEDDED_FEATURES,
+            n_estimators=trees,
+            baseline_file=baseline_file,
+        )
     if baseline_file:
         raise ModelError("--baseline is for the embedded model only")
     kind, _, rest = spec.partition(":")
@@ -545,6 +586,12 @@ def load_model(spec: str, *, state_dir: str | None = None, baseline_rows: int = 
         if unknown:
             raise ModelError(f"--model {spec!r}: unknown option(s) {', '.join(sorted(unknown))}")
         feats = opts["features"].split(",") if "features" in opts else features
-        return V2Model(addr, model, version=opts.get("version", ""), output=opts.get("output", ""),
-                       features=feats, timeout_s=float(opts.get("timeout", 10)))
+        return V2Model(
+            addr,
+            model,
+            version=opts.get("version", ""),
+            output=opts.get("output", ""),
+            features=feats,
+            timeout_s=float(opts.get("timeout", 10)),
+        )
     raise ModelError(f"--model {spec!r}: expected embedded, sklearn:PATH, onnx:PATH or v2:HOST:PORT/MODEL")

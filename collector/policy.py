@@ -12,6 +12,7 @@ the operator wrote them. In dry-run (``dry_run: true`` or ``--dry-run``) every D
 RATE_LIMIT is sent as ALERT, with the policy's choice in ``Verdict.policy_action`` and
 ``VerdictBatch.dry_run`` set, so what enforcement would do is visible without it.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,12 @@ import numpy as np
 from xdpml.errors import ConfigError
 from xdpml.wire.v1 import collector_pb2 as cpb
 
-ACTIONS = {"allow": cpb.ACTION_ALLOW, "alert": cpb.ACTION_ALERT, "rate-limit": cpb.ACTION_RATE_LIMIT,
-           "drop": cpb.ACTION_DROP}
+ACTIONS = {
+    "allow": cpb.ACTION_ALLOW,
+    "alert": cpb.ACTION_ALERT,
+    "rate-limit": cpb.ACTION_RATE_LIMIT,
+    "drop": cpb.ACTION_DROP,
+}
 ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
 DEFAULT_TTL_S = 300
 MAX_TTL_S = 86400  # a verdict is a suggestion about a flow, not a standing rule
@@ -52,12 +57,15 @@ class Rule:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise ConfigError(f"{where}: {name} must be a finite number, not {v!r}")
         if self.threshold is not None and self.min_confidence is not None and self.min_confidence < self.threshold:
-            raise ConfigError(f"{where}: min_confidence {self.min_confidence:g} is below the threshold "
-                              f"{self.threshold:g} (it would never apply)")
+            raise ConfigError(
+                f"{where}: min_confidence {self.min_confidence:g} is below the threshold "
+                f"{self.threshold:g} (it would never apply)"
+            )
         t = self.ttl_seconds
         if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= MAX_TTL_S:
-            raise ConfigError(f"{where}: ttl_seconds must be a whole number of seconds from 1 to {MAX_TTL_S}, "
-                              f"not {t!r}")
+            raise ConfigError(
+                f"{where}: ttl_seconds must be a whole number of seconds from 1 to {MAX_TTL_S}, not {t!r}"
+            )
 
     def describe(self) -> str:
         if self.model is None and self.cls is None:
@@ -116,8 +124,9 @@ class Policy:
         chosen = np.where(confident, act, cpb.ACTION_ALERT).astype(np.int32)
         sent = chosen
         if self.dry_run:
-            sent = np.where(np.isin(chosen, (cpb.ACTION_DROP, cpb.ACTION_RATE_LIMIT)), cpb.ACTION_ALERT,
-                            chosen).astype(np.int32)
+            sent = np.where(np.isin(chosen, (cpb.ACTION_DROP, cpb.ACTION_RATE_LIMIT)), cpb.ACTION_ALERT, chosen).astype(
+                np.int32
+            )
         return Decision(flagged, thr, chosen, sent, ttl)
 
     def summary(self) -> str:
@@ -146,9 +155,14 @@ def _rule(raw, where: str, *, default: bool) -> Rule:
     if "action" not in raw and not default:
         raise ConfigError(f"{where}: action is required ({', '.join(ACTIONS)})")
     try:
-        r = Rule(action=raw.get("action", "alert"), threshold=raw.get("threshold"),
-                 min_confidence=raw.get("min_confidence"), ttl_seconds=raw.get("ttl_seconds", DEFAULT_TTL_S),
-                 model=raw.get("model"), cls=raw.get("class"))
+        r = Rule(
+            action=raw.get("action", "alert"),
+            threshold=raw.get("threshold"),
+            min_confidence=raw.get("min_confidence"),
+            ttl_seconds=raw.get("ttl_seconds", DEFAULT_TTL_S),
+            model=raw.get("model"),
+            cls=raw.get("class"),
+        )
     except ConfigError as e:
         raise ConfigError(f"{where}: {str(e).split(': ', 1)[1]}") from None
     return r
@@ -201,12 +215,20 @@ def load_policy(path: str) -> Policy:
     return parse_policy(data, os.path.basename(path))
 
 
-def with_overrides(policy: Policy, *, action: str | None = None, threshold: float | None = None,
-                   ttl_seconds: int | None = None, dry_run: bool | None = None) -> Policy:
+def with_overrides(
+    policy: Policy,
+    *,
+    action: str | None = None,
+    threshold: float | None = None,
+    ttl_seconds: int | None = None,
+    dry_run: bool | None = None,
+) -> Policy:
     """The policy with its default rule's fields (and dry-run) replaced by the flags given."""
     d = policy.default
-    default = Rule(action=d.action if action is None else action,
-                   threshold=d.threshold if threshold is None else threshold,
-                   min_confidence=d.min_confidence,
-                   ttl_seconds=d.ttl_seconds if ttl_seconds is None else ttl_seconds)
+    default = Rule(
+        action=d.action if action is None else action,
+        threshold=d.threshold if threshold is None else threshold,
+        min_confidence=d.min_confidence,
+        ttl_seconds=d.ttl_seconds if ttl_seconds is None else ttl_seconds,
+    )
     return Policy(default, policy.rules, policy.dry_run if dry_run is None else dry_run)

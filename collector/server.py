@@ -10,6 +10,7 @@ Shutdown drains: health turns NOT_SERVING, each stream finishes the batches it h
 already received, acknowledges them and ends with UNAVAILABLE ("collector shutting
 down"), so agents re-send anything unacknowledged to the next collector.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,23 +19,23 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from xdpml.wire.columns import ColumnBatch
-from xdpml.wire import codec
-from xdpml.wire.tls import ServerTls
 from xdpml.collector import wire_schema
 from xdpml.collector.models import Model, ModelError
 from xdpml.collector.policy import ACTION_NAMES, ACTIONS, Policy, Rule
-from xdpml.errors import ConfigError, ServiceError
 from xdpml.collector.sinks import ScoredBatch, Sink, now_ms
+
+from xdpml.errors import ConfigError, ServiceError
+from xdpml.wire import codec
+from xdpml.wire.columns import ColumnBatch
+from xdpml.wire.tls import ServerTls
 from xdpml.wire.v1 import collector_pb2 as cpb
 from xdpml.wire.v1 import collector_pb2_grpc as cgrpc
 
@@ -85,11 +86,12 @@ def parse_listen(listen: str) -> tuple[str, int]:
     text = listen.strip()
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or (host.count(":") and not (host.startswith("[") and host.endswith("]"))):
-        raise ConfigError(f"--listen {listen!r}: expected HOST:PORT (e.g. 127.0.0.1:50051, [::1]:50051, "
-                          "0.0.0.0:50051)")
+        raise ConfigError(f"--listen {listen!r}: expected HOST:PORT (e.g. 127.0.0.1:50051, [::1]:50051, 0.0.0.0:50051)")
     if not host or host == "[]":
-        raise ConfigError(f"--listen {listen!r}: give the address to listen on (127.0.0.1 for this host only, "
-                          "0.0.0.0 for every interface)")
+        raise ConfigError(
+            f"--listen {listen!r}: give the address to listen on (127.0.0.1 for this host only, "
+            "0.0.0.0 for every interface)"
+        )
     value = int(port)
     if value > 65535:
         raise ConfigError(f"--listen {listen!r}: port {value} is out of range (0-65535; 0 picks a free port)")
@@ -134,11 +136,14 @@ class CollectorSettings:
         self.learn_from = tuple(self.learn_from)
         if self.learn_from:
             if self.tls is None and self.learn_from != ("any",):
-                raise ConfigError("--learn-from authenticated agents needs mutual TLS (--tls-cert, --tls-key, "
-                                  "--tls-client-ca); '--learn-from any' lets every peer teach the baseline")
+                raise ConfigError(
+                    "--learn-from authenticated agents needs mutual TLS (--tls-cert, --tls-key, "
+                    "--tls-client-ca); '--learn-from any' lets every peer teach the baseline"
+                )
             if self.tls is not None and not self.tls.client_ca_file and self.learn_from != ("any",):
-                raise ConfigError("--learn-from needs --tls-client-ca: without client certificates no agent is "
-                                  "authenticated")
+                raise ConfigError(
+                    "--learn-from needs --tls-client-ca: without client certificates no agent is authenticated"
+                )
             if "any" in self.learn_from and len(self.learn_from) > 1:
                 raise ConfigError("--learn-from any cannot be combined with names")
 
@@ -162,7 +167,7 @@ class _Decoded:
     schema: bool = False  # rejected for not fitting wire schema v1
 
 
-def _decode(raw: "bytes | cpb.ExportRequest") -> "_Decoded | _BadMessage":
+def _decode(raw: bytes | cpb.ExportRequest) -> _Decoded | _BadMessage:
     # Parsed here rather than by grpcio's deserializer: its failure path leaks the
     # message and answers INTERNAL; this answers INVALID_ARGUMENT and frees everything.
     # (A servicer mounted with the generated add_CollectorServicer_to_server gets
@@ -177,8 +182,9 @@ def _decode(raw: "bytes | cpb.ExportRequest") -> "_Decoded | _BadMessage":
     if node.agent_id and not AGENT_ID_RE.fullmatch(node.agent_id):
         return _Decoded(msg.sequence, None, "node.agent_id must be 1-64 characters of A-Z a-z 0-9 . _ : -", sender)
     if node.node_name and not NODE_NAME_RE.fullmatch(node.node_name):
-        return _Decoded(msg.sequence, None, "node.node_name must be 1-253 printable ASCII characters without spaces",
-                        sender)
+        return _Decoded(
+            msg.sequence, None, "node.node_name must be 1-253 printable ASCII characters without spaces", sender
+        )
     if len(node.agent_version) > 64:
         return _Decoded(msg.sequence, None, "node.agent_version must be at most 64 characters", sender)
     try:
@@ -202,9 +208,12 @@ def schema_mismatch(batch: ColumnBatch) -> str:
         want = np.dtype(spec.dtype)
         ndim = 2 if spec.role == "sequence" else 1
         if (col.dtype.kind, col.dtype.itemsize) != (want.kind, want.itemsize) and not (
-                want.kind == "O" and col.dtype.kind in "OU"):
-            return (f"column {name} is {col.dtype.name}; wire schema {wire_schema.SCHEMA_VERSION} says "
-                    f"{'text' if want.kind == 'O' else want.name}")
+            want.kind == "O" and col.dtype.kind in "OU"
+        ):
+            return (
+                f"column {name} is {col.dtype.name}; wire schema {wire_schema.SCHEMA_VERSION} says "
+                f"{'text' if want.kind == 'O' else want.name}"
+            )
         if col.ndim != ndim:
             return f"column {name} has {col.ndim} dimension(s); wire schema {wire_schema.SCHEMA_VERSION} says {ndim}"
     return ""
@@ -255,16 +264,36 @@ class CollectorServicer(cgrpc.CollectorServicer):
         # The threshold of rules that name none: --threshold, else the model's default.
         self.base_threshold = settings.threshold if settings.threshold is not None else model.default_threshold
         # The default rule's threshold (reported in VerdictBatch.threshold).
-        self.threshold = self.policy.default.threshold if self.policy.default.threshold is not None \
-            else self.base_threshold
+        self.threshold = (
+            self.policy.default.threshold if self.policy.default.threshold is not None else self.base_threshold
+        )
         self.draining = threading.Event()
         self._lock = threading.Lock()
         self._sink_lock = threading.Lock()
-        self.counters = collections.Counter({k: 0 for k in (
-            "streams_total", "streams_active", "streams_refused", "streams_idle_closed", "streams_aged_out",
-            "batches_received", "rows_received", "rows_scored", "rows_flagged", "rows_unscored",
-            "batches_rejected", "schema_mismatches", "bad_messages", "verdicts_sent", "agents_evicted",
-            "nonfinite_values", *(f"verdicts_{a.replace('-', '_')}" for a in ACTIONS))})
+        self.counters = collections.Counter(
+            {
+                k: 0
+                for k in (
+                    "streams_total",
+                    "streams_active",
+                    "streams_refused",
+                    "streams_idle_closed",
+                    "streams_aged_out",
+                    "batches_received",
+                    "rows_received",
+                    "rows_scored",
+                    "rows_flagged",
+                    "rows_unscored",
+                    "batches_rejected",
+                    "schema_mismatches",
+                    "bad_messages",
+                    "verdicts_sent",
+                    "agents_evicted",
+                    "nonfinite_values",
+                    *(f"verdicts_{a.replace('-', '_')}" for a in ACTIONS),
+                )
+            }
+        )
         self.nonfinite: collections.Counter = collections.Counter()  # column -> values replaced
         # agent_id -> node name, for logs; least recently seen first, at most max_tracked_agents.
         self.agents: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -424,7 +453,7 @@ class CollectorServicer(cgrpc.CollectorServicer):
         self._metric("xdpml.collector.agents.evicted", evicted)
         log.info("agent %s on node %s connected", node.agent_id, node.node_name or "?")
 
-    def _handle(self, item: "_Decoded", learn: str | None = None) -> Iterator[cpb.ExportResponse]:
+    def _handle(self, item: _Decoded, learn: str | None = None) -> Iterator[cpb.ExportResponse]:
         seq, dec = item.sequence, item.decoded
         if dec is None:
             self._count(batches_rejected=1, schema_mismatches=int(item.schema))
@@ -458,8 +487,9 @@ class CollectorServicer(cgrpc.CollectorServicer):
             self._count(batches_rejected=1)
             self._metric("xdpml.collector.errors", 1, kind="model_failure")
             log.exception("model %s failed on batch %d", self.model.name, seq)
-            yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, error=f"model error: {type(e).__name__}: {e}",
-                                                 error_code=INTERNAL))
+            yield cpb.ExportResponse(
+                ack=cpb.Ack(sequence=seq, error=f"model error: {type(e).__name__}: {e}", error_code=INTERNAL)
+            )
             return
         score = np.asarray(out.score, dtype=np.float64)
         decision = self.policy.decide(self.model.name, score, out.label, self.base_threshold)
@@ -477,8 +507,18 @@ class CollectorServicer(cgrpc.CollectorServicer):
             for lab, cnt in zip(*np.unique(label[flagged].astype(str), return_counts=True)):
                 self._metric("xdpml.collector.flagged", int(cnt), model=self.model.name, label=str(lab))
         if self.sinks:
-            scored = ScoredBatch(dec.batch, score, label, flagged, dec.node.node_name, dec.node.agent_id, seq,
-                                 self.model.name, self.model.version, now_ms())
+            scored = ScoredBatch(
+                dec.batch,
+                score,
+                label,
+                flagged,
+                dec.node.node_name,
+                dec.node.agent_id,
+                seq,
+                self.model.name,
+                self.model.version,
+                now_ms(),
+            )
             with self._sink_lock:
                 for sink in self.sinks:
                     try:
@@ -503,14 +543,23 @@ class CollectorServicer(cgrpc.CollectorServicer):
             elif c.dtype.kind == "S":
                 # Not tolist(): numpy strips trailing NUL bytes (10.0.0.0 would lose a byte).
                 raw, w = np.ascontiguousarray(c[idx]).tobytes(), c.dtype.itemsize
-                keys[name] = [raw[k:k + w] for k in range(0, len(raw), w)]
+                keys[name] = [raw[k : k + w] for k in range(0, len(raw), w)]
             else:
                 keys[name] = c[idx].tolist()
-        sent, chosen, ttl = (decision.action[idx].tolist(), decision.policy_action[idx].tolist(),
-                             decision.ttl_seconds[idx].tolist())
+        sent, chosen, ttl = (
+            decision.action[idx].tolist(),
+            decision.policy_action[idx].tolist(),
+            decision.ttl_seconds[idx].tolist(),
+        )
         for j, i in enumerate(idx.tolist()):
-            v = vb.verdicts.add(row=i, score=float(score[i]), label=str(label[i]), action=sent[j],
-                                policy_action=chosen[j], ttl_seconds=ttl[j])
+            v = vb.verdicts.add(
+                row=i,
+                score=float(score[i]),
+                label=str(label[i]),
+                action=sent[j],
+                policy_action=chosen[j],
+                ttl_seconds=ttl[j],
+            )
             k = v.key
             if isinstance(keys["src_ip"][j], bytes):
                 k.src_ip = keys["src_ip"][j]
@@ -566,15 +615,16 @@ class CollectorServer:
         self.server = grpc.server(self._pool, options=options, maximum_concurrent_rpcs=workers + 4 * RESERVED_WORKERS)
         # Request bytes reach the handler unparsed (no request_deserializer): see _decode.
         export = grpc.stream_stream_rpc_method_handler(
-            self.servicer.Export, request_deserializer=None,
-            response_serializer=cpb.ExportResponse.SerializeToString)
+            self.servicer.Export, request_deserializer=None, response_serializer=cpb.ExportResponse.SerializeToString
+        )
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Export": export}),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if s.reflection:
             reflection.enable_server_reflection(
                 (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-                self.server)
+                self.server,
+            )
         try:
             if s.tls is not None:
                 self.port = self.server.add_secure_port(s.listen, s.tls.credentials())
@@ -585,6 +635,7 @@ class CollectorServer:
         if not self.port:
             raise ListenError(f"cannot listen on {s.listen} (address in use or not local?)")
         if telemetry is not None and getattr(model, "learns", False):
+
             def baseline_rows():
                 p = model.provenance
                 return {p.get("source", "?"): p.get("rows", 0)} if p else {"none": 0}
@@ -608,14 +659,18 @@ class CollectorServer:
                         self.servicer._metric("xdpml.collector.errors", 1, kind="sink_failure")
                         log.exception("sink %s failed", type(sink).__name__)
 
-    def start(self) -> "CollectorServer":
+    def start(self) -> CollectorServer:
         self._ticker = threading.Thread(target=self._tick, name="xdpml-collector-tick", daemon=True)
         self._ticker.start()
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("collector listening on %s (port %d, %s)", self.settings.listen, self.port,
-                 "TLS" if self.settings.tls else "plaintext")
+        log.info(
+            "collector listening on %s (port %d, %s)",
+            self.settings.listen,
+            self.port,
+            "TLS" if self.settings.tls else "plaintext",
+        )
         return self
 
     def stop(self, grace_s: float = 10.0) -> None:
@@ -651,7 +706,7 @@ class CollectorServer:
         with self.servicer._lock:
             return dict(self.servicer.counters)
 
-    def __enter__(self) -> "CollectorServer":
+    def __enter__(self) -> CollectorServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

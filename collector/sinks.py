@@ -4,6 +4,7 @@ Every sink receives a :class:`ScoredBatch` (the decoded rows plus score, label a
 flag per row) and is called under the collector's sink lock, one batch at a time,
 so sinks need no locking of their own.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,8 @@ from typing import Protocol, TextIO
 
 import numpy as np
 
-from xdpml.wire.columns import ColumnBatch, ip_to_str, to_python_list
 from xdpml.errors import OutputError, describe_os_error
+from xdpml.wire.columns import ColumnBatch, ip_to_str, to_python_list
 
 
 @dataclass
@@ -41,8 +42,17 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-EXTRA_FIELDS = ("score", "label", "flagged", "node_name", "agent_id", "batch_sequence", "model",
-                "model_version", "received_unix_ms")
+EXTRA_FIELDS = (
+    "score",
+    "label",
+    "flagged",
+    "node_name",
+    "agent_id",
+    "batch_sequence",
+    "model",
+    "model_version",
+    "received_unix_ms",
+)
 
 
 def _extra(scored: ScoredBatch) -> dict[str, list]:
@@ -86,8 +96,10 @@ def check_output_path(path: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"output directory {d} is not a directory")
     if st.st_mode & stat.S_IWOTH:
-        raise OutputError(f"refusing to write {path}: its directory {d} is writable by every user (any of them "
-                          "could replace the file); use a directory only you can write to")
+        raise OutputError(
+            f"refusing to write {path}: its directory {d} is writable by every user (any of them "
+            "could replace the file); use a directory only you can write to"
+        )
     if os.path.islink(path):
         raise OutputError(f"refusing to write {path}: it is a symbolic link")
 
@@ -143,9 +155,7 @@ class JsonlSink:
 def _arrow_type(spec):
     import pyarrow as pa
 
-    if spec.dtype == "S16":  # addresses
-        base = pa.string()
-    elif spec.dtype == "O":
+    if spec.dtype == "S16" or spec.dtype == "O":  # addresses
         base = pa.string()
     elif spec.dtype.startswith("S"):
         base = pa.binary(int(spec.dtype[1:]))
@@ -159,17 +169,34 @@ def parquet_schema(kind: str):
     roles in the field metadata) plus the scoring columns. Fixed by the schema version,
     so every file of a kind has the same schema whoever sent the rows."""
     import pyarrow as pa
-
     from xdpml.collector import wire_schema
 
-    fields = [pa.field(name, _arrow_type(spec), metadata={"unit": spec.unit, "doc": spec.doc, "role": spec.role})
-              for name, spec in wire_schema.V1[kind].items()]
-    fields.append(pa.field("extra_meta", pa.map_(pa.string(), pa.string()), metadata={
-        "unit": "", "role": "meta", "doc": "text columns wire schema v1 does not name (e.g. pod label columns)"}))
-    fields += [pa.field("score", pa.float64()), pa.field("label", pa.string()), pa.field("flagged", pa.bool_()),
-               pa.field("node_name", pa.string()), pa.field("agent_id", pa.string()), pa.field("model", pa.string()),
-               pa.field("model_version", pa.string()), pa.field("batch_sequence", pa.uint64()),
-               pa.field("received_unix_ms", pa.uint64())]
+    fields = [
+        pa.field(name, _arrow_type(spec), metadata={"unit": spec.unit, "doc": spec.doc, "role": spec.role})
+        for name, spec in wire_schema.V1[kind].items()
+    ]
+    fields.append(
+        pa.field(
+            "extra_meta",
+            pa.map_(pa.string(), pa.string()),
+            metadata={
+                "unit": "",
+                "role": "meta",
+                "doc": "text columns wire schema v1 does not name (e.g. pod label columns)",
+            },
+        )
+    )
+    fields += [
+        pa.field("score", pa.float64()),
+        pa.field("label", pa.string()),
+        pa.field("flagged", pa.bool_()),
+        pa.field("node_name", pa.string()),
+        pa.field("agent_id", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("batch_sequence", pa.uint64()),
+        pa.field("received_unix_ms", pa.uint64()),
+    ]
     return pa.schema(fields, metadata={"xdpml.schema": wire_schema.SCHEMA_VERSION, "xdpml.kind": kind})
 
 
@@ -212,8 +239,15 @@ class ParquetSink:
     map; other columns v1 does not know are not stored (counted in ``dropped_columns``).
     Files are mode 0600; a directory writable by others is refused."""
 
-    def __init__(self, path: str, *, max_file_bytes: int = 256 * 1024 * 1024, max_file_age_s: float = 300.0,
-                 row_group_rows: int = 65536, flush_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_file_bytes: int = 256 * 1024 * 1024,
+        max_file_age_s: float = 300.0,
+        row_group_rows: int = 65536,
+        flush_s: float = 10.0,
+    ) -> None:
         import pyarrow  # noqa: F401  (fail at start-up, not at the first batch)
 
         check_output_path(path)
@@ -274,8 +308,14 @@ class ParquetSink:
         for f in schema:
             if f.name == "extra_meta":
                 values = [b.columns[name].tolist() for name in text]
-                cols.append(pa.array([[(k, None if v[i] is None else str(v[i])) for k, v in zip(text, values)]
-                                      for i in range(n)] if text else [None] * n, f.type))
+                cols.append(
+                    pa.array(
+                        [[(k, None if v[i] is None else str(v[i])) for k, v in zip(text, values)] for i in range(n)]
+                        if text
+                        else [None] * n,
+                        f.type,
+                    )
+                )
             elif f.name == "score":
                 cols.append(pa.array(scored.score, pa.float64(), mask=np.isnan(scored.score)))
             elif f.name == "flagged":
@@ -296,8 +336,10 @@ class ParquetSink:
         every second, so a quiet collector still completes its files in time)."""
         now = time.monotonic()
         for kind in list(self._pending):
-            if self._pending_rows.get(kind, 0) >= self.row_group_rows or \
-                    now - self._first_pending.get(kind, now) >= self.flush_s:
+            if (
+                self._pending_rows.get(kind, 0) >= self.row_group_rows
+                or now - self._first_pending.get(kind, now) >= self.flush_s
+            ):
                 self._flush(kind)
         now = time.monotonic()
         for kind, part in list(self._parts.items()):
@@ -329,8 +371,18 @@ class ParquetSink:
 
 # ---- readable table of flagged flows ---------------------------------------------------
 
-TABLE_COLUMNS = (("node", 12), ("src", 22), ("dst", 22), ("proto", 5), ("pkts", 6), ("bytes", 8),
-                 ("dur_ms", 8), ("flags", 8), ("score", 6), ("label", 8))
+TABLE_COLUMNS = (
+    ("node", 12),
+    ("src", 22),
+    ("dst", 22),
+    ("proto", 5),
+    ("pkts", 6),
+    ("bytes", 8),
+    ("dur_ms", 8),
+    ("flags", 8),
+    ("score", 6),
+    ("label", 8),
+)
 _PROTO = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6"}
 _FLAG_NAMES = (("S", 0x02), ("A", 0x10), ("F", 0x01), ("R", 0x04), ("P", 0x08), ("U", 0x20), ("E", 0x40), ("C", 0x80))
 
@@ -353,8 +405,20 @@ def flagged_rows(scored: ScoredBatch) -> list[dict]:
         c = b.columns.get(name)
         return to_python_list(c[idx]) if c is not None else [default] * len(idx)
 
-    fields = {k: col(k) for k in ("src_ip", "dst_ip", "src_port", "dst_port", "protocol", "bidirectional_packets",
-                                  "bidirectional_bytes", "bidirectional_duration_ms", "tcp_flags")}
+    fields = {
+        k: col(k)
+        for k in (
+            "src_ip",
+            "dst_ip",
+            "src_port",
+            "dst_port",
+            "protocol",
+            "bidirectional_packets",
+            "bidirectional_bytes",
+            "bidirectional_duration_ms",
+            "tcp_flags",
+        )
+    }
     out = []
     for j, i in enumerate(idx):
         row = {k: v[j] for k, v in fields.items()}

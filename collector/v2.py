@@ -10,16 +10,17 @@ one tensor per input, named after the feature.
 Large batches are split into requests under 4 MiB (the servers' default limit) and
 sent concurrently.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
+from xdpml.collector.models import ModelError, Scores
 
 from xdpml.wire.columns import ColumnBatch
-from xdpml.collector.models import ModelError, Scores
 from xdpml.wire.v1 import open_inference_pb2 as ipb
 from xdpml.wire.v1 import open_inference_pb2_grpc as igrpc
 
@@ -27,16 +28,48 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
 
-_TO_V2 = {("b", 1): "BOOL", ("u", 1): "UINT8", ("u", 2): "UINT16", ("u", 4): "UINT32", ("u", 8): "UINT64",
-          ("i", 1): "INT8", ("i", 2): "INT16", ("i", 4): "INT32", ("i", 8): "INT64",
-          ("f", 2): "FP16", ("f", 4): "FP32", ("f", 8): "FP64"}
-_FROM_V2 = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1",
-            "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+_TO_V2 = {
+    ("b", 1): "BOOL",
+    ("u", 1): "UINT8",
+    ("u", 2): "UINT16",
+    ("u", 4): "UINT32",
+    ("u", 8): "UINT64",
+    ("i", 1): "INT8",
+    ("i", 2): "INT16",
+    ("i", 4): "INT32",
+    ("i", 8): "INT64",
+    ("f", 2): "FP16",
+    ("f", 4): "FP32",
+    ("f", 8): "FP64",
+}
+_FROM_V2 = {
+    "BOOL": "?",
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+}
 # Which InferTensorContents field carries each datatype when a server does not answer raw.
-_CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-             "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
-             "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
-             "FP32": "fp32_contents", "FP64": "fp64_contents"}
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
 
 
 def _rpc_error(addr: str, what: str, e: grpc.RpcError) -> ModelError:
@@ -44,8 +77,10 @@ def _rpc_error(addr: str, what: str, e: grpc.RpcError) -> ModelError:
     if code == grpc.StatusCode.UNAVAILABLE:
         return ModelError(f"model server {addr} is unreachable ({e.details()}); is it running and listening for gRPC?")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return ModelError(f"model server {addr} unreachable or not answering: no {what} reply in time; "
-                          "is it running, and is the timeout (?timeout=SECONDS) long enough?")
+        return ModelError(
+            f"model server {addr} unreachable or not answering: no {what} reply in time; "
+            "is it running, and is the timeout (?timeout=SECONDS) long enough?"
+        )
     return ModelError(f"model server {addr}: {what} failed: {code.name}: {e.details()}")
 
 
@@ -60,16 +95,25 @@ class V2Model:
 
     default_threshold = 0.5
 
-    def __init__(self, addr: str, model: str, *, version: str = "", output: str = "",
-                 features: Sequence[str] | None = None, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        addr: str,
+        model: str,
+        *,
+        version: str = "",
+        output: str = "",
+        features: Sequence[str] | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
         self.addr, self.name, self.model_version, self.output = addr, model, version, output
         self.timeout_s = timeout_s
         opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 0)]
         self._channel = grpc.insecure_channel(addr, options=opts)
         self._stub = igrpc.GRPCInferenceServiceStub(self._channel)
         try:
-            ready = self._stub.ModelReady(ipb.ModelReadyRequest(name=model, version=version),
-                                          timeout=timeout_s, wait_for_ready=True)
+            ready = self._stub.ModelReady(
+                ipb.ModelReadyRequest(name=model, version=version), timeout=timeout_s, wait_for_ready=True
+            )
             if not ready.ready:
                 raise ModelError(f"model {model!r} is not ready on {addr} (not loaded, or still loading)")
             meta = self._stub.ModelMetadata(ipb.ModelMetadataRequest(name=model, version=version), timeout=timeout_s)
@@ -85,8 +129,10 @@ class V2Model:
         names = list(features) if features else [t.name for t in meta.inputs]
         if not names:
             self._channel.close()
-            raise ModelError(f"model {model!r} on {addr} declares no inputs; name the feature columns with "
-                             f"v2:{addr}/{model}?features=a,b,c")
+            raise ModelError(
+                f"model {model!r} on {addr} declares no inputs; name the feature columns with "
+                f"v2:{addr}/{model}?features=a,b,c"
+            )
         self.feature_names = names
         self.version = version or (meta.versions[0] if meta.versions else "")
         log.info("V2 model %s on %s: %d features, output %s", model, addr, len(names), output or "(default)")
@@ -114,8 +160,10 @@ class V2Model:
             idx = names.index(self.output)
         out = resp.outputs[idx]
         if out.datatype not in _FROM_V2:
-            raise ModelError(f"output {out.name!r} of model {self.name} is {out.datatype}, not numeric "
-                             "(ask for probabilities, e.g. ?output=predict_proba)")
+            raise ModelError(
+                f"output {out.name!r} of model {self.name} is {out.datatype}, not numeric "
+                "(ask for probabilities, e.g. ?output=predict_proba)"
+            )
         if resp.raw_output_contents:
             y = np.frombuffer(resp.raw_output_contents[idx], dtype=_FROM_V2[out.datatype])
         else:
@@ -131,15 +179,20 @@ class V2Model:
         missing = [f for f in self.feature_names if f not in batch.columns]
         if missing:
             feature_matrix(batch, self.feature_names)  # raises the standard message
-        bad = [f for f in self.feature_names
-               if batch.columns[f].ndim != 1 or (batch.columns[f].dtype.kind, batch.columns[f].dtype.itemsize) not in _TO_V2]
+        bad = [
+            f
+            for f in self.feature_names
+            if batch.columns[f].ndim != 1
+            or (batch.columns[f].dtype.kind, batch.columns[f].dtype.itemsize) not in _TO_V2
+        ]
         if bad:
             raise ModelError(f"columns {', '.join(bad)} cannot be sent as V2 tensors (numeric scalars only)")
         row_bytes = sum(batch.columns[f].dtype.itemsize for f in self.feature_names) + 1
         step = max(1, MAX_REQUEST_BYTES // row_bytes)
         bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
-        futures = [self._stub.ModelInfer.future(self._request(batch, lo, hi), timeout=self.timeout_s)
-                   for lo, hi in bounds]
+        futures = [
+            self._stub.ModelInfer.future(self._request(batch, lo, hi), timeout=self.timeout_s) for lo, hi in bounds
+        ]
         out = np.empty(n, dtype=np.float64)
         try:
             for (lo, hi), fut in zip(bounds, futures):

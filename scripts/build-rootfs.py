@@ -29,6 +29,7 @@ the caller's (host network). The process execs into the entrypoint: signals sent
 
 Needs root, debootstrap and unshare (util-linux). Standard library only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,7 @@ def log(msg: str) -> None:
 
 
 # ---- Dockerfile -----------------------------------------------------------------------
+
 
 @dataclass
 class Instruction:
@@ -127,8 +129,7 @@ def stage_chain(stages: list[Stage], target: str) -> list[Stage]:
     """The stages that make `target`, base first (each FROM an earlier stage or an image)."""
     by_name = {s.name: s for s in stages if s.name}
     if target not in by_name:
-        raise BuildError(f"no stage named {target!r} in the Dockerfile "
-                         f"(stages: {', '.join(by_name) or 'none'})")
+        raise BuildError(f"no stage named {target!r} in the Dockerfile (stages: {', '.join(by_name) or 'none'})")
     chain = [by_name[target]]
     while chain[0].base in by_name:
         chain.insert(0, by_name[chain[0].base])
@@ -163,6 +164,7 @@ def json_or_shell(args: str, shell: list[str]) -> list[str]:
 
 
 # ---- .dockerignore --------------------------------------------------------------------
+
 
 def _pattern_regex(pat: str) -> re.Pattern:
     """Docker's pattern syntax: * and ? within one path element, ** any number of them."""
@@ -211,6 +213,7 @@ def ignored(rel: str, rules: list[tuple[bool, re.Pattern]]) -> bool:
 
 # ---- the build ------------------------------------------------------------------------
 
+
 def in_private_mount_ns(argv: list[str]) -> None:
     """Re-exec this script in a mount namespace of its own: every bind and proc mount it
     makes is gone when it exits, whatever way it exits."""
@@ -221,8 +224,10 @@ def in_private_mount_ns(argv: list[str]) -> None:
     if not shutil.which("unshare"):
         raise BuildError("needs unshare (util-linux)")
     os.environ[NS_MARK] = "1"
-    os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", "--",
-                          sys.executable, str(Path(__file__).resolve()), *argv])
+    os.execvp(
+        "unshare",
+        ["unshare", "--mount", "--propagation", "private", "--", sys.executable, str(Path(__file__).resolve()), *argv],
+    )
 
 
 def sh(*cmd: str) -> None:
@@ -249,8 +254,12 @@ def base_tarball(image: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.monotonic()
         log(f"debootstrap --variant=minbase {suite} (once; cached as {tar})")
-        r = subprocess.run(["debootstrap", "--variant=minbase", suite, str(tmp)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        r = subprocess.run(
+            ["debootstrap", "--variant=minbase", suite, str(tmp)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if r.returncode:
             shutil.rmtree(tmp, ignore_errors=True)
             raise BuildError(f"debootstrap {suite} failed: {r.stderr.strip()[-500:]}")
@@ -271,8 +280,15 @@ def base_tarball(image: str) -> Path:
 # build, dpkg without fsync, apt without translations; -slim also drops documentation,
 # manual pages and translations (copyright files stay). Bump BASE_VERSION when changing.
 BASE_VERSION = 2
-DPKG_SLIM = ["/usr/share/doc/*", "/usr/share/info/*", "/usr/share/man/*", "/usr/share/locale/*",
-             "/usr/share/lintian/overrides/*", "/usr/share/linda/*", "/usr/share/groff/*"]
+DPKG_SLIM = [
+    "/usr/share/doc/*",
+    "/usr/share/info/*",
+    "/usr/share/man/*",
+    "/usr/share/locale/*",
+    "/usr/share/lintian/overrides/*",
+    "/usr/share/linda/*",
+    "/usr/share/groff/*",
+]
 DPKG_KEEP = ["/usr/share/doc/*/copyright"]
 
 
@@ -285,7 +301,8 @@ def container_image_tweaks(root: Path, slim: bool) -> None:
     if not slim:
         return
     (root / "etc/dpkg/dpkg.cfg.d/container-slim").write_text(
-        "".join(f"path-exclude {p}\n" for p in DPKG_SLIM) + "".join(f"path-include {p}\n" for p in DPKG_KEEP))
+        "".join(f"path-exclude {p}\n" for p in DPKG_SLIM) + "".join(f"path-include {p}\n" for p in DPKG_KEEP)
+    )
     doc = root / "usr/share/doc"
 
     def keep(f: Path) -> bool:
@@ -329,8 +346,8 @@ def tree_size(path: Path) -> int:
 def lookup_user(rootfs: Path, user: str) -> tuple[int, int, str]:
     """uid, gid and home of USER (name or number, optionally :group) in the image."""
     name, _, group = user.partition(":")
-    passwd = [l.split(":") for l in (rootfs / "etc/passwd").read_text().splitlines() if l.count(":") >= 6]
-    groups = [l.split(":") for l in (rootfs / "etc/group").read_text().splitlines() if l.count(":") >= 2]
+    passwd = [ln.split(":") for ln in (rootfs / "etc/passwd").read_text().splitlines() if ln.count(":") >= 6]
+    groups = [ln.split(":") for ln in (rootfs / "etc/group").read_text().splitlines() if ln.count(":") >= 2]
     row = next((p for p in passwd if p[0] == name or p[2] == name), None)
     if row is None and not name.isdigit():
         raise BuildError(f"USER {user}: no such user in the image")
@@ -468,17 +485,26 @@ def build(target: str, out: Path, dockerfile: Path, context: Path) -> dict:
             else:
                 raise BuildError(f"{where}: {ins.op} is not supported by this builder")
     total = tree_size(out)
-    config.update(target=target, base=chain[0].base, env=env, workdir=workdir, user=user,
-                  rootfs=str(out), size_bytes=total, base_size_bytes=base_bytes,
-                  build_seconds=round(time.monotonic() - t0, 1))
+    config.update(
+        target=target,
+        base=chain[0].base,
+        env=env,
+        workdir=workdir,
+        user=user,
+        rootfs=str(out),
+        size_bytes=total,
+        base_size_bytes=base_bytes,
+        build_seconds=round(time.monotonic() - t0, 1),
+    )
     Path(str(out) + ".json").write_text(json.dumps(config, indent=2) + "\n")
-    log(f"{target}: {total / 1e6:.0f} MB ({(total - base_bytes) / 1e6:.0f} MB over the "
-        f"{base_bytes / 1e6:.0f} MB base) in {config['build_seconds']:.0f} s -> {out}")
+    log(
+        f"{target}: {total / 1e6:.0f} MB ({(total - base_bytes) / 1e6:.0f} MB over the "
+        f"{base_bytes / 1e6:.0f} MB base) in {config['build_seconds']:.0f} s -> {out}"
+    )
     return config
 
 
-def run_step(ins: Instruction, rootfs: Path, env: dict, shell: list[str], workdir: str, user: str,
-             target: str) -> None:
+def run_step(ins: Instruction, rootfs: Path, env: dict, shell: list[str], workdir: str, user: str, target: str) -> None:
     mounts, locks = [], []
     for flag in ins.flags:
         if not flag.startswith("--mount="):
@@ -528,6 +554,7 @@ def run_step(ins: Instruction, rootfs: Path, env: dict, shell: list[str], workdi
 
 # ---- run ------------------------------------------------------------------------------
 
+
 def run(rootfs: Path, binds: list[str], user: str | None, entrypoint: str | None, args: list[str]) -> None:
     config = json.loads(Path(str(rootfs) + ".json").read_text())
     host_mounts(rootfs)
@@ -571,12 +598,23 @@ def main(argv: list[str]) -> int:
     s.add_argument("--dockerfile", type=Path, default=ROOT / "Dockerfile")
     cut = argv.index("--") if "--" in argv else len(argv)
     a = p.parse_args(argv[:cut])
-    a.args = argv[cut + 1:]
+    a.args = argv[cut + 1 :]
     try:
         if a.cmd == "stages":
             stages = parse_dockerfile(a.dockerfile.read_text())
-            print(json.dumps([{"name": st.name, "base": st.base, "instructions":
-                               [[i.op, i.flags, i.args] for i in st.instructions]} for st in stages], indent=1))
+            print(
+                json.dumps(
+                    [
+                        {
+                            "name": st.name,
+                            "base": st.base,
+                            "instructions": [[i.op, i.flags, i.args] for i in st.instructions],
+                        }
+                        for st in stages
+                    ],
+                    indent=1,
+                )
+            )
             return 0
         in_private_mount_ns(argv)
         if a.cmd == "build":

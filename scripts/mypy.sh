@@ -4,7 +4,7 @@
 # agent/ and collector/ are the packages xdpml.agent and xdpml.collector (pyproject.toml
 # package-dir), a mapping mypy cannot follow by itself; so a throwaway tree of symlinks
 # presents them in place, and the paths in mypy's messages are turned back into the
-# repository's. Extra arguments go to mypy.
+# repository's. Arguments go to mypy (default: -p xdpml, everything).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
@@ -16,7 +16,8 @@ ln -s "$ROOT/agent" "$T/xdpml/agent"
 ln -s "$ROOT/collector" "$T/xdpml/collector"
 cd "$T"
 set +e
-"$PY" -m mypy --config-file "$ROOT/pyproject.toml" --cache-dir "$ROOT/.mypy_cache" "$@" -p xdpml >"$T/out" 2>&1
+[ $# -gt 0 ] || set -- -p xdpml
+"$PY" -m mypy --config-file "$ROOT/pyproject.toml" --cache-dir "$ROOT/.mypy_cache" "$@" >"$T/out" 2>&1
 rc=$?
 set -e
 sed -e 's#^xdpml/agent/#agent/#' -e 's#^xdpml/collector/#collector/#' "$T/out"

@@ -1,15 +1,16 @@
 """Fixtures shared by tests/collector and tests/export: a collector on loopback with a
 known model, a sink recording row ids, synthetic batches with ids."""
+
 import socket
 import threading
 
 import numpy as np
 import pytest
-
-from xdpml.wire.columns import ColumnBatch
 from xdpml.agent.export.synthetic import flow_batch
 from xdpml.collector.models import Scores, feature_matrix
 from xdpml.collector.server import CollectorServer, CollectorSettings
+
+from xdpml.wire.columns import ColumnBatch
 
 
 class PacketsModel:

@@ -1,4 +1,5 @@
 """Run the real agent (compiled BPF, attached to test-host veths) in a thread."""
+
 from __future__ import annotations
 
 import threading
@@ -6,10 +7,10 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
-
-from xdpml.wire.columns import ColumnBatch
-from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings, WindowSettings
 from xdpml.agent.pipeline import Agent
+
+from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings, WindowSettings
+from xdpml.wire.columns import ColumnBatch
 
 
 class MemorySink:
@@ -39,9 +40,18 @@ class MemorySink:
 
 
 @contextmanager
-def running_agent(interfaces: list[str], *, hooks: str = "auto", xdp_mode: str = "auto",
-                  idle_timeout_s: float = 1.0, first_n: int = 10, window_packets: int = 0,
-                  window_seconds: float = 0.0, sample_rate: int = 0, interval_s: float = 0.2):
+def running_agent(
+    interfaces: list[str],
+    *,
+    hooks: str = "auto",
+    xdp_mode: str = "auto",
+    idle_timeout_s: float = 1.0,
+    first_n: int = 10,
+    window_packets: int = 0,
+    window_seconds: float = 0.0,
+    sample_rate: int = 0,
+    interval_s: float = 0.2,
+):
     settings = AgentSettings(
         interfaces=InterfaceSettings(names=interfaces, hooks=hooks, xdp_mode=xdp_mode),
         datapath=DatapathSettings(first_n=first_n, sample_rate=sample_rate),
@@ -63,8 +73,10 @@ def running_agent(interfaces: list[str], *, hooks: str = "auto", xdp_mode: str =
 def flow_between(a_ip: str, b_ip: str, proto: int, port: int | None = None):
     def pred(r):
         ips = {r["src_ip"], r["dst_ip"]}
-        return ips == {a_ip, b_ip} and r["protocol"] == proto and (
-            port is None or port in (r["src_port"], r["dst_port"]))
+        return (
+            ips == {a_ip, b_ip} and r["protocol"] == proto and (port is None or port in (r["src_port"], r["dst_port"]))
+        )
+
     return pred
 
 

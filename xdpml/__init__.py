@@ -6,7 +6,9 @@ Layers, bottom to top (an import contract in the tests keeps them): ``xdpml.erro
 ``xdpml.kube`` (Kubernetes API); ``xdpml.agent`` and ``xdpml.collector`` side by side;
 ``xdpml.cli`` on top.
 """
-from importlib.metadata import PackageNotFoundError, version as _version
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("xdpml")

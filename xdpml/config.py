@@ -3,6 +3,7 @@
 The CLI, the AgentConfig custom resource and the tests all build these dataclasses;
 nothing else in the agent reads flags or environment variables.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +12,6 @@ from xdpml.errors import ConfigError
 
 HOOKS = ("auto", "xdp", "tc", "xdp+tc")
 XDP_MODES = ("auto", "native", "generic")
-
 
 
 @dataclass
@@ -70,8 +70,10 @@ class HarvestSettings:
         if self.idle_timeout_s <= 0 or self.active_timeout_s <= 0:
             raise ConfigError("timeouts must be > 0 seconds")
         if self.active_timeout_s < self.idle_timeout_s:  # as the AgentConfig CRD requires
-            raise ConfigError(f"the active timeout ({self.active_timeout_s:g} s) must be >= the idle "
-                              f"timeout ({self.idle_timeout_s:g} s)")
+            raise ConfigError(
+                f"the active timeout ({self.active_timeout_s:g} s) must be >= the idle "
+                f"timeout ({self.idle_timeout_s:g} s)"
+            )
         if not 0.05 <= self.interval_s <= 60:
             raise ConfigError("interval_s must be 0.05..60 seconds")
 
@@ -138,7 +140,7 @@ class AgentSettings:
     enforce: EnforceSettings = field(default_factory=EnforceSettings)
     summary_interval_s: float = 5.0  # stderr summary line period; 0 = off
 
-    def validate(self) -> "AgentSettings":
+    def validate(self) -> AgentSettings:
         self.interfaces.validate()
         self.datapath.validate()
         self.harvest.validate()

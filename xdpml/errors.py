@@ -3,6 +3,7 @@
 Libraries raise these and never exit; the CLI catches ``XdpmlError`` once, prints the
 message as one line (``xdpml: ...``) and exits with the type's ``exit_code``.
 """
+
 from __future__ import annotations
 
 import os

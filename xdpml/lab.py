@@ -7,6 +7,7 @@ Topology of a TestHost named N with index k:
 Used by the tests and the benchmarks. Only these addresses are ever traffic targets. Offloads (TSO/GSO/GRO) are off by
 default so every packet on the wire is one frame (exact ground truth).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 
 
 def sh(cmd: str, *, check: bool = True, capture: bool = False) -> str:
-    r = subprocess.run(cmd, shell=True, check=False, text=True,
-                       stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE)
+    r = subprocess.run(
+        cmd, shell=True, check=False, text=True, stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE
+    )
     if check and r.returncode != 0:
         raise RuntimeError(f"{cmd!r} failed ({r.returncode}): {r.stderr.strip()}")
     return r.stdout if capture else ""

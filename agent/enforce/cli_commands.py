@@ -4,6 +4,7 @@ Works on the maps an agent pinned (default /sys/fs/bpf/xdpml), whether that agen
 is running or was killed; compiles nothing. Argument parsing and printing only: the
 work is in xdpml/datapath/rules.py. Errors are XdpmlError (one line from the CLI).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,32 +61,53 @@ def _positive(text: str) -> float:
 
 
 def add_rules_commands(subparsers) -> None:
-    p = subparsers.add_parser("rules", help="list, add and remove enforcement rules; mode; kill switch",
-                              description="Enforcement rules in the pinned kernel maps (docs/enforcement.md).",
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RULES_EXAMPLES)
-    p.add_argument("--pin-dir", default=EnforceSettings().pin_dir,
-                   help="where the agent pinned the rule maps (default: %(default)s)")
+    p = subparsers.add_parser(
+        "rules",
+        help="list, add and remove enforcement rules; mode; kill switch",
+        description="Enforcement rules in the pinned kernel maps (docs/enforcement.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=RULES_EXAMPLES,
+    )
+    p.add_argument(
+        "--pin-dir",
+        default=EnforceSettings().pin_dir,
+        help="where the agent pinned the rule maps (default: %(default)s)",
+    )
     sub = p.add_subparsers(dest="rules_command", metavar="ACTION", required=True)
 
     ls = sub.add_parser("list", help="rules with SRC DST SPORT DPORT PROTO ACTION HITS BYTES EXPIRES MODE")
     ls.add_argument("--json", action="store_true", help="one JSON object per rule, one per line")
     ls.set_defaults(func=run_list)
 
-    ad = sub.add_parser("add", help="install one rule (every rule expires)",
-                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RULES_EXAMPLES)
+    ad = sub.add_parser(
+        "add",
+        help="install one rule (every rule expires)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=RULES_EXAMPLES,
+    )
     ad.add_argument("--src", default="", help="source address (exact rule) or CIDR (prefix rule)")
     ad.add_argument("--dst", default="", help="destination address (exact rule) or CIDR (prefix rule)")
     ad.add_argument("--sport", type=_port, default=0, help="source port (exact rules)")
     ad.add_argument("--dport", type=_port, default=0, help="destination port; 0 = any on prefix rules")
     ad.add_argument("--proto", type=_proto, default=0, help="tcp, udp, icmp, icmpv6 or a number; 0 = any")
     ad.add_argument("--action", choices=("drop", "pass", "rate-limit"), required=True)
-    ad.add_argument("--ttl", type=_positive, default=300.0, metavar="S",
-                    help="seconds until the rule expires (default: %(default)s)")
+    ad.add_argument(
+        "--ttl",
+        type=_positive,
+        default=300.0,
+        metavar="S",
+        help="seconds until the rule expires (default: %(default)s)",
+    )
     ad.add_argument("--one-way", action="store_true", help="exact rules: do not match the reverse direction")
     ad.add_argument("--pps", type=_positive, default=None, help="rate-limit: packets per second")
     ad.add_argument("--bps", type=_positive, default=None, help="rate-limit: bytes per second")
-    ad.add_argument("--burst", type=int, default=0, metavar="N",
-                    help="rate-limit: packets (with --pps) or bytes (with --bps) allowed at once")
+    ad.add_argument(
+        "--burst",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rate-limit: packets (with --pps) or bytes (with --bps) allowed at once",
+    )
     ad.add_argument("--dry-run", action="store_true", help="this rule only counts, even in enforce mode")
     ad.set_defaults(func=run_add)
 
@@ -143,16 +165,28 @@ def run_list(a) -> int:
     head = ("SLOT", "SRC", "DST", "SPORT", "DPORT", "PROTO", "ACTION", "HITS", "BYTES", "DROPPED", "EXPIRES", "MODE")
     body = []
     for r in rows:
-        body.append((str(r.slot), r.src, r.dst, str(r.src_port or "*"), str(r.dst_port or "*"),
-                     PROTO_NAMES.get(r.proto, str(r.proto)) if r.proto else "*",
-                     r.action + ("" if r.both_ways or r.kind != "exact" else " (one-way)"), str(r.hits),
-                     str(r.bytes), str(r.dropped), _fmt_expires(r.expires_in_s),
-                     "dry-run" if r.dry_run else mode))
+        body.append(
+            (
+                str(r.slot),
+                r.src,
+                r.dst,
+                str(r.src_port or "*"),
+                str(r.dst_port or "*"),
+                PROTO_NAMES.get(r.proto, str(r.proto)) if r.proto else "*",
+                r.action + ("" if r.both_ways or r.kind != "exact" else " (one-way)"),
+                str(r.hits),
+                str(r.bytes),
+                str(r.dropped),
+                _fmt_expires(r.expires_in_s),
+                "dry-run" if r.dry_run else mode,
+            )
+        )
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     for line in (head, *body):
         print("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
-    print(f"# mode {mode}{', KILL SWITCH ON: every action is pass' if killed else ''}; {len(rows)} rules",
-          file=sys.stderr)
+    print(
+        f"# mode {mode}{', KILL SWITCH ON: every action is pass' if killed else ''}; {len(rows)} rules", file=sys.stderr
+    )
     return 0
 
 
@@ -166,16 +200,30 @@ def run_add(a) -> int:
     elif a.dst and not a.src:
         kind = "dst"
     else:
-        raise ConfigError("give --src and --dst addresses (an exact 5-tuple rule), or one of --src/--dst "
-                          "as an address or CIDR (a prefix rule)")
+        raise ConfigError(
+            "give --src and --dst addresses (an exact 5-tuple rule), or one of --src/--dst "
+            "as an address or CIDR (a prefix rule)"
+        )
     if kind == "exact" and (a.sport == 0 or a.dport == 0) and a.proto in (6, 17):
         raise ConfigError("an exact TCP/UDP rule needs --sport and --dport")
     if a.action == "rate-limit" and a.pps is None and a.bps is None:
         raise ConfigError("--action rate-limit needs --pps or --bps")
-    rule = Rule(kind=kind, action=a.action, ttl_s=a.ttl, src=a.src, dst=a.dst, src_port=a.sport,
-                dst_port=a.dport, proto=a.proto, both_ways=not a.one_way, pps=a.pps or 0.0, bps=a.bps or 0.0,
-                burst_packets=a.burst if a.pps else 0, burst_bytes=a.burst if a.bps and not a.pps else 0,
-                dry_run=a.dry_run)
+    rule = Rule(
+        kind=kind,
+        action=a.action,
+        ttl_s=a.ttl,
+        src=a.src,
+        dst=a.dst,
+        src_port=a.sport,
+        dst_port=a.dport,
+        proto=a.proto,
+        both_ways=not a.one_way,
+        pps=a.pps or 0.0,
+        bps=a.bps or 0.0,
+        burst_packets=a.burst if a.pps else 0,
+        burst_bytes=a.burst if a.bps and not a.pps else 0,
+        dry_run=a.dry_run,
+    )
     t = _table(a)
     try:
         slot = t.add(rule)
@@ -247,28 +295,65 @@ def run_unpin(a) -> int:
 def add_enforce_arguments(p: argparse.ArgumentParser) -> None:
     d = EnforceSettings()
     g = p.add_argument_group("enforcement (docs/enforcement.md)")
-    g.add_argument("--pin-dir", default=d.pin_dir,
-                   help="bpffs directory for the rule maps, so rules outlive a restart until they expire; "
-                        "'' = not pinned (default: %(default)s)")
-    g.add_argument("--enforce-mode", choices=("off", "dry-run", "enforce"), default="",
-                   help="set the mode at start; enforce needs mutual TLS to the collector "
-                        "(default: keep the pinned maps' mode; fresh maps are dry-run)")
-    g.add_argument("--allow", action="append", default=[], metavar="CIDR",
-                   help="operator allowlist entry no rule may touch (repeatable); node addresses, gateway, "
-                        "DNS, API server, collector and link-local are always in it")
-    g.add_argument("--max-rules", type=int, default=d.max_rules, metavar="N",
-                   help="rules made from verdicts at most (default: %(default)s)")
-    g.add_argument("--max-rule-ttl", type=_positive, default=d.max_ttl_s, metavar="S",
-                   help="longer verdict TTLs are clamped to this (default: %(default)s)")
-    g.add_argument("--rule-ttl", type=_positive, default=d.default_ttl_s, metavar="S",
-                   help="TTL of a rule whose verdict gives none (default: %(default)s)")
-    g.add_argument("--max-installs-per-s", type=_positive, default=d.max_installs_per_s, metavar="N",
-                   help="rules installed from verdicts per second at most (default: %(default)s)")
+    g.add_argument(
+        "--pin-dir",
+        default=d.pin_dir,
+        help="bpffs directory for the rule maps, so rules outlive a restart until they expire; "
+        "'' = not pinned (default: %(default)s)",
+    )
+    g.add_argument(
+        "--enforce-mode",
+        choices=("off", "dry-run", "enforce"),
+        default="",
+        help="set the mode at start; enforce needs mutual TLS to the collector "
+        "(default: keep the pinned maps' mode; fresh maps are dry-run)",
+    )
+    g.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="operator allowlist entry no rule may touch (repeatable); node addresses, gateway, "
+        "DNS, API server, collector and link-local are always in it",
+    )
+    g.add_argument(
+        "--max-rules",
+        type=int,
+        default=d.max_rules,
+        metavar="N",
+        help="rules made from verdicts at most (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-rule-ttl",
+        type=_positive,
+        default=d.max_ttl_s,
+        metavar="S",
+        help="longer verdict TTLs are clamped to this (default: %(default)s)",
+    )
+    g.add_argument(
+        "--rule-ttl",
+        type=_positive,
+        default=d.default_ttl_s,
+        metavar="S",
+        help="TTL of a rule whose verdict gives none (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-installs-per-s",
+        type=_positive,
+        default=d.max_installs_per_s,
+        metavar="N",
+        help="rules installed from verdicts per second at most (default: %(default)s)",
+    )
 
 
 def enforce_settings_from_args(a) -> EnforceSettings:
-    return EnforceSettings(pin_dir=a.pin_dir, max_rules=a.max_rules, max_ttl_s=a.max_rule_ttl,
-                           default_ttl_s=min(a.rule_ttl, a.max_rule_ttl), max_installs_per_s=a.max_installs_per_s)
+    return EnforceSettings(
+        pin_dir=a.pin_dir,
+        max_rules=a.max_rules,
+        max_ttl_s=a.max_rule_ttl,
+        default_ttl_s=min(a.rule_ttl, a.max_rule_ttl),
+        max_installs_per_s=a.max_installs_per_s,
+    )
 
 
 class AgentEnforcement:
@@ -280,11 +365,14 @@ class AgentEnforcement:
 
         self.mode = a.enforce_mode
         mtls = bool(getattr(a, "tls_ca", None) and getattr(a, "tls_cert", None) and getattr(a, "tls_key", None))
-        self.opts = EnforceOptions(collector=a.collector or "", mutual_tls=mtls, operator_allow=a.allow,
-                                   mode=a.enforce_mode)
+        self.opts = EnforceOptions(
+            collector=a.collector or "", mutual_tls=mtls, operator_allow=a.allow, mode=a.enforce_mode
+        )
         if self.mode == "enforce" and not mtls:
-            raise ConfigError("--enforce-mode enforce needs mutual TLS to the collector (--tls-ca, --tls-cert, "
-                              "--tls-key): verdicts that can drop traffic must be authenticated")
+            raise ConfigError(
+                "--enforce-mode enforce needs mutual TLS to the collector (--tls-ca, --tls-cert, "
+                "--tls-key): verdicts that can drop traffic must be authenticated"
+            )
         self.manager = build_manager(settings, self.opts, telemetry=telemetry)
 
     def wrap(self, sink):

@@ -20,6 +20,7 @@ TTLs above max_ttl_s are clamped (counted as "ttl_clamped", not refused). Verdic
 that arrive over a channel without mutual TLS only ever make dry-run rules, and
 enforce mode cannot be switched on for such a channel.
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,8 +29,9 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 from xdpml.config import EnforceSettings
 from xdpml.datapath.rules import Rule, RuleTable, ip_from16
@@ -37,8 +39,19 @@ from xdpml.errors import ConfigError
 
 log = logging.getLogger("xdpml.enforce")
 
-REFUSALS = ("unknown_action", "mode_off", "malformed", "unknown_flow", "allowlisted", "namespace_policy",
-            "duplicate", "max_rules", "install_rate", "not_ready", "install_failed")
+REFUSALS = (
+    "unknown_action",
+    "mode_off",
+    "malformed",
+    "unknown_flow",
+    "allowlisted",
+    "namespace_policy",
+    "duplicate",
+    "max_rules",
+    "install_rate",
+    "not_ready",
+    "install_failed",
+)
 # proto Action values (xdpml/wire/v1/collector.proto)
 ACTION_UNSPECIFIED, ACTION_ALLOW, ACTION_ALERT, ACTION_RATE_LIMIT, ACTION_DROP = 0, 1, 2, 3, 4
 VERDICT_ACTIONS = {ACTION_DROP: "drop", ACTION_RATE_LIMIT: "rate-limit"}
@@ -81,8 +94,13 @@ class RecentFlows:
             return
         c = batch.columns
         t = self.clock()
-        rows = zip(c["src_ip"].tolist(), c["dst_ip"].tolist(), c["src_port"].tolist(), c["dst_port"].tolist(),
-                   c["protocol"].tolist())
+        rows = zip(
+            c["src_ip"].tolist(),
+            c["dst_ip"].tolist(),
+            c["src_port"].tolist(),
+            c["dst_port"].tolist(),
+            c["protocol"].tolist(),
+        )
         with self._lock:
             for src, dst, sp, dp, proto in rows:
                 k = _canonical(bytes(src).ljust(16, b"\0"), bytes(dst).ljust(16, b"\0"), sp, dp, proto)
@@ -107,7 +125,7 @@ class RecentFlows:
     def close(self) -> None:
         pass
 
-    def wrap(self, sink) -> "RecordingSink":
+    def wrap(self, sink) -> RecordingSink:
         return RecordingSink(sink, self)
 
 
@@ -174,15 +192,28 @@ def resolve_host(hostport: str) -> list[str]:
         return []
 
 
-def build_allowlist(*, node: Iterable[str] = (), gateways: Iterable[str] = (), api_servers: Iterable[str] = (),
-                    dns: Iterable[str] = (), collector: Iterable[str] = (), operator: Iterable[str] = (),
-                    link_local: bool = True) -> list[ipaddress._BaseNetwork]:
+def build_allowlist(
+    *,
+    node: Iterable[str] = (),
+    gateways: Iterable[str] = (),
+    api_servers: Iterable[str] = (),
+    dns: Iterable[str] = (),
+    collector: Iterable[str] = (),
+    operator: Iterable[str] = (),
+    link_local: bool = True,
+) -> list[ipaddress._BaseNetwork]:
     """Single addresses become /32 or /128; operator entries may be CIDRs. Bad entries
     raise ConfigError naming them."""
     nets = []
-    for what, items in (("node address", node), ("gateway", gateways), ("API server", api_servers),
-                        ("DNS server", dns), ("collector", collector), ("operator CIDR", operator),
-                        ("link-local", LINK_LOCAL if link_local else ())):
+    for what, items in (
+        ("node address", node),
+        ("gateway", gateways),
+        ("API server", api_servers),
+        ("DNS server", dns),
+        ("collector", collector),
+        ("operator CIDR", operator),
+        ("link-local", LINK_LOCAL if link_local else ()),
+    ):
         for item in items:
             try:
                 nets.append(ipaddress.ip_network(str(item).split("%", 1)[0], strict=False))
@@ -203,8 +234,9 @@ class _Backoff:
         now = time.monotonic()
         self.pending += 1
         if now >= self.next_at:
-            log.warning("%s: %s (%d since the last message)", self.what, detail() if callable(detail) else detail,
-                        self.pending)
+            log.warning(
+                "%s: %s (%d since the last message)", self.what, detail() if callable(detail) else detail, self.pending
+            )
             self.pending = 0
             self.next_at = now + self.interval
             self.interval = min(self.interval * 2, self.max_s)
@@ -232,10 +264,18 @@ class RuleManager:
     """Turns verdict batches into rules. ``on_verdicts`` is the exporter callback; the rule
     table arrives once the datapath is loaded (``attach``)."""
 
-    def __init__(self, settings: EnforceSettings, *, channel: Channel, allowlist: Iterable = (),
-                 recent: RecentFlows | None = None, namespace_of: NamespaceOf | None = None,
-                 namespace_policy: dict[str, frozenset] | None = None, telemetry=None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        settings: EnforceSettings,
+        *,
+        channel: Channel,
+        allowlist: Iterable = (),
+        recent: RecentFlows | None = None,
+        namespace_of: NamespaceOf | None = None,
+        namespace_policy: dict[str, frozenset] | None = None,
+        telemetry=None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.settings = settings
         self.channel = channel
         self.allowlist = [ipaddress.ip_network(n, strict=False) for n in allowlist]
@@ -265,9 +305,13 @@ class RuleManager:
             self.set_mode(mode)
         self._thread = threading.Thread(target=self._sweep_loop, name="xdpml-enforce", daemon=True)
         self._thread.start()
-        log.info("enforcement ready: mode %s, %d allowlist prefixes, verdicts over %s%s", table.mode(),
-                 len(self.allowlist), self.channel.description,
-                 "" if self.channel.authenticated else " (unauthenticated: dry-run rules only)")
+        log.info(
+            "enforcement ready: mode %s, %d allowlist prefixes, verdicts over %s%s",
+            table.mode(),
+            len(self.allowlist),
+            self.channel.description,
+            "" if self.channel.authenticated else " (unauthenticated: dry-run rules only)",
+        )
 
     def close(self) -> None:
         self._stop.set()
@@ -276,8 +320,10 @@ class RuleManager:
 
     def set_mode(self, mode: str) -> None:
         if mode == "enforce" and not self.channel.authenticated:
-            raise ConfigError("enforce mode needs verdicts over mutual TLS (--tls-ca, --tls-cert, --tls-key); "
-                              f"the collector channel is {self.channel.description}")
+            raise ConfigError(
+                "enforce mode needs verdicts over mutual TLS (--tls-ca, --tls-cert, --tls-key); "
+                f"the collector channel is {self.channel.description}"
+            )
         if self.table is None:
             raise ConfigError("the datapath is not loaded yet")
         self.table.set_mode(mode)
@@ -332,15 +378,19 @@ class RuleManager:
             return action in self.policy.get("*", frozenset())
         for raw in ips:
             ns = self.namespace_of(raw)
-            allowed = self.policy.get(ns, self.policy.get("*", frozenset())) if ns else self.policy.get("*", frozenset())
+            allowed = (
+                self.policy.get(ns, self.policy.get("*", frozenset())) if ns else self.policy.get("*", frozenset())
+            )
             if action not in allowed:
                 return False
         return True
 
     def _take_install_token(self) -> bool:
         now = self.clock()
-        self._tokens = min(float(self.settings.burst_installs),
-                           self._tokens + (now - self._tokens_at) * self.settings.max_installs_per_s)
+        self._tokens = min(
+            float(self.settings.burst_installs),
+            self._tokens + (now - self._tokens_at) * self.settings.max_installs_per_s,
+        )
         self._tokens_at = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
@@ -365,8 +415,13 @@ class RuleManager:
             self._refuse("mode_off", "enforcement is off")
             return 0
         k = v.key
-        if (len(k.src_ip) != 16 or len(k.dst_ip) != 16 or k.src_port > 65535 or k.dst_port > 65535
-                or not 0 < k.protocol <= 255):
+        if (
+            len(k.src_ip) != 16
+            or len(k.dst_ip) != 16
+            or k.src_port > 65535
+            or k.dst_port > 65535
+            or not 0 < k.protocol <= 255
+        ):
             self._refuse("malformed", f"flow key {k.src_ip!r} {k.dst_ip!r} {k.src_port} {k.dst_port} {k.protocol}")
             return 0
         src, dst = bytes(k.src_ip), bytes(k.dst_ip)
@@ -402,11 +457,20 @@ class RuleManager:
             if not self._take_install_token():
                 self._refuse("install_rate", f"more than {self.settings.max_installs_per_s:g}/s")
                 return 0
-            rule = Rule(kind="exact", action=action, ttl_s=ttl, src=ip_from16(src), dst=ip_from16(dst),
-                        src_port=k.src_port, dst_port=k.dst_port, proto=k.protocol, both_ways=True,
-                        pps=self.settings.rate_limit_pps if action == "rate-limit" else 0.0,
-                        burst_packets=self.settings.rate_limit_burst,
-                        dry_run=not self.channel.authenticated)
+            rule = Rule(
+                kind="exact",
+                action=action,
+                ttl_s=ttl,
+                src=ip_from16(src),
+                dst=ip_from16(dst),
+                src_port=k.src_port,
+                dst_port=k.dst_port,
+                proto=k.protocol,
+                both_ways=True,
+                pps=self.settings.rate_limit_pps if action == "rate-limit" else 0.0,
+                burst_packets=self.settings.rate_limit_burst,
+                dry_run=not self.channel.authenticated,
+            )
             try:
                 slot = self.table.add(rule)
             except (ConfigError, OSError) as exc:
@@ -419,12 +483,23 @@ class RuleManager:
         self._count("xdpml.agent.enforce.rules_installed", 1, {"action": action})
         if self.telemetry is not None:
             self.telemetry.histogram("xdpml.agent.enforce.install_latency").record(lat)
-        log.info("rule %d: %s %s for %.0fs%s", slot, action, text(), ttl,
-                 "" if self.channel.authenticated else " (dry-run: unauthenticated channel)")
+        log.info(
+            "rule %d: %s %s for %.0fs%s",
+            slot,
+            action,
+            text(),
+            ttl,
+            "" if self.channel.authenticated else " (dry-run: unauthenticated channel)",
+        )
         return slot
 
     def summary(self) -> dict:
         refused = {k: v for k, v in self.stats.refused.items() if v}
-        return {"installed": self.stats.installed, "expired": self.stats.expired,
-                "ttl_clamped": self.stats.ttl_clamped, "no_action": self.stats.no_action, "refused": refused,
-                "active": len(self._installed)}
+        return {
+            "installed": self.stats.installed,
+            "expired": self.stats.expired,
+            "ttl_clamped": self.stats.ttl_clamped,
+            "no_action": self.stats.no_action,
+            "refused": refused,
+            "active": len(self._installed),
+        }

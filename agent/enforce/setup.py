@@ -1,14 +1,23 @@
 """Building the agent's enforcement from its options: the allowlist from this host,
 the verdict channel's authentication, the manager and its recent-exports sink."""
+
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass, field
 
+from xdpml.agent.enforce.manager import (
+    Channel,
+    RecentFlows,
+    RuleManager,
+    build_allowlist,
+    default_gateways,
+    node_addresses,
+    resolve_host,
+)
+
 from xdpml.config import EnforceSettings
-from xdpml.agent.enforce.manager import (Channel, RecentFlows, RuleManager, build_allowlist, default_gateways,
-                                   node_addresses, resolve_host)
 
 log = logging.getLogger("xdpml.enforce")
 
@@ -48,8 +57,13 @@ def channel_for(opts: EnforceOptions) -> Channel:
 
 
 def build_manager(settings: EnforceSettings, opts: EnforceOptions, *, telemetry=None) -> RuleManager:
-    allow = build_allowlist(node=node_addresses(), gateways=default_gateways(), api_servers=api_servers(),
-                            dns=dns_servers(), collector=resolve_host(opts.collector) if opts.collector else [],
-                            operator=opts.operator_allow)
+    allow = build_allowlist(
+        node=node_addresses(),
+        gateways=default_gateways(),
+        api_servers=api_servers(),
+        dns=dns_servers(),
+        collector=resolve_host(opts.collector) if opts.collector else [],
+        operator=opts.operator_allow,
+    )
     recent = RecentFlows(capacity=settings.recent_flows, ttl_s=settings.recent_ttl_s)
     return RuleManager(settings, channel=channel_for(opts), allowlist=allow, recent=recent, telemetry=telemetry)

@@ -5,10 +5,21 @@ Public API: :class:`PodCache` (list+watch, implements :class:`EndpointResolver`)
 :class:`VethMap` (host-side veth ifindex -> pod), :class:`EnrichmentManager` (follows the
 AgentConfig's enrichment settings live). See docs/enrichment.md.
 """
+
 from xdpml.agent.enrich.enricher import Enricher, metadata_column_names
 from xdpml.agent.enrich.manager import EnrichmentManager
-from xdpml.kube.podcache import EndpointInfo, EndpointResolver, PodCache
 from xdpml.agent.enrich.veth import IpRouteSource, RouteSource, VethMap
 
-__all__ = ["Enricher", "EnrichmentManager", "metadata_column_names", "EndpointInfo", "EndpointResolver", "PodCache",
-           "IpRouteSource", "RouteSource", "VethMap"]
+from xdpml.kube.podcache import EndpointInfo, EndpointResolver, PodCache
+
+__all__ = [
+    "EndpointInfo",
+    "EndpointResolver",
+    "Enricher",
+    "EnrichmentManager",
+    "IpRouteSource",
+    "PodCache",
+    "RouteSource",
+    "VethMap",
+    "metadata_column_names",
+]

@@ -9,15 +9,16 @@ values are "". Each distinct IP of a batch is resolved once, then the answers ar
 spread over the rows with numpy fancy indexing; the columns repeat few distinct
 strings, so the exporter can dictionary-encode them.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from xdpml.wire.columns import ColumnBatch, ColumnSpec
 from xdpml.kube.podcache import EndpointInfo, EndpointResolver
+from xdpml.wire.columns import ColumnBatch, ColumnSpec
 
 FIELDS = ("namespace", "pod", "workload_kind", "workload", "node", "service")
 SIDES = ("src", "dst")
@@ -25,7 +26,7 @@ _FIELD_DOCS = {
     "namespace": "Kubernetes namespace of the endpoint's pod (or Service)",
     "pod": "pod name; empty for node and Service addresses",
     "workload_kind": "top controller kind: Deployment, StatefulSet, DaemonSet, CronJob, Job, "
-                     "ReplicaSet, Pod (no owner), Node (node or host-network address), Service (ClusterIP)",
+    "ReplicaSet, Pod (no owner), Node (node or host-network address), Service (ClusterIP)",
     "workload": "top controller name (the node name for kind Node)",
     "node": "node the pod runs on, or the node owning the address",
     "service": "Services whose selector matches the pod's labels, sorted, comma separated",
@@ -38,8 +39,9 @@ def label_column_suffix(key: str) -> str:
 
 def metadata_column_names(labels: Sequence[str] = ()) -> list[str]:
     """Every column :meth:`Enricher.enrich` adds, in order."""
-    return [f"{side}_{name}" for side in SIDES
-            for name in (*FIELDS, *(f"label_{label_column_suffix(k)}" for k in labels))]
+    return [
+        f"{side}_{name}" for side in SIDES for name in (*FIELDS, *(f"label_{label_column_suffix(k)}" for k in labels))
+    ]
 
 
 class Enricher:
@@ -51,10 +53,14 @@ class Enricher:
         suffixes = [label_column_suffix(k) for k in self.labels]
         clash = {s for s in suffixes if suffixes.count(s) > 1}
         if clash:
-            raise ValueError(f"label keys {sorted(k for k in self.labels if label_column_suffix(k) in clash)} "
-                             "map to the same column name; keep one of them in the allowlist")
-        self.specs = {name: ColumnSpec(name=name, dtype="O", role="meta",
-                                       doc=self._doc(name)) for name in metadata_column_names(self.labels)}
+            raise ValueError(
+                f"label keys {sorted(k for k in self.labels if label_column_suffix(k) in clash)} "
+                "map to the same column name; keep one of them in the allowlist"
+            )
+        self.specs = {
+            name: ColumnSpec(name=name, dtype="O", role="meta", doc=self._doc(name))
+            for name in metadata_column_names(self.labels)
+        }
 
     def _doc(self, name: str) -> str:
         side, rest = name.split("_", 1)
@@ -67,8 +73,15 @@ class Enricher:
     def _values(self, info: EndpointInfo | None) -> tuple[str, ...]:
         if info is None:
             return ("",) * (len(FIELDS) + len(self.labels))
-        return (info.namespace, info.pod, info.workload_kind, info.workload, info.node, info.service,
-                *(info.labels.get(k, "") for k in self.labels))
+        return (
+            info.namespace,
+            info.pod,
+            info.workload_kind,
+            info.workload,
+            info.node,
+            info.service,
+            *(info.labels.get(k, "") for k in self.labels),
+        )
 
     def enrich(self, batch: ColumnBatch) -> ColumnBatch:
         n = len(batch)
@@ -77,7 +90,7 @@ class Enricher:
         width = len(FIELDS) + len(self.labels)
         names = metadata_column_names(self.labels)
         for s, side in enumerate(SIDES):
-            side_names = names[s * width:(s + 1) * width]
+            side_names = names[s * width : (s + 1) * width]
             ips = batch.columns.get(f"{side}_ip")
             if ips is None or n == 0:
                 for name in side_names:

@@ -6,24 +6,32 @@ when just the label allowlist changed; ``enrich(batch)`` always uses a consisten
 The new cache is started before the old one is stopped, and batches keep using the old
 one until the new one has synced, so a config change never blanks the metadata columns.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kubernetes import client as k8s_client
-
-from xdpml.wire.columns import ColumnBatch
 from xdpml.agent.enrich.enricher import Enricher
+
 from xdpml.kube.podcache import PodCache
+from xdpml.wire.columns import ColumnBatch
 
 log = logging.getLogger(__name__)
 
 
 class EnrichmentManager:
-    def __init__(self, api_client: k8s_client.ApiClient, *, node_name: str,
-                 cache_factory: Callable[..., PodCache] = PodCache.for_settings, **cache_kwargs: Any):
+    def __init__(
+        self,
+        api_client: k8s_client.ApiClient,
+        *,
+        node_name: str,
+        cache_factory: Callable[..., PodCache] = PodCache.for_settings,
+        **cache_kwargs: Any,
+    ):
         self._api_client = api_client
         self._node_name = node_name
         self._factory = cache_factory
@@ -45,15 +53,18 @@ class EnrichmentManager:
                 self._settings = settings
                 self._drop_pending()
                 return
-            cache = self._factory(self._api_client, node_name=self._node_name, settings=settings,
-                                  **self._cache_kwargs).start()
+            cache = self._factory(
+                self._api_client, node_name=self._node_name, settings=settings, **self._cache_kwargs
+            ).start()
             self._drop_pending()
             if self._cache is None:
                 self._cache, self._enricher, self._settings = cache, Enricher(cache, labels=settings.labels), settings
             else:
                 self._pending = (settings, cache)  # switched to once synced (see _promote)
-                log.info("enrichment watches change to cluster_wide=%s services=%s owners=%s; switching when "
-                         "synced", *watch_key)
+                log.info(
+                    "enrichment watches change to cluster_wide=%s services=%s owners=%s; switching when synced",
+                    *watch_key,
+                )
 
     def _drop_pending(self) -> None:
         if self._pending is not None:
@@ -96,7 +107,7 @@ class EnrichmentManager:
         if cache is not None:
             cache.stop()
 
-    def __enter__(self) -> "EnrichmentManager":
+    def __enter__(self) -> EnrichmentManager:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -16,6 +16,7 @@ into the agent and is not implemented.
 The route source is injectable (:class:`RouteSource`) so this is testable without
 touching the host's routes.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -24,10 +25,11 @@ import logging
 import socket
 import subprocess
 import threading
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
-from xdpml.wire.columns import ip_from_str
 from xdpml.kube.podcache import EndpointInfo, EndpointResolver
+from xdpml.wire.columns import ip_from_str
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,18 @@ class IpRouteSource:
         out: list[tuple[int, str]] = []
         for family, full in (("-4", 32), ("-6", 128)):
             try:
-                text = subprocess.run([self.ip_binary, "-j", family, "route", "show", "table", "all"],
-                                      capture_output=True, text=True, check=True, timeout=10).stdout
+                text = subprocess.run(
+                    [self.ip_binary, "-j", family, "route", "show", "table", "all"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=10,
+                ).stdout
                 routes = json.loads(text or "[]")
             except (OSError, subprocess.SubprocessError, ValueError) as err:
-                log.warning("cannot read %s routes with %r (%s): pod veths will not map to pods",
-                            family, self.ip_binary, err)
+                log.warning(
+                    "cannot read %s routes with %r (%s): pod veths will not map to pods", family, self.ip_binary, err
+                )
                 continue
             for route in routes:
                 dst, dev = route.get("dst", ""), route.get("dev", "")

@@ -9,6 +9,7 @@ acknowledging what it was sent, for the exporter's acknowledgement deadline.
 
 All methods expect the exporter's condition lock to be held.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,16 +19,29 @@ from dataclasses import dataclass
 
 log = logging.getLogger("xdpml.agent.export.grpc_client")
 
-COUNTERS = ("produced_batches", "produced_rows", "sent_batches", "sent_rows", "dropped_batches",
-            "dropped_rows", "rejected_batches", "reconnects", "verdict_batches", "verdicts_received",
-            "verdicts_unknown_action", "stream_failures", "ack_timeouts")
+COUNTERS = (
+    "produced_batches",
+    "produced_rows",
+    "sent_batches",
+    "sent_rows",
+    "dropped_batches",
+    "dropped_rows",
+    "rejected_batches",
+    "reconnects",
+    "verdict_batches",
+    "verdicts_received",
+    "verdicts_unknown_action",
+    "stream_failures",
+    "ack_timeouts",
+)
 
 
 class LogBackoff:
     """Log the first event, then at most once per period; the period doubles to 5 min."""
 
-    def __init__(self, what: str, *, initial_s: float = 5.0, max_s: float = 300.0,
-                 level: int = logging.WARNING) -> None:
+    def __init__(
+        self, what: str, *, initial_s: float = 5.0, max_s: float = 300.0, level: int = logging.WARNING
+    ) -> None:
         self.what, self.period, self.max_s, self.level = what, initial_s, max_s, level
         self.next_at = 0.0
         self.unlogged = 0

@@ -5,15 +5,17 @@ Thread use: the harvester calls :meth:`BatchQueue.offer_locked`, the sender the 
 both holding the exporter's one condition lock (the ``_locked`` suffix); only
 :func:`encode` runs without it.
 """
+
 from __future__ import annotations
 
 import collections
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
-from xdpml.wire.columns import ColumnBatch
-from xdpml.wire import codec
 from xdpml.agent.export.accounting import Pending
+
+from xdpml.wire import codec
+from xdpml.wire.columns import ColumnBatch
 
 
 class BatchQueue:
@@ -93,9 +95,16 @@ def groups(batches: list[ColumnBatch], max_message_bytes: int) -> Iterator[list[
         yield small
 
 
-def encode(batches: list[ColumnBatch], *, next_sequence: Callable[[], int], max_message_bytes: int,
-           node: codec.NodeIdentity, loss_counters: dict[str, int] | None, include_schema: bool,
-           on_failure: Callable[[ColumnBatch, int, Exception], None]) -> list[Pending]:
+def encode(
+    batches: list[ColumnBatch],
+    *,
+    next_sequence: Callable[[], int],
+    max_message_bytes: int,
+    node: codec.NodeIdentity,
+    loss_counters: dict[str, int] | None,
+    include_schema: bool,
+    on_failure: Callable[[ColumnBatch, int, Exception], None],
+) -> list[Pending]:
     """Encode into ExportRequest messages under ``max_message_bytes``. A group that cannot
     be encoded is reported once to ``on_failure(merged, batches_in_group, error)``."""
     out: list[Pending] = []
@@ -103,9 +112,19 @@ def encode(batches: list[ColumnBatch], *, next_sequence: Callable[[], int], max_
         merged = group[0] if len(group) == 1 else ColumnBatch.concat(group)
         try:
             # All or nothing per group, so a failure is counted once.
-            out.extend([Pending(seq, rows, payload) for seq, rows, payload in codec.encode_split_requests(
-                merged, next_sequence=next_sequence, max_message_bytes=max_message_bytes, node=node,
-                loss_counters=loss_counters, include_schema=include_schema)])
+            out.extend(
+                [
+                    Pending(seq, rows, payload)
+                    for seq, rows, payload in codec.encode_split_requests(
+                        merged,
+                        next_sequence=next_sequence,
+                        max_message_bytes=max_message_bytes,
+                        node=node,
+                        loss_counters=loss_counters,
+                        include_schema=include_schema,
+                    )
+                ]
+            )
         except (codec.UnsupportedColumn, ValueError) as e:
             on_failure(merged, len(group), e)
     return out

@@ -27,6 +27,7 @@ nothing has been acknowledged for ``ack_timeout_s`` although messages are in
 flight, the stream is cancelled (counted in ``ack_timeouts``, logged with the rows
 dropped so far) and re-opened, and the unacknowledged messages are sent again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,18 +36,18 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import grpc
-
-from xdpml.wire.columns import ColumnBatch
-from xdpml.wire import codec
 from xdpml.agent.export.accounting import AckLedger, LogBackoff, Pending
 from xdpml.agent.export.batching import BatchQueue, encode
-from xdpml.wire.tls import ClientTls
 from xdpml.agent.export.verdicts import VerdictHandler
+
 from xdpml.errors import ConfigError
+from xdpml.wire import codec
+from xdpml.wire.columns import ColumnBatch
+from xdpml.wire.tls import ClientTls
 from xdpml.wire.v1 import collector_pb2 as cpb
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,19 @@ def check_target(target: str) -> str:
         raise ConfigError(f"collector address {target!r}: port {m.group(3)} is not 1..65535")
     return target
 
+
 # The retryable codes of OpenTelemetry's OTLP exporter: transient by definition.
-RETRYABLE = frozenset({
-    grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DATA_LOSS,
-})
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
 
 @dataclass
@@ -116,14 +124,23 @@ class ExporterSettings:
 class GrpcExporter:
     """Bounded, non-blocking batch exporter with reconnects. Use as a context manager."""
 
-    def __init__(self, settings: ExporterSettings, *, on_verdicts: Callable[[cpb.VerdictBatch], None] | None = None,
-                 loss_counters: Callable[[], dict[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        settings: ExporterSettings,
+        *,
+        on_verdicts: Callable[[cpb.VerdictBatch], None] | None = None,
+        loss_counters: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
         s = self.settings = settings
         self._loss_counters = loss_counters
         self._node = codec.NodeIdentity(s.node_name, s.agent_id, s.agent_version)
         self._cond = threading.Condition()
-        self._queue = BatchQueue(max_bytes=s.queue_max_bytes, max_batches=s.queue_max_batches,
-                                 flush_rows=s.flush_rows, flush_age_s=s.flush_age_s)
+        self._queue = BatchQueue(
+            max_bytes=s.queue_max_bytes,
+            max_batches=s.queue_max_batches,
+            flush_rows=s.flush_rows,
+            flush_age_s=s.flush_age_s,
+        )
         self._ledger = AckLedger()
         self.counters = self._ledger.counters
         self._verdicts = VerdictHandler(on_verdicts)
@@ -154,8 +171,7 @@ class GrpcExporter:
             self._ledger.produced(rows)
             if self._closing or not self._queue.offer_locked(batch):
                 self._ledger.dropped(rows)
-                self._drop_log.event(f"{rows} rows; collector {self.settings.target} "
-                                     f"({self.last_error or 'slow'})")
+                self._drop_log.event(f"{rows} rows; collector {self.settings.target} ({self.last_error or 'slow'})")
                 return False
             self._cond.notify_all()
         return True
@@ -200,7 +216,7 @@ class GrpcExporter:
         self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
         return self.stats()
 
-    def __enter__(self) -> "GrpcExporter":
+    def __enter__(self) -> GrpcExporter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -244,7 +260,7 @@ class GrpcExporter:
                     return
             if acked_any:
                 attempt = 0
-            delay = min(self.settings.backoff_max_s, self.settings.backoff_initial_s * (2 ** attempt))
+            delay = min(self.settings.backoff_max_s, self.settings.backoff_initial_s * (2**attempt))
             attempt = min(attempt + 1, 30)
             # "Equal jitter": at least half the delay, so many agents restarted together spread out.
             delay = delay / 2 + random.uniform(0, delay / 2)
@@ -257,16 +273,18 @@ class GrpcExporter:
         channel = self._channel()
         try:
             # Requests are already serialized: no request_serializer, bytes go out as they are.
-            export = channel.stream_stream(EXPORT_METHOD, request_serializer=None,
-                                           response_deserializer=cpb.ExportResponse.FromString)
+            export = channel.stream_stream(
+                EXPORT_METHOD, request_serializer=None, response_deserializer=cpb.ExportResponse.FromString
+            )
             with self._cond:
                 self._ledger.stream_started()
             call = export(self._requests(gen))
             self._call = call
             done = threading.Event()
             timed_out: list[str] = []
-            threading.Thread(target=self._watch, args=(call, done, timed_out), name="xdpml-export-watch",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._watch, args=(call, done, timed_out), name="xdpml-export-watch", daemon=True
+            ).start()
             try:
                 for resp in call:
                     if resp.HasField("ack"):
@@ -300,11 +318,17 @@ class GrpcExporter:
             if silent >= s.ack_timeout_s:
                 with self._cond:
                     self.counters["ack_timeouts"] += 1
-                reason = (f"no acknowledgement for {silent:.0f} s with {in_flight} messages in flight "
-                          "(the collector accepts but does not read)")
+                reason = (
+                    f"no acknowledgement for {silent:.0f} s with {in_flight} messages in flight "
+                    "(the collector accepts but does not read)"
+                )
                 timed_out.append(reason)
-                log.warning("collector %s: %s; reconnecting, will resend them (%d rows dropped so far)",
-                            s.target, reason, dropped)
+                log.warning(
+                    "collector %s: %s; reconnecting, will resend them (%d rows dropped so far)",
+                    s.target,
+                    reason,
+                    dropped,
+                )
                 call.cancel()
                 return
             if tls is not None and now >= next_tls:
@@ -375,9 +399,15 @@ class GrpcExporter:
                     self._queue.encoding_rows -= len(merged)
 
         s = self.settings
-        return encode(batches, next_sequence=next_seq, max_message_bytes=s.max_message_bytes, node=self._node,
-                      loss_counters=self._loss_counters() if self._loss_counters else None,
-                      include_schema=s.include_schema, on_failure=failed)
+        return encode(
+            batches,
+            next_sequence=next_seq,
+            max_message_bytes=s.max_message_bytes,
+            node=self._node,
+            loss_counters=self._loss_counters() if self._loss_counters else None,
+            include_schema=s.include_schema,
+            on_failure=failed,
+        )
 
     # ---- what comes back ----------------------------------------------------------------
     def _on_ack(self, ack: cpb.Ack) -> bool:

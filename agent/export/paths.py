@@ -14,6 +14,7 @@ three rules:
 A socket given as a bare name (``--unix-socket ids.sock``) lives in
 :data:`DEFAULT_SOCKET_DIR`, which the agent creates owned by itself with mode 0700.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,11 @@ def check_directory(path: str, what: str) -> os.stat_result:
     if not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"{what} {path!r}: {d} is not a directory")
     if st.st_mode & stat.S_IWOTH:
-        raise OutputError(f"{what} {path!r}: directory {d} is writable by every user (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}), so another user could create this path "
-                          "first; use a directory only you can write to")
+        raise OutputError(
+            f"{what} {path!r}: directory {d} is writable by every user (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}), so another user could create this path "
+            "first; use a directory only you can write to"
+        )
     return st
 
 
@@ -57,8 +60,10 @@ def open_private_append(path: str):
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode):
             if st.st_uid not in (os.geteuid(), 0):
-                raise OutputError(f"output file {path!r} belongs to another user (uid {st.st_uid}); "
-                                  "refusing to write flow records into it")
+                raise OutputError(
+                    f"output file {path!r} belongs to another user (uid {st.st_uid}); "
+                    "refusing to write flow records into it"
+                )
             if stat.S_IMODE(st.st_mode) & 0o077:
                 os.fchmod(fd, 0o600)
         elif stat.S_ISDIR(st.st_mode):  # pragma: no cover - O_WRONLY on a directory fails first
@@ -93,11 +98,14 @@ def ensure_private_dir(d: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"socket directory {d} is not a directory")
     if st.st_uid != os.geteuid():
-        raise OutputError(f"socket directory {d} belongs to uid {st.st_uid}, not to the agent's user "
-                          f"(uid {os.geteuid()}); remove it or give a socket path elsewhere")
+        raise OutputError(
+            f"socket directory {d} belongs to uid {st.st_uid}, not to the agent's user "
+            f"(uid {os.geteuid()}); remove it or give a socket path elsewhere"
+        )
     if stat.S_IMODE(st.st_mode) & 0o077:
-        raise OutputError(f"socket directory {d} has mode {stat.S_IMODE(st.st_mode):04o}; it must be "
-                          "0700 (chmod 700 it or remove it)")
+        raise OutputError(
+            f"socket directory {d} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700 (chmod 700 it or remove it)"
+        )
 
 
 def peer_uid(sock: socket.socket) -> int:

@@ -5,6 +5,7 @@ A sink takes ColumnBatch objects. Each JSON line is one record with a leading
 undefined statistics as null. Files are created 0600 and sockets are only used when
 other users cannot have created them first (agent.export.paths).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,17 @@ import sys
 import time
 from typing import IO, Protocol
 
-from xdpml.wire.columns import ColumnBatch
-from xdpml.agent.export.paths import (DEFAULT_SOCKET_DIR, check_directory, open_private_append, peer_uid,
-                                resolve_socket_path, trusted_peer_uids)
+from xdpml.agent.export.paths import (
+    DEFAULT_SOCKET_DIR,
+    check_directory,
+    open_private_append,
+    peer_uid,
+    resolve_socket_path,
+    trusted_peer_uids,
+)
+
 from xdpml.errors import OutputError
+from xdpml.wire.columns import ColumnBatch
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +93,9 @@ class UnixSocketSink:
     name = "unix"  # metrics attribute
     drop_reason = "no_consumer"
 
-    def __init__(self, path: str, *, timeout_s: float = 2.0, max_backoff_s: float = 30.0,
-                 socket_dir: str = DEFAULT_SOCKET_DIR):
+    def __init__(
+        self, path: str, *, timeout_s: float = 2.0, max_backoff_s: float = 30.0, socket_dir: str = DEFAULT_SOCKET_DIR
+    ):
         self.path = resolve_socket_path(path, socket_dir)
         self.timeout_s = timeout_s
         self.max_backoff_s = max_backoff_s
@@ -112,16 +121,16 @@ class UnixSocketSink:
             uid = peer_uid(s)
             if uid not in trusted_peer_uids(self.path):
                 self.refused_peers += 1
-                raise OutputError(f"the listener runs as uid {uid}, not root, the agent's user or the "
-                                  "directory's owner: refused")
+                raise OutputError(
+                    f"the listener runs as uid {uid}, not root, the agent's user or the directory's owner: refused"
+                )
         except (OSError, OutputError) as exc:
             s.close()
             self._next_try = now + self._backoff
             self._backoff = min(self._backoff * 2, self.max_backoff_s)
             if now - self._last_warn > 30:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                log.warning("unix socket %s: %s; dropping records until a trusted consumer listens",
-                            self.path, reason)
+                log.warning("unix socket %s: %s; dropping records until a trusted consumer listens", self.path, reason)
                 self._last_warn = now
             return False
         self._sock = s
@@ -188,6 +197,10 @@ class CollectorSink:
 
     def close(self) -> None:
         stats = self.exporter.close()
-        log.info("collector export: sent %d of %d rows, dropped %d, verdicts received %d",
-                 stats.get("sent_rows", 0), stats.get("produced_rows", 0), stats.get("dropped_rows", 0),
-                 stats.get("verdicts_received", 0))
+        log.info(
+            "collector export: sent %d of %d rows, dropped %d, verdicts received %d",
+            stats.get("sent_rows", 0),
+            stats.get("produced_rows", 0),
+            stats.get("dropped_rows", 0),
+            stats.get("verdicts_received", 0),
+        )

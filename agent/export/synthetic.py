@@ -6,6 +6,7 @@ port); a SYN flood (one unanswered SYN per spoofed source port). Counters obey t
 identities a real agent's do (bidirectional = src2dst + dst2src, bps = bytes/packets),
 so a model trained on them learns the same relations it would on real flows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,10 +66,16 @@ def _normal(rng: np.random.Generator, n: int) -> _Traffic:
     src_port = np.where(proto == 1, 0, rng.integers(32768, 61000, n))
     one = np.where(tcp, 1, 0)
     flags = {  # handshake, data, FIN both ways
-        "src2dst": dict(syn=one, ack=np.where(tcp, s_pk - 1, 0), psh=np.where(tcp, np.maximum(1, s_pk // 3), 0),
-                        fin=one, rst=_zeros(n)),
-        "dst2src": dict(syn=one, ack=np.where(tcp, d_pk, 0), psh=np.where(tcp, np.maximum(1, d_pk // 2), 0),
-                        fin=one, rst=_zeros(n)),
+        "src2dst": dict(
+            syn=one,
+            ack=np.where(tcp, s_pk - 1, 0),
+            psh=np.where(tcp, np.maximum(1, s_pk // 3), 0),
+            fin=one,
+            rst=_zeros(n),
+        ),
+        "dst2src": dict(
+            syn=one, ack=np.where(tcp, d_pk, 0), psh=np.where(tcp, np.maximum(1, d_pk // 2), 0), fin=one, rst=_zeros(n)
+        ),
     }
     src = _ipv4(rng, n, (10, 0, 1, 10), 20)
     dst = _ipv4(rng, n, (10, 0, 2, 10), 20)
@@ -81,31 +88,57 @@ def _portscan(rng: np.random.Generator, n: int) -> _Traffic:
     dst_port = rng.permutation(np.arange(1, n + 1) % 65535 + 1)
     src_port = np.full(n, 40000) + rng.integers(0, 3, n)
     ones = np.ones(n, dtype=np.int64)
-    flags = {"src2dst": dict(syn=ones, ack=_zeros(n), psh=_zeros(n), fin=_zeros(n), rst=_zeros(n)),
-             "dst2src": dict(syn=_zeros(n), ack=ones, psh=_zeros(n), fin=_zeros(n), rst=ones)}
+    flags = {
+        "src2dst": dict(syn=ones, ack=_zeros(n), psh=_zeros(n), fin=_zeros(n), rst=_zeros(n)),
+        "dst2src": dict(syn=_zeros(n), ack=ones, psh=_zeros(n), fin=_zeros(n), rst=ones),
+    }
     src = _ipv4(rng, n, (10, 0, 9, 66), 1)
     dst = _ipv4(rng, n, (10, 0, 2, 10), 1)
-    return _Traffic(np.full(n, 6, dtype=np.uint8), np.ones(n, dtype=np.uint64), np.ones(n, dtype=np.uint64),
-                    np.full(n, 58.0), np.full(n, 54.0), dur, src_port, dst_port, flags, src, dst)
+    return _Traffic(
+        np.full(n, 6, dtype=np.uint8),
+        np.ones(n, dtype=np.uint64),
+        np.ones(n, dtype=np.uint64),
+        np.full(n, 58.0),
+        np.full(n, 54.0),
+        dur,
+        src_port,
+        dst_port,
+        flags,
+        src,
+        dst,
+    )
 
 
 def _synflood(rng: np.random.Generator, n: int) -> _Traffic:
     """One unanswered SYN per spoofed source port."""
     src_port = rng.integers(1024, 65535, n)
-    flags = {"src2dst": dict(syn=np.ones(n, dtype=np.int64), ack=_zeros(n), psh=_zeros(n), fin=_zeros(n),
-                             rst=_zeros(n)),
-             "dst2src": dict(syn=_zeros(n), ack=_zeros(n), psh=_zeros(n), fin=_zeros(n), rst=_zeros(n))}
+    flags = {
+        "src2dst": dict(syn=np.ones(n, dtype=np.int64), ack=_zeros(n), psh=_zeros(n), fin=_zeros(n), rst=_zeros(n)),
+        "dst2src": dict(syn=_zeros(n), ack=_zeros(n), psh=_zeros(n), fin=_zeros(n), rst=_zeros(n)),
+    }
     src = _ipv4(rng, n, (10, 0, 9, 0), 250)
     dst = _ipv4(rng, n, (10, 0, 2, 10), 1)
-    return _Traffic(np.full(n, 6, dtype=np.uint8), np.ones(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64),
-                    np.full(n, 54.0), np.zeros(n), np.zeros(n), src_port, np.full(n, 80), flags, src, dst)
+    return _Traffic(
+        np.full(n, 6, dtype=np.uint8),
+        np.ones(n, dtype=np.uint64),
+        np.zeros(n, dtype=np.uint64),
+        np.full(n, 54.0),
+        np.zeros(n),
+        np.zeros(n),
+        src_port,
+        np.full(n, 80),
+        flags,
+        src,
+        dst,
+    )
 
 
 KINDS = {"normal": _normal, "portscan": _portscan, "synflood": _synflood}
 
 
-def flow_batch(n: int, *, kind: str = "normal", seed: int = 0, first_n: int = 10,
-               start_ms: int = 1_700_000_000_000) -> ColumnBatch:
+def flow_batch(
+    n: int, *, kind: str = "normal", seed: int = 0, first_n: int = 10, start_ms: int = 1_700_000_000_000
+) -> ColumnBatch:
     """``n`` flows of one traffic ``kind``: normal | portscan | synflood."""
     if kind not in KINDS:
         raise ValueError(f"unknown traffic kind {kind!r}")
@@ -121,19 +154,29 @@ def flow_batch(n: int, *, kind: str = "normal", seed: int = 0, first_n: int = 10
     cols.update(_direction_columns(t, n))
     cols.update(_derived_columns(t, cols, n))
     cols.update(_splt_columns(rng, cols["bidirectional_packets"], n, first_n))
-    specs = {name: ColumnSpec(name, col.dtype.str.lstrip("<|="),
-                              unit="ms" if name.endswith("_ms") else "",
-                              role=_role(name), fill=-1 if name.startswith("splt_") else None)
-             for name, col in cols.items()}
+    specs = {
+        name: ColumnSpec(
+            name,
+            col.dtype.str.lstrip("<|="),
+            unit="ms" if name.endswith("_ms") else "",
+            role=_role(name),
+            fill=-1 if name.startswith("splt_") else None,
+        )
+        for name, col in cols.items()
+    }
     return ColumnBatch("flow", cols, specs)
 
 
 def _key_columns(rng: np.random.Generator, t: _Traffic, n: int) -> dict[str, np.ndarray]:
     return {
-        "src_ip": t.src, "dst_ip": t.dst,
-        "src_port": t.src_port.astype(np.uint16), "dst_port": t.dst_port.astype(np.uint16),
-        "protocol": t.proto, "ip_version": np.full(n, 4, dtype=np.uint8),
-        "vlan_id": np.zeros(n, dtype=np.uint16), "ifindex": np.full(n, 7, dtype=np.uint32),
+        "src_ip": t.src,
+        "dst_ip": t.dst,
+        "src_port": t.src_port.astype(np.uint16),
+        "dst_port": t.dst_port.astype(np.uint16),
+        "protocol": t.proto,
+        "ip_version": np.full(n, 4, dtype=np.uint8),
+        "vlan_id": np.zeros(n, dtype=np.uint16),
+        "ifindex": np.full(n, 7, dtype=np.uint32),
         "interface": np.array(["veth-a", "veth-b"], dtype=object)[rng.integers(0, 2, n)],
     }
 
@@ -143,11 +186,17 @@ def _direction_columns(t: _Traffic, n: int) -> dict[str, np.ndarray]:
     values are the sums (means weighted by packets), as the agent's are."""
     s_by = (t.s_pk * t.s_mean).astype(np.uint64)
     d_by = (t.d_pk * t.d_mean).astype(np.uint64)
-    per = {"src2dst": (t.s_pk, s_by, t.s_mean, t.flags["src2dst"]),
-           "dst2src": (t.d_pk, d_by, t.d_mean, t.flags["dst2src"])}
+    per = {
+        "src2dst": (t.s_pk, s_by, t.s_mean, t.flags["src2dst"]),
+        "dst2src": (t.d_pk, d_by, t.d_mean, t.flags["dst2src"]),
+    }
     b_pk, b_by = t.s_pk + t.d_pk, s_by + d_by
-    per["bidirectional"] = (b_pk, b_by, np.where(b_pk > 0, b_by / np.maximum(b_pk, 1), 0.0),
-                            {f: t.flags["src2dst"][f] + t.flags["dst2src"][f] for f in t.flags["src2dst"]})
+    per["bidirectional"] = (
+        b_pk,
+        b_by,
+        np.where(b_pk > 0, b_by / np.maximum(b_pk, 1), 0.0),
+        {f: t.flags["src2dst"][f] + t.flags["dst2src"][f] for f in t.flags["src2dst"]},
+    )
     cols: dict[str, np.ndarray] = {}
     for d, (pk, by, mean, flags) in per.items():
         cols[f"{d}_duration_ms"] = t.dur.astype(np.float64)
@@ -173,8 +222,10 @@ def _derived_columns(t: _Traffic, cols: dict[str, np.ndarray], n: int) -> dict[s
     out = {
         "src2dst_init_window": np.full(n, 64240, dtype=np.uint16),
         "dst2src_init_window": np.where(t.d_pk > 0, 65160, 0).astype(np.uint16),
-        "src2dst_ttl": np.full(n, 64, dtype=np.uint8), "dst2src_ttl": np.full(n, 64, dtype=np.uint8),
-        "src2dst_tos": np.zeros(n, dtype=np.uint8), "dst2src_tos": np.zeros(n, dtype=np.uint8),
+        "src2dst_ttl": np.full(n, 64, dtype=np.uint8),
+        "dst2src_ttl": np.full(n, 64, dtype=np.uint8),
+        "src2dst_tos": np.zeros(n, dtype=np.uint8),
+        "dst2src_tos": np.zeros(n, dtype=np.uint8),
         "bps": b_by / np.maximum(b_pk, 1),
         "pps": b_pk / np.maximum(t.dur / 1000.0, 1e-3),
         "log_bytes": np.log1p(b_by.astype(np.float64)),
@@ -205,7 +256,17 @@ def _splt_columns(rng: np.random.Generator, packets: np.ndarray, n: int, first_n
 
 
 def _role(name: str) -> str:
-    if name in ("src_ip", "dst_ip", "src_port", "dst_port", "protocol", "ip_version", "vlan_id", "ifindex", "interface"):
+    if name in (
+        "src_ip",
+        "dst_ip",
+        "src_port",
+        "dst_port",
+        "protocol",
+        "ip_version",
+        "vlan_id",
+        "ifindex",
+        "interface",
+    ):
         return "key"
     if name.endswith("_seen_ms") or name == "expiration_id":
         return "time"

@@ -5,12 +5,14 @@ newer collector, or a hostile one) is counted in ``verdicts_unknown_action`` and
 left out; the rest of its batch is still applied. Consumers therefore only ever see
 known actions, and a consumer that fails costs its batch, never the stream.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from xdpml.agent.export.accounting import LogBackoff
+
 from xdpml.wire.v1 import collector_pb2 as cpb
 
 log = logging.getLogger("xdpml.agent.export.grpc_client")
@@ -50,14 +52,17 @@ class VerdictHandler:
 
     def deliver(self, vb: cpb.VerdictBatch, unknown: int) -> None:
         if unknown:
-            self._unknown_log.event(f"{unknown} in batch {vb.sequence} (model {vb.model.name}); "
-                                    f"{len(vb.verdicts)} applied")
-        self._log.event(f"latest: {len(vb.verdicts)} flagged flows in batch {vb.sequence}, model "
-                        f"{vb.model.name} {vb.model.version}, threshold {vb.threshold:g}")
+            self._unknown_log.event(
+                f"{unknown} in batch {vb.sequence} (model {vb.model.name}); {len(vb.verdicts)} applied"
+            )
+        self._log.event(
+            f"latest: {len(vb.verdicts)} flagged flows in batch {vb.sequence}, model "
+            f"{vb.model.name} {vb.model.version}, threshold {vb.threshold:g}"
+        )
         if self.callback is not None:
             try:
                 self.callback(vb)
-            except Exception as exc:  # noqa: BLE001 - a consumer bug must not break the stream
+            except Exception as exc:
                 log.error("verdict callback failed on batch %d: %s: %s", vb.sequence, type(exc).__name__, exc)
 
 

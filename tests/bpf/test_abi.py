@@ -2,6 +2,7 @@
 
 The host C compiler compiles bpf/abi.h and prints sizeof/offsetof for every
 field; the numbers come from the compiler, not from the code under test."""
+
 import ctypes
 import shutil
 import subprocess
@@ -15,9 +16,15 @@ BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 
 
 def c_layout(tmp_path, first_n: int, structs: dict[str, list[str]]) -> dict[str, int]:
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/types.h>",
-             "#include <linux/bpf.h>", f"#define XDPML_FIRST_N {first_n}", '#include "abi.h"',
-             "int main(void) {"]
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <linux/types.h>",
+        "#include <linux/bpf.h>",
+        f"#define XDPML_FIRST_N {first_n}",
+        '#include "abi.h"',
+        "int main(void) {",
+    ]
     for st, fields in structs.items():
         lines.append(f'printf("{st} %zu\\n", sizeof(struct {st}));')
         for f in fields:
@@ -42,13 +49,25 @@ def py_layout(name: str, struct) -> dict[str, int]:
 def test_ctypes_mirror_matches_c(tmp_path, first_n):
     assert shutil.which("cc"), "a C compiler is needed (scripts/install.sh --test installs gcc)"
     ftypes = abi.flow_types(first_n)
-    mirrors = {"flow_key": abi.FlowKey, "dir_stats": abi.DirStats, "iat_stats": abi.IatStats,
-               "seq_entry": abi.SeqEntry, "flow_value": ftypes.value,
-               "win_event": abi.WinEvent, "pkt_event": abi.PktEvent,
-               "enf_config": abi.EnfConfig, "enf_exact_key": abi.EnfExactKey, "enf_exact_val": abi.EnfExactVal,
-               "enf_lpm4_key": abi.EnfLpm4Key, "enf_lpm6_key": abi.EnfLpm6Key, "enf_rule": abi.EnfRule}
-    structs = {name: [f for f, _ in st._fields_ if not (name in ("flow_value", "enf_rule") and f == "lock")]
-               for name, st in mirrors.items()}
+    mirrors = {
+        "flow_key": abi.FlowKey,
+        "dir_stats": abi.DirStats,
+        "iat_stats": abi.IatStats,
+        "seq_entry": abi.SeqEntry,
+        "flow_value": ftypes.value,
+        "win_event": abi.WinEvent,
+        "pkt_event": abi.PktEvent,
+        "enf_config": abi.EnfConfig,
+        "enf_exact_key": abi.EnfExactKey,
+        "enf_exact_val": abi.EnfExactVal,
+        "enf_lpm4_key": abi.EnfLpm4Key,
+        "enf_lpm6_key": abi.EnfLpm6Key,
+        "enf_rule": abi.EnfRule,
+    }
+    structs = {
+        name: [f for f, _ in st._fields_ if not (name in ("flow_value", "enf_rule") and f == "lock")]
+        for name, st in mirrors.items()
+    }
     got_c = c_layout(tmp_path, first_n, structs)
     want = {}
     for name, st in mirrors.items():
@@ -62,7 +81,10 @@ def test_ctypes_mirror_matches_c(tmp_path, first_n):
 
 def test_counter_names_match_enum():
     text = (BPF_DIR / "abi.h").read_text()
-    enum = text[text.index("enum xdpml_counter"):text.index("C_COUNTERS_MAX")]
-    names = [line.split("=")[0].split(",")[0].strip()[2:].lower()
-             for line in enum.splitlines()[1:] if line.strip().startswith("C_")]
+    enum = text[text.index("enum xdpml_counter") : text.index("C_COUNTERS_MAX")]
+    names = [
+        line.split("=")[0].split(",")[0].strip()[2:].lower()
+        for line in enum.splitlines()[1:]
+        if line.strip().startswith("C_")
+    ]
     assert tuple(names) == abi.COUNTERS

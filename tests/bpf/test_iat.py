@@ -6,18 +6,19 @@ since the previous packet (whole microseconds, rounded down) from the same clock
 reading it sums: so numpy's statistics over those records must agree with the
 flow's *_piat_ms columns up to that rounding, and the bound is computed, not
 guessed: a gap made of k records is known to within [sum, sum + k) us."""
+
 import time
 
 import numpy as np
 import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
+from xdpml.agent.features import flow_columns
 
+from xdpml.config import AgentSettings
 from xdpml.datapath.loader import XDP_PROG, Datapath
 from xdpml.datapath.maps import FlowMap
 from xdpml.datapath.testrun import test_run as prog_test_run
-from xdpml.config import AgentSettings
-from xdpml.agent.features import flow_columns
 
 pytestmark = pytest.mark.root
 ETH = dict(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
@@ -50,7 +51,7 @@ def gaps_from_records(piat_us: np.ndarray, dirs: np.ndarray, want_dir: int | Non
     """Gaps between consecutive packets of one direction (None: both), as
     (lower bound in us, number of records summed): the true gap is in [low, low + k)."""
     idx = [i for i in range(len(dirs)) if want_dir is None or dirs[i] == want_dir]
-    low = np.array([piat_us[a + 1:b + 1].sum() for a, b in zip(idx, idx[1:])], dtype=np.float64)
+    low = np.array([piat_us[a + 1 : b + 1].sum() for a, b in zip(idx, idx[1:])], dtype=np.float64)
     k = np.array([b - a for a, b in zip(idx, idx[1:])], dtype=np.float64)
     return low, k
 
@@ -70,10 +71,13 @@ def check_against_records(row: dict, prefix: str, low: np.ndarray, k: np.ndarray
     assert abs(sd - np.std(low, ddof=1)) <= tol, (sd, np.std(low, ddof=1), tol)
 
 
-@pytest.mark.parametrize("name,gaps", [
-    ("even_10ms", [0.010] * 9),
-    ("uneven", list(np.random.default_rng(8).uniform(0.001, 0.02, 9))),
-])
+@pytest.mark.parametrize(
+    "name,gaps",
+    [
+        ("even_10ms", [0.010] * 9),
+        ("uneven", list(np.random.default_rng(8).uniform(0.001, 0.02, 9))),
+    ],
+)
 def test_one_way_flow_matches_first_n_records(dp, name, gaps):
     row, v = one_flow(dp, [FWD] * 10, gaps)
     assert row["src2dst_packets"] == 10 and v["n_seq"] == 10

@@ -7,20 +7,21 @@ its options); otherwise the packet joins the port-less flow (ports 0) of its pro
 and one counter per reason moves. Ethernet padding after the IP packet is never L4
 and never payload. Expected values come from scapy/struct, not from the datapath:
 the packet's own layout says where the IP packet ends and what its ports are."""
+
 import struct
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.layers.l2 import Ether
+from xdpml.agent.events import RecordBuffer
 
+from xdpml.config import AgentSettings, DatapathSettings, WindowSettings
 from xdpml.datapath.abi import PktEvent, WinEvent
 from xdpml.datapath.loader import XDP_PROG, Datapath
 from xdpml.datapath.maps import FlowMap
 from xdpml.datapath.testrun import test_run as prog_test_run
 from xdpml.wire.columns import ip_to_str
-from xdpml.config import AgentSettings, DatapathSettings, WindowSettings
-from xdpml.agent.events import RecordBuffer
 
 pytestmark = pytest.mark.root
 XDP_PASS = 2
@@ -66,8 +67,22 @@ def ipv4(l4: bytes, proto: int, *, total_len: int | None = None, frag: int = 0, 
     """A 20-byte IPv4 header (struct-built: its length field says exactly what we ask)."""
     tot = 20 + len(l4) if total_len is None else total_len
     flags_frag = (0x2000 if mf else 0) | frag
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, tot, 0x1234, flags_frag, 64, proto, 0,
-                       bytes(map(int, A4.split("."))), bytes(map(int, B4.split(".")))) + l4
+    return (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            tot,
+            0x1234,
+            flags_frag,
+            64,
+            proto,
+            0,
+            bytes(map(int, A4.split("."))),
+            bytes(map(int, B4.split("."))),
+        )
+        + l4
+    )
 
 
 def frame(ip_packet: bytes, *, pad_to: int = 0) -> bytes:
@@ -76,7 +91,7 @@ def frame(ip_packet: bytes, *, pad_to: int = 0) -> bytes:
 
 
 def assert_portless(flows, proto: int, version: int, nbytes: int):
-    (k, v), = flows
+    ((k, v),) = flows
     assert (k["proto"], k["ip_version"], k["lo_port"], k["hi_port"]) == (proto, version, 0, 0)
     d = v["dir"][0]
     assert (d["packets"], d["bytes"]) == (1, nbytes)
@@ -89,8 +104,9 @@ def assert_payload(pkts, wins, payload: int, frame_len: int):
     assert (int(w["payload"]), int(w["size"])) == (payload, frame_len)
 
 
-TCP_OPT = bytes(TCP(sport=1234, dport=80, flags="S", options=[("MSS", 1460), ("NOP", None), ("NOP", None),
-                                                               ("SAckOK", b"")]))  # 28-byte header
+TCP_OPT = bytes(
+    TCP(sport=1234, dport=80, flags="S", options=[("MSS", 1460), ("NOP", None), ("NOP", None), ("SAckOK", b"")])
+)  # 28-byte header
 L4_CASES = {  # name: (proto, header bytes + 4 payload bytes, header length)
     "tcp": (6, SYN + b"data", 20),
     "tcp_options": (6, TCP_OPT + b"data", len(TCP_OPT)),
@@ -116,7 +132,7 @@ def test_l4_header_cut_by_ip_length_at_every_offset(run, name):
     delta, flows, pkts, wins = run(f)
     assert delta == {"pkt_xdp": 1, "flow_new": 1}
     assert_payload(pkts, wins, 1, len(f))
-    (k, v), = flows
+    ((k, v),) = flows
     want_ports = {6: [80, 1234], 17: [53, 5353], 1: [0, 0]}[proto]
     assert sorted([k["lo_port"], k["hi_port"]]) == want_ports
     assert v["dir"][0]["flag_count"][1] == (1 if proto == 6 else 0)  # SYN
@@ -136,9 +152,15 @@ def test_l4_header_cut_by_frame_at_every_offset(run, name):
         assert_payload(pkts, wins, 0, cut)
 
 
-@pytest.mark.parametrize("proto,l4,hlen", [(6, SYN + b"xy", 20), (17, bytes(UDP(sport=5, dport=6, len=10)) + b"xy", 8),
-                                           (58, bytes(ICMPv6EchoRequest(id=3, seq=4)) + b"xy", 8)],
-                         ids=["tcp", "udp", "icmpv6"])
+@pytest.mark.parametrize(
+    "proto,l4,hlen",
+    [
+        (6, SYN + b"xy", 20),
+        (17, bytes(UDP(sport=5, dport=6, len=10)) + b"xy", 8),
+        (58, bytes(ICMPv6EchoRequest(id=3, seq=4)) + b"xy", 8),
+    ],
+    ids=["tcp", "udp", "icmpv6"],
+)
 def test_ipv6_l4_header_cut_by_payload_length(run, proto, l4, hlen):
     for covered in range(1, hlen):  # payload length 0 means 'jumbogram': see the test below
         ip6 = bytes(IPv6(src=A6, dst=B6, nh=proto, plen=covered)) + l4
@@ -159,7 +181,7 @@ def test_ipv6_payload_length_zero_is_bounded_by_the_frame(run):
     f = frame(bytes(IPv6(src=A6, dst=B6, nh=17, plen=0)) + bytes(UDP(sport=5, dport=6, len=13)) + b"hello")
     delta, flows, pkts, wins = run(f)
     assert delta == {"pkt_xdp": 1, "flow_new": 1}
-    (k, _), = flows
+    ((k, _),) = flows
     assert sorted([k["lo_port"], k["hi_port"]]) == [5, 6]
     assert_payload(pkts, wins, 5, len(f))
 
@@ -186,10 +208,15 @@ def test_tcp_options_reaching_into_padding(run):
     assert_portless(flows, 6, 4, 60)
 
 
-@pytest.mark.parametrize("l4,proto,ports", [(SYN, 6, [80, 1234]),
-                                            (bytes(UDP(sport=53, dport=4000, len=8)), 17, [53, 4000]),
-                                            (bytes(UDP(sport=53, dport=4000, len=18)) + b"0123456789", 17, [53, 4000])],
-                         ids=["tcp", "udp", "udp_payload"])
+@pytest.mark.parametrize(
+    "l4,proto,ports",
+    [
+        (SYN, 6, [80, 1234]),
+        (bytes(UDP(sport=53, dport=4000, len=8)), 17, [53, 4000]),
+        (bytes(UDP(sport=53, dport=4000, len=18)) + b"0123456789", 17, [53, 4000]),
+    ],
+    ids=["tcp", "udp", "udp_payload"],
+)
 def test_padded_minimum_frame(run, l4, proto, ports):
     """A 60-byte Ethernet frame (the minimum without FCS) carrying a shorter IP packet:
     the frame bytes count as the frame's size, the padding never as payload."""
@@ -198,7 +225,7 @@ def test_padded_minimum_frame(run, l4, proto, ports):
     assert len(f) == 60 and len(ip) < 46
     delta, flows, pkts, wins = run(f)
     assert delta == {"pkt_xdp": 1, "flow_new": 1}
-    (k, v), = flows
+    ((k, v),) = flows
     assert sorted([k["lo_port"], k["hi_port"]]) == ports
     assert v["dir"][0]["bytes"] == 60
     hdr = 20 if proto == 6 else 8
@@ -222,7 +249,7 @@ def test_ipv4_first_fragment_keeps_its_ports(run):
     ip = ipv4(SYN + b"part", 6, mf=True)
     delta, flows, pkts, wins = run(frame(ip))
     assert delta == {"pkt_xdp": 1, "flow_new": 1}
-    (k, v), = flows
+    ((k, v),) = flows
     assert sorted([k["lo_port"], k["hi_port"]]) == [80, 1234] and v["dir"][0]["flag_count"][1] == 1
     assert_payload(pkts, wins, 4, 14 + len(ip))
 
@@ -234,7 +261,7 @@ def test_ipv6_fragment_header(run, offset, more):
     ip6 = IPv6(src=A6, dst=B6) / IPv6ExtHdrFragment(offset=offset, m=more, nh=6, id=99) / (SYN + b"abc")
     f = bytes(Ether(**ETH) / ip6)
     delta, flows, pkts, wins = run(f)
-    (k, v), = flows
+    ((k, v),) = flows
     assert (k["proto"], k["ip_version"]) == (6, 6)
     assert {ip_to_str(bytes(k["lo_ip"])), ip_to_str(bytes(k["hi_ip"]))} == {A6, B6}
     if offset == 0:

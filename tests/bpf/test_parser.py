@@ -2,17 +2,24 @@
 
 Every packet must return XDP_PASS (fail open); malformed packets move exactly the
 expected counter and create no flow; well-formed ones land in the right flow."""
+
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
-                                IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
+from scapy.layers.inet6 import (
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.l2 import ARP, GRE, Dot1AD, Dot1Q, Ether
 
+from xdpml.config import AgentSettings
 from xdpml.datapath.loader import XDP_PROG, Datapath
 from xdpml.datapath.maps import FlowMap
 from xdpml.datapath.testrun import test_run as prog_test_run
 from xdpml.wire.columns import ip_to_str
-from xdpml.config import AgentSettings
 
 pytestmark = pytest.mark.root
 XDP_PASS = 2
@@ -49,7 +56,7 @@ def tcp4(**kw):
 def test_tcp_ipv4_makes_one_flow(run):
     delta, flows = run(tcp4())
     assert delta == {"pkt_xdp": 1, "flow_new": 1}
-    (k, v), = flows
+    ((k, v),) = flows
     assert (k["proto"], k["ip_version"], k["vlan_id"]) == (6, 4, 0)
     assert {ip_to_str(bytes(k["lo_ip"])), ip_to_str(bytes(k["hi_ip"]))} == {"10.0.0.1", "10.0.0.2"}
     assert sorted([k["lo_port"], k["hi_port"]]) == [80, 1234]
@@ -64,7 +71,7 @@ def test_truncated_ipv4_tcp_at_every_offset(run, cut):
         assert delta == {"pkt_xdp": 1, "err_trunc_ip": 1} and flows == []
     else:  # the L4 header is cut: a port-less TCP flow (tests/bpf/test_l4_bounds.py)
         assert delta == {"pkt_xdp": 1, "err_trunc_l4": 1, "flow_new": 1}
-        (k, _), = flows
+        ((k, _),) = flows
         assert (k["proto"], k["lo_port"], k["hi_port"]) == (6, 0, 0)
 
 
@@ -76,7 +83,7 @@ def test_truncated_ipv6_udp_at_every_offset(run, cut):
         assert delta == {"pkt_xdp": 1, "err_trunc_ip": 1} and flows == []
     else:
         assert delta == {"pkt_xdp": 1, "err_trunc_l4": 1, "flow_new": 1}
-        (k, _), = flows
+        ((k, _),) = flows
         assert (k["proto"], k["lo_port"], k["hi_port"]) == (17, 0, 0)
 
 
@@ -99,10 +106,11 @@ def test_total_length_below_header(run):
 
 
 def test_ipv4_options_are_skipped(run):
-    delta, flows = run(Ether(**ETH) / IP(src="10.0.0.1", dst="10.0.0.2", options=b"\x01" * 8)
-                       / UDP(sport=53, dport=5353))
+    delta, flows = run(
+        Ether(**ETH) / IP(src="10.0.0.1", dst="10.0.0.2", options=b"\x01" * 8) / UDP(sport=53, dport=5353)
+    )
     assert delta == {"pkt_xdp": 1, "flow_new": 1}
-    (k, _), = flows
+    ((k, _),) = flows
     assert sorted([k["lo_port"], k["hi_port"]]) == [53, 5353]
 
 
@@ -110,13 +118,13 @@ def test_qinq_keeps_outer_vlan(run):
     pkt = Ether(**ETH) / Dot1AD(vlan=300) / Dot1Q(vlan=42) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2)
     delta, flows = run(pkt)
     assert delta == {"pkt_xdp": 1, "flow_new": 1}
-    (k, v), = flows
+    ((k, v),) = flows
     assert k["vlan_id"] == 300 and v["dir"][0]["bytes"] == len(pkt)
 
 
 def test_single_vlan(run):
     delta, flows = run(Ether(**ETH) / Dot1Q(vlan=7) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2))
-    (k, _), = flows
+    ((k, _),) = flows
     assert k["vlan_id"] == 7
 
 
@@ -132,21 +140,29 @@ def test_vlan_tag_cut_short(run):
 
 
 def test_first_fragment_has_ports_nonfirst_is_portless(run):
-    delta, flows = run(Ether(**ETH) / IP(src="10.0.0.1", dst="10.0.0.2", flags="MF", frag=0)
-                       / UDP(sport=9, dport=10) / (b"x" * 32))
+    delta, flows = run(
+        Ether(**ETH) / IP(src="10.0.0.1", dst="10.0.0.2", flags="MF", frag=0) / UDP(sport=9, dport=10) / (b"x" * 32)
+    )
     assert delta == {"pkt_xdp": 1, "flow_new": 1} and len(flows) == 1
     delta, flows = run(Ether(**ETH) / IP(src="10.0.0.1", dst="10.0.0.2", proto=17, frag=5) / (b"x" * 32))
     assert delta == {"pkt_xdp": 1, "frag_nonfirst": 1, "flow_new": 1}
-    (k, _), = flows
+    ((k, _),) = flows
     assert (k["proto"], k["lo_port"], k["hi_port"]) == (17, 0, 0)
 
 
 def test_ipv6_extension_chain(run):
-    pkt = (Ether(**ETH) / IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrHopByHop() / IPv6ExtHdrRouting()
-           / IPv6ExtHdrDestOpt() / IPv6ExtHdrFragment(offset=0, m=1) / TCP(sport=443, dport=50000, flags="A"))
+    pkt = (
+        Ether(**ETH)
+        / IPv6(src="fd00::1", dst="fd00::2")
+        / IPv6ExtHdrHopByHop()
+        / IPv6ExtHdrRouting()
+        / IPv6ExtHdrDestOpt()
+        / IPv6ExtHdrFragment(offset=0, m=1)
+        / TCP(sport=443, dport=50000, flags="A")
+    )
     delta, flows = run(pkt)
     assert delta == {"pkt_xdp": 1, "flow_new": 1}
-    (k, v), = flows
+    ((k, v),) = flows
     assert (k["proto"], k["ip_version"]) == (6, 6)
     assert sorted([k["lo_port"], k["hi_port"]]) == [443, 50000]
     assert v["dir"][0]["flag_count"][4] == 1  # ACK
@@ -164,7 +180,7 @@ def test_ipv6_nonfirst_fragment(run):
     pkt = Ether(**ETH) / IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrFragment(offset=10, nh=17) / (b"y" * 16)
     delta, flows = run(pkt)
     assert delta == {"pkt_xdp": 1, "frag_nonfirst": 1, "flow_new": 1}
-    (k, _), = flows
+    ((k, _),) = flows
     assert (k["proto"], k["ip_version"], k["lo_port"], k["hi_port"]) == (17, 6, 0, 0)
 
 
@@ -175,7 +191,7 @@ def test_non_ip_is_other(run):
 
 def test_other_l4_is_a_portless_flow(run):
     delta, flows = run(Ether(**ETH) / IP(src="10.0.0.1", dst="10.0.0.2") / GRE() / IP() / UDP())
-    (k, _), = flows
+    ((k, _),) = flows
     assert (k["proto"], k["lo_port"], k["hi_port"]) == (47, 0, 0)
 
 

@@ -3,6 +3,7 @@ mount namespace laid out like the image: /opt/xdpml holds the repo, /lib/modules
 either the host's (kernelHeaders.fromHost) or the image's own, empty one. Checks the
 kernel-header choice, that host headers are never touched, and that the agent gets
 exactly the rendered arguments through `exec`."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_chart import CHART, agent_pod, load_values  # noqa: E402  (same directory)
+from test_chart import CHART, agent_pod, load_values
 
 ROOT = Path(__file__).resolve().parents[2]
 KREL = os.uname().release
@@ -57,8 +58,13 @@ readlink /lib/modules/{KREL}/build > {out}/build 2>/dev/null || true
 exit $rc
 """
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out)}
-    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                          capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 def host_has_headers() -> bool:
@@ -72,14 +78,16 @@ def debian_headers_present() -> bool:
 
 
 @needs_ns
-@pytest.mark.skipif(not debian_headers_present(),
-                    reason="no Debian linux-headers-<arch> in /usr/src (the image has them; "
-                           "kernel-headers.sh would apt-get install them here)")
+@pytest.mark.skipif(
+    not debian_headers_present(),
+    reason="no Debian linux-headers-<arch> in /usr/src (the image has them; "
+    "kernel-headers.sh would apt-get install them here)",
+)
 def test_image_headers_linked_when_host_has_none(tmp_path):
     values = {"agent": {"kernelHeaders": {"fromHost": False}}}
     r = run_start(tmp_path, values, empty_lib_modules=True)
     assert r.returncode == 0, r.stderr
-    assert f"[headers] fallback: Debian headers" in r.stderr and f"linked for kernel {KREL}" in r.stderr
+    assert "[headers] fallback: Debian headers" in r.stderr and f"linked for kernel {KREL}" in r.stderr
     build = (tmp_path / "out" / "build").read_text().strip()
     assert build.startswith("/usr/src/linux-headers-") and build.endswith("-amd64")
     _, c = agent_pod(values)

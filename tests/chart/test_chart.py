@@ -6,6 +6,7 @@ fail) for a recent Kubernetes; custom resources are validated against their CRD
 schemas. The security-relevant parts of the agent's pod and the RBAC rules are pinned
 exactly, so a loosening shows up as a test failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,20 +61,26 @@ ALL = [None, *SCENARIOS]
 
 def test_scenarios_exist():
     names = {p.name for p in SCENARIOS}
-    assert {"tls-values.yaml", "privileged-values.yaml", "servicemonitor-values.yaml",
-            "external-collector-values.yaml", "certmanager-values.yaml", "plaintext-values.yaml"} <= names
+    assert {
+        "tls-values.yaml",
+        "privileged-values.yaml",
+        "servicemonitor-values.yaml",
+        "external-collector-values.yaml",
+        "certmanager-values.yaml",
+        "plaintext-values.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("scenario", ALL, ids=scenario_id)
 def test_lint_strict_clean(scenario):
-    report = helm.lint(CHART, load_values(scenario), strict=True, namespace=NAMESPACE,
-                       kube_version=f"v{K8S_VERSION}.0")
+    report = helm.lint(CHART, load_values(scenario), strict=True, namespace=NAMESPACE, kube_version=f"v{K8S_VERSION}.0")
     assert report["errors"] == []
     # severity 1 (info, e.g. "icon is recommended") is advice; 2 warning, 3 error are not ok
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
 # ---- validation of every rendered object ------------------------------------------
+
 
 def _crd_schemas() -> dict[tuple[str, str], dict]:
     """(apiVersion, kind) -> openAPIV3Schema from the chart's crds/ directory."""
@@ -91,57 +98,132 @@ def _crd_schemas() -> dict[tuple[str, str], dict]:
 # The Prometheus Operator's CRD is not ours to ship; this is the part of its
 # monitoring.coreos.com/v1 ServiceMonitor schema that the chart uses, strict.
 SERVICEMONITOR_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
         "metadata": {"type": "object", "required": ["name", "namespace"]},
         "spec": {
-            "type": "object", "additionalProperties": False, "required": ["selector", "endpoints"],
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
             "properties": {
-                "selector": {"type": "object", "additionalProperties": False, "properties": {
-                    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}}},
-                "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
-                    "matchNames": {"type": "array", "items": {"type": "string"}}}},
-                "endpoints": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "additionalProperties": False, "required": ["port"],
-                    "properties": {
-                        "port": {"type": "string"}, "path": {"type": "string"},
-                        "interval": {"type": "string", "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
-                        "relabelings": {"type": "array", "items": {
-                            "type": "object", "additionalProperties": False, "properties": {
-                                "sourceLabels": {"type": "array", "items": {"type": "string"}},
-                                "targetLabel": {"type": "string"}}}}}}}}},
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
+                },
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["port"],
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {
+                                "type": "string",
+                                "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+                            },
+                            "relabelings": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+                                        "targetLabel": {"type": "string"},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 
 
 # cert-manager's CRDs are not ours to ship either: the cert-manager.io/v1 Issuer and
 # Certificate fields the chart uses, strict.
-_ISSUER_REF = {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
-    "name": {"type": "string", "minLength": 1}, "kind": {"enum": ["Issuer", "ClusterIssuer"]},
-    "group": {"type": "string"}}}
+_ISSUER_REF = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+        "group": {"type": "string"},
+    },
+}
 CERT_MANAGER_SCHEMAS = {
     "Issuer": {
-        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {"apiVersion": {"const": "cert-manager.io/v1"}, "spec": {
-            "type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
-            "properties": {"selfSigned": {"type": "object", "additionalProperties": False},
-                           "ca": {"type": "object", "additionalProperties": False, "required": ["secretName"],
-                                  "properties": {"secretName": {"type": "string"}}}}}}},
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "cert-manager.io/v1"},
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "minProperties": 1,
+                "maxProperties": 1,
+                "properties": {
+                    "selfSigned": {"type": "object", "additionalProperties": False},
+                    "ca": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["secretName"],
+                        "properties": {"secretName": {"type": "string"}},
+                    },
+                },
+            },
+        },
+    },
     "Certificate": {
-        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {"apiVersion": {"const": "cert-manager.io/v1"}, "spec": {
-            "type": "object", "additionalProperties": False, "required": ["secretName", "issuerRef"],
-            "properties": {
-                "secretName": {"type": "string"}, "commonName": {"type": "string", "maxLength": 64},
-                "isCA": {"type": "boolean"}, "dnsNames": {"type": "array", "items": {"type": "string"}},
-                "duration": {"type": "string"}, "renewBefore": {"type": "string"},
-                "usages": {"type": "array", "items": {"enum": [
-                    "digital signature", "key encipherment", "server auth", "client auth", "cert sign"]}},
-                "privateKey": {"type": "object", "additionalProperties": False, "properties": {
-                    "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]}, "size": {"type": "integer"},
-                    "rotationPolicy": {"enum": ["Never", "Always"]}}},
-                "issuerRef": _ISSUER_REF}}}},
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "cert-manager.io/v1"},
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["secretName", "issuerRef"],
+                "properties": {
+                    "secretName": {"type": "string"},
+                    "commonName": {"type": "string", "maxLength": 64},
+                    "isCA": {"type": "boolean"},
+                    "dnsNames": {"type": "array", "items": {"type": "string"}},
+                    "duration": {"type": "string"},
+                    "renewBefore": {"type": "string"},
+                    "usages": {
+                        "type": "array",
+                        "items": {
+                            "enum": ["digital signature", "key encipherment", "server auth", "client auth", "cert sign"]
+                        },
+                    },
+                    "privateKey": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                            "size": {"type": "integer"},
+                            "rotationPolicy": {"enum": ["Never", "Always"]},
+                        },
+                    },
+                    "issuerRef": _ISSUER_REF,
+                },
+            },
+        },
+    },
 }
 
 
@@ -222,6 +304,7 @@ def test_validator_catches_a_broken_object():
 
 # ---- agent DaemonSet security properties ------------------------------------------
 
+
 def agent_pod(values: dict | None = None) -> tuple[dict, dict]:
     ds = one(render(values), "DaemonSet", f"{RELEASE}-xdpml-agent")
     pod = ds["spec"]["template"]["spec"]
@@ -232,8 +315,10 @@ def agent_pod(values: dict | None = None) -> tuple[dict, dict]:
 def mounts(container: dict, pod: dict) -> dict[str, tuple[str, bool]]:
     """mountPath -> (hostPath or '', readOnly)."""
     vols = {v["name"]: v for v in pod["volumes"]}
-    return {m["mountPath"]: (vols[m["name"]].get("hostPath", {}).get("path", ""), m.get("readOnly", False))
-            for m in container["volumeMounts"]}
+    return {
+        m["mountPath"]: (vols[m["name"]].get("hostPath", {}).get("path", ""), m.get("readOnly", False))
+        for m in container["volumeMounts"]
+    }
 
 
 def test_agent_defaults_least_privilege():
@@ -260,10 +345,18 @@ def test_agent_defaults_least_privilege():
     # --log-format belongs to `xdpml` itself, so it comes before the subcommand
     tls = "/etc/xdpml/tls/xdpml-agent-tls"
     assert c["args"] == [
-        "--log-format=text", "agent", "--kubernetes", "--config-name=default",
+        "--log-format=text",
+        "agent",
+        "--kubernetes",
+        "--config-name=default",
         f"--collector={RELEASE}-xdpml-collector.{NAMESPACE}.svc:50051",
-        "--health-port=8081", "--bind-address=$(POD_IP)", "--metrics-port=9464",
-        f"--tls-ca={tls}/ca.crt", f"--tls-cert={tls}/tls.crt", f"--tls-key={tls}/tls.key"]
+        "--health-port=8081",
+        "--bind-address=$(POD_IP)",
+        "--metrics-port=9464",
+        f"--tls-ca={tls}/ca.crt",
+        f"--tls-cert={tls}/tls.crt",
+        f"--tls-key={tls}/tls.key",
+    ]
     # the shell wrapper must hand over with exec so SIGTERM reaches the agent
     assert c["command"][:2] == ["/bin/sh", "-c"] and 'exec xdpml "$@"' in c["command"][2]
     assert "--check-only" in c["command"][2]
@@ -294,8 +387,12 @@ def test_tls_scenario_wires_secret_files():
     pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
     (agent,) = pod["containers"]
     d = "/etc/xdpml/tls/xdpml-agent-tls"
-    assert {f"--tls-ca={d}/ca.crt", f"--tls-cert={d}/tls.crt",
-            f"--tls-key={d}/tls.key", "--tls-server-name=collector.xdpml.internal"} <= set(agent["args"])
+    assert {
+        f"--tls-ca={d}/ca.crt",
+        f"--tls-cert={d}/tls.crt",
+        f"--tls-key={d}/tls.key",
+        "--tls-server-name=collector.xdpml.internal",
+    } <= set(agent["args"])
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["tls"]["secret"]["secretName"] == "xdpml-agent-tls"
     # whole-directory mount (no subPath) so renewed certificates reach the pod
@@ -315,11 +412,21 @@ def test_collector_runs_as_non_root_with_grpc_probes():
     (c,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
     assert pod["automountServiceAccountToken"] is False
-    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "privileged": False,
-                                    "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
-    assert c["args"] == ["--log-format=text", "collector", "--listen=0.0.0.0:50051",
-                         "--state-dir=/var/lib/xdpml/state", "--learn-from=any",
-                         "--parquet=/var/lib/xdpml/scored/flows.parquet", "--metrics-port=9464"]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert c["args"] == [
+        "--log-format=text",
+        "collector",
+        "--listen=0.0.0.0:50051",
+        "--state-dir=/var/lib/xdpml/state",
+        "--learn-from=any",
+        "--parquet=/var/lib/xdpml/scored/flows.parquet",
+        "--metrics-port=9464",
+    ]
     assert {"name": "data", "mountPath": "/var/lib/xdpml"} in c["volumeMounts"]
     assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": ""}
     assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
@@ -328,10 +435,18 @@ def test_collector_runs_as_non_root_with_grpc_probes():
     # by default (mutual TLS) the same collector with TLS flags, and TCP probes
     (c,) = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"]
     tls = "/etc/xdpml/tls/xdpml-collector-tls"
-    assert c["args"] == ["--log-format=text", "collector", "--listen=0.0.0.0:50051",
-                         "--state-dir=/var/lib/xdpml/state", "--learn-from=authenticated",
-                         "--parquet=/var/lib/xdpml/scored/flows.parquet", "--metrics-port=9464", f"--tls-cert={tls}/tls.crt",
-                         f"--tls-key={tls}/tls.key", f"--tls-client-ca={tls}/ca.crt"]
+    assert c["args"] == [
+        "--log-format=text",
+        "collector",
+        "--listen=0.0.0.0:50051",
+        "--state-dir=/var/lib/xdpml/state",
+        "--learn-from=authenticated",
+        "--parquet=/var/lib/xdpml/scored/flows.parquet",
+        "--metrics-port=9464",
+        f"--tls-cert={tls}/tls.crt",
+        f"--tls-key={tls}/tls.key",
+        f"--tls-client-ca={tls}/ca.crt",
+    ]
     assert c["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
 
 
@@ -361,9 +476,14 @@ def test_servicemonitors_select_the_metrics_services():
 
 # ---- RBAC ------------------------------------------------------------------------
 
+
 def rules(doc: dict) -> set[tuple[str, str, tuple[str, ...]]]:
-    return {(g, r, tuple(sorted(rule["verbs"])))
-            for rule in doc["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    return {
+        (g, r, tuple(sorted(rule["verbs"])))
+        for rule in doc["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
 
 
 def test_rbac_is_exactly_least_privilege():
@@ -392,8 +512,9 @@ def test_rbac_is_exactly_least_privilege():
         assert b["roleRef"]["name"] == sa
     assert one(docs, "DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == sa
     # the collector gets no RBAC at all
-    assert not [d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")
-                and d["subjects"][0]["name"] != sa]
+    assert not [
+        d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding") and d["subjects"][0]["name"] != sa
+    ]
 
 
 def test_watch_nodes_adds_only_node_reads():
@@ -408,31 +529,34 @@ def test_rbac_off_renders_none():
 
 # ---- values.schema.json ------------------------------------------------------------
 
-@pytest.mark.parametrize("bad, where", [
-    ({"agent": {"privileged": "yes"}}, "/agent/privileged"),
-    ({"agent": {"privilegd": True}}, "privilegd"),
-    ({"agent": {"capabilities": {"extra": ["ALL"]}}}, "/agent/capabilities/extra/0"),
-    ({"agent": {"health": {"port": 70000}}}, "/agent/health/port"),
-    ({"agent": {"terminationGracePeriodSeconds": 2}}, "/agent/terminationGracePeriodSeconds"),
-    ({"agent": {"seccompProfile": "Localhost"}}, "/agent/seccompProfile"),
-    ({"agent": {"collectorAddress": "no-port"}}, "/agent/collectorAddress"),
-    ({"agent": {"extraArgs": ["positional"]}}, "/agent/extraArgs/0"),
-    ({"collector": {"enabled": False}}, "/agent/collectorAddress"),
-    ({"tls": {"certManager": {"issuerRef": {"kind": "Bogus"}}}}, "/tls/certManager/issuerRef/kind"),
-    ({"tls": {"validityDays": 0}}, "/tls/validityDays"),
-    ({"networkPolicy": {"agentNodeCIDRs": ["10.0.0.0"]}}, "/networkPolicy/agentNodeCIDRs/0"),
-    ({"networkPolicy": {"scrapers": [{}]}}, "/networkPolicy/scrapers/0"),
-    ({"logging": {"format": "xml"}}, "/logging/format"),
-    ({"logging": {"level": "trace"}}, "/logging/level"),
-    ({"otlp": {"endpoint": "grpc://x:4317"}}, "/otlp/endpoint"),
-    ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
-    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
-    ({"unknownTopLevel": 1}, "unknownTopLevel"),
-])
+
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"agent": {"privileged": "yes"}}, "/agent/privileged"),
+        ({"agent": {"privilegd": True}}, "privilegd"),
+        ({"agent": {"capabilities": {"extra": ["ALL"]}}}, "/agent/capabilities/extra/0"),
+        ({"agent": {"health": {"port": 70000}}}, "/agent/health/port"),
+        ({"agent": {"terminationGracePeriodSeconds": 2}}, "/agent/terminationGracePeriodSeconds"),
+        ({"agent": {"seccompProfile": "Localhost"}}, "/agent/seccompProfile"),
+        ({"agent": {"collectorAddress": "no-port"}}, "/agent/collectorAddress"),
+        ({"agent": {"extraArgs": ["positional"]}}, "/agent/extraArgs/0"),
+        ({"collector": {"enabled": False}}, "/agent/collectorAddress"),
+        ({"tls": {"certManager": {"issuerRef": {"kind": "Bogus"}}}}, "/tls/certManager/issuerRef/kind"),
+        ({"tls": {"validityDays": 0}}, "/tls/validityDays"),
+        ({"networkPolicy": {"agentNodeCIDRs": ["10.0.0.0"]}}, "/networkPolicy/agentNodeCIDRs/0"),
+        ({"networkPolicy": {"scrapers": [{}]}}, "/networkPolicy/scrapers/0"),
+        ({"logging": {"format": "xml"}}, "/logging/format"),
+        ({"logging": {"level": "trace"}}, "/logging/level"),
+        ({"otlp": {"endpoint": "grpc://x:4317"}}, "/otlp/endpoint"),
+        ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"unknownTopLevel": 1}, "unknownTopLevel"),
+    ],
+)
 def test_schema_rejects_bad_values(bad, where):
-    with helm.Chart.load(CHART) as chart:
-        with pytest.raises(helm.HelmValuesError) as err:
-            chart.render(bad, name=RELEASE, namespace=NAMESPACE)
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError) as err:
+        chart.render(bad, name=RELEASE, namespace=NAMESPACE)
     assert where in str(err.value)
 
 
@@ -451,6 +575,7 @@ def test_notes_render():
 
 
 # ---- the rendered commands against the real CLI parser ------------------------------
+
 
 @pytest.mark.parametrize("scenario", ALL, ids=scenario_id)
 def test_rendered_commands_parse_with_the_cli(scenario):

@@ -2,6 +2,7 @@
 certificates made at install (Helm-generated, or cert-manager), proven by a real TLS
 handshake with the rendered certificates; a NetworkPolicy that admits only the agents
 to the collector's gRPC port and only the scrapers to its metrics port."""
+
 from __future__ import annotations
 
 import base64
@@ -15,8 +16,8 @@ import helm_python as helm
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_chart import CHART, NAMESPACE, RELEASE, load_values, one, render  # noqa: E402  (same directory)
-from grpc_fixtures import collector  # noqa: E402,F401 - the pytest fixture (tests/ is on sys.path)
+from grpc_fixtures import collector  # noqa: F401 - the pytest fixture (tests/ is on sys.path)
+from test_chart import CHART, NAMESPACE, RELEASE, load_values, one, render
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,12 +96,15 @@ def handshake(tmp_path: Path, server: dict[str, bytes], client: dict[str, bytes]
 
 # ---- mutual TLS by default ----------------------------------------------------------
 
+
 def test_mtls_by_default_with_helm_generated_certificates(tmp_path):
     docs = render()
     agent, col = container(docs, "DaemonSet"), container(docs, "Deployment")
     # every TLS file each side reads comes from the Secret the chart generated for it
-    for c, kind, flags, secret in ((agent, "DaemonSet", ("tls-ca", "tls-cert", "tls-key"), "xdpml-agent-tls"),
-                                   (col, "Deployment", ("tls-cert", "tls-key", "tls-client-ca"), "xdpml-collector-tls")):
+    for c, kind, flags, secret in (
+        (agent, "DaemonSet", ("tls-ca", "tls-cert", "tls-key"), "xdpml-agent-tls"),
+        (col, "Deployment", ("tls-cert", "tls-key", "tls-client-ca"), "xdpml-collector-tls"),
+    ):
         for f in flags:
             assert mounted_secret(docs, kind, flag(c, f)) == secret, (kind, f)
     ac = one(docs, "AgentConfig")
@@ -140,8 +144,9 @@ def test_generation_needs_the_chart_collector():
     with pytest.raises(helm.HelmRenderError, match="tls.generate needs collector.enabled"):
         render({"collector": {"enabled": False}, "agent": {"collectorAddress": "c.example:50051"}})
     # with the operator's own Secrets it renders, and mounts them
-    docs = render({"collector": {"enabled": False}, "agent": {"collectorAddress": "c.example:50051"},
-                   "tls": {"generate": False}})
+    docs = render(
+        {"collector": {"enabled": False}, "agent": {"collectorAddress": "c.example:50051"}, "tls": {"generate": False}}
+    )
     assert not [d for d in docs if d["kind"] == "Secret"]
     assert mounted_secret(docs, "DaemonSet", flag(container(docs, "DaemonSet"), "tls-cert")) == "xdpml-agent-tls"
 
@@ -213,21 +218,28 @@ def test_agent_exporter_and_collector_speak_mtls_with_the_rendered_files(collect
     """The project's own gRPC collector and exporter, configured from the rendered flags
     and the generated Secrets' files: a batch goes through; an agent certificate from
     another install does not."""
-    from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
-    from xdpml.wire.tls import ClientTls, ServerTls
     from grpc_fixtures import batch_with_ids
+    from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
+
+    from xdpml.wire.tls import ClientTls, ServerTls
 
     docs = render()
     agent, col = container(docs, "DaemonSet"), container(docs, "Deployment")
     srv_files = _as_mounted(docs, "Deployment", col, tmp_path / "collector")
-    srv = collector(tls=ServerTls(srv_files["tls-cert"], srv_files["tls-key"], client_ca_file=srv_files["tls-client-ca"]))
+    srv = collector(
+        tls=ServerTls(srv_files["tls-cert"], srv_files["tls-key"], client_ca_file=srv_files["tls-client-ca"])
+    )
     host = flag(agent, "collector").rsplit(":", 1)[0]
 
     def export(files: dict[str, str], rows: int, wait_s: float) -> int:
-        tls = ClientTls(ca_file=files["tls-ca"], cert_file=files["tls-cert"], key_file=files["tls-key"],
-                        server_name=host)
-        ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", tls=tls, flush_age_s=0.01,
-                                           backoff_initial_s=0.05, backoff_max_s=0.2))
+        tls = ClientTls(
+            ca_file=files["tls-ca"], cert_file=files["tls-cert"], key_file=files["tls-key"], server_name=host
+        )
+        ex = GrpcExporter(
+            ExporterSettings(
+                target=f"127.0.0.1:{srv.port}", tls=tls, flush_age_s=0.01, backoff_initial_s=0.05, backoff_max_s=0.2
+            )
+        )
         ex.put(batch_with_ids(rows, 0))
         return ex.close(wait_s)["sent_rows"]  # returns once every row is acknowledged
 
@@ -238,6 +250,7 @@ def test_agent_exporter_and_collector_speak_mtls_with_the_rendered_files(collect
 
 
 # ---- NetworkPolicy --------------------------------------------------------------------
+
 
 def selects(selector: dict, labels: dict) -> bool:
     return set(selector["matchLabels"].items()) <= set(labels.items()) and not selector.get("matchExpressions")
@@ -266,8 +279,9 @@ def test_network_policy_admits_only_agents_and_scrapers():
     (peer,) = ports[50051]
     assert set(peer) == {"podSelector"} and selects(peer["podSelector"], agent_pod)
     assert not selects(peer["podSelector"], col_pod)
-    assert ports[9464] == [{"namespaceSelector": {},
-                            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    assert ports[9464] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    ]
 
 
 def test_network_policy_node_cidrs_and_no_scrapers():
@@ -280,8 +294,10 @@ def test_network_policy_node_cidrs_and_no_scrapers():
 
 
 def test_network_policy_follows_ports_and_switches():
-    custom = {"collector": {"port": 7000, "metrics": {"port": 7001}},
-              "networkPolicy": {"scrapers": [{"ipBlock": {"cidr": "10.9.0.0/24"}}]}}
+    custom = {
+        "collector": {"port": 7000, "metrics": {"port": 7001}},
+        "networkPolicy": {"scrapers": [{"ipBlock": {"cidr": "10.9.0.0/24"}}]},
+    }
     ports = rules_by_port(one(render(custom), "NetworkPolicy"))
     assert set(ports) == {7000, 7001} and ports[7001] == [{"ipBlock": {"cidr": "10.9.0.0/24"}}]
     assert set(rules_by_port(one(render({"collector": {"metrics": {"enabled": False}}}), "NetworkPolicy"))) == {50051}
@@ -292,10 +308,12 @@ def test_network_policy_follows_ports_and_switches():
 
 def _notes(values: dict) -> str:
     from test_chart import notes
+
     return notes(values)
 
 
 # ---- the agent's endpoints bind the pod IP ------------------------------------------
+
 
 def kubelet_expand(arg: str, env: dict[str, str]) -> str:
     """$(VAR) in container args, as the kubelet expands it (only variables the
@@ -347,6 +365,7 @@ def test_agent_endpoints_bind_the_pod_ip_and_probes_reach_them():
 
 
 # ---- the collector scores, with a baseline the operator chose, and stores rows -------
+
 
 def test_collector_learns_from_authenticated_agents_by_default():
     docs = render()
@@ -407,6 +426,7 @@ def test_collector_accepts_the_rendered_output_directory(tmp_path):
     import stat
 
     from xdpml.collector.sinks import check_output_path
+
     from xdpml.errors import OutputError
 
     col = container(render(), "Deployment")

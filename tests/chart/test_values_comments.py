@@ -1,4 +1,5 @@
 """Every key in helm/xdpml/values.yaml carries a helm-docs `# --` comment."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """`python -m xdpml collector` (what `xdpml collector` runs) as a process: health, reflection,
 sinks, the flagged-flow table, graceful shutdown and clear start-up errors."""
+
 import json
 import signal
 import subprocess
@@ -10,20 +11,21 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pyarrow.parquet as pq
+from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from xdpml.wire.columns import ip_to_str
 from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
 from xdpml.agent.export.synthetic import flow_batch
-from conftest import free_port
+
+from xdpml.wire.columns import ip_to_str
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(args, timeout=30):
-    return subprocess.run([sys.executable, "-m", "xdpml", "collector", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "xdpml", "collector", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _start(args, log: Path):
@@ -45,31 +47,58 @@ def test_full_run_with_embedded_model(tmp_path):
     # --learn-from any: live learning from an unauthenticated peer is an explicit choice
     # (the default learns from nobody); --reflection is off by default.
     mport = free_port()
-    proc = _start(["--listen", f"127.0.0.1:{port}", "--learn-from", "any", "--reflection",
-                   "--metrics-port", str(mport),
-                   "--baseline-rows", "2000", "--state-dir", str(tmp_path / "st"),
-                   "--jsonl", str(jsonl), "--parquet", str(parquet), "--print-flagged"], out)
+    proc = _start(
+        [
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--learn-from",
+            "any",
+            "--reflection",
+            "--metrics-port",
+            str(mport),
+            "--baseline-rows",
+            "2000",
+            "--state-dir",
+            str(tmp_path / "st"),
+            "--jsonl",
+            str(jsonl),
+            "--parquet",
+            str(parquet),
+            "--print-flagged",
+        ],
+        out,
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             h = health_pb2_grpc.HealthStub(ch)
             for service in ("", "xdpml.v1.Collector"):
-                assert h.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
-                    health_pb2.HealthCheckResponse.SERVING
+                assert (
+                    h.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                )
             r = reflection_pb2_grpc.ServerReflectionStub(ch)
-            (resp,) = list(r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                  timeout=5))
+            (resp,) = list(
+                r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            )
             names = {s.name for s in resp.list_services_response.service}
             assert {"xdpml.v1.Collector", "grpc.health.v1.Health"} <= names
         # Metrics bind where gRPC does (loopback here), not every interface: the one
         # listening socket on that port (/proc/net/tcp: address hex, state 0A) is 127.0.0.1.
         rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
-        assert [(r[1], r[3]) for r in rows if int(r[1].split(":")[1], 16) == mport and r[3] == "0A"] == \
-            [(f"0100007F:{mport:04X}", "0A")]
+        assert [(r[1], r[3]) for r in rows if int(r[1].split(":")[1], 16) == mport and r[3] == "0A"] == [
+            (f"0100007F:{mport:04X}", "0A")
+        ]
         verdicts = []
-        batches = [flow_batch(2500, seed=1), flow_batch(1000, seed=2), flow_batch(50, kind="portscan", seed=3),
-                   flow_batch(40, kind="synflood", seed=4)]
-        with GrpcExporter(ExporterSettings(target=f"127.0.0.1:{port}", node_name="node-7", flush_age_s=0.05),
-                          on_verdicts=verdicts.append) as ex:
+        batches = [
+            flow_batch(2500, seed=1),
+            flow_batch(1000, seed=2),
+            flow_batch(50, kind="portscan", seed=3),
+            flow_batch(40, kind="synflood", seed=4),
+        ]
+        with GrpcExporter(
+            ExporterSettings(target=f"127.0.0.1:{port}", node_name="node-7", flush_age_s=0.05),
+            on_verdicts=verdicts.append,
+        ) as ex:
             for b in batches:
                 ex.put(b)
                 time.sleep(0.2)  # separate messages: the attack rows get their own verdict batch
@@ -100,8 +129,7 @@ def test_full_run_with_embedded_model(tmp_path):
     assert t.num_rows == 3590
     assert {len(v) for v in t.column("splt_ps").to_pylist()} == {10}
     assert t.schema.field("bidirectional_duration_ms").metadata[b"unit"] == b"ms"
-    np.testing.assert_array_equal(t.column("dst_port").to_numpy(),
-                                  np.concatenate([b["dst_port"] for b in batches]))
+    np.testing.assert_array_equal(t.column("dst_port").to_numpy(), np.concatenate([b["dst_port"] for b in batches]))
     table = out.read_text()
     assert table.splitlines()[0].split()[:4] == ["node", "src", "dst", "proto"]
     assert "10.0.9.66:40000" in table or "10.0.9.66:4000" in table
@@ -114,8 +142,9 @@ def test_start_up_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = _run(["--model", "v2:127.0.0.1:1/m?timeout=0.5", "--listen", "127.0.0.1:0"])
     assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr
-    r = _run(["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(tmp_path / "nope.key"),
-              "--listen", "127.0.0.1:0"])
+    r = _run(
+        ["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(tmp_path / "nope.key"), "--listen", "127.0.0.1:0"]
+    )
     assert r.returncode == 2 and "cannot read server certificate" in r.stderr
     r = _run(["--tls-cert", "x.pem"])
     assert r.returncode == 2 and "go together" in r.stderr
@@ -128,11 +157,10 @@ def test_start_up_errors_are_clear(tmp_path):
 
 def test_collector_learn_makes_a_baseline_with_provenance_and_never_replaces_it_silently(tmp_path, capsys):
     from sklearn.ensemble import IsolationForest
-
-    from xdpml.cli.collector import main as collector_main
-
     from xdpml.agent.export.sinks import JsonLinesSink
     from xdpml.collector.models import EMBEDDED_FEATURES, feature_matrix, load_model
+
+    from xdpml.cli.collector import main as collector_main
 
     normal = flow_batch(1500, seed=11)
     normal.columns["bps"] = normal["bps"].copy()
@@ -177,8 +205,11 @@ def test_collector_learn_makes_a_baseline_with_provenance_and_never_replaces_it_
 
 
 def test_careless_listen_addresses_are_refused_in_one_line():
-    for listen, why in (("127.0.0.1", "expected HOST:PORT"), (":99999", "give the address"),
-                        ("127.0.0.1:99999", "out of range")):
+    for listen, why in (
+        ("127.0.0.1", "expected HOST:PORT"),
+        (":99999", "give the address"),
+        ("127.0.0.1:99999", "out of range"),
+    ):
         r = _run(["--listen", listen])
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,6 +1,7 @@
 """Hostile and careless peers (issue 10): undecodable bytes, huge or forged identities,
 idle streams, NaNs, attack rows sent first. Each test fails on the collector before
 the hardening and passes now."""
+
 import ast
 import logging
 import threading
@@ -11,15 +12,15 @@ import grpc
 import joblib
 import numpy as np
 import pytest
+from conftest import batch_with_ids
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from xdpml.wire import codec
 from xdpml.agent.export.synthetic import flow_batch
 from xdpml.collector.models import EMBEDDED_FEATURES, EmbeddedIsolationForest, feature_matrix
 from xdpml.collector.server import CollectorSettings, parse_listen
-from conftest import batch_with_ids
+
 from xdpml.errors import ConfigError
+from xdpml.wire import codec
 from xdpml.wire.v1 import collector_pb2 as cpb
 from xdpml.wire.v1 import collector_pb2_grpc as cgrpc
 
@@ -34,13 +35,17 @@ def _rss_mb() -> float:
 
 
 def _request(batch, seq, *, agent_id="", node_name="") -> cpb.ExportRequest:
-    return cpb.ExportRequest(batch=codec.encode_batch(batch, sequence=seq,
-                                                      node=codec.NodeIdentity(node_name, agent_id)))
+    return cpb.ExportRequest(
+        batch=codec.encode_batch(batch, sequence=seq, node=codec.NodeIdentity(node_name, agent_id))
+    )
 
 
 def _raw_export(ch):
-    return ch.stream_stream("/xdpml.v1.Collector/Export", request_serializer=lambda b: b,
-                            response_deserializer=cpb.ExportResponse.FromString)
+    return ch.stream_stream(
+        "/xdpml.v1.Collector/Export",
+        request_serializer=lambda b: b,
+        response_deserializer=cpb.ExportResponse.FromString,
+    )
 
 
 def test_undecodable_messages_get_invalid_argument_leak_nothing_and_shutdown_is_bounded(collector):
@@ -93,8 +98,12 @@ def test_identities_are_bounded_the_agent_table_is_an_lru_and_logs_are_escaped(c
     forged = "node-1\n2026-01-01 00:00:00 INFO collector: all good"
     with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch, caplog.at_level(logging.INFO, "collector"):
         # The forged name first: rejections are logged once per 10 s (then counted).
-        reqs = [_request(b, 1, agent_id="ok-1", node_name=forged), _request(b, 2, agent_id=huge),
-                _request(b, 3, agent_id="bad id\n"), _request(b, 4, agent_id="ok-2", node_name="node-2")]
+        reqs = [
+            _request(b, 1, agent_id="ok-1", node_name=forged),
+            _request(b, 2, agent_id=huge),
+            _request(b, 3, agent_id="bad id\n"),
+            _request(b, 4, agent_id="ok-2", node_name="node-2"),
+        ]
         reqs += [_request(b, 10 + i, agent_id=f"agent-{i:03d}", node_name="n") for i in range(120)]
         acks = [r.ack for r in cgrpc.CollectorStub(ch).Export(iter(reqs), timeout=30) if r.HasField("ack")]
     assert [a.error_code for a in acks[:4]] == [3, 3, 3, 0]  # INVALID_ARGUMENT, then accepted
@@ -115,8 +124,10 @@ def test_idle_streams_cannot_take_the_health_check_and_are_ended(collector):
     # 300 idle streams from one address (the cap per peer raised so all count
     # against --max-agents): 256 are admitted, 44 refused, and health still answers.
     srv = collector(max_streams_per_peer=1000)
-    chans = [grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=[("grpc.use_local_subchannel_pool", 1)])
-             for _ in range(6)]
+    chans = [
+        grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(6)
+    ]
     hold = threading.Event()
     try:
         calls = [cgrpc.CollectorStub(chans[i % 6]).Export(iter(hold.wait, True), timeout=120) for i in range(300)]
@@ -161,7 +172,9 @@ def test_streams_per_peer_are_capped_and_idle_streams_end(collector):
             time.sleep(0.01)
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Export(iter([_request(batch_with_ids(2, 0), 1)]), timeout=10))
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "3 streams from this address" in e.value.details()
+        assert (
+            e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "3 streams from this address" in e.value.details()
+        )
         for call in idle:
             with pytest.raises(grpc.RpcError) as e:
                 list(call)
@@ -196,8 +209,11 @@ def test_non_finite_values_never_reach_the_baseline_and_are_counted_per_column(c
     base.columns["bidirectional_duration_ms"][10] = np.nan
     scan = flow_batch(200, kind="portscan", seed=4)
     with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
-        acks = [r.ack for r in cgrpc.CollectorStub(ch).Export(iter([_request(base, 1), _request(scan, 2)]),
-                                                               timeout=30) if r.HasField("ack")]
+        acks = [
+            r.ack
+            for r in cgrpc.CollectorStub(ch).Export(iter([_request(base, 1), _request(scan, 2)]), timeout=30)
+            if r.HasField("ack")
+        ]
     assert [a.rows_accepted for a in acks] == [1000, 200]
     assert dict(srv.servicer.nonfinite) == {"bps": 3, "bidirectional_duration_ms": 1}
     assert srv.stats()["nonfinite_values"] == 4
@@ -216,9 +232,13 @@ def test_non_finite_values_never_reach_the_baseline_and_are_counted_per_column(c
 def test_listen_address_posture():
     assert CollectorSettings().listen == "127.0.0.1:50051" and not CollectorSettings().reflection
     assert parse_listen("[::1]:0") == ("[::1]", 0) and parse_listen("0.0.0.0:50051") == ("0.0.0.0", 50051)
-    for bad, why in (("127.0.0.1", "expected HOST:PORT"), (":99999", "give the address"),
-                     ("127.0.0.1:99999", "out of range"), ("::1:50051", "expected HOST:PORT"),
-                     ("host:port", "expected HOST:PORT")):
+    for bad, why in (
+        ("127.0.0.1", "expected HOST:PORT"),
+        (":99999", "give the address"),
+        ("127.0.0.1:99999", "out of range"),
+        ("::1:50051", "expected HOST:PORT"),
+        ("host:port", "expected HOST:PORT"),
+    ):
         with pytest.raises(ConfigError, match=why):
             CollectorSettings(listen=bad)
     with pytest.raises(ConfigError, match="needs mutual TLS"):

@@ -1,17 +1,18 @@
 """Load test (issue 10): N good agents x M streams each, with bad peers mixed in, on
 loopback, bounded in time. Good agents lose nothing: every row they send is scored,
 stored once and acknowledged. Figures: docs/security.md, "Load test"."""
+
 import os
 import threading
 import time
 
 import grpc
 import numpy as np
-
-from xdpml.wire import codec
+from conftest import batch_with_ids
 from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
 from xdpml.collector.models import Scores, feature_matrix
-from conftest import batch_with_ids
+
+from xdpml.wire import codec
 from xdpml.wire.v1 import collector_pb2 as cpb
 from xdpml.wire.v1 import collector_pb2_grpc as cgrpc
 
@@ -51,8 +52,11 @@ def test_good_agents_lose_nothing_while_bad_peers_hammer_the_collector(collector
 
     def garbage():
         with grpc.insecure_channel(target) as ch:
-            raw = ch.stream_stream("/xdpml.v1.Collector/Export", request_serializer=lambda b: b,
-                                   response_deserializer=cpb.ExportResponse.FromString)
+            raw = ch.stream_stream(
+                "/xdpml.v1.Collector/Export",
+                request_serializer=lambda b: b,
+                response_deserializer=cpb.ExportResponse.FromString,
+            )
             while not stop.is_set():
                 try:
                     # An 11-byte varint tag is never valid protobuf; random bytes after it.
@@ -65,8 +69,9 @@ def test_good_agents_lose_nothing_while_bad_peers_hammer_the_collector(collector
                     bad["garbage"] += 1
 
     def huge_id():
-        req = cpb.ExportRequest(batch=codec.encode_batch(batch_with_ids(10, 0), sequence=1,
-                                                         node=codec.NodeIdentity("n", "x" * 100_000)))
+        req = cpb.ExportRequest(
+            batch=codec.encode_batch(batch_with_ids(10, 0), sequence=1, node=codec.NodeIdentity("n", "x" * 100_000))
+        )
         with grpc.insecure_channel(target) as ch:
             stub = cgrpc.CollectorStub(ch)
             while not stop.is_set():
@@ -93,6 +98,7 @@ def test_good_agents_lose_nothing_while_bad_peers_hammer_the_collector(collector
     hold = threading.Event()
     idle_ch = grpc.insecure_channel(target)
     idle = [cgrpc.CollectorStub(idle_ch).Export(iter(hold.wait, True), timeout=120) for _ in range(IDLE)]
+    assert len(idle) == IDLE
     threads = [threading.Thread(target=garbage) for _ in range(GARBAGE)]
     threads += [threading.Thread(target=huge_id) for _ in range(HUGE_ID)]
     threads += [threading.Thread(target=nan_rows, args=(k,)) for k in range(NAN)]
@@ -105,9 +111,19 @@ def test_good_agents_lose_nothing_while_bad_peers_hammer_the_collector(collector
     t0 = time.monotonic()
     for a in range(AGENTS):
         for s in range(STREAMS):
-            exporters.append(GrpcExporter(ExporterSettings(
-                target=target, node_name=f"node-{a}", agent_id=f"agent-{a}-{s}", flush_rows=ROWS,
-                flush_age_s=0.02, backoff_initial_s=0.05, backoff_max_s=0.5)))
+            exporters.append(
+                GrpcExporter(
+                    ExporterSettings(
+                        target=target,
+                        node_name=f"node-{a}",
+                        agent_id=f"agent-{a}-{s}",
+                        flush_rows=ROWS,
+                        flush_age_s=0.02,
+                        backoff_initial_s=0.05,
+                        backoff_max_s=0.5,
+                    )
+                )
+            )
     next_id = 0
     for k in range(BATCHES):
         for ex in exporters:
@@ -140,7 +156,9 @@ def test_good_agents_lose_nothing_while_bad_peers_hammer_the_collector(collector
     assert st["bad_messages"] == bad["garbage"]
     assert srv.servicer.nonfinite["bps"] == bad["nan_rows"]  # each NaN counted, imputed
     assert st["rows_scored"] == st["rows_received"] == total + bad["nan_rows"]
-    print(f"\nload: {AGENTS} agents x {STREAMS} streams, {total} good rows acknowledged in {elapsed:.1f} s "
-          f"({total / elapsed:,.0f} rows/s) with {IDLE} idle streams, {bad['garbage']} garbage messages, "
-          f"{bad['huge_id']} huge-id batches, {bad['nan_rows']} NaN rows; reconnects "
-          f"{sum(s['reconnects'] for s in stats)}; RSS +{grown:.0f} MB")
+    print(
+        f"\nload: {AGENTS} agents x {STREAMS} streams, {total} good rows acknowledged in {elapsed:.1f} s "
+        f"({total / elapsed:,.0f} rows/s) with {IDLE} idle streams, {bad['garbage']} garbage messages, "
+        f"{bad['huge_id']} huge-id batches, {bad['nan_rows']} NaN rows; reconnects "
+        f"{sum(s['reconnects'] for s in stats)}; RSS +{grown:.0f} MB"
+    )

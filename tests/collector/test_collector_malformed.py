@@ -1,10 +1,11 @@
 """Malformed and oversized batches get an error status; the collector keeps serving."""
+
 import grpc
 import numpy as np
 import pytest
+from conftest import batch_with_ids
 
 from xdpml.wire import codec
-from conftest import batch_with_ids
 from xdpml.wire.v1 import collector_pb2 as cpb
 from xdpml.wire.v1 import collector_pb2_grpc as cgrpc
 from xdpml.wire.v1 import feature_batch_pb2 as pb
@@ -57,8 +58,11 @@ def test_missing_model_features_get_failed_precondition(collector):
     b = batch_with_ids(5, 0)
     del b.columns["bidirectional_packets"]
     with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
-        (resp,) = list(cgrpc.CollectorStub(ch).Export(
-            iter([cpb.ExportRequest(batch=codec.encode_batch(b, sequence=9))]), timeout=10))
+        (resp,) = list(
+            cgrpc.CollectorStub(ch).Export(
+                iter([cpb.ExportRequest(batch=codec.encode_batch(b, sequence=9))]), timeout=10
+            )
+        )
     assert resp.ack.error_code == 9 and "bidirectional_packets" in resp.ack.error
 
 
@@ -78,8 +82,11 @@ def test_oversized_message_is_refused_with_a_status(collector):
 def test_garbage_bytes_are_refused_with_a_status(collector):
     srv = collector()
     with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
-        raw = ch.stream_stream("/xdpml.v1.Collector/Export", request_serializer=lambda b: b,
-                               response_deserializer=cpb.ExportResponse.FromString)
+        raw = ch.stream_stream(
+            "/xdpml.v1.Collector/Export",
+            request_serializer=lambda b: b,
+            response_deserializer=cpb.ExportResponse.FromString,
+        )
         with pytest.raises(grpc.RpcError) as e:
             list(raw(iter([b"\xff\xff\xff\xff not a protobuf"]), timeout=10))
         assert e.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
@@ -113,8 +120,11 @@ def test_verdict_keys_keep_every_address_byte(collector):
     b.columns["bidirectional_packets"] = np.array([99, 99, 1], dtype=np.uint64)  # rows 0, 1 flagged
     srv = collector()
     with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
-        resp = list(cgrpc.CollectorStub(ch).Export(iter([cpb.ExportRequest(batch=codec.encode_batch(b, sequence=1))]),
-                                                   timeout=10))
+        resp = list(
+            cgrpc.CollectorStub(ch).Export(
+                iter([cpb.ExportRequest(batch=codec.encode_batch(b, sequence=1))]), timeout=10
+            )
+        )
     (vb,) = [r.verdicts for r in resp if r.HasField("verdicts")]
     assert [v.row for v in vb.verdicts] == [0, 1]
     assert [v.key.src_ip for v in vb.verdicts] == [ip_from_str("10.0.0.0"), ip_from_str("2001:db8::")]

@@ -1,25 +1,29 @@
 """Collector metrics on the Prometheus endpoint count what the server did."""
+
 import urllib.request
 
 import numpy as np
+from conftest import PacketsModel, batch_with_ids
 from prometheus_client.parser import text_string_to_metric_families
-
 from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
 from xdpml.collector.server import CollectorServer, CollectorSettings
-from xdpml.obs.telemetry import Telemetry, TelemetrySettings
 
-from conftest import PacketsModel, batch_with_ids
+from xdpml.obs.telemetry import Telemetry, TelemetrySettings
 
 
 def scrape(port: int) -> dict:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_collector_metrics():
-    tel = Telemetry.from_settings(TelemetrySettings(service_name="xdpml-collector", prometheus_port=0,
-                                                    prometheus_host="127.0.0.1"))
+    tel = Telemetry.from_settings(
+        TelemetrySettings(service_name="xdpml-collector", prometheus_port=0, prometheus_host="127.0.0.1")
+    )
     srv = CollectorServer(PacketsModel(), [], CollectorSettings(listen="127.0.0.1:0"), tel).start()
     try:
         batches = [batch_with_ids(300, i * 300, seed=i) for i in range(3)]

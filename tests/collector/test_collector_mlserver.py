@@ -1,5 +1,6 @@
 """A real MLServer (its own venv, made by scripts/install.sh --test) serving a model
 trained here: the collector's scores equal scikit-learn's predictions."""
+
 import json
 import os
 import signal
@@ -12,16 +13,16 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
+import xdpml.collector.v2
+from conftest import free_port
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-
-import xdpml.collector.v2
 from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
 from xdpml.agent.export.synthetic import flow_batch
 from xdpml.collector.models import ModelError, load_model
 from xdpml.collector.server import CollectorServer, CollectorSettings
-from conftest import free_port
+
 from xdpml.wire.v1 import open_inference_pb2 as ipb
 from xdpml.wire.v1 import open_inference_pb2_grpc as igrpc
 
@@ -45,16 +46,32 @@ def mlserver(tmp_path_factory):
     clf = make_pipeline(StandardScaler(), LogisticRegression()).fit(x, y)
     joblib.dump(clf, d / "model.joblib")
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    (d / "settings.json").write_text(json.dumps({
-        "host": "127.0.0.1", "http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port,
-        "parallel_workers": 0, "debug": False}))
-    (d / "model-settings.json").write_text(json.dumps({
-        "name": "flows", "implementation": "mlserver_sklearn.SKLearnModel",
-        "parameters": {"uri": "./model.joblib", "version": "v1"},
-        "inputs": [{"name": f, "datatype": V2_TYPES[normal[f].dtype.str[1:]], "shape": [-1]} for f in FEATS]}))
+    (d / "settings.json").write_text(
+        json.dumps(
+            {
+                "host": "127.0.0.1",
+                "http_port": http_port,
+                "grpc_port": grpc_port,
+                "metrics_port": metrics_port,
+                "parallel_workers": 0,
+                "debug": False,
+            }
+        )
+    )
+    (d / "model-settings.json").write_text(
+        json.dumps(
+            {
+                "name": "flows",
+                "implementation": "mlserver_sklearn.SKLearnModel",
+                "parameters": {"uri": "./model.joblib", "version": "v1"},
+                "inputs": [{"name": f, "datatype": V2_TYPES[normal[f].dtype.str[1:]], "shape": [-1]} for f in FEATS],
+            }
+        )
+    )
     log = open(d / "mlserver.log", "w")
-    proc = subprocess.Popen([str(MLSERVER), "start", str(d)], cwd=d, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(MLSERVER), "start", str(d)], cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
             stub = igrpc.GRPCInferenceServiceStub(ch)
@@ -66,7 +83,9 @@ def mlserver(tmp_path_factory):
                         break
                 except grpc.RpcError:
                     pass
-                assert time.monotonic() < end, "MLServer not ready in 90 s:\n" + (d / "mlserver.log").read_text()[-3000:]
+                assert time.monotonic() < end, (
+                    "MLServer not ready in 90 s:\n" + (d / "mlserver.log").read_text()[-3000:]
+                )
                 time.sleep(0.3)
         yield f"127.0.0.1:{grpc_port}", clf
     finally:
@@ -95,16 +114,18 @@ def test_collector_scores_equal_sklearn_predictions(mlserver, monkeypatch):
     monkeypatch.setattr(xdpml.collector.v2, "MAX_REQUEST_BYTES", 20_000)
     model = load_model(f"v2:{addr}/flows?output=predict_proba")
     assert model.feature_names == FEATS  # from the server's model metadata
-    batches = [flow_batch(1500, seed=21), flow_batch(400, kind="portscan", seed=22),
-               flow_batch(400, kind="synflood", seed=23)]
+    batches = [
+        flow_batch(1500, seed=21),
+        flow_batch(400, kind="portscan", seed=22),
+        flow_batch(400, kind="synflood", seed=23),
+    ]
     ids = 0
     for b in batches:
         b.columns["row_id"] = np.arange(ids, ids + len(b), dtype=np.uint64)
         ids += len(b)
     sink = ScoreSink()
     with CollectorServer(model, [sink], CollectorSettings(listen="127.0.0.1:0")) as srv:
-        with GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", flush_rows=10**6,
-                                           flush_age_s=0.05)) as ex:
+        with GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", flush_rows=10**6, flush_age_s=0.05)) as ex:
             for b in batches:
                 ex.put(b)
             end = time.monotonic() + 30

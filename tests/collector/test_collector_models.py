@@ -1,4 +1,5 @@
 """Model adapters: embedded Isolation Forest, scikit-learn and ONNX files, errors."""
+
 import pickle
 import time
 
@@ -9,10 +10,10 @@ from sklearn.ensemble import IsolationForest, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from xdpml.agent.export.synthetic import flow_batch
+from xdpml.collector.models import EMBEDDED_FEATURES, EmbeddedIsolationForest, ModelError, feature_matrix, load_model
 
 from xdpml.wire.columns import ColumnBatch
-from xdpml.agent.export.synthetic import flow_batch
-from xdpml.collector.models import (EMBEDDED_FEATURES, EmbeddedIsolationForest, ModelError, feature_matrix, load_model)
 
 FEATS = ["bidirectional_packets", "bidirectional_bytes", "bps", "dst2src_packets"]
 
@@ -45,13 +46,20 @@ def test_embedded_learns_a_baseline_then_flags_scans_and_floods(tmp_path):
     forest = -state["model"].score_samples(x)
     # range novelty: distance outside the baseline's per-feature [min, max], over (range + 1)
     lo, hi = (np.asarray(r) for r in state["ranges"])
-    base = np.log1p(np.concatenate([feature_matrix(flow_batch(2000, seed=1), EMBEDDED_FEATURES, np.float32),
-                                    feature_matrix(flow_batch(2000, seed=2), EMBEDDED_FEATURES, np.float32)[:1000]]))
+    base = np.log1p(
+        np.concatenate(
+            [
+                feature_matrix(flow_batch(2000, seed=1), EMBEDDED_FEATURES, np.float32),
+                feature_matrix(flow_batch(2000, seed=2), EMBEDDED_FEATURES, np.float32)[:1000],
+            ]
+        )
+    )
     np.testing.assert_allclose(lo, base.min(axis=0), rtol=1e-6)
     np.testing.assert_allclose(hi, base.max(axis=0), rtol=1e-6)
     excess = ((np.maximum(x - hi, 0) + np.maximum(lo - x, 0)) / (hi - lo + 1)).max(axis=1)
-    np.testing.assert_allclose(normal, np.where(excess > 0, np.maximum(forest, np.minimum(1, 0.5 + excess)), forest),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        normal, np.where(excess > 0, np.maximum(forest, np.minimum(1, 0.5 + excess)), forest), rtol=1e-6
+    )
     # A restart loads the baseline instead of learning again.
     again = EmbeddedIsolationForest(state_dir=str(tmp_path), baseline_rows=3000)
     assert again.trained and again.version == m.version
@@ -89,8 +97,9 @@ def test_sklearn_pickle_with_feature_names_in(tmp_path):
         pickle.dump(clf, f)
     m = load_model(f"sklearn:{tmp_path / 'm.pkl'}")
     b = flow_batch(200, seed=10)
-    np.testing.assert_allclose(m.score(b).score,
-                               clf.predict_proba(pd.DataFrame(feature_matrix(b, FEATS), columns=FEATS))[:, 1])
+    np.testing.assert_allclose(
+        m.score(b).score, clf.predict_proba(pd.DataFrame(feature_matrix(b, FEATS), columns=FEATS))[:, 1]
+    )
 
 
 def test_sklearn_outlier_detector_scores_negated(tmp_path):
@@ -98,8 +107,9 @@ def test_sklearn_outlier_detector_scores_negated(tmp_path):
     iso = IsolationForest(n_estimators=20, random_state=0).fit(x)
     joblib.dump({"model": iso, "feature_names": FEATS}, tmp_path / "iso.joblib")
     b = flow_batch(100, seed=11)
-    np.testing.assert_allclose(load_model(f"sklearn:{tmp_path / 'iso.joblib'}").score(b).score,
-                               -iso.score_samples(feature_matrix(b, FEATS)))
+    np.testing.assert_allclose(
+        load_model(f"sklearn:{tmp_path / 'iso.joblib'}").score(b).score, -iso.score_samples(feature_matrix(b, FEATS))
+    )
 
 
 def test_sklearn_file_errors(tmp_path):
@@ -112,8 +122,9 @@ def test_sklearn_file_errors(tmp_path):
     joblib.dump(LogisticRegression().fit(x, y), tmp_path / "nonames.joblib")
     with pytest.raises(ModelError, match="no feature names"):
         load_model(f"sklearn:{tmp_path / 'nonames.joblib'}")
-    joblib.dump({"model": LogisticRegression().fit(x, y), "feature_names": FEATS + ["pod_cpu"]},
-                tmp_path / "extra.joblib")
+    joblib.dump(
+        {"model": LogisticRegression().fit(x, y), "feature_names": FEATS + ["pod_cpu"]}, tmp_path / "extra.joblib"
+    )
     m = load_model(f"sklearn:{tmp_path / 'extra.joblib'}")
     with pytest.raises(ModelError, match="pod_cpu"):
         m.score(flow_batch(10))

@@ -1,5 +1,6 @@
 """The verdict policy over real gRPC: exact verdicts for crafted scores across
 thresholds and classes, the dry-run switch, safe defaults, bad policy files."""
+
 import signal
 import subprocess
 import sys
@@ -49,8 +50,11 @@ def crafted(packets, src_ports):
 def export(srv, batch):
     """One batch over a real Export stream: (ack, VerdictBatch or None)."""
     with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
-        resp = list(cgrpc.CollectorStub(ch).Export(
-            iter([cpb.ExportRequest(batch=codec.encode_batch(batch, sequence=7))]), timeout=10))
+        resp = list(
+            cgrpc.CollectorStub(ch).Export(
+                iter([cpb.ExportRequest(batch=codec.encode_batch(batch, sequence=7))]), timeout=10
+            )
+        )
     acks = [r.ack for r in resp if r.HasField("ack")]
     vbs = [r.verdicts for r in resp if r.HasField("verdicts")]
     assert len(acks) == 1 and acks[0].error == "" and len(vbs) <= 1
@@ -99,18 +103,24 @@ def test_exact_verdicts_across_thresholds_and_classes(collector, tmp_path):
 def test_default_policy_only_alerts(collector):
     srv = collector()  # PacketsModel, no policy, no --action: threshold 0.5, ALERT, 300 s
     _, vb = export(srv, crafted([10, 49, 50, 100], [1, 2, 3, 4]))
-    assert table(vb) == [(2, 0.5, "anomaly", A.ACTION_ALERT, A.ACTION_ALERT, 300),
-                         (3, 1.0, "anomaly", A.ACTION_ALERT, A.ACTION_ALERT, 300)]
+    assert table(vb) == [
+        (2, 0.5, "anomaly", A.ACTION_ALERT, A.ACTION_ALERT, 300),
+        (3, 1.0, "anomaly", A.ACTION_ALERT, A.ACTION_ALERT, 300),
+    ]
     assert vb.threshold == 0.5 and not vb.dry_run
 
 
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_dry_run_sends_drops_as_alerts_and_counts_by_action(collector, dry_run):
-    tel = Telemetry.from_settings(TelemetrySettings(service_name="xdpml-collector", prometheus_port=0,
-                                                    prometheus_host="127.0.0.1"))
+    tel = Telemetry.from_settings(
+        TelemetrySettings(service_name="xdpml-collector", prometheus_port=0, prometheus_host="127.0.0.1")
+    )
     try:
-        policy = Policy(Rule(action="drop", threshold=0.4, ttl_seconds=30),
-                        (Rule(action="rate-limit", cls="anomaly", model="packets", min_confidence=0.9),), dry_run)
+        policy = Policy(
+            Rule(action="drop", threshold=0.4, ttl_seconds=30),
+            (Rule(action="rate-limit", cls="anomaly", model="packets", min_confidence=0.9),),
+            dry_run,
+        )
         from xdpml.collector.server import CollectorServer, CollectorSettings
 
         srv = CollectorServer(PacketsModel(), [], CollectorSettings(listen="127.0.0.1:0", policy=policy), tel).start()
@@ -124,10 +134,12 @@ def test_dry_run_sends_drops_as_alerts_and_counts_by_action(collector, dry_run):
     finally:
         tel.shutdown()
     sent_rl = A.ACTION_ALERT if dry_run else A.ACTION_RATE_LIMIT
-    assert table(vb) == [(1, 0.5, "anomaly", A.ACTION_ALERT, A.ACTION_ALERT, 300),
-                         (2, 0.89, "anomaly", A.ACTION_ALERT, A.ACTION_ALERT, 300),
-                         (3, 0.9, "anomaly", sent_rl, A.ACTION_RATE_LIMIT, 300),
-                         (4, 0.99, "anomaly", sent_rl, A.ACTION_RATE_LIMIT, 300)]
+    assert table(vb) == [
+        (1, 0.5, "anomaly", A.ACTION_ALERT, A.ACTION_ALERT, 300),
+        (2, 0.89, "anomaly", A.ACTION_ALERT, A.ACTION_ALERT, 300),
+        (3, 0.9, "anomaly", sent_rl, A.ACTION_RATE_LIMIT, 300),
+        (4, 0.99, "anomaly", sent_rl, A.ACTION_RATE_LIMIT, 300),
+    ]
     assert vb.dry_run is dry_run
     dry = "true" if dry_run else "false"
     got = {k[1]: v for k, v in m.items() if k[0] == "xdpml_collector_verdicts_total"}
@@ -165,22 +177,44 @@ def test_bad_policy_files_are_one_line_config_errors(tmp_path, text):
 
 def test_cli_refuses_a_bad_policy_in_one_line(tmp_path):
     (tmp_path / "p.yaml").write_text("rules: [{class: flood, action: nuke}]")
-    r = subprocess.run([sys.executable, "-m", "xdpml", "collector", "--listen", "127.0.0.1:0", "--state-dir",
-                        str(tmp_path), "--policy", str(tmp_path / "p.yaml")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xdpml",
+            "collector",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(tmp_path),
+            "--policy",
+            str(tmp_path / "p.yaml"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
-    assert r.stderr == ("xdpml collector: p.yaml: rules[0]: action 'nuke' is not one of allow, alert, rate-limit, "
-                        "drop\n")
-    r = subprocess.run([sys.executable, "-m", "xdpml", "collector", "--policy", str(tmp_path / "missing.yaml")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.stderr == (
+        "xdpml collector: p.yaml: rules[0]: action 'nuke' is not one of allow, alert, rate-limit, drop\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "xdpml", "collector", "--policy", str(tmp_path / "missing.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot read policy file" in r.stderr
 
 
 def test_flags_override_the_files_default_rule_and_dry_run(tmp_path):
     from xdpml.collector.policy import with_overrides
 
-    (tmp_path / "p.yaml").write_text("dry_run: true\ndefault: {action: drop, ttl_seconds: 30}\n"
-                                     "rules: [{class: scan, action: rate-limit}]\n")
+    (tmp_path / "p.yaml").write_text(
+        "dry_run: true\ndefault: {action: drop, ttl_seconds: 30}\nrules: [{class: scan, action: rate-limit}]\n"
+    )
     p = load_policy(str(tmp_path / "p.yaml"))
     assert p == Policy(Rule("drop", ttl_seconds=30), (Rule("rate-limit", cls="scan"),), True)
     assert with_overrides(p) == p
@@ -194,9 +228,24 @@ def test_cli_runs_a_policy_file_in_dry_run(tmp_path):
     (tmp_path / "p.yaml").write_text("default: {action: drop}\n")
     err = tmp_path / "err"
     with open(err, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "xdpml", "collector", "--listen", "127.0.0.1:0", "--state-dir",
-                                 str(tmp_path), "--policy", str(tmp_path / "p.yaml"), "--dry-run"], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=f)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "xdpml",
+                "collector",
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+                str(tmp_path),
+                "--policy",
+                str(tmp_path / "p.yaml"),
+                "--dry-run",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+        )
     try:
         # The start line comes after the policy was loaded: wait for it, not for a time.
         for _ in range(600):

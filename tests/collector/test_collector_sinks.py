@@ -1,4 +1,5 @@
 """Scored-row sinks: JSON lines, Parquet, the flagged-flow table."""
+
 import io
 import json
 import os
@@ -6,10 +7,10 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from xdpml.wire.columns import ColumnBatch, ColumnSpec, ip_from_str
-from xdpml.errors import OutputError
 from xdpml.collector.sinks import FlaggedPrinter, JsonlSink, ParquetSink, ScoredBatch, format_flagged_table
+
+from xdpml.errors import OutputError
+from xdpml.wire.columns import ColumnBatch, ColumnSpec, ip_from_str
 
 
 def _scored(kind="flow"):
@@ -28,10 +29,18 @@ def _scored(kind="flow"):
         "splt_ps": np.array([[60, 54, -1], [80, 90, 100]], dtype=np.int32),
     }
     specs = {"bidirectional_duration_ms": ColumnSpec("bidirectional_duration_ms", "f8", unit="ms", doc="duration")}
-    return ScoredBatch(ColumnBatch(kind, cols, specs), score=np.array([0.7, np.nan]),
-                       label=np.array(["anomaly", "learning"], dtype=object), flagged=np.array([True, False]),
-                       node_name="node-1", agent_id="a1", sequence=5, model="m", model_version="v",
-                       received_unix_ms=123)
+    return ScoredBatch(
+        ColumnBatch(kind, cols, specs),
+        score=np.array([0.7, np.nan]),
+        label=np.array(["anomaly", "learning"], dtype=object),
+        flagged=np.array([True, False]),
+        node_name="node-1",
+        agent_id="a1",
+        sequence=5,
+        model="m",
+        model_version="v",
+        received_unix_ms=123,
+    )
 
 
 def test_jsonl_rows(tmp_path):
@@ -80,14 +89,38 @@ def test_parquet_schema_is_the_wire_schema_not_the_first_batch(tmp_path):
     from xdpml.collector.sinks import parquet_schema
 
     sink = ParquetSink(str(tmp_path / "f.parquet"))
-    evil = ColumnBatch("flow", {"src_port": np.array([1], dtype=np.uint16), "evil": np.array([7], dtype=np.uint8),
-                                "src_label_app": np.array(["web"], dtype=object)})
-    one = dict(score=np.array([np.nan]), label=np.array(["x"], dtype=object), flagged=np.array([False]),
-               node_name="n", agent_id="a", sequence=1, model="m", model_version="v", received_unix_ms=1)
+    evil = ColumnBatch(
+        "flow",
+        {
+            "src_port": np.array([1], dtype=np.uint16),
+            "evil": np.array([7], dtype=np.uint8),
+            "src_label_app": np.array(["web"], dtype=object),
+        },
+    )
+    one = dict(
+        score=np.array([np.nan]),
+        label=np.array(["x"], dtype=object),
+        flagged=np.array([False]),
+        node_name="n",
+        agent_id="a",
+        sequence=1,
+        model="m",
+        model_version="v",
+        received_unix_ms=1,
+    )
     sink.write(ScoredBatch(evil, **one))
     good = flow_batch(5, seed=1)
-    sink.write(ScoredBatch(good, **{**one, "score": np.zeros(5), "label": np.array(["normal"] * 5, dtype=object),
-                                    "flagged": np.zeros(5, bool)}))
+    sink.write(
+        ScoredBatch(
+            good,
+            **{
+                **one,
+                "score": np.zeros(5),
+                "label": np.array(["normal"] * 5, dtype=object),
+                "flagged": np.zeros(5, bool),
+            },
+        )
+    )
     sink.close()
     t = pq.read_table(sink.files[0])
     want = parquet_schema("flow")
@@ -147,12 +180,35 @@ def test_flagged_table():
     p.write(_scored())
     lines = out.getvalue().splitlines()
     assert lines[0].split() == ["node", "src", "dst", "proto", "pkts", "bytes", "dur_ms", "flags", "score", "label"]
-    assert lines[2].split() == ["node-1", "10.0.0.0:40000", "10.0.0.2:22", "tcp", "2", "112", "0.2", "SAR",
-                                "0.700", "anomaly"]
+    assert lines[2].split() == [
+        "node-1",
+        "10.0.0.0:40000",
+        "10.0.0.2:22",
+        "tcp",
+        "2",
+        "112",
+        "0.2",
+        "SAR",
+        "0.700",
+        "anomaly",
+    ]
     assert len(lines) == 3 and p.total == 1
     # Rows from the JSON lines file render the same way (what the demo does).
-    text = format_flagged_table([{"node_name": "n", "src_ip": "2001:db8::1", "src_port": 1, "dst_ip": "::2",
-                                  "dst_port": 2, "protocol": 17, "score": 0.91, "label": "anomaly"}], header=False)
+    text = format_flagged_table(
+        [
+            {
+                "node_name": "n",
+                "src_ip": "2001:db8::1",
+                "src_port": 1,
+                "dst_ip": "::2",
+                "dst_port": 2,
+                "protocol": 17,
+                "score": 0.91,
+                "label": "anomaly",
+            }
+        ],
+        header=False,
+    )
     assert text.split()[:4] == ["n", "[2001:db8::1]:1", "[::2]:2", "udp"]
 
 
@@ -162,10 +218,17 @@ def test_wire_schema_table_matches_the_agents_column_specs():
     from xdpml.agent.features import FLOW_SPECS, PACKET_SPECS, WINDOW_SPECS
     from xdpml.collector import wire_schema
 
-    for kind, specs, extra in (("flow", FLOW_SPECS, metadata_column_names()), ("window", WINDOW_SPECS, ()),
-                               ("packet", PACKET_SPECS, ())):
+    for kind, specs, extra in (
+        ("flow", FLOW_SPECS, metadata_column_names()),
+        ("window", WINDOW_SPECS, ()),
+        ("packet", PACKET_SPECS, ()),
+    ):
         table = wire_schema.V1[kind]
         assert list(table) == list(specs) + list(extra)
         for name, spec in specs.items():
-            assert (table[name].dtype, table[name].unit, table[name].role, table[name].doc) == \
-                (spec.dtype, spec.unit, spec.role, spec.doc)
+            assert (table[name].dtype, table[name].unit, table[name].role, table[name].doc) == (
+                spec.dtype,
+                spec.unit,
+                spec.role,
+                spec.doc,
+            )

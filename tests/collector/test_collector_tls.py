@@ -1,20 +1,21 @@
 """TLS and mTLS between exporter and collector, with certificates made in the test."""
+
 import datetime as dt
 import shutil
 import time
 from pathlib import Path
 
 import pytest
+from conftest import batch_with_ids
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
-from xdpml.wire.tls import ClientTls, ServerTls, TlsConfigError
-from conftest import batch_with_ids
 
-NOW = dt.datetime.now(dt.timezone.utc)
+from xdpml.wire.tls import ClientTls, ServerTls, TlsConfigError
+
+NOW = dt.datetime.now(dt.UTC)
 
 
 def _name(cn):
@@ -23,27 +24,56 @@ def _name(cn):
 
 def _ca(cn):
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(NOW - dt.timedelta(days=1))
-            .not_valid_after(NOW + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
     return key, cert
 
 
 def _leaf(ca, cn, *, dns=None, client=False, expired=False):
     ca_key, ca_cert = ca
     key = ec.generate_private_key(ec.SECP256R1())
-    start, end = (NOW - dt.timedelta(days=10), NOW - dt.timedelta(days=1)) if expired else (
-        NOW - dt.timedelta(days=1), NOW + dt.timedelta(days=30))
-    b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject).public_key(key.public_key())
-         .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client
-                                               else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    start, end = (
+        (NOW - dt.timedelta(days=10), NOW - dt.timedelta(days=1))
+        if expired
+        else (NOW - dt.timedelta(days=1), NOW + dt.timedelta(days=30))
+    )
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+            critical=False,
+        )
+    )
     if dns:
         b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
     return key, b.sign(ca_key, hashes.SHA256())
@@ -52,8 +82,9 @@ def _leaf(ca, cn, *, dns=None, client=False, expired=False):
 def _write(d: Path, name: str, pair) -> tuple[str, str]:
     key, cert = pair
     (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()))
+    (d / f"{name}.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(d / f"{name}.pem"), str(d / f"{name}.key")
 
 
@@ -77,8 +108,11 @@ def pki(tmp_path_factory):
 
 
 def _export(port, tls, *, expect_ok: bool, rows=20) -> dict:
-    ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{port}", tls=tls, flush_age_s=0.01,
-                                       backoff_initial_s=0.05, backoff_max_s=0.2))
+    ex = GrpcExporter(
+        ExporterSettings(
+            target=f"127.0.0.1:{port}", tls=tls, flush_age_s=0.01, backoff_initial_s=0.05, backoff_max_s=0.2
+        )
+    )
     ex.put(batch_with_ids(rows, 0))
     end = time.monotonic() + 5
     while time.monotonic() < end:
@@ -114,13 +148,16 @@ def test_tls_client_refused_by_plaintext_server(collector, pki):
     assert st["sent_rows"] == 0 and "UNAVAILABLE" in st["last_error"]
 
 
-@pytest.mark.parametrize("server, client_kw", [
-    ("other_ca_server", {}),                      # server signed by a CA the client does not trust
-    ("server", {"ca": "other_ca"}),               # client trusts the wrong CA
-    ("wrong_name", {}),                           # certificate for another host name
-    ("server", {"name": "not-the-collector.test"}),
-    ("expired", {}),
-])
+@pytest.mark.parametrize(
+    "server, client_kw",
+    [
+        ("other_ca_server", {}),  # server signed by a CA the client does not trust
+        ("server", {"ca": "other_ca"}),  # client trusts the wrong CA
+        ("wrong_name", {}),  # certificate for another host name
+        ("server", {"name": "not-the-collector.test"}),
+        ("expired", {}),
+    ],
+)
 def test_bad_server_certificates_refused(collector, pki, server, client_kw):
     srv = collector(tls=ServerTls(*pki[server]))
     st = _export(srv.port, _client(pki, **client_kw), expect_ok=False)
@@ -150,8 +187,15 @@ def test_rotated_files_are_reloaded(collector, pki, tmp_path):
 
     ca = tmp_path / "ca.pem"
     shutil.copy(pki["other_ca"], ca)
-    ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", flush_age_s=0.01, backoff_initial_s=0.05,
-                                       backoff_max_s=0.1, tls=ClientTls(ca_file=str(ca), server_name="collector.test")))
+    ex = GrpcExporter(
+        ExporterSettings(
+            target=f"127.0.0.1:{srv.port}",
+            flush_age_s=0.01,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.1,
+            tls=ClientTls(ca_file=str(ca), server_name="collector.test"),
+        )
+    )
     ex.put(batch_with_ids(7, 0))
     time.sleep(0.5)
     assert ex.stats()["sent_rows"] == 0
@@ -182,8 +226,9 @@ def test_only_the_agents_named_in_learn_from_teach_the_baseline(collector, pki, 
     srv = collector(tls=ServerTls(*pki["server"], client_ca_file=pki["ca"]), model=model, learn_from=("agent-1",))
 
     def send(cert, batch):
-        ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", tls=_client(pki, cert=cert),
-                                           flush_age_s=0.01))
+        ex = GrpcExporter(
+            ExporterSettings(target=f"127.0.0.1:{srv.port}", tls=_client(pki, cert=cert), flush_age_s=0.01)
+        )
         ex.put(batch)
         end = time.monotonic() + 20
         while ex.stats()["sent_rows"] < len(batch):

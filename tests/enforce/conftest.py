@@ -1,13 +1,14 @@
 """Shared fixtures: a private BPF filesystem per session (rules pinned there, never in
 the host's /sys/fs/bpf/xdpml) and one compiled datapath for the kernel tests."""
+
 import os
 import subprocess
 import tempfile
 
 import pytest
 
-from xdpml.datapath.loader import Datapath
 from xdpml.config import AgentSettings, EnforceSettings
+from xdpml.datapath.loader import Datapath
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ address that is not the node's becomes a rule and the following packets are drop
 (counted by the clsact qdisc); the same burst to the node's own address is refused
 (allowlisted). Then the agent is killed with SIGKILL: its pinned rule keeps dropping
 until its expiry and not one packet after it, with nobody left to delete it."""
+
 import datetime as dt
 import os
 import signal
@@ -20,14 +21,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_fixtures import PacketsModel
+from netns import make_hosts, sh
+from xdpml.collector.server import CollectorServer, CollectorSettings
 
+from enforce.traffic import Receiver, qdisc_drops, send
 from xdpml.datapath.pins import open_pinned
 from xdpml.datapath.rules import RuleTable
 from xdpml.wire.tls import ServerTls
-from xdpml.collector.server import CollectorServer, CollectorSettings
-from enforce.traffic import Receiver, qdisc_drops, send
-from grpc_fixtures import PacketsModel
-from netns import make_hosts, sh
 
 pytestmark = pytest.mark.root
 HOST = 70
@@ -38,16 +39,24 @@ RULE_TTL = 15.0
 
 def _cert(cn, *, issuer=None, ca=False, dns=None, client=False):
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     ikey, iname = (key, name) if issuer is None else (issuer[0], issuer[1].subject)
-    b = (x509.CertificateBuilder().subject_name(name).issuer_name(iname).public_key(key.public_key())
-         .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
-         .not_valid_after(now + dt.timedelta(days=2))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(iname)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if not ca:
-        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client
-                                                   else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        b = b.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+            critical=False,
+        )
     if dns:
         b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
     return key, b.sign(ikey, hashes.SHA256())
@@ -56,8 +65,9 @@ def _cert(cn, *, issuer=None, ca=False, dns=None, client=False):
 def _write(d: Path, name: str, pair) -> tuple[str, str]:
     key, cert = pair
     (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()))
+    (d / f"{name}.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(d / f"{name}.pem"), str(d / f"{name}.key")
 
 
@@ -99,18 +109,52 @@ def test_verdicts_become_rules_that_outlive_a_killed_agent(tmp_path, bpffs):
     server = _write(tmp_path, "server", _cert("collector", issuer=ca, dns="collector.test"))
     client = _write(tmp_path, "client", _cert("agent", issuer=ca, client=True))
     pin_dir = os.path.join(bpffs, "loop")
-    settings = CollectorSettings(listen="127.0.0.1:0", tls=ServerTls(*server, client_ca_file=ca_pem), action="drop",
-                                 threshold=0.5)
+    settings = CollectorSettings(
+        listen="127.0.0.1:0", tls=ServerTls(*server, client_ca_file=ca_pem), action="drop", threshold=0.5
+    )
     with make_hosts(HOST, ipv6=False) as (h,), CollectorServer(PacketsModel(), [], settings) as srv:
         outside = f"{h.ns_ip.rsplit('.', 1)[0]}.99"  # not an address of this node
         h.run(f"ip neigh replace {outside} lladdr {h.mac(False)} dev eth0")
         xdpml = str(Path(sys.executable).with_name("xdpml"))
         proc = subprocess.Popen(
-            [xdpml, "agent", "-i", h.host_if, "--hooks", "tc", "--first-n", "0", "-o", "/dev/null",
-             "--collector", f"127.0.0.1:{srv.port}", "--tls-ca", ca_pem, "--tls-cert", client[0],
-             "--tls-key", client[1], "--tls-server-name", "collector.test", "--enforce-mode", "enforce",
-             "--pin-dir", pin_dir, "--idle-timeout", "1", "--interval", "0.2", "--rule-ttl", str(RULE_TTL),
-             "--summary-interval", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                xdpml,
+                "agent",
+                "-i",
+                h.host_if,
+                "--hooks",
+                "tc",
+                "--first-n",
+                "0",
+                "-o",
+                "/dev/null",
+                "--collector",
+                f"127.0.0.1:{srv.port}",
+                "--tls-ca",
+                ca_pem,
+                "--tls-cert",
+                client[0],
+                "--tls-key",
+                client[1],
+                "--tls-server-name",
+                "collector.test",
+                "--enforce-mode",
+                "enforce",
+                "--pin-dir",
+                pin_dir,
+                "--idle-timeout",
+                "1",
+                "--interval",
+                "0.2",
+                "--rule-ttl",
+                str(RULE_TTL),
+                "--summary-interval",
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         log = LogWatch(proc.stdout)
         rx = Receiver(h.host_ip, MARK_PORT)
         try:
@@ -123,7 +167,13 @@ def test_verdicts_become_rules_that_outlive_a_killed_agent(tmp_path, bpffs):
             rows = wait(table.rows, 60, "a rule from the verdict")
             (row,) = rows
             assert (row.src, row.dst, row.src_port, row.dst_port, row.proto, row.action) == (
-                h.ns_ip, outside, FLOOD_SPORT, PORT, 17, "drop")
+                h.ns_ip,
+                outside,
+                FLOOD_SPORT,
+                PORT,
+                17,
+                "drop",
+            )
             assert 0 < row.expires_in_s <= RULE_TTL
 
             def burst(n):

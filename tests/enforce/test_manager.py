@@ -3,20 +3,21 @@
 Every verdict a malicious or broken collector could send is refused or clamped, and
 each refusal is counted under its reason; what the manager installs is checked in
 the kernel maps, and allowlisted traffic is run through the real XDP program."""
+
 import ipaddress
 
 import numpy as np
 import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
-
-from xdpml.datapath.loader import XDP_PROG
-from xdpml.datapath.testrun import test_run as prog_test_run
-from xdpml.wire.columns import ColumnBatch
-from xdpml.config import EnforceSettings
 from xdpml.agent.enforce.manager import Channel, RecentFlows, RuleManager, build_allowlist
+
+from xdpml.config import EnforceSettings
+from xdpml.datapath.loader import XDP_PROG
 from xdpml.datapath.rules import Rule
+from xdpml.datapath.testrun import test_run as prog_test_run
 from xdpml.errors import ConfigError
+from xdpml.wire.columns import ColumnBatch
 from xdpml.wire.v1 import collector_pb2 as cpb
 
 pytestmark = pytest.mark.root
@@ -40,17 +41,23 @@ class FrozenClock:
 
 
 def flows_batch(tuples):
-    cols = {"src_ip": np.array([ip16(s) for s, *_ in tuples], dtype="S16"),
-            "dst_ip": np.array([ip16(d) for _, d, *_ in tuples], dtype="S16"),
-            "src_port": np.array([t[2] for t in tuples], dtype=np.uint16),
-            "dst_port": np.array([t[3] for t in tuples], dtype=np.uint16),
-            "protocol": np.array([t[4] for t in tuples], dtype=np.uint8)}
+    cols = {
+        "src_ip": np.array([ip16(s) for s, *_ in tuples], dtype="S16"),
+        "dst_ip": np.array([ip16(d) for _, d, *_ in tuples], dtype="S16"),
+        "src_port": np.array([t[2] for t in tuples], dtype=np.uint16),
+        "dst_port": np.array([t[3] for t in tuples], dtype=np.uint16),
+        "protocol": np.array([t[4] for t in tuples], dtype=np.uint8),
+    }
     return ColumnBatch("flow", cols)
 
 
 def verdict(src, dst, sport, dport, proto=17, action=cpb.ACTION_DROP, ttl=0):
-    return cpb.Verdict(key=cpb.FlowKey(src_ip=ip16(src), dst_ip=ip16(dst), src_port=sport, dst_port=dport,
-                                       protocol=proto), action=action, ttl_seconds=ttl, label="anomaly")
+    return cpb.Verdict(
+        key=cpb.FlowKey(src_ip=ip16(src), dst_ip=ip16(dst), src_port=sport, dst_port=dport, protocol=proto),
+        action=action,
+        ttl_seconds=ttl,
+        label="anomaly",
+    )
 
 
 @pytest.fixture()
@@ -60,12 +67,19 @@ def make(table):
     def go(*, authenticated=True, settings=None, namespace_of=None, exported=()):
         clock = FrozenClock()
         s = settings or EnforceSettings(pin_dir="")
-        allow = build_allowlist(node=[NODE], gateways=[GATEWAY], api_servers=[API], dns=[DNS],
-                                collector=[COLLECTOR], operator=[OPERATOR])
+        allow = build_allowlist(
+            node=[NODE], gateways=[GATEWAY], api_servers=[API], dns=[DNS], collector=[COLLECTOR], operator=[OPERATOR]
+        )
         recent = RecentFlows(capacity=s.recent_flows, ttl_s=s.recent_ttl_s, clock=clock)
         recent.write(flows_batch(exported))
-        m = RuleManager(s, channel=Channel(authenticated=authenticated, description="test"), allowlist=allow,
-                        recent=recent, namespace_of=namespace_of, clock=clock)
+        m = RuleManager(
+            s,
+            channel=Channel(authenticated=authenticated, description="test"),
+            allowlist=allow,
+            recent=recent,
+            namespace_of=namespace_of,
+            clock=clock,
+        )
         m.attach(table)
         made.append(m)
         return m, clock
@@ -80,9 +94,15 @@ def refused(m):
 
 
 def test_hostile_verdicts_are_refused_and_counted(make, table, enf_dp):
-    hostile = [(ATTACKER, NODE, 4444, 22), (GATEWAY, VICTIM, 1, 2), (VICTIM, API, 5000, 6443),
-               (VICTIM, DNS, 5001, 53), (VICTIM, COLLECTOR, 5002, 50051), ("169.254.169.254", VICTIM, 80, 5003),
-               ("10.9.200.1", VICTIM, 7, 8)]
+    hostile = [
+        (ATTACKER, NODE, 4444, 22),
+        (GATEWAY, VICTIM, 1, 2),
+        (VICTIM, API, 5000, 6443),
+        (VICTIM, DNS, 5001, 53),
+        (VICTIM, COLLECTOR, 5002, 50051),
+        ("169.254.169.254", VICTIM, 80, 5003),
+        ("10.9.200.1", VICTIM, 7, 8),
+    ]
     m, _ = make(exported=[h + (17,) for h in hostile])
     for s, d, sp, dp in hostile:
         assert m.consider(verdict(s, d, sp, dp)) == 0
@@ -110,7 +130,15 @@ def test_exported_flow_becomes_a_rule_in_either_direction(make, table):
     assert slot
     (row,) = table.rows()
     assert (row.slot, row.action, row.src, row.dst, row.src_port, row.dst_port, row.proto, row.both_ways) == (
-        slot, "drop", ATTACKER, VICTIM, 1234, 80, 6, True)
+        slot,
+        "drop",
+        ATTACKER,
+        VICTIM,
+        1234,
+        80,
+        6,
+        True,
+    )
     assert 0 < row.expires_in_s <= 30 and not row.dry_run
     assert m.consider(verdict(VICTIM, ATTACKER, 80, 1234, proto=6)) == 0  # the same flow again
     assert refused(m) == {"duplicate": 1}

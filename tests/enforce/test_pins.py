@@ -1,4 +1,5 @@
 """Pinned rule maps: where they may live, and refusing maps of another shape."""
+
 import pytest
 
 from xdpml.datapath.pins import check_pins, prepare_pin_dir

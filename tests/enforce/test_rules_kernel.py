@@ -3,6 +3,7 @@
 Each test builds its packets with scapy, runs them a counted number of times, and
 compares the program's return codes, the per-CPU counters and the rule's hit
 counters with those counts."""
+
 import time
 
 import pytest
@@ -11,8 +12,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from xdpml.datapath.loader import TC_INGRESS_PROG, XDP_PROG
-from xdpml.datapath.testrun import test_run as prog_test_run
 from xdpml.datapath.rules import Rule
+from xdpml.datapath.testrun import test_run as prog_test_run
 
 pytestmark = pytest.mark.root
 XDP_PASS, XDP_DROP = 2, 1
@@ -40,8 +41,9 @@ def run(enf_dp):
 
 
 def exact(action="drop", ttl=60.0, **kw):
-    base = dict(kind="exact", action=action, ttl_s=ttl, src="10.9.0.1", dst="10.9.0.2", src_port=1000,
-                dst_port=80, proto=6)
+    base = dict(
+        kind="exact", action=action, ttl_s=ttl, src="10.9.0.1", dst="10.9.0.2", src_port=1000, dst_port=80, proto=6
+    )
     base.update(kw)
     return Rule(**base)
 
@@ -93,7 +95,7 @@ def test_prefix_rules_with_protocol_and_port(table, run):
     table.add(Rule(kind="dst", action="drop", ttl_s=60, dst="fd00:9::/64"))
     table.set_mode("enforce")
     assert run(tcp(dport=22), 3)[0] == [XDP_DROP] * 3
-    assert run(tcp(dport=23), 1)[0] == [XDP_PASS]            # other port
+    assert run(tcp(dport=23), 1)[0] == [XDP_PASS]  # other port
     assert run(tcp(src="10.9.1.1", dport=22), 1)[0] == [XDP_PASS]  # outside the prefix
     assert run(udp6(), 2)[0] == [XDP_DROP] * 2
     assert run(udp6(dst="fd00:8::2"), 1)[0] == [XDP_PASS]

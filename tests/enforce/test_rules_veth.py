@@ -1,11 +1,12 @@
 """Rules on a real veth with real traffic: the agent's TC programs, UDP packets sent
 from a test namespace and counted by a receiving socket, and the drops counted by
 the clsact qdisc (the kernel's own count, independent of xdpml's)."""
-import pytest
 
-from xdpml.datapath.rules import Rule
-from enforce.traffic import Receiver, qdisc_drops, send
+import pytest
 from netns import make_hosts
+
+from enforce.traffic import Receiver, qdisc_drops, send
+from xdpml.datapath.rules import Rule
 
 pytestmark = pytest.mark.root
 PORT, SPORT, MARK_SPORT = 9468, 4468, 4469
@@ -27,8 +28,9 @@ def veth_agent(enf_dp):
 
 
 def rule_for(h):
-    return Rule(kind="exact", action="drop", ttl_s=300, src=h.ns_ip, dst=h.host_ip, src_port=SPORT, dst_port=PORT,
-                proto=17)
+    return Rule(
+        kind="exact", action="drop", ttl_s=300, src=h.ns_ip, dst=h.host_ip, src_port=SPORT, dst_port=PORT, proto=17
+    )
 
 
 def phase(h, rx, n, tag):

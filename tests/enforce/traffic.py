@@ -1,6 +1,7 @@
 """Traffic and independent counts for the enforcement tests: UDP datagrams sent from a
 test namespace, a receiving socket, and the clsact qdisc's drop counter (the kernel's
 own count of packets a TC program shot, independent of xdpml's counters)."""
+
 import json
 import socket
 import subprocess
@@ -9,14 +10,17 @@ import sys
 
 def send(host, dst: str, port: int, n: int, *, sport: int, tag: str) -> None:
     """n UDP datagrams from the namespace, payload tag + sequence number."""
-    code = (f"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('{host.ns_ip}', {sport}))\n"
-            f"for i in range({n}): s.sendto(b'{tag}%06d' % i, ('{dst}', {port}))")
-    host.run(f"{sys.executable} -c \"{code}\"")
+    code = (
+        f"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('{host.ns_ip}', {sport}))\n"
+        f"for i in range({n}): s.sendto(b'{tag}%06d' % i, ('{dst}', {port}))"
+    )
+    host.run(f'{sys.executable} -c "{code}"')
 
 
 def qdisc_drops(ifname: str) -> int:
-    out = subprocess.run(["tc", "-s", "-j", "qdisc", "show", "dev", ifname], check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["tc", "-s", "-j", "qdisc", "show", "dev", ifname], check=True, capture_output=True, text=True
+    ).stdout
     return sum(q.get("drops", 0) for q in json.loads(out) if q.get("kind") == "clsact")
 
 

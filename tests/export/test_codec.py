@@ -1,12 +1,13 @@
 """ColumnBatch <-> FeatureBatch: exact round trips, the wire layout, and validation."""
+
 import struct
 
 import numpy as np
 import pytest
-
-from xdpml.wire.columns import ColumnBatch, ColumnSpec, ip_from_str
-from xdpml.wire import codec
 from xdpml.agent.export.synthetic import flow_batch
+
+from xdpml.wire import codec
+from xdpml.wire.columns import ColumnBatch, ColumnSpec, ip_from_str
 from xdpml.wire.v1 import feature_batch_pb2 as pb
 
 
@@ -23,16 +24,28 @@ def _small() -> ColumnBatch:
         "interface": np.array(["eth0", "veth1"], dtype=object),
         "splt_ps": np.array([[60, -1, -1], [1500, 40, -1]], dtype=np.int32),
     }
-    specs = {"bps": ColumnSpec("bps", "f8", unit="bytes/packet", doc="bytes per packet"),
-             "splt_ps": ColumnSpec("splt_ps", "i4", unit="bytes", role="sequence", fill=-1)}
+    specs = {
+        "bps": ColumnSpec("bps", "f8", unit="bytes/packet", doc="bytes per packet"),
+        "splt_ps": ColumnSpec("splt_ps", "i4", unit="bytes", role="sequence", fill=-1),
+    }
     return ColumnBatch("flow", cols, specs)
 
 
 def test_wire_layout_is_raw_little_endian():
-    msg = codec.encode_batch(_small(), sequence=7, node=codec.NodeIdentity("node-a", "agent-1", "0.1"),
-                             loss_counters={"ringbuf_full": 3}, created_unix_ns=123)
-    assert (msg.sequence, msg.rows, msg.kind, msg.node.node_name, msg.created_unix_ns) == (7, 2, pb.RECORD_KIND_FLOW,
-                                                                                            "node-a", 123)
+    msg = codec.encode_batch(
+        _small(),
+        sequence=7,
+        node=codec.NodeIdentity("node-a", "agent-1", "0.1"),
+        loss_counters={"ringbuf_full": 3},
+        created_unix_ns=123,
+    )
+    assert (msg.sequence, msg.rows, msg.kind, msg.node.node_name, msg.created_unix_ns) == (
+        7,
+        2,
+        pb.RECORD_KIND_FLOW,
+        "node-a",
+        123,
+    )
     assert dict(msg.loss_counters) == {"ringbuf_full": 3}
     c = {col.name: col for col in msg.columns}
     assert c["dst_port"].dtype == pb.DATA_TYPE_UINT16 and c["dst_port"].data == struct.pack("<HH", 443, 65535)
@@ -69,8 +82,9 @@ def test_full_flow_schema_round_trip_and_split_under_limit():
     assert len(msgs) > 4
     assert all(m.ByteSize() <= 256 * 1024 for m in msgs)
     assert [m.sequence for m in msgs] == list(range(100, 100 + len(msgs)))
-    back = ColumnBatch.concat([codec.decode_batch(pb.FeatureBatch.FromString(m.SerializeToString())).batch
-                               for m in msgs])
+    back = ColumnBatch.concat(
+        [codec.decode_batch(pb.FeatureBatch.FromString(m.SerializeToString())).batch for m in msgs]
+    )
     assert len(back) == 3000
     for name, col in b.columns.items():
         np.testing.assert_array_equal(back[name], col, err_msg=name)
@@ -102,20 +116,23 @@ def _col(msg, name):
     return next(c for c in msg.columns if c.name == name)
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda m: setattr(_col(m, "dst_port"), "data", b"\x01\x02\x03"), "'dst_port'.*3 bytes"),
-    (lambda m: _col(m, "bps").shape.__setitem__(0, 3), "'bps': has 3 rows"),
-    (lambda m: setattr(m, "rows", 5), "has 2 rows, the batch has 5"),
-    (lambda m: setattr(_col(m, "protocol"), "dtype", 99), "unknown dtype 99"),
-    (lambda m: setattr(_col(m, "protocol"), "dtype", 0), "unknown dtype 0"),
-    (lambda m: _col(m, "splt_ps").shape.append(2), r"shape \[2, 3, 2\]"),
-    (lambda m: setattr(_col(m, "interface"), "data", struct.pack("<ii", 0, 9)), "dictionary code"),
-    (lambda m: setattr(_col(m, "src_port_low"), "data", b"\x01\x07"), "BOOL"),
-    (lambda m: setattr(_col(m, "src_ip"), "width", 0), "width 0"),
-    (lambda m: m.columns.add().CopyFrom(_col(m, "bps")), "appears twice"),
-    (lambda m: setattr(m, "kind", 42), "record kind"),
-    (lambda m: setattr(m, "rows", codec.MAX_ROWS + 1), "over the limit"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda m: setattr(_col(m, "dst_port"), "data", b"\x01\x02\x03"), "'dst_port'.*3 bytes"),
+        (lambda m: _col(m, "bps").shape.__setitem__(0, 3), "'bps': has 3 rows"),
+        (lambda m: setattr(m, "rows", 5), "has 2 rows, the batch has 5"),
+        (lambda m: setattr(_col(m, "protocol"), "dtype", 99), "unknown dtype 99"),
+        (lambda m: setattr(_col(m, "protocol"), "dtype", 0), "unknown dtype 0"),
+        (lambda m: _col(m, "splt_ps").shape.append(2), r"shape \[2, 3, 2\]"),
+        (lambda m: setattr(_col(m, "interface"), "data", struct.pack("<ii", 0, 9)), "dictionary code"),
+        (lambda m: setattr(_col(m, "src_port_low"), "data", b"\x01\x07"), "BOOL"),
+        (lambda m: setattr(_col(m, "src_ip"), "width", 0), "width 0"),
+        (lambda m: m.columns.add().CopyFrom(_col(m, "bps")), "appears twice"),
+        (lambda m: setattr(m, "kind", 42), "record kind"),
+        (lambda m: setattr(m, "rows", codec.MAX_ROWS + 1), "over the limit"),
+    ],
+)
 def test_malformed_batches_raise_clear_errors(mutate, match):
     m = _msg()
     mutate(m)
@@ -123,14 +140,22 @@ def test_malformed_batches_raise_clear_errors(mutate, match):
         codec.decode_batch(m)
 
 
-@pytest.mark.parametrize("make", [_small, lambda: flow_batch(700, seed=3), lambda: flow_batch(0, seed=1),
-                                  lambda: ColumnBatch("packet", {"x": np.zeros(3, dtype=np.float32)})])
+@pytest.mark.parametrize(
+    "make",
+    [
+        _small,
+        lambda: flow_batch(700, seed=3),
+        lambda: flow_batch(0, seed=1),
+        lambda: ColumnBatch("packet", {"x": np.zeros(3, dtype=np.float32)}),
+    ],
+)
 def test_fast_request_bytes_parse_to_the_same_message(make):
     from xdpml.wire.v1 import collector_pb2 as cpb
 
     b = make()
-    kw = dict(sequence=300, node=codec.NodeIdentity("n", "a", "1"), loss_counters={"x": 5, "y": 2**40},
-              created_unix_ns=42)
+    kw = dict(
+        sequence=300, node=codec.NodeIdentity("n", "a", "1"), loss_counters={"x": 5, "y": 2**40}, created_unix_ns=42
+    )
     fast = codec.encode_request_bytes(b, **kw)
     want = cpb.ExportRequest(batch=codec.encode_batch(b, **kw))
     got = cpb.ExportRequest.FromString(fast)

@@ -1,4 +1,5 @@
 """The gRPC exporter against a real collector on loopback."""
+
 import signal
 import subprocess
 import sys
@@ -8,10 +9,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health, health_pb2_grpc
-
-from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
 from conftest import batch_with_ids, free_port
+from grpc_health.v1 import health, health_pb2_grpc
+from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,8 +28,13 @@ def _wait(pred, timeout=10.0):
 def test_every_row_received_exactly_once(collector):
     srv = collector()
     verdicts = []
-    settings = ExporterSettings(target=f"127.0.0.1:{srv.port}", flush_rows=3000, flush_age_s=0.05,
-                                node_name="node-a", max_message_bytes=512 * 1024)
+    settings = ExporterSettings(
+        target=f"127.0.0.1:{srv.port}",
+        flush_rows=3000,
+        flush_age_s=0.05,
+        node_name="node-a",
+        max_message_bytes=512 * 1024,
+    )
     total = 0
     with GrpcExporter(settings, on_verdicts=verdicts.append) as ex:
         for i in range(40):
@@ -53,8 +58,13 @@ def test_every_row_received_exactly_once(collector):
 
 def test_queue_full_drops_whole_batches_and_counts(tmp_path):
     port = free_port()  # nothing listens: every connection attempt fails
-    settings = ExporterSettings(target=f"127.0.0.1:{port}", queue_max_bytes=1_000_000, flush_age_s=0.05,
-                                backoff_initial_s=0.05, backoff_max_s=0.2)
+    settings = ExporterSettings(
+        target=f"127.0.0.1:{port}",
+        queue_max_bytes=1_000_000,
+        flush_age_s=0.05,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+    )
     ex = GrpcExporter(settings)
     results = []
     t0 = time.perf_counter()
@@ -91,12 +101,32 @@ def test_non_retryable_status_drops_in_flight_rows():
 def _start_collector(port: int, tmp_path: Path, name: str) -> subprocess.Popen:
     log = open(tmp_path / f"{name}.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xdpml", "collector", "--listen", f"127.0.0.1:{port}", "--baseline-rows", "200",
-         "--state-dir", str(tmp_path / "state"), "--jsonl", str(tmp_path / f"{name}.jsonl"), "--no-verdicts"],
-        cwd=ROOT, stderr=log, stdout=log)
+        [
+            sys.executable,
+            "-m",
+            "xdpml",
+            "collector",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--baseline-rows",
+            "200",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--jsonl",
+            str(tmp_path / f"{name}.jsonl"),
+            "--no-verdicts",
+        ],
+        cwd=ROOT,
+        stderr=log,
+        stdout=log,
+    )
     log.close()
-    ready = _wait(lambda: proc.poll() is not None
-                  or "xdpml collector: listening on port" in (tmp_path / f"{name}.log").read_text(), 30)
+    ready = _wait(
+        lambda: (
+            proc.poll() is not None or "xdpml collector: listening on port" in (tmp_path / f"{name}.log").read_text()
+        ),
+        30,
+    )
     assert ready and proc.poll() is None, (tmp_path / f"{name}.log").read_text()
     return proc
 
@@ -121,8 +151,9 @@ def test_collector_killed_and_restarted(tmp_path):
     port = free_port()
     first = _start_collector(port, tmp_path, "first")
     bound = 2_000_000
-    settings = ExporterSettings(target=f"127.0.0.1:{port}", queue_max_bytes=bound, flush_age_s=0.05,
-                                backoff_initial_s=0.05, backoff_max_s=0.3)
+    settings = ExporterSettings(
+        target=f"127.0.0.1:{port}", queue_max_bytes=bound, flush_age_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.3
+    )
     ex = GrpcExporter(settings)
     next_id = 0
     max_queue = 0
@@ -183,8 +214,7 @@ class SlowModel:
 
 def test_close_respects_its_deadline_and_counts_what_is_left(collector):
     srv = collector(model=SlowModel(1.0))
-    ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", flush_age_s=0.01,
-                                       max_message_bytes=64 * 1024))
+    ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", flush_age_s=0.01, max_message_bytes=64 * 1024))
     ex.put(batch_with_ids(1000, 0))  # ~10 messages, each taking the collector 1 s
     time.sleep(0.3)
     t = time.monotonic()
@@ -196,8 +226,16 @@ def test_close_respects_its_deadline_and_counts_what_is_left(collector):
 
 def test_graceful_shutdown_acknowledges_every_batch_it_received(collector):
     srv = collector(model=SlowModel(0.2))
-    ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", flush_age_s=0.01, max_in_flight=4,
-                                       max_message_bytes=64 * 1024, backoff_initial_s=0.05, backoff_max_s=0.1))
+    ex = GrpcExporter(
+        ExporterSettings(
+            target=f"127.0.0.1:{srv.port}",
+            flush_age_s=0.01,
+            max_in_flight=4,
+            max_message_bytes=64 * 1024,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.1,
+        )
+    )
     ex.put(batch_with_ids(2000, 0))
     assert _wait(lambda: ex.stats()["sent_rows"] > 0)
     srv.stop(grace_s=10)
@@ -218,8 +256,10 @@ def test_many_agents_at_once_get_their_own_verdicts(collector):
     agents = []
     for k in range(4):
         got = []
-        ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{srv.port}", node_name=f"node-{k}", flush_age_s=0.02),
-                          on_verdicts=got.append)
+        ex = GrpcExporter(
+            ExporterSettings(target=f"127.0.0.1:{srv.port}", node_name=f"node-{k}", flush_age_s=0.02),
+            on_verdicts=got.append,
+        )
         agents.append((k, ex, got))
     expected = {}
     for k, ex, _ in agents:
@@ -231,7 +271,9 @@ def test_many_agents_at_once_get_their_own_verdicts(collector):
             ex.put(b)
         expected[k] = flagged
     for k, ex, _ in agents:
-        assert _wait(lambda: ex.stats()["sent_rows"] == 1500 and ex.stats()["verdicts_received"] == expected[k])
+        assert _wait(
+            lambda ex=ex, k=k: ex.stats()["sent_rows"] == 1500 and ex.stats()["verdicts_received"] == expected[k]
+        )
         ex.close(2)
     np.testing.assert_array_equal(np.sort(srv.sink.all_ids()), np.arange(4 * 1500, dtype=np.uint64))
     for k, _, got in agents:

@@ -1,5 +1,6 @@
 """The exporter against collectors that misbehave: one that takes the stream but never
 reads it, and one that sends verdicts with an Action value this agent does not know."""
+
 import logging
 import threading
 import time
@@ -7,11 +8,11 @@ from concurrent import futures
 
 import grpc
 import numpy as np
-
+from conftest import PacketsModel, RecordingSink, batch_with_ids
 from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
 from xdpml.agent.export.verdicts import verdict_counter
 from xdpml.collector.server import CollectorServicer, CollectorSettings
-from conftest import PacketsModel, RecordingSink, batch_with_ids
+
 from xdpml.wire.v1 import collector_pb2 as cpb
 from xdpml.wire.v1 import collector_pb2_grpc as cgrpc
 
@@ -61,8 +62,15 @@ def test_a_collector_that_never_reads_is_left_after_the_ack_deadline(caplog):
     server, port = _server(fake)
     caplog.set_level(logging.WARNING, logger="xdpml.agent.export.grpc_client")
     try:
-        ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{port}", flush_age_s=0.02, ack_timeout_s=1.0,
-                                           max_message_bytes=64 * 1024, backoff_initial_s=0.05))
+        ex = GrpcExporter(
+            ExporterSettings(
+                target=f"127.0.0.1:{port}",
+                flush_age_s=0.02,
+                ack_timeout_s=1.0,
+                max_message_bytes=64 * 1024,
+                backoff_initial_s=0.05,
+            )
+        )
         total = 0
         for i in range(4):
             ex.put(batch_with_ids(500, total, seed=i))
@@ -76,8 +84,11 @@ def test_a_collector_that_never_reads_is_left_after_the_ack_deadline(caplog):
     assert st["produced_rows"] == st["sent_rows"] == total and st["dropped_rows"] == 0
     # The messages the silent stream held were sent again, each row delivered once.
     np.testing.assert_array_equal(np.sort(sink.all_ids()), np.arange(total, dtype=np.uint64))
-    said = [r.getMessage() for r in caplog.records if "no acknowledgement for" in r.getMessage()
-            and "reconnecting" in r.getMessage()]
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if "no acknowledgement for" in r.getMessage() and "reconnecting" in r.getMessage()
+    ]
     assert len(said) == 1 and "messages in flight" in said[0]
 
 
@@ -93,9 +104,17 @@ def test_rows_lost_while_a_collector_sits_on_the_stream_are_counted_and_said():
 
     server, port = _server(NeverReads())
     try:
-        ex = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{port}", flush_age_s=0.02, ack_timeout_s=0.5,
-                                           queue_max_bytes=300_000, max_message_bytes=64 * 1024,
-                                           backoff_initial_s=0.05, backoff_max_s=0.1))
+        ex = GrpcExporter(
+            ExporterSettings(
+                target=f"127.0.0.1:{port}",
+                flush_age_s=0.02,
+                ack_timeout_s=0.5,
+                queue_max_bytes=300_000,
+                max_message_bytes=64 * 1024,
+                backoff_initial_s=0.05,
+                backoff_max_s=0.1,
+            )
+        )
         results = [ex.put(batch_with_ids(300, i * 300, seed=i)) for i in range(20)]
         assert _wait(lambda: ex.stats()["ack_timeouts"] >= 2)
         st = ex.close(0.5)
@@ -117,10 +136,16 @@ class UnknownActions(cgrpc.CollectorServicer):
         for req in request_iterator:
             seq = req.batch.sequence
             yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, rows_accepted=1))
-            yield cpb.ExportResponse(verdicts=cpb.VerdictBatch(
-                sequence=seq, model=cpb.ModelInfo(name="hostile", version="1"), threshold=0.5,
-                verdicts=[cpb.Verdict(row=i, score=1.0, label="anomaly", action=a)
-                          for i, a in enumerate(self.ACTIONS)]))
+            yield cpb.ExportResponse(
+                verdicts=cpb.VerdictBatch(
+                    sequence=seq,
+                    model=cpb.ModelInfo(name="hostile", version="1"),
+                    threshold=0.5,
+                    verdicts=[
+                        cpb.Verdict(row=i, score=1.0, label="anomaly", action=a) for i, a in enumerate(self.ACTIONS)
+                    ],
+                )
+            )
 
 
 class RecordingTelemetry:
@@ -159,6 +184,8 @@ def test_unknown_action_values_are_counted_and_skipped_the_rest_applied(caplog):
     assert st["verdicts_received"] == 2 and st["verdicts_unknown_action"] == 1
     assert [[v.action for v in vb.verdicts] for vb in got] == [[cpb.ACTION_ALERT, cpb.ACTION_DROP]]
     assert sorted((a["action"], n) for name, n, a in telemetry.added if name == "xdpml.agent.verdicts") == [
-        ("action_alert", 1), ("action_drop", 1)]
+        ("action_alert", 1),
+        ("action_drop", 1),
+    ]
     assert not any(r.exc_info for r in caplog.records) and "Traceback" not in caplog.text
     assert any("unknown action skipped" in r.getMessage() for r in caplog.records)

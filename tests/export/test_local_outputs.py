@@ -1,5 +1,6 @@
 """Local outputs other users cannot squat or read: 0600 files, no world-writable
 directories, no symlinks, Unix socket listeners checked with SO_PEERCRED."""
+
 import os
 import stat
 import subprocess
@@ -8,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from xdpml.wire.columns import ColumnBatch
 from xdpml.agent.export.sinks import JsonLinesSink, UnixSocketSink, batch_lines
+
 from xdpml.errors import OutputError
+from xdpml.wire.columns import ColumnBatch
 
 ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -72,8 +73,13 @@ def test_unsafe_output_paths_are_refused_with_one_line(tmp_path):
 
 def test_cli_bad_output_path_is_one_clear_line(tmp_path):
     xdpml = str(Path(sys.executable).parent / "xdpml")
-    r = subprocess.run([xdpml, "agent", "-i", "lo", "-o", str(tmp_path / "missing" / "f.jsonl")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [xdpml, "agent", "-i", "lo", "-o", str(tmp_path / "missing" / "f.jsonl")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == OutputError.exit_code
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "no such file or directory" in lines[0]
@@ -104,8 +110,14 @@ def test_socket_in_a_world_writable_directory_is_refused(tmp_path):
 
 
 def _listener_as_nobody(path: Path) -> subprocess.Popen:
-    p = subprocess.Popen(["/usr/bin/python3", "-c", LISTENER, str(path)], stdout=subprocess.PIPE,
-                         text=True, user=NOBODY, group=NOBODY, cwd="/")
+    p = subprocess.Popen(
+        ["/usr/bin/python3", "-c", LISTENER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        user=NOBODY,
+        group=NOBODY,
+        cwd="/",
+    )
     assert p.stdout.readline().strip() == "ready"
     return p
 

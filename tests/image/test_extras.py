@@ -4,6 +4,7 @@ xdpml[agent]'s requirement closure, or by Debian (bcc); the same for the collect
 xdpml[collector]; and the agent's closure holds no scikit-learn, scipy, pyarrow,
 onnxruntime or joblib. The closures are read from the installed metadata of this venv
 (importlib.metadata), the imports from the source (ast), so neither is written here."""
+
 from __future__ import annotations
 
 import ast
@@ -32,7 +33,7 @@ def module_file(name: str) -> Path | None:
     parts = name.split(".")
     for pkg, folder in MAPPED.items():
         if name == pkg or name.startswith(pkg + "."):
-            parts = [folder, *name[len(pkg) + 1:].split(".")] if name != pkg else [folder]
+            parts = [folder, *name[len(pkg) + 1 :].split(".")] if name != pkg else [folder]
     base = ROOT.joinpath(*[p for p in parts if p])
     for p in (base.with_suffix(".py"), base / "__init__.py"):
         if p.exists():
@@ -77,8 +78,10 @@ def reachable(start: list[str], exclude: tuple[str, ...] = ()) -> tuple[set[str]
 
 def all_modules(package: str) -> list[str]:
     """Module names of a top-level folder: agent/ is xdpml.agent, collector/ xdpml.collector."""
-    return [".".join(("xdpml", *p.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__")
-            for p in (ROOT / package).rglob("*.py")]
+    return [
+        ".".join(("xdpml", *p.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__")
+        for p in (ROOT / package).rglob("*.py")
+    ]
 
 
 def closure(extra: str) -> set[str]:
@@ -112,18 +115,21 @@ def providers(top: str) -> set[str]:
 def agent_side() -> tuple[set[str], set[str]]:
     # Everything of agent/ and the CLI; not the collector's subcommand nor the demo,
     # which runs both sides (xdpml[demo]).
-    return reachable(all_modules("agent") + ["xdpml.cli", "xdpml.obs.telemetry", "xdpml.obs.logs"],
-                     # `xdpml model compile` reads scikit-learn models: a training-side tool,
-                     # run where xdpml[collector] is installed (its error says so elsewhere)
-                     exclude=("xdpml.collector", "xdpml.cli.collector", "xdpml.cli.demo",
-                              "xdpml.models.cli_commands"))
+    return reachable(
+        all_modules("agent") + ["xdpml.cli", "xdpml.obs.telemetry", "xdpml.obs.logs"],
+        # `xdpml model compile` reads scikit-learn models: a training-side tool,
+        # run where xdpml[collector] is installed (its error says so elsewhere)
+        exclude=("xdpml.collector", "xdpml.cli.collector", "xdpml.cli.demo", "xdpml.models.cli_commands"),
+    )
 
 
 def collector_side() -> tuple[set[str], set[str]]:
     # the collector package and its subcommand (xdpml collector)
     # (the CLI package's own __init__ wires the agent's commands too: not the collector's)
-    return reachable(all_modules("collector") + ["xdpml.cli.collector", "xdpml.obs.telemetry", "xdpml.obs.logs"],
-                     exclude=("xdpml.agent", "xdpml.datapath", "xdpml.kube", "xdpml.cli.demo", "xdpml.enforce"))
+    return reachable(
+        all_modules("collector") + ["xdpml.cli.collector", "xdpml.obs.telemetry", "xdpml.obs.logs"],
+        exclude=("xdpml.agent", "xdpml.datapath", "xdpml.kube", "xdpml.cli.demo", "xdpml.enforce"),
+    )
 
 
 def test_the_agent_never_imports_the_collector():
@@ -174,16 +180,24 @@ def test_base_dependencies_are_what_both_sides_import():
 
 def test_optional_import_is_guarded():
     tree = ast.parse((ROOT / "collector" / "models.py").read_text())
-    guarded = [t for t in ast.walk(tree) if isinstance(t, ast.Try)
-               and any(isinstance(n, ast.Import) and n.names[0].name == "pandas" for n in t.body)
-               and any(isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in t.handlers)]
+    guarded = [
+        t
+        for t in ast.walk(tree)
+        if isinstance(t, ast.Try)
+        and any(isinstance(n, ast.Import) and n.names[0].name == "pandas" for n in t.body)
+        and any(isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in t.handlers)
+    ]
     assert guarded
 
 
 def test_install_script_installs_each_image_its_extra():
     def dry(*args: str) -> dict[str, str]:
-        r = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), *args, "--dry-run"],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "install.sh"), *args, "--dry-run"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode == 0, r.stderr
         return dict(line.split(": ", 1) for line in r.stdout.splitlines())
 
@@ -209,7 +223,7 @@ def test_cli_names_the_extra_a_missing_module_belongs_to():
     _, agent = agent_side()
     _, coll = collector_side()
     expected = {top: "agent" for top in agent - coll} | {top: "collector" for top in coll - agent - OPTIONAL}
-    assert EXTRA_OF_MODULE == expected
+    assert expected == EXTRA_OF_MODULE
 
 
 def test_a_missing_extra_is_one_line(monkeypatch, capsys):
@@ -229,5 +243,7 @@ def test_a_missing_extra_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", no_grpc_health)
     assert cli.main(["collector", "--listen", "127.0.0.1:0"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["xdpml collector: this install has no grpc_health.v1: the collector needs it "
-                   "(pip install 'xdpml[collector]'; in containers, the collector image)"]
+    assert err == [
+        "xdpml collector: this install has no grpc_health.v1: the collector needs it "
+        "(pip install 'xdpml[collector]'; in containers, the collector image)"
+    ]

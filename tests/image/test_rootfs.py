@@ -6,6 +6,7 @@ DaemonSet's own start command, attaches to a veth and exports real flows to the
 collector from its root filesystem (as uid 10001), which scores them; the collector also
 scores a synthetic batch with a port scan. Each root filesystem's size is printed, and
 the agent's must not hold scikit-learn, scipy or pyarrow."""
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from xdpml.wire.columns import ip_to_str
-from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
-from xdpml.agent.export.synthetic import flow_batch
 from grpc_fixtures import free_port
 from netns import make_hosts
+from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
+from xdpml.agent.export.synthetic import flow_batch
+
+from xdpml.wire.columns import ip_to_str
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -51,8 +52,12 @@ def _build_both(out: Path):
     procs = {}
     for target in ("agent", "collector"):
         log = open(out / f"{target}.log", "w")
-        procs[target] = subprocess.Popen([sys.executable, str(BUILDER), "build", target, "--out",
-                                          str(out / target)], stdout=subprocess.PIPE, stderr=log, text=True)
+        procs[target] = subprocess.Popen(
+            [sys.executable, str(BUILDER), "build", target, "--out", str(out / target)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
         log.close()
     configs = {}
     for target, p in procs.items():
@@ -72,8 +77,9 @@ def run_args(rootfs: str, *args: str, binds: tuple[str, ...] = (), entrypoint: s
 
 
 def python_in(config: dict, code: str) -> str:
-    r = subprocess.run(run_args(config["rootfs"], "-c", code, entrypoint="python"),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        run_args(config["rootfs"], "-c", code, entrypoint="python"), capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
@@ -82,8 +88,12 @@ FIND = "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] 
 
 
 def importable(config: dict, *modules: str) -> set[str]:
-    r = subprocess.run(run_args(config["rootfs"], "-c", FIND, *modules, entrypoint="python"),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        run_args(config["rootfs"], "-c", FIND, *modules, entrypoint="python"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     return set(r.stdout.split())
 
@@ -102,16 +112,27 @@ def test_sizes_and_package_sets(images, capsys):
     agent, coll = images["agent"], images["collector"]
     with capsys.disabled():
         for c in (agent, coll):
-            print(f"\n[rootfs] {c['target']}: {c['size_bytes'] / 1e6:.0f} MB "
-                  f"({(c['size_bytes'] - c['base_size_bytes']) / 1e6:.0f} MB over the "
-                  f"{c['base_size_bytes'] / 1e6:.0f} MB debootstrap base), built in {c['build_seconds']:.0f} s")
+            print(
+                f"\n[rootfs] {c['target']}: {c['size_bytes'] / 1e6:.0f} MB "
+                f"({(c['size_bytes'] - c['base_size_bytes']) / 1e6:.0f} MB over the "
+                f"{c['base_size_bytes'] / 1e6:.0f} MB debootstrap base), built in {c['build_seconds']:.0f} s"
+            )
     # the agent: BCC and its own libraries, none of the collector's
-    assert importable(agent, "bcc", "pyroute2", "kubernetes", "yaml", "xdpml.datapath.loader", *COLLECTOR_ONLY) == \
-        {"bcc", "pyroute2", "kubernetes", "yaml", "xdpml.datapath.loader"}
+    assert importable(agent, "bcc", "pyroute2", "kubernetes", "yaml", "xdpml.datapath.loader", *COLLECTOR_ONLY) == {
+        "bcc",
+        "pyroute2",
+        "kubernetes",
+        "yaml",
+        "xdpml.datapath.loader",
+    }
     assert not distributions(agent["rootfs"]) & {"scikit-learn", "scipy", "pyarrow", "onnxruntime", "joblib"}
     # the collector: the models and Parquet, nothing of BCC or Kubernetes
-    assert importable(coll, "sklearn", "pyarrow", "onnxruntime", "joblib", "bcc", "pyroute2", "kubernetes") == \
-        {"sklearn", "pyarrow", "onnxruntime", "joblib"}
+    assert importable(coll, "sklearn", "pyarrow", "onnxruntime", "joblib", "bcc", "pyroute2", "kubernetes") == {
+        "sklearn",
+        "pyarrow",
+        "onnxruntime",
+        "joblib",
+    }
     assert not Path(coll["rootfs"], "usr/lib/python3/dist-packages/bcc").exists()
     # what the chart relies on: the agent runs as root, the collector as uid 10001
     assert agent["user"] == "root" and coll["user"] == "10001:10001"
@@ -121,14 +142,18 @@ def test_sizes_and_package_sets(images, capsys):
     assert not Path(agent["rootfs"], "opt/xdpml/tests").exists()  # .dockerignore honoured
     assert list(Path(agent["rootfs"], "usr/src").glob("linux-headers-*-amd64"))  # the headers fallback
     # the other side's command in an image says in one line what is missing
-    for config, cmd, missing in ((agent, ["collector", "--listen", "127.0.0.1:0"], "grpc_health"),
-                                 (coll, ["agent", "-i", "lo", "--duration", "1"], "bcc")):
+    for config, cmd, missing in (
+        (agent, ["collector", "--listen", "127.0.0.1:0"], "grpc_health"),
+        (coll, ["agent", "-i", "lo", "--duration", "1"], "bcc"),
+    ):
         r = subprocess.run(run_args(config["rootfs"], *cmd), capture_output=True, text=True, timeout=120)
         assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
         last = r.stderr.strip().splitlines()[-1]
         # the first agent-only module the command imports: bcc (Debian) or pyroute2
-        assert any(last.startswith(f"xdpml {cmd[0]}: this install has no {m}")
-                   for m in ((missing,) if isinstance(missing, str) else missing)), last
+        assert any(
+            last.startswith(f"xdpml {cmd[0]}: this install has no {m}")
+            for m in ((missing,) if isinstance(missing, str) else missing)
+        ), last
 
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -158,11 +183,27 @@ def test_agent_image_exports_flows_to_the_collector_image(images, tmp_path):
     scored = shared / "scored.jsonl"
     coll_log = tmp_path / "collector.log"
     with open(coll_log, "w") as f:
-        coll = subprocess.Popen(run_args(images["collector"]["rootfs"], "collector", "--listen",
-                                         f"127.0.0.1:{port}", "--baseline-rows", "2000", "--learn-from", "any", "--state-dir",
-                                         "/out/state", "--jsonl", "/out/scored.jsonl", "--parquet",
-                                         "/out/scored.parquet", binds=(f"{shared}:/out",)),
-                                stdout=f, stderr=subprocess.STDOUT)
+        coll = subprocess.Popen(
+            run_args(
+                images["collector"]["rootfs"],
+                "collector",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--baseline-rows",
+                "2000",
+                "--learn-from",
+                "any",
+                "--state-dir",
+                "/out/state",
+                "--jsonl",
+                "/out/scored.jsonl",
+                "--parquet",
+                "/out/scored.parquet",
+                binds=(f"{shared}:/out",),
+            ),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     agent = None
     try:
         _wait_for(coll_log, "listening on port", coll, 120)
@@ -174,8 +215,10 @@ def test_agent_image_exports_flows_to_the_collector_image(images, tmp_path):
         def flagged() -> set[tuple[str, int]]:
             return {(ip_to_str(v.key.src_ip), v.key.dst_port) for vb in list(verdicts) for v in vb.verdicts}
 
-        with GrpcExporter(ExporterSettings(target=f"127.0.0.1:{port}", node_name="node-img", flush_age_s=0.05),
-                          on_verdicts=verdicts.append) as ex:
+        with GrpcExporter(
+            ExporterSettings(target=f"127.0.0.1:{port}", node_name="node-img", flush_age_s=0.05),
+            on_verdicts=verdicts.append,
+        ) as ex:
             ex.put(normal)
             end = time.monotonic() + 60
             while ex.stats()["sent_rows"] < 2500 and time.monotonic() < end:
@@ -191,15 +234,40 @@ def test_agent_image_exports_flows_to_the_collector_image(images, tmp_path):
         # 2. the agent image on a real veth, started as the DaemonSet starts it
         with make_hosts(80) as (h,):
             agent_log = tmp_path / "agent.log"
-            binds = ("/lib/modules:/lib/modules:ro", "/usr/src:/usr/src:ro", "/sys/fs/bpf:/sys/fs/bpf",
-                     f"{shared}:/out")
+            binds = (
+                "/lib/modules:/lib/modules:ro",
+                "/usr/src:/usr/src:ro",
+                "/sys/fs/bpf:/sys/fs/bpf",
+                f"{shared}:/out",
+            )
             with open(agent_log, "w") as f:
                 agent = subprocess.Popen(
-                    run_args(images["agent"]["rootfs"], "-c", daemonset_command(), "xdpml", "agent", "-i",
-                             h.host_if, "--collector", f"127.0.0.1:{port}", "--node-name", "node-img",
-                             "--output", "/out/flows.jsonl", "--idle-timeout", "1", "--interval", "0.2",
-                             "--summary-interval", "0", binds=binds, entrypoint="/bin/sh"),
-                    stdout=f, stderr=subprocess.STDOUT)
+                    run_args(
+                        images["agent"]["rootfs"],
+                        "-c",
+                        daemonset_command(),
+                        "xdpml",
+                        "agent",
+                        "-i",
+                        h.host_if,
+                        "--collector",
+                        f"127.0.0.1:{port}",
+                        "--node-name",
+                        "node-img",
+                        "--output",
+                        "/out/flows.jsonl",
+                        "--idle-timeout",
+                        "1",
+                        "--interval",
+                        "0.2",
+                        "--summary-interval",
+                        "0",
+                        binds=binds,
+                        entrypoint="/bin/sh",
+                    ),
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
             _wait_for(agent_log, f"attached {h.host_if}", agent, 300)
             h.run(f"ping -c {PINGS} -i 0.05 {h.host_ip}", capture=True)
             end = time.monotonic() + 60

@@ -1,13 +1,14 @@
 """The agent's OpenTelemetry metrics on the Prometheus endpoint match what it did."""
+
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
-from xdpml.config import AgentSettings, HarvestSettings, InterfaceSettings
-from xdpml.agent.pipeline import Agent, register_observables
 from harness import MemorySink, flow_between
 from netns import make_hosts
+from prometheus_client.parser import text_string_to_metric_families
+from xdpml.agent.pipeline import Agent, register_observables
+
+from xdpml.config import AgentSettings, HarvestSettings, InterfaceSettings
 from xdpml.obs.telemetry import Telemetry, TelemetrySettings
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -26,12 +27,20 @@ def test_agent_metrics_on_prometheus_endpoint():
     # IPv6 stays on: a fresh veth sends neighbour discovery / MLD packets of its own, and
     # those background flows must be counted like any other, not hidden.
     with make_hosts(41) as (h,):
-        tel = Telemetry.from_settings(TelemetrySettings(service_name="xdpml-agent", prometheus_port=0,
-                                                        prometheus_host="127.0.0.1"))
+        tel = Telemetry.from_settings(
+            TelemetrySettings(service_name="xdpml-agent", prometheus_port=0, prometheus_host="127.0.0.1")
+        )
         sink = MemorySink()
-        agent = Agent(AgentSettings(interfaces=InterfaceSettings(names=[h.host_if]),
-                                    harvest=HarvestSettings(idle_timeout_s=1, interval_s=0.2), summary_interval_s=0),
-                      interfaces=[h.host_if], sinks=[sink], telemetry=tel)
+        agent = Agent(
+            AgentSettings(
+                interfaces=InterfaceSettings(names=[h.host_if]),
+                harvest=HarvestSettings(idle_timeout_s=1, interval_s=0.2),
+                summary_interval_s=0,
+            ),
+            interfaces=[h.host_if],
+            sinks=[sink],
+            telemetry=tel,
+        )
         register_observables(tel, lambda: agent)
         agent.start(attach_timeout_s=90)
         try:
@@ -57,8 +66,9 @@ def test_agent_metrics_on_prometheus_endpoint():
     by_reason: dict[str, int] = {}
     for r in all_rows:
         by_reason[reason[r["expiration_id"]]] = by_reason.get(reason[r["expiration_id"]], 0) + 1
-    metric_by_reason = {dict(labels)["reason"]: v for (name, labels), v in m.items()
-                        if name == "xdpml_agent_flows_total"}
+    metric_by_reason = {
+        dict(labels)["reason"]: v for (name, labels), v in m.items() if name == "xdpml_agent_flows_total"
+    }
     assert metric_by_reason == by_reason
     iface = (("direction", "src2dst"), ("interface", h.host_if))
     assert m[("xdpml_agent_packets_total", iface)] == sum(r["src2dst_packets"] for r in all_rows)

@@ -1,6 +1,7 @@
 """The agent after faults and careless use: kill -9 then restart, cleanup of one
 interface while other agents run, an interface deleted and re-added, the exit code
 of a run that delivered nothing, loopback-only endpoints, and the summary's `lost`."""
+
 import json
 import logging
 import os
@@ -16,15 +17,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
-from xdpml.datapath.loader import owner_alive, prog_name, xdp_state
-from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings
-from xdpml.agent.pipeline import Agent, register_observables
 from grpc_fixtures import free_port
 from harness import MemorySink, flow_between, running_agent
 from netns import _teardown, create_host, make_hosts, sh
+from prometheus_client.parser import text_string_to_metric_families
 from test_crosscheck import scapy_send
+from xdpml.agent.pipeline import Agent, register_observables
+
+from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings
+from xdpml.datapath.loader import owner_alive, prog_name, xdp_state
 from xdpml.errors import DataLoss
 from xdpml.obs.telemetry import Telemetry, TelemetrySettings
 
@@ -41,8 +42,12 @@ class Started:
     """An `xdpml agent` process whose log lines (stdout) are collected."""
 
     def __init__(self, *args: str, output: str = "/dev/null") -> None:
-        self.p = subprocess.Popen([XDPML, "agent", *args, "-o", output, "--summary-interval", "0"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(
+            [XDPML, "agent", *args, "-o", output, "--summary-interval", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=lambda: [self.lines.put(x) for x in self.p.stdout], daemon=True).start()
@@ -117,16 +122,30 @@ def test_cleanup_of_one_interface_while_another_agent_runs(foreign_tc):
         with IPRoute() as ipr:  # another tool's filter beside ours on the interface to clean
             idx = ipr.link_lookup(ifname=dead.host_if)[0]
             ipr.tc("add", "clsact", idx)
-            ipr.tc("add-filter", "bpf", idx, ":1", fd=foreign_tc.fd, name="other_tc", prio=1, classid=1,
-                   direct_action=True, parent=0xFFFFFFF2)
+            ipr.tc(
+                "add-filter",
+                "bpf",
+                idx,
+                ":1",
+                fd=foreign_tc.fd,
+                name="other_tc",
+                prio=1,
+                classid=1,
+                direct_action=True,
+                parent=0xFFFFFFF2,
+            )
         running = Started("-i", live.host_if)
         try:
             killed = Started("-i", dead.host_if)
             os.kill(killed.pid, signal.SIGKILL)
             killed.p.wait(10)
             # a second agent may not take a live agent's interface
-            r = subprocess.run([XDPML, "agent", "-i", live.host_if, "-o", "/dev/null", "--duration", "1"],
-                               capture_output=True, text=True, timeout=180)
+            r = subprocess.run(
+                [XDPML, "agent", "-i", live.host_if, "-o", "/dev/null", "--duration", "1"],
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
             assert r.returncode == 1
             assert f"another running xdpml agent (pid {running.pid})" in r.stdout
             r = subprocess.run([XDPML, "cleanup", "--interface", dead.host_if], capture_output=True, text=True)
@@ -141,8 +160,11 @@ def test_cleanup_of_one_interface_while_another_agent_runs(foreign_tc):
             assert owner_alive(owner) == (True, running.pid)  # untouched, and its agent answers
             # From a PID namespace that cannot see the agent's process (a pod without hostPID):
             # still recognised as live through its abstract socket, and left alone.
-            r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", XDPML, "cleanup", "--interface",
-                                live.host_if], capture_output=True, text=True)
+            r = subprocess.run(
+                ["unshare", "--pid", "--fork", "--mount-proc", XDPML, "cleanup", "--interface", live.host_if],
+                capture_output=True,
+                text=True,
+            )
             assert r.returncode == 1 and "in a PID namespace not visible here" in r.stderr, r.stderr
             assert owner_alive(owner) == (True, running.pid)
             assert f"xdpml_tc_egress@{owner} " in tc_filters(live.host_if, "egress")
@@ -153,24 +175,23 @@ def test_cleanup_of_one_interface_while_another_agent_runs(foreign_tc):
 
 def test_deleted_and_readded_interface_is_attached_again(caplog):
     caplog.set_level(logging.INFO, logger="xdpml.agent")
-    with make_hosts(54) as (h,):
-        with running_agent([h.host_if]) as (agent, sink):
-            old_index = agent.datapath.attachments[0].ifindex
-            h.run(f"ping -c 2 -i 0.05 {h.host_ip}", capture=True)
-            assert len(sink.wait_rows("flow", flow_between(h.ns_ip, h.host_ip, 1))) == 1
-            _teardown(h)  # the veth pair and the namespace are gone...
-            create_host(54)  # ...and back, with the same names and a new ifindex
-            new_index = socket.if_nametoindex(h.host_if)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not any(
-                    a.ifindex == new_index for a in list(agent.datapath.attachments)):
-                time.sleep(0.05)
-            assert [a.ifindex for a in agent.datapath.attachments] == [new_index] != [old_index]
-            assert "xdpml_tc_egress" in tc_filters(h.host_if, "egress")
-            h.run(f"ping -c 3 -i 0.05 {h.host_ip}", capture=True)
-            rows = sink.wait_rows("flow", lambda r: flow_between(h.ns_ip, h.host_ip, 1)(r)
-                                  and r["src2dst_packets"] == 3, count=1)
-            assert len(rows) == 1 and rows[0]["dst2src_packets"] == 3 and rows[0]["interface"] == h.host_if
+    with make_hosts(54) as (h,), running_agent([h.host_if]) as (agent, sink):
+        old_index = agent.datapath.attachments[0].ifindex
+        h.run(f"ping -c 2 -i 0.05 {h.host_ip}", capture=True)
+        assert len(sink.wait_rows("flow", flow_between(h.ns_ip, h.host_ip, 1))) == 1
+        _teardown(h)  # the veth pair and the namespace are gone...
+        create_host(54)  # ...and back, with the same names and a new ifindex
+        new_index = socket.if_nametoindex(h.host_if)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(a.ifindex == new_index for a in list(agent.datapath.attachments)):
+            time.sleep(0.05)
+        assert [a.ifindex for a in agent.datapath.attachments] == [new_index] != [old_index]
+        assert "xdpml_tc_egress" in tc_filters(h.host_if, "egress")
+        h.run(f"ping -c 3 -i 0.05 {h.host_ip}", capture=True)
+        rows = sink.wait_rows(
+            "flow", lambda r: flow_between(h.ns_ip, h.host_ip, 1)(r) and r["src2dst_packets"] == 3, count=1
+        )
+        assert len(rows) == 1 and rows[0]["dst2src_packets"] == 3 and rows[0]["interface"] == h.host_if
     text = caplog.text
     assert f"{h.host_if} was deleted (ifindex {old_index})" in text
     assert f"{h.host_if} is back (ifindex {new_index}): attached again" in text
@@ -179,26 +200,36 @@ def test_deleted_and_readded_interface_is_attached_again(caplog):
 
 def scrape(port: int) -> dict:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_summary_lost_equals_the_metric_and_xdp_on_a_veth_says_generic(caplog):
     caplog.set_level(logging.INFO)
     with make_hosts(55, ipv6=False) as (h,):
-        tel = Telemetry.from_settings(TelemetrySettings(service_name="xdpml-agent", prometheus_port=0,
-                                                        prometheus_host="127.0.0.1"))
-        settings = AgentSettings(interfaces=InterfaceSettings(names=[h.host_if], hooks="xdp"),
-                                 datapath=DatapathSettings(flow_table_size=1024),
-                                 harvest=HarvestSettings(idle_timeout_s=600, interval_s=0.2), summary_interval_s=0)
+        tel = Telemetry.from_settings(
+            TelemetrySettings(service_name="xdpml-agent", prometheus_port=0, prometheus_host="127.0.0.1")
+        )
+        settings = AgentSettings(
+            interfaces=InterfaceSettings(names=[h.host_if], hooks="xdp"),
+            datapath=DatapathSettings(flow_table_size=1024),
+            harvest=HarvestSettings(idle_timeout_s=600, interval_s=0.2),
+            summary_interval_s=0,
+        )
         agent = Agent(settings, interfaces=[h.host_if], sinks=[MemorySink()], telemetry=tel)
         register_observables(tel, lambda: agent)
         try:
             agent.start(attach_timeout_s=90)
             assert agent.datapath.attachments[0].hooks == ["xdp:generic"]
             mac_h, mac_n = h.mac(False), h.mac(True)
-            scapy_send(h, f"[Ether(src='{mac_n}', dst='{mac_h}')/IP(src='10.79.0.1', dst='10.79.0.2')"
-                          f"/UDP(sport=10000 + i, dport=53) for i in range(1100)]")
+            scapy_send(
+                h,
+                f"[Ether(src='{mac_n}', dst='{mac_h}')/IP(src='10.79.0.1', dst='10.79.0.2')"
+                f"/UDP(sport=10000 + i, dport=53) for i in range(1100)]",
+            )
             agent.stop()
             m = scrape(tel.prometheus_port)
         finally:
@@ -220,8 +251,19 @@ def test_an_agent_that_delivered_nothing_exits_with_data_loss_and_serves_loopbac
     health, metrics, collector = free_port(), free_port(), free_port()  # nothing listens on the collector
     out = tmp_path / "local.jsonl"
     with make_hosts(59) as (h,):
-        agent = Started("-i", h.host_if, "--collector", f"127.0.0.1:{collector}", "-w", "2",
-                        "--health-port", str(health), "--metrics-port", str(metrics), output=str(out))
+        agent = Started(
+            "-i",
+            h.host_if,
+            "--collector",
+            f"127.0.0.1:{collector}",
+            "-w",
+            "2",
+            "--health-port",
+            str(health),
+            "--metrics-port",
+            str(metrics),
+            output=str(out),
+        )
         try:
             h.run(f"ping -c 3 -i 0.05 {h.host_ip}", capture=True)
             assert urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=5).status == 200

@@ -1,5 +1,6 @@
 """Attach and detach: never replace another program, nothing left after SIGTERM,
 `xdpml cleanup` after kill -9."""
+
 import os
 import signal
 import subprocess
@@ -8,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from xdpml.datapath.loader import AttachError, Datapath, prog_name, xdp_state
-from xdpml.config import AgentSettings
 from netns import make_hosts, sh
+
+from xdpml.config import AgentSettings
+from xdpml.datapath.loader import AttachError, Datapath, prog_name, xdp_state
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 XDPML = str(Path(sys.executable).parent / "xdpml")
@@ -27,8 +28,9 @@ def start_agent(*args) -> subprocess.Popen:
     import threading
 
     # with a file output, logs go to stdout (docs: `kubectl logs`)
-    p = subprocess.Popen([XDPML, "agent", *args, "-o", "/dev/null", "--summary-interval", "0"],
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [XDPML, "agent", *args, "-o", "/dev/null", "--summary-interval", "0"], stdout=subprocess.PIPE, text=True
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in p.stdout], daemon=True).start()
     want = sum(1 for a in args if a == "-i")
@@ -54,8 +56,10 @@ def foreign_xdp():
     """Another tool's XDP program (a plain XDP_PASS, named other_xdp)."""
     from bcc import BPF
 
-    b = BPF(text=b"int other_xdp(struct xdp_md *ctx) { return XDP_PASS; }\n"
-                 b"int other_tc(struct __sk_buff *skb) { return -1; }")
+    b = BPF(
+        text=b"int other_xdp(struct xdp_md *ctx) { return XDP_PASS; }\n"
+        b"int other_tc(struct __sk_buff *skb) { return -1; }"
+    )
     fn = b.load_func(b"other_xdp", BPF.XDP)
     yield b, fn
     b.cleanup()
@@ -71,10 +75,20 @@ def add_foreign_tc(b, dev: str, direction: str) -> None:
         idx = ipr.link_lookup(ifname=dev)[0]
         try:
             ipr.tc("add", "clsact", idx)
-        except Exception:  # noqa: BLE001 - already there
+        except Exception:
             pass
-        ipr.tc("add-filter", "bpf", idx, ":1", fd=fn.fd, name="other_tc", prio=1, classid=1,
-               direct_action=True, parent=0xFFFFFFF3 if direction == "egress" else 0xFFFFFFF2)
+        ipr.tc(
+            "add-filter",
+            "bpf",
+            idx,
+            ":1",
+            fd=fn.fd,
+            name="other_tc",
+            prio=1,
+            classid=1,
+            direct_action=True,
+            parent=0xFFFFFFF3 if direction == "egress" else 0xFFFFFFF2,
+        )
 
 
 def test_other_xdp_program_is_left_alone(foreign_xdp):

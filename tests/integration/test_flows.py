@@ -1,10 +1,10 @@
 """Flow features from real traffic over veth pairs, against independent ground truth."""
+
 import socket
 import threading
 
 import numpy as np
 import pytest
-
 from harness import flow_between, running_agent, sample_std
 from netns import make_hosts
 
@@ -36,9 +36,11 @@ def udp_echo_server(ip: str, port: int, reply_sizes: list[int], family=socket.AF
 
 
 def udp_client_script(dst: str, port: int, sizes: list[int], gap_s: float, family: str = "AF_INET") -> str:
-    return (f"import socket,time; s=socket.socket(socket.{family},socket.SOCK_DGRAM); s.settimeout(5)\n"
-            f"for n in {sizes}:\n"
-            f"    s.sendto(b'q'*n, ('{dst}', {port})); s.recvfrom(65535); time.sleep({gap_s})\n")
+    return (
+        f"import socket,time; s=socket.socket(socket.{family},socket.SOCK_DGRAM); s.settimeout(5)\n"
+        f"for n in {sizes}:\n"
+        f"    s.sendto(b'q'*n, ('{dst}', {port})); s.recvfrom(65535); time.sleep({gap_s})\n"
+    )
 
 
 @pytest.mark.parametrize("version", [4, 6])
@@ -50,7 +52,9 @@ def test_udp_request_response_exact(env, version):
     host_ip, ns_ip = (h.host_ip, h.ns_ip) if version == 4 else (h.host_ip6, h.ns_ip6)
     fam = socket.AF_INET if version == 4 else socket.AF_INET6
     t = udp_echo_server(host_ip, port, reply, fam)
-    h.run(f"/usr/bin/python3 -c \"{udp_client_script(host_ip, port, send, 0.03, 'AF_INET' if version == 4 else 'AF_INET6')}\"")
+    h.run(
+        f'/usr/bin/python3 -c "{udp_client_script(host_ip, port, send, 0.03, "AF_INET" if version == 4 else "AF_INET6")}"'
+    )
     t.join(5)
     l3 = IP4 if version == 4 else IP6
     fwd = [ETH + l3 + UDP + n for n in send]
@@ -109,8 +113,10 @@ def test_tcp_connection_flags_and_end(env):
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    h.run("/usr/bin/python3 -c \"import socket; s=socket.create_connection(('%s', 8081)); "
-          "s.sendall(b'x'*3000); n=0\nwhile n < 100: n += len(s.recv(1000))\ns.close()\"" % h.host_ip)
+    h.run(
+        "/usr/bin/python3 -c \"import socket; s=socket.create_connection(('%s', 8081)); "
+        "s.sendall(b'x'*3000); n=0\nwhile n < 100: n += len(s.recv(1000))\ns.close()\"" % h.host_ip
+    )
     t.join(5)
     rows = sink.wait_rows("flow", flow_between(h.ns_ip, h.host_ip, 6, 8081))
     assert len(rows) == 1

@@ -7,12 +7,12 @@ call, so the kernel's timestamp of packet i lies between the CLOCK_MONOTONIC rea
 taken just before and just after it (bpf_ktime_get_ns is CLOCK_MONOTONIC). Each bound
 below follows from those windows, so it is as tight as the measured jitter allows and
 holds however loaded the machine is."""
+
 import socket
 import time
 
 import numpy as np
 import pytest
-
 from harness import flow_between, running_agent
 from netns import make_hosts
 

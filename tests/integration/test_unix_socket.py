@@ -1,4 +1,5 @@
 """Seed 001's Unix-socket output: JSON lines to a consumer, and no stall without one."""
+
 import json
 import socket
 import subprocess
@@ -8,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from netns import make_hosts
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -37,8 +37,24 @@ def test_flows_stream_to_a_unix_socket_consumer(tmp_path):
     t = threading.Thread(target=consume, daemon=True)
     t.start()
     with make_hosts(42) as (h,):
-        p = subprocess.Popen([XDPML, "agent", "-i", h.host_if, "--unix-socket", path, "--idle-timeout", "1",
-                              "--interval", "0.2", "--summary-interval", "0"], stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [
+                XDPML,
+                "agent",
+                "-i",
+                h.host_if,
+                "--unix-socket",
+                path,
+                "--idle-timeout",
+                "1",
+                "--interval",
+                "0.2",
+                "--summary-interval",
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline and "attached" not in p.stdout.readline():
@@ -58,9 +74,10 @@ def test_flows_stream_to_a_unix_socket_consumer(tmp_path):
 
 
 def test_missing_consumer_drops_and_counts_without_stalling(tmp_path):
-    from xdpml.wire.columns import ColumnBatch
-    from xdpml.agent.export.sinks import UnixSocketSink
     import numpy as np
+    from xdpml.agent.export.sinks import UnixSocketSink
+
+    from xdpml.wire.columns import ColumnBatch
 
     sink = UnixSocketSink(str(tmp_path / "nobody.sock"))
     b = ColumnBatch("flow", {"x": np.arange(5)})

@@ -1,11 +1,11 @@
 """Seed-000 window features over every packet of an interface, exact for sizes,
 payloads, unique counts and protocol mix; timing within scheduling noise."""
+
 import json
 import socket
 
 import numpy as np
 import pytest
-
 from harness import running_agent
 from netns import make_hosts
 
@@ -14,13 +14,15 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 def send_udp(h, dst: str, sends: list[tuple[int, int, int]], gap_s: float) -> None:
     """sends: (src_port, dst_port, payload) per datagram, gap_s apart."""
-    script = ("import socket,time\n"
-              f"for sp, dp, n in {sends}:\n"
-              "    s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-              "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-              "    s.bind(('0.0.0.0', sp))\n"
-              f"    s.sendto(b'z'*n, ('{dst}', dp)); s.close(); time.sleep({gap_s})\n")
-    h.run(f"/usr/bin/python3 -c \"{script}\"")
+    script = (
+        "import socket,time\n"
+        f"for sp, dp, n in {sends}:\n"
+        "    s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "    s.bind(('0.0.0.0', sp))\n"
+        f"    s.sendto(b'z'*n, ('{dst}', dp)); s.close(); time.sleep({gap_s})\n"
+    )
+    h.run(f'/usr/bin/python3 -c "{script}"')
 
 
 def test_windows_of_n_packets():
@@ -66,6 +68,7 @@ def test_windows_of_t_seconds():
         with running_agent([h.host_if], window_seconds=0.25, idle_timeout_s=60) as (_, sink):
             send_udp(h, h.host_ip, sends[:3], 0.02)
             import time
+
             time.sleep(0.6)
             send_udp(h, h.host_ip, sends[3:], 0.02)
             sink.wait_rows("window", lambda r: r["interface"] == h.host_if, count=2)

@@ -1,14 +1,14 @@
 """Fixtures: a fake API server on loopback and a real kubernetes ApiClient pointed at it."""
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from kubernetes import client as k8s_client
 
 from .fakeapi import FakeKubeAPI
-
 
 
 @pytest.fixture
@@ -40,20 +40,35 @@ def wait_for(cond: Callable[[], object], timeout_s: float = 10.0, what: str = "c
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def pod(name: str, *, ip: str = "", node: str = "node-a", namespace: str = "default",
-        labels: dict | None = None, owner: tuple[str, str] | None = None, host_network: bool = False,
-        host_ip: str = "192.168.50.1", phase: str = "Running") -> dict:
+def pod(
+    name: str,
+    *,
+    ip: str = "",
+    node: str = "node-a",
+    namespace: str = "default",
+    labels: dict | None = None,
+    owner: tuple[str, str] | None = None,
+    host_network: bool = False,
+    host_ip: str = "192.168.50.1",
+    phase: str = "Running",
+) -> dict:
     meta: dict = {"name": name, "namespace": namespace, "labels": dict(labels or {})}
     if owner:
-        meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": owner[0], "name": owner[1],
-                                    "uid": f"uid-{owner[1]}", "controller": True}]
+        meta["ownerReferences"] = [
+            {"apiVersion": "apps/v1", "kind": owner[0], "name": owner[1], "uid": f"uid-{owner[1]}", "controller": True}
+        ]
     status: dict = {"phase": phase, "hostIP": host_ip, "hostIPs": [{"ip": host_ip}]}
     if host_network:
         ip = host_ip
     if ip:
         status["podIP"] = ip
         status["podIPs"] = [{"ip": ip}]
-    return {"metadata": meta,
-            "spec": {"nodeName": node, "hostNetwork": host_network,
-                     "containers": [{"name": "main", "image": "registry.local/app:1"}]},
-            "status": status}
+    return {
+        "metadata": meta,
+        "spec": {
+            "nodeName": node,
+            "hostNetwork": host_network,
+            "containers": [{"name": "main", "image": "registry.local/app:1"}],
+        },
+        "status": status,
+    }

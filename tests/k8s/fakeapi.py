@@ -30,6 +30,7 @@ Tests drive it through Python: :meth:`create`, :meth:`update`, :meth:`delete`,
 (go down and come back on the same port, state kept, as an API server backed by etcd).
 Every request is recorded in :attr:`requests` so tests can check what the client asked.
 """
+
 from __future__ import annotations
 
 import base64
@@ -39,9 +40,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -95,8 +97,15 @@ class ApiError(Exception):
         self.code, self.reason, self.message = code, reason, message
 
     def status(self) -> dict:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": self.message, "reason": self.reason, "code": self.code}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -200,8 +209,14 @@ def _now() -> str:
 class FakeKubeAPI:
     """The server and its state. Use as a context manager; ``url`` is its address."""
 
-    def __init__(self, *, port: int = 0, bookmark_interval_s: float | None = None,
-                 gone_mode: str = "event", max_watch_s: float = 30.0):
+    def __init__(
+        self,
+        *,
+        port: int = 0,
+        bookmark_interval_s: float | None = None,
+        gone_mode: str = "event",
+        max_watch_s: float = 30.0,
+    ):
         self._lock = threading.Condition()
         self._objects: dict[str, dict[tuple[str, str], dict]] = {r.plural: {} for r in RESOURCES}
         self._history: list[_HistoryEntry] = []
@@ -223,7 +238,7 @@ class FakeKubeAPI:
         self._paused = False  # watches send nothing (no events, no bookmarks) while set
 
     # ---- life cycle ---------------------------------------------------------------
-    def start(self) -> "FakeKubeAPI":
+    def start(self) -> FakeKubeAPI:
         api = self
 
         class Handler(_Handler):
@@ -236,8 +251,9 @@ class FakeKubeAPI:
         server.server_activate()
         self._port = server.server_address[1]
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fakeapi", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fakeapi", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -260,7 +276,7 @@ class FakeKubeAPI:
         if self._thread:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "FakeKubeAPI":
+    def __enter__(self) -> FakeKubeAPI:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -296,9 +312,16 @@ class FakeKubeAPI:
             meta["generation"] = 1
             return self._commit(plural, key, "ADDED", obj, None)
 
-    def update(self, plural: str, namespace: str, name: str,
-               change: dict | Callable[[dict], None], *, subresource: str = "",
-               expect_rv: str | None = None) -> dict:
+    def update(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        change: dict | Callable[[dict], None],
+        *,
+        subresource: str = "",
+        expect_rv: str | None = None,
+    ) -> dict:
         """Replace (dict) or mutate in place (callable) an object, as PUT does."""
         res = BY_PLURAL[plural]
         key = (namespace if res.namespaced else "", name)
@@ -307,8 +330,12 @@ class FakeKubeAPI:
             if old is None:
                 raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
             if expect_rv and expect_rv != old["metadata"]["resourceVersion"]:
-                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {plural} "{name}": '
-                               "the object has been modified; please apply your changes to the latest version")
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {plural} "{name}": '
+                    "the object has been modified; please apply your changes to the latest version",
+                )
             new = copy.deepcopy(old)
             if callable(change):
                 change(new)
@@ -390,8 +417,9 @@ class FakeKubeAPI:
             del self._objects[plural][key]
         else:
             self._objects[plural][key] = obj
-        self._history.append(_HistoryEntry(self._rv, plural, kind, copy.deepcopy(obj),
-                                           copy.deepcopy(old) if old else None))
+        self._history.append(
+            _HistoryEntry(self._rv, plural, kind, copy.deepcopy(obj), copy.deepcopy(old) if old else None)
+        )
         self._lock.notify_all()
         return copy.deepcopy(obj)
 
@@ -432,25 +460,33 @@ class FakeKubeAPI:
                 except (ValueError, KeyError) as err:
                     raise ApiError(400, "BadRequest", f"invalid continue token: {err}") from None
                 if snap_id not in self._snapshots:
-                    raise ApiError(410, "Expired", "The provided continue parameter is too old to display a "
-                                   "consistent list result. You can start a new list without the continue parameter.")
+                    raise ApiError(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a "
+                        "consistent list result. You can start a new list without the continue parameter.",
+                    )
                 snap_rv, items = self._snapshots[snap_id]
             else:
-                items = [copy.deepcopy(o) for k, o in sorted(self._objects[res.plural].items())
-                         if (namespace is None or k[0] == namespace) and selector.matches(o)]
+                items = [
+                    copy.deepcopy(o)
+                    for k, o in sorted(self._objects[res.plural].items())
+                    if (namespace is None or k[0] == namespace) and selector.matches(o)
+                ]
                 snap_rv, snap_id, offset = self._rv, uuid.uuid4().hex, 0
-            page = items[offset:offset + limit] if limit else items[offset:]
+            page = items[offset : offset + limit] if limit else items[offset:]
             meta: dict[str, Any] = {"resourceVersion": str(snap_rv)}
             if limit and offset + limit < len(items):
                 self._snapshots[snap_id] = (snap_rv, items)
-                meta["continue"] = base64.urlsafe_b64encode(json.dumps(
-                    {"rv": snap_rv, "id": snap_id, "offset": offset + limit}).encode()).decode()
+                meta["continue"] = base64.urlsafe_b64encode(
+                    json.dumps({"rv": snap_rv, "id": snap_id, "offset": offset + limit}).encode()
+                ).decode()
                 meta["remainingItemCount"] = len(items) - offset - limit
             else:
                 self._snapshots.pop(snap_id, None)
         return {"kind": res.kind + "List", "apiVersion": res.api_version, "metadata": meta, "items": page}
 
-    def _watch(self, handler: "_Handler", res: Resource, namespace: str | None, query: dict[str, str]) -> None:
+    def _watch(self, handler: _Handler, res: Resource, namespace: str | None, query: dict[str, str]) -> None:
         selector = _Selector(query.get("fieldSelector", ""), query.get("labelSelector", ""))
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1", "True")
         timeout = float(query.get("timeoutSeconds") or self.max_watch_s)
@@ -461,8 +497,11 @@ class FakeKubeAPI:
             if rv_text in ("", "0"):
                 # "Start at most recent": synthetic ADDED for what exists, then changes.
                 start_rv = self._rv
-                initial = [copy.deepcopy(o) for k, o in sorted(self._objects[res.plural].items())
-                           if (namespace is None or k[0] == namespace) and selector.matches(o)]
+                initial = [
+                    copy.deepcopy(o)
+                    for k, o in sorted(self._objects[res.plural].items())
+                    if (namespace is None or k[0] == namespace) and selector.matches(o)
+                ]
             else:
                 try:
                     start_rv = int(rv_text)
@@ -494,8 +533,7 @@ class FakeKubeAPI:
                 if sent_rv < self._compacted_rv:
                     # History this watch had not sent yet was compacted away: end it as
                     # expired rather than skip events silently; the client relists.
-                    expired = ApiError(410, "Expired", f"too old resource version: {sent_rv} "
-                                       f"({self._compacted_rv})")
+                    expired = ApiError(410, "Expired", f"too old resource version: {sent_rv} ({self._compacted_rv})")
                     break
                 pending = [h for h in self._history if h.rv > sent_rv and h.plural == res.plural]
                 if not pending:
@@ -534,12 +572,25 @@ class FakeKubeAPI:
             if not pending:
                 # Caught up: nothing of this resource is pending up to current_rv.
                 sent_rv = max(sent_rv, current_rv)
-                if bookmarks and self.bookmark_interval_s and \
-                        time.monotonic() - last_bookmark >= self.bookmark_interval_s:
+                if (
+                    bookmarks
+                    and self.bookmark_interval_s
+                    and time.monotonic() - last_bookmark >= self.bookmark_interval_s
+                ):
                     last_bookmark = time.monotonic()
-                    lines.append(json.dumps({"type": "BOOKMARK", "object": {
-                        "kind": res.kind, "apiVersion": res.api_version,
-                        "metadata": {"resourceVersion": str(sent_rv)}}}) + "\n")
+                    lines.append(
+                        json.dumps(
+                            {
+                                "type": "BOOKMARK",
+                                "object": {
+                                    "kind": res.kind,
+                                    "apiVersion": res.api_version,
+                                    "metadata": {"resourceVersion": str(sent_rv)},
+                                },
+                            }
+                        )
+                        + "\n"
+                    )
             if lines and not handler.write_chunk("".join(lines)):
                 return
             if time.monotonic() >= deadline:
@@ -548,7 +599,7 @@ class FakeKubeAPI:
             handler.write_chunk(json.dumps({"type": "ERROR", "object": expired.status()}) + "\n")
         handler.end_chunked()
 
-    def handle(self, handler: "_Handler", method: str) -> None:
+    def handle(self, handler: _Handler, method: str) -> None:
         split = urlsplit(handler.path)
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         content_type = handler.headers.get("Content-Type", "")
@@ -586,8 +637,9 @@ class FakeKubeAPI:
                 handler.send_json(201, self.create(res.plural, body))
             elif method == "PUT" and name:
                 expect = (body or {}).get("metadata", {}).get("resourceVersion")
-                handler.send_json(200, self.update(res.plural, namespace or "", name, body,
-                                                   subresource=sub, expect_rv=expect))
+                handler.send_json(
+                    200, self.update(res.plural, namespace or "", name, body, subresource=sub, expect_rv=expect)
+                )
             elif method == "PATCH" and name:
                 current = self.get(res.plural, namespace or "", name)
                 if current is None:
@@ -603,12 +655,16 @@ class FakeKubeAPI:
                     patched = merge_patch(current, body)
                     expect = (body or {}).get("metadata", {}).get("resourceVersion")
                 else:
-                    raise ApiError(415, "UnsupportedMediaType",
-                                   f"the body of the request was in an unknown format - accepted media "
-                                   f"types include: application/json-patch+json, application/merge-patch+json "
-                                   f"(got {content_type!r})")
-                handler.send_json(200, self.update(res.plural, namespace or "", name, patched,
-                                                   subresource=sub, expect_rv=expect))
+                    raise ApiError(
+                        415,
+                        "UnsupportedMediaType",
+                        f"the body of the request was in an unknown format - accepted media "
+                        f"types include: application/json-patch+json, application/merge-patch+json "
+                        f"(got {content_type!r})",
+                    )
+                handler.send_json(
+                    200, self.update(res.plural, namespace or "", name, patched, subresource=sub, expect_rv=expect)
+                )
             elif method == "DELETE" and name:
                 handler.send_json(200, self.delete(res.plural, namespace or "", name))
             else:

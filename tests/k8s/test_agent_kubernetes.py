@@ -1,6 +1,7 @@
 """The agent in Kubernetes mode, end to end: real datapath on test-host veths,
 configured by an AgentConfig served by the fake API server through the real
 client; flows carry pod metadata; config changes apply live."""
+
 from __future__ import annotations
 
 import socket
@@ -8,13 +9,13 @@ import threading
 import urllib.request
 
 import pytest
+from netns import make_hosts
+from xdpml.agent.enrich.manager import EnrichmentManager
+from xdpml.agent.kubernetes import KubeAgentOptions, KubernetesAgent
 
-from xdpml.obs.health import HealthServer
 from xdpml.kube.agentconfig import EnrichmentSettings
 from xdpml.kube.reflector import Backoff
-from xdpml.agent.kubernetes import KubeAgentOptions, KubernetesAgent
-from xdpml.agent.enrich.manager import EnrichmentManager
-from netns import make_hosts
+from xdpml.obs.health import HealthServer
 
 from .conftest import pod, wait_for
 
@@ -27,17 +28,26 @@ def udp_once(h, port: int) -> None:
     srv.settimeout(5)
     t = threading.Thread(target=lambda: srv.sendto(b"pong", srv.recvfrom(100)[1]), daemon=True)
     t.start()
-    h.run(f"/usr/bin/python3 -c \"import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
-          f"s.settimeout(5); s.sendto(b'ping', ('{h.host_ip}', {port})); s.recvfrom(100)\"")
+    h.run(
+        f'/usr/bin/python3 -c "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); '
+        f"s.settimeout(5); s.sendto(b'ping', ('{h.host_ip}', {port})); s.recvfrom(100)\""
+    )
     t.join(5)
     srv.close()
 
 
 def agentconfig(ifaces: list[str], **spec) -> dict:
-    return {"apiVersion": "xdpml.io/v1alpha1", "kind": "AgentConfig",
-            "metadata": {"name": "main", "namespace": "xdpml"},
-            "spec": {"interfaces": [{"names": ifaces}], "timeouts": {"idleSeconds": 1, "scanIntervalSeconds": 0.2},
-                     "enrichment": {"labels": ["app"]}, **spec}}
+    return {
+        "apiVersion": "xdpml.io/v1alpha1",
+        "kind": "AgentConfig",
+        "metadata": {"name": "main", "namespace": "xdpml"},
+        "spec": {
+            "interfaces": [{"names": ifaces}],
+            "timeouts": {"idleSeconds": 1, "scanIntervalSeconds": 0.2},
+            "enrichment": {"labels": ["app"]},
+            **spec,
+        },
+    }
 
 
 def readyz(port: int) -> int:
@@ -52,25 +62,37 @@ def test_agentconfig_drives_the_datapath_live(fake_api, api_client):
 
     backoff = lambda: Backoff(base_s=0.05, cap_s=0.2)  # noqa: E731
     with make_hosts(31, 32) as (h1, h2):
-        fake_api.create("pods", pod("web-7d9f8c6b5-x2x4q", ip=h1.ns_ip, namespace="shop", labels={"app": "web", "pod-template-hash": "7d9f8c6b5"},
-                                    owner=("ReplicaSet", "web-7d9f8c6b5")))
-        fake_api.create("pods", pod("db-0", ip=h2.ns_ip, namespace="data", labels={"app": "pg"},
-                                    owner=("StatefulSet", "db")))
+        fake_api.create(
+            "pods",
+            pod(
+                "web-7d9f8c6b5-x2x4q",
+                ip=h1.ns_ip,
+                namespace="shop",
+                labels={"app": "web", "pod-template-hash": "7d9f8c6b5"},
+                owner=("ReplicaSet", "web-7d9f8c6b5"),
+            ),
+        )
+        fake_api.create(
+            "pods", pod("db-0", ip=h2.ns_ip, namespace="data", labels={"app": "pg"}, owner=("StatefulSet", "db"))
+        )
         fake_api.create("agentconfigs", agentconfig([h1.host_if]))
         sink = MemorySink()
         health = HealthServer(port=0, conditions=("programs_attached", "pod_cache_synced"))
         sup = KubernetesAgent(
-            api_client, KubeAgentOptions(namespace="xdpml", node_name="node-a", extra_sinks=[sink]),
+            api_client,
+            KubeAgentOptions(namespace="xdpml", node_name="node-a", extra_sinks=[sink]),
             health=health,
-            enrich_factory=lambda api: EnrichmentManager(api, node_name="node-a", watch_timeout_s=5,
-                                                         backoff_factory=backoff),
-            watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff})
+            enrich_factory=lambda api: EnrichmentManager(
+                api, node_name="node-a", watch_timeout_s=5, backoff_factory=backoff
+            ),
+            watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff},
+        )
         runner = threading.Thread(target=sup.run, daemon=True)
         runner.start()
         try:
             wait_for(lambda: sup.agent is not None and sup.enrich.synced(), 90, "agent attached, cache synced")
             wait_for(lambda: readyz(health.port) == 200, 5, "readyz 200")
-            status = lambda: (fake_api.get("agentconfigs", "xdpml", "main").get("status") or {})  # noqa: E731
+            status = lambda: fake_api.get("agentconfigs", "xdpml", "main").get("status") or {}  # noqa: E731
             wait_for(lambda: status().get("nodes", {}).get("node-a", {}).get("ready") is True, 10, "status ready")
             assert status()["observedGeneration"] == 1
             first_datapath = sup.agent.datapath
@@ -85,10 +107,17 @@ def test_agentconfig_drives_the_datapath_live(fake_api, api_client):
             assert r["dst_pod"] == ""  # the host side is no pod
 
             # live: add the second interface -> attached without restarting the datapath
-            fake_api.update("agentconfigs", "xdpml", "main",
-                            lambda o: o["spec"]["interfaces"][0].update(names=[h1.host_if, h2.host_if]))
-            wait_for(lambda: set(sup.agent.plan) == {h1.host_if, h2.host_if}
-                     and len(sup.agent.datapath.attachments) == 2, 20, "second interface attached")
+            fake_api.update(
+                "agentconfigs",
+                "xdpml",
+                "main",
+                lambda o: o["spec"]["interfaces"][0].update(names=[h1.host_if, h2.host_if]),
+            )
+            wait_for(
+                lambda: set(sup.agent.plan) == {h1.host_if, h2.host_if} and len(sup.agent.datapath.attachments) == 2,
+                20,
+                "second interface attached",
+            )
             assert sup.agent.datapath is first_datapath
             wait_for(lambda: status().get("observedGeneration") == 2, 10, "generation 2 observed")
             udp_once(h2, 7002)
@@ -97,16 +126,26 @@ def test_agentconfig_drives_the_datapath_live(fake_api, api_client):
 
             # invalid: refused with a reason, the running config stays
             fake_api.update("agentconfigs", "xdpml", "main", lambda o: o["spec"].update(features={"firstN": 99}))
-            wait_for(lambda: any(c.get("reason") == "InvalidSpec" for c in status().get("conditions", [])),
-                     10, "InvalidSpec condition")
+            wait_for(
+                lambda: any(c.get("reason") == "InvalidSpec" for c in status().get("conditions", [])),
+                10,
+                "InvalidSpec condition",
+            )
             assert sup.agent.datapath is first_datapath and len(first_datapath.attachments) == 2
             events = [e for e in fake_api.list("events") if e.get("reason") == "InvalidSpec"]
             assert events and "firstN" in events[0]["message"]
 
             # a datapath change (first-N size) restarts the datapath, draining it first
             fake_api.update("agentconfigs", "xdpml", "main", lambda o: o["spec"].update(features={"firstN": 4}))
-            wait_for(lambda: sup.agent is not None and sup.agent.datapath is not None
-                     and sup.agent.datapath is not first_datapath, 60, "datapath restarted")
+            wait_for(
+                lambda: (
+                    sup.agent is not None
+                    and sup.agent.datapath is not None
+                    and sup.agent.datapath is not first_datapath
+                ),
+                60,
+                "datapath restarted",
+            )
             assert sup.agent.settings.datapath.first_n == 4
             udp_once(h1, 7003)
             rows = sink.wait_rows("flow", flow_between(h1.ns_ip, h1.host_ip, 17, 7003))
@@ -127,14 +166,23 @@ def test_pod_veths_rule_attaches_only_veths_routed_to_known_pods(fake_api, api_c
         sh(f"ip route add {pod_host.ns_ip}/32 dev {pod_host.host_if}")
         try:
             fake_api.create("pods", pod("api-0", ip=pod_host.ns_ip, namespace="shop"))
-            fake_api.create("agentconfigs", {"apiVersion": "xdpml.io/v1alpha1", "kind": "AgentConfig",
-                                             "metadata": {"name": "main", "namespace": "xdpml"},
-                                             "spec": {"interfaces": [{"names": ["pod-veths"], "hooks": "tc"}]}})
+            fake_api.create(
+                "agentconfigs",
+                {
+                    "apiVersion": "xdpml.io/v1alpha1",
+                    "kind": "AgentConfig",
+                    "metadata": {"name": "main", "namespace": "xdpml"},
+                    "spec": {"interfaces": [{"names": ["pod-veths"], "hooks": "tc"}]},
+                },
+            )
             sup = KubernetesAgent(
-                api_client, KubeAgentOptions(namespace="xdpml", node_name="node-a"),
-                enrich_factory=lambda api: EnrichmentManager(api, node_name="node-a", watch_timeout_s=5,
-                                                             backoff_factory=backoff),
-                watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff})
+                api_client,
+                KubeAgentOptions(namespace="xdpml", node_name="node-a"),
+                enrich_factory=lambda api: EnrichmentManager(
+                    api, node_name="node-a", watch_timeout_s=5, backoff_factory=backoff
+                ),
+                watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff},
+            )
             # the pod cache must know the pod before the rule is resolved
             sup.enrich.apply(EnrichmentSettings())
             wait_for(sup.enrich.synced, 10, "pod cache synced")

@@ -1,4 +1,5 @@
 """Spec mapping details: runtime interface assignment, changed sections, error reporting."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,12 @@ from xdpml.kube.agentconfig import assign_interfaces, parse_spec, rules_overlap
 
 pytestmark = pytest.mark.timeout(30)
 
-BASE = {"interfaces": [{"names": ["physical"], "hooks": "xdp", "xdpMode": "native"},
-                       {"names": ["pod-veths"], "hooks": "tc"}]}
+BASE = {
+    "interfaces": [
+        {"names": ["physical"], "hooks": "xdp", "xdpMode": "native"},
+        {"names": ["pod-veths"], "hooks": "tc"},
+    ]
+}
 
 
 def test_assign_interfaces_by_kind_and_glob():
@@ -35,8 +40,16 @@ def test_static_overlaps():
 
 def test_changed_sections():
     a = parse_spec(BASE)
-    assert a.changed_sections(None) == {"interfaces", "datapath", "harvest", "window", "features", "export",
-                                        "enrichment", "summary"}
+    assert a.changed_sections(None) == {
+        "interfaces",
+        "datapath",
+        "harvest",
+        "window",
+        "features",
+        "export",
+        "enrichment",
+        "summary",
+    }
     assert parse_spec(BASE).changed_sections(a) == set()
     cases = {
         "datapath": {"datapath": {"flowTableSize": 2048}},
@@ -53,11 +66,21 @@ def test_changed_sections():
 
 def test_every_problem_reported_with_its_path():
     with pytest.raises(ConfigError) as info:
-        parse_spec({"interfaces": [{"names": ["eth0"], "hookz": "xdp"}], "timeouts": {"idleSeconds": "soon"},
-                    "datapath": {"flowTableSize": 10}, "enrichment": {"labels": ["Bad Key"]}})
+        parse_spec(
+            {
+                "interfaces": [{"names": ["eth0"], "hookz": "xdp"}],
+                "timeouts": {"idleSeconds": "soon"},
+                "datapath": {"flowTableSize": 10},
+                "enrichment": {"labels": ["Bad Key"]},
+            }
+        )
     text = str(info.value)
-    for expected in ("spec.interfaces[0].hookz: unknown field", "spec.timeouts.idleSeconds: must be a number",
-                     "spec.datapath.flowTableSize: must be 1024..16777216, not 10", "spec.enrichment.labels[0]"):
+    for expected in (
+        "spec.interfaces[0].hookz: unknown field",
+        "spec.timeouts.idleSeconds: must be a number",
+        "spec.datapath.flowTableSize: must be 1024..16777216, not 10",
+        "spec.enrichment.labels[0]",
+    ):
         assert expected in text, (expected, text)
     with pytest.raises(ConfigError, match="spec: must be an object"):
         parse_spec(None)
@@ -67,14 +90,24 @@ def test_every_problem_reported_with_its_path():
 
 def test_export_settings_feed_the_exporter():
     from xdpml.agent.export.grpc_client import ExporterSettings
-    cfg = parse_spec(dict(BASE, collector={"address": "collector.xdpml:50051",
-                                           "tls": {"mode": "mtls", "secretName": "agent-tls",
-                                                   "serverName": "collector"}}))
+
+    cfg = parse_spec(
+        dict(
+            BASE,
+            collector={
+                "address": "collector.xdpml:50051",
+                "tls": {"mode": "mtls", "secretName": "agent-tls", "serverName": "collector"},
+            },
+        )
+    )
     settings = ExporterSettings(**cfg.export.exporter_kwargs())
     assert settings.target == "collector.xdpml:50051"
-    assert (settings.tls.ca_file, settings.tls.cert_file, settings.tls.key_file, settings.tls.server_name) == \
-        ("/etc/xdpml/tls/agent-tls/ca.crt", "/etc/xdpml/tls/agent-tls/tls.crt", "/etc/xdpml/tls/agent-tls/tls.key",
-         "collector")
+    assert (settings.tls.ca_file, settings.tls.cert_file, settings.tls.key_file, settings.tls.server_name) == (
+        "/etc/xdpml/tls/agent-tls/ca.crt",
+        "/etc/xdpml/tls/agent-tls/tls.crt",
+        "/etc/xdpml/tls/agent-tls/tls.key",
+        "collector",
+    )
     plain = parse_spec(dict(BASE, collector={"address": "[fd00::1]:50051"})).export.exporter_kwargs()
     assert plain == {"target": "[fd00::1]:50051", "tls": None}
     server_only = parse_spec(dict(BASE, collector={"address": "c:1", "tls": {"mode": "tls"}})).export

@@ -1,4 +1,5 @@
 """AgentConfigWatcher through the real client: live changes, refusals, status, events."""
+
 from __future__ import annotations
 
 import threading
@@ -18,12 +19,15 @@ NS, NODE = "xdpml", "node-a"
 
 
 def config(name: str, spec: dict) -> dict:
-    return {"apiVersion": "xdpml.io/v1alpha1", "kind": "AgentConfig",
-            "metadata": {"name": name, "namespace": NS}, "spec": spec}
+    return {
+        "apiVersion": "xdpml.io/v1alpha1",
+        "kind": "AgentConfig",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }
 
 
-BASE = {"interfaces": [{"names": ["physical"], "hooks": "xdp"}],
-        "timeouts": {"idleSeconds": 60, "activeSeconds": 600}}
+BASE = {"interfaces": [{"names": ["physical"], "hooks": "xdp"}], "timeouts": {"idleSeconds": 60, "activeSeconds": 600}}
 
 
 class Recorder:
@@ -41,8 +45,15 @@ class Recorder:
 
 def watcher(api_client, recorder, **kw) -> AgentConfigWatcher:
     kw.setdefault("node_labels", {"kubernetes.io/hostname": NODE})
-    return AgentConfigWatcher(api_client, namespace=NS, node_name=NODE, on_change=recorder, watch_timeout_s=5,
-                              backoff_factory=lambda: Backoff(base_s=0.05, cap_s=0.2), **kw)
+    return AgentConfigWatcher(
+        api_client,
+        namespace=NS,
+        node_name=NODE,
+        on_change=recorder,
+        watch_timeout_s=5,
+        backoff_factory=lambda: Backoff(base_s=0.05, cap_s=0.2),
+        **kw,
+    )
 
 
 def status(api, name="main") -> dict:
@@ -74,6 +85,7 @@ def test_config_applied_live_and_status_reported(fake_api, api_client):
         def edit(o):
             o["spec"]["timeouts"]["idleSeconds"] = 30
             o["spec"]["interfaces"].append({"names": ["pod-veths"], "hooks": "tc"})
+
         fake_api.update("agentconfigs", NS, "main", edit)
         wait_for(lambda: len(rec.calls) == 2, what="change applied")
         old, new = rec.calls[1]
@@ -85,16 +97,21 @@ def test_config_applied_live_and_status_reported(fake_api, api_client):
         assert status(fake_api)["observedGeneration"] == 2
 
         # A status-only write (another node's entry) is no new generation: no callback.
-        fake_api.update("agentconfigs", NS, "main",
-                        lambda o: o.setdefault("status", {}).setdefault("nodes", {}).update(
-                            {"node-z": {"ready": True}}), subresource="status")
+        fake_api.update(
+            "agentconfigs",
+            NS,
+            "main",
+            lambda o: o.setdefault("status", {}).setdefault("nodes", {}).update({"node-z": {"ready": True}}),
+            subresource="status",
+        )
         fake_api.update("agentconfigs", NS, "main", lambda o: o["metadata"].setdefault("labels", {}).update(a="b"))
         assert len(rec.calls) == 2
     # Both nodes' entries survive: each agent merge-patches only its own key.
     assert set(status(fake_api)["nodes"]) == {NODE, "node-z"}
     patches = [r for r in fake_api.requests if r.method == "PATCH"]
-    assert patches and all(r.path.endswith("/agentconfigs/main/status") and "merge-patch" in r.content_type
-                           for r in patches)
+    assert patches and all(
+        r.path.endswith("/agentconfigs/main/status") and "merge-patch" in r.content_type for r in patches
+    )
 
 
 def test_invalid_config_rejected_last_good_kept(fake_api, api_client):
@@ -103,15 +120,23 @@ def test_invalid_config_rejected_last_good_kept(fake_api, api_client):
     with watcher(api_client, rec) as w:
         wait_for(lambda: len(rec.calls) == 1)
         # Overlapping rules: passes the CRD, refused by the agent.
-        fake_api.update("agentconfigs", NS, "main", lambda o: o["spec"].update(
-            interfaces=[{"names": ["eth*"]}, {"names": ["eth0"], "hooks": "tc"}]))
+        fake_api.update(
+            "agentconfigs",
+            NS,
+            "main",
+            lambda o: o["spec"].update(interfaces=[{"names": ["eth*"]}, {"names": ["eth0"], "hooks": "tc"}]),
+        )
         wait_for(lambda: accepted(fake_api).get("status") == "False", what="refusal in status")
         cond = accepted(fake_api)
         assert cond["reason"] == "InvalidSpec" and "rules 0 and 1 overlap" in cond["message"]
         assert cond["observedGeneration"] == 2 and status(fake_api)["observedGeneration"] == 2
         node = status(fake_api)["nodes"][NODE]
-        assert (node["ready"], node["appliedGeneration"], node["observedGeneration"], node["reason"]) == \
-            (True, 1, 2, "InvalidSpec")
+        assert (node["ready"], node["appliedGeneration"], node["observedGeneration"], node["reason"]) == (
+            True,
+            1,
+            2,
+            "InvalidSpec",
+        )
         assert "keeping generation 1" in node["message"]
         wait_for(lambda: events(fake_api, "InvalidSpec"), what="Warning event")
         (ev,) = events(fake_api, "InvalidSpec")
@@ -123,8 +148,9 @@ def test_invalid_config_rejected_last_good_kept(fake_api, api_client):
         assert "overlap" in w.last_error
 
         # Fixed: applied, with the last good config as "old".
-        fake_api.update("agentconfigs", NS, "main", lambda o: o["spec"].update(
-            interfaces=[{"names": ["eth*"], "hooks": "tc"}]))
+        fake_api.update(
+            "agentconfigs", NS, "main", lambda o: o["spec"].update(interfaces=[{"names": ["eth*"], "hooks": "tc"}])
+        )
         wait_for(lambda: len(rec.calls) == 2)
         old, new = rec.calls[1]
         assert (old.generation, new.generation) == (1, 3)
@@ -133,8 +159,9 @@ def test_invalid_config_rejected_last_good_kept(fake_api, api_client):
 
 
 def test_invalid_first_config_means_not_ready(fake_api, api_client):
-    fake_api.create("agentconfigs", config("main", {"interfaces": [{"names": ["eth0"], "hooks": "tc",
-                                                                    "xdpMode": "native"}]}))
+    fake_api.create(
+        "agentconfigs", config("main", {"interfaces": [{"names": ["eth0"], "hooks": "tc", "xdpMode": "native"}]})
+    )
     rec = Recorder()
     with watcher(api_client, rec) as w:
         wait_for(lambda: status(fake_api).get("nodes"), what="node status")
@@ -161,8 +188,10 @@ def test_node_selector_and_oldest_match_wins(fake_api, api_client):
     fake_api.create("nodes", {"metadata": {"name": NODE, "labels": {"pool": "edge", "zone": "a"}}})
     fake_api.create("agentconfigs", config("other-pool", dict(BASE, nodeSelector={"pool": "core"})))
     # Both select the node; "edge" is older, "a-zone" comes first by name: age decides.
-    for name, sel, ts in (("edge", {"pool": "edge"}, "2026-01-01T00:00:00Z"),
-                          ("a-zone", {"zone": "a"}, "2026-01-02T00:00:00Z")):
+    for name, sel, ts in (
+        ("edge", {"pool": "edge"}, "2026-01-01T00:00:00Z"),
+        ("a-zone", {"zone": "a"}, "2026-01-02T00:00:00Z"),
+    ):
         obj = config(name, dict(BASE, nodeSelector=sel))
         obj["metadata"]["creationTimestamp"] = ts
         fake_api.create("agentconfigs", obj)

@@ -2,6 +2,7 @@
 Schema with jsonschema, CEL rules with cel-python, defaults applied first as the API
 server does); invalid examples fail where their header says; and the agent's own Python
 validation agrees with the CRD on every example."""
+
 from __future__ import annotations
 
 import copy
@@ -72,8 +73,9 @@ def typed(data, node: dict):
     if t == "object" and isinstance(data, dict):
         props = node.get("properties") or {}
         extra = node.get("additionalProperties") if isinstance(node.get("additionalProperties"), dict) else {}
-        return celpy.celtypes.MapType({celpy.celtypes.StringType(k): typed(v, props.get(k, extra))
-                                       for k, v in data.items()})
+        return celpy.celtypes.MapType(
+            {celpy.celtypes.StringType(k): typed(v, props.get(k, extra)) for k, v in data.items()}
+        )
     if t == "array" and isinstance(data, list):
         return celpy.celtypes.ListType([typed(v, node.get("items", {})) for v in data])
     if t == "number" and isinstance(data, (int, float)) and not isinstance(data, bool):
@@ -81,7 +83,7 @@ def typed(data, node: dict):
     return celpy.json_to_cel(data)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _program(rule: str):
     env = celpy.Environment()
     return env.program(env.compile(rule))
@@ -113,8 +115,11 @@ def check_structural(node: dict, path: str = "") -> list[str]:
     """The rules of a structural schema that matter here: a type everywhere, no
     additionalProperties beside properties, defaults valid under their own schema."""
     problems = []
-    if "type" not in node and not node.get("x-kubernetes-int-or-string") \
-            and not node.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "type" not in node
+        and not node.get("x-kubernetes-int-or-string")
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
         problems.append(f"{path or '<root>'}: no type")
     if "properties" in node and isinstance(node.get("additionalProperties"), dict):
         problems.append(f"{path}: properties and additionalProperties together")
@@ -135,8 +140,11 @@ def check_structural(node: dict, path: str = "") -> list[str]:
 def test_crd_manifest_is_a_valid_kubernetes_object():
     doc = crd()
     kubernetes_validate.validate(doc, "1.30", strict=True)
-    assert (doc["spec"]["group"], doc["spec"]["names"]["kind"], doc["spec"]["scope"]) == \
-        ("xdpml.io", "AgentConfig", "Namespaced")
+    assert (doc["spec"]["group"], doc["spec"]["names"]["kind"], doc["spec"]["scope"]) == (
+        "xdpml.io",
+        "AgentConfig",
+        "Namespaced",
+    )
     (version,) = doc["spec"]["versions"]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
 
@@ -158,6 +166,7 @@ def test_cel_rules_compile():
             walk(sub)
         if "items" in node:
             walk(node["items"])
+
     walk(schema())
     assert count >= 8
 
@@ -206,14 +215,18 @@ def test_cel_rules_are_not_vacuous():
             walk(sub)
         if "items" in node:
             walk(node["items"])
+
     walk(schema())
     failed = set()
     for path in examples("invalid"):
         obj = apply_defaults(yaml.safe_load(path.read_text()), schema())
         if not schema_errors(obj):
             failed |= {m.split(": ", 1)[1] for m in cel_failures(obj, schema())}
-    untested = messages - failed - {"TLS files or names are set but tls.mode is 'disabled'",
-                                    "tls.certFile and tls.keyFile go together"}
+    untested = (
+        messages
+        - failed
+        - {"TLS files or names are set but tls.mode is 'disabled'", "tls.certFile and tls.keyFile go together"}
+    )
     assert untested == set()
 
 
@@ -237,20 +250,31 @@ def test_tls_rules_by_cel_and_by_the_agent():
 def test_full_example_maps_to_settings():
     cfg = parse_agentconfig(yaml.safe_load((EXAMPLES / "valid/full.yaml").read_text()))
     s = cfg.settings
-    assert [(r.names, r.hooks, r.xdp_mode) for r in cfg.interface_rules] == \
-        [(["physical"], "xdp+tc", "native"), (["pod-veths"], "tc", "auto")]
+    assert [(r.names, r.hooks, r.xdp_mode) for r in cfg.interface_rules] == [
+        (["physical"], "xdp+tc", "native"),
+        (["pod-veths"], "tc", "auto"),
+    ]
     assert (s.interfaces.names, s.interfaces.hooks) == (["physical", "pod-veths"], "auto")
-    assert (s.datapath.flow_table_size, s.datapath.first_n, s.datapath.sample_rate, s.datapath.ringbuf_kib) == \
-        (262144, 16, 1000, 8192)
+    assert (s.datapath.flow_table_size, s.datapath.first_n, s.datapath.sample_rate, s.datapath.ringbuf_kib) == (
+        262144,
+        16,
+        1000,
+        8192,
+    )
     assert (s.harvest.idle_timeout_s, s.harvest.active_timeout_s, s.harvest.interval_s) == (60, 600, 0.5)
     assert (s.window.packets, s.window.seconds, s.summary_interval_s) == (100, 0, 10)
     assert (cfg.features.flows, cfg.features.windows, cfg.features.packets) == (True, True, True)
     e = cfg.export
-    assert (e.collector_address, e.tls_mode, e.server_name) == \
-        ("xdpml-collector.xdpml.svc:50051", "mtls", "xdpml-collector.xdpml.svc")
-    assert (e.ca_file, e.cert_file, e.key_file) == ("/etc/xdpml/tls/xdpml-agent-tls/ca.crt",
-                                                    "/etc/xdpml/tls/xdpml-agent-tls/tls.crt",
-                                                    "/etc/xdpml/tls/xdpml-agent-tls/tls.key")
+    assert (e.collector_address, e.tls_mode, e.server_name) == (
+        "xdpml-collector.xdpml.svc:50051",
+        "mtls",
+        "xdpml-collector.xdpml.svc",
+    )
+    assert (e.ca_file, e.cert_file, e.key_file) == (
+        "/etc/xdpml/tls/xdpml-agent-tls/ca.crt",
+        "/etc/xdpml/tls/xdpml-agent-tls/tls.crt",
+        "/etc/xdpml/tls/xdpml-agent-tls/tls.key",
+    )
     assert cfg.enrichment.labels == ("app", "app.kubernetes.io/name", "team")
     assert cfg.node_selector == {"node.kubernetes.io/instance-type": "gpu-large", "xdpml.io/enabled": "true"}
 
@@ -269,8 +293,15 @@ def test_minimal_example_gets_the_documented_defaults():
 
 def test_agent_defaults_equal_the_crd_defaults():
     """Empty sections: the agent's defaults and the CRD's defaulting give the same config."""
-    spec = {"interfaces": [{"names": ["eth0"]}], "features": {}, "sampling": {}, "timeouts": {}, "datapath": {},
-            "enrichment": {}, "collector": {"address": "c:50051", "tls": {}}}
+    spec = {
+        "interfaces": [{"names": ["eth0"]}],
+        "features": {},
+        "sampling": {},
+        "timeouts": {},
+        "datapath": {},
+        "enrichment": {},
+        "collector": {"address": "c:50051", "tls": {}},
+    }
     obj = {"apiVersion": "xdpml.io/v1alpha1", "kind": "AgentConfig", "metadata": {"name": "d"}, "spec": spec}
     defaulted = apply_defaults(copy.deepcopy(obj), schema())
     assert defaulted["spec"]["timeouts"] == {"idleSeconds": 120, "activeSeconds": 1800, "scanIntervalSeconds": 1}
@@ -280,10 +311,14 @@ def test_agent_defaults_equal_the_crd_defaults():
 
 def test_check_file_reports_each_document(tmp_path):
     from xdpml.kube.agentconfig import check_file
+
     bundle = tmp_path / "bundle.yaml"
-    bundle.write_text((EXAMPLES / "valid/minimal.yaml").read_text() + "\n---\n" +
-                      (EXAMPLES / "invalid/overlapping-rules.yaml").read_text() +
-                      "\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: ignored}\n")
+    bundle.write_text(
+        (EXAMPLES / "valid/minimal.yaml").read_text()
+        + "\n---\n"
+        + (EXAMPLES / "invalid/overlapping-rules.yaml").read_text()
+        + "\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: ignored}\n"
+    )
     (ok_name, ok), (bad_name, bad) = check_file(str(bundle))
     assert ok_name == "default" and ok.settings.interfaces.names == ["physical"]
     assert bad_name == "overlapping-rules" and isinstance(bad, ConfigError) and "overlap" in str(bad)
@@ -302,6 +337,7 @@ def test_packaged_crd_is_the_charts():
     from importlib import resources
 
     import xdpml.kube.agentconfig as ac
+
     packaged = resources.files(ac.__package__).joinpath(ac.CRD_RESOURCE).read_bytes()
     assert packaged == CRD_PATH.read_bytes(), "run: cp helm/xdpml/crds/agentconfig.yaml xdpml/kube/agentconfig-crd.yaml"
     assert ac.crd_schema().schema == schema()
@@ -320,14 +356,27 @@ def test_check_config_refuses_what_the_crd_refuses(tmp_path):
     import sys
 
     bundle = tmp_path / "bad.yaml"
-    bundle.write_text("\n---\n".join((EXAMPLES / "invalid" / name).read_text() for name in (
-        "node-selector-bad-value.yaml", "node-selector-bad-key.yaml", "bad-hook.yaml", "tc-with-xdp-mode.yaml")))
-    r = subprocess.run([sys.executable, "-m", "xdpml", "check-config", str(bundle)],
-                       capture_output=True, text=True, timeout=60)
+    bundle.write_text(
+        "\n---\n".join(
+            (EXAMPLES / "invalid" / name).read_text()
+            for name in (
+                "node-selector-bad-value.yaml",
+                "node-selector-bad-key.yaml",
+                "bad-hook.yaml",
+                "tc-with-xdp-mode.yaml",
+            )
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "xdpml", "check-config", str(bundle)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 4 and all(": INVALID: " in line for line in lines), lines
-    assert "node-selector-bad-value: INVALID: spec.nodeSelector[xdpml.io/pool]: 'gpu nodes' is not valid: A label value" in lines[0]
+    assert (
+        "node-selector-bad-value: INVALID: spec.nodeSelector[xdpml.io/pool]: 'gpu nodes' is not valid: A label value"
+        in lines[0]
+    )
     assert "node-selector-bad-key: INVALID: spec.nodeSelector: label keys are [prefix/]name" in lines[1]
     assert "spec.interfaces[0].hooks: must be one of auto, xdp, tc, xdp+tc, not" in lines[2]
     assert "spec.interfaces[0]: xdpMode has no effect with hooks 'tc'" in lines[3]

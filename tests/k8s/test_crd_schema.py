@@ -1,6 +1,7 @@
 """xdpml.kube.crd_schema: the API server's steps on a CRD schema (null pruning, defaults,
 OpenAPI specifics, CEL rules), each pinned on a small CRD written for the purpose, with
 the expected outcome worked out by hand from the Kubernetes documentation."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,9 @@ pytestmark = pytest.mark.timeout(30)
 SCHEMA = {
     "type": "object",
     "properties": {
-        "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object"},
         "spec": {
             "type": "object",
             "required": ["port"],
@@ -28,23 +31,41 @@ SCHEMA = {
                 "level": {"type": "string", "default": "info", "enum": ["info", "debug"]},
                 "code": {"type": "string", "pattern": "^[a-z]+$", "description": "Lowercase letters."},
                 "raw": {"type": "string", "pattern": "^[a-z]+$"},
-                "ratio": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
-                          "x-kubernetes-validations": [{"rule": "self != 0.5", "message": "not one half"}]},
+                "ratio": {
+                    "type": "number",
+                    "minimum": 0,
+                    "exclusiveMinimum": True,
+                    "maximum": 1,
+                    "x-kubernetes-validations": [{"rule": "self != 0.5", "message": "not one half"}],
+                },
                 "tags": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}},
-                "routes": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
-                           "items": {"type": "object", "required": ["name"], "properties": {
-                               "name": {"type": "string"}, "weight": {"type": "integer", "default": 1}}}},
-                "limits": {"type": "object", "additionalProperties": {
-                    "type": "object", "properties": {"max": {"type": "integer", "default": 10}}}},
+                "routes": {
+                    "type": "array",
+                    "x-kubernetes-list-type": "map",
+                    "x-kubernetes-list-map-keys": ["name"],
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {"name": {"type": "string"}, "weight": {"type": "integer", "default": 1}},
+                    },
+                },
+                "limits": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "properties": {"max": {"type": "integer", "default": 10}},
+                    },
+                },
                 "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                "nested": {"type": "object", "default": {}, "properties": {
-                    "depth": {"type": "integer", "default": 3}}},
+                "nested": {"type": "object", "default": {}, "properties": {"depth": {"type": "integer", "default": 3}}},
             },
         },
     },
 }
-CRD = {"metadata": {"name": "things.example.com"},
-       "spec": {"versions": [{"name": "v1", "schema": {"openAPIV3Schema": SCHEMA}}]}}
+CRD = {
+    "metadata": {"name": "things.example.com"},
+    "spec": {"versions": [{"name": "v1", "schema": {"openAPIV3Schema": SCHEMA}}]},
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +74,9 @@ def crd():
 
 
 def test_defaults_nulls_and_nested_defaults(crd):
-    spec, errs = crd.validate({"port": 80, "note": None, "level": None,
-                               "routes": [{"name": "a"}], "limits": {"x": {}}}, "spec")
+    spec, errs = crd.validate(
+        {"port": 80, "note": None, "level": None, "routes": [{"name": "a"}], "limits": {"x": {}}}, "spec"
+    )
     assert errs == []
     # nullable keeps its null; a non-nullable null is pruned, then defaulted
     assert spec["note"] is None and spec["level"] == "info"
@@ -74,7 +96,10 @@ def test_int_or_string_and_types(crd):
 
 def test_pattern_errors_say_the_form(crd):
     _, errs = crd.validate({"port": 1, "code": "A1", "raw": "A1"}, "spec")
-    assert errs == ["spec.code: 'A1' is not valid: Lowercase letters.", "spec.raw: 'A1' is not valid: must match ^[a-z]+$"]
+    assert errs == [
+        "spec.code: 'A1' is not valid: Lowercase letters.",
+        "spec.raw: 'A1' is not valid: must match ^[a-z]+$",
+    ]
 
 
 def test_openapi_exclusive_minimum_is_boolean(crd):
@@ -94,8 +119,7 @@ def test_unknown_fields_except_where_preserved(crd):
     _, errs = crd.validate({"port": 1, "prot": 2, "extra": {"anything": {"goes": 1}}}, "spec")
     assert errs == ["spec.prot: unknown field"]
     # metadata is ObjectMeta, validated by the API server itself
-    _, errs = crd.validate({"apiVersion": "v1", "kind": "T", "metadata": {"labels": {"a": "b"}},
-                            "spec": {"port": 1}})
+    _, errs = crd.validate({"apiVersion": "v1", "kind": "T", "metadata": {"labels": {"a": "b"}}, "spec": {"port": 1}})
     assert errs == []
 
 

@@ -1,13 +1,14 @@
 """PodCache through the real kubernetes client against the fake API server."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from xdpml.wire.columns import ip_from_str
 from xdpml.kube.podcache import PodCache
 from xdpml.kube.reflector import Backoff
+from xdpml.wire.columns import ip_from_str
 
 from .conftest import make_client, pod, wait_for
 from .fakeapi import FakeKubeAPI
@@ -97,8 +98,7 @@ def test_random_churn_matches_an_independent_model(fake_api, api_client):
         expected = {ip: None for ip in pool}
         for name, ip in live.items():  # dict order = creation order: last writer wins
             expected[ip] = f"default/{name}"
-        wait_for(lambda: cache.reflectors[0].resource_version == str(fake_api.resource_version),
-                 what="cache caught up")
+        wait_for(lambda: cache.reflectors[0].resource_version == str(fake_api.resource_version), what="cache caught up")
         assert {ip: who(cache, ip) for ip in pool} == expected
 
 
@@ -158,8 +158,11 @@ def test_bookmarks_let_a_quiet_watch_resume_without_relist(bookmarks):
     """Changes to pods of other nodes move the cluster's version while our filtered watch
     sends nothing. With bookmarks our resume point moves too, so after a compaction the
     watch resumes; without them (the control case) it must relist."""
-    with FakeKubeAPI(bookmark_interval_s=0.1 if bookmarks else None) as api, make_client(api) as c, \
-            cache_for(c) as cache:
+    with (
+        FakeKubeAPI(bookmark_interval_s=0.1 if bookmarks else None) as api,
+        make_client(api) as c,
+        cache_for(c) as cache,
+    ):
         api.create("pods", pod("mine", ip="10.1.0.1"))
         assert cache.wait_synced(5)
         refl = cache.reflectors[0]
@@ -171,6 +174,7 @@ def test_bookmarks_let_a_quiet_watch_resume_without_relist(bookmarks):
             assert refl.stats.bookmarks >= 1
         else:
             import time
+
             time.sleep(0.5)
             assert refl.resource_version != target
         api.compact()
@@ -204,6 +208,7 @@ def test_transient_500_backs_off_and_recovers(fake_api, api_client):
 
 def test_stop_is_prompt(fake_api, api_client):
     import time
+
     cache = cache_for(api_client, watch_timeout_s=300).start()
     assert cache.wait_synced(5)
     time.sleep(0.2)

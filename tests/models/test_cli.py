@@ -1,4 +1,5 @@
 """`xdpml model compile` on real joblib files: report, and one-line refusals."""
+
 import argparse
 import json
 

@@ -1,5 +1,6 @@
 """Compiler and Python table walk against scikit-learn (no kernel): 100,000 random
 packets' feature vectors per model kind, the traps of the prior art, and refusals."""
+
 import math
 
 import numpy as np
@@ -52,8 +53,8 @@ def test_float32_thresholds():
     assert int_threshold(-0.5) == -1 and int(-0.5) == 0
     assert int_threshold(-3.0) == -3
     # above 2^24 float32 cannot hold every integer: 2^24+1 rounds to 2^24 <= 16777216.5
-    assert f32(2 ** 24 + 1) == 2 ** 24
-    assert int_threshold(16777216.5) == 2 ** 24 + 1
+    assert f32(2**24 + 1) == 2**24
+    assert int_threshold(16777216.5) == 2**24 + 1
     for thr in [3e9 + 0.5, 4294967040.5, 123456789.25, -2.5e9 + 0.75, 0.5, 7.0]:
         t = int_threshold(thr)
         assert f32(t) <= thr < f32(t + 1) or f32(t + 1) > thr
@@ -65,23 +66,24 @@ def test_wide_integer_thresholds_exact(monkeypatch):
     walks exactly as scikit-learn on its float32 view, including the values next to
     every threshold, where int() truncation would go the wrong way."""
     rng = np.random.default_rng(5)
-    X = rng.integers(-2 ** 31, 2 ** 31, size=(4000, 3))
+    X = rng.integers(-(2**31), 2**31, size=(4000, 3))
     y = ((X[:, 0] > 40_000_001) ^ (X[:, 1] < -12_345_677)).astype(int) + (X[:, 2] % 3 == 0)
     model = DecisionTreeClassifier(max_depth=12, random_state=0).fit(X.astype(np.float64), y)
     c = compile_model(model, ["tcp_sequence_num", "tcp_ack_num", "src_port"], limits=LIM)
     thr = model.tree_.threshold[model.tree_.children_left != -1]
-    assert (thr < 0).any() and (np.abs(thr) > 2 ** 24).any()
+    assert (thr < 0).any() and (np.abs(thr) > 2**24).any()
     near = np.concatenate([np.floor(thr)[:, None] + d for d in (-1, 0, 1, 2)]).astype(np.int64)
-    probe = np.repeat(rng.integers(-2 ** 31, 2 ** 31, size=(len(near), 3)), 1, axis=0)
+    probe = np.repeat(rng.integers(-(2**31), 2**31, size=(len(near), 3)), 1, axis=0)
     rows = [probe.copy() for _ in range(3)]
     for j in range(3):
         rows[j][:, j] = near[:, 0]
-    P = np.concatenate(rows + [rng.integers(-2 ** 31, 2 ** 31, size=(20000, 3))])
+    P = np.concatenate(rows + [rng.integers(-(2**31), 2**31, size=(20000, 3))])
     got = c.label(predict_index(c.pack(LIM), P, LIM))
     assert (got == model.predict(P.astype(np.float32).astype(np.float64))).all()
     assert (got == model.predict(P.astype(np.float64))).all()
     # the same tree with int()-truncated thresholds goes the wrong way on these probes
     import xdpml.models.compiler as compiler
+
     monkeypatch.setattr(compiler, "int_threshold", lambda t: int(t))
     wrong = compile_model(model, ["tcp_sequence_num", "tcp_ack_num", "src_port"], limits=LIM)
     assert (wrong.label(predict_index(wrong.pack(LIM), P, LIM)) != got).any()
@@ -112,6 +114,7 @@ def test_bad_inputs_are_model_errors(data):
         compile_model(tree, zoo.NAMES[:3], limits=LIM)
     with pytest.raises(ModelError, match="not supported in the kernel"):
         from sklearn.neighbors import KNeighborsClassifier
+
         compile_model(KNeighborsClassifier().fit(X[:100], y[:100]), zoo.NAMES, limits=LIM)
 
 
@@ -124,11 +127,12 @@ def test_fixed_point_sums_stay_inside_64_bits(data):
         c = compile_model(zoo.train(kind, X, y), zoo.NAMES, limits=LIM)
         if c.kind == L.KIND_LINEAR:
             xmax = np.array([f.max for f in c.features], dtype=object)
-            worst = max(sum(abs(int(w)) * int(m) for w, m in zip(row, xmax)) + abs(int(b))
-                        for row, b in zip(c.weights, c.bias))
+            worst = max(
+                sum(abs(int(w)) * int(m) for w, m in zip(row, xmax)) + abs(int(b)) for row, b in zip(c.weights, c.bias)
+            )
         else:
             per_tree = [max(abs(int(v)) for v in c.leaf_values)] * c.n_trees
             worst = sum(per_tree) + max(abs(int(b)) for b in c.bias)
-        assert worst < 2 ** 62, kind
+        assert worst < 2**62, kind
         assert c.frac_bits >= 20  # and the scale is not thrown away to get there
         assert math.isfinite(c.margin())

@@ -1,16 +1,20 @@
 """bpf/model.h's MF_* ids and xdpml/models/features.py are one table; names are columns."""
+
 import re
 from pathlib import Path
 
 from xdpml.agent.features import PACKET_SPECS
+
 from xdpml.models.features import FEATURES
 
 MODEL_H = Path(__file__).resolve().parents[2] / "bpf" / "model.h"
 
 
 def test_kernel_ids_follow_the_python_table():
-    ids = {m.group(1).lower(): int(m.group(2))
-           for m in re.finditer(r"^#define MF_([A-Z0-9_]+) (\d+)$", MODEL_H.read_text(), re.M)}
+    ids = {
+        m.group(1).lower(): int(m.group(2))
+        for m in re.finditer(r"^#define MF_([A-Z0-9_]+) (\d+)$", MODEL_H.read_text(), re.M)
+    }
     assert ids == {f.name: f.id for f in FEATURES}
     # every id has its case in model_feature()
     cases = re.findall(r"case MF_([A-Z0-9_]+):", MODEL_H.read_text())

@@ -1,14 +1,15 @@
 """The kernel's class (real XDP flow program compiled with -DXDPML_MODEL=1, run by
 BPF_PROG_TEST_RUN on packets crafted by scapy) equals the Python walk of the same slot
 and scikit-learn's predict, for every model kind; swaps and the empty slot."""
+
 import numpy as np
 import pytest
 
-from xdpml.datapath.loader import XDP_PROG, Datapath
-from xdpml.datapath.testrun import test_run as prog_test_run
-from xdpml.config import AgentSettings
 from bench import model_packets as packets
 from bench import model_zoo as zoo
+from xdpml.config import AgentSettings
+from xdpml.datapath.loader import XDP_PROG, Datapath
+from xdpml.datapath.testrun import test_run as prog_test_run
 from xdpml.errors import ModelError
 from xdpml.models import layout as L
 from xdpml.models.compiler import compile_model
@@ -83,6 +84,7 @@ def test_tcp_flag_bits_in_header_order(dp, slots):
     """A tree on tcp_cwr alone (bit 7 of TCP byte 13) and one on tcp_fin (bit 0):
     a byte-swapped or mis-shifted flag read would send these packets the other way."""
     from sklearn.tree import DecisionTreeClassifier
+
     for name in ("tcp_cwr", "tcp_fin", "tcp_ece"):
         feats = [name]
         col = packets.feature_matrix(zoo_fields(), feats)

@@ -1,4 +1,5 @@
 """xdpml/obs/health.py: a real HTTP server on loopback answers the kubelet's probes."""
+
 from __future__ import annotations
 
 import http.client
@@ -24,17 +25,17 @@ def test_readiness_follows_conditions():
         assert get(h.port, "/livez") == (200, "ok\n")
         code, body = get(h.port, "/readyz")
         assert code == 503
-        assert body == ("[-]programs_attached not ready: not yet reported\n"
-                        "[-]pod_cache_synced not ready: not yet reported\n"
-                        "readyz check failed\n")
+        assert body == (
+            "[-]programs_attached not ready: not yet reported\n"
+            "[-]pod_cache_synced not ready: not yet reported\n"
+            "readyz check failed\n"
+        )
         h.set("programs_attached")
         code, body = get(h.port, "/readyz")
         assert code == 503 and h.missing() == ["pod_cache_synced"]
-        assert body.splitlines()[:2] == ["[+]programs_attached ok",
-                                         "[-]pod_cache_synced not ready: not yet reported"]
+        assert body.splitlines()[:2] == ["[+]programs_attached ok", "[-]pod_cache_synced not ready: not yet reported"]
         h.set("pod_cache_synced")
-        assert get(h.port, "/readyz") == (200, "[+]programs_attached ok\n[+]pod_cache_synced ok\n"
-                                               "readyz check passed\n")
+        assert get(h.port, "/readyz") == (200, "[+]programs_attached ok\n[+]pod_cache_synced ok\nreadyz check passed\n")
         assert h.ready
         # losing the watch makes the agent unready again, with the reason shown
         h.clear("pod_cache_synced", "watch failed: 403 Forbidden")
@@ -69,6 +70,7 @@ def test_liveness_fails_when_main_loop_stalls():
 def test_livez_over_http_reports_stall():
     with HealthServer(host="127.0.0.1", port=0, stall_after_s=0.05) as h:
         import time
+
         time.sleep(0.1)
         code, body = get(h.port, "/livez")
         assert code == 503 and body.startswith("main loop stalled")

@@ -1,4 +1,5 @@
 """xdpml/obs/logs.py: text and JSON lines on stdout."""
+
 from __future__ import annotations
 
 import io
@@ -27,8 +28,11 @@ def test_text_lines():
     log.debug("hidden")
     log.info("attached %s", "eth0", extra={"mode": "native", "note": "two words"})
     (line,) = buf.getvalue().splitlines()
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO  agent\.loader: attached eth0 "
-                        r'mode=native note="two words"', line), line
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO  agent\.loader: attached eth0 "
+        r'mode=native note="two words"',
+        line,
+    ), line
 
 
 def test_json_lines_with_extras_and_exception():
@@ -40,9 +44,14 @@ def test_json_lines_with_extras_and_exception():
         raise RuntimeError("model server down")
     except RuntimeError:
         log.exception("scoring failed")
-    first, second = (json.loads(l) for l in buf.getvalue().splitlines())
+    first, second = (json.loads(ln) for ln in buf.getvalue().splitlines())
     assert {k: first[k] for k in ("level", "logger", "msg", "rows", "node")} == {
-        "level": "debug", "logger": "collector", "msg": "batch", "rows": 512, "node": "n1"}
+        "level": "debug",
+        "logger": "collector",
+        "msg": "batch",
+        "rows": 512,
+        "node": "n1",
+    }
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["ts"])
     assert second["level"] == "error" and second["msg"] == "scoring failed"
     assert "RuntimeError: model server down" in second["exc"]
@@ -63,10 +72,13 @@ def test_non_json_extra_does_not_break_the_line():
     assert json.loads(buf.getvalue())["path"].startswith("<object object")
 
 
-@pytest.mark.parametrize("fmt, level, message", [
-    ("xml", "info", "log format must be one of text, json"),
-    ("text", "verbose", "log level must be one of debug, info"),
-])
+@pytest.mark.parametrize(
+    "fmt, level, message",
+    [
+        ("xml", "info", "log format must be one of text, json"),
+        ("text", "verbose", "log level must be one of debug, info"),
+    ],
+)
 def test_bad_arguments(fmt, level, message):
     with pytest.raises(LoggingConfigError, match=message):
         setup_logging(fmt, level)

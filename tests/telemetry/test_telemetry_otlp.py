@@ -1,4 +1,5 @@
 """Metrics reach a real OTLP gRPC receiver on loopback (MetricsService from opentelemetry-proto)."""
+
 from __future__ import annotations
 
 import threading
@@ -20,7 +21,7 @@ class Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):
         self.got = threading.Event()
         self.lock = threading.Lock()
 
-    def Export(self, request, context):  # noqa: N802 (generated name)
+    def Export(self, request, context):
         with self.lock:
             self.requests.append(request)
         self.got.set()
@@ -57,8 +58,11 @@ def attrs(point) -> dict:
 
 def test_flush_delivers_every_instrument_kind(receiver):
     settings = TelemetrySettings(
-        service_name="xdpml-agent", otlp_endpoint=f"127.0.0.1:{receiver.port}",
-        otlp_interval_s=3600, resource_attributes={"k8s.node.name": "node-a"})
+        service_name="xdpml-agent",
+        otlp_endpoint=f"127.0.0.1:{receiver.port}",
+        otlp_interval_s=3600,
+        resource_attributes={"k8s.node.name": "node-a"},
+    )
     with Telemetry.from_settings(settings) as tel:
         assert not tel.noop
         pk = tel.counter("xdpml.agent.packets")
@@ -72,8 +76,7 @@ def test_flush_delivers_every_instrument_kind(receiver):
         agents.add(3)
         agents.add(-1)
         tel.observe_gauge("xdpml.agent.queue.depth", lambda: [(5, {"queue": "grpc"})])
-        tel.observe_counter("xdpml.agent.kernel.events",
-                            lambda: {"err_bad_ihl": 11, "flow_full": 2})
+        tel.observe_counter("xdpml.agent.kernel.events", lambda: {"err_bad_ihl": 11, "flow_full": 2})
         assert tel.force_flush(timeout_s=10)
 
     got = receiver.metrics()
@@ -104,13 +107,11 @@ def test_flush_delivers_every_instrument_kind(receiver):
 
     m, _ = got["xdpml.agent.kernel.events"]
     assert m.sum.is_monotonic
-    assert {attrs(p)["kind"]: p.as_int for p in m.sum.data_points} == {
-        "err_bad_ihl": 11, "flow_full": 2}
+    assert {attrs(p)["kind"]: p.as_int for p in m.sum.data_points} == {"err_bad_ihl": 11, "flow_full": 2}
 
 
 def test_periodic_reader_pushes_without_flush(receiver):
-    settings = TelemetrySettings(otlp_endpoint=f"http://127.0.0.1:{receiver.port}",
-                                 otlp_interval_s=0.2)
+    settings = TelemetrySettings(otlp_endpoint=f"http://127.0.0.1:{receiver.port}", otlp_interval_s=0.2)
     tel = Telemetry.from_settings(settings)
     try:
         tel.counter("xdpml.collector.rows").add(42, {"kind": "flow"})
@@ -147,12 +148,15 @@ def test_failing_callback_does_not_block_other_metrics(receiver, caplog):
     assert "metric callback for xdpml.agent.queue.depth failed" in caplog.text
 
 
-@pytest.mark.parametrize("endpoint, message", [
-    ("otel-collector", "not HOST:PORT"),
-    ("grpc://otel:4317", "scheme must be"),
-    ("otel:99999", "not HOST:PORT"),
-    ("otel:", "not HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "endpoint, message",
+    [
+        ("otel-collector", "not HOST:PORT"),
+        ("grpc://otel:4317", "scheme must be"),
+        ("otel:99999", "not HOST:PORT"),
+        ("otel:", "not HOST:PORT"),
+    ],
+)
 def test_bad_endpoint_is_a_clear_error(endpoint, message):
     with pytest.raises(TelemetryError, match=message):
         Telemetry.from_settings(TelemetrySettings(otlp_endpoint=endpoint))
@@ -173,24 +177,32 @@ def _make_ca_and_server_cert(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "xdpml test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(hours=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
     ca_file = tmp_path / "ca.pem"
     ca_file.write_bytes(ca.public_bytes(pem))
@@ -207,8 +219,9 @@ def test_https_endpoint_verifies_the_receiver_with_the_ca_file(tmp_path):
     server.start()
     try:
         # trusted CA: delivered
-        s = TelemetrySettings(otlp_endpoint=f"https://localhost:{port}", otlp_ca_file=str(ca_file),
-                              otlp_interval_s=3600, otlp_timeout_s=5)
+        s = TelemetrySettings(
+            otlp_endpoint=f"https://localhost:{port}", otlp_ca_file=str(ca_file), otlp_interval_s=3600, otlp_timeout_s=5
+        )
         with Telemetry.from_settings(s) as tel:
             tel.counter("xdpml.collector.errors").add(4, {"kind": "malformed"})
             assert tel.force_flush(timeout_s=10)

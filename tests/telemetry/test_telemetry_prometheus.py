@@ -1,4 +1,5 @@
 """The Prometheus scrape endpoint serves text that prometheus_client's own parser reads."""
+
 from __future__ import annotations
 
 import re
@@ -24,8 +25,7 @@ def samples(family) -> dict:
 
 
 def test_scrape_names_types_and_values():
-    settings = TelemetrySettings(service_name="xdpml-collector", prometheus_port=0,
-                                 prometheus_host="127.0.0.1")
+    settings = TelemetrySettings(service_name="xdpml-collector", prometheus_port=0, prometheus_host="127.0.0.1")
     with Telemetry.from_settings(settings) as tel:
         tel.counter("xdpml.collector.batches").add(3, {"kind": "flow"})
         tel.counter("xdpml.collector.flagged").add(2, {"model": "iforest", "label": "anomaly"})
@@ -38,10 +38,10 @@ def test_scrape_names_types_and_values():
         fams = scrape(tel.prometheus_port)
         # parser strips _total from counter family names
         assert fams["xdpml_collector_batches"].type == "counter"
-        assert samples(fams["xdpml_collector_batches"]) == {
-            ("xdpml_collector_batches_total", (("kind", "flow"),)): 3.0}
+        assert samples(fams["xdpml_collector_batches"]) == {("xdpml_collector_batches_total", (("kind", "flow"),)): 3.0}
         assert samples(fams["xdpml_collector_flagged"]) == {
-            ("xdpml_collector_flagged_total", (("label", "anomaly"), ("model", "iforest"))): 2.0}
+            ("xdpml_collector_flagged_total", (("label", "anomaly"), ("model", "iforest"))): 2.0
+        }
         assert fams["xdpml_agent_bytes"].type == "counter"
         h = fams["xdpml_collector_model_latency_seconds"]
         assert h.type == "histogram"
@@ -54,12 +54,12 @@ def test_scrape_names_types_and_values():
         assert s[("xdpml_collector_model_latency_seconds_bucket", (("le", "0.25"), ("model", "iforest")))] == 2
         assert fams["xdpml_collector_agents"].type == "gauge"
         assert samples(fams["xdpml_collector_agents"]) == {("xdpml_collector_agents", ()): 1.0}
-        assert samples(fams["xdpml_agent_queue_depth"]) == {
-            ("xdpml_agent_queue_depth", (("queue", "grpc"),)): 4.0}
+        assert samples(fams["xdpml_agent_queue_depth"]) == {("xdpml_agent_queue_depth", (("queue", "grpc"),)): 4.0}
         # the callback is read at every scrape, not cached
         depth[0] = 9
         assert samples(scrape(tel.prometheus_port)["xdpml_agent_queue_depth"]) == {
-            ("xdpml_agent_queue_depth", (("queue", "grpc"),)): 9.0}
+            ("xdpml_agent_queue_depth", (("queue", "grpc"),)): 9.0
+        }
         info = samples(fams["target_info"])  # target_info carries the resource
         assert any(dict(k[1]).get("service_name") == "xdpml-collector" for k in info)
         port = tel.prometheus_port
@@ -74,9 +74,11 @@ def test_two_instances_in_one_process_do_not_share_series():
         a.counter("xdpml.agent.flows").add(5, {"reason": "idle"})
         b.counter("xdpml.agent.flows").add(1, {"reason": "fin"})
         assert samples(scrape(a.prometheus_port)["xdpml_agent_flows"]) == {
-            ("xdpml_agent_flows_total", (("reason", "idle"),)): 5.0}
+            ("xdpml_agent_flows_total", (("reason", "idle"),)): 5.0
+        }
         assert samples(scrape(b.prometheus_port)["xdpml_agent_flows"]) == {
-            ("xdpml_agent_flows_total", (("reason", "fin"),)): 1.0}
+            ("xdpml_agent_flows_total", (("reason", "fin"),)): 1.0
+        }
 
 
 def test_port_in_use_is_a_clear_error():
@@ -99,12 +101,15 @@ def test_noop_mode_accepts_everything_and_serves_nothing():
     tel.shutdown()
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda t: t.counter("xdpml.agent.nonsense"), "unknown metric 'xdpml.agent.nonsense'"),
-    (lambda t: t.counter("xdpml.agent.batch.latency"), "is a histogram, not a counter"),
-    (lambda t: t.histogram("xdpml.agent.packets"), "is a counter, not a histogram"),
-    (lambda t: t.observe_gauge("xdpml.agent.kernel.events", lambda: 1), "not a observable_gauge"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda t: t.counter("xdpml.agent.nonsense"), "unknown metric 'xdpml.agent.nonsense'"),
+        (lambda t: t.counter("xdpml.agent.batch.latency"), "is a histogram, not a counter"),
+        (lambda t: t.histogram("xdpml.agent.packets"), "is a counter, not a histogram"),
+        (lambda t: t.observe_gauge("xdpml.agent.kernel.events", lambda: 1), "not a observable_gauge"),
+    ],
+)
 def test_misuse_is_rejected_even_in_noop_mode(call, message):
     with pytest.raises(TelemetryError, match=message):
         call(Telemetry.noop_instance())
@@ -115,11 +120,14 @@ def test_same_instrument_object_is_returned():
     assert tel.counter("xdpml.agent.packets") is tel.counter("xdpml.agent.packets")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"prometheus_port": 70000}, "metrics port must be 0..65535"),
-    ({"otlp_endpoint": "a:1", "otlp_interval_s": 0}, "export interval"),
-    ({"service_name": "", "prometheus_port": 0}, "service name"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prometheus_port": 70000}, "metrics port must be 0..65535"),
+        ({"otlp_endpoint": "a:1", "otlp_interval_s": 0}, "export interval"),
+        ({"service_name": "", "prometheus_port": 0}, "service name"),
+    ],
+)
 def test_bad_settings(kwargs, message):
     with pytest.raises(TelemetryError, match=message):
         Telemetry.from_settings(TelemetrySettings(**kwargs))
@@ -140,7 +148,8 @@ def test_docs_list_exactly_the_declared_metrics():
     documented = set(re.findall(r"^\| `(xdpml\.[a-z_.]+)` ", doc, re.M))
     assert documented == set(METRICS), (
         f"undocumented: {sorted(set(METRICS) - documented)}; "
-        f"documented but not declared: {sorted(documented - set(METRICS))}")
+        f"documented but not declared: {sorted(documented - set(METRICS))}"
+    )
     for spec in METRICS.values():
         row = re.search(rf"^\| `{re.escape(spec.name)}` .*$", doc, re.M).group(0)
         assert f"`{_prom_name(spec)}`" in row, f"{spec.name}: Prometheus name missing from docs row"

@@ -1,4 +1,5 @@
 """The command line: help, input errors without tracebacks, check-config."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +48,12 @@ def test_without_privileges_the_agent_says_what_it_needs():
     if os.geteuid() != 0:
         pytest.fail("needs root to drop to an unprivileged user")
     xdpml = str(Path(sys.executable).parent / "xdpml")
-    r = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", f"{xdpml} agent -i lo --duration 1"],
-                       capture_output=True, text=True, cwd="/tmp")
+    r = subprocess.run(
+        ["su", "nobody", "-s", "/bin/sh", "-c", f"{xdpml} agent -i lo --duration 1"],
+        capture_output=True,
+        text=True,
+        cwd="/tmp",
+    )
     assert r.returncode == 1
     assert "needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN" in r.stderr
     assert "Traceback" not in r.stderr
@@ -77,8 +82,11 @@ def test_global_options_before_or_after_the_subcommand():
     from xdpml.cli import build_parser
 
     p = build_parser()
-    for argv in (["--log-format", "json", "agent", "-i", "x"], ["agent", "--log-format", "json", "-i", "x"],
-                 ["agent", "-i", "x", "--log-format", "json"]):
+    for argv in (
+        ["--log-format", "json", "agent", "-i", "x"],
+        ["agent", "--log-format", "json", "-i", "x"],
+        ["agent", "-i", "x", "--log-format", "json"],
+    ):
         a = p.parse_args(argv)
         assert (a.log_format, a.verbose) == ("json", False), argv
     assert p.parse_args(["-v", "cleanup"]).verbose and p.parse_args(["cleanup", "-v"]).verbose

@@ -1,12 +1,13 @@
 """Pure feature functions on hand-built kernel records (no kernel needed)."""
+
 import numpy as np
 import pytest
-
-from xdpml.datapath.abi import END_FIN_INIT, END_FIN_RESP, END_RST, flow_types
-from xdpml.wire.columns import ip_from_str
-from xdpml.config import HarvestSettings
 from xdpml.agent.features import WindowAccumulator, expand_segments, flow_columns
 from xdpml.agent.harvest import Harvester
+
+from xdpml.config import HarvestSettings
+from xdpml.datapath.abi import END_FIN_INIT, END_FIN_RESP, END_RST, flow_types
+from xdpml.wire.columns import ip_from_str
 
 T = flow_types(4)
 
@@ -52,8 +53,9 @@ def test_flow_columns_statistics():
     fwd, rev = [100, 300, 200], [60, 1500]
     tf, tr = [0, 10_000_000, 30_000_000], [5_000_000, 20_000_000]
     k, v = record(fwd, rev, tf, tr)
-    b = flow_columns(k, v, expiration=np.array([0]), mono_to_unix_ns=1_700_000_000_000_000_000,
-                     ifnames={3: "eth9"}, first_n=4)
+    b = flow_columns(
+        k, v, expiration=np.array([0]), mono_to_unix_ns=1_700_000_000_000_000_000, ifnames={3: "eth9"}, first_n=4
+    )
     r = next(b.rows())
     assert (r["src_ip"], r["dst_ip"], r["src_port"], r["dst_port"]) == ("10.0.0.1", "10.0.0.2", 1000, 80)
     assert r["interface"] == "eth9"
@@ -126,9 +128,22 @@ def test_harvester_reasons():
 
 
 def test_window_accumulator_gso_expansion_and_cuts():
-    ev = np.zeros(3, dtype=[("ts_ns", "u8"), ("size", "u4"), ("payload", "u4"), ("proto", "u1"),
-                            ("src_ip", "S16"), ("dst_ip", "S16"), ("src_port", "u2"), ("dst_port", "u2"),
-                            ("ifindex", "u4"), ("segs", "u2"), ("last_size", "u4")])
+    ev = np.zeros(
+        3,
+        dtype=[
+            ("ts_ns", "u8"),
+            ("size", "u4"),
+            ("payload", "u4"),
+            ("proto", "u1"),
+            ("src_ip", "S16"),
+            ("dst_ip", "S16"),
+            ("src_port", "u2"),
+            ("dst_port", "u2"),
+            ("ifindex", "u4"),
+            ("segs", "u2"),
+            ("last_size", "u4"),
+        ],
+    )
     ev["ts_ns"] = [0, 1_000_000, 2_000_000]
     ev["size"], ev["last_size"], ev["segs"] = [100, 1514, 60], [100, 500, 60], [1, 3, 1]
     ev["proto"], ev["ifindex"] = 6, 1
@@ -152,11 +167,13 @@ def test_harvester_exports_quiet_flows_early_when_the_table_is_nearly_full():
     quiet_s = np.array([0, 0.5, 3, 5, 8, 9, 20, 30, 60, 100])  # all below the 120 s idle timeout
     vals["first_ns"] = now - 200 * s
     vals["last_ns"] = now - (quiet_s * s).astype(np.int64)
-    relaxed = Harvester(FakeTable(keys.copy(), vals.copy()), settings=HarvestSettings(), first_n=4,
-                        mono_to_unix_ns=0, capacity=100)
+    relaxed = Harvester(
+        FakeTable(keys.copy(), vals.copy()), settings=HarvestSettings(), first_n=4, mono_to_unix_ns=0, capacity=100
+    )
     assert relaxed.scan(now) is None  # 10% full: nothing is due
-    full = Harvester(FakeTable(keys.copy(), vals.copy()), settings=HarvestSettings(), first_n=4,
-                     mono_to_unix_ns=0, capacity=10)
+    full = Harvester(
+        FakeTable(keys.copy(), vals.copy()), settings=HarvestSettings(), first_n=4, mono_to_unix_ns=0, capacity=10
+    )
     b = full.scan(now)
     # 100% > 90%: flows quiet for >= 120/16 = 7.5 s leave early, as idle
     assert sorted(b["src_port"].tolist()) == [4, 5, 6, 7, 8, 9]

@@ -1,4 +1,5 @@
 """docs/features.md lists exactly the columns the code produces, with their specs."""
+
 from pathlib import Path
 
 from xdpml.agent import features

@@ -5,6 +5,7 @@ The package maps the top-level folders agent/, collector/ and bpf/ into ``xdpml`
 package-dir), which only an installed copy shows whole: so these tests install the project,
 without dependencies, into a temporary folder and look at that.
 """
+
 import os
 import re
 import shutil
@@ -23,12 +24,33 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 def installed(tmp_path_factory) -> Path:
     # from a copy, so the build leaves nothing (build/, *.egg-info) in the source tree
     src = tmp_path_factory.mktemp("src") / "xdpml"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__",
-                                                            "tests", "docs", "helm", "bench"))
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "build", "*.egg-info", "__pycache__", "tests", "docs", "helm", "bench"
+        ),
+    )
     target = tmp_path_factory.mktemp("site")
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                        "--no-build-isolation", "--no-compile", "--target", str(target), str(src)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-compile",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     return target
 
@@ -56,12 +78,10 @@ def test_only_xdpml_is_installed_at_the_top(installed):
 def test_bpf_sources_ship_and_the_loader_finds_them(installed):
     shipped = {p.name for p in (installed / "xdpml" / "bpf").iterdir()}
     assert {p.name for p in (ROOT / "bpf").iterdir() if p.suffix in (".c", ".h")} <= shipped
-    code = ("from xdpml.datapath.source import bpf_dir, program_text; "
-            "print(bpf_dir()); print(len(program_text()))")
+    code = "from xdpml.datapath.source import bpf_dir, program_text; print(bpf_dir()); print(len(program_text()))"
     env = {k: v for k, v in os.environ.items() if k != "XDPML_BPF_DIR"}
     env["PYTHONPATH"] = str(installed)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env,
-                       timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     where, size = r.stdout.split()
     assert Path(where) == installed / "xdpml" / "bpf" and int(size) > 1000
@@ -69,8 +89,14 @@ def test_bpf_sources_ship_and_the_loader_finds_them(installed):
 
 def test_import_contract_is_kept(installed):
     exe = Path(sys.executable).with_name("lint-imports")
-    r = subprocess.run([str(exe), str(ROOT / "pyproject.toml")], capture_output=True, text=True,
-                       cwd=installed, env=dict(os.environ, PYTHONPATH=str(installed)), timeout=300)
+    r = subprocess.run(
+        [str(exe), str(ROOT / "pyproject.toml")],
+        capture_output=True,
+        text=True,
+        cwd=installed,
+        env=dict(os.environ, PYTHONPATH=str(installed)),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 broken" in r.stdout
 

@@ -1,4 +1,5 @@
 """System-call numbers live in one module, per architecture; nothing else writes one."""
+
 import re
 from pathlib import Path
 

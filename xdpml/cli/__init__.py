@@ -1,4 +1,5 @@
 """xdpml command line: agent, collector, cleanup, demo."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,18 @@ log = logging.getLogger("xdpml")
 # `xdpml collector` in the agent image, is a one-line error rather than a traceback.
 # tests/image/test_extras.py keeps this table equal to the extras.
 EXTRA_OF_MODULE = {
-    "bcc": "agent", "pyroute2": "agent", "kubernetes": "agent", "yaml": "agent", "jsonschema": "agent", "celpy": "agent",
-    "grpc_health": "collector", "grpc_reflection": "collector", "sklearn": "collector",
-    "joblib": "collector", "pyarrow": "collector", "onnxruntime": "collector",
+    "bcc": "agent",
+    "pyroute2": "agent",
+    "kubernetes": "agent",
+    "yaml": "agent",
+    "jsonschema": "agent",
+    "celpy": "agent",
+    "grpc_health": "collector",
+    "grpc_reflection": "collector",
+    "sklearn": "collector",
+    "joblib": "collector",
+    "pyarrow": "collector",
+    "onnxruntime": "collector",
 }
 
 AGENT_EXAMPLES = """\
@@ -55,89 +65,200 @@ _nonneg_int = _non_negative(int, "a whole number")
 
 def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("interfaces and hooks")
-    g.add_argument("-i", "--interface", action="append", default=[], metavar="IFACE",
-                   help="interface name or glob; 'physical' or 'pod-veths' for all of a kind (repeatable)")
-    g.add_argument("--hooks", choices=("auto", "xdp", "tc", "xdp+tc"), default="auto",
-                   help="auto: XDP ingress + TC egress on physical NICs, TC both ways on veth and "
-                        "virtual interfaces (default: %(default)s)")
-    g.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto",
-                   help="XDP attach mode; auto = native on physical NICs (default: %(default)s)")
+    g.add_argument(
+        "-i",
+        "--interface",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="interface name or glob; 'physical' or 'pod-veths' for all of a kind (repeatable)",
+    )
+    g.add_argument(
+        "--hooks",
+        choices=("auto", "xdp", "tc", "xdp+tc"),
+        default="auto",
+        help="auto: XDP ingress + TC egress on physical NICs, TC both ways on veth and "
+        "virtual interfaces (default: %(default)s)",
+    )
+    g.add_argument(
+        "--xdp-mode",
+        choices=("auto", "native", "generic"),
+        default="auto",
+        help="XDP attach mode; auto = native on physical NICs (default: %(default)s)",
+    )
     f = p.add_argument_group("features")
-    f.add_argument("-w", "--window", type=_nonneg_int, default=0, metavar="N",
-                   help="window features over every N packets (seed 000); 0 = off")
-    f.add_argument("--window-seconds", type=_positive_float, default=0.0, metavar="T",
-                   help="window features over T-second windows; 0 = off")
-    f.add_argument("--sample", type=_nonneg_int, default=0, metavar="N",
-                   help="per-packet features for 1 in N packets; 0 = off (default)")
-    f.add_argument("--first-n", type=_nonneg_int, default=10, metavar="N",
-                   help="packets per flow kept for sequence features, 0..32 (default: %(default)s)")
+    f.add_argument(
+        "-w",
+        "--window",
+        type=_nonneg_int,
+        default=0,
+        metavar="N",
+        help="window features over every N packets (seed 000); 0 = off",
+    )
+    f.add_argument(
+        "--window-seconds",
+        type=_positive_float,
+        default=0.0,
+        metavar="T",
+        help="window features over T-second windows; 0 = off",
+    )
+    f.add_argument(
+        "--sample",
+        type=_nonneg_int,
+        default=0,
+        metavar="N",
+        help="per-packet features for 1 in N packets; 0 = off (default)",
+    )
+    f.add_argument(
+        "--first-n",
+        type=_nonneg_int,
+        default=10,
+        metavar="N",
+        help="packets per flow kept for sequence features, 0..32 (default: %(default)s)",
+    )
     f.add_argument("--no-flows", action="store_true", help="do not export flow records")
     t = p.add_argument_group("flow table and timeouts")
-    t.add_argument("--flow-table-size", type=_nonneg_int, default=65536, metavar="N",
-                   help="kernel flow table entries (default: %(default)s)")
-    t.add_argument("--no-flow-lock", action="store_true",
-                   help="compile out the per-flow spin lock: ~1/3 less kernel time per packet, but two "
-                        "CPUs updating one flow at once may lose an update (docs/benchmarks.md)")
-    t.add_argument("--idle-timeout", type=_positive_float, default=120.0, metavar="S",
-                   help="export a flow idle this long, seconds (default: %(default)s)")
-    t.add_argument("--active-timeout", type=_positive_float, default=1800.0, metavar="S",
-                   help="export and restart a flow this old, seconds (default: %(default)s)")
-    t.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
-                   help="flow table scan period, seconds (default: %(default)s)")
+    t.add_argument(
+        "--flow-table-size",
+        type=_nonneg_int,
+        default=65536,
+        metavar="N",
+        help="kernel flow table entries (default: %(default)s)",
+    )
+    t.add_argument(
+        "--no-flow-lock",
+        action="store_true",
+        help="compile out the per-flow spin lock: ~1/3 less kernel time per packet, but two "
+        "CPUs updating one flow at once may lose an update (docs/benchmarks.md)",
+    )
+    t.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=120.0,
+        metavar="S",
+        help="export a flow idle this long, seconds (default: %(default)s)",
+    )
+    t.add_argument(
+        "--active-timeout",
+        type=_positive_float,
+        default=1800.0,
+        metavar="S",
+        help="export and restart a flow this old, seconds (default: %(default)s)",
+    )
+    t.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=1.0,
+        metavar="S",
+        help="flow table scan period, seconds (default: %(default)s)",
+    )
     o = p.add_argument_group("output")
-    o.add_argument("-o", "--output", metavar="FILE",
-                   help="JSON lines file ('-' = stdout; the default when no other output is given); "
-                        "created 0600, refused in a directory others can write to")
-    o.add_argument("--unix-socket", metavar="PATH",
-                   help="stream JSON lines to this Unix socket; a bare name is in /run/xdpml (0700). "
-                        "Refused in a directory others can write to; the listener must be root, the "
-                        "agent's user or the directory's owner")
-    o.add_argument("--collector", metavar="HOST:PORT",
-                   help="stream flow records as protobuf batches to an xdpml collector (windows and "
-                        "packet samples go to the local outputs only); exit code 8 if none was delivered")
+    o.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="JSON lines file ('-' = stdout; the default when no other output is given); "
+        "created 0600, refused in a directory others can write to",
+    )
+    o.add_argument(
+        "--unix-socket",
+        metavar="PATH",
+        help="stream JSON lines to this Unix socket; a bare name is in /run/xdpml (0700). "
+        "Refused in a directory others can write to; the listener must be root, the "
+        "agent's user or the directory's owner",
+    )
+    o.add_argument(
+        "--collector",
+        metavar="HOST:PORT",
+        help="stream flow records as protobuf batches to an xdpml collector (windows and "
+        "packet samples go to the local outputs only); exit code 8 if none was delivered",
+    )
     o.add_argument("--tls-ca", metavar="PEM", help="CA that signed the collector's certificate (enables TLS)")
     o.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
     o.add_argument("--tls-key", metavar="PEM", help="client key for mutual TLS")
     o.add_argument("--tls-server-name", metavar="NAME", help="name expected in the collector's certificate")
-    o.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(),
-                   help="node identity sent with every batch (default: $NODE_NAME or the hostname)")
+    o.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME") or socket.gethostname(),
+        help="node identity sent with every batch (default: $NODE_NAME or the hostname)",
+    )
     k = p.add_argument_group("Kubernetes and operations")
-    k.add_argument("--kubernetes", action="store_true",
-                   help="configure from AgentConfig resources and enrich flows with pod metadata "
-                        "(interfaces then come from the AgentConfig; -i is not needed)")
+    k.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="configure from AgentConfig resources and enrich flows with pod metadata "
+        "(interfaces then come from the AgentConfig; -i is not needed)",
+    )
     k.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig (default: in-cluster, then ~/.kube/config)")
-    k.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "xdpml"),
-                   help="namespace of the AgentConfig resources (default: $POD_NAMESPACE or xdpml)")
-    k.add_argument("--config-name", default="", metavar="NAME",
-                   help="follow only the AgentConfig of this name (default: the oldest that selects the node)")
-    k.add_argument("--health-port", type=_nonneg_int, default=None, metavar="PORT",
-                   help="serve /livez and /readyz on this port (0..65535)")
-    k.add_argument("--metrics-port", type=_nonneg_int, default=None, metavar="PORT",
-                   help="serve Prometheus metrics on this port (0..65535)")
-    k.add_argument("--bind-address", default=None, metavar="ADDR",
-                   help="address the health and metrics ports listen on (default: 127.0.0.1; "
-                        "0.0.0.0 with --kubernetes, where the kubelet and scrapers reach the pod)")
-    k.add_argument("--otlp-endpoint", default="", metavar="URL",
-                   help="push OpenTelemetry metrics over OTLP gRPC (host:port, http:// or https://)")
+    k.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "xdpml"),
+        help="namespace of the AgentConfig resources (default: $POD_NAMESPACE or xdpml)",
+    )
+    k.add_argument(
+        "--config-name",
+        default="",
+        metavar="NAME",
+        help="follow only the AgentConfig of this name (default: the oldest that selects the node)",
+    )
+    k.add_argument(
+        "--health-port",
+        type=_nonneg_int,
+        default=None,
+        metavar="PORT",
+        help="serve /livez and /readyz on this port (0..65535)",
+    )
+    k.add_argument(
+        "--metrics-port",
+        type=_nonneg_int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (0..65535)",
+    )
+    k.add_argument(
+        "--bind-address",
+        default=None,
+        metavar="ADDR",
+        help="address the health and metrics ports listen on (default: 127.0.0.1; "
+        "0.0.0.0 with --kubernetes, where the kubelet and scrapers reach the pod)",
+    )
+    k.add_argument(
+        "--otlp-endpoint",
+        default="",
+        metavar="URL",
+        help="push OpenTelemetry metrics over OTLP gRPC (host:port, http:// or https://)",
+    )
     from xdpml.agent.enforce.cli_commands import add_enforce_arguments
+
     add_enforce_arguments(p)
-    o.add_argument("--duration", type=_positive_float, default=0.0, metavar="S",
-                   help="stop after S seconds (default: run until SIGINT/SIGTERM)")
-    o.add_argument("--summary-interval", type=_positive_float, default=5.0, metavar="S",
-                   help="seconds between summary lines on stderr; 0 = off (default: %(default)s)")
+    o.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=0.0,
+        metavar="S",
+        help="stop after S seconds (default: run until SIGINT/SIGTERM)",
+    )
+    o.add_argument(
+        "--summary-interval",
+        type=_positive_float,
+        default=5.0,
+        metavar="S",
+        help="seconds between summary lines on stderr; 0 = off (default: %(default)s)",
+    )
 
 
 def settings_from_args(a):
-    from xdpml.config import (AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings,
-                              WindowSettings)
     from xdpml.agent.enforce.cli_commands import enforce_settings_from_args
+    from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings, WindowSettings
 
     return AgentSettings(
         interfaces=InterfaceSettings(names=a.interface, hooks=a.hooks, xdp_mode=a.xdp_mode),
-        datapath=DatapathSettings(flow_table_size=a.flow_table_size, first_n=a.first_n, sample_rate=a.sample,
-                                  flow_lock=not a.no_flow_lock),
-        harvest=HarvestSettings(idle_timeout_s=a.idle_timeout, active_timeout_s=a.active_timeout,
-                                interval_s=a.interval),
+        datapath=DatapathSettings(
+            flow_table_size=a.flow_table_size, first_n=a.first_n, sample_rate=a.sample, flow_lock=not a.no_flow_lock
+        ),
+        harvest=HarvestSettings(
+            idle_timeout_s=a.idle_timeout, active_timeout_s=a.active_timeout, interval_s=a.interval
+        ),
         window=WindowSettings(packets=a.window, seconds=a.window_seconds),
         enforce=enforce_settings_from_args(a),
         summary_interval_s=a.summary_interval,
@@ -154,9 +275,15 @@ def _telemetry(a, service: str):
     from xdpml.obs.telemetry import Telemetry, TelemetrySettings
 
     attrs = {"k8s.node.name": a.node_name} if getattr(a, "node_name", "") else {}
-    return Telemetry.from_settings(TelemetrySettings(
-        service_name=service, prometheus_port=a.metrics_port, prometheus_host=_bind_address(a),
-        otlp_endpoint=a.otlp_endpoint, resource_attributes=attrs))
+    return Telemetry.from_settings(
+        TelemetrySettings(
+            service_name=service,
+            prometheus_port=a.metrics_port,
+            prometheus_host=_bind_address(a),
+            otlp_endpoint=a.otlp_endpoint,
+            resource_attributes=attrs,
+        )
+    )
 
 
 def check_agent_args(a) -> None:
@@ -179,25 +306,29 @@ def check_agent_args(a) -> None:
 
         check_target(a.collector)
         local = a.output or a.unix_socket
-        extra = [flag for flag, on in (("-w/--window", a.window), ("--window-seconds", a.window_seconds),
-                                       ("--sample", a.sample)) if on]
+        extra = [
+            flag
+            for flag, on in (("-w/--window", a.window), ("--window-seconds", a.window_seconds), ("--sample", a.sample))
+            if on
+        ]
         if extra and not local and not a.kubernetes:
-            raise ConfigError(f"the collector scores flow records only: {' and '.join(extra)} records need "
-                              "a local output too (-o FILE or --unix-socket PATH)")
+            raise ConfigError(
+                f"the collector scores flow records only: {' and '.join(extra)} records need "
+                "a local output too (-o FILE or --unix-socket PATH)"
+            )
 
 
 def run_agent(a) -> int:
-    from xdpml.datapath.loader import AttachError, resolve_interfaces
-    from xdpml.config import ConfigError
     from xdpml.agent.export.sinks import JsonLinesSink, UnixSocketSink
     from xdpml.agent.pipeline import Agent, install_signal_handlers, register_observables
+    from xdpml.config import ConfigError
+    from xdpml.datapath.loader import AttachError, resolve_interfaces
 
     check_agent_args(a)
     if a.kubernetes:
         return run_kubernetes_agent(a)
     if not a.interface:
-        print("xdpml agent: give at least one interface with -i (see `ip link show`), or --kubernetes",
-              file=sys.stderr)
+        print("xdpml agent: give at least one interface with -i (see `ip link show`), or --kubernetes", file=sys.stderr)
         return 2
     try:
         settings = settings_from_args(a)
@@ -216,6 +347,7 @@ def run_agent(a) -> int:
     telemetry = _telemetry(a, "xdpml-agent")
     holder: dict = {}
     from xdpml.agent.enforce.cli_commands import AgentEnforcement
+
     enf = AgentEnforcement(a, settings.enforce, telemetry)  # verdicts -> rules (docs/enforcement.md)
     if a.collector:
         try:
@@ -230,8 +362,9 @@ def run_agent(a) -> int:
         if health:
             health.set("programs_attached")
 
-    agent = Agent(settings, interfaces=names, sinks=sinks, flows=not a.no_flows, telemetry=telemetry,
-                  on_attached=attached)
+    agent = Agent(
+        settings, interfaces=names, sinks=sinks, flows=not a.no_flows, telemetry=telemetry, on_attached=attached
+    )
     holder["agent"] = agent
     register_observables(telemetry, lambda: agent)
     install_signal_handlers(agent.stop_event)
@@ -254,11 +387,9 @@ def run_agent(a) -> int:
 
 def check_delivered(deliveries: dict[str, tuple[int, int]]) -> None:
     """DataLoss (exit 8) when an output was given rows and delivered none of them."""
-    lost = [f"{name}: 0 of {given} rows delivered" for name, (given, done) in deliveries.items()
-            if given and not done]
+    lost = [f"{name}: 0 of {given} rows delivered" for name, (given, done) in deliveries.items() if given and not done]
     if lost:
-        raise DataLoss("every row sent to an output was dropped (" + "; ".join(lost) + "); see the "
-                       "warnings above")
+        raise DataLoss("every row sent to an output was dropped (" + "; ".join(lost) + "); see the warnings above")
 
 
 def _health(a, conditions):
@@ -271,10 +402,10 @@ def _health(a, conditions):
 
 def run_kubernetes_agent(a) -> int:
     from xdpml.agent.export.sinks import JsonLinesSink, UnixSocketSink
-    from xdpml.wire.tls import ClientTls
-    from xdpml.kube.client import KubeUnavailable, api_client
     from xdpml.agent.kubernetes import KubeAgentOptions, KubernetesAgent
     from xdpml.agent.pipeline import install_signal_handlers
+    from xdpml.kube.client import KubeUnavailable, api_client
+    from xdpml.wire.tls import ClientTls
 
     try:
         api = api_client(kubeconfig=a.kubeconfig)
@@ -289,8 +420,14 @@ def run_kubernetes_agent(a) -> int:
     tls = None
     if a.tls_ca or a.tls_cert or a.tls_key:
         tls = ClientTls(ca_file=a.tls_ca, cert_file=a.tls_cert, key_file=a.tls_key, server_name=a.tls_server_name)
-    opts = KubeAgentOptions(namespace=a.namespace, node_name=a.node_name, config_name=a.config_name,
-                            collector=a.collector or "", collector_tls=tls, extra_sinks=extra)
+    opts = KubeAgentOptions(
+        namespace=a.namespace,
+        node_name=a.node_name,
+        config_name=a.config_name,
+        collector=a.collector or "",
+        collector_tls=tls,
+        extra_sinks=extra,
+    )
     telemetry = _telemetry(a, "xdpml-agent")
     health = _health(a, ("programs_attached", "pod_cache_synced"))
     sup = KubernetesAgent(api, opts, health=health, telemetry=telemetry)
@@ -305,14 +442,13 @@ def run_kubernetes_agent(a) -> int:
 
 def _grpc_sink(a, telemetry, current_agent, on_verdicts=None):
     from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
-    from xdpml.agent.export.verdicts import verdict_counter
     from xdpml.agent.export.sinks import CollectorSink
+    from xdpml.agent.export.verdicts import verdict_counter
     from xdpml.wire.tls import ClientTls
 
     tls = None
     if a.tls_ca or a.tls_cert or a.tls_key:
-        tls = ClientTls(ca_file=a.tls_ca, cert_file=a.tls_cert, key_file=a.tls_key,
-                        server_name=a.tls_server_name)
+        tls = ClientTls(ca_file=a.tls_ca, cert_file=a.tls_cert, key_file=a.tls_key, server_name=a.tls_server_name)
 
     from xdpml.agent.pipeline import loss_counters
 
@@ -323,8 +459,11 @@ def _grpc_sink(a, telemetry, current_agent, on_verdicts=None):
         if on_verdicts is not None:
             on_verdicts(vb)
 
-    exporter = GrpcExporter(ExporterSettings(target=a.collector, tls=tls, node_name=a.node_name),
-                            on_verdicts=verdicts, loss_counters=loss_counters(current_agent))
+    exporter = GrpcExporter(
+        ExporterSettings(target=a.collector, tls=tls, node_name=a.node_name),
+        on_verdicts=verdicts,
+        loss_counters=loss_counters(current_agent),
+    )
     return CollectorSink(exporter)
 
 
@@ -368,10 +507,15 @@ def _add_global_options(p: argparse.ArgumentParser, default) -> None:
     """--log-format and -v, accepted before or after the subcommand. On subcommands their
     default is SUPPRESS, so a value given before the subcommand is not reset by it."""
     g = p.add_argument_group("global options")
-    g.add_argument("--log-format", choices=("text", "json"),
-                   default="text" if default is None else default, help="log line format (default: text)")
-    g.add_argument("-v", "--verbose", action="store_true",
-                   default=False if default is None else default, help="debug logging")
+    g.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text" if default is None else default,
+        help="log line format (default: text)",
+    )
+    g.add_argument(
+        "-v", "--verbose", action="store_true", default=False if default is None else default, help="debug logging"
+    )
 
 
 def _with_global_options(add_parser):
@@ -387,52 +531,72 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xdpml",
         description="Network flow, window and packet features for machine learning, from XDP/TC "
-                    "programs, streamed to files, sockets or an inference collector.",
+        "programs, streamed to files, sockets or an inference collector.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=AGENT_EXAMPLES)
+        epilog=AGENT_EXAMPLES,
+    )
     p.add_argument("--version", action="version", version=f"xdpml {__version__}")
     _add_global_options(p, None)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser = _with_global_options(sub.add_parser)  # type: ignore[method-assign]
-    ag = sub.add_parser("agent", help="attach to interfaces and export features",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Attach the datapath to interfaces and export features.",
-                        epilog=AGENT_EXAMPLES)
+    ag = sub.add_parser(
+        "agent",
+        help="attach to interfaces and export features",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Attach the datapath to interfaces and export features.",
+        epilog=AGENT_EXAMPLES,
+    )
     add_agent_arguments(ag)
     ag.set_defaults(func=run_agent)
     cc = sub.add_parser("check-config", help="validate AgentConfig YAML files as the agents would")
     cc.add_argument("files", nargs="+", metavar="FILE")
     cc.set_defaults(func=run_check_config)
-    cl = sub.add_parser("cleanup", help="remove xdpml programs a killed agent left attached",
-                        description="Remove the xdpml XDP programs and TC filters whose agent is gone "
-                                    "(kill -9, OOM). What a running agent holds is left alone, and the "
-                                    "exit code is 1 if anything was left.")
-    cl.add_argument("-i", "--interface", action="append", default=[], metavar="IFACE",
-                    help="only this interface (repeatable; default: every interface)")
-    cl.add_argument("--force", action="store_true",
-                    help="remove them even while an xdpml agent process holds them")
+    cl = sub.add_parser(
+        "cleanup",
+        help="remove xdpml programs a killed agent left attached",
+        description="Remove the xdpml XDP programs and TC filters whose agent is gone "
+        "(kill -9, OOM). What a running agent holds is left alone, and the "
+        "exit code is 1 if anything was left.",
+    )
+    cl.add_argument(
+        "-i",
+        "--interface",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="only this interface (repeatable; default: every interface)",
+    )
+    cl.add_argument("--force", action="store_true", help="remove them even while an xdpml agent process holds them")
     cl.set_defaults(func=run_cleanup)
     from xdpml.agent.enforce.cli_commands import add_rules_commands
+
     add_rules_commands(sub)
     try:
         from xdpml.cli import collector as collector_cli
     except ImportError:
         collector_cli = None
     if collector_cli is not None and hasattr(collector_cli, "add_arguments"):
-        co = sub.add_parser("collector", help="receive feature batches, score them, send verdicts",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        co = sub.add_parser(
+            "collector",
+            help="receive feature batches, score them, send verdicts",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         collector_cli.add_arguments(co)
         co.set_defaults(func=collector_cli.run)
-    dm = sub.add_parser("demo", help="the whole loop on this machine with test hosts in namespaces",
-                        description=textwrap.dedent("""\
+    dm = sub.add_parser(
+        "demo",
+        help="the whole loop on this machine with test hosts in namespaces",
+        description=textwrap.dedent("""\
                             Builds test hosts in network namespaces, runs the agent on their
                             interfaces and the collector with the embedded model, sends normal
                             traffic, then a port scan and a SYN flood, and prints the flows the
                             model flags. Needs root. Ends by itself and removes what it made."""),
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     dm.add_argument("--seconds", type=_positive_float, default=20.0, help="baseline traffic duration")
     dm.set_defaults(func=run_demo)
     from xdpml.models.cli_commands import add_model_commands
+
     add_model_commands(sub)
     return p
 
@@ -487,10 +651,16 @@ def main(argv: list[str] | None = None) -> int:
         extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
         if extra is None:
             raise
-        how = ("Debian's python3-bpfcc, seen by the venv (scripts/install.sh)" if exc.name == "bcc"
-               else f"pip install 'xdpml[{extra}]'")
-        print(f"xdpml {a.command}: this install has no {exc.name}: the {extra} needs it ({how}; "
-              f"in containers, the {extra} image)", file=sys.stderr)
+        how = (
+            "Debian's python3-bpfcc, seen by the venv (scripts/install.sh)"
+            if exc.name == "bcc"
+            else f"pip install 'xdpml[{extra}]'"
+        )
+        print(
+            f"xdpml {a.command}: this install has no {exc.name}: the {extra} needs it ({how}; "
+            f"in containers, the {extra} image)",
+            file=sys.stderr,
+        )
         return EnvironmentNotReady.exit_code
     except KeyboardInterrupt:
         return 130

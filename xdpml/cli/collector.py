@@ -1,4 +1,5 @@
 """``xdpml collector``: receive feature batches from agents, score them, answer with verdicts."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,103 +41,226 @@ def _default_state_dir() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT",
-                        help="address to serve gRPC on, 0.0.0.0:PORT for every interface; port 0 picks a free "
-                             "one (default %(default)s: this host only)")
-    parser.add_argument("--reflection", action="store_true",
-                        help="offer gRPC server reflection (lets anyone who can connect list the services)")
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1:50051",
+        metavar="HOST:PORT",
+        help="address to serve gRPC on, 0.0.0.0:PORT for every interface; port 0 picks a free "
+        "one (default %(default)s: this host only)",
+    )
+    parser.add_argument(
+        "--reflection",
+        action="store_true",
+        help="offer gRPC server reflection (lets anyone who can connect list the services)",
+    )
     g = parser.add_argument_group("TLS")
     g.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain); enables TLS")
     g.add_argument("--tls-key", metavar="PEM", help="server private key")
-    g.add_argument("--tls-client-ca", metavar="PEM",
-                   help="CA that signs agent certificates; makes client certificates mandatory (mTLS)")
+    g.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="CA that signs agent certificates; makes client certificates mandatory (mTLS)",
+    )
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="embedded", metavar="SPEC",
-                   help="embedded | sklearn:PATH | onnx:PATH | v2:HOST:PORT/MODEL[?output=..&features=a,b] "
-                        "(default %(default)s)")
-    g.add_argument("--threshold", type=float, default=None,
-                   help="flag rows with score >= this (default: 0.65 for embedded, 0.5 otherwise)")
-    g.add_argument("--baseline", metavar="FILE",
-                   help="embedded model: pinned baseline (from `xdpml collector learn -o FILE`), used read-only")
-    g.add_argument("--learn-from", metavar="WHO",
-                   help="embedded model without a baseline: learn it live from these agents' streams: "
-                        "'authenticated' (any verified client certificate, needs --tls-client-ca), certificate "
-                        "names (comma list), or 'any' (every peer, unauthenticated: labs only). "
-                        "Default: nobody; rows stay unscored until `xdpml collector learn` made a baseline")
-    g.add_argument("--baseline-rows", type=int, default=5000, metavar="N",
-                   help="embedded model, --learn-from: flows to learn the baseline from (default %(default)s)")
-    g.add_argument("--trees", type=int, default=50, metavar="N",
-                   help="embedded model: trees in the forest; scoring cost grows linearly (default %(default)s)")
-    g.add_argument("--features", metavar="A,B,...",
-                   help="embedded model: feature columns to use instead of the built-in list")
-    g.add_argument("--state-dir", default=_default_state_dir(), metavar="DIR",
-                   help="where the embedded model keeps its baseline (default %(default)s)")
+    g.add_argument(
+        "--model",
+        default="embedded",
+        metavar="SPEC",
+        help="embedded | sklearn:PATH | onnx:PATH | v2:HOST:PORT/MODEL[?output=..&features=a,b] (default %(default)s)",
+    )
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="flag rows with score >= this (default: 0.65 for embedded, 0.5 otherwise)",
+    )
+    g.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="embedded model: pinned baseline (from `xdpml collector learn -o FILE`), used read-only",
+    )
+    g.add_argument(
+        "--learn-from",
+        metavar="WHO",
+        help="embedded model without a baseline: learn it live from these agents' streams: "
+        "'authenticated' (any verified client certificate, needs --tls-client-ca), certificate "
+        "names (comma list), or 'any' (every peer, unauthenticated: labs only). "
+        "Default: nobody; rows stay unscored until `xdpml collector learn` made a baseline",
+    )
+    g.add_argument(
+        "--baseline-rows",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="embedded model, --learn-from: flows to learn the baseline from (default %(default)s)",
+    )
+    g.add_argument(
+        "--trees",
+        type=int,
+        default=50,
+        metavar="N",
+        help="embedded model: trees in the forest; scoring cost grows linearly (default %(default)s)",
+    )
+    g.add_argument(
+        "--features", metavar="A,B,...", help="embedded model: feature columns to use instead of the built-in list"
+    )
+    g.add_argument(
+        "--state-dir",
+        default=_default_state_dir(),
+        metavar="DIR",
+        help="where the embedded model keeps its baseline (default %(default)s)",
+    )
     g = parser.add_argument_group("output")
     g.add_argument("--jsonl", metavar="PATH", help="append scored rows as JSON lines ('-' = stdout)")
-    g.add_argument("--parquet", metavar="PATH",
-                   help="write scored rows to Parquet files named after PATH (flows.parquet -> "
-                        "flows-<time>-<n>.parquet), each complete and renamed into place when rotated")
-    g.add_argument("--parquet-file-mb", type=float, default=256, metavar="MB",
-                   help="rotate a Parquet file at this size (default %(default)g)")
-    g.add_argument("--parquet-file-seconds", type=float, default=300, metavar="SECONDS",
-                   help="rotate a Parquet file at this age, so rows are readable within it (default %(default)g)")
-    g.add_argument("--verdicts", action=argparse.BooleanOptionalAction, default=True,
-                   help="stream verdicts for flagged rows back to the agents (default on)")
+    g.add_argument(
+        "--parquet",
+        metavar="PATH",
+        help="write scored rows to Parquet files named after PATH (flows.parquet -> "
+        "flows-<time>-<n>.parquet), each complete and renamed into place when rotated",
+    )
+    g.add_argument(
+        "--parquet-file-mb",
+        type=float,
+        default=256,
+        metavar="MB",
+        help="rotate a Parquet file at this size (default %(default)g)",
+    )
+    g.add_argument(
+        "--parquet-file-seconds",
+        type=float,
+        default=300,
+        metavar="SECONDS",
+        help="rotate a Parquet file at this age, so rows are readable within it (default %(default)g)",
+    )
+    g.add_argument(
+        "--verdicts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stream verdicts for flagged rows back to the agents (default on)",
+    )
     g = parser.add_argument_group("verdict policy (docs/collector.md#verdict-policy)")
-    g.add_argument("--policy", metavar="FILE",
-                   help="YAML policy: threshold, min_confidence, action and TTL per model and class")
-    g.add_argument("--action", choices=("allow", "alert", "rate-limit", "drop"), default=None,
-                   help="action of the default rule (overrides the policy file; default alert)")
-    g.add_argument("--verdict-ttl", type=int, default=None, metavar="SECONDS",
-                   help="TTL of the default rule's verdicts, 1-86400 (overrides the policy file; default 300)")
-    g.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=None,
-                   help="send every drop and rate-limit verdict as alert (the policy's choice in policy_action); "
-                        "overrides the policy file's dry_run (default off)")
+    g.add_argument(
+        "--policy", metavar="FILE", help="YAML policy: threshold, min_confidence, action and TTL per model and class"
+    )
+    g.add_argument(
+        "--action",
+        choices=("allow", "alert", "rate-limit", "drop"),
+        default=None,
+        help="action of the default rule (overrides the policy file; default alert)",
+    )
+    g.add_argument(
+        "--verdict-ttl",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="TTL of the default rule's verdicts, 1-86400 (overrides the policy file; default 300)",
+    )
+    g.add_argument(
+        "--dry-run",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send every drop and rate-limit verdict as alert (the policy's choice in policy_action); "
+        "overrides the policy file's dry_run (default off)",
+    )
     g.add_argument("--print-flagged", action="store_true", help="print a table of flagged flows to stdout")
     g = parser.add_argument_group("limits")
-    g.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024,
-                   help="largest batch message accepted (default 4 MiB, gRPC's default)")
+    g.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest batch message accepted (default 4 MiB, gRPC's default)",
+    )
     g.add_argument("--max-agents", type=int, default=256, help="concurrent agent streams (default %(default)s)")
-    g.add_argument("--max-streams-per-peer", type=int, default=16, metavar="N",
-                   help="concurrent streams from one address (default %(default)s)")
-    g.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="end a stream that sent no message for this long (default %(default)g)")
-    g.add_argument("--max-stream-age", type=float, default=3600.0, metavar="SECONDS",
-                   help="drain and end streams this old, the agent reconnects; 0 = never (default %(default)g)")
-    g.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
-                   help="on SIGTERM, time to finish received batches (default %(default)s)")
+    g.add_argument(
+        "--max-streams-per-peer",
+        type=int,
+        default=16,
+        metavar="N",
+        help="concurrent streams from one address (default %(default)s)",
+    )
+    g.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="end a stream that sent no message for this long (default %(default)g)",
+    )
+    g.add_argument(
+        "--max-stream-age",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="drain and end streams this old, the agent reconnects; 0 = never (default %(default)g)",
+    )
+    g.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM, time to finish received batches (default %(default)s)",
+    )
     sub = parser.add_subparsers(dest="collector_command", metavar="{learn}")
-    lp = sub.add_parser("learn", help="fit the embedded model's baseline on recorded flows (JSON lines or Parquet)",
-                        description=LEARN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    lp.add_argument("inputs", nargs="+", metavar="FILE",
-                    help="flow records: the agent's JSON lines (-o), the collector's --jsonl or --parquet files")
-    lp.add_argument("-o", "--output", metavar="FILE",
-                    help=f"baseline file to write (default STATE_DIR/{EMBEDDED_FILE}, what the collector loads)")
-    lp.add_argument("--state-dir", default=_default_state_dir(), metavar="DIR",
-                    help="where the collector looks for its baseline (default %(default)s)")
+    lp = sub.add_parser(
+        "learn",
+        help="fit the embedded model's baseline on recorded flows (JSON lines or Parquet)",
+        description=LEARN_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lp.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="FILE",
+        help="flow records: the agent's JSON lines (-o), the collector's --jsonl or --parquet files",
+    )
+    lp.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help=f"baseline file to write (default STATE_DIR/{EMBEDDED_FILE}, what the collector loads)",
+    )
+    lp.add_argument(
+        "--state-dir",
+        default=_default_state_dir(),
+        metavar="DIR",
+        help="where the collector looks for its baseline (default %(default)s)",
+    )
     lp.add_argument("--replace", action="store_true", help="overwrite an existing baseline (its provenance is logged)")
     lp.add_argument("--trees", type=int, default=50, metavar="N", help="trees in the forest (default %(default)s)")
     lp.add_argument("--features", metavar="A,B,...", help="feature columns instead of the built-in list")
-    lp.add_argument("--max-rows", type=int, default=1_000_000, metavar="N",
-                    help="use at most the first N flows (default %(default)s)")
+    lp.add_argument(
+        "--max-rows",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="use at most the first N flows (default %(default)s)",
+    )
     lp.set_defaults(func=run_learn)
     g = parser.add_argument_group("metrics")
-    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                   help="serve Prometheus metrics on this port")
-    g.add_argument("--metrics-host", default=None, metavar="ADDR",
-                   help="address the metrics endpoint binds (default: the --listen host, so loopback unless "
-                        "gRPC is served further)")
-    g.add_argument("--otlp-endpoint", default="", metavar="URL",
-                   help="push OpenTelemetry metrics over OTLP gRPC (host:port, http:// or https://)")
+    g.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT", help="serve Prometheus metrics on this port"
+    )
+    g.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="ADDR",
+        help="address the metrics endpoint binds (default: the --listen host, so loopback unless "
+        "gRPC is served further)",
+    )
+    g.add_argument(
+        "--otlp-endpoint",
+        default="",
+        metavar="URL",
+        help="push OpenTelemetry metrics over OTLP gRPC (host:port, http:// or https://)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from xdpml.wire.tls import ServerTls, TlsConfigError
     from xdpml.collector.models import describe_provenance, load_model
     from xdpml.collector.server import CollectorServer, CollectorSettings, parse_listen
     from xdpml.collector.sinks import FlaggedPrinter, JsonlSink, ParquetSink
     from xdpml.errors import ConfigError, XdpmlError
     from xdpml.obs.telemetry import Telemetry, TelemetrySettings
+    from xdpml.wire.tls import ServerTls, TlsConfigError
 
     log = logging.getLogger("xdpml.collector")
     if not logging.getLogger().handlers:
@@ -158,16 +282,35 @@ def run(args: argparse.Namespace) -> int:
         # Settings first: a bad address or --learn-from fails before a model is loaded.
         from xdpml.collector.policy import Policy, load_policy, with_overrides
 
-        policy = with_overrides(load_policy(args.policy) if args.policy else Policy(), action=args.action,
-                                threshold=args.threshold, ttl_seconds=args.verdict_ttl, dry_run=args.dry_run)
-        settings = CollectorSettings(listen=args.listen, tls=tls, threshold=args.threshold,
-                                     send_verdicts=args.verdicts, policy=policy,
-                                     max_message_bytes=args.max_message_bytes, max_agents=args.max_agents,
-                                     max_streams_per_peer=args.max_streams_per_peer,
-                                     idle_timeout_s=args.idle_timeout, max_stream_age_s=args.max_stream_age,
-                                     reflection=args.reflection, learn_from=learn_from)
-        model = load_model(args.model, state_dir=args.state_dir, baseline_rows=args.baseline_rows, features=features,
-                           trees=args.trees, baseline_file=args.baseline)
+        policy = with_overrides(
+            load_policy(args.policy) if args.policy else Policy(),
+            action=args.action,
+            threshold=args.threshold,
+            ttl_seconds=args.verdict_ttl,
+            dry_run=args.dry_run,
+        )
+        settings = CollectorSettings(
+            listen=args.listen,
+            tls=tls,
+            threshold=args.threshold,
+            send_verdicts=args.verdicts,
+            policy=policy,
+            max_message_bytes=args.max_message_bytes,
+            max_agents=args.max_agents,
+            max_streams_per_peer=args.max_streams_per_peer,
+            idle_timeout_s=args.idle_timeout,
+            max_stream_age_s=args.max_stream_age,
+            reflection=args.reflection,
+            learn_from=learn_from,
+        )
+        model = load_model(
+            args.model,
+            state_dir=args.state_dir,
+            baseline_rows=args.baseline_rows,
+            features=features,
+            trees=args.trees,
+            baseline_file=args.baseline,
+        )
         if learn_from and not getattr(model, "learns", False):
             model.close()
             raise ConfigError(f"--learn-from is for the embedded model; {model.name} does not learn")
@@ -176,14 +319,24 @@ def run(args: argparse.Namespace) -> int:
         if args.parquet:
             if args.parquet_file_mb <= 0 or args.parquet_file_seconds <= 0:
                 raise ConfigError("--parquet-file-mb and --parquet-file-seconds must be positive")
-            sinks.append(ParquetSink(args.parquet, max_file_bytes=int(args.parquet_file_mb * 1024 * 1024),
-                                     max_file_age_s=args.parquet_file_seconds,
-                                     flush_s=min(10.0, args.parquet_file_seconds)))
+            sinks.append(
+                ParquetSink(
+                    args.parquet,
+                    max_file_bytes=int(args.parquet_file_mb * 1024 * 1024),
+                    max_file_age_s=args.parquet_file_seconds,
+                    flush_s=min(10.0, args.parquet_file_seconds),
+                )
+            )
         if args.print_flagged:
             sinks.append(FlaggedPrinter())
-        telemetry = Telemetry.from_settings(TelemetrySettings(
-            service_name="xdpml-collector", prometheus_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint,
-            prometheus_host=args.metrics_host or parse_listen(args.listen)[0].strip("[]")))
+        telemetry = Telemetry.from_settings(
+            TelemetrySettings(
+                service_name="xdpml-collector",
+                prometheus_port=args.metrics_port,
+                otlp_endpoint=args.otlp_endpoint,
+                prometheus_host=args.metrics_host or parse_listen(args.listen)[0].strip("[]"),
+            )
+        )
         server = CollectorServer(model, sinks, settings, telemetry)
     except (XdpmlError, TlsConfigError, ValueError, OSError) as e:
         for s in sinks:
@@ -206,22 +359,35 @@ def run(args: argparse.Namespace) -> int:
             if learn_from:
                 log.info("the model has a baseline already; --learn-from changes nothing")
         elif learn_from:
-            log.warning("no baseline yet: learning it from the first %d rows of %s", args.baseline_rows,
-                        "ANY peer (unauthenticated)" if learn_from == ("any",) else ", ".join(learn_from))
+            log.warning(
+                "no baseline yet: learning it from the first %d rows of %s",
+                args.baseline_rows,
+                "ANY peer (unauthenticated)" if learn_from == ("any",) else ", ".join(learn_from),
+            )
         else:
-            log.warning("the embedded model has no baseline and learns from nobody: rows are stored unscored "
-                        "(label 'unscored'); make one with `xdpml collector learn`, pin one with --baseline, "
-                        "or let authenticated agents teach it with --learn-from")
-    print(f"xdpml collector: listening on port {server.port}, model {model.name} ({model.version}), "
-          f"threshold {threshold:g}; policy: {policy.summary()}", file=sys.stderr, flush=True)
+            log.warning(
+                "the embedded model has no baseline and learns from nobody: rows are stored unscored "
+                "(label 'unscored'); make one with `xdpml collector learn`, pin one with --baseline, "
+                "or let authenticated agents teach it with --learn-from"
+            )
+    print(
+        f"xdpml collector: listening on port {server.port}, model {model.name} ({model.version}), "
+        f"threshold {threshold:g}; policy: {policy.summary()}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         while not stop.wait(1.0):
             pass
     finally:
         server.stop(args.grace)
         st = server.stats()
-        print(f"xdpml collector: stopped; {st['batches_received']} batches, {st['rows_received']} rows, "
-              f"{st['rows_flagged']} flagged, {st['batches_rejected']} rejected", file=sys.stderr, flush=True)
+        print(
+            f"xdpml collector: stopped; {st['batches_received']} batches, {st['rows_received']} rows, "
+            f"{st['rows_flagged']} flagged, {st['batches_rejected']} rejected",
+            file=sys.stderr,
+            flush=True,
+        )
         telemetry.shutdown()
     return 0
 
@@ -263,8 +429,7 @@ def _read_rows(path: str, names: list[str]) -> tuple[dict, list[str], int]:
                     row = json.loads(line)
                 except ValueError:
                     raise ConfigError(f"{path}:{lineno}: not a JSON line") from None
-                if not isinstance(row, dict) or row.get("record", "flow") != "flow" or \
-                        any(n not in row for n in names):
+                if not isinstance(row, dict) or row.get("record", "flow") != "flow" or any(n not in row for n in names):
                     continue  # window or packet records, or another schema
                 if row.get("flagged") is True:
                     flagged += 1
@@ -283,10 +448,10 @@ def run_learn(args: argparse.Namespace) -> int:
     """``xdpml collector learn``: the explicit baseline step."""
     import numpy as np
 
-    from xdpml.wire.columns import ColumnBatch
     from xdpml.collector.models import EMBEDDED_FEATURES, EmbeddedIsolationForest, describe_provenance
     from xdpml.collector.server import printable
     from xdpml.errors import ConfigError, XdpmlError
+    from xdpml.wire.columns import ColumnBatch
 
     log = logging.getLogger("xdpml.collector")
     if not logging.getLogger().handlers:
@@ -297,8 +462,9 @@ def run_learn(args: argparse.Namespace) -> int:
         if os.path.exists(out):
             if not args.replace:
                 old = EmbeddedIsolationForest(state_dir=None, baseline_file=out, features=names)
-                raise ConfigError(f"{out} holds a baseline already ({describe_provenance(old.provenance)}); "
-                                  "--replace overwrites it")
+                raise ConfigError(
+                    f"{out} holds a baseline already ({describe_provenance(old.provenance)}); --replace overwrites it"
+                )
             log.warning("replacing baseline %s", out)
         parts, nodes, used = [], set(), []
         have = skipped = 0
@@ -321,8 +487,16 @@ def run_learn(args: argparse.Namespace) -> int:
         model = EmbeddedIsolationForest(state_dir=None, features=names, n_estimators=args.trees)
         x = np.concatenate([model.features_of(b) for b in parts])
         nonfinite = int(sum(int((~np.isfinite(b[n])).sum()) for b in parts for n in names))
-        model.fit(x, {"source": "collector learn", "inputs": used, "nodes": [printable(n, 253) for n in sorted(nodes)],
-                      "nonfinite_values_as_zero": nonfinite, "skipped_flagged_rows": skipped})
+        model.fit(
+            x,
+            {
+                "source": "collector learn",
+                "inputs": used,
+                "nodes": [printable(n, 253) for n in sorted(nodes)],
+                "nonfinite_values_as_zero": nonfinite,
+                "skipped_flagged_rows": skipped,
+            },
+        )
         from xdpml.collector.models import save_baseline
 
         model.provenance["file"] = os.path.abspath(out)

@@ -8,6 +8,7 @@ server and SYN-floods it while normal traffic goes on. At the end, a table of th
 flows the model flagged and how each kind of traffic was judged. Everything made
 is removed, also on Ctrl-C.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,12 @@ class Host:
         sh(f"ip netns del {self.ns}", check=False)
 
     def python(self, script: str, *, python: str = "/usr/bin/python3") -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.ns, python, "-c", script],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, python, "-c", script],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
 
 class Servers:
@@ -160,17 +165,16 @@ send(IP(src='{src}', dst='{ip}') / TCP(sport=RandShort(), dport={tcp}, flags='S'
 
 def main(args) -> int:
     if os.geteuid() != 0:
-        print("xdpml demo: run as root (it builds network namespaces and attaches BPF programs)",
-              file=sys.stderr)
+        print("xdpml demo: run as root (it builds network namespaces and attaches BPF programs)", file=sys.stderr)
         return 2
     for tool in ("ip", "ethtool"):
         if not shutil.which(tool):
             print(f"xdpml demo: `{tool}` is missing; run scripts/install.sh --demo", file=sys.stderr)
             return 2
-    from xdpml.config import AgentSettings, HarvestSettings, InterfaceSettings
     from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
     from xdpml.agent.export.sinks import CollectorSink, Sink
     from xdpml.agent.pipeline import Agent
+    from xdpml.config import AgentSettings, HarvestSettings, InterfaceSettings
 
     seconds = args.seconds
     work = Path(tempfile.mkdtemp(prefix="xdpml-demo-"))
@@ -190,15 +194,34 @@ def main(args) -> int:
         baseline = max(200, int(seconds * 12))
         say(f"starting the collector on 127.0.0.1:{port} (embedded Isolation Forest, baseline {baseline} flows)")
         collector = subprocess.Popen(
-            [sys.executable, "-m", "xdpml", "collector", "--listen", f"127.0.0.1:{port}",
-             "--model", "embedded", "--baseline-rows", str(baseline), "--state-dir", str(work / "state"),
-             # Live learning from the local agent: a lab choice (any local peer could teach it).
-             "--learn-from", "any", "--jsonl", str(scored_path)],
-            stdout=open(work / "collector.log", "w"), stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "xdpml",
+                "collector",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--model",
+                "embedded",
+                "--baseline-rows",
+                str(baseline),
+                "--state-dir",
+                str(work / "state"),
+                # Live learning from the local agent: a lab choice (any local peer could teach it).
+                "--learn-from",
+                "any",
+                "--jsonl",
+                str(scored_path),
+            ],
+            stdout=open(work / "collector.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
 
         settings = AgentSettings(
             interfaces=InterfaceSettings(names=[h.veth for h in hosts]),
-            harvest=HarvestSettings(idle_timeout_s=2.0, interval_s=0.5), summary_interval_s=5.0)
+            harvest=HarvestSettings(idle_timeout_s=2.0, interval_s=0.5),
+            summary_interval_s=5.0,
+        )
         exporter = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{port}", node_name="demo-node"))
         sinks: list[Sink] = [CollectorSink(exporter)]
         agent = Agent(settings, interfaces=[h.veth for h in hosts], sinks=sinks)
@@ -207,18 +230,23 @@ def main(args) -> int:
 
         client, attacker = hosts
         say(f"phase 1: {seconds:.0f} s of normal traffic from the client (web requests, DNS-like queries, ping)")
-        ping = subprocess.Popen(["ip", "netns", "exec", client.ns, "ping", "-q", "-i", "1", client.host_ip],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ping = subprocess.Popen(
+            ["ip", "netns", "exec", client.ns, "ping", "-q", "-i", "1", client.host_ip],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         procs.append(ping)
-        normal = client.python(NORMAL.format(seconds=seconds * 2 + 15, ip=client.host_ip, tcp=SERVER_TCP,
-                                             udp=SERVER_UDP))
+        normal = client.python(
+            NORMAL.format(seconds=seconds * 2 + 15, ip=client.host_ip, tcp=SERVER_TCP, udp=SERVER_UDP)
+        )
         procs.append(normal)
         time.sleep(seconds)
         say("phase 2: the attacker port-scans 1-1024 and SYN-floods port 8080 (2000 SYNs); normal traffic goes on")
         scan = attacker.python(SCAN.format(ports=1024, ip=attacker.host_ip))
         scan.wait(120)
-        flood = attacker.python(FLOOD.format(src=attacker.ns_ip, ip=attacker.host_ip, tcp=SERVER_TCP, count=2000),
-                                python=sys.executable)
+        flood = attacker.python(
+            FLOOD.format(src=attacker.ns_ip, ip=attacker.host_ip, tcp=SERVER_TCP, count=2000), python=sys.executable
+        )
         flood.wait(120)
         say("waiting for the last flows to go idle and be scored")
         time.sleep(6)

@@ -8,6 +8,7 @@ kernel again for every message; on a VM that costs more than the copies themselv
 threshold and the trim threshold lets freed buffers be reused. The heap then keeps
 its high-water mark (bounded by the exporter's queue and in-flight limits).
 """
+
 from __future__ import annotations
 
 import ctypes

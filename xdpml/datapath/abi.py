@@ -4,11 +4,12 @@ tests/bpf/test_abi.py compiles bpf/abi.h with the host C compiler and checks
 every size and offset here against it. The flow value's length depends on the
 compile-time first-N size, so its types are built per N by :func:`flow_types`.
 """
+
 from __future__ import annotations
 
 import ctypes as C
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -115,13 +116,27 @@ ENF_SLOT_ALLOWLISTED = 0xFFFFFFFF
 
 
 class EnfConfig(C.Structure):
-    _fields_ = [("mode", u32), ("gen", u32), ("rules", u32), ("exact", u32),
-                ("src4", u32), ("dst4", u32), ("src6", u32), ("dst6", u32)]
+    _fields_ = [
+        ("mode", u32),
+        ("gen", u32),
+        ("rules", u32),
+        ("exact", u32),
+        ("src4", u32),
+        ("dst4", u32),
+        ("src6", u32),
+        ("dst6", u32),
+    ]
 
 
 class EnfExactKey(C.Structure):
-    _fields_ = [("src_ip", u8 * 16), ("dst_ip", u8 * 16), ("src_port", u16), ("dst_port", u16),
-                ("proto", u8), ("_pad", u8 * 3)]
+    _fields_ = [
+        ("src_ip", u8 * 16),
+        ("dst_ip", u8 * 16),
+        ("src_port", u16),
+        ("dst_port", u16),
+        ("proto", u8),
+        ("_pad", u8 * 3),
+    ]
 
 
 class EnfExactVal(C.Structure):
@@ -207,7 +222,7 @@ class FlowTypes:
     value_dtype: np.dtype
 
 
-@lru_cache(maxsize=None)
+@cache
 def flow_types(first_n: int) -> FlowTypes:
     fields = [
         ("lock", u32),  # struct bpf_spin_lock

@@ -3,6 +3,7 @@
 The CLI (`xdpml rules ...`) works on the pinned maps of a running (or dead) agent
 without compiling anything, so this goes through the syscall, not BCC.
 """
+
 from __future__ import annotations
 
 import ctypes as C
@@ -23,8 +24,13 @@ BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_LPM_TRIE = 1, 2, 11
 
 
 class _ElemAttr(C.Structure):
-    _fields_ = [("map_fd", C.c_uint32), ("_pad", C.c_uint32), ("key", C.c_uint64),
-                ("value", C.c_uint64), ("flags", C.c_uint64)]
+    _fields_ = [
+        ("map_fd", C.c_uint32),
+        ("_pad", C.c_uint32),
+        ("key", C.c_uint64),
+        ("value", C.c_uint64),
+        ("flags", C.c_uint64),
+    ]
 
 
 class _ObjAttr(C.Structure):
@@ -36,9 +42,15 @@ class _InfoAttr(C.Structure):
 
 
 class MapInfo(C.Structure):
-    _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("key_size", C.c_uint32),
-                ("value_size", C.c_uint32), ("max_entries", C.c_uint32), ("map_flags", C.c_uint32),
-                ("name", C.c_char * 16)]
+    _fields_ = [
+        ("type", C.c_uint32),
+        ("id", C.c_uint32),
+        ("key_size", C.c_uint32),
+        ("value_size", C.c_uint32),
+        ("max_entries", C.c_uint32),
+        ("map_flags", C.c_uint32),
+        ("name", C.c_char * 16),
+    ]
 
 
 _bpf = syscalls.bpf
@@ -77,8 +89,9 @@ class Map:
         return value
 
     def update(self, key, value, flags: int = BPF_ANY) -> None:
-        rc = _bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=self.fd, key=C.addressof(key), value=C.addressof(value),
-                                                 flags=flags))
+        rc = _bpf(
+            BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=self.fd, key=C.addressof(key), value=C.addressof(value), flags=flags)
+        )
         if rc < 0:
             raise OSError(-rc, f"update of {self.name}: {os.strerror(-rc)}")
 

@@ -17,6 +17,7 @@ gone (kill -9, OOM) is *stale*: a starting agent takes it over (removes it and
 attaches its own, logged) and ``cleanup()`` removes it, on the interfaces asked for,
 while other agents keep running; an attachment of a live agent is left alone.
 """
+
 from __future__ import annotations
 
 import ctypes as C
@@ -29,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xdpml.config import AgentSettings, ConfigError
-from xdpml.errors import AttachError
 from xdpml.datapath import syscalls
 from xdpml.datapath.abi import flow_types
 from xdpml.datapath.source import program_text
+from xdpml.errors import AttachError
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,15 @@ def _xdp_mode_name(attached) -> str:
     if isinstance(attached, int):
         return XDP_ATTACHED_MODE.get(attached, str(attached))
     text = str(attached).lower()
-    for key, name in (("generic", "generic"), ("skb", "generic"), ("drv", "native"),
-                      ("native", "native"), ("hw", "offload"), ("offload", "offload"), ("multi", "multi")):
+    for key, name in (
+        ("generic", "generic"),
+        ("skb", "generic"),
+        ("drv", "native"),
+        ("native", "native"),
+        ("hw", "offload"),
+        ("offload", "offload"),
+        ("multi", "multi"),
+    ):
         if key in text:
             return name
     return text
@@ -182,7 +190,7 @@ def _xdp_mode_name(attached) -> str:
 def _tc_filters(ipr, ifindex: int, parent: int) -> list:
     try:
         return list(ipr.get_filters(index=ifindex, parent=parent))
-    except Exception:  # noqa: BLE001 - no clsact qdisc: no filters
+    except Exception:
         return []
 
 
@@ -243,12 +251,11 @@ class OwnerToken:
         _local_owners.add(owner_id)
 
     def _serve(self) -> None:
-        import socket
 
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             conn.close()
 
@@ -274,8 +281,9 @@ def owner_alive(owner_id: int) -> tuple[bool, int]:
     except OSError:  # ECONNREFUSED: nobody listens on that name
         return False, 0
     else:
-        pid, _uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                           struct.calcsize("3i")))
+        pid, _uid, _gid = struct.unpack(
+            "3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
         return True, pid
     finally:
         s.close()
@@ -420,8 +428,9 @@ class Datapath:
             from xdpml.errors import EnvironmentNotReady
 
             try:
-                prepare_pin_dir(self.pin_dir, map_rules=settings.enforce.map_rules,
-                                map_allow=settings.enforce.map_allow)
+                prepare_pin_dir(
+                    self.pin_dir, map_rules=settings.enforce.map_rules, map_allow=settings.enforce.map_allow
+                )
             except EnvironmentNotReady as exc:
                 # flows matter more than rules surviving a restart: go on unpinned
                 log.warning("%s; the rule maps are not pinned (rules end with this agent)", exc)
@@ -432,8 +441,9 @@ class Datapath:
         try:
             self.bpf = BPF(text=program_text().encode(), cflags=cflags)
         except Exception as exc:  # BCC raises bare Exception with the compiler output on stderr
-            raise AttachError(f"compiling or loading the BPF programs failed ({exc}); the compiler "
-                              "or verifier output is above") from exc
+            raise AttachError(
+                f"compiling or loading the BPF programs failed ({exc}); the compiler or verifier output is above"
+            ) from exc
         self.progs = {
             XDP_PROG: self.bpf.load_func(XDP_PROG.encode(), BPF.XDP),
             TC_INGRESS_PROG: self.bpf.load_func(TC_INGRESS_PROG.encode(), BPF.SCHED_CLS),
@@ -441,9 +451,14 @@ class Datapath:
         }
         # Registered before anything is attached, so no other agent ever sees ours as stale.
         self.owner = OwnerToken(prog_id_of_fd(self.progs[XDP_PROG].fd))
-        log.info("compiled datapath in %.1fs (flow table %d, first-N %d, sample 1/%s, windows %s)",
-                 time.monotonic() - t0, dp.flow_table_size, dp.first_n,
-                 dp.sample_rate or "off", "on" if self.window else "off")
+        log.info(
+            "compiled datapath in %.1fs (flow table %d, first-N %d, sample 1/%s, windows %s)",
+            time.monotonic() - t0,
+            dp.flow_table_size,
+            dp.first_n,
+            dp.sample_rate or "off",
+            "on" if self.window else "off",
+        )
         self.attachments: list[Attachment] = []
 
     # -- maps ---------------------------------------------------------------
@@ -484,22 +499,29 @@ class Datapath:
                 if hook.startswith("xdp:"):
                     mode = hook.split(":", 1)[1]
                     if mode == "generic" and kind != "physical":
-                        log.warning("%s is a %s interface: XDP runs there in generic mode, after GRO, so "
-                                    "it sees merged super-packets (packet counts and sizes are not the "
-                                    "wire's); --hooks tc counts every packet", ifname, kind)
+                        log.warning(
+                            "%s is a %s interface: XDP runs there in generic mode, after GRO, so "
+                            "it sees merged super-packets (packet counts and sizes are not the "
+                            "wire's); --hooks tc counts every packet",
+                            ifname,
+                            kind,
+                        )
                     pid, cur_mode = xdp_state(ifname)
                     if pid:
                         raise AttachError(
                             f"{ifname} already has an XDP program (id {pid}, {prog_name(pid) or '?'}, "
                             f"{cur_mode}); xdpml never replaces another program. Remove it, run "
-                            "`xdpml cleanup` if it is a stale xdpml one, or use --hooks tc")
+                            "`xdpml cleanup` if it is a stale xdpml one, or use --hooks tc"
+                        )
                     flags = XDP_FLAGS_UPDATE_IF_NOEXIST | (
-                        XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE)
+                        XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE
+                    )
                     try:
                         BPF.attach_xdp(ifname.encode(), self.progs[XDP_PROG], flags)
                     except Exception as exc:
-                        raise AttachError(f"attaching XDP ({mode}) to {ifname} failed: {exc}. "
-                                          "Try --xdp-mode generic or --hooks tc") from exc
+                        raise AttachError(
+                            f"attaching XDP ({mode}) to {ifname} failed: {exc}. Try --xdp-mode generic or --hooks tc"
+                        ) from exc
                     att.hooks.append(hook)
                 else:
                     direction = hook.split(":", 1)[1]
@@ -516,10 +538,20 @@ class Datapath:
                             if _filter_name(f).startswith(PROG_PREFIX):
                                 raise AttachError(
                                     f"{ifname} already has an xdpml TC {direction} filter "
-                                    f"({_filter_name(f)}) of a running agent")
-                        ipr.tc("add-filter", "bpf", ifindex, ":1", fd=prog.fd,
-                               name=tc_filter_name(prog.name.decode(), self.owner.owner_id),
-                               parent=parent, prio=TC_PRIO, classid=1, direct_action=True)
+                                    f"({_filter_name(f)}) of a running agent"
+                                )
+                        ipr.tc(
+                            "add-filter",
+                            "bpf",
+                            ifindex,
+                            ":1",
+                            fd=prog.fd,
+                            name=tc_filter_name(prog.name.decode(), self.owner.owner_id),
+                            parent=parent,
+                            prio=TC_PRIO,
+                            classid=1,
+                            direct_action=True,
+                        )
                     att.hooks.append(hook)
         except BaseException:
             self._detach_hooks(att)
@@ -533,8 +565,10 @@ class Datapath:
         found = owned_attachments(ifname)
         live = [o for o in found if o.live]
         if live:
-            raise AttachError(f"{ifname} is attached by another running xdpml agent ({live[0].owner_text()}): "
-                              f"{', '.join(o.what for o in live)}; stop it first, or choose other interfaces")
+            raise AttachError(
+                f"{ifname} is attached by another running xdpml agent ({live[0].owner_text()}): "
+                f"{', '.join(o.what for o in live)}; stop it first, or choose other interfaces"
+            )
         stale = [o for o in found if o.stale]
         if stale:
             removed = _remove_owned(stale)
@@ -564,10 +598,11 @@ class Datapath:
                 else:
                     parent = CLSACT_INGRESS if hook.endswith("ingress") else CLSACT_EGRESS
                     with IPRoute() as ipr:
-                        _remove_our_filters(ipr, att.ifindex, parent,
-                                            only=lambda name: filter_owner(name) == self.owner.owner_id)
+                        _remove_our_filters(
+                            ipr, att.ifindex, parent, only=lambda name: filter_owner(name) == self.owner.owner_id
+                        )
                 att.hooks.remove(hook)
-            except Exception as exc:  # noqa: BLE001 - keep detaching the rest
+            except Exception as exc:
                 log.warning("detaching %s from %s: %s", hook, att.ifname, exc)
         if att.created_clsact:
             with IPRoute() as ipr:
@@ -582,7 +617,7 @@ class Datapath:
         self.owner.close()
         self.bpf.cleanup()
 
-    def __enter__(self) -> "Datapath":
+    def __enter__(self) -> Datapath:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -603,13 +638,17 @@ def check_environment() -> None:
         caps = -1
     has = lambda c: caps == -1 or bool(caps & (1 << c))  # noqa: E731
     if not (has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))) or not has(CAP_NET_ADMIN):
-        raise AttachError("the agent needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN "
-                          "(the Helm chart grants them)")
+        raise AttachError(
+            "the agent needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN "
+            "(the Helm chart grants them)"
+        )
     build = Path("/lib/modules") / os.uname().release / "build"
     if not build.exists():
-        raise AttachError(f"no kernel headers at {build}: BCC compiles at run time. Install your "
-                          "distribution's headers for this kernel, or run scripts/kernel-headers.sh "
-                          "(links Debian's packaged headers)")
+        raise AttachError(
+            f"no kernel headers at {build}: BCC compiles at run time. Install your "
+            "distribution's headers for this kernel, or run scripts/kernel-headers.sh "
+            "(links Debian's packaged headers)"
+        )
 
 
 def socket_ifindex(ifname: str) -> int:
@@ -632,10 +671,9 @@ def _remove_our_filters(ipr, ifindex: int, parent: int, only=lambda name: True) 
         prio = (info >> 16) & 0xFFFF
         proto = info & 0xFFFF
         try:
-            ipr.tc("del-filter", "bpf", ifindex, handle=f["handle"], parent=parent, prio=prio,
-                   protocol=_ntohs(proto))
+            ipr.tc("del-filter", "bpf", ifindex, handle=f["handle"], parent=parent, prio=prio, protocol=_ntohs(proto))
             removed += 1
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.warning("removing TC filter on ifindex %d: %s", ifindex, exc)
     return removed
 
@@ -645,7 +683,7 @@ def _drop_clsact_if_empty(ipr, ifindex: int) -> None:
         return
     try:
         ipr.tc("del", "clsact", ifindex)
-    except Exception:  # noqa: BLE001 - already gone
+    except Exception:
         pass
 
 
@@ -687,8 +725,10 @@ class CleanupResult:
     def left_message(self) -> str:
         owners = ", ".join(sorted({o.owner_text() for o in self.left}))
         where = ", ".join(sorted({o.ifname for o in self.left}))
-        return (f"left what a running xdpml agent ({owners}) holds on {where}; stop it first (SIGTERM "
-                "detaches cleanly), or use --force")
+        return (
+            f"left what a running xdpml agent ({owners}) holds on {where}; stop it first (SIGTERM "
+            "detaches cleanly), or use --force"
+        )
 
 
 def cleanup(*, interfaces: list[str] | None = None, force: bool = False) -> CleanupResult:
@@ -712,8 +752,9 @@ def cleanup(*, interfaces: list[str] | None = None, force: bool = False) -> Clea
             for o in found:
                 if o.hook == "xdp":
                     _pid, mode = xdp_state(ifname)
-                    BPF.remove_xdp(ifname.encode(),
-                                   {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}.get(mode, 0))
+                    BPF.remove_xdp(
+                        ifname.encode(), {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}.get(mode, 0)
+                    )
                     out.removed.append(f"{ifname}: {o.what}")
             if any(o.hook.startswith("tc ") for o in found):
                 ifindex = socket_ifindex(ifname)

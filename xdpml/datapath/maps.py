@@ -5,6 +5,7 @@ BCC's ``items_lookup_and_delete_batch()`` builds a Python object per flow
 structured arrays, so draining costs a few syscalls per batch and no Python
 work per flow.
 """
+
 from __future__ import annotations
 
 import ctypes as C
@@ -25,14 +26,26 @@ BPF_F_LOCK = 4
 
 
 class _ElemAttr(C.Structure):
-    _fields_ = [("map_fd", C.c_uint32), ("_pad", C.c_uint32), ("key", C.c_uint64),
-                ("value", C.c_uint64), ("flags", C.c_uint64)]
+    _fields_ = [
+        ("map_fd", C.c_uint32),
+        ("_pad", C.c_uint32),
+        ("key", C.c_uint64),
+        ("value", C.c_uint64),
+        ("flags", C.c_uint64),
+    ]
 
 
 class _BatchAttr(C.Structure):
-    _fields_ = [("in_batch", C.c_uint64), ("out_batch", C.c_uint64), ("keys", C.c_uint64),
-                ("values", C.c_uint64), ("count", C.c_uint32), ("map_fd", C.c_uint32),
-                ("elem_flags", C.c_uint64), ("flags", C.c_uint64)]
+    _fields_ = [
+        ("in_batch", C.c_uint64),
+        ("out_batch", C.c_uint64),
+        ("keys", C.c_uint64),
+        ("values", C.c_uint64),
+        ("count", C.c_uint32),
+        ("map_fd", C.c_uint32),
+        ("elem_flags", C.c_uint64),
+        ("flags", C.c_uint64),
+    ]
 
 
 _bpf = syscalls.bpf
@@ -41,8 +54,7 @@ _bpf = syscalls.bpf
 class FlowMap:
     """A BPF hash map whose values carry a bpf_spin_lock (read with BPF_F_LOCK)."""
 
-    def __init__(self, fd: int, *, key_dtype: np.dtype, value_dtype: np.dtype,
-                 chunk: int = 8192, locked: bool = True):
+    def __init__(self, fd: int, *, key_dtype: np.dtype, value_dtype: np.dtype, chunk: int = 8192, locked: bool = True):
         self.fd = fd
         self.key_dtype = key_dtype
         self.value_dtype = value_dtype
@@ -73,9 +85,15 @@ class FlowMap:
         ks, vs = self.key_dtype.itemsize, self.value_dtype.itemsize
         while True:
             self._ensure(pos + self.chunk)
-            attr = _BatchAttr(in_batch=in_ptr, out_batch=C.addressof(cur_out),
-                              keys=self._keys.ctypes.data + pos * ks, values=self._values.ctypes.data + pos * vs,
-                              count=self.chunk, map_fd=self.fd, elem_flags=self.elem_flags)
+            attr = _BatchAttr(
+                in_batch=in_ptr,
+                out_batch=C.addressof(cur_out),
+                keys=self._keys.ctypes.data + pos * ks,
+                values=self._values.ctypes.data + pos * vs,
+                count=self.chunk,
+                map_fd=self.fd,
+                elem_flags=self.elem_flags,
+            )
             rc = _bpf(cmd, attr)
             n = attr.count
             if rc < 0 and rc != -errno.ENOENT:

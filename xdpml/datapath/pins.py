@@ -5,6 +5,7 @@ time; later agents and the CLI reuse them, so rules outlive an agent restart unt
 they expire. Maps pinned by another xdpml version or with other sizes are refused
 with what to do, never silently reused.
 """
+
 from __future__ import annotations
 
 import ctypes as C
@@ -49,9 +50,11 @@ def _mount_bpffs(path: str) -> None:
     libc = C.CDLL(None, use_errno=True)
     if libc.mount(b"bpf", path.encode(), b"bpf", 0, None) != 0:
         err = C.get_errno()
-        raise EnvironmentNotReady(f"no BPF filesystem at {path} and mounting one failed "
-                                  f"({os.strerror(err)}); mount it (`mount -t bpf bpf {path}`) or "
-                                  "give an empty pin directory (rules then die with the agent)")
+        raise EnvironmentNotReady(
+            f"no BPF filesystem at {path} and mounting one failed "
+            f"({os.strerror(err)}); mount it (`mount -t bpf bpf {path}`) or "
+            "give an empty pin directory (rules then die with the agent)"
+        )
 
 
 def prepare_pin_dir(pin_dir: str, *, map_rules: int, map_allow: int) -> None:
@@ -98,7 +101,8 @@ def check_pins(pin_dir: str, *, map_rules: int, map_allow: int) -> None:
             raise AttachError(
                 f"pinned map {path} has key/value/entries {got}, this agent needs {want} (another xdpml "
                 f"version or enforce map sizes); `xdpml rules unpin --pin-dir {pin_dir}` removes the "
-                "old rules, or keep the old sizes")
+                "old rules, or keep the old sizes"
+            )
 
 
 @dataclass
@@ -126,7 +130,8 @@ def open_pinned(pin_dir: str) -> RuleMaps:
                 if exc.errno == errno.ENOENT:
                     raise EnvironmentNotReady(
                         f"no xdpml rule maps pinned at {pin_dir} (missing {name}): start an agent first "
-                        "(it pins them), or give the agent's --pin-dir") from None
+                        "(it pins them), or give the agent's --pin-dir"
+                    ) from None
                 raise EnvironmentNotReady(f"cannot open {path}: {exc.strerror} (run as root)") from None
             maps[name] = Map(fd, key, value, owned=True, name=name)
     except BaseException:

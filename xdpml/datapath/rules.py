@@ -7,6 +7,7 @@ Order of writes: rule value, then match keys, then the generation (add); match k
 then the empty value, then the generation (delete). The kill switch is its own map
 value and needs no lock.
 """
+
 from __future__ import annotations
 
 import collections
@@ -52,19 +53,19 @@ class Rule:
     kind: str
     action: str
     ttl_s: float
-    src: str = ""          # exact: source address; src rules: the CIDR
-    dst: str = ""          # exact: destination address; dst rules: the CIDR
-    src_port: int = 0      # exact only
-    dst_port: int = 0      # exact; for src/dst rules 0 = any
-    proto: int = 0         # exact: required; src/dst rules: 0 = any
+    src: str = ""  # exact: source address; src rules: the CIDR
+    dst: str = ""  # exact: destination address; dst rules: the CIDR
+    src_port: int = 0  # exact only
+    dst_port: int = 0  # exact; for src/dst rules 0 = any
+    proto: int = 0  # exact: required; src/dst rules: 0 = any
     both_ways: bool = True  # exact: also match the reverse direction
-    pps: float = 0.0       # rate-limit: packets per second (0 = no packet limit)
-    bps: float = 0.0       # rate-limit: bytes per second (0 = no byte limit)
+    pps: float = 0.0  # rate-limit: packets per second (0 = no packet limit)
+    bps: float = 0.0  # rate-limit: bytes per second (0 = no byte limit)
     burst_packets: int = 0
     burst_bytes: int = 0
     dry_run: bool = False  # this rule only counts, whatever the mode
 
-    def validate(self) -> "Rule":
+    def validate(self) -> Rule:
         if self.kind not in ("exact", "src", "dst"):
             raise ConfigError(f"rule kind must be exact, src or dst, not {self.kind!r}")
         if self.action not in abi.ACTIONS:
@@ -233,9 +234,12 @@ class RuleTable:
             slot = self._free_slot(st)
             if not slot:
                 raise ConfigError(f"the rule table is full ({self.maps.map_rules - 1} slots)")
-            r = abi.EnfRule(gen=st.cfg.gen + 1, expires_ns=now_ns() + int(rule.ttl_s * 1e9),
-                            action=abi.ACTIONS[rule.action],
-                            flags=abi.RULE_DRY_RUN if rule.dry_run else 0)
+            r = abi.EnfRule(
+                gen=st.cfg.gen + 1,
+                expires_ns=now_ns() + int(rule.ttl_s * 1e9),
+                action=abi.ACTIONS[rule.action],
+                flags=abi.RULE_DRY_RUN if rule.dry_run else 0,
+            )
             if rule.kind != "exact":
                 r.proto, r.dst_port = rule.proto, rule.dst_port
             if rule.action == "rate-limit":
@@ -315,8 +319,13 @@ class RuleTable:
                 kind = "exact"
                 if keys and keys[0][0] == "enf_exact":
                     k = keys[0][1]
-                    src, dst, sport, dport, proto = (ip_from16(k.src_ip), ip_from16(k.dst_ip), k.src_port,
-                                                     k.dst_port, k.proto)
+                    src, dst, sport, dport, proto = (
+                        ip_from16(k.src_ip),
+                        ip_from16(k.dst_ip),
+                        k.src_port,
+                        k.dst_port,
+                        k.proto,
+                    )
                 elif keys:
                     name, k = keys[0]
                     kind = name[4:7]
@@ -325,12 +334,26 @@ class RuleTable:
                     cidr = f"{ipaddress.ip_address(raw)}/{k.prefixlen}"
                     src, dst = (cidr, "*") if kind == "src" else ("*", cidr)
                     dport, proto = r.dst_port, r.proto
-                out.append(RuleRow(slot=slot, kind=kind, src=src, dst=dst, src_port=sport, dst_port=dport,
-                                   proto=proto, action=ACTION_NAMES.get(r.action, str(r.action)),
-                                   hits=r.hit_packets, bytes=r.hit_bytes, dropped=r.drop_packets,
-                                   expires_in_s=(r.expires_ns - t) / 1e9, first_hit_ns=r.first_hit_ns,
-                                   last_hit_ns=r.last_hit_ns, dry_run=bool(r.flags & abi.RULE_DRY_RUN),
-                                   both_ways=len(keys) > 1))
+                out.append(
+                    RuleRow(
+                        slot=slot,
+                        kind=kind,
+                        src=src,
+                        dst=dst,
+                        src_port=sport,
+                        dst_port=dport,
+                        proto=proto,
+                        action=ACTION_NAMES.get(r.action, str(r.action)),
+                        hits=r.hit_packets,
+                        bytes=r.hit_bytes,
+                        dropped=r.drop_packets,
+                        expires_in_s=(r.expires_ns - t) / 1e9,
+                        first_hit_ns=r.first_hit_ns,
+                        last_hit_ns=r.last_hit_ns,
+                        dry_run=bool(r.flags & abi.RULE_DRY_RUN),
+                        both_ways=len(keys) > 1,
+                    )
+                )
             return out
 
     def live_slots(self) -> set[int]:

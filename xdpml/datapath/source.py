@@ -5,6 +5,7 @@ BCC rewrites map calls (``flows.lookup(...)``) only in its main file, never in
 place here (each header once). System includes (``<...>``) stay for clang.
 Tunables are passed as ``-D`` flags, never edited into the text.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Python has no bpf() wrapper, so we call libc's syscall(2) with the number for th
 machine. The numbers differ by architecture (arch/*/include/uapi/asm/unistd*.h, or the
 generic table for arm64); no other module may write one.
 """
+
 from __future__ import annotations
 
 import ctypes as C
@@ -28,8 +29,8 @@ def number(name: str, machine: str | None = None) -> int:
         return NUMBERS[machine][name]
     except KeyError:
         raise EnvironmentNotReady(
-            f"no {name}() system call number known for architecture {machine!r} "
-            f"(known: {', '.join(sorted(NUMBERS))})") from None
+            f"no {name}() system call number known for architecture {machine!r} (known: {', '.join(sorted(NUMBERS))})"
+        ) from None
 
 
 def bpf(cmd: int, attr: C.Structure) -> int:

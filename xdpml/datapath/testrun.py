@@ -2,6 +2,7 @@
 
 Used by the parser tests (tests/bpf) and the per-packet cost benchmark (bench/).
 """
+
 from __future__ import annotations
 
 import ctypes as C
@@ -37,8 +38,14 @@ def test_run(prog_fd: int, packet: bytes, *, repeat: int = 1) -> tuple[int, int]
     """Run the program `repeat` times on `packet`; returns (return value, mean ns per run)."""
     buf = C.create_string_buffer(bytes(packet), len(packet))
     out = C.create_string_buffer(len(packet) + 256)
-    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(packet), data_in=C.addressof(buf),
-                        data_size_out=len(out), data_out=C.addressof(out), repeat=repeat)
+    attr = _TestRunAttr(
+        prog_fd=prog_fd,
+        data_size_in=len(packet),
+        data_in=C.addressof(buf),
+        data_size_out=len(out),
+        data_out=C.addressof(out),
+        repeat=repeat,
+    )
     rc = syscalls.bpf(BPF_PROG_TEST_RUN, attr)
     if rc < 0:
         raise OSError(-rc, f"BPF_PROG_TEST_RUN: {os.strerror(-rc)}")

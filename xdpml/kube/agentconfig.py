@@ -15,18 +15,26 @@ CRD cannot express, each with its reason where it is made: unknown fields
 pipeline's own limits (:func:`parse_spec`). Every problem is reported, each prefixed
 with its field path, in one :class:`ConfigError`.
 """
+
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
-from xdpml.config import (AgentSettings, ConfigError, DatapathSettings, HarvestSettings, InterfaceSettings,
-                          WindowSettings)
+from xdpml.config import (
+    AgentSettings,
+    ConfigError,
+    DatapathSettings,
+    HarvestSettings,
+    InterfaceSettings,
+    WindowSettings,
+)
 from xdpml.kube.crd_schema import CrdSchema
 
 GROUP, VERSION, PLURAL, KIND = "xdpml.io", "v1alpha1", "agentconfigs", "AgentConfig"
@@ -69,8 +77,12 @@ class ExportSettings:
 
         tls = None
         if self.tls_mode != "disabled":
-            tls = ClientTls(ca_file=self.ca_file or None, cert_file=self.cert_file or None,
-                            key_file=self.key_file or None, server_name=self.server_name or None)
+            tls = ClientTls(
+                ca_file=self.ca_file or None,
+                cert_file=self.cert_file or None,
+                key_file=self.key_file or None,
+                server_name=self.server_name or None,
+            )
         return {"target": self.collector_address, "tls": tls}
 
 
@@ -97,7 +109,7 @@ class AgentConfig:
     generation: int = 0
     uid: str = ""
 
-    def changed_sections(self, old: "AgentConfig | None") -> set[str]:
+    def changed_sections(self, old: AgentConfig | None) -> set[str]:
         """What differs from ``old``: interfaces, datapath, harvest, window, features,
         export, enrichment, summary. The pipeline redoes only these (datapath means
         recompile and reattach; interfaces means attach/detach the rules that changed)."""
@@ -133,8 +145,9 @@ def rules_overlap(a: list[str], b: list[str]) -> str:
     return ""
 
 
-def assign_interfaces(rules: tuple[InterfaceSettings, ...] | list[InterfaceSettings],
-                      interfaces: Mapping[str, str]) -> dict[str, int]:
+def assign_interfaces(
+    rules: tuple[InterfaceSettings, ...] | list[InterfaceSettings], interfaces: Mapping[str, str]
+) -> dict[str, int]:
     """Which rule each interface falls under: ``interfaces`` maps name -> kind
     ("physical", "pod-veth" or "other"). Raises ConfigError when two rules match one
     interface (the runtime half of the overlap check)."""
@@ -143,13 +156,18 @@ def assign_interfaces(rules: tuple[InterfaceSettings, ...] | list[InterfaceSetti
         hits = []
         for i, rule in enumerate(rules):
             for pat in rule.names:
-                if (pat == "physical" and kind == "physical") or (pat == "pod-veths" and kind == "pod-veth") \
-                        or (pat not in INTERFACE_WORDS and fnmatch.fnmatchcase(name, pat)):
+                if (
+                    (pat == "physical" and kind == "physical")
+                    or (pat == "pod-veths" and kind == "pod-veth")
+                    or (pat not in INTERFACE_WORDS and fnmatch.fnmatchcase(name, pat))
+                ):
                     hits.append(i)
                     break
         if len(hits) > 1:
-            raise ConfigError(f"interface {name!r} matches interface rules {hits[0]} and {hits[1]}; "
-                              "an interface may match one rule only")
+            raise ConfigError(
+                f"interface {name!r} matches interface rules {hits[0]} and {hits[1]}; "
+                "an interface may match one rule only"
+            )
         if hits:
             out[name] = hits[0]
     return out
@@ -165,8 +183,7 @@ def _agent_checks(spec: Mapping) -> list[str]:
         for j in range(i + 1, len(rules)):
             why = rules_overlap(rules[i]["names"], rules[j]["names"])
             if why:
-                errs.append(f"spec.interfaces: rules {i} and {j} overlap ({why}); "
-                            "an interface may match one rule only")
+                errs.append(f"spec.interfaces: rules {i} and {j} overlap ({why}); an interface may match one rule only")
     return errs
 
 
@@ -192,8 +209,9 @@ def _section(spec: Mapping, *path: str) -> Mapping:
 
 
 def _interface_rules(spec: Mapping) -> tuple[InterfaceSettings, ...]:
-    return tuple(InterfaceSettings(names=list(r["names"]), hooks=r["hooks"], xdp_mode=r["xdpMode"])
-                 for r in spec["interfaces"])
+    return tuple(
+        InterfaceSettings(names=list(r["names"]), hooks=r["hooks"], xdp_mode=r["xdpMode"]) for r in spec["interfaces"]
+    )
 
 
 def _features(spec: Mapping) -> FeatureSets:
@@ -212,15 +230,22 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
         iface = InterfaceSettings(names=[n for r in rules for n in r.names])
     return AgentSettings(
         interfaces=iface,
-        datapath=DatapathSettings(flow_table_size=datapath["flowTableSize"], first_n=feats["firstN"],
-                                  sample_rate=_section(spec, "sampling")["packetRate"] if features.packets else 0,
-                                  ringbuf_kib=datapath["ringBufferKiB"]),
-        harvest=HarvestSettings(idle_timeout_s=float(timeouts["idleSeconds"]),
-                                active_timeout_s=float(timeouts["activeSeconds"]),
-                                interval_s=float(timeouts["scanIntervalSeconds"])),
+        datapath=DatapathSettings(
+            flow_table_size=datapath["flowTableSize"],
+            first_n=feats["firstN"],
+            sample_rate=_section(spec, "sampling")["packetRate"] if features.packets else 0,
+            ringbuf_kib=datapath["ringBufferKiB"],
+        ),
+        harvest=HarvestSettings(
+            idle_timeout_s=float(timeouts["idleSeconds"]),
+            active_timeout_s=float(timeouts["activeSeconds"]),
+            interval_s=float(timeouts["scanIntervalSeconds"]),
+        ),
         window=WindowSettings(packets=int(window.get("packets", 0)), seconds=float(window.get("seconds", 0)))
-        if features.windows else WindowSettings(),
-        summary_interval_s=float(spec["summaryIntervalSeconds"]))
+        if features.windows
+        else WindowSettings(),
+        summary_interval_s=float(spec["summaryIntervalSeconds"]),
+    )
 
 
 def _export(spec: Mapping, tls_mount_root: str) -> ExportSettings:
@@ -230,16 +255,24 @@ def _export(spec: Mapping, tls_mount_root: str) -> ExportSettings:
     mode, secret = tls["mode"], tls.get("secretName", "")
     mount = f"{tls_mount_root.rstrip('/')}/{secret}" if secret else ""
     return ExportSettings(
-        collector_address=col["address"], tls_mode=mode, server_name=tls.get("serverName", ""), secret_name=secret,
+        collector_address=col["address"],
+        tls_mode=mode,
+        server_name=tls.get("serverName", ""),
+        secret_name=secret,
         ca_file=tls.get("caFile") or (f"{mount}/ca.crt" if mount and mode != "disabled" else ""),
         cert_file=tls.get("certFile") or (f"{mount}/tls.crt" if mount and mode == "mtls" else ""),
-        key_file=tls.get("keyFile") or (f"{mount}/tls.key" if mount and mode == "mtls" else ""))
+        key_file=tls.get("keyFile") or (f"{mount}/tls.key" if mount and mode == "mtls" else ""),
+    )
 
 
 def _enrichment(spec: Mapping) -> EnrichmentSettings:
     enr = _section(spec, "enrichment")
-    return EnrichmentSettings(cluster_wide=enr["clusterWide"], services=enr["services"], owners=enr["owners"],
-                              labels=tuple(enr.get("labels", ())))
+    return EnrichmentSettings(
+        cluster_wide=enr["clusterWide"],
+        services=enr["services"],
+        owners=enr["owners"],
+        labels=tuple(enr.get("labels", ())),
+    )
 
 
 def parse_spec(spec: Any, *, tls_mount_root: str = DEFAULT_TLS_MOUNT_ROOT) -> AgentConfig:
@@ -256,9 +289,14 @@ def parse_spec(spec: Any, *, tls_mount_root: str = DEFAULT_TLS_MOUNT_ROOT) -> Ag
             rule.validate()
     except ConfigError as err:
         raise ConfigError(f"spec: {err}") from None
-    return AgentConfig(settings=settings, interface_rules=rules, features=features,
-                       export=_export(spec, tls_mount_root), enrichment=_enrichment(spec),
-                       node_selector=dict(spec.get("nodeSelector") or {}))
+    return AgentConfig(
+        settings=settings,
+        interface_rules=rules,
+        features=features,
+        export=_export(spec, tls_mount_root),
+        enrichment=_enrichment(spec),
+        node_selector=dict(spec.get("nodeSelector") or {}),
+    )
 
 
 def parse_agentconfig(obj: Mapping, *, tls_mount_root: str = DEFAULT_TLS_MOUNT_ROOT) -> AgentConfig:
@@ -272,8 +310,6 @@ def parse_agentconfig(obj: Mapping, *, tls_mount_root: str = DEFAULT_TLS_MOUNT_R
 
 def selects_node(selector: Mapping[str, str], node_labels: Mapping[str, str]) -> bool:
     return all(node_labels.get(k) == v for k, v in selector.items())
-
-
 
 
 def check_file(path: str) -> list[tuple[str, AgentConfig | ConfigError]]:
@@ -303,6 +339,22 @@ def check_file(path: str) -> list[tuple[str, AgentConfig | ConfigError]]:
     return out
 
 
-__all__ = ["AgentConfig", "check_file", "crd_schema", "ExportSettings", "EnrichmentSettings", "FeatureSets",
-           "parse_spec", "parse_agentconfig", "validate_spec", "assign_interfaces", "rules_overlap", "selects_node",
-           "ConfigError", "GROUP", "VERSION", "PLURAL", "KIND"]
+__all__ = [
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "VERSION",
+    "AgentConfig",
+    "ConfigError",
+    "EnrichmentSettings",
+    "ExportSettings",
+    "FeatureSets",
+    "assign_interfaces",
+    "check_file",
+    "crd_schema",
+    "parse_agentconfig",
+    "parse_spec",
+    "rules_overlap",
+    "selects_node",
+    "validate_spec",
+]

@@ -1,4 +1,5 @@
 """An ApiClient for the agent: in-cluster service account first, else a kubeconfig."""
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,10 @@ def api_client(*, kubeconfig: str | None = None, context: str | None = None) -> 
         k8s_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
     except (ConfigException, OSError, TypeError) as err:
         tried.append(f"kubeconfig {kubeconfig or os.environ.get('KUBECONFIG') or '~/.kube/config'}: {err}")
-        raise KubeUnavailable("cannot configure a Kubernetes client; tried " + "; ".join(tried) +
-                              ". Run the agent in a pod with its ServiceAccount, or pass --kubeconfig.") from None
+        raise KubeUnavailable(
+            "cannot configure a Kubernetes client; tried "
+            + "; ".join(tried)
+            + ". Run the agent in a pod with its ServiceAccount, or pass --kubeconfig."
+        ) from None
     cfg.retries = False
     return k8s_client.ApiClient(cfg)

@@ -23,6 +23,7 @@ outages).
 
 Deleting every matching AgentConfig leaves the agent on its last good config.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,13 +32,22 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from kubernetes import client as k8s_client
 
 from xdpml.config import ConfigError
-from xdpml.kube.agentconfig import (DEFAULT_TLS_MOUNT_ROOT, GROUP, KIND, PLURAL, VERSION, AgentConfig,
-                                    parse_agentconfig, selects_node)
+from xdpml.kube.agentconfig import (
+    DEFAULT_TLS_MOUNT_ROOT,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    AgentConfig,
+    parse_agentconfig,
+    selects_node,
+)
 from xdpml.kube.reflector import Backoff, Reflector
 
 log = logging.getLogger(__name__)
@@ -81,14 +91,22 @@ class _ConfigStore:
 
 
 class AgentConfigWatcher:
-    def __init__(self, api_client: k8s_client.ApiClient, *, namespace: str, node_name: str,
-                 on_change: ConfigCallback, node_labels: Mapping[str, str] | None = None,
-                 tls_mount_root: str = DEFAULT_TLS_MOUNT_ROOT, watch_timeout_s: int = 300,
-                 backoff_factory: Callable[[], Backoff] = Backoff, component: str = COMPONENT,
-                 config_name: str | None = None):
+    def __init__(
+        self,
+        api_client: k8s_client.ApiClient,
+        *,
+        namespace: str,
+        node_name: str,
+        on_change: ConfigCallback,
+        node_labels: Mapping[str, str] | None = None,
+        tls_mount_root: str = DEFAULT_TLS_MOUNT_ROOT,
+        watch_timeout_s: int = 300,
+        backoff_factory: Callable[[], Backoff] = Backoff,
+        component: str = COMPONENT,
+        config_name: str | None = None,
+    ):
         if not namespace or not node_name:
-            raise ValueError("namespace and node_name are required (downward API: metadata.namespace, "
-                             "spec.nodeName)")
+            raise ValueError("namespace and node_name are required (downward API: metadata.namespace, spec.nodeName)")
         self.namespace, self.node_name = namespace, node_name
         self.config_name = config_name  # follow only this AgentConfig (None: the oldest matching)
         self._on_change = on_change
@@ -102,9 +120,14 @@ class AgentConfigWatcher:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.store = _ConfigStore(self._wake_event.set)
-        self.reflector = Reflector(name="agentconfigs", list_func=self._custom.list_namespaced_custom_object,
-                                   list_args=(GROUP, VERSION, namespace, PLURAL), store=self.store,
-                                   watch_timeout_s=watch_timeout_s, backoff=backoff_factory())
+        self.reflector = Reflector(
+            name="agentconfigs",
+            list_func=self._custom.list_namespaced_custom_object,
+            list_args=(GROUP, VERSION, namespace, PLURAL),
+            store=self.store,
+            watch_timeout_s=watch_timeout_s,
+            backoff=backoff_factory(),
+        )
         self.current: AgentConfig | None = None  # the last good config, running now
         self.last_error = ""  # why the newest generation was refused, "" if it was not
         self._seen: dict[str, tuple[str, int]] = {}  # config name -> (uid, generation) handled
@@ -115,7 +138,7 @@ class AgentConfigWatcher:
         self._thread: threading.Thread | None = None
 
     # ---- life cycle -----------------------------------------------------------------
-    def start(self) -> "AgentConfigWatcher":
+    def start(self) -> AgentConfigWatcher:
         self._stop.clear()
         self.reflector.start()
         self._thread = threading.Thread(target=self._run, name="agentconfig-watch", daemon=True)
@@ -130,7 +153,7 @@ class AgentConfigWatcher:
             self._thread.join(5)
             self._thread = None
 
-    def __enter__(self) -> "AgentConfigWatcher":
+    def __enter__(self) -> AgentConfigWatcher:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -145,7 +168,8 @@ class AgentConfigWatcher:
         if cfg is not None:
             with self._lock:
                 self._pending_status[cfg.name] = self._merge_node_patch(
-                    self._pending_status.get(cfg.name), self._node_entry(observed=self._seen.get(cfg.name, ("", 0))[1]))
+                    self._pending_status.get(cfg.name), self._node_entry(observed=self._seen.get(cfg.name, ("", 0))[1])
+                )
             self._wake_event.set()
 
     # ---- the worker -----------------------------------------------------------------
@@ -174,8 +198,12 @@ class AgentConfigWatcher:
                     self._node_labels = (json.loads(resp.data).get("metadata") or {}).get("labels") or {}
                     return True
                 if resp.status in (403, 404):
-                    log.warning("cannot read Node %s (HTTP %s): only AgentConfigs without nodeSelector will "
-                                "match; grant the agent 'get nodes'", self.node_name, resp.status)
+                    log.warning(
+                        "cannot read Node %s (HTTP %s): only AgentConfigs without nodeSelector will "
+                        "match; grant the agent 'get nodes'",
+                        self.node_name,
+                        resp.status,
+                    )
                     self._node_labels = {}
                     return True
             finally:
@@ -203,9 +231,16 @@ class AgentConfigWatcher:
             if self._superseded.get(meta["name"]) != key:
                 self._superseded[meta["name"]] = key
                 self._seen.pop(meta["name"], None)  # if it is chosen again later, handle it anew
-                self._queue_status(obj, node={"ready": False, "observedGeneration": key[1], "reason": "Superseded",
-                                              "message": f"node {self.node_name} uses AgentConfig "
-                                                         f"{chosen['metadata']['name']} (the oldest that selects it)"})
+                self._queue_status(
+                    obj,
+                    node={
+                        "ready": False,
+                        "observedGeneration": key[1],
+                        "reason": "Superseded",
+                        "message": f"node {self.node_name} uses AgentConfig "
+                        f"{chosen['metadata']['name']} (the oldest that selects it)",
+                    },
+                )
         meta = chosen["metadata"]
         key = (meta.get("uid", ""), int(meta.get("generation") or 0))
         if self._seen.get(meta["name"]) == key:
@@ -232,35 +267,54 @@ class AgentConfigWatcher:
                 self._ready = (True, "Applied", "")
         changed = ", ".join(sorted(new.changed_sections(old))) or "nothing"
         log.info("applied AgentConfig %s/%s generation %d (changed: %s)", new.namespace, new.name, generation, changed)
-        self._queue_status(chosen, accepted=("True", "Valid", f"generation {generation} is valid"),
-                           node=self._node_entry(observed=generation))
-        self._queue_event(chosen, "Normal", "Applied",
-                          f"node {self.node_name} applied generation {generation} (changed: {changed})")
+        self._queue_status(
+            chosen,
+            accepted=("True", "Valid", f"generation {generation} is valid"),
+            node=self._node_entry(observed=generation),
+        )
+        self._queue_event(
+            chosen, "Normal", "Applied", f"node {self.node_name} applied generation {generation} (changed: {changed})"
+        )
 
     def _refuse(self, obj: dict, reason: str, message: str, *, spec_valid: bool) -> None:
         generation = int(obj["metadata"].get("generation") or 0)
-        keeping = (f"keeping generation {self.current.generation} of {self.current.name}" if self.current
-                   else "no valid config yet: the agent runs nothing")
+        keeping = (
+            f"keeping generation {self.current.generation} of {self.current.name}"
+            if self.current
+            else "no valid config yet: the agent runs nothing"
+        )
         with self._lock:
             self.last_error = message
             if self.current is None:
                 self._ready = (False, reason, message)
-        log.error("AgentConfig %s/%s generation %d refused (%s): %s; %s", self.namespace, obj["metadata"]["name"],
-                  generation, reason, message, keeping)
+        log.error(
+            "AgentConfig %s/%s generation %d refused (%s): %s; %s",
+            self.namespace,
+            obj["metadata"]["name"],
+            generation,
+            reason,
+            message,
+            keeping,
+        )
         node = self._node_entry(observed=generation)
         node["reason"], node["message"] = reason, f"{keeping}: {message}"
         if self.current is None:
             node["ready"] = False
-        accepted = ("True", "Valid", f"generation {generation} is valid") if spec_valid else \
-            ("False", reason, message)
+        accepted = ("True", "Valid", f"generation {generation} is valid") if spec_valid else ("False", reason, message)
         self._queue_status(obj, accepted=accepted, node=node)
-        self._queue_event(obj, "Warning", reason, f"node {self.node_name}: generation {generation} refused: "
-                                                  f"{message}; {keeping}")
+        self._queue_event(
+            obj, "Warning", reason, f"node {self.node_name}: generation {generation} refused: {message}; {keeping}"
+        )
 
     def _node_entry(self, *, observed: int) -> dict:
         ready, reason, message = self._ready
-        entry: dict[str, Any] = {"ready": bool(ready and self.current is not None), "observedGeneration": observed,
-                                 "reason": reason, "message": message, "lastUpdateTime": _rfc3339(time.time())}
+        entry: dict[str, Any] = {
+            "ready": bool(ready and self.current is not None),
+            "observedGeneration": observed,
+            "reason": reason,
+            "message": message,
+            "lastUpdateTime": _rfc3339(time.time()),
+        }
         if self.current is not None:
             entry["appliedGeneration"] = self.current.generation
         return entry
@@ -281,10 +335,16 @@ class AgentConfigWatcher:
                 patch["observedGeneration"] = generation
             previous = next((c for c in status.get("conditions") or [] if c.get("type") == "Accepted"), None)
             changed = previous is None or previous.get("status") != accepted[0]
-            patch["conditions"] = [{
-                "type": "Accepted", "status": accepted[0], "reason": accepted[1],
-                "message": accepted[2][:32768], "observedGeneration": generation,
-                "lastTransitionTime": _rfc3339(time.time()) if changed else (previous or {})["lastTransitionTime"]}]
+            patch["conditions"] = [
+                {
+                    "type": "Accepted",
+                    "status": accepted[0],
+                    "reason": accepted[1],
+                    "message": accepted[2][:32768],
+                    "observedGeneration": generation,
+                    "lastTransitionTime": _rfc3339(time.time()) if changed else (previous or {})["lastTransitionTime"],
+                }
+            ]
         with self._lock:
             self._pending_status[meta["name"]] = {"status": patch}
 
@@ -292,15 +352,26 @@ class AgentConfigWatcher:
         meta = obj["metadata"]
         now = _rfc3339(time.time())
         event = {
-            "apiVersion": "v1", "kind": "Event",
+            "apiVersion": "v1",
+            "kind": "Event",
             "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": self.namespace},
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
-                               "namespace": self.namespace, "uid": meta.get("uid", ""),
-                               "resourceVersion": meta.get("resourceVersion", "")},
-            "reason": reason, "message": message[:1024], "type": event_type,
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": self.namespace,
+                "uid": meta.get("uid", ""),
+                "resourceVersion": meta.get("resourceVersion", ""),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": event_type,
             "source": {"component": self._component, "host": self.node_name},
-            "reportingComponent": f"{GROUP}/agent", "reportingInstance": self.node_name,
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "reportingComponent": f"{GROUP}/agent",
+            "reportingInstance": self.node_name,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
         }
         with self._lock:
             self._pending_events.append(event)
@@ -317,14 +388,16 @@ class AgentConfigWatcher:
             if node is not None:
                 body["status"]["nodes"] = {self.node_name: node}
             try:
-                self._custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PLURAL, name,
-                                                                   body, _request_timeout=10)
+                self._custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, self.namespace, PLURAL, name, body, _request_timeout=10
+                )
             except k8s_client.ApiException as err:
                 if err.status == 404:  # the config is gone: nothing to report on
                     pass
                 else:
-                    log.warning("cannot write status of AgentConfig %s: %s %s; will retry", name, err.status,
-                                err.reason)
+                    log.warning(
+                        "cannot write status of AgentConfig %s: %s %s; will retry", name, err.status, err.reason
+                    )
                     ok = False
                     continue
             except Exception as err:

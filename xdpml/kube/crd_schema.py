@@ -26,25 +26,44 @@ must be one of auto, xdp, tc, xdp+tc, not 'bpf'``); a value that fails a ``patte
 is explained by the field's ``description`` when it has one; CEL failures carry the
 rule's message.
 """
+
 from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import celpy
 import jsonschema
 from celpy import celtypes
 
-_NOT_JSON_SCHEMA = {"nullable", "default", "example", "externalDocs", "format",
-                    "x-kubernetes-validations", "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields",
-                    "x-kubernetes-embedded-resource", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
-                    "x-kubernetes-map-type"}
+_NOT_JSON_SCHEMA = {
+    "nullable",
+    "default",
+    "example",
+    "externalDocs",
+    "format",
+    "x-kubernetes-validations",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-embedded-resource",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-map-type",
+}
 _OLD_SELF = re.compile(r"\boldSelf\b")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_TYPE_WORDS = {"object": "an object", "array": "a list", "string": "a string", "integer": "an integer",
-               "number": "a number", "boolean": "true or false", "null": "null"}
+_TYPE_WORDS = {
+    "object": "an object",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "null",
+}
 
 
 def field_path(parts) -> str:
@@ -118,8 +137,7 @@ def _list_map_keys(validator, keys, instance, schema):
         seen.add(key)
 
 
-_Validator = jsonschema.validators.extend(jsonschema.Draft7Validator,
-                                          {"x-kubernetes-list-map-keys": _list_map_keys})
+_Validator = jsonschema.validators.extend(jsonschema.Draft7Validator, {"x-kubernetes-list-map-keys": _list_map_keys})
 
 
 def _describe(err: jsonschema.ValidationError) -> list[tuple[tuple, str]]:
@@ -140,8 +158,9 @@ def _describe(err: jsonschema.ValidationError) -> list[tuple[tuple, str]]:
         bounds = f"{lo}..{hi}" if hi is not None else f"at least {lo}"
         return [(path, f"must have {bounds} items, not {len(got)}")]
     if kw in ("minProperties", "maxProperties"):
-        return [(path, f"must have {'at least' if kw == 'minProperties' else 'at most'} {want} entries, "
-                       f"not {len(got)}")]
+        return [
+            (path, f"must have {'at least' if kw == 'minProperties' else 'at most'} {want} entries, not {len(got)}")
+        ]
     if kw == "minLength":
         return [(path, "must not be empty" if want == 1 else f"must be at least {want} characters long")]
     if kw == "maxLength":
@@ -268,17 +287,23 @@ def _compile_rules(schema: Mapping) -> dict[tuple, list[CelRule]]:
             if _OLD_SELF.search(r["rule"]):
                 continue  # a transition rule: needs the previous object (see the module docstring)
             msg_prog = env.program(env.compile(r["messageExpression"])) if r.get("messageExpression") else None
-            out.setdefault(at, []).append(CelRule(
-                path=at, rule=r["rule"], message=r.get("message") or f"failed rule: {r['rule']}",
-                program=env.program(env.compile(r["rule"])), message_program=msg_prog,
-                field_path=r.get("fieldPath", "")))
+            out.setdefault(at, []).append(
+                CelRule(
+                    path=at,
+                    rule=r["rule"],
+                    message=r.get("message") or f"failed rule: {r['rule']}",
+                    program=env.program(env.compile(r["rule"])),
+                    message_program=msg_prog,
+                    field_path=r.get("fieldPath", ""),
+                )
+            )
     return out
 
 
 def _evaluate(program, value) -> tuple[bool, Exception | None]:
     try:
         result = program.evaluate({"self": value})
-    except Exception as exc:  # noqa: BLE001 - cel-python raises CELEvalError and Python errors alike
+    except Exception as exc:
         return False, exc
     if isinstance(result, Exception):
         return False, result
@@ -344,7 +369,7 @@ class CrdSchema:
         rules = self._rules.get(at, [])
         if rules:
             value = to_cel(data, node)
-            clean = not any(d[:len(path)] == path for d in dirty)
+            clean = not any(d[: len(path)] == path for d in dirty)
             for r in rules:
                 ok, exc = _evaluate(r.program, value)
                 if ok or (exc is not None and not clean):
@@ -373,7 +398,7 @@ def _evaluate_message(program, value) -> tuple[str, Exception | None]:
     """A messageExpression's text; "" (use the rule's message) if it fails or is not a string."""
     try:
         text = program.evaluate({"self": value})
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return "", exc
     return (str(text), None) if isinstance(text, str) and text else ("", None)
 
@@ -387,4 +412,4 @@ def _parse_field_path(fp: str) -> tuple:
     return tuple(parts)
 
 
-__all__ = ["CrdSchema", "CelRule", "apply_defaults", "field_path", "to_cel", "to_json_schema", "unknown_fields"]
+__all__ = ["CelRule", "CrdSchema", "apply_defaults", "field_path", "to_cel", "to_json_schema", "unknown_fields"]

@@ -18,18 +18,20 @@ Host-network pods share their node's IP, so that IP resolves to the node (worklo
 ``Node``), never to one of the host-network pods. Node IPs come from ``status.hostIP``
 and ``status.hostIPs`` of every pod we know.
 """
+
 from __future__ import annotations
 
 import itertools
 import re
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 from kubernetes import client as k8s_client
 
-from xdpml.wire.columns import ip_from_str
 from xdpml.kube.reflector import Backoff, Reflector
+from xdpml.wire.columns import ip_from_str
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
 # A CronJob's Jobs are named "<cronjob>-<scheduled time in minutes since the epoch>".
@@ -100,11 +102,18 @@ def pod_record(obj: dict) -> PodRecord:
     for ref in meta.get("ownerReferences") or []:
         if ref.get("controller") or not owner_kind:
             owner_kind, owner_name = ref.get("kind", ""), ref.get("name", "")
-    return PodRecord(uid=meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}",
-                     namespace=meta.get("namespace", ""), name=meta.get("name", ""),
-                     rv=rv_key(meta.get("resourceVersion")), ips=ips, host_ips=host_ips,
-                     node=spec.get("nodeName", ""), labels=dict(meta.get("labels") or {}),
-                     owner_kind=owner_kind, owner_name=owner_name)
+    return PodRecord(
+        uid=meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}",
+        namespace=meta.get("namespace", ""),
+        name=meta.get("name", ""),
+        rv=rv_key(meta.get("resourceVersion")),
+        ips=ips,
+        host_ips=host_ips,
+        node=spec.get("nodeName", ""),
+        labels=dict(meta.get("labels") or {}),
+        owner_kind=owner_kind,
+        owner_name=owner_name,
+    )
 
 
 class PodStore:
@@ -200,8 +209,7 @@ class ServiceStore:
         meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
         texts = spec.get("clusterIPs") or [spec.get("clusterIP") or ""]
         ips = tuple(k for k in (_ip_key(t) for t in texts if t and t != "None") if k)
-        return ServiceRecord(meta.get("namespace", ""), meta.get("name", ""),
-                             dict(spec.get("selector") or {}), ips)
+        return ServiceRecord(meta.get("namespace", ""), meta.get("name", ""), dict(spec.get("selector") or {}), ips)
 
     def replace(self, items: list[dict], resource_version: str) -> None:
         with self._lock:
@@ -231,8 +239,11 @@ class ServiceStore:
     def selecting(self, namespace: str, labels: Mapping[str, str]) -> str:
         """Names of the Services of ``namespace`` whose selector matches ``labels``."""
         with self._lock:
-            names = sorted(rec.name for rec in self._by_ns.get(namespace, ())
-                           if all(labels.get(k) == v for k, v in rec.selector.items()))
+            names = sorted(
+                rec.name
+                for rec in self._by_ns.get(namespace, ())
+                if all(labels.get(k) == v for k, v in rec.selector.items())
+            )
         return ",".join(names)
 
     def by_cluster_ip(self, ip: bytes) -> ServiceRecord | None:
@@ -275,8 +286,9 @@ class OwnerStore:
             return self._owners.get((namespace, name))
 
 
-def workload_of(pod: PodRecord, *, replicasets: OwnerStore | None = None,
-                jobs: OwnerStore | None = None) -> tuple[str, str]:
+def workload_of(
+    pod: PodRecord, *, replicasets: OwnerStore | None = None, jobs: OwnerStore | None = None
+) -> tuple[str, str]:
     """The top controller of a pod: (kind, name).
 
     ReplicaSet -> Deployment and Job -> CronJob use the owner caches when they are
@@ -311,13 +323,20 @@ class PodCache:
     then wait for :meth:`wait_synced` before trusting it (the agent's readiness).
     """
 
-    def __init__(self, api_client: k8s_client.ApiClient, *, node_name: str,
-                 cluster_wide: bool = False, services: bool = False, owners: bool = False,
-                 watch_timeout_s: int = 300, page_size: int = 500,
-                 backoff_factory: Callable[[], Backoff] = Backoff):
+    def __init__(
+        self,
+        api_client: k8s_client.ApiClient,
+        *,
+        node_name: str,
+        cluster_wide: bool = False,
+        services: bool = False,
+        owners: bool = False,
+        watch_timeout_s: int = 300,
+        page_size: int = 500,
+        backoff_factory: Callable[[], Backoff] = Backoff,
+    ):
         if not node_name:
-            raise ValueError("node_name is required: set NODE_NAME from the downward API "
-                             "(fieldRef spec.nodeName)")
+            raise ValueError("node_name is required: set NODE_NAME from the downward API (fieldRef spec.nodeName)")
         core = k8s_client.CoreV1Api(api_client)
         self.node_name = node_name
         self.local_pods = PodStore()
@@ -326,32 +345,73 @@ class PodCache:
         self.replicasets = OwnerStore() if owners else None
         self.jobs = OwnerStore() if owners else None
         common: dict[str, Any] = {"watch_timeout_s": watch_timeout_s, "page_size": page_size}
-        self.reflectors = [Reflector(
-            name="pods-local", list_func=core.list_pod_for_all_namespaces, store=self.local_pods,
-            list_kwargs={"field_selector": f"spec.nodeName={node_name}"},
-            backoff=backoff_factory(), **common)]
+        self.reflectors = [
+            Reflector(
+                name="pods-local",
+                list_func=core.list_pod_for_all_namespaces,
+                store=self.local_pods,
+                list_kwargs={"field_selector": f"spec.nodeName={node_name}"},
+                backoff=backoff_factory(),
+                **common,
+            )
+        ]
         if self.cluster_pods is not None:
-            self.reflectors.append(Reflector(name="pods-cluster", list_func=core.list_pod_for_all_namespaces,
-                                             store=self.cluster_pods, backoff=backoff_factory(), **common))
+            self.reflectors.append(
+                Reflector(
+                    name="pods-cluster",
+                    list_func=core.list_pod_for_all_namespaces,
+                    store=self.cluster_pods,
+                    backoff=backoff_factory(),
+                    **common,
+                )
+            )
         if self.services is not None:
-            self.reflectors.append(Reflector(name="services", list_func=core.list_service_for_all_namespaces,
-                                             store=self.services, backoff=backoff_factory(), **common))
+            self.reflectors.append(
+                Reflector(
+                    name="services",
+                    list_func=core.list_service_for_all_namespaces,
+                    store=self.services,
+                    backoff=backoff_factory(),
+                    **common,
+                )
+            )
         if self.replicasets is not None and self.jobs is not None:
             apps, batch = k8s_client.AppsV1Api(api_client), k8s_client.BatchV1Api(api_client)
-            self.reflectors.append(Reflector(name="replicasets", list_func=apps.list_replica_set_for_all_namespaces,
-                                             store=self.replicasets, backoff=backoff_factory(), **common))
-            self.reflectors.append(Reflector(name="jobs", list_func=batch.list_job_for_all_namespaces,
-                                             store=self.jobs, backoff=backoff_factory(), **common))
+            self.reflectors.append(
+                Reflector(
+                    name="replicasets",
+                    list_func=apps.list_replica_set_for_all_namespaces,
+                    store=self.replicasets,
+                    backoff=backoff_factory(),
+                    **common,
+                )
+            )
+            self.reflectors.append(
+                Reflector(
+                    name="jobs",
+                    list_func=batch.list_job_for_all_namespaces,
+                    store=self.jobs,
+                    backoff=backoff_factory(),
+                    **common,
+                )
+            )
 
     @classmethod
-    def for_settings(cls, api_client: k8s_client.ApiClient, *, node_name: str, settings: Any,
-                     **kwargs: Any) -> "PodCache":
+    def for_settings(
+        cls, api_client: k8s_client.ApiClient, *, node_name: str, settings: Any, **kwargs: Any
+    ) -> PodCache:
         """From an :class:`xdpml.kube.agentconfig.EnrichmentSettings` (what to watch).
         A change of those settings means a new cache: stop the old one, start this."""
-        return cls(api_client, node_name=node_name, cluster_wide=settings.cluster_wide,
-                   services=settings.services, owners=settings.owners, **kwargs)
+        return cls(
+            api_client,
+            node_name=node_name,
+            cluster_wide=settings.cluster_wide,
+            services=settings.services,
+            owners=settings.owners,
+            **kwargs,
+        )
 
-    def start(self) -> "PodCache":
+    def start(self) -> PodCache:
         for r in self.reflectors:
             r.start()
         return self
@@ -360,7 +420,7 @@ class PodCache:
         for r in self.reflectors:
             r.stop()
 
-    def __enter__(self) -> "PodCache":
+    def __enter__(self) -> PodCache:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -391,8 +451,15 @@ class PodCache:
         if pod is not None:
             kind, name = workload_of(pod, replicasets=self.replicasets, jobs=self.jobs)
             service = self.services.selecting(pod.namespace, pod.labels) if self.services else ""
-            return EndpointInfo(namespace=pod.namespace, pod=pod.name, workload_kind=kind, workload=name,
-                                node=pod.node, service=service, labels=pod.labels)
+            return EndpointInfo(
+                namespace=pod.namespace,
+                pod=pod.name,
+                workload_kind=kind,
+                workload=name,
+                node=pod.node,
+                service=service,
+                labels=pod.labels,
+            )
         nodes = [n for n in (s.node_of(ip) for s in self._stores()) if n]
         if nodes:
             node = max(nodes)[1]
@@ -400,6 +467,7 @@ class PodCache:
         if self.services is not None:
             svc = self.services.by_cluster_ip(ip)
             if svc is not None:
-                return EndpointInfo(namespace=svc.namespace, workload_kind="Service", workload=svc.name,
-                                    service=svc.name)
+                return EndpointInfo(
+                    namespace=svc.namespace, workload_kind="Service", workload=svc.name, service=svc.name
+                )
         return None

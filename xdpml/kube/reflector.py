@@ -12,6 +12,7 @@ Objects are handled as plain dicts (``raw_object`` of the client's watch events 
 JSON of the list), not the client's models: no per-object model parsing, and custom
 resources look the same as built-in ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
@@ -45,7 +47,7 @@ class Backoff:
     _failures: int = 0
 
     def next_delay(self) -> float:
-        delay = min(self.cap_s, self.base_s * (2 ** self._failures))
+        delay = min(self.cap_s, self.base_s * (2**self._failures))
         self._failures += 1
         return delay * random.uniform(0.5, 1.0)
 
@@ -72,11 +74,20 @@ class Reflector:
     are passed to every list and watch call (namespace, field selector...).
     """
 
-    def __init__(self, *, name: str, list_func: Callable[..., Any], store: Store,
-                 list_args: tuple = (), list_kwargs: dict | None = None,
-                 watch_timeout_s: int = 300, page_size: int = 500,
-                 request_timeout_s: float = 30.0, backoff: Backoff | None = None,
-                 on_sync: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        *,
+        name: str,
+        list_func: Callable[..., Any],
+        store: Store,
+        list_args: tuple = (),
+        list_kwargs: dict | None = None,
+        watch_timeout_s: int = 300,
+        page_size: int = 500,
+        request_timeout_s: float = 30.0,
+        backoff: Backoff | None = None,
+        on_sync: Callable[[], None] | None = None,
+    ):
         self.name = name
         self._list_func = list_func
         self._store = store
@@ -95,7 +106,7 @@ class Reflector:
         self._thread: threading.Thread | None = None
 
     # ---- life cycle -----------------------------------------------------------------
-    def start(self) -> "Reflector":
+    def start(self) -> Reflector:
         self._stop.clear()
         self._thread = threading.Thread(target=self.run, name=f"reflector-{self.name}", daemon=True)
         self._thread.start()
@@ -113,7 +124,7 @@ class Reflector:
             thread.join(0.1)
         self._thread = None
 
-    def __enter__(self) -> "Reflector":
+    def __enter__(self) -> Reflector:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -150,16 +161,22 @@ class Reflector:
         # Log the first failure and then every 10th: an API server outage must not
         # flood the log, but must be visible.
         if self.stats.errors == 1 or self.stats.errors % 10 == 0:
-            log.warning("%s: %s; retrying in %.1fs (failure %d; check the API server and the "
-                        "agent's RBAC)", self.name, what, delay, self.stats.errors)
+            log.warning(
+                "%s: %s; retrying in %.1fs (failure %d; check the API server and the agent's RBAC)",
+                self.name,
+                what,
+                delay,
+                self.stats.errors,
+            )
         self._stop.wait(delay)
 
     def _list(self) -> None:
         items: list[dict] = []
         token = None
         while True:
-            kwargs = dict(self._kwargs, limit=self.page_size, _preload_content=False,
-                          _request_timeout=self.request_timeout_s)
+            kwargs = dict(
+                self._kwargs, limit=self.page_size, _preload_content=False, _request_timeout=self.request_timeout_s
+            )
             if token:
                 kwargs["_continue"] = token
             resp = self._list_func(*self._args, **kwargs)
@@ -189,13 +206,17 @@ class Reflector:
         if self._stop.is_set():
             return
         self.stats.watches += 1
-        stream = w.stream(self._list_func, *self._args, **self._kwargs,
-                          resource_version=self.resource_version,
-                          allow_watch_bookmarks=True,
-                          timeout_seconds=self.watch_timeout_s,
-                          # the server closes at timeout_seconds; the read timeout only
-                          # catches a peer that vanished without closing the connection
-                          _request_timeout=(self.request_timeout_s, self.watch_timeout_s + 30))
+        stream = w.stream(
+            self._list_func,
+            *self._args,
+            **self._kwargs,
+            resource_version=self.resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.watch_timeout_s,
+            # the server closes at timeout_seconds; the read timeout only
+            # catches a peer that vanished without closing the connection
+            _request_timeout=(self.request_timeout_s, self.watch_timeout_s + 30),
+        )
         try:
             for event in stream:
                 kind = event.get("type")

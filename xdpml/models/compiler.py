@@ -26,6 +26,7 @@ S is the largest number of fractional bits (at most 56) for which no sum of the
 model can leave 63 bits, given each feature's largest value (xdpml.models.features);
 it is stated in the compile report.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ from xdpml.models import layout as L
 from xdpml.models.features import Feature, resolve
 
 MAX_FRAC_BITS = 56
-SUM_BOUND = 2 ** 62
+SUM_BOUND = 2**62
 MLP_ACT_BITS = 8
 
 
@@ -48,7 +49,7 @@ def int_threshold(thr: float) -> int:
     thr = float(thr)
     if math.isnan(thr):
         raise ModelError("a tree threshold is NaN")
-    thr = min(max(thr, -2.0 ** 62), 2.0 ** 62)
+    thr = min(max(thr, -(2.0**62)), 2.0**62)
 
     def ok(t: int) -> bool:
         return float(np.float32(t)) <= thr
@@ -81,9 +82,9 @@ class CompiledModel:
     decision: int
     estimator: str
     features: list[Feature]
-    classes: list            # class index (kernel output) -> label as scikit-learn predicts it
+    classes: list  # class index (kernel output) -> label as scikit-learn predicts it
     n_outputs: int
-    frac_bits: int = 0       # fixed-point scale 2^-frac_bits of sums (trees, linear)
+    frac_bits: int = 0  # fixed-point scale 2^-frac_bits of sums (trees, linear)
     bias: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
     # trees
     roots: np.ndarray | None = None
@@ -96,6 +97,7 @@ class CompiledModel:
     @property
     def n_leaf_values(self) -> int:
         return 0 if self.leaf_values is None else len(self.leaf_values)
+
     depth: int = 0
     # linear
     weights: np.ndarray | None = None
@@ -103,7 +105,7 @@ class CompiledModel:
     in_mul: np.ndarray | None = None
     in_add: np.ndarray | None = None
     in_shift: np.ndarray | None = None
-    layers: list = field(default_factory=list)   # [(w int8 [in,out], bias int64 [out], mult)]
+    layers: list = field(default_factory=list)  # [(w int8 [in,out], bias int64 [out], mult)]
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -128,17 +130,20 @@ class CompiledModel:
         A class can differ from scikit-learn's only where |decision| is within it."""
         if self.kind != L.KIND_LINEAR:
             return 0.0
-        half = 0.5 * 2.0 ** -self.frac_bits
+        half = 0.5 * 2.0**-self.frac_bits
         if X is None:
             return (sum(f.max for f in self.features) + 1) * half
         return (np.abs(np.asarray(X, np.float64)).sum(axis=1) + 1) * half * 2  # x2: float error in sklearn
 
     def check(self, lim: L.Limits) -> None:
         """ModelError naming the first limit this model exceeds."""
+
         def need(what: str, have: int, limit: int, flag: str) -> None:
             if have > limit:
-                raise ModelError(f"model does not fit the datapath: {what} {have} > {limit} "
-                                 f"(-DXDPML_MODEL_MAX_{flag}, `--max-{flag.lower().replace('_', '-')}`)")
+                raise ModelError(
+                    f"model does not fit the datapath: {what} {have} > {limit} "
+                    f"(-DXDPML_MODEL_MAX_{flag}, `--max-{flag.lower().replace('_', '-')}`)"
+                )
 
         need("features", self.n_features, lim.features, "FEATURES")
         need("outputs (classes)", self.n_outputs, lim.outputs, "OUTPUTS")
@@ -166,8 +171,12 @@ class CompiledModel:
             t["root"][: self.n_trees] = self.roots
             n = self.n_nodes
             s["depth"] = self.depth
-            for name, arr in (("feat", self.node_feat), ("thr", self.node_thr), ("left", self.node_left),
-                              ("leaf", self.node_leaf)):
+            for name, arr in (
+                ("feat", self.node_feat),
+                ("thr", self.node_thr),
+                ("left", self.node_left),
+                ("leaf", self.node_leaf),
+            ):
                 t["node"][name][:n] = arr
             t["leaf"][: self.n_leaf_values] = self.leaf_values
         elif self.kind == L.KIND_LINEAR:
@@ -186,11 +195,15 @@ class CompiledModel:
         return s
 
     def stats(self) -> dict:
-        out: dict[str, Any] = {"estimator": self.estimator, "features": [f.name for f in self.features],
-               "classes": [_plain(c) for c in self.classes]}
+        out: dict[str, Any] = {
+            "estimator": self.estimator,
+            "features": [f.name for f in self.features],
+            "classes": [_plain(c) for c in self.classes],
+        }
         if self.kind == L.KIND_TREES:
-            out.update({"trees": self.n_trees, "nodes": self.n_nodes, "depth": self.depth,
-                        "leaf_values": self.n_leaf_values})
+            out.update(
+                {"trees": self.n_trees, "nodes": self.n_nodes, "depth": self.depth, "leaf_values": self.n_leaf_values}
+            )
         if self.kind == L.KIND_MLP:
             out["layers"] = [list(w.shape) for w, _, _ in self.layers]
         if self.frac_bits:
@@ -216,8 +229,9 @@ def compile_model(est, features, *, limits: L.Limits = L.DEFAULT_LIMITS) -> Comp
     if n_in is None:
         raise ModelError(f"{type(est).__name__} is not fitted (no n_features_in_)")
     if n_in != len(feats):
-        raise ModelError(f"the model takes {n_in} features but {len(feats)} were named "
-                         f"({', '.join(f.name for f in feats)})")
+        raise ModelError(
+            f"the model takes {n_in} features but {len(feats)} were named ({', '.join(f.name for f in feats)})"
+        )
     names = getattr(est, "feature_names_in_", None)
     if names is not None and list(names) != [f.name for f in feats]:
         raise ModelError(f"the model was trained on columns {list(names)}, not the features named")
@@ -237,9 +251,11 @@ def compile_model(est, features, *, limits: L.Limits = L.DEFAULT_LIMITS) -> Comp
     elif name == "MLPClassifier":
         m = _mlp(est, feats, scaler)
     else:
-        raise ModelError(f"{name} is not supported in the kernel; supported: decision tree, random "
-                         "forest, extra trees, gradient boosting, isolation forest, logistic "
-                         "regression, ridge, linear SVM, MLP (docs/models.md)")
+        raise ModelError(
+            f"{name} is not supported in the kernel; supported: decision tree, random "
+            "forest, extra trees, gradient boosting, isolation forest, logistic "
+            "regression, ridge, linear SVM, MLP (docs/models.md)"
+        )
     m.check(limits)
     return m
 
@@ -281,7 +297,7 @@ def _tree_arrays(tree, node_base: int, feat_map, leaf_of):
         raise ModelError("multi-output trees are not supported")
     cl, cr = t.children_left, t.children_right
     n = t.node_count
-    order = [0]          # new index -> old index
+    order = [0]  # new index -> old index
     new = {0: 0}
     depth = {0: 0}
     k = 0
@@ -324,16 +340,29 @@ def _assemble(name, feats, classes, n_out, decision, trees, feat_maps, leaf_vals
             start = len(values)
             values.extend(vals(i))
             return start
+
         f, th, lf, lv, d = _tree_arrays(tree, base, fmap, leaf_of)
         parts.append((f, th, lf, lv))
         depth = max(depth, d)
         base += len(f)
     cat = [np.concatenate([p[k] for p in parts]) for k in range(4)]
     return CompiledModel(
-        kind=L.KIND_TREES, decision=decision, estimator=name, features=feats, classes=list(classes),
-        n_outputs=n_out, frac_bits=frac, bias=np.asarray(bias, np.int64),
-        roots=np.asarray(roots, np.int64), node_feat=cat[0], node_thr=cat[1], node_left=cat[2],
-        node_leaf=cat[3], leaf_values=np.asarray(values, np.int64), depth=depth)
+        kind=L.KIND_TREES,
+        decision=decision,
+        estimator=name,
+        features=feats,
+        classes=list(classes),
+        n_outputs=n_out,
+        frac_bits=frac,
+        bias=np.asarray(bias, np.int64),
+        roots=np.asarray(roots, np.int64),
+        node_feat=cat[0],
+        node_thr=cat[1],
+        node_left=cat[2],
+        node_leaf=cat[3],
+        leaf_values=np.asarray(values, np.int64),
+        depth=depth,
+    )
 
 
 def _trees(name, feats, trees, classes, *, mode):
@@ -342,8 +371,19 @@ def _trees(name, feats, trees, classes, *, mode):
     if mode == "leaf":
         (tree,) = trees
         val = tree.tree_.value[:, 0, :]
-        return _assemble(name, feats, classes, k, L.DEC_LEAF, trees, [ident],
-                         [lambda i: int(np.argmax(val[i]))], np.zeros(k), 0, "leaf")
+        return _assemble(
+            name,
+            feats,
+            classes,
+            k,
+            L.DEC_LEAF,
+            trees,
+            [ident],
+            [lambda i: int(np.argmax(val[i]))],
+            np.zeros(k),
+            0,
+            "leaf",
+        )
     frac = _frac_bits(len(trees) * 1.0)
     binary = k == 2  # class 1 iff sum(p1 - p0) > 0: one sum instead of two, same ties
 
@@ -351,15 +391,38 @@ def _trees(name, feats, trees, classes, *, mode):
         v = tree.tree_.value[:, 0, :k].astype(np.float64)
         s = v.sum(axis=1, keepdims=True)
         s[s == 0] = 1.0
-        q = np.rint(v / s * 2.0 ** frac).astype(np.int64)
+        q = np.rint(v / s * 2.0**frac).astype(np.int64)
         if binary:
             q = q[:, 1:2] - q[:, 0:1]
         return lambda i: list(q[i])
+
     if binary:
-        return _assemble(name, feats, classes, 1, L.DEC_BINARY, trees, [ident] * len(trees),
-                         [proba_of(t) for t in trees], [-1], frac, "proba")
-    return _assemble(name, feats, classes, k, L.DEC_ARGMAX, trees, [ident] * len(trees),
-                     [proba_of(t) for t in trees], np.zeros(k), frac, "proba")
+        return _assemble(
+            name,
+            feats,
+            classes,
+            1,
+            L.DEC_BINARY,
+            trees,
+            [ident] * len(trees),
+            [proba_of(t) for t in trees],
+            [-1],
+            frac,
+            "proba",
+        )
+    return _assemble(
+        name,
+        feats,
+        classes,
+        k,
+        L.DEC_ARGMAX,
+        trees,
+        [ident] * len(trees),
+        [proba_of(t) for t in trees],
+        np.zeros(k),
+        frac,
+        "proba",
+    )
 
 
 def _gradient_boosting(est, feats):
@@ -378,7 +441,7 @@ def _gradient_boosting(est, feats):
             outs.append(k)
             bound += lr * float(np.abs(stages[s, k].tree_.value).max())
     frac = _frac_bits(bound)
-    scale = 2.0 ** frac
+    scale = 2.0**frac
     classes = list(est.classes_)
     n_out = K
     decision = L.DEC_BINARY if K == 1 else L.DEC_ARGMAX
@@ -386,10 +449,21 @@ def _gradient_boosting(est, feats):
     def vals_of(tree, k):
         v = np.rint(tree.tree_.value[:, 0, 0].astype(np.float64) * lr * scale).astype(np.int64)
         return lambda i: [int(v[i]) if o == k else 0 for o in range(n_out)]
+
     bias = np.rint(raw0 * scale).astype(np.int64)  # binary: class 1 when raw >= 0, as predict
-    m = _assemble("GradientBoostingClassifier", feats, classes, n_out, decision, trees,
-                  [list(range(len(feats)))] * len(trees), [vals_of(t, k) for t, k in zip(trees, outs)],
-                  bias, frac, "sum")
+    m = _assemble(
+        "GradientBoostingClassifier",
+        feats,
+        classes,
+        n_out,
+        decision,
+        trees,
+        [list(range(len(feats)))] * len(trees),
+        [vals_of(t, k) for t, k in zip(trees, outs)],
+        bias,
+        frac,
+        "sum",
+    )
     return m
 
 
@@ -405,8 +479,7 @@ def _avg_path_length(n):
 def _isolation_forest(est, feats):
     offset = float(est.offset_)
     if not -1.0 < offset < 0.0:
-        raise ModelError(f"IsolationForest offset_ {offset} outside (-1, 0): every sample would get "
-                         "the same label")
+        raise ModelError(f"IsolationForest offset_ {offset} outside (-1, 0): every sample would get the same label")
     trees = est.estimators_
     den = len(trees) * float(_avg_path_length([est._max_samples])[0])
     d_thr = -den * math.log2(-offset)  # inlier iff summed path length >= d_thr
@@ -418,12 +491,11 @@ def _isolation_forest(est, feats):
         per_tree.append(v)
         bound += float(np.abs(v).max())
     frac = _frac_bits(bound + abs(d_thr))
-    scale = 2.0 ** frac
-    vals = [(lambda q: (lambda i: [int(q[i])]))(np.rint(v * scale).astype(np.int64)) for v in per_tree]
+    scale = 2.0**frac
+    vals = [(lambda q: lambda i: [int(q[i])])(np.rint(v * scale).astype(np.int64)) for v in per_tree]
     bias = [-int(math.ceil(d_thr * scale))]  # Dq >= ceil(d_thr * 2^S)  <=>  Dq + bias >= 0
     fmaps = [list(f) for f in est.estimators_features_]
-    return _assemble("IsolationForest", feats, [-1, 1], 1, L.DEC_BINARY, trees, fmaps, vals, bias, frac,
-                     "sum")
+    return _assemble("IsolationForest", feats, [-1, 1], 1, L.DEC_BINARY, trees, fmaps, vals, bias, frac, "sum")
 
 
 def _node_depths(t) -> np.ndarray:
@@ -453,17 +525,25 @@ def _linear(est, feats, scaler):
     xmax = np.array([f.max for f in feats], np.float64)
     bound = float(((np.abs(w) * xmax).sum(axis=1) + np.abs(b)).max()) + 1
     frac = _frac_bits(bound)
-    wq = np.rint(w * 2.0 ** frac).astype(np.int64)
-    bq = np.rint(b * 2.0 ** frac).astype(np.int64)
+    wq = np.rint(w * 2.0**frac).astype(np.int64)
+    bq = np.rint(b * 2.0**frac).astype(np.int64)
     classes = list(est.classes_)
     if wq.shape[0] == 1:
         decision = L.DEC_BINARY
         bq = bq - 1  # predict: class 1 when the score is > 0, i.e. >= 1 in integers
     else:
         decision = L.DEC_ARGMAX
-    m = CompiledModel(kind=L.KIND_LINEAR, decision=decision, estimator=type(est).__name__,
-                      features=feats, classes=classes, n_outputs=wq.shape[0], frac_bits=frac,
-                      bias=bq, weights=wq)
+    m = CompiledModel(
+        kind=L.KIND_LINEAR,
+        decision=decision,
+        estimator=type(est).__name__,
+        features=feats,
+        classes=classes,
+        n_outputs=wq.shape[0],
+        frac_bits=frac,
+        bias=bq,
+        weights=wq,
+    )
     m.notes.append(f"decision values in fixed point 2^-{frac}; worst-case error {m.margin():.3g}")
     return m
 
@@ -478,13 +558,13 @@ def _mlp(est, feats, scaler):
     xmax = np.array([f.max for f in feats], np.float64)
     in_mul, in_add, in_shift = [], [], []
     for j in range(n):
-        per_unit = 2.0 ** MLP_ACT_BITS / sd[j]
+        per_unit = 2.0**MLP_ACT_BITS / sd[j]
         mag = per_unit * xmax[j] + abs(mu[j]) * per_unit
         sh = min(62, math.floor(math.log2(SUM_BOUND / max(mag, 1e-300))))
         if sh < 0:
             raise ModelError(f"feature {feats[j].name}: scale too fine for 64-bit input quantisation")
-        in_mul.append(int(round(per_unit * 2.0 ** sh)))
-        in_add.append(int(round(-mu[j] * per_unit * 2.0 ** sh)))
+        in_mul.append(int(round(per_unit * 2.0**sh)))
+        in_add.append(int(round(-mu[j] * per_unit * 2.0**sh)))
         in_shift.append(sh)
     in_mul, in_add, in_shift = (np.asarray(v, np.int64) for v in (in_mul, in_add, in_shift))
     layers = []
@@ -493,15 +573,24 @@ def _mlp(est, feats, scaler):
         W = np.asarray(W, np.float64)
         s = float(np.abs(W).max()) / 127.0 or 1.0
         wq = np.clip(np.rint(W / s), -127, 127).astype(np.int8)
-        bq = np.rint(np.asarray(B, np.float64) / s * 2 ** MLP_ACT_BITS).astype(np.int64)
-        mult = int(round(s * 2 ** L.MLP_REQ_SHIFT))
+        bq = np.rint(np.asarray(B, np.float64) / s * 2**MLP_ACT_BITS).astype(np.int64)
+        mult = int(round(s * 2**L.MLP_REQ_SHIFT))
         if li < n_layers - 1 and mult < 1:
             raise ModelError(f"MLP layer {li}: weights too small to requantise (scale {s:.3g})")
         if li == n_layers - 1 and wq.shape[1] == 1:
             bq = bq - 1  # binary: class 1 when the logit is > 0
         layers.append((wq, bq, mult))
     k = layers[-1][0].shape[1]
-    return CompiledModel(kind=L.KIND_MLP, decision=L.DEC_BINARY if k == 1 else L.DEC_ARGMAX,
-                         estimator="MLPClassifier", features=feats, classes=list(est.classes_),
-                         n_outputs=k, in_mul=in_mul, in_add=in_add, in_shift=in_shift, layers=layers,
-                         bias=np.zeros(k, np.int64))
+    return CompiledModel(
+        kind=L.KIND_MLP,
+        decision=L.DEC_BINARY if k == 1 else L.DEC_ARGMAX,
+        estimator="MLPClassifier",
+        features=feats,
+        classes=list(est.classes_),
+        n_outputs=k,
+        in_mul=in_mul,
+        in_add=in_add,
+        in_shift=in_shift,
+        layers=layers,
+        bias=np.zeros(k, np.int64),
+    )

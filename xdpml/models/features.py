@@ -10,6 +10,7 @@ exactly: the per-packet columns of docs/features.md (``kind: packet``) are alrea
 integers or booleans (0/1), and ``ip_ecn`` (``tos & 3``) is the one model-only
 addition, the ECN half of ``tos`` beside ``ip_dscp``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ U16, U32 = 0xFFFF, 0xFFFF_FFFF
 class Feature:
     id: int
     name: str
-    max: int     # largest value the kernel can produce (bounds fixed-point sums)
+    max: int  # largest value the kernel can produce (bounds fixed-point sums)
     doc: str
 
 
@@ -77,33 +78,64 @@ def resolve(names) -> list[Feature]:
     names = [str(n) for n in names]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
-        raise ModelError(f"unknown model feature(s) {', '.join(unknown)}; the kernel offers: "
-                         f"{', '.join(BY_NAME)} (docs/models.md)")
+        raise ModelError(
+            f"unknown model feature(s) {', '.join(unknown)}; the kernel offers: {', '.join(BY_NAME)} (docs/models.md)"
+        )
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ModelError(f"feature(s) named twice: {', '.join(dup)}")
     return [BY_NAME[n] for n in names]
 
 
-def packet_features(*, version: int, ihl: int = 0, tos: int = 0, ip_len: int = 0, frag_off: int = 0,
-                    ip_id: int = 0, ttl: int = 0, proto: int = 0, sport: int = 0, dport: int = 0,
-                    seq: int = 0, ack: int = 0, window: int = 0, urg: int = 0, flags: int = 0,
-                    pkt_len: int = 0, payload_len: int = 0, vlan_id: int = 0) -> dict[str, int]:
+def packet_features(
+    *,
+    version: int,
+    ihl: int = 0,
+    tos: int = 0,
+    ip_len: int = 0,
+    frag_off: int = 0,
+    ip_id: int = 0,
+    ttl: int = 0,
+    proto: int = 0,
+    sport: int = 0,
+    dport: int = 0,
+    seq: int = 0,
+    ack: int = 0,
+    window: int = 0,
+    urg: int = 0,
+    flags: int = 0,
+    pkt_len: int = 0,
+    payload_len: int = 0,
+    vlan_id: int = 0,
+) -> dict[str, int]:
     """Feature values of one packet from its header fields, as the columns define them
     (``frag_off``: the IPv4 flags+offset field, or the IPv6 fragment header's offset word)."""
     v4 = version == 4
     tcp = proto == 6
     out = {
-        "ip_version": version, "ip_ihl": ihl if v4 else 0, "tos": tos, "ip_dscp": tos >> 2,
-        "ip_ecn": tos & 3, "ip_total_length": ip_len,
+        "ip_version": version,
+        "ip_ihl": ihl if v4 else 0,
+        "tos": tos,
+        "ip_dscp": tos >> 2,
+        "ip_ecn": tos & 3,
+        "ip_total_length": ip_len,
         "ip_frag_offset": (frag_off & 0x1FFF) if v4 else frag_off >> 3,
         "ip_flags": ((frag_off >> 13) & 3) if v4 else frag_off & 1,
-        "ip_id": ip_id if v4 else 0, "ip_ttl": ttl, "protocol": proto,
-        "src_port": sport, "dst_port": dport,
-        "tcp_sequence_num": seq if tcp else 0, "tcp_ack_num": ack if tcp else 0,
-        "tcp_window_size": window if tcp else 0, "tcp_urgent_pointer": urg if tcp else 0,
-        "pkt_len": pkt_len, "payload_len": payload_len & U16, "vlan_id": vlan_id,
-        "pr_tcp": int(tcp), "pr_udp": int(proto == 17), "pr_icmp": int(proto in (1, 58)),
+        "ip_id": ip_id if v4 else 0,
+        "ip_ttl": ttl,
+        "protocol": proto,
+        "src_port": sport,
+        "dst_port": dport,
+        "tcp_sequence_num": seq if tcp else 0,
+        "tcp_ack_num": ack if tcp else 0,
+        "tcp_window_size": window if tcp else 0,
+        "tcp_urgent_pointer": urg if tcp else 0,
+        "pkt_len": pkt_len,
+        "payload_len": payload_len & U16,
+        "vlan_id": vlan_id,
+        "pr_tcp": int(tcp),
+        "pr_udp": int(proto == 17),
+        "pr_icmp": int(proto in (1, 58)),
         "pr_other": int(proto not in (1, 6, 17, 58)),
     }
     for i, f in enumerate(("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")):

@@ -9,6 +9,7 @@ then flips the index; before it rewrites a slot that was active, it lets
 ``GRACE_S`` pass since that slot stopped being active, far longer than any packet's
 program run (microseconds), so no packet is ever scored by a half-written model.
 """
+
 from __future__ import annotations
 
 import ctypes as C
@@ -26,8 +27,13 @@ GRACE_S = 0.002
 
 
 class _ElemAttr(C.Structure):
-    _fields_ = [("map_fd", C.c_uint32), ("_pad", C.c_uint32), ("key", C.c_uint64),
-                ("value", C.c_uint64), ("flags", C.c_uint64)]
+    _fields_ = [
+        ("map_fd", C.c_uint32),
+        ("_pad", C.c_uint32),
+        ("key", C.c_uint64),
+        ("value", C.c_uint64),
+        ("flags", C.c_uint64),
+    ]
 
 
 def _bpf_elem(cmd: int, fd: int, key: int, buf) -> None:
@@ -36,8 +42,9 @@ def _bpf_elem(cmd: int, fd: int, key: int, buf) -> None:
     rc = syscalls.bpf(cmd, attr)
     if rc < 0:
         err = -rc
-        raise ModelError(f"bpf map {'update' if cmd == MAP_UPDATE else 'lookup'} (fd {fd}, key {key}): "
-                         f"{os.strerror(err)}")
+        raise ModelError(
+            f"bpf map {'update' if cmd == MAP_UPDATE else 'lookup'} (fd {fd}, key {key}): {os.strerror(err)}"
+        )
 
 
 def ncpus() -> int:
@@ -62,7 +69,7 @@ class ModelSlots:
         self._left_active = [0.0, 0.0]  # monotonic time each slot stopped being active
 
     @classmethod
-    def of(cls, bpf, limits: L.Limits) -> "ModelSlots":
+    def of(cls, bpf, limits: L.Limits) -> ModelSlots:
         """From a BCC BPF object compiled with -DXDPML_MODEL=1 (map fds straight from
         libbcc: BCC's table wrapper cannot decode the slot's signed-char weights)."""
         from bcc import libbcc
@@ -73,8 +80,7 @@ class ModelSlots:
             if fd < 0:
                 raise ModelError("this datapath was compiled without a model (-DXDPML_MODEL=1)")
             fds[name] = fd
-        return cls(slots_fd=fds["model_slots"], ctl_fd=fds["model_ctl"], stats_fd=fds["model_stats"],
-                   limits=limits)
+        return cls(slots_fd=fds["model_slots"], ctl_fd=fds["model_ctl"], stats_fd=fds["model_stats"], limits=limits)
 
     # -- raw slot access ---------------------------------------------------
     def active(self) -> int:
@@ -96,8 +102,10 @@ class ModelSlots:
             time.sleep(wait)  # packets that started on this slot before the flip are long done
         data = value.tobytes() if isinstance(value, np.ndarray) else bytes(value)
         if len(data) != self.slot_size:
-            raise ModelError(f"slot value is {len(data)} bytes, the datapath's is {self.slot_size} "
-                             "(compiled with other model limits)")
+            raise ModelError(
+                f"slot value is {len(data)} bytes, the datapath's is {self.slot_size} "
+                "(compiled with other model limits)"
+            )
         buf = C.create_string_buffer(data, len(data))
         _bpf_elem(MAP_UPDATE, self.slots_fd, index, buf)
 

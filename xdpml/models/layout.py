@@ -7,33 +7,34 @@ and builds the flags, and :func:`slot_type` the matching ctypes structure. The k
 of another size (ModelSlots.write_slot), and tests/models/test_kernel.py checks every
 field through the kernel's own classification of crafted packets.
 """
+
 from __future__ import annotations
 
 import ctypes as C
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
-LEAF_THR = 2 ** 62       # model_node.thr of a leaf (points to itself: x <= thr always)
+LEAF_THR = 2**62  # model_node.thr of a leaf (points to itself: x <= thr always)
 KIND_NONE, KIND_TREES, KIND_LINEAR, KIND_MLP = 0, 1, 2, 3
 DEC_LEAF, DEC_ARGMAX, DEC_BINARY = 0, 1, 2
-MLP_REQ_SHIFT = 24       # requantisation: (acc * mult + 2^23) >> 24
-ACT_MAX = 32767          # int16 activations
+MLP_REQ_SHIFT = 24  # requantisation: (acc * mult + 2^23) >> 24
+ACT_MAX = 32767  # int16 activations
 
 
 @dataclass(frozen=True)
 class Limits:
     """Compile-time limits of the kernel's model slots (-DXDPML_MODEL_MAX_*)."""
 
-    features: int = 16      # model inputs (power of two)
-    depth: int = 16         # tree depth (levels walked; a multiple of 4)
-    trees: int = 128        # trees per model
-    nodes: int = 8192       # nodes of all trees together (power of two, at most 32768)
+    features: int = 16  # model inputs (power of two)
+    depth: int = 16  # tree depth (levels walked; a multiple of 4)
+    trees: int = 128  # trees per model
+    nodes: int = 8192  # nodes of all trees together (power of two, at most 32768)
     leaf_values: int = 8192  # leaf values of all trees (leaves x outputs; power of two, <= 32768)
-    outputs: int = 8        # classes (argmax) or 1 (binary)
-    layers: int = 3         # MLP weight layers
-    width: int = 16         # MLP layer width (inputs included)
+    outputs: int = 8  # classes (argmax) or 1 (binary)
+    layers: int = 3  # MLP weight layers
+    width: int = 16  # MLP layer width (inputs included)
 
     def __post_init__(self):
         from xdpml.errors import ConfigError
@@ -48,13 +49,14 @@ class Limits:
             if v & (v - 1):
                 raise ConfigError(f"model limit {k}={v}: must be a power of two (indices are masked)")
         if self.depth % 4:
-            raise ConfigError(f"model limit depth={self.depth}: must be a multiple of 4 (walked 4 levels "
-                              "at a time)")
+            raise ConfigError(f"model limit depth={self.depth}: must be a multiple of 4 (walked 4 levels at a time)")
         if self.trees % 4:
             raise ConfigError(f"model limit trees={self.trees}: must be a multiple of 4")
         if self.features > self.width:
-            raise ConfigError(f"model limit features={self.features} exceeds width={self.width} "
-                              "(the MLP's first layer reads every feature)")
+            raise ConfigError(
+                f"model limit features={self.features} exceeds width={self.width} "
+                "(the MLP's first layer reads every feature)"
+            )
 
     def cflags(self) -> list[str]:
         return [f"-DXDPML_MODEL_MAX_{k.upper()}={v}" for k, v in asdict(self).items()]
@@ -69,28 +71,43 @@ class ModelNode(C.Structure):
     _fields_ = [("thr", s64), ("feat", u16), ("left", u16), ("leaf", u16), ("_pad", u16)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def slot_type(lim: Limits) -> type:
     """ctypes mirror of struct model_slot for these limits."""
 
     class Trees(C.Structure):
-        _fields_ = [("root", u16 * lim.trees), ("node", ModelNode * lim.nodes),
-                    ("leaf", s64 * lim.leaf_values)]
+        _fields_ = [("root", u16 * lim.trees), ("node", ModelNode * lim.nodes), ("leaf", s64 * lim.leaf_values)]
 
     class Linear(C.Structure):
         _fields_ = [("w", (s64 * lim.features) * lim.outputs)]
 
     class Mlp(C.Structure):
-        _fields_ = [("in_mul", s64 * lim.features), ("in_add", s64 * lim.features),
-                    ("in_shift", s64 * lim.features),
-                    ("mult", s64 * lim.layers), ("bias", (s64 * lim.width) * lim.layers),
-                    ("width", u32 * lim.layers), ("w", ((s8 * lim.width) * lim.width) * lim.layers)]
+        _fields_ = [
+            ("in_mul", s64 * lim.features),
+            ("in_add", s64 * lim.features),
+            ("in_shift", s64 * lim.features),
+            ("mult", s64 * lim.layers),
+            ("bias", (s64 * lim.width) * lim.layers),
+            ("width", u32 * lim.layers),
+            ("w", ((s8 * lim.width) * lim.width) * lim.layers),
+        ]
 
     class Slot(C.Structure):
-        _fields_ = [("kind", u32), ("decision", u32), ("n_features", u32), ("n_outputs", u32),
-                    ("n_trees", u32), ("n_layers", u32), ("model_id", u32), ("depth", u32),
-                    ("feat_id", u16 * lim.features), ("bias", s64 * lim.outputs),
-                    ("trees", Trees), ("lin", Linear), ("mlp", Mlp)]
+        _fields_ = [
+            ("kind", u32),
+            ("decision", u32),
+            ("n_features", u32),
+            ("n_outputs", u32),
+            ("n_trees", u32),
+            ("n_layers", u32),
+            ("model_id", u32),
+            ("depth", u32),
+            ("feat_id", u16 * lim.features),
+            ("bias", s64 * lim.outputs),
+            ("trees", Trees),
+            ("lin", Linear),
+            ("mlp", Mlp),
+        ]
 
     return Slot
 

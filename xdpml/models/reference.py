@@ -3,6 +3,7 @@
 Same integers, same order of operations as bpf/model.h: the parity tests compare
 it with scikit-learn on many vectors and with the kernel on crafted packets.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,8 +47,9 @@ def predict_index(slot: np.ndarray, X, lim: L.Limits) -> np.ndarray:
     elif kind == L.KIND_MLP:
         m = slot["mlp"]
         nf = X.shape[1]
-        a = ((X * m["in_mul"][:nf].astype(np.int64) + m["in_add"][:nf].astype(np.int64))
-             >> m["in_shift"][:nf].astype(np.int64))
+        a = (X * m["in_mul"][:nf].astype(np.int64) + m["in_add"][:nf].astype(np.int64)) >> m["in_shift"][:nf].astype(
+            np.int64
+        )
         a = np.clip(a, -L.ACT_MAX, L.ACT_MAX)
         width_in = nf
         nl = int(slot["n_layers"])

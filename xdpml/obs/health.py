@@ -18,12 +18,13 @@ GET /readyz  200 when every required condition is set; 503 with one line per con
 A condition can be cleared again (``clear(name, reason)``), e.g. when the pod cache
 loses its watch, and readiness drops until it is set again.
 """
+
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterable
 
 PROGRAMS_ATTACHED = "programs_attached"
 POD_CACHE_SYNCED = "pod_cache_synced"
@@ -33,8 +34,9 @@ CONFIG_LOADED = "config_loaded"
 class HealthState:
     """Thread-safe readiness conditions and liveness heartbeat; no I/O."""
 
-    def __init__(self, conditions: Iterable[str] = (), *, stall_after_s: float | None = None,
-                 clock=time.monotonic) -> None:
+    def __init__(
+        self, conditions: Iterable[str] = (), *, stall_after_s: float | None = None, clock=time.monotonic
+    ) -> None:
         self._lock = threading.Lock()
         self._clock = clock
         # name -> (ok, reason); insertion order is the order the report lists them.
@@ -91,16 +93,15 @@ class HealthState:
         with self._lock:
             age = self._clock() - self._last_beat
         if age > self._stall_after_s:
-            return False, (f"main loop stalled: no heartbeat for {age:.1f}s "
-                           f"(limit {self._stall_after_s:g}s)\n")
+            return False, (f"main loop stalled: no heartbeat for {age:.1f}s (limit {self._stall_after_s:g}s)\n")
         return True, "ok\n"
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         state = self.server.state
         if path == "/livez":
@@ -112,7 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(200 if ok else 503, body)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.do_GET()
 
     def _send(self, code: int, body: str) -> None:
@@ -125,7 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         # Probes every few seconds would flood `kubectl logs`; stay quiet.
         pass
 
@@ -138,20 +139,25 @@ class _Server(ThreadingHTTPServer):
 class HealthServer(HealthState):
     """HealthState plus a threaded HTTP server; a context manager that stops it."""
 
-    def __init__(self, *, host: str = "0.0.0.0", port: int = 8081,
-                 conditions: Iterable[str] = (PROGRAMS_ATTACHED, POD_CACHE_SYNCED),
-                 stall_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "0.0.0.0",
+        port: int = 8081,
+        conditions: Iterable[str] = (PROGRAMS_ATTACHED, POD_CACHE_SYNCED),
+        stall_after_s: float | None = None,
+    ) -> None:
         super().__init__(conditions, stall_after_s=stall_after_s)
         if not 0 <= port <= 65535:
             raise ValueError(f"health port must be 0..65535, not {port}")
         try:
             self._httpd = _Server((host, port), _Handler)
         except OSError as e:
-            raise OSError(e.errno, f"cannot serve health probes on {host}:{port}: "
-                          f"{e.strerror}; choose another --health-port") from None
+            raise OSError(
+                e.errno, f"cannot serve health probes on {host}:{port}: {e.strerror}; choose another --health-port"
+            ) from None
         self._httpd.state = self
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name="xdpml-health", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="xdpml-health", daemon=True)
         self._thread.start()
 
     @property
@@ -164,7 +170,7 @@ class HealthServer(HealthState):
             self._thread.join(timeout=5)
         self._httpd.server_close()
 
-    def __enter__(self) -> "HealthServer":
+    def __enter__(self) -> HealthServer:
         return self
 
     def __exit__(self, *exc: object) -> None:

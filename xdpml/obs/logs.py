@@ -7,6 +7,7 @@ Text is for people; JSON lines are for log pipelines (Loki, Elasticsearch), one 
 per line, never split. Structured fields passed as ``extra={...}`` appear as key=value in
 text and as top-level keys in JSON, so "what" and "which" stay machine-readable.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,10 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
-    "message", "asctime", "taskName"}
+    "message",
+    "asctime",
+    "taskName",
+}
 
 # Marks the handler this module installed, so a second call replaces it rather than
 # doubling every line, and handlers others installed (pytest's caplog) are left alone.

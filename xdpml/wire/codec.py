@@ -9,12 +9,13 @@ Decoding trusts nothing: every length, shape, type and dictionary code is checke
 against the batch's row count before a column is built, and any violation raises
 :class:`MalformedBatch` (the collector turns it into an INVALID_ARGUMENT ack).
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -206,13 +207,20 @@ def encode_split(
         stop = min(n, start + step)
         part = batch if (start == 0 and stop == n) else batch.select(slice(start, stop))
         env = envelope() if envelope is not None else None
-        msg = encode_batch(part, sequence=0, node=node, loss_counters=loss_counters, include_schema=include_schema,
-                           out=env.batch if env is not None else None)
+        msg = encode_batch(
+            part,
+            sequence=0,
+            node=node,
+            loss_counters=loss_counters,
+            include_schema=include_schema,
+            out=env.batch if env is not None else None,
+        )
         size = (env or msg).ByteSize()
         if size > max_message_bytes:
             if stop - start <= 1:
-                raise UnsupportedColumn(f"one {batch.kind} row encodes to {size} bytes, over the "
-                                        f"{max_message_bytes}-byte message limit")
+                raise UnsupportedColumn(
+                    f"one {batch.kind} row encodes to {size} bytes, over the {max_message_bytes}-byte message limit"
+                )
             step = max(1, (stop - start) // 2)
             continue
         msg.sequence = next_sequence()
@@ -254,8 +262,11 @@ def decode_column(c: pb.Column, rows: int) -> np.ndarray:
     if c.dtype in _NUMERIC:
         dt = _NUMERIC[c.dtype]
         if len(data) != count * dt.itemsize:
-            raise _fail(name, f"{len(data)} bytes of data, shape {list(shape)} of "
-                              f"{pb.DataType.Name(c.dtype)} needs {count * dt.itemsize}")
+            raise _fail(
+                name,
+                f"{len(data)} bytes of data, shape {list(shape)} of "
+                f"{pb.DataType.Name(c.dtype)} needs {count * dt.itemsize}",
+            )
         if c.dtype == pb.DATA_TYPE_BOOL:
             raw = np.frombuffer(data, dtype=np.uint8)
             if raw.size and raw.max() > 1:
@@ -266,8 +277,9 @@ def decode_column(c: pb.Column, rows: int) -> np.ndarray:
         if not 1 <= c.width <= 4096:
             raise _fail(name, f"BYTES width {c.width} outside 1..4096")
         if len(data) != count * c.width:
-            raise _fail(name, f"{len(data)} bytes of data, shape {list(shape)} x width {c.width} "
-                              f"needs {count * c.width}")
+            raise _fail(
+                name, f"{len(data)} bytes of data, shape {list(shape)} x width {c.width} needs {count * c.width}"
+            )
         return np.frombuffer(data, dtype=f"S{c.width}").reshape(shape)
     if c.dtype == pb.DATA_TYPE_STRING:
         if len(data) != count * 4:
@@ -374,8 +386,13 @@ def _column_parts(name: str, col: np.ndarray) -> tuple[list[bytes | memoryview],
     if col.ndim not in (1, 2):
         raise UnsupportedColumn(f"column {name!r} has {col.ndim} dimensions; only rows or rows x N travel")
     code = wire_dtype(col)
-    head: list[bytes | memoryview] = [_tag(1, _LEN), _varint(len(name.encode())), name.encode(), _tag(2, _VARINT),
-                                      _varint(code)]
+    head: list[bytes | memoryview] = [
+        _tag(1, _LEN),
+        _varint(len(name.encode())),
+        name.encode(),
+        _tag(2, _VARINT),
+        _varint(code),
+    ]
     shape = b"".join(_varint(int(d)) for d in col.shape)
     head += [_tag(3, _LEN), _varint(len(shape)), shape]
     if code == pb.DATA_TYPE_STRING:
@@ -409,8 +426,14 @@ def encode_request_bytes(
     """A serialized xdpml.v1.ExportRequest carrying ``batch``: the same message as
     ``ExportRequest(batch=encode_batch(...))`` with a single copy of the column data."""
     empty = ColumnBatch(batch.kind, {}, {})
-    head = encode_batch(empty, sequence=sequence, node=node, loss_counters=loss_counters, include_schema=False,
-                        created_unix_ns=created_unix_ns)
+    head = encode_batch(
+        empty,
+        sequence=sequence,
+        node=node,
+        loss_counters=loss_counters,
+        include_schema=False,
+        created_unix_ns=created_unix_ns,
+    )
     head.rows = len(batch)
     head.start_unix_ms, head.end_unix_ms = _time_span(batch)
     if include_schema:
@@ -442,15 +465,23 @@ def encode_split_requests(
         stop = min(n, start + step)
         part = batch if (start == 0 and stop == n) else batch.select(slice(start, stop))
         # Sequence numbers are varints: 10 bytes at most, so measure with the largest.
-        payload = encode_request_bytes(part, sequence=2**64 - 1, node=node, loss_counters=loss_counters,
-                                       include_schema=include_schema)
+        payload = encode_request_bytes(
+            part, sequence=2**64 - 1, node=node, loss_counters=loss_counters, include_schema=include_schema
+        )
         if len(payload) > max_message_bytes:
             if stop - start <= 1:
-                raise UnsupportedColumn(f"one {batch.kind} row encodes to {len(payload)} bytes, over the "
-                                        f"{max_message_bytes}-byte message limit")
+                raise UnsupportedColumn(
+                    f"one {batch.kind} row encodes to {len(payload)} bytes, over the "
+                    f"{max_message_bytes}-byte message limit"
+                )
             step = max(1, (stop - start) // 2)
             continue
         seq = next_sequence()
-        yield seq, stop - start, encode_request_bytes(part, sequence=seq, node=node, loss_counters=loss_counters,
-                                                      include_schema=include_schema)
+        yield (
+            seq,
+            stop - start,
+            encode_request_bytes(
+                part, sequence=seq, node=node, loss_counters=loss_counters, include_schema=include_schema
+            ),
+        )
         start = stop

@@ -13,11 +13,12 @@ Column conventions
     (``::ffff:a.b.c.d``), so v4 and v6 share one column. :func:`ip_to_str` renders them.
   * Strings (interface names, pod names...): numpy ``object`` arrays of ``str``.
 """
+
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class ColumnBatch:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.columns[name]
 
-    def select(self, mask_or_index: np.ndarray | slice) -> "ColumnBatch":
+    def select(self, mask_or_index: np.ndarray | slice) -> ColumnBatch:
         return ColumnBatch(self.kind, {k: v[mask_or_index] for k, v in self.columns.items()}, self.specs)
 
     def rows(self) -> Iterator[dict]:
@@ -71,7 +72,7 @@ class ColumnBatch:
             yield {name: vals[i] for name, vals in converted.items()}
 
     @staticmethod
-    def concat(batches: list["ColumnBatch"]) -> "ColumnBatch":
+    def concat(batches: list[ColumnBatch]) -> ColumnBatch:
         if not batches:
             raise ValueError("nothing to concatenate")
         first = batches[0]

@@ -5,6 +5,7 @@ both ends therefore watch the files' modification times instead of loading them 
 The client rebuilds its channel on the next (re)connection; the server answers each new
 handshake with the current files (grpc.dynamic_ssl_server_credentials).
 """
+
 from __future__ import annotations
 
 import logging
@@ -115,4 +116,5 @@ class ServerTls:
         with self._lock:
             initial = self._config()
         return grpc.dynamic_ssl_server_credentials(
-            initial, self._fetch, require_client_authentication=bool(self.client_ca_file))
+            initial, self._fetch, require_client_authentication=bool(self.client_ca_file)
+        )
