@@ -23,14 +23,7 @@ BPF_F_LOCK = 4
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_LPM_TRIE = 1, 2, 11
 
 
-class _ElemAttr(C.Structure):
-    _fields_ = [
-        ("map_fd", C.c_uint32),
-        ("_pad", C.c_uint32),
-        ("key", C.c_uint64),
-        ("value", C.c_uint64),
-        ("flags", C.c_uint64),
-    ]
+_ElemAttr = syscalls.ElemAttr
 
 
 class _ObjAttr(C.Structure):

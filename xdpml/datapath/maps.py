@@ -25,14 +25,7 @@ BPF_MAP_DELETE_BATCH = 27
 BPF_F_LOCK = 4
 
 
-class _ElemAttr(C.Structure):
-    _fields_ = [
-        ("map_fd", C.c_uint32),
-        ("_pad", C.c_uint32),
-        ("key", C.c_uint64),
-        ("value", C.c_uint64),
-        ("flags", C.c_uint64),
-    ]
+_ElemAttr = syscalls.ElemAttr
 
 
 class _BatchAttr(C.Structure):

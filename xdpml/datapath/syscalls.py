@@ -22,6 +22,18 @@ _libc = C.CDLL(None, use_errno=True)
 _libc.syscall.restype = C.c_long
 
 
+class ElemAttr(C.Structure):
+    """union bpf_attr for the BPF_MAP_*_ELEM commands."""
+
+    _fields_ = [
+        ("map_fd", C.c_uint32),
+        ("_pad", C.c_uint32),
+        ("key", C.c_uint64),
+        ("value", C.c_uint64),
+        ("flags", C.c_uint64),
+    ]
+
+
 def number(name: str, machine: str | None = None) -> int:
     """The number of system call ``name`` on ``machine`` (default: this one)."""
     machine = machine or os.uname().machine

@@ -26,14 +26,7 @@ MAP_LOOKUP, MAP_UPDATE = 1, 2
 GRACE_S = 0.002
 
 
-class _ElemAttr(C.Structure):
-    _fields_ = [
-        ("map_fd", C.c_uint32),
-        ("_pad", C.c_uint32),
-        ("key", C.c_uint64),
-        ("value", C.c_uint64),
-        ("flags", C.c_uint64),
-    ]
+_ElemAttr = syscalls.ElemAttr
 
 
 def _bpf_elem(cmd: int, fd: int, key: int, buf) -> None:
