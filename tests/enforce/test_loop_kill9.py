@@ -148,6 +148,9 @@ def test_verdicts_become_rules_that_outlive_a_killed_agent(tmp_path, bpffs):
                 "0.2",
                 "--rule-ttl",
                 str(RULE_TTL),
+                # the collector's policy asks for its own TTL (300 s by default): clamped here
+                "--max-rule-ttl",
+                str(RULE_TTL),
                 "--summary-interval",
                 "0",
             ],

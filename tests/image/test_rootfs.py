@@ -144,7 +144,7 @@ def test_sizes_and_package_sets(images, capsys):
     # the other side's command in an image says in one line what is missing
     for config, cmd, missing in (
         (agent, ["collector", "--listen", "127.0.0.1:0"], "grpc_health"),
-        (coll, ["agent", "-i", "lo", "--duration", "1"], "bcc"),
+        (coll, ["agent", "-i", "lo", "--duration", "1"], ("bcc", "pyroute2")),
     ):
         r = subprocess.run(run_args(config["rootfs"], *cmd), capture_output=True, text=True, timeout=120)
         assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr

@@ -22,7 +22,6 @@ EXTRA_OF_MODULE = {
     "bcc": "agent",
     "pyroute2": "agent",
     "kubernetes": "agent",
-    "yaml": "agent",
     "jsonschema": "agent",
     "celpy": "agent",
     "grpc_health": "collector",
