@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -247,6 +248,18 @@ def test_summary_lost_equals_the_metric_and_xdp_on_a_veth_says_generic(caplog):
     assert len(said) == 1 and h.host_if in said[0] and "--hooks tc" in said[0]
 
 
+def _ready(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200:
+                return True
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503  # not ready yet; anything else is a bug
+        time.sleep(0.1)
+    return False
+
+
 def test_an_agent_that_delivered_nothing_exits_with_data_loss_and_serves_loopback_only(tmp_path):
     health, metrics, collector = free_port(), free_port(), free_port()  # nothing listens on the collector
     out = tmp_path / "local.jsonl"
@@ -266,7 +279,9 @@ def test_an_agent_that_delivered_nothing_exits_with_data_loss_and_serves_loopbac
         )
         try:
             h.run(f"ping -c 3 -i 0.05 {h.host_ip}", capture=True)
-            assert urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=5).status == 200
+            # ready once every interface is attached and the enforcement tables are set up,
+            # which comes after the loader's per-interface lines: poll as a kubelet would
+            assert _ready(health, 60)
             assert urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).status == 200
             for port in (health, metrics):  # standalone: not reachable from the test host's side
                 with pytest.raises(ConnectionRefusedError):

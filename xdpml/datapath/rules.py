@@ -306,8 +306,10 @@ class RuleTable:
             return gone
 
     def rows(self) -> list[RuleRow]:
-        t = now_ns()
         with self._locked() as st:
+            # read under the lock: a rule installed (under the same lock) after an earlier
+            # reading would show more time left than its TTL
+            t = now_ns()
             out = []
             for slot in sorted(st.rules):
                 r = self.maps["enf_rules"].lookup(C.c_uint32(slot))  # fresh hit counters
