@@ -88,3 +88,14 @@ def test_counter_names_match_enum():
         if line.strip().startswith("C_")
     ]
     assert tuple(names) == abi.COUNTERS
+
+
+def test_tunnel_type_names_match_enum():
+    text = (BPF_DIR / "abi.h").read_text()
+    enum = text[text.index("enum xdpml_tunnel {") : text.index("XDPML_TUNNEL_ESP,")]
+    names = [
+        line.split("=")[0].split(",")[0].strip()[len("XDPML_TUNNEL_") :].lower()
+        for line in enum.splitlines()[1:]
+        if line.strip().startswith("XDPML_TUNNEL_")
+    ]
+    assert tuple([*names, "esp"]) == abi.TUNNEL_TYPES
