@@ -188,16 +188,15 @@ def _send_frames(h, frames_ns: list[bytes], frames_root: list[bytes]) -> None:
     assert r.returncode == 0
 
 
-@pytest.mark.parametrize(
-    "kind", ["geneve", "ipip", "6in4 (sit)", "4in6", "6in6 (ip6tnl)", "gre key", "gretap", "ip6gre", "gtpu"]
-)
-def test_crafted_tunnel_frames_on_a_veth(env, kind):
+CRAFTED = ["geneve", "ipip", "6in4 (sit)", "4in6", "6in6 (ip6tnl)", "gre key", "gretap", "ip6gre", "gtpu"]
+
+
+def build_frames(h, kind: str, port: int, fwd_sizes, rev_sizes):
+    """(forward frames ns -> root, reverse frames, inner addresses, the kind's row)."""
     from scapy.layers.inet import UDP as U
 
-    h, sink = env
     table, o4, o6, (a4, b4), (a6, b6), Ether, IP, IPv6 = _kinds(h)
     ov, mid, iv, ttype, tid, overhead = table[kind]
-    port = 42000 + SLOT * 10 + list(table).index(kind)
     inner_a, inner_b = (a4, b4) if iv == 4 else (a6, b6)
     outer = o4 if ov == 4 else o6
     mac_ns, mac_root = h.mac(True), h.mac(False)
@@ -208,11 +207,20 @@ def test_crafted_tunnel_frames_on_a_veth(env, kind):
         m = mid()
         return bytes(Ether(src=eth_src, dst=eth_dst) / o / (m / i if m is not None else i))
 
-    fwd_sizes, rev_sizes = [20, 400, 90, 1000], [60, 5, 700]
     fwd = [frame(outer[0], outer[1], inner_a, inner_b, 5555, port, n, mac_ns, mac_root) for n in fwd_sizes]
     rev = [frame(outer[1], outer[0], inner_b, inner_a, port, 5555, n, mac_root, mac_ns) for n in rev_sizes]
     inner_ip = IP4 if iv == 4 else IP6
     assert [len(f) for f in fwd] == [overhead + inner_ip + UDP + n for n in fwd_sizes]  # the layout, as claimed
+    return fwd, rev, (inner_a, inner_b), (iv, ttype, tid, outer)
+
+
+@pytest.mark.parametrize("kind", CRAFTED)
+def test_crafted_tunnel_frames_on_a_veth(env, kind):
+    h, sink = env
+    port = 42000 + SLOT * 10 + CRAFTED.index(kind)
+    fwd, rev, (inner_a, inner_b), (iv, ttype, tid, outer) = build_frames(
+        h, kind, port, [20, 400, 90, 1000], [60, 5, 700]
+    )
     _send_frames(h, fwd, rev)
     rows = sink.wait_rows("flow", flow_between(inner_a, inner_b, 17, port))
     assert len(rows) == 1, rows
@@ -222,3 +230,71 @@ def test_crafted_tunnel_frames_on_a_veth(env, kind):
     assert (r["src2dst_bytes"], r["dst2src_bytes"]) == (sum(map(len, fwd)), sum(map(len, rev)))
     assert r["ip_version"] == iv
     assert outer_of(r) == (ttype, tid, outer[0], outer[1])
+
+
+# NFStream (decode_tunnels=True) opens GTP-U and IP-in-IP in every combination; it reads
+# VXLAN, Geneve and GRE as their outer UDP/GRE flows, so those are compared above only.
+NFSTREAM_KINDS = ["gtpu", "ipip", "6in4 (sit)", "4in6", "6in6 (ip6tnl)"]
+
+
+def test_against_nfstream_on_a_pcap_of_the_tunnels(env, tmp_path):
+    from nfstream import NFStreamer
+
+    h, sink = env
+    pcap = tmp_path / "tunnels.pcap"
+    sent = {}
+    all_fwd, all_rev = [], []
+    for i, kind in enumerate(NFSTREAM_KINDS):
+        port = 43000 + SLOT * 10 + i
+        fwd, rev, inner, _ = build_frames(h, kind, port, [33 + 100 * i, 700, 64], [1200, 9 + i])
+        sent[kind] = (port, inner)
+        all_fwd += fwd
+        all_rev += rev
+    # only our frames: the hosts' own ICMP errors and IPv6 housekeeping stay out
+    filt = "(ip and (ip proto 4 or ip proto 41 or udp port 2152)) or (ip6 and (ip6 proto 4 or ip6 proto 41))"
+    dump = subprocess.Popen(
+        [
+            "tcpdump",
+            "-i",
+            h.host_if,
+            "-w",
+            str(pcap),
+            "-U",
+            "-n",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-c",
+            str(len(all_fwd) + len(all_rev)),
+            filt,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "listening on" in dump.stderr.readline()  # capturing from here on
+        _send_frames(h, all_fwd, all_rev)
+        dump.wait(30)  # exits once it captured every frame sent
+    finally:
+        if dump.poll() is None:
+            dump.kill()
+            dump.wait()
+    assert dump.returncode == 0
+    ref = NFStreamer(source=str(pcap), decode_tunnels=True, statistical_analysis=True, n_dissections=0).to_pandas()
+    for kind, (port, (a, b)) in sent.items():
+        rows = sink.wait_rows("flow", flow_between(a, b, 17, port))
+        assert len(rows) == 1, (kind, rows)
+        ours = rows[0]
+        theirs = ref[(ref["dst_port"] == port) & (ref["protocol"] == 17)]
+        assert len(theirs) == 1, (kind, ref[["src_ip", "dst_ip", "src_port", "dst_port"]])
+        t = theirs.iloc[0]
+        assert (ours["src_ip"], ours["dst_ip"], ours["src_port"]) == (t["src_ip"], t["dst_ip"], t["src_port"]), kind
+        for col in (
+            "src2dst_packets",
+            "dst2src_packets",
+            "src2dst_bytes",
+            "dst2src_bytes",
+            "bidirectional_min_ps",
+            "bidirectional_max_ps",
+        ):
+            assert ours[col] == t[col], (kind, col, ours[col], t[col])
