@@ -62,9 +62,9 @@ struct pkt_info {
 #define PKT_SLOT_LEVELS 8 /* >= 1 + XDPML_TUNNEL_MAX_DEPTH, a power of two (see pkt_level) */
 
 /* pkt_slot: where a hook parses its packet (per CPU, one slot per hook; a hook's run
- * is never interrupted by another run of the same hook on its CPU): pk[0] the packet
- * as on the wire, pk[d] its inner packet d tunnels deep (tunnel.h), so falling back to
- * the outer packet copies nothing. In map memory, not on the stack, on purpose: the
+ * is never interrupted by another run of the same hook on its CPU, as the per-CPU
+ * counters already assume): pk[0] the packet as on the wire, pk[d] its inner packet d
+ * tunnels deep (tunnel.h), so falling back to the outer packet copies nothing. In map memory, not on the stack, on purpose: the
  * verifier does not track values stored there, so every parse path reaches the flow
  * update in (nearly) one state and the code after the parser is verified once, not
  * once per parse path; this keeps the program with tunnels, windows, rules and a model

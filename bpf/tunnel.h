@@ -20,7 +20,7 @@
  * protocol 50) and ESP in UDP (NAT-T, port 4500, a non-zero first word) stay outer flows
  * labelled wireguard / esp (ESP: tunnel_id = SPI).
  *
- * Anything malformed (cut short by the frame or by the outer IP/UDP length, a VXLAN
+ * Anything malformed (cut short by the frame or by the outer IP length, a VXLAN
  * header without the I flag, a Geneve version or option length that does not fit, GRE
  * with flags or a version we do not know, a payload type not decoded, an inner packet
  * that does not parse, nesting deeper than the limit, a fragmented outer packet) leaves
