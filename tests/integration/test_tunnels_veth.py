@@ -47,7 +47,9 @@ def env():
             h.run(f"ip neigh replace {INNER_ROOT} lladdr {mac_root} dev vx0 nud permanent")
             settings = AgentSettings(
                 interfaces=InterfaceSettings(names=[h.host_if]),
-                harvest=HarvestSettings(idle_timeout_s=1.0, interval_s=0.2),
+                # idle 4 s: the two directions come from two processes started one after
+                # the other, which a busy machine may delay by a second or more
+                harvest=HarvestSettings(idle_timeout_s=4.0, interval_s=0.2),
                 summary_interval_s=0,
             )
             settings.enforce.pin_dir = ""  # this test's own maps, no shared pins
@@ -71,7 +73,7 @@ def test_vxlan_ping_inner_flow_exact(env):
     n, size = 6, 100
     h.run(f"ping -q -c {n} -i 0.05 -s {size} -W 2 {INNER_ROOT}")
     frame = ETH + IP4 + UDP + VXLAN + ETH + IP4 + ICMP + size  # the outer frame on the wire
-    rows = sink.wait_rows("flow", flow_between(INNER_NS, INNER_ROOT, 1))
+    rows = sink.wait_rows("flow", flow_between(INNER_NS, INNER_ROOT, 1), timeout=40)
     assert len(rows) == 1, rows
     r = rows[0]
     assert (r["src_ip"], r["dst_ip"], r["interface"]) == (INNER_NS, INNER_ROOT, h.host_if)
@@ -106,7 +108,7 @@ def test_vxlan_udp_request_response_exact(env):
     t.join(5)
     srv.close()
     over = ETH + IP4 + UDP + VXLAN + ETH + IP4 + UDP
-    rows = sink.wait_rows("flow", flow_between(INNER_NS, INNER_ROOT, 17, port))
+    rows = sink.wait_rows("flow", flow_between(INNER_NS, INNER_ROOT, 17, port), timeout=40)
     assert len(rows) == 1, rows
     r = rows[0]
     assert (r["src_ip"], r["dst_port"]) == (INNER_NS, port)
@@ -222,7 +224,7 @@ def test_crafted_tunnel_frames_on_a_veth(env, kind):
         h, kind, port, [20, 400, 90, 1000], [60, 5, 700]
     )
     _send_frames(h, fwd, rev)
-    rows = sink.wait_rows("flow", flow_between(inner_a, inner_b, 17, port))
+    rows = sink.wait_rows("flow", flow_between(inner_a, inner_b, 17, port), timeout=40)
     assert len(rows) == 1, rows
     r = rows[0]
     assert (r["src_ip"], r["dst_ip"], r["src_port"], r["dst_port"]) == (inner_a, inner_b, 5555, port)
@@ -282,7 +284,7 @@ def test_against_nfstream_on_a_pcap_of_the_tunnels(env, tmp_path):
     assert dump.returncode == 0
     ref = NFStreamer(source=str(pcap), decode_tunnels=True, statistical_analysis=True, n_dissections=0).to_pandas()
     for kind, (port, (a, b)) in sent.items():
-        rows = sink.wait_rows("flow", flow_between(a, b, 17, port))
+        rows = sink.wait_rows("flow", flow_between(a, b, 17, port), timeout=40)
         assert len(rows) == 1, (kind, rows)
         ours = rows[0]
         theirs = ref[(ref["dst_port"] == port) & (ref["protocol"] == 17)]
