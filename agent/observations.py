@@ -1,0 +1,190 @@
+"""One record per conversation: the kernel flow records of one conversation seen on
+several interfaces (observation points) of the node, merged at harvest.
+
+The kernel keys a flow by its normalised 5-tuple, VLAN and interface, so a pod-to-pod
+conversation crossing a pod veth, an overlay device and a host NIC is three kernel
+records. Here they become one row (docs/features.md, "Observation points"):
+
+* Matching: records whose keys are equal but for ``ifindex`` are one conversation
+  (normalised 5-tuple + IP version + VLAN; a tagged and an untagged observation are
+  different conversations, as the VLAN may separate address spaces).
+* Expiry: a conversation is done when any of its records is; its other records are taken
+  from the table in the same scan (:func:`due_with_siblings`), whatever their own timers
+  say, so the merged row never misses an observation point that was still in the table.
+  A packet arriving after that starts new records, as after any expiry: no packet is
+  lost or counted twice. The row's ``expiration_id`` is the strongest reason among the
+  records that were due (agent stop > TCP end > active timeout > idle timeout).
+* Which counts: one observation point's record is reported as it is (its counts are not
+  added to the others', which would count every packet once per interface). The order of
+  preference (:func:`preference`): a record the datapath saw without encapsulation, then
+  the kind of interface: pod veth, other virtual device (bridge, overlay device), physical
+  NIC; then the interface where the initiator's packets were received (the first point
+  on their path through the node); then the lowest ifindex. The pod veth is preferred
+  because it sees the packets exactly as the pod sent and received them: sizes without
+  tunnel headers and before any forwarding, so a conversation's features do not depend
+  on the path it took, and the two nodes of a cross-node conversation both report their
+  pods' view.
+* ``seen_on``: every observation point as ``ifname:direction``, space separated, in the
+  order the conversation's first packet reached them. Interface names never hold spaces
+  or colons (the kernel refuses them), so the text splits unambiguously. The direction
+  is how the initiator's packets crossed the interface: ``ingress`` (received on it),
+  ``egress`` (sent out of it), ``ingress+egress`` (both, a packet routed back out of the
+  interface it came in on); where the interface saw only the responder's packets, the
+  opposite of theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from numpy.lib import recfunctions as rfn
+
+from xdpml.datapath.abi import SEEN_EGRESS, SEEN_INGRESS
+
+KIND_RANK = {"veth": 0, "virtual": 1, "physical": 2}  # Attachment.kind -> preference
+_OTHER_KIND = 3
+DIRECTION_NAMES = {
+    SEEN_INGRESS: "ingress",
+    SEEN_EGRESS: "egress",
+    SEEN_INGRESS | SEEN_EGRESS: "ingress+egress",
+    0: "unknown",
+}
+# the precedence of expiration ids when several records of a conversation are due
+_REASON_RANK = {-2: -1, 0: 0, 1: 1, 2: 2, -1: 3}
+
+
+def _conversation_bytes(keys: np.ndarray) -> np.ndarray:
+    """Each key without its ifindex, as one opaque value per row (comparable, sortable)."""
+    names = [f for f in keys.dtype.names if f != "ifindex"]
+    sub = np.ascontiguousarray(rfn.repack_fields(keys[names]))
+    return sub.view(f"V{sub.dtype.itemsize}").reshape(-1)
+
+
+def _hash64(conv: np.ndarray) -> np.ndarray:
+    """FNV-style 64-bit hash of each row (a sort key cheaper than the bytes themselves)."""
+    raw = conv.view(np.uint8).reshape(len(conv), -1)
+    pad = -raw.shape[1] % 8
+    if pad:
+        raw = np.pad(raw, ((0, 0), (0, pad)))
+    words = np.ascontiguousarray(raw).view(np.uint64)
+    h = np.full(len(conv), 0xCBF29CE484222325, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(words.shape[1]):
+            h = (h ^ words[:, i]) * np.uint64(0x100000001B3)
+    return h
+
+
+def conversation_ids(keys: np.ndarray) -> np.ndarray:
+    """Row -> conversation number (0..k-1): equal for keys equal but for ifindex."""
+    if not len(keys):
+        return np.zeros(0, dtype=np.int64)
+    _, inverse = np.unique(_conversation_bytes(keys), return_inverse=True)
+    return inverse.reshape(-1).astype(np.int64)
+
+
+def due_with_siblings(keys: np.ndarray, reason: np.ndarray) -> np.ndarray:
+    """Expiration ids (-2 = keep) extended to whole conversations: a record not due itself
+    is taken with a due record of its conversation and gets the conversation's reason."""
+    due = reason >= -1
+    if not due.any() or len(np.unique(keys["ifindex"])) < 2:
+        return reason
+    conv = _conversation_bytes(keys)
+    h = _hash64(conv)
+    # exact grouping only among the rows whose hash some due row shares
+    cand = np.flatnonzero(np.isin(h, h[due]))
+    ids = conversation_ids(keys[cand])
+    rank = np.vectorize(_REASON_RANK.__getitem__, otypes=[np.int64])(reason[cand])
+    best = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+    np.maximum.at(best, ids, rank)
+    by_rank = {v: k for k, v in _REASON_RANK.items()}
+    group_reason = np.array([by_rank[int(r)] for r in best], dtype=np.int8)
+    out = reason.copy()
+    out[cand] = group_reason[ids]
+    return out
+
+
+def _kind_rank(ifindex: np.ndarray, kinds: Mapping[int, str]) -> np.ndarray:
+    return np.array([KIND_RANK.get(kinds.get(int(i), ""), _OTHER_KIND) for i in ifindex], dtype=np.int64)
+
+
+def preference(
+    keys: np.ndarray,
+    values: np.ndarray,
+    *,
+    kinds: Mapping[int, str],
+    encapsulated: np.ndarray | None = None,
+) -> np.ndarray:
+    """Record indexes, most preferred first (the order the module docstring states)."""
+    n = len(keys)
+    enc = np.zeros(n, dtype=np.int64) if encapsulated is None else encapsulated.astype(np.int64)
+    kind = _kind_rank(keys["ifindex"], kinds)
+    init_received = (values["dir"][:, 0]["seen_at"] & SEEN_INGRESS) != 0
+    ifx = keys["ifindex"].astype(np.int64)
+    return np.lexsort((ifx, (~init_received).astype(np.int64), kind, enc))
+
+
+def _swap_sides(bits: np.ndarray) -> np.ndarray:
+    return ((bits & SEEN_INGRESS) << 1 | (bits & SEEN_EGRESS) >> 1).astype(np.uint8)
+
+
+def _directions(values: np.ndarray, same_initiator: np.ndarray) -> np.ndarray:
+    """seen_at bits of the reported initiator's packets on each record's interface."""
+    d0 = values["dir"][:, 0]["seen_at"].astype(np.uint8)
+    d1 = values["dir"][:, 1]["seen_at"].astype(np.uint8)
+    fwd = np.where(same_initiator, d0, d1)
+    rev = np.where(same_initiator, d1, d0)
+    return np.where(fwd != 0, fwd, _swap_sides(rev))
+
+
+def _tokens(ifindex: np.ndarray, bits: np.ndarray, ifnames: Mapping[int, str]) -> list[str]:
+    return [
+        f"{ifnames.get(int(i), str(int(i)))}:{DIRECTION_NAMES.get(int(b), 'unknown')}" for i, b in zip(ifindex, bits)
+    ]
+
+
+def seen_on_single(keys: np.ndarray, values: np.ndarray, ifnames: Mapping[int, str]) -> np.ndarray:
+    """seen_on of records reported one per interface: each its own interface."""
+    bits = _directions(values, np.ones(len(keys), dtype=bool))
+    return np.array(_tokens(keys["ifindex"], bits, ifnames), dtype=object)
+
+
+def merge(
+    keys: np.ndarray,
+    values: np.ndarray,
+    *,
+    ifnames: Mapping[int, str],
+    kinds: Mapping[int, str],
+    encapsulated: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Records taken from the table -> (index of each conversation's reported record,
+    its seen_on text, its number of observation points), one entry per conversation, in
+    the order of the reported records' positions."""
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object), np.zeros(0, dtype=np.uint8)
+    ids = conversation_ids(keys)
+    k = int(ids.max()) + 1
+    if k == n:  # nothing to merge
+        return np.arange(n), seen_on_single(keys, values, ifnames), np.ones(n, dtype=np.uint8)
+    pref = preference(keys, values, kinds=kinds, encapsulated=encapsulated)
+    rank = np.empty(n, dtype=np.int64)
+    rank[pref] = np.arange(n)
+    best = np.full(k, n, dtype=np.int64)
+    np.minimum.at(best, ids, rank)
+    reported = pref[best]  # record index per conversation
+    rep_init = values["init_lo_to_hi"][reported]
+    bits = _directions(values, values["init_lo_to_hi"] == rep_init[ids])
+    tokens = np.array(_tokens(keys["ifindex"], bits, ifnames), dtype=object)
+    # path order: when the conversation's first packet reached each interface
+    order = np.lexsort((keys["ifindex"].astype(np.int64), values["first_ns"].astype(np.int64), ids))
+    bounds = np.flatnonzero(np.diff(ids[order])) + 1
+    groups = np.split(order, bounds)
+    seen = np.empty(k, dtype=object)
+    points = np.zeros(k, dtype=np.uint8)
+    for g in groups:
+        c = ids[g[0]]
+        seen[c] = " ".join(tokens[g])
+        points[c] = min(len(g), 255)
+    out = np.argsort(reported, kind="stable")
+    return reported[out], seen[out], points[out]
