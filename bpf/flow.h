@@ -99,7 +99,6 @@ static __always_inline void flags_add(struct dir_stats *s, __u8 f, __u32 segs)
 static __always_inline void dir_add(struct dir_stats *s, struct pkt_info *p,
                                     struct seg_info *g, __u64 now, __u8 seen)
 {
-    s->seen_at |= seen;
     __u32 extra = g->segs - 1;
     if (s->packets == 0) {
         s->first_ns = now;
@@ -132,6 +131,9 @@ static __always_inline void dir_add(struct dir_stats *s, struct pkt_info *p,
     }
     if (p->proto == IPPROTO_TCP)
         flags_add(s, p->tcp_flags, g->segs);
+    /* last: placed here, the verifier's count for the fully featured TC program fell
+     * (833,796 vs 851,880 without seen_at); at the top of the function it rose to 873,758 */
+    s->seen_at |= seen;
 }
 
 /* Returns the flow's entry (rules.h caches its decision there), NULL if none.
