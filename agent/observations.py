@@ -50,8 +50,10 @@ DIRECTION_NAMES = {
     SEEN_INGRESS | SEEN_EGRESS: "ingress+egress",
     0: "unknown",
 }
-# the precedence of expiration ids when several records of a conversation are due
-_REASON_RANK = {-2: -1, 0: 0, 1: 1, 2: 2, -1: 3}
+# the precedence of expiration ids when several records of a conversation are due, indexed
+# by id + 2: -2 keep, -1 agent stop (strongest), 0 idle, 1 active, 2 TCP end
+_REASON_RANK = np.array([-1, 3, 0, 1, 2], dtype=np.int64)
+_RANK_REASON = np.array([-2, 0, 1, 2, -1], dtype=np.int8)  # rank + 1 -> id
 
 
 def _conversation_bytes(keys: np.ndarray) -> np.ndarray:
@@ -94,18 +96,18 @@ def due_with_siblings(keys: np.ndarray, reason: np.ndarray) -> np.ndarray:
     # exact grouping only among the rows whose hash some due row shares
     cand = np.flatnonzero(np.isin(h, h[due]))
     ids = conversation_ids(keys[cand])
-    rank = np.vectorize(_REASON_RANK.__getitem__, otypes=[np.int64])(reason[cand])
+    rank = _REASON_RANK[reason[cand].astype(np.int64) + 2]
     best = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
     np.maximum.at(best, ids, rank)
-    by_rank = {v: k for k, v in _REASON_RANK.items()}
-    group_reason = np.array([by_rank[int(r)] for r in best], dtype=np.int8)
     out = reason.copy()
-    out[cand] = group_reason[ids]
+    out[cand] = _RANK_REASON[best + 1][ids]
     return out
 
 
 def _kind_rank(ifindex: np.ndarray, kinds: Mapping[int, str]) -> np.ndarray:
-    return np.array([KIND_RANK.get(kinds.get(int(i), ""), _OTHER_KIND) for i in ifindex], dtype=np.int64)
+    uniq, inv = np.unique(ifindex, return_inverse=True)
+    ranks = np.array([KIND_RANK.get(kinds.get(int(i), ""), _OTHER_KIND) for i in uniq], dtype=np.int64)
+    return ranks[inv.reshape(-1)]
 
 
 def preference(
@@ -137,16 +139,37 @@ def _directions(values: np.ndarray, same_initiator: np.ndarray) -> np.ndarray:
     return np.where(fwd != 0, fwd, _swap_sides(rev))
 
 
-def _tokens(ifindex: np.ndarray, bits: np.ndarray, ifnames: Mapping[int, str]) -> list[str]:
-    return [
-        f"{ifnames.get(int(i), str(int(i)))}:{DIRECTION_NAMES.get(int(b), 'unknown')}" for i, b in zip(ifindex, bits)
-    ]
+def _token_codes(ifindex: np.ndarray, bits: np.ndarray, ifnames: Mapping[int, str]) -> tuple[np.ndarray, list[str]]:
+    """Each record's ``ifname:direction`` as a code into a list of distinct texts (a node
+    has few interfaces: the Python work is per distinct text, not per record)."""
+    pair = ifindex.astype(np.int64) * 4 + (bits.astype(np.int64) & 3)
+    uniq, codes = np.unique(pair, return_inverse=True)
+    texts = [f"{ifnames.get(int(p >> 2), str(int(p >> 2)))}:{DIRECTION_NAMES[int(p & 3)]}" for p in uniq]
+    return codes.reshape(-1), texts
 
 
 def seen_on_single(keys: np.ndarray, values: np.ndarray, ifnames: Mapping[int, str]) -> np.ndarray:
     """seen_on of records reported one per interface: each its own interface."""
     bits = _directions(values, np.ones(len(keys), dtype=bool))
-    return np.array(_tokens(keys["ifindex"], bits, ifnames), dtype=object)
+    codes, texts = _token_codes(keys["ifindex"], bits, ifnames)
+    return np.array(texts, dtype=object)[codes]
+
+
+def _joined(ids: np.ndarray, order: np.ndarray, codes: np.ndarray, texts: list[str], k: int) -> np.ndarray:
+    """Per conversation, its records' texts in ``order`` joined by spaces. Vectorised by
+    group size: each distinct path is joined once."""
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    out = np.empty(k, dtype=object)
+    table = np.array(texts, dtype=object)
+    for m in np.unique(sizes):
+        sel = starts[sizes == m]
+        rows = codes[order[sel[:, None] + np.arange(m)[None, :]]]  # (groups, m) text codes
+        paths, inv = np.unique(rows, axis=0, return_inverse=True)
+        joined = np.array([" ".join(table[p]) for p in paths], dtype=object)
+        out[sorted_ids[sel]] = joined[inv.reshape(-1)]
+    return out
 
 
 def merge(
@@ -163,10 +186,13 @@ def merge(
     n = len(keys)
     if n == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object), np.zeros(0, dtype=np.uint8)
+    single = (np.arange(n), seen_on_single(keys, values, ifnames), np.ones(n, dtype=np.uint8))
+    if len(np.unique(keys["ifindex"])) < 2:  # one interface: nothing to merge
+        return single
     ids = conversation_ids(keys)
     k = int(ids.max()) + 1
-    if k == n:  # nothing to merge
-        return np.arange(n), seen_on_single(keys, values, ifnames), np.ones(n, dtype=np.uint8)
+    if k == n:
+        return single
     pref = preference(keys, values, kinds=kinds, encapsulated=encapsulated)
     rank = np.empty(n, dtype=np.int64)
     rank[pref] = np.arange(n)
@@ -175,16 +201,10 @@ def merge(
     reported = pref[best]  # record index per conversation
     rep_init = values["init_lo_to_hi"][reported]
     bits = _directions(values, values["init_lo_to_hi"] == rep_init[ids])
-    tokens = np.array(_tokens(keys["ifindex"], bits, ifnames), dtype=object)
+    codes, texts = _token_codes(keys["ifindex"], bits, ifnames)
     # path order: when the conversation's first packet reached each interface
     order = np.lexsort((keys["ifindex"].astype(np.int64), values["first_ns"].astype(np.int64), ids))
-    bounds = np.flatnonzero(np.diff(ids[order])) + 1
-    groups = np.split(order, bounds)
-    seen = np.empty(k, dtype=object)
-    points = np.zeros(k, dtype=np.uint8)
-    for g in groups:
-        c = ids[g[0]]
-        seen[c] = " ".join(tokens[g])
-        points[c] = min(len(g), 255)
+    seen = _joined(ids, order, codes, texts, k)
+    points = np.minimum(np.bincount(ids, minlength=k), 255).astype(np.uint8)
     out = np.argsort(reported, kind="stable")
     return reported[out], seen[out], points[out]
