@@ -135,19 +135,23 @@ class Harvester:
         if not len(keys):
             return None
         reason = self._reasons(values, now)
+        conv = None
         if self.settings.record_per == "conversation":
-            reason = due_with_siblings(keys, reason)
+            reason, conv = due_with_siblings(keys, reason)
         done = reason >= -1
         if not done.any():
             return None
         want_keys, want_reason = keys[done], reason[done]
+        want_conv = conv[done] if conv is not None else None
         got_keys, got_values = self.table.take(want_keys)
         if len(got_keys) != len(want_keys):
             # a key vanished between read and take (another consumer): keep reasons aligned
-            order = {k.tobytes(): r for k, r in zip(want_keys, want_reason)}
-            want_reason = np.array([order[k.tobytes()] for k in got_keys], dtype=np.int8)
+            pos = {k.tobytes(): i for i, k in enumerate(want_keys)}
+            idx = np.array([pos[k.tobytes()] for k in got_keys], dtype=np.int64)
+            want_reason = want_reason[idx]
+            want_conv = want_conv[idx] if want_conv is not None else None
         self.stats.active -= len(got_keys)
-        return self._columns(got_keys, got_values, want_reason)
+        return self._columns(got_keys, got_values, want_reason, conv=want_conv)
 
     def drain(self) -> ColumnBatch | None:
         """Everything left (agent stop): expiration id -1."""
@@ -156,11 +160,11 @@ class Harvester:
             return None
         return self._columns(keys, values, np.full(len(keys), EXPIRATION["agent_stop"], np.int8))
 
-    def _columns(self, keys, values, reason) -> ColumnBatch:
+    def _columns(self, keys, values, reason, conv=None) -> ColumnBatch:
         seen_on = points = None
         if self.settings.record_per == "conversation":
             self.stats.records_merged += len(keys)
-            pick, seen_on, points = merge(keys, values, ifnames=self.ifnames, kinds=self.ifkinds)
+            pick, seen_on, points = merge(keys, values, ifnames=self.ifnames, kinds=self.ifkinds, conv=conv)
             keys, values, reason = keys[pick], values[pick], reason[pick]
             self.stats.records_merged -= len(keys)
         self.stats.exported += len(keys)

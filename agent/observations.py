@@ -56,9 +56,14 @@ _REASON_RANK = np.array([-1, 3, 0, 1, 2], dtype=np.int64)
 _RANK_REASON = np.array([-2, 0, 1, 2, -1], dtype=np.int8)  # rank + 1 -> id
 
 
+# key fields two observations of one conversation may differ in: the interface, and the
+# VXLAN/Geneve VNI (absent where the packets were seen unencapsulated)
+_UNMATCHED = ("ifindex", "vni")
+
+
 def _conversation_bytes(keys: np.ndarray) -> np.ndarray:
-    """Each key without its ifindex, as one opaque value per row (comparable, sortable)."""
-    names = [f for f in keys.dtype.names if f != "ifindex"]
+    """Each key without its ifindex and VNI, as one opaque value per row (comparable, sortable)."""
+    names = [f for f in keys.dtype.names if f not in _UNMATCHED]
     sub = np.ascontiguousarray(rfn.repack_fields(keys[names]))
     return sub.view(f"V{sub.dtype.itemsize}").reshape(-1)
 
@@ -77,22 +82,50 @@ def _hash64(conv: np.ndarray) -> np.ndarray:
     return h
 
 
+def _dense(x: np.ndarray) -> np.ndarray:
+    return np.unique(x, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 def conversation_ids(keys: np.ndarray) -> np.ndarray:
-    """Row -> conversation number (0..k-1): equal for keys equal but for ifindex."""
+    """Row -> conversation number (0..k-1). Keys equal but for ifindex and VNI are one
+    conversation when their nonzero VNIs agree: unencapsulated records (VNI 0) join the
+    encapsulated ones if those carry a single VNI. With several VNIs (overlapping tenant
+    address spaces) each VNI is a conversation of its own and the unencapsulated records
+    form another; so does each VNI when one interface would hold two records of one
+    conversation (its counts would be lost behind the other's)."""
     if not len(keys):
         return np.zeros(0, dtype=np.int64)
-    _, inverse = np.unique(_conversation_bytes(keys), return_inverse=True)
-    return inverse.reshape(-1).astype(np.int64)
+    g = _dense(_conversation_bytes(keys))
+    if "vni" not in keys.dtype.names:
+        return g
+    vni = keys["vni"].astype(np.int64)
+    nz = vni != 0
+    pairs = np.unique(g[nz] << 32 | vni[nz])
+    groups = pairs >> 32
+    n_vni = np.bincount(groups, minlength=int(g.max()) + 1)
+    only = np.zeros(len(n_vni), dtype=np.int64)
+    only[groups] = pairs & 0xFFFFFFFF
+    eff = np.where(~nz & (n_vni[g] == 1), only[g], vni)
+    ids = _dense(g << 32 | eff)
+    per_if = ids << 32 | keys["ifindex"].astype(np.int64)
+    uniq, counts = np.unique(per_if, return_counts=True)
+    twice = np.unique(uniq[counts > 1] >> 32)
+    if len(twice):
+        back = np.isin(ids, twice)
+        eff[back] = vni[back]
+        ids = _dense(g << 32 | eff)
+    return ids
 
 
-def due_with_siblings(keys: np.ndarray, reason: np.ndarray) -> np.ndarray:
+def due_with_siblings(keys: np.ndarray, reason: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Expiration ids (-2 = keep) extended to whole conversations: a record not due itself
-    is taken with a due record of its conversation and gets the conversation's reason."""
+    is taken with a due record of its conversation and gets the conversation's reason.
+    Also returns each row's conversation number (-1 for rows no due record shares a
+    conversation with), or None when nothing can be merged (one interface)."""
     due = reason >= -1
     if not due.any() or len(np.unique(keys["ifindex"])) < 2:
-        return reason
-    conv = _conversation_bytes(keys)
-    h = _hash64(conv)
+        return reason, None
+    h = _hash64(_conversation_bytes(keys))
     # exact grouping only among the rows whose hash some due row shares
     cand = np.flatnonzero(np.isin(h, h[due]))
     ids = conversation_ids(keys[cand])
@@ -101,7 +134,9 @@ def due_with_siblings(keys: np.ndarray, reason: np.ndarray) -> np.ndarray:
     np.maximum.at(best, ids, rank)
     out = reason.copy()
     out[cand] = _RANK_REASON[best + 1][ids]
-    return out
+    conv = np.full(len(keys), -1, dtype=np.int64)
+    conv[cand] = ids
+    return out, conv
 
 
 def _kind_rank(ifindex: np.ndarray, kinds: Mapping[int, str]) -> np.ndarray:
@@ -179,17 +214,20 @@ def merge(
     ifnames: Mapping[int, str],
     kinds: Mapping[int, str],
     encapsulated: np.ndarray | None = None,
+    conv: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Records taken from the table -> (index of each conversation's reported record,
     its seen_on text, its number of observation points), one entry per conversation, in
-    the order of the reported records' positions."""
+    the order of the reported records' positions. ``conv``: the records' conversation
+    numbers as :func:`due_with_siblings` found them in the whole table (so a scan groups
+    exactly as it decided what to take); by default computed from these records."""
     n = len(keys)
     if n == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object), np.zeros(0, dtype=np.uint8)
     single = (np.arange(n), seen_on_single(keys, values, ifnames), np.ones(n, dtype=np.uint8))
     if len(np.unique(keys["ifindex"])) < 2:  # one interface: nothing to merge
         return single
-    ids = conversation_ids(keys)
+    ids = conversation_ids(keys) if conv is None else _dense(conv)
     k = int(ids.max()) + 1
     if k == n:
         return single

@@ -129,12 +129,13 @@ def test_a_conversation_expires_whole_with_the_strongest_reason():
     )
     keep = -2
     reason = np.array([EXPIRATION["idle"], keep, EXPIRATION["tcp_end"], keep], dtype=np.int8)
-    out = due_with_siblings(k, reason)
+    out, conv = due_with_siblings(k, reason)
+    assert conv[0] == conv[1] == conv[2] != conv[3]
     assert list(out) == [EXPIRATION["tcp_end"]] * 3 + [keep]
     # nothing due: nothing changes; agent stop outranks the others
-    assert list(due_with_siblings(k, np.full(4, keep, np.int8))) == [keep] * 4
+    assert list(due_with_siblings(k, np.full(4, keep, np.int8))[0]) == [keep] * 4
     reason = np.array([EXPIRATION["agent_stop"], keep, EXPIRATION["idle"], keep], dtype=np.int8)
-    assert list(due_with_siblings(k, reason)) == [EXPIRATION["agent_stop"]] * 3 + [keep]
+    assert list(due_with_siblings(k, reason)[0]) == [EXPIRATION["agent_stop"]] * 3 + [keep]
 
 
 class FakeTable:
@@ -215,3 +216,52 @@ def test_drain_merges_everything_left():
     assert len(b) == 1 and list(b["observation_points"]) == [3]
     assert list(b["seen_on"]) == ["veth-a:ingress eth0:egress veth-b:egress"]
     assert list(b["expiration_id"]) == [EXPIRATION["agent_stop"]]
+
+
+def with_vni(keys, vnis):
+    """The keys with a VXLAN/Geneve VNI field, as the tunnel-decoding datapath keys flows."""
+    dt = np.dtype(keys.dtype.descr + [("vni", "<u4")])
+    out = np.zeros(len(keys), dt)
+    for name in keys.dtype.names:
+        out[name] = keys[name]
+    out["vni"] = vnis
+    return out
+
+
+def test_unencapsulated_records_join_the_one_vni_of_their_conversation():
+    from xdpml.agent.observations import conversation_ids
+
+    k, _ = records(
+        [
+            (7, A, B, 1, 1, IN, OUT, 10, 20),  # pod veth, plain
+            (5, A, B, 1, 1, OUT, IN, 11, 20),  # overlay device, plain
+            (2, A, B, 1, 1, OUT, IN, 12, 20),  # NIC, VNI 42
+        ]
+    )
+    assert len(set(conversation_ids(with_vni(k, [0, 0, 42])))) == 1
+
+
+def test_several_vnis_stay_apart_and_plain_records_stay_alone():
+    from xdpml.agent.observations import conversation_ids
+
+    k, _ = records(
+        [
+            (7, A, B, 1, 1, IN, OUT, 10, 20),
+            (2, A, B, 1, 1, OUT, IN, 12, 20),
+            (5, A, B, 1, 1, OUT, IN, 12, 20),
+            (9, A, B, 1, 1, OUT, IN, 12, 20),
+        ]
+    )
+    ids = conversation_ids(with_vni(k, [0, 42, 43, 42]))
+    assert ids[1] == ids[3] and len({ids[0], ids[1], ids[2]}) == 3
+
+
+def test_one_interface_never_holds_two_records_of_one_conversation():
+    from xdpml.agent.observations import conversation_ids
+
+    # eth0 saw the 5-tuple plain and inside VNI 42: two different packet streams
+    k, _ = records([(2, A, B, 1, 1, IN, OUT, 10, 20), (7, A, B, 1, 1, IN, OUT, 10, 20)])
+    k = np.concatenate([k, k[:1]])
+    kv = with_vni(k, [0, 0, 42])
+    ids = conversation_ids(kv)
+    assert ids[0] != ids[2] and ids[0] == ids[1]
