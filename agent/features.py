@@ -20,11 +20,39 @@ from collections.abc import Mapping
 import numpy as np
 from xdpml.agent.observations import seen_on_single
 
+from xdpml.datapath.abi import TUNNEL_TYPES
 from xdpml.wire.columns import ColumnBatch, ColumnSpec
 
 DIRS = ("bidirectional", "src2dst", "dst2src")
 FLAGS = ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")  # TCP header bit order
 EXPIRATION = {"idle": 0, "active": 1, "tcp_end": 2, "agent_stop": -1}
+
+
+TUNNEL_SPECS = (
+    ColumnSpec(
+        "tunnel_type",
+        "O",
+        "",
+        "tunnel the flow's packets were decapsulated from (the outermost): none, vxlan, geneve, ipip (4in4), "
+        "6in4, 4in6, 6in6, gre, gretap, gtpu; or an encrypted tunnel kept as the outer flow: wireguard, esp",
+        "key",
+    ),
+    ColumnSpec(
+        "tunnel_id",
+        "u4",
+        "",
+        "VXLAN/Geneve VNI, GRE key, GTP-U TEID or ESP SPI of the flow's first packet; 0 if none",
+        "key",
+    ),
+    ColumnSpec(
+        "outer_src_ip",
+        "S16",
+        "",
+        "outer (tunnel) source address of the flow's first packet; 16 bytes, IPv4 mapped; all zero if not decapsulated",
+        "key",
+    ),
+    ColumnSpec("outer_dst_ip", "S16", "", "outer (tunnel) destination address of the flow's first packet", "key"),
+)
 
 
 def _flow_specs() -> dict[str, ColumnSpec]:
@@ -56,6 +84,7 @@ def _flow_specs() -> dict[str, ColumnSpec]:
             "key",
         ),
         ColumnSpec("observation_points", "u1", "", "entries in seen_on", "key"),
+        *TUNNEL_SPECS,
         ColumnSpec(
             "expiration_id",
             "i1",
@@ -144,6 +173,8 @@ def _flow_specs() -> dict[str, ColumnSpec]:
 
 
 FLOW_SPECS = _flow_specs()
+# enum xdpml_tunnel -> name (xdpml/datapath/abi.py TUNNEL_TYPES), and "unknown" past its end
+_TUNNEL_NAMES = np.array([*TUNNEL_TYPES, "unknown"], dtype=object)
 
 
 def _ips(raw: np.ndarray) -> np.ndarray:
@@ -229,6 +260,11 @@ def flow_columns(
         observation_points = np.ones(n, dtype=np.uint8)
     cols["seen_on"] = np.asarray(seen_on, dtype=object)
     cols["observation_points"] = np.asarray(observation_points, dtype=np.uint8)
+    ttype = values["tunnel_type"].astype(np.int64)
+    cols["tunnel_type"] = _TUNNEL_NAMES[np.minimum(ttype, len(_TUNNEL_NAMES) - 1)]
+    cols["tunnel_id"] = values["tunnel_id"].astype(np.uint32)
+    cols["outer_src_ip"] = _ips(values["outer_src_ip"]).astype("S16")
+    cols["outer_dst_ip"] = _ips(values["outer_dst_ip"]).astype("S16")
     cols["expiration_id"] = np.broadcast_to(np.asarray(expiration, dtype=np.int8), (n,)).copy()
 
     d = values["dir"]  # (n, 2) DirStats

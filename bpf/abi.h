@@ -5,7 +5,8 @@
  * file compiled by the host C compiler. Change both together.
  *
  * Sizes: packet sizes are L2 frame bytes as on the wire without FCS (a VLAN tag
- * offloaded to skb metadata is counted back in). Times are CLOCK_MONOTONIC ns
+ * offloaded to skb metadata is counted back in); for a decapsulated tunnel packet
+ * too: the outer frame, headers of every tunnel included (bpf/tunnel.h). Times are CLOCK_MONOTONIC ns
  * (bpf_ktime_get_ns); user space converts them to Unix time.
  */
 #ifndef XDPML_ABI_H
@@ -31,6 +32,26 @@ struct flow_key {
     __u8  ip_version;    /* 4 or 6 */
     __u16 vlan_id;       /* outermost 802.1Q VLAN id, 0 if untagged */
     __u32 ifindex;       /* interface the packet was seen on */
+    __u32 vni;           /* VXLAN/Geneve VNI of a decapsulated packet, else 0 (tenant
+                          * address spaces may overlap; GRE keys and TEIDs may differ per
+                          * direction, so they are not part of the key) */
+};
+
+/* Tunnel types (bpf/tunnel.h): the outermost tunnel a flow's packets were
+ * decapsulated from, or the encrypted tunnel a flow is (wireguard, esp). */
+enum xdpml_tunnel {
+    XDPML_TUNNEL_NONE = 0,
+    XDPML_TUNNEL_VXLAN,
+    XDPML_TUNNEL_GENEVE,
+    XDPML_TUNNEL_IPIP,       /* IPv4 in IPv4 */
+    XDPML_TUNNEL_6IN4,       /* IPv6 in IPv4 (sit) */
+    XDPML_TUNNEL_4IN6,       /* IPv4 in IPv6 */
+    XDPML_TUNNEL_6IN6,       /* IPv6 in IPv6 */
+    XDPML_TUNNEL_GRE,        /* GRE carrying IPv4 / IPv6 */
+    XDPML_TUNNEL_GRETAP,     /* GRE carrying Ethernet (0x6558) */
+    XDPML_TUNNEL_GTPU,
+    XDPML_TUNNEL_WIREGUARD,  /* not decapsulated: encrypted */
+    XDPML_TUNNEL_ESP,        /* not decapsulated: encrypted */
 };
 
 /* Per-direction accumulators. Sums of squares let user space compute exact
@@ -102,6 +123,12 @@ struct flow_value {
     __u64 last_ns;
     struct iat_stats iat;
     struct dir_stats dir[2]; /* [0] initiator -> responder, [1] the reverse */
+    /* tunnel of the flow's first packet (bpf/tunnel.h); all zero when not tunnelled */
+    __u8  outer_src_ip[16];  /* outer source address (IPv4 mapped) */
+    __u8  outer_dst_ip[16];
+    __u32 tunnel_id;     /* VNI, GRE key, TEID, ESP SPI; 0 if none */
+    __u8  tunnel_type;   /* enum xdpml_tunnel */
+    __u8  _tpad[3];
 #if XDPML_FIRST_N > 0
     struct seq_entry seq[XDPML_FIRST_N];
 #endif
@@ -189,6 +216,17 @@ enum xdpml_counter {
     C_ENF_DROPPED,        /* packets dropped by a rule (enforce mode) */
     C_ENF_KILL_PASSED,    /* packets a rule matched that the kill switch passed */
     C_MODEL_ERR,          /* model walk reached no leaf / index out of range: not classified */
+    /* tunnels (bpf/tunnel.h): every reason below leaves the packet in its outer flow */
+    C_TUN_DECAP,          /* packets decapsulated: accounted to their inner flow */
+    C_TUN_TRUNC,          /* tunnel header cut short by the frame or the outer IP/UDP length */
+    C_TUN_BAD_VXLAN,      /* VXLAN header without the I (valid VNI) flag */
+    C_TUN_BAD_GENEVE,     /* Geneve version != 0, or its options past the packet */
+    C_TUN_BAD_GRE,        /* GRE with routing/recursion/unknown flags or version != 0 */
+    C_TUN_BAD_GTPU,       /* GTP-U version/PT wrong, or an extension header chain we do not follow */
+    C_TUN_UNKNOWN_PROTO,  /* GRE/Geneve payload type not decoded (not IPv4, IPv6, Ethernet) */
+    C_TUN_BAD_INNER,      /* the inner packet does not parse (cut short, bad header) */
+    C_TUN_TOO_DEEP,       /* more nested tunnels than XDPML_TUNNEL_MAX_DEPTH */
+    C_TUN_FRAGMENT,       /* tunnel packet fragmented (its inner packet is incomplete) */
     C_COUNTERS_MAX,
 };
 

@@ -2,7 +2,7 @@
  *
  * Algorithm, per packet (after parse_packet succeeded; a packet without a readable
  * L4 header arrives with ports 0 and the reason in p->l4_note, counted here):
- *  1. Normalise the 5-tuple (+VLAN, +ifindex) so both directions map to one key:
+ *  1. Normalise the 5-tuple (+VLAN, +ifindex, +VXLAN/Geneve VNI) so both directions map to one key:
  *     the (ip, port) endpoint that compares lower is "lo".
  *  2. One hash lookup; a miss inserts an all-zero value with BPF_NOEXIST (a race
  *     with another CPU just finds the entry) and looks up again. Insert failures
@@ -160,6 +160,7 @@ static __always_inline struct flow_value *flow_account(struct pkt_info *p, __u32
     key.ip_version = p->ip_version;
     key.vlan_id = p->vlan_id;
     key.ifindex = ifindex;
+    key.vni = p->tunnel_vni;
 
     struct flow_value *v = flows.lookup(&key);
     if (!v) {
@@ -189,6 +190,10 @@ static __always_inline struct flow_value *flow_account(struct pkt_info *p, __u32
     if (first) {
         v->init_lo_to_hi = lo_to_hi;
         v->first_ns = now;
+        v->tunnel_type = p->tunnel_type;
+        v->tunnel_id = p->tunnel_id;
+        __builtin_memcpy(v->outer_src_ip, p->outer_src_ip, 16);
+        __builtin_memcpy(v->outer_dst_ip, p->outer_dst_ip, 16);
     } else {
         iat_add(&v->iat.sum_ns, &v->iat.sumsq_lo, &v->iat.sumsq_hi, &v->iat.min_ns, &v->iat.max_ns,
                 now - prev, v->dir[0].packets + v->dir[1].packets == 1);

@@ -6,7 +6,8 @@
  * cannot be read (non-first fragment, header cut by the IP length or by the
  * frame, bad TCP data offset) still belongs to a flow: the port-less flow of its
  * protocol, with p->l4_note set to the counter of the reason. Callers always pass
- * the packet on: parsing never decides a verdict (fail open). */
+ * the packet on: parsing never decides a verdict (fail open). A tunnel's inner
+ * packet is parsed by the same functions (tunnel.h). */
 #ifndef XDPML_PARSE_H
 #define XDPML_PARSE_H
 
@@ -46,7 +47,36 @@ struct pkt_info {
     __u8  ihl;
     __u8  has_vlan;
     __u8  l4_note;   /* counter for a packet put in its protocol's port-less flow, else 0 */
+    /* tunnel.h: the outermost tunnel decapsulated (all zero when none) */
+    __u8  tunnel_type; /* enum xdpml_tunnel; also the encrypted labels (wireguard, esp) */
+    __u8  _tpad[3];
+    __u32 tunnel_id;   /* VNI, GRE key, TEID (ESP: SPI) of the first decapsulated header */
+    __u32 tunnel_vni;  /* VXLAN/Geneve VNI: part of the flow key (abi.h flow_key.vni) */
+    __u8  outer_src_ip[16];
+    __u8  outer_dst_ip[16];
 };
+
+/* pkt_slot: where a hook parses its packet (per CPU, one slot per hook; a hook's run
+ * is never interrupted by another run of the same hook on its CPU). In map memory,
+ * not on the stack, on purpose: the verifier does not track values stored there, so
+ * every parse path reaches the flow update in (nearly) one state and the code after
+ * the parser is verified once, not once per parse path; this keeps the program with
+ * tunnels, windows, rules and a model far below the verifier's 1M-instruction budget.
+ * `outer` holds a tunnel's outer packet while its inner one is parsed (tunnel.h). */
+struct pkt_slot {
+    struct pkt_info pkt;
+    struct pkt_info outer;
+};
+BPF_TABLE("percpu_array", __u32, struct pkt_slot, pkt_slots, 3);
+
+/* The hook's slot with a zeroed packet, NULL never in practice (the caller passes). */
+static __always_inline struct pkt_slot *pkt_slot_get(__u32 hook)
+{
+    struct pkt_slot *s = pkt_slots.lookup(&hook);
+    if (s)
+        __builtin_memset(&s->pkt, 0, sizeof(s->pkt));
+    return s;
+}
 
 struct vlan_hdr_ {
     __be16 tci;
@@ -218,14 +248,16 @@ static __always_inline int parse_ipv6(void *l3, void *data, void *end, struct pk
     return C_ERR_IPV6_EXT;
 }
 
-/* vlan_offloaded: the outer tag was already stripped into skb metadata (TC). */
-static __always_inline int parse_packet(void *data, void *end, struct pkt_info *p)
+/* Ethernet and up to two VLAN tags at l2; *l3 and *proto say what follows. The
+ * first tag seen is kept (p->has_vlan already set, e.g. a tag TC found offloaded in
+ * skb metadata or an outer packet's: later tags are skipped, not recorded). */
+static __always_inline int parse_l2(void *l2, void *end, struct pkt_info *p, void **l3, __u16 *proto_out)
 {
-    struct ethhdr *eth = data;
+    struct ethhdr *eth = l2;
     if ((void *)(eth + 1) > end)
         return C_ERR_TRUNC_ETH;
     __u16 proto = bpf_ntohs(eth->h_proto);
-    void *cur = data + ETH_HLEN_;
+    void *cur = l2 + ETH_HLEN_;
 #pragma unroll
     for (int i = 0; i < MAX_VLAN_TAGS; i++) {
         if (proto != ETH_P_8021Q_ && proto != ETH_P_8021AD_)
@@ -242,11 +274,60 @@ static __always_inline int parse_packet(void *data, void *end, struct pkt_info *
     }
     if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_)
         return C_ERR_TRUNC_VLAN; /* a third tag: not followed */
+    *l3 = cur;
+    *proto_out = proto;
+    return 0;
+}
+
+#define PARSE_ETH  0 /* parse_at: an Ethernet frame starts at the offset */
+#define PARSE_IP   1 /* ... an IP packet, version from its first nibble */
+#define PARSE_IPV4 4 /* ... an IPv4 packet (the version nibble must say 4) */
+#define PARSE_IPV6 6 /* ... an IPv6 packet (the version nibble must say 6) */
+
+#ifndef XDPML_PARSE_MAX_OFF
+#define XDPML_PARSE_MAX_OFF 1024 /* an inner packet starting further in is not followed */
+#endif
+
+/* Parse the packet (L2 or L3, per `kind`) that starts `off` bytes into the frame.
+ * One code path for the outer packet and every decapsulated one (tunnel.h), so the
+ * parsers exist once in the program. */
+static __always_inline int parse_at(void *data, void *end, __u32 off, __u8 kind, struct pkt_info *p)
+{
+    if (off > XDPML_PARSE_MAX_OFF)
+        return C_ERR_TRUNC_IP;
+    void *cur = data + off;
+    __u16 proto;
+    if (kind == PARSE_ETH) {
+        int rc = parse_l2(cur, end, p, &cur, &proto);
+        if (rc)
+            return rc;
+    } else {
+        __u8 *b = cur;
+        if ((void *)(b + 1) > end)
+            return C_ERR_TRUNC_IP;
+        __u8 v = b[0] >> 4;
+        if (kind != PARSE_IP && v != kind)
+            return C_ERR_TRUNC_IP; /* tunnel.h counts it as a bad inner packet */
+        proto = v == 4 ? ETH_P_IP_ : v == 6 ? ETH_P_IPV6_ : 0;
+    }
     if (proto == ETH_P_IP_)
         return parse_ipv4(cur, data, end, p);
     if (proto == ETH_P_IPV6_)
         return parse_ipv6(cur, data, end, p);
     return C_OTHER_L3;
+}
+
+#include "tunnel.h"
+
+/* The packet's flow: the outer one, or the inner one of a tunnel (tunnel.h). */
+static __always_inline int parse_packet(void *data, void *end, struct pkt_slot *s)
+{
+    int rc = parse_at(data, end, 0, PARSE_ETH, &s->pkt);
+#if XDPML_TUNNELS
+    if (rc == 0)
+        tunnel_decap(data, end, &s->pkt, &s->outer);
+#endif
+    return rc;
 }
 
 #endif /* XDPML_PARSE_H */

@@ -20,7 +20,7 @@
 #include "model.h"
 #endif
 
-#define PULL_LEN 128
+#define PULL_LEN 256 /* headers of a tunnel packet, inner ones included */
 
 static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
 {
@@ -33,14 +33,17 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
         data = (void *)(long)skb->data;
         end = (void *)(long)skb->data_end;
     }
-    struct pkt_info p = {};
+    struct pkt_slot *s = pkt_slot_get(hook);
+    if (!s)
+        return TC_ACT_UNSPEC;
+    struct pkt_info *p = &s->pkt;
     __u32 vlan_extra = 0;
     if (skb->vlan_present) {
-        p.vlan_id = skb->vlan_tci & 0x0fff;
-        p.has_vlan = 1;
+        p->vlan_id = skb->vlan_tci & 0x0fff;
+        p->has_vlan = 1;
         vlan_extra = 4; /* the tag is on the wire even if not in the buffer */
     }
-    int rc = parse_packet(data, end, &p);
+    int rc = parse_packet(data, end, s);
     if (rc) {
         count(rc);
         return TC_ACT_UNSPEC;
@@ -50,19 +53,19 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
     struct seg_info g = {.size = len, .last_size = len, .segs = 1};
     __u32 segs = skb->gso_segs;
     __u32 gso_size = skb->gso_size;
-    if (segs > 1 && gso_size > 0 && skb->len > p.hdr_len + (segs - 1) * gso_size) {
+    if (segs > 1 && gso_size > 0 && skb->len > p->hdr_len + (segs - 1) * gso_size) {
         g.segs = segs;
-        g.size = p.hdr_len + gso_size + vlan_extra;
+        g.size = p->hdr_len + gso_size + vlan_extra;
         g.last_size = skb->len - (segs - 1) * gso_size + vlan_extra;
         count_n(C_GSO_SEGS, segs - 1);
     }
-    struct flow_value *fv = flow_account(&p, skb->ifindex, now, &g,
+    struct flow_value *fv = flow_account(p, skb->ifindex, now, &g,
                                          hook == XDPML_HOOK_TC_INGRESS ? XDPML_SEEN_INGRESS : XDPML_SEEN_EGRESS);
-    emit_events(&p, skb->ifindex, now, &g, len, hook);
-    if (enforce_packet(&p, fv, now, len, g.segs)) /* rules.h */
+    emit_events(p, skb->ifindex, now, &g, len, hook);
+    if (enforce_packet(p, fv, now, len, g.segs)) /* rules.h */
         return TC_ACT_SHOT;
 #if XDPML_MODEL /* -DXDPML_MODEL=1: a model in the kernel (model.h) */
-    model_classify(&p, len);
+    model_classify(p, len);
 #endif
     return TC_ACT_UNSPEC;
 }

@@ -23,24 +23,29 @@ int xdpml_xdp(struct xdp_md *ctx)
     void *data = (void *)(long)ctx->data;
     void *end = (void *)(long)ctx->data_end;
     count(C_PKT_XDP);
-    struct pkt_info p = {};
-    int rc = parse_packet(data, end, &p);
+    /* taken before parsing: afterwards no packet pointer is live, so the verifier's
+     * states of different parse paths (each with its own proven range) can merge */
+    __u32 len = (__u32)(end - data);
+    struct pkt_slot *s = pkt_slot_get(XDPML_HOOK_XDP);
+    if (!s)
+        return XDP_PASS;
+    struct pkt_info *p = &s->pkt;
+    int rc = parse_packet(data, end, s);
     if (rc) {
         count(rc);
         return XDP_PASS;
     }
     __u64 now = bpf_ktime_get_ns();
-    __u32 len = (__u32)(end - data);
     struct seg_info g = {.size = len, .last_size = len, .segs = 1};
     /* read once: clang may otherwise keep &ctx->ingress_ifindex, which the
      * verifier refuses to dereference */
     __u32 ifindex = ctx->ingress_ifindex;
-    struct flow_value *fv = flow_account(&p, ifindex, now, &g, XDPML_SEEN_INGRESS);
-    emit_events(&p, ifindex, now, &g, len, XDPML_HOOK_XDP);
-    if (enforce_packet(&p, fv, now, len, 1)) /* rules.h */
+    struct flow_value *fv = flow_account(p, ifindex, now, &g, XDPML_SEEN_INGRESS);
+    emit_events(p, ifindex, now, &g, len, XDPML_HOOK_XDP);
+    if (enforce_packet(p, fv, now, len, 1)) /* rules.h */
         return XDP_DROP;
 #if XDPML_MODEL /* -DXDPML_MODEL=1: a model in the kernel (model.h) */
-    model_classify(&p, len);
+    model_classify(p, len);
 #endif
     return XDP_PASS;
 }

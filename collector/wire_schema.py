@@ -53,6 +53,29 @@ FLOW = _t(
         ),
         ("observation_points", "u1", "", "key", "entries in seen_on"),
         (
+            "tunnel_type",
+            "O",
+            "",
+            "key",
+            "tunnel the flow's packets were decapsulated from (the outermost): none, vxlan, geneve, ipip (4in4), "
+            "6in4, 4in6, 6in6, gre, gretap, gtpu; or an encrypted tunnel kept as the outer flow: wireguard, esp",
+        ),
+        (
+            "tunnel_id",
+            "u4",
+            "",
+            "key",
+            "VXLAN/Geneve VNI, GRE key, GTP-U TEID or ESP SPI of the flow's first packet; 0 if none",
+        ),
+        (
+            "outer_src_ip",
+            "S16",
+            "",
+            "key",
+            "outer (tunnel) source address of the flow's first packet; 16 bytes, IPv4 mapped; all zero if not decapsulated",
+        ),
+        ("outer_dst_ip", "S16", "", "key", "outer (tunnel) destination address of the flow's first packet"),
+        (
             "expiration_id",
             "i1",
             "",

@@ -59,6 +59,64 @@ class DatapathSettings:
             raise ConfigError("ringbuf_kib must be a power of two >= 64")
 
 
+TUNNEL_KINDS = ("vxlan", "geneve", "ipip", "gre", "gtpu", "wireguard", "esp")
+
+
+@dataclass
+class TunnelSettings:
+    """Decapsulation in the datapath (bpf/tunnel.h); becomes -D flags at compile time.
+    Each kind on by default; off compiles it out (its packets stay outer flows)."""
+
+    vxlan: bool = True  # UDP to vxlan_ports, Ethernet inside
+    geneve: bool = True  # UDP to geneve_port
+    ipip: bool = True  # IP protocols 4 and 41: ipip, sit (6in4), 4in6, ip6tnl (6in6)
+    gre: bool = True  # IP protocol 47: gre, gretap (and their IPv6 forms)
+    gtpu: bool = True  # UDP to gtpu_port, G-PDUs
+    wireguard: bool = True  # label UDP flows on wireguard_port (either side) as wireguard
+    esp: bool = True  # label IP protocol 50 (and UDP esp_natt_port, NAT-T) flows as esp
+    max_depth: int = 1  # tunnels decapsulated per packet (1..4); deeper nesting stays outer
+    vxlan_ports: list[int] = field(default_factory=lambda: [4789, 8472])  # up to 4
+    geneve_port: int = 6081
+    gtpu_port: int = 2152
+    wireguard_port: int = 51820
+    esp_natt_port: int = 4500  # 0: no NAT-T label
+
+    def validate(self) -> None:
+        if not 1 <= self.max_depth <= 4:
+            raise ConfigError("tunnel max_depth must be 1..4")
+        if not 1 <= len(self.vxlan_ports) <= 4:
+            raise ConfigError("vxlan_ports must list 1..4 ports")
+        for name, port in [("vxlan_ports", p) for p in self.vxlan_ports] + [
+            ("geneve_port", self.geneve_port),
+            ("gtpu_port", self.gtpu_port),
+            ("wireguard_port", self.wireguard_port),
+        ]:
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"tunnel {name} must be 1..65535, not {port}")
+        if not 0 <= self.esp_natt_port <= 65535:
+            raise ConfigError("tunnel esp_natt_port must be 0..65535 (0 = off)")
+
+    def cflags(self) -> list[str]:
+        """The -D flags of bpf/tunnel.h."""
+        ports = [*self.vxlan_ports, 0, 0, 0, 0][:4]
+        flags = [
+            f"-DXDPML_DECAP_VXLAN={int(self.vxlan)}",
+            f"-DXDPML_DECAP_GENEVE={int(self.geneve)}",
+            f"-DXDPML_DECAP_IPIP={int(self.ipip)}",
+            f"-DXDPML_DECAP_GRE={int(self.gre)}",
+            f"-DXDPML_DECAP_GTPU={int(self.gtpu)}",
+            f"-DXDPML_LABEL_WIREGUARD={int(self.wireguard)}",
+            f"-DXDPML_LABEL_ESP={int(self.esp)}",
+            f"-DXDPML_TUNNEL_MAX_DEPTH={self.max_depth}",
+            f"-DXDPML_GENEVE_PORT={self.geneve_port}",
+            f"-DXDPML_GTPU_PORT={self.gtpu_port}",
+            f"-DXDPML_WIREGUARD_PORT={self.wireguard_port}",
+            f"-DXDPML_ESP_NATT_PORT={self.esp_natt_port}",
+        ]
+        flags += [f"-DXDPML_VXLAN_PORT{i + 1}={p}" for i, p in enumerate(ports)]
+        return flags
+
+
 @dataclass
 class HarvestSettings:
     """When flows leave the kernel table (NFStream defaults)."""
@@ -141,6 +199,7 @@ class EnforceSettings:
 class AgentSettings:
     interfaces: InterfaceSettings = field(default_factory=InterfaceSettings)
     datapath: DatapathSettings = field(default_factory=DatapathSettings)
+    tunnels: TunnelSettings = field(default_factory=TunnelSettings)
     harvest: HarvestSettings = field(default_factory=HarvestSettings)
     window: WindowSettings = field(default_factory=WindowSettings)
     enforce: EnforceSettings = field(default_factory=EnforceSettings)
@@ -149,6 +208,7 @@ class AgentSettings:
     def validate(self) -> AgentSettings:
         self.interfaces.validate()
         self.datapath.validate()
+        self.tunnels.validate()
         self.harvest.validate()
         self.window.validate()
         self.enforce.validate()

@@ -178,6 +178,10 @@ def _key_columns(rng: np.random.Generator, t: _Traffic, n: int) -> dict[str, np.
         "vlan_id": np.zeros(n, dtype=np.uint16),
         "ifindex": np.full(n, 7, dtype=np.uint32),
         "interface": np.array(["veth-a", "veth-b"], dtype=object)[rng.integers(0, 2, n)],
+        "tunnel_type": np.full(n, "none", dtype=object),
+        "tunnel_id": np.zeros(n, dtype=np.uint32),
+        "outer_src_ip": np.zeros(n, dtype="S16"),
+        "outer_dst_ip": np.zeros(n, dtype="S16"),
     }
 
 
@@ -266,6 +270,10 @@ def _role(name: str) -> str:
         "vlan_id",
         "ifindex",
         "interface",
+        "tunnel_type",
+        "tunnel_id",
+        "outer_src_ip",
+        "outer_dst_ip",
     ):
         return "key"
     if name.endswith("_seen_ms") or name == "expiration_id":

@@ -139,6 +139,30 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         "CPUs updating one flow at once may lose an update (docs/benchmarks.md)",
     )
     t.add_argument(
+        "--no-tunnel",
+        action="append",
+        default=[],
+        choices=("vxlan", "geneve", "ipip", "gre", "gtpu", "wireguard", "esp"),
+        metavar="KIND",
+        help="do not decapsulate (label) this tunnel kind: vxlan, geneve, ipip, gre, gtpu, wireguard, "
+        "esp; repeatable (default: all on, docs/features.md)",
+    )
+    t.add_argument(
+        "--tunnel-max-depth",
+        type=_nonneg_int,
+        default=1,
+        metavar="N",
+        help="tunnels decapsulated per packet, 1..4 (default: %(default)s)",
+    )
+    t.add_argument(
+        "--vxlan-port",
+        action="append",
+        type=_nonneg_int,
+        default=[],
+        metavar="PORT",
+        help="UDP port read as VXLAN; repeatable, up to 4 (default: 4789 and 8472)",
+    )
+    t.add_argument(
         "--idle-timeout",
         type=_positive_float,
         default=120.0,
@@ -256,13 +280,25 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(a):
     from xdpml.agent.enforce.cli_commands import enforce_settings_from_args
-    from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings, WindowSettings
+    from xdpml.config import (
+        AgentSettings,
+        DatapathSettings,
+        HarvestSettings,
+        InterfaceSettings,
+        TunnelSettings,
+        WindowSettings,
+    )
+
+    tunnels = TunnelSettings(max_depth=a.tunnel_max_depth, **{kind: False for kind in a.no_tunnel})
+    if a.vxlan_port:
+        tunnels.vxlan_ports = list(a.vxlan_port)
 
     return AgentSettings(
         interfaces=InterfaceSettings(names=a.interface, hooks=a.hooks, xdp_mode=a.xdp_mode),
         datapath=DatapathSettings(
             flow_table_size=a.flow_table_size, first_n=a.first_n, sample_rate=a.sample, flow_lock=not a.no_flow_lock
         ),
+        tunnels=tunnels,
         harvest=HarvestSettings(
             idle_timeout_s=a.idle_timeout,
             active_timeout_s=a.active_timeout,

@@ -26,6 +26,7 @@ class FlowKey(C.Structure):
         ("ip_version", u8),
         ("vlan_id", u16),
         ("ifindex", u32),
+        ("vni", u32),
     ]
 
 
@@ -179,6 +180,21 @@ class EnfRule(C.Structure):
 END_FIN_INIT, END_FIN_RESP, END_RST = 1, 2, 4
 SEEN_INGRESS, SEEN_EGRESS = 1, 2  # dir_stats.seen_at bits (XDPML_SEEN_*)
 HOOK_XDP, HOOK_TC_INGRESS, HOOK_TC_EGRESS = 0, 1, 2
+# enum xdpml_tunnel, in order: the text of the tunnel_type column
+TUNNEL_TYPES = (
+    "none",
+    "vxlan",
+    "geneve",
+    "ipip",
+    "6in4",
+    "4in6",
+    "6in6",
+    "gre",
+    "gretap",
+    "gtpu",
+    "wireguard",
+    "esp",
+)
 TCP_FLAG_NAMES = ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")  # header bit order
 
 # enum xdpml_counter, in order
@@ -212,6 +228,16 @@ COUNTERS = (
     "enf_dropped",
     "enf_kill_passed",
     "model_err",
+    "tun_decap",
+    "tun_trunc",
+    "tun_bad_vxlan",
+    "tun_bad_geneve",
+    "tun_bad_gre",
+    "tun_bad_gtpu",
+    "tun_unknown_proto",
+    "tun_bad_inner",
+    "tun_too_deep",
+    "tun_fragment",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 
@@ -238,6 +264,11 @@ def flow_types(first_n: int) -> FlowTypes:
         ("last_ns", u64),
         ("iat", IatStats),
         ("dir", DirStats * 2),
+        ("outer_src_ip", u8 * 16),
+        ("outer_dst_ip", u8 * 16),
+        ("tunnel_id", u32),
+        ("tunnel_type", u8),
+        ("_tpad", u8 * 3),
     ]
     if first_n > 0:
         fields.append(("seq", SeqEntry * first_n))

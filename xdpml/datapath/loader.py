@@ -416,6 +416,7 @@ class Datapath:
             f"-DXDPML_RINGBUF_PAGES={pages}",
             f"-DXDPML_ENF_MAX_RULES={settings.enforce.map_rules}",
             f"-DXDPML_ENF_MAX_ALLOW={settings.enforce.map_allow}",
+            *settings.tunnels.cflags(),
             "-Wno-unused-function",
         ]
         self.model_limits = model_limits

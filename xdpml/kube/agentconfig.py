@@ -33,6 +33,7 @@ from xdpml.config import (
     DatapathSettings,
     HarvestSettings,
     InterfaceSettings,
+    TunnelSettings,
     WindowSettings,
 )
 from xdpml.kube.crd_schema import CrdSchema
@@ -121,6 +122,8 @@ class AgentConfig:
         for name in ("datapath", "harvest", "window"):
             if getattr(self.settings, name) != getattr(old.settings, name):
                 out.add(name)
+        if self.settings.tunnels != old.settings.tunnels:
+            out.add("datapath")  # compiled in: recompile and reattach
         if self.settings.summary_interval_s != old.settings.summary_interval_s:
             out.add("summary")
         for name in ("features", "export", "enrichment"):
@@ -236,6 +239,7 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
             sample_rate=_section(spec, "sampling")["packetRate"] if features.packets else 0,
             ringbuf_kib=datapath["ringBufferKiB"],
         ),
+        tunnels=_tunnels(_section(spec, "datapath", "tunnels")),
         harvest=HarvestSettings(
             idle_timeout_s=float(timeouts["idleSeconds"]),
             active_timeout_s=float(timeouts["activeSeconds"]),
@@ -246,6 +250,24 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
         if features.windows
         else WindowSettings(),
         summary_interval_s=float(spec["summaryIntervalSeconds"]),
+    )
+
+
+def _tunnels(t: Mapping) -> TunnelSettings:
+    return TunnelSettings(
+        vxlan=t["vxlan"],
+        geneve=t["geneve"],
+        ipip=t["ipip"],
+        gre=t["gre"],
+        gtpu=t["gtpu"],
+        wireguard=t["wireguard"],
+        esp=t["esp"],
+        max_depth=t["maxDepth"],
+        vxlan_ports=list(t["vxlanPorts"]),
+        geneve_port=t["genevePort"],
+        gtpu_port=t["gtpuPort"],
+        wireguard_port=t["wireguardPort"],
+        esp_natt_port=t["espNatTPort"],
     )
 
 
