@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 from xdpml.agent.features import EXPIRATION, flow_columns
-from xdpml.agent.observations import due_with_siblings, merge
+from xdpml.agent.observations import TUNNEL_FIELDS, due_with_siblings, merge
 
 from xdpml.config import HarvestSettings
 from xdpml.datapath.abi import END_FIN_INIT, END_FIN_RESP, END_RST
@@ -164,8 +164,12 @@ class Harvester:
         seen_on = points = None
         if self.settings.record_per == "conversation":
             self.stats.records_merged += len(keys)
-            pick, seen_on, points = merge(keys, values, ifnames=self.ifnames, kinds=self.ifkinds, conv=conv)
-            keys, values, reason = keys[pick], values[pick], reason[pick]
+            m = merge(keys, values, ifnames=self.ifnames, kinds=self.ifkinds, conv=conv)
+            seen_on, points = m.seen_on, m.points
+            tunnels = values[m.tunnel]
+            keys, values, reason = keys[m.reported], values[m.reported], reason[m.reported]
+            for name in TUNNEL_FIELDS:
+                values[name] = tunnels[name]
             self.stats.records_merged -= len(keys)
         self.stats.exported += len(keys)
         for name, rid in EXPIRATION.items():

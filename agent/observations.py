@@ -36,11 +36,12 @@ records. Here they become one row (docs/features.md, "Observation points"):
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib import recfunctions as rfn
 
-from xdpml.datapath.abi import SEEN_EGRESS, SEEN_INGRESS
+from xdpml.datapath.abi import SEEN_EGRESS, SEEN_INGRESS, TUNNEL_TYPES
 
 KIND_RANK = {"veth": 0, "virtual": 1, "physical": 2}  # Attachment.kind -> preference
 _OTHER_KIND = 3
@@ -50,6 +51,9 @@ DIRECTION_NAMES = {
     SEEN_INGRESS | SEEN_EGRESS: "ingress+egress",
     0: "unknown",
 }
+# tunnel types whose packets the datapath decapsulated (the encrypted ones stay outer flows)
+_DECAPSULATED = [i for i, name in enumerate(TUNNEL_TYPES) if name not in ("none", "wireguard", "esp")]
+TUNNEL_FIELDS = ("tunnel_type", "tunnel_id", "outer_src_ip", "outer_dst_ip")
 # the precedence of expiration ids when several records of a conversation are due, indexed
 # by id + 2: -2 keep, -1 agent stop (strongest), 0 idle, 1 active, 2 TCP end
 _REASON_RANK = np.array([-1, 3, 0, 1, 2], dtype=np.int64)
@@ -207,31 +211,52 @@ def _joined(ids: np.ndarray, order: np.ndarray, codes: np.ndarray, texts: list[s
     return out
 
 
+def decapsulated(values: np.ndarray) -> np.ndarray:
+    """Records of decapsulated packets (a tunnel type other than none or an encrypted
+    tunnel, which stays the outer flow)."""
+    ttype = values["tunnel_type"].astype(np.int64)
+    return np.isin(ttype, _DECAPSULATED)
+
+
+@dataclass
+class Merged:
+    """One entry per conversation, in the order of the reported records' positions."""
+
+    reported: np.ndarray  # index of the record whose counts the row reports
+    seen_on: np.ndarray  # its seen_on text
+    points: np.ndarray  # its number of observation points
+    tunnel: np.ndarray  # index of the record whose tunnel columns the row carries
+
+
 def merge(
     keys: np.ndarray,
     values: np.ndarray,
     *,
     ifnames: Mapping[int, str],
     kinds: Mapping[int, str],
-    encapsulated: np.ndarray | None = None,
     conv: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Records taken from the table -> (index of each conversation's reported record,
-    its seen_on text, its number of observation points), one entry per conversation, in
-    the order of the reported records' positions. ``conv``: the records' conversation
-    numbers as :func:`due_with_siblings` found them in the whole table (so a scan groups
-    exactly as it decided what to take); by default computed from these records."""
+) -> Merged:
+    """Records taken from the table -> one :class:`Merged` entry per conversation.
+    ``conv``: the records' conversation numbers as :func:`due_with_siblings` found them
+    in the whole table (so a scan groups exactly as it decided what to take); by default
+    computed from these records. The tunnel columns come from the reported record when
+    it was decapsulated, else from the first decapsulated one on the path, if any."""
     n = len(keys)
     if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object), np.zeros(0, dtype=np.uint8)
-    single = (np.arange(n), seen_on_single(keys, values, ifnames), np.ones(n, dtype=np.uint8))
+        e = np.zeros(0, dtype=np.int64)
+        return Merged(e, np.zeros(0, dtype=object), np.zeros(0, dtype=np.uint8), e)
     if len(np.unique(keys["ifindex"])) < 2:  # one interface: nothing to merge
-        return single
-    ids = conversation_ids(keys) if conv is None else _dense(conv)
+        ids = None
+    else:
+        ids = conversation_ids(keys) if conv is None else _dense(conv)
+        if int(ids.max()) + 1 == n:
+            ids = None
+    if ids is None:
+        every = np.arange(n)
+        return Merged(every, seen_on_single(keys, values, ifnames), np.ones(n, dtype=np.uint8), every)
     k = int(ids.max()) + 1
-    if k == n:
-        return single
-    pref = preference(keys, values, kinds=kinds, encapsulated=encapsulated)
+    enc = decapsulated(values)
+    pref = preference(keys, values, kinds=kinds, encapsulated=enc)
     rank = np.empty(n, dtype=np.int64)
     rank[pref] = np.arange(n)
     best = np.full(k, n, dtype=np.int64)
@@ -244,5 +269,10 @@ def merge(
     order = np.lexsort((keys["ifindex"].astype(np.int64), values["first_ns"].astype(np.int64), ids))
     seen = _joined(ids, order, codes, texts, k)
     points = np.minimum(np.bincount(ids, minlength=k), 255).astype(np.uint8)
+    tunnel = reported.copy()
+    on_path = order[enc[order]]  # decapsulated records, in path order
+    first_conv, first_at = np.unique(ids[on_path], return_index=True)
+    plain = ~enc[reported[first_conv]]
+    tunnel[first_conv[plain]] = on_path[first_at[plain]]
     out = np.argsort(reported, kind="stable")
-    return reported[out], seen[out], points[out]
+    return Merged(reported[out], seen[out], points[out], tunnel[out])

@@ -7,7 +7,7 @@ from xdpml.agent.harvest import Harvester
 from xdpml.agent.observations import due_with_siblings, merge
 
 from xdpml.config import HarvestSettings
-from xdpml.datapath.abi import SEEN_EGRESS, SEEN_INGRESS, flow_types
+from xdpml.datapath.abi import SEEN_EGRESS, SEEN_INGRESS, TUNNEL_TYPES, flow_types
 from xdpml.wire.columns import ip_from_str
 
 T = flow_types(2)
@@ -39,6 +39,10 @@ def records(rows):
     return k, v
 
 
+def unpack(m):
+    return m.reported, m.seen_on, m.points
+
+
 NAMES = {2: "eth0", 5: "vxlan0", 7: "veth-a", 9: "veth-b"}
 KINDS = {2: "physical", 5: "virtual", 7: "veth", 9: "veth"}
 A, B = "10.1.0.5", "10.2.0.7"
@@ -52,7 +56,7 @@ def test_pod_to_pod_through_the_host_is_one_row_reported_on_the_initiators_veth(
             (7, A, B, 3, 3, IN, OUT, 10, 41),
         ]
     )
-    pick, seen, points = merge(k, v, ifnames=NAMES, kinds=KINDS)
+    pick, seen, points = unpack(merge(k, v, ifnames=NAMES, kinds=KINDS))
     assert list(pick) == [1]  # veth-a: both veths, and A's packets were received there
     assert list(seen) == ["veth-a:ingress veth-b:egress"]  # path order: first packet at veth-a
     assert list(points) == [2]
@@ -66,15 +70,19 @@ def test_preference_pod_veth_then_overlay_then_physical():
             (9, A, B, 4, 4, OUT, IN, 13, 40),  # the server pod's veth, on the far end of the path
         ]
     )
-    pick, seen, _ = merge(k, v, ifnames=NAMES, kinds=KINDS)
+    pick, seen, _ = unpack(merge(k, v, ifnames=NAMES, kinds=KINDS))
     assert list(pick) == [2]
     assert list(seen) == ["vxlan0:egress eth0:egress veth-b:egress"]
     # without the veth, the overlay device wins over the physical NIC
-    pick, _, _ = merge(k[:2], v[:2], ifnames=NAMES, kinds=KINDS)
+    pick, _, _ = unpack(merge(k[:2], v[:2], ifnames=NAMES, kinds=KINDS))
     assert list(pick) == [1]
     # an encapsulated observation comes after every plain one, whatever the interface
-    pick, _, _ = merge(k, v, ifnames=NAMES, kinds=KINDS, encapsulated=np.array([False, False, True]))
-    assert list(pick) == [1]
+    v["tunnel_type"][2] = TUNNEL_TYPES.index("vxlan")
+    m = merge(k, v, ifnames=NAMES, kinds=KINDS)
+    assert list(m.reported) == [1] and list(m.tunnel) == [2]  # the row names the tunnel it crossed
+    # an encrypted tunnel is an outer flow, not a decapsulated copy: no reason to rank it last
+    v["tunnel_type"][2] = TUNNEL_TYPES.index("wireguard")
+    assert list(merge(k, v, ifnames=NAMES, kinds=KINDS).reported) == [2]
 
 
 def test_direction_is_the_reported_initiators_even_where_the_other_side_spoke_first():
@@ -85,7 +93,7 @@ def test_direction_is_the_reported_initiators_even_where_the_other_side_spoke_fi
             (9, B, A, 2, 2, IN, OUT, 15, 40),
         ]
     )
-    _, seen, _ = merge(k, v, ifnames=NAMES, kinds=KINDS)
+    _, seen, _ = unpack(merge(k, v, ifnames=NAMES, kinds=KINDS))
     # A's packets left through veth-b (they are veth-b's dst2src, seen at egress)
     assert list(seen) == ["veth-a:ingress veth-b:egress"]
 
@@ -98,7 +106,7 @@ def test_an_interface_that_saw_only_the_answers_is_named_by_them():
         ]
     )
     # eth0's record has B as its initiator; relative to A, B's packets came in: A's went out
-    _, seen, points = merge(k, v, ifnames=NAMES, kinds=KINDS)
+    _, seen, points = unpack(merge(k, v, ifnames=NAMES, kinds=KINDS))
     assert list(seen) == ["veth-a:ingress eth0:egress"] and list(points) == [2]
 
 
@@ -112,7 +120,7 @@ def test_distinct_conversations_and_vlans_stay_apart():
         ]
     )
     k[3]["vlan_id"] = 100
-    pick, seen, points = merge(k, v, ifnames=NAMES, kinds=KINDS)
+    pick, seen, points = unpack(merge(k, v, ifnames=NAMES, kinds=KINDS))
     assert sorted(pick) == [0, 2, 3]
     assert list(points) == [2, 1, 1]
     assert list(seen) == ["veth-a:ingress veth-b:egress", "veth-a:ingress", "veth-b:egress"]
@@ -212,10 +220,24 @@ def test_drain_merges_everything_left():
             (9, A, B, 3, 2, OUT, IN, 2, 5),
         ]
     )
+    # eth0 saw the conversation inside VXLAN VNI 42, between the two nodes' addresses
+    k[1]["vni"] = 42
+    v[1]["tunnel_type"], v[1]["tunnel_id"] = TUNNEL_TYPES.index("vxlan"), 42
+    v[1]["outer_src_ip"] = np.frombuffer(ip_from_str("192.0.2.1"), np.uint8)
+    v[1]["outer_dst_ip"] = np.frombuffer(ip_from_str("192.0.2.2"), np.uint8)
     b = harvester(FakeTable(k, v), "conversation").drain()
     assert len(b) == 1 and list(b["observation_points"]) == [3]
     assert list(b["seen_on"]) == ["veth-a:ingress eth0:egress veth-b:egress"]
     assert list(b["expiration_id"]) == [EXPIRATION["agent_stop"]]
+    # veth-a's counts, the tunnel eth0 saw
+    assert list(b["interface"]) == ["veth-a"] and list(b["bidirectional_bytes"]) == [500 + 2 * 7]
+    r = next(b.rows())
+    assert (r["tunnel_type"], r["tunnel_id"], r["outer_src_ip"], r["outer_dst_ip"]) == (
+        "vxlan",
+        42,
+        "192.0.2.1",
+        "192.0.2.2",
+    )
 
 
 def with_vni(keys, vnis):
