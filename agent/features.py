@@ -18,6 +18,7 @@ import json
 from collections.abc import Mapping
 
 import numpy as np
+from xdpml.agent.observations import seen_on_single
 
 from xdpml.datapath.abi import TUNNEL_TYPES
 from xdpml.wire.columns import ColumnBatch, ColumnSpec
@@ -65,8 +66,24 @@ def _flow_specs() -> dict[str, ColumnSpec]:
         ColumnSpec("protocol", "u1", "", "IP protocol number", "key"),
         ColumnSpec("ip_version", "u1", "", "4 or 6", "key"),
         ColumnSpec("vlan_id", "u2", "", "outermost 802.1Q VLAN id, 0 untagged", "key"),
-        ColumnSpec("ifindex", "u4", "", "interface index the flow was seen on", "key"),
-        ColumnSpec("interface", "O", "", "interface name", "key"),
+        ColumnSpec(
+            "ifindex",
+            "u4",
+            "",
+            "index of the interface whose counts the record reports (the preferred observation point)",
+            "key",
+        ),
+        ColumnSpec("interface", "O", "", "name of that interface", "key"),
+        ColumnSpec(
+            "seen_on",
+            "O",
+            "",
+            "every interface of the node the conversation was seen on, as ifname:direction "
+            "(ingress, egress or ingress+egress: how the initiator's packets crossed it), space separated, "
+            "in the order its first packet reached them; one entry with --record-per interface",
+            "key",
+        ),
+        ColumnSpec("observation_points", "u1", "", "entries in seen_on", "key"),
         *TUNNEL_SPECS,
         ColumnSpec(
             "expiration_id",
@@ -219,8 +236,12 @@ def flow_columns(
     mono_to_unix_ns: int,
     ifnames: Mapping[int, str] | None = None,
     first_n: int,
+    seen_on: np.ndarray | None = None,
+    observation_points: np.ndarray | None = None,
 ) -> ColumnBatch:
-    """Flow table records (abi.FlowKey / flow_types(first_n).value arrays) -> flow features."""
+    """Flow table records (abi.FlowKey / flow_types(first_n).value arrays) -> flow features.
+    ``seen_on``/``observation_points``: the records' observation points when they stand
+    for merged conversations (xdpml.agent.observations.merge); default, each its own."""
     n = len(keys)
     cols: dict[str, np.ndarray] = {}
     init = values["init_lo_to_hi"].astype(bool)
@@ -234,6 +255,11 @@ def flow_columns(
     cols["vlan_id"] = keys["vlan_id"].astype(np.uint16)
     cols["ifindex"] = keys["ifindex"].astype(np.uint32)
     cols["interface"] = _names(cols["ifindex"], ifnames or {})
+    if seen_on is None:
+        seen_on = seen_on_single(keys, values, ifnames or {})
+        observation_points = np.ones(n, dtype=np.uint8)
+    cols["seen_on"] = np.asarray(seen_on, dtype=object)
+    cols["observation_points"] = np.asarray(observation_points, dtype=np.uint8)
     ttype = values["tunnel_type"].astype(np.int64)
     cols["tunnel_type"] = _TUNNEL_NAMES[np.minimum(ttype, len(_TUNNEL_NAMES) - 1)]
     cols["tunnel_id"] = values["tunnel_id"].astype(np.uint32)

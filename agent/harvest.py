@@ -11,6 +11,10 @@ Table pressure: when the table is fuller than ``high_water`` (say, under a SYN
 flood that leaves thousands of one-packet flows idle for two minutes), flows quiet
 for ``pressure_idle`` (idle_timeout / 16, at least 1 s) are exported early as idle,
 so new flows keep finding room; each such scan is logged (with backoff) and counted.
+
+Observation points (``record_per`` "conversation", the default): the records of one
+conversation on several interfaces leave the table together, when the first of them is
+done, and become one row (xdpml.agent.observations states the rules).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Protocol
 
 import numpy as np
 from xdpml.agent.features import EXPIRATION, flow_columns
+from xdpml.agent.observations import TUNNEL_FIELDS, due_with_siblings, merge
 
 from xdpml.config import HarvestSettings
 from xdpml.datapath.abi import END_FIN_INIT, END_FIN_RESP, END_RST
@@ -55,7 +60,8 @@ def mono_to_unix_offset_ns() -> int:
 class HarvestStats:
     scans: int = 0
     active: int = 0  # flows in the table at the last scan
-    exported: int = 0
+    exported: int = 0  # rows
+    records_merged: int = 0  # kernel records folded into another interface's row (seen_on)
     by_reason: dict | None = None
 
     def __post_init__(self):
@@ -71,6 +77,7 @@ class Harvester:
         first_n: int,
         mono_to_unix_ns: int,
         ifnames: Mapping[int, str] | None = None,
+        ifkinds: Mapping[int, str] | None = None,
         end_grace_s: float = 1.0,
         clock=time.monotonic_ns,
         capacity: int = 0,
@@ -81,6 +88,7 @@ class Harvester:
         self.first_n = first_n
         self.mono_to_unix_ns = mono_to_unix_ns
         self.ifnames = ifnames if ifnames is not None else {}
+        self.ifkinds = ifkinds if ifkinds is not None else {}  # ifindex -> physical | veth | virtual
         self.end_grace_ns = int(end_grace_s * 1e9)
         self.clock = clock
         self.capacity = capacity  # flow table entries; 0 = unknown (no pressure handling)
@@ -127,17 +135,23 @@ class Harvester:
         if not len(keys):
             return None
         reason = self._reasons(values, now)
+        conv = None
+        if self.settings.record_per == "conversation":
+            reason, conv = due_with_siblings(keys, reason)
         done = reason >= -1
         if not done.any():
             return None
         want_keys, want_reason = keys[done], reason[done]
+        want_conv = conv[done] if conv is not None else None
         got_keys, got_values = self.table.take(want_keys)
         if len(got_keys) != len(want_keys):
             # a key vanished between read and take (another consumer): keep reasons aligned
-            order = {k.tobytes(): r for k, r in zip(want_keys, want_reason)}
-            want_reason = np.array([order[k.tobytes()] for k in got_keys], dtype=np.int8)
+            pos = {k.tobytes(): i for i, k in enumerate(want_keys)}
+            idx = np.array([pos[k.tobytes()] for k in got_keys], dtype=np.int64)
+            want_reason = want_reason[idx]
+            want_conv = want_conv[idx] if want_conv is not None else None
         self.stats.active -= len(got_keys)
-        return self._columns(got_keys, got_values, want_reason)
+        return self._columns(got_keys, got_values, want_reason, conv=want_conv)
 
     def drain(self) -> ColumnBatch | None:
         """Everything left (agent stop): expiration id -1."""
@@ -146,7 +160,17 @@ class Harvester:
             return None
         return self._columns(keys, values, np.full(len(keys), EXPIRATION["agent_stop"], np.int8))
 
-    def _columns(self, keys, values, reason) -> ColumnBatch:
+    def _columns(self, keys, values, reason, conv=None) -> ColumnBatch:
+        seen_on = points = None
+        if self.settings.record_per == "conversation":
+            self.stats.records_merged += len(keys)
+            m = merge(keys, values, ifnames=self.ifnames, kinds=self.ifkinds, conv=conv)
+            seen_on, points = m.seen_on, m.points
+            tunnels = values[m.tunnel]
+            keys, values, reason = keys[m.reported], values[m.reported], reason[m.reported]
+            for name in TUNNEL_FIELDS:
+                values[name] = tunnels[name]
+            self.stats.records_merged -= len(keys)
         self.stats.exported += len(keys)
         for name, rid in EXPIRATION.items():
             self.stats.by_reason[name] += int(np.sum(reason == rid))
@@ -157,4 +181,6 @@ class Harvester:
             mono_to_unix_ns=self.mono_to_unix_ns,
             ifnames=self.ifnames,
             first_n=self.first_n,
+            seen_on=seen_on,
+            observation_points=points,
         )

@@ -137,6 +137,7 @@ class Agent:
         self.datapath: Datapath | None = None
         self._requests: queue.Queue = queue.Queue()
         self._ifnames: dict[int, str] = {}
+        self._ifkinds: dict[int, str] = {}  # ifindex -> physical | veth | virtual (observation preference)
         self._harvester: Harvester | None = None
         self._lost_seen: dict[str, int] = {}
         self._links: LinkWatcher | None = None
@@ -209,7 +210,7 @@ class Agent:
             except XdpmlError as exc:
                 log.error("%s is back but cannot be attached: %s", name, exc)
                 continue
-            self._ifnames[att.ifindex] = name
+            self._remember(att)
             log.info("%s is back (ifindex %d): attached again", name, att.ifindex)
 
     def _reconcile(self, plan: AttachPlan) -> None:
@@ -219,13 +220,18 @@ class Agent:
             if name not in plan or plan[name] != self.plan.get(name):
                 dp.detach(att)
                 self._ifnames.pop(att.ifindex, None)
+                self._ifkinds.pop(att.ifindex, None)
         for name, (hooks, mode) in plan.items():
             if name not in current or plan[name] != self.plan.get(name):
                 att = dp.attach(name, hooks=hooks, xdp_mode=mode)
-                self._ifnames[att.ifindex] = name
+                self._remember(att)
         self.plan = dict(plan)
 
     # -- helpers ---------------------------------------------------------------
+    def _remember(self, att) -> None:
+        self._ifnames[att.ifindex] = att.ifname
+        self._ifkinds[att.ifindex] = att.kind
+
     def _emit(self, batch: ColumnBatch | None) -> None:
         if batch is None or not len(batch):
             return
@@ -363,7 +369,7 @@ class Agent:
             self.datapath = dp
             for name, (hooks, mode) in self.plan.items():
                 att = dp.attach(name, hooks=hooks, xdp_mode=mode)
-                self._ifnames[att.ifindex] = name
+                self._remember(att)
             log.info(
                 "xdpml %s agent: attached to %s",
                 __version__,
@@ -377,6 +383,7 @@ class Agent:
                 first_n=s.datapath.first_n,
                 mono_to_unix_ns=offset,
                 ifnames=self._ifnames,
+                ifkinds=self._ifkinds,
                 capacity=s.datapath.flow_table_size,
             )
             wins = RecordBuffer(dp.bpf, "win_events", WinEvent) if dp.window else None

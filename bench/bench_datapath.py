@@ -551,7 +551,7 @@ def bench_drain(p: Params, report: Report) -> None:
             table.drain()
             update_batch(fd, keys, values)
 
-        t_drain, t_cols, t_bcc, t_scan, t_floor = [], [], [], [], []
+        t_drain, t_cols, t_bcc, t_scan, t_floor, t_per_if, t_merged = [], [], [], [], [], [], []
         floor_keys = np.zeros(p.drain_table, dp.types.key_dtype)  # zeroed: pages already faulted in
         floor_values = np.zeros(p.drain_table, dp.types.value_dtype)
         for _ in range(p.drain_rounds):
@@ -592,6 +592,29 @@ def bench_drain(p: Params, report: Report) -> None:
             t_scan.append(time.thread_time() - t0)
             if out is None or len(out) != n:
                 raise RuntimeError("harvester scan did not export every flow")
+
+            # every conversation seen on two interfaces: n/2 conversations, n kernel records
+            two = keys[np.arange(n) // 2 * 2].copy()
+            two["ifindex"] = np.where(np.arange(n) % 2 == 0, 1, 2)
+            two_v = values.copy()
+            two_v["dir"]["seen_at"] = 1
+            for record_per, times in (("interface", t_per_if), ("conversation", t_merged)):
+                table.drain()
+                update_batch(fd, two, two_v)
+                harvester = Harvester(
+                    table,
+                    settings=HarvestSettings(record_per=record_per),
+                    first_n=first_n,
+                    mono_to_unix_ns=offset,
+                    ifnames={1: "veth-a", 2: "veth-b"},
+                    ifkinds={1: "veth", 2: "veth"},
+                )
+                t0 = time.thread_time()
+                out = harvester.scan(now_ns=time.monotonic_ns() + 10**12)
+                times.append(time.thread_time() - t0)
+                want = n if record_per == "interface" else (n + 1) // 2
+                if out is None or len(out) != want:
+                    raise RuntimeError(f"harvester scan ({record_per}) gave {0 if out is None else len(out)} rows")
         table.drain()
 
     med = statistics.median
@@ -616,6 +639,16 @@ def bench_drain(p: Params, report: Report) -> None:
         note="no copies, no features",
     )
     report.add("drain", "Harvester.scan(), all idle (read_all + take per flow + features)", n / med(t_scan), "flows/s")
+    per_if, merged = n / med(t_per_if), n / med(t_merged)
+    report.add(
+        "drain",
+        f"Harvester.scan(), all idle, {n // 2:,} conversations each on 2 interfaces, one row per conversation",
+        merged,
+        "records/s",
+        baseline=f"one row per interface {per_if:,.0f} records/s",
+        ratio=f"{merged / per_if:.2f}x",
+        note="kernel records taken per second of harvester CPU",
+    )
     report.notes.append(
         f"drain: flow table of {p.drain_table:,} entries, first_n {first_n}, filled with {n:,} "
         "synthetic flows by BPF_MAP_UPDATE_BATCH before each timed drain (fill not timed); "

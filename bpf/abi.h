@@ -76,8 +76,14 @@ struct dir_stats {
     __u16 init_window;   /* TCP window of the first packet (unscaled) */
     __u8  ttl;           /* IPv4 TTL / IPv6 hop limit of the first packet */
     __u8  tos;           /* IPv4 ToS / IPv6 traffic class of the first packet */
-    __u32 _pad;
+    __u8  seen_at;       /* XDPML_SEEN_*: hooks this direction's packets were seen at */
+    __u8  _pad[3];
 };
+
+/* dir_stats.seen_at: where on the interface a direction's packets were seen, so user
+ * space can say how a conversation crossed each interface (seen_on, docs/features.md). */
+#define XDPML_SEEN_INGRESS 1 /* XDP or TC ingress: received on the interface */
+#define XDPML_SEEN_EGRESS  2 /* TC egress: sent out of the interface */
 
 /* Bidirectional inter-arrival accumulators (cannot be derived from the two
  * directions: they need the interleaving). */

@@ -97,7 +97,7 @@ static __always_inline void flags_add(struct dir_stats *s, __u8 f, __u32 segs)
 }
 
 static __always_inline void dir_add(struct dir_stats *s, struct pkt_info *p,
-                                    struct seg_info *g, __u64 now)
+                                    struct seg_info *g, __u64 now, __u8 seen)
 {
     __u32 extra = g->segs - 1;
     if (s->packets == 0) {
@@ -131,11 +131,15 @@ static __always_inline void dir_add(struct dir_stats *s, struct pkt_info *p,
     }
     if (p->proto == IPPROTO_TCP)
         flags_add(s, p->tcp_flags, g->segs);
+    /* last: placed here, the verifier's count for the fully featured TC program fell
+     * (833,796 vs 851,880 without seen_at); at the top of the function it rose to 873,758 */
+    s->seen_at |= seen;
 }
 
-/* Returns the flow's entry (rules.h caches its decision there), NULL if none. */
+/* Returns the flow's entry (rules.h caches its decision there), NULL if none.
+ * seen: XDPML_SEEN_INGRESS or XDPML_SEEN_EGRESS, which side of the interface the hook is on. */
 static __always_inline struct flow_value *flow_account(struct pkt_info *p, __u32 ifindex, __u64 now,
-                                         struct seg_info *g)
+                                         struct seg_info *g, __u8 seen)
 {
     struct flow_key key;
     if (p->l4_note)
@@ -199,9 +203,9 @@ static __always_inline struct flow_value *flow_account(struct pkt_info *p, __u32
     v->last_ns = now;
     __u8 d = lo_to_hi == v->init_lo_to_hi ? 0 : 1;
     if (d == 0)
-        dir_add(&v->dir[0], p, g, now);
+        dir_add(&v->dir[0], p, g, now, seen);
     else
-        dir_add(&v->dir[1], p, g, now);
+        dir_add(&v->dir[1], p, g, now, seen);
     if (p->proto == IPPROTO_TCP) {
         v->tcp_flags_or |= p->tcp_flags;
         if (p->tcp_flags & TCP_FIN_)

@@ -59,7 +59,8 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
         g.last_size = skb->len - (segs - 1) * gso_size + vlan_extra;
         count_n(C_GSO_SEGS, segs - 1);
     }
-    struct flow_value *fv = flow_account(p, skb->ifindex, now, &g);
+    struct flow_value *fv = flow_account(p, skb->ifindex, now, &g,
+                                         hook == XDPML_HOOK_TC_INGRESS ? XDPML_SEEN_INGRESS : XDPML_SEEN_EGRESS);
     emit_events(p, skb->ifindex, now, &g, len, hook);
     if (enforce_packet(p, fv, now, len, g.segs)) /* rules.h */
         return TC_ACT_SHOT;

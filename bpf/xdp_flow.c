@@ -40,7 +40,7 @@ int xdpml_xdp(struct xdp_md *ctx)
     /* read once: clang may otherwise keep &ctx->ingress_ifindex, which the
      * verifier refuses to dereference */
     __u32 ifindex = ctx->ingress_ifindex;
-    struct flow_value *fv = flow_account(p, ifindex, now, &g);
+    struct flow_value *fv = flow_account(p, ifindex, now, &g, XDPML_SEEN_INGRESS);
     emit_events(p, ifindex, now, &g, len, XDPML_HOOK_XDP);
     if (enforce_packet(p, fv, now, len, 1)) /* rules.h */
         return XDP_DROP;

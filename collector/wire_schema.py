@@ -34,8 +34,24 @@ FLOW = _t(
         ("protocol", "u1", "", "key", "IP protocol number"),
         ("ip_version", "u1", "", "key", "4 or 6"),
         ("vlan_id", "u2", "", "key", "outermost 802.1Q VLAN id, 0 untagged"),
-        ("ifindex", "u4", "", "key", "interface index the flow was seen on"),
-        ("interface", "O", "", "key", "interface name"),
+        (
+            "ifindex",
+            "u4",
+            "",
+            "key",
+            "index of the interface whose counts the record reports (the preferred observation point)",
+        ),
+        ("interface", "O", "", "key", "name of that interface"),
+        (
+            "seen_on",
+            "O",
+            "",
+            "key",
+            "every interface of the node the conversation was seen on, as ifname:direction "
+            "(ingress, egress or ingress+egress: how the initiator's packets crossed it), space separated, "
+            "in the order its first packet reached them; one entry with --record-per interface",
+        ),
+        ("observation_points", "u1", "", "key", "entries in seen_on"),
         (
             "tunnel_type",
             "O",

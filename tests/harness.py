@@ -51,11 +51,12 @@ def running_agent(
     window_seconds: float = 0.0,
     sample_rate: int = 0,
     interval_s: float = 0.2,
+    record_per: str = "conversation",
 ):
     settings = AgentSettings(
         interfaces=InterfaceSettings(names=interfaces, hooks=hooks, xdp_mode=xdp_mode),
         datapath=DatapathSettings(first_n=first_n, sample_rate=sample_rate),
-        harvest=HarvestSettings(idle_timeout_s=idle_timeout_s, interval_s=interval_s),
+        harvest=HarvestSettings(idle_timeout_s=idle_timeout_s, interval_s=interval_s, record_per=record_per),
         window=WindowSettings(packets=window_packets, seconds=window_seconds),
         summary_interval_s=0,
     )

@@ -12,6 +12,7 @@ from xdpml.errors import ConfigError
 
 HOOKS = ("auto", "xdp", "tc", "xdp+tc")
 XDP_MODES = ("auto", "native", "generic")
+RECORD_PER = ("conversation", "interface")
 
 
 @dataclass
@@ -123,8 +124,13 @@ class HarvestSettings:
     idle_timeout_s: float = 120.0  # a flow with no packet for this long is exported
     active_timeout_s: float = 1800.0  # a flow older than this is exported and restarted
     interval_s: float = 1.0  # how often the table is scanned
+    # "conversation": one record per conversation seen on several interfaces of the node,
+    # listing them in seen_on (xdpml.agent.observations); "interface": one per interface.
+    record_per: str = "conversation"
 
     def validate(self) -> None:
+        if self.record_per not in RECORD_PER:
+            raise ConfigError(f"record_per must be one of {', '.join(RECORD_PER)}, not {self.record_per!r}")
         if self.idle_timeout_s <= 0 or self.active_timeout_s <= 0:
             raise ConfigError("timeouts must be > 0 seconds")
         if self.active_timeout_s < self.idle_timeout_s:  # as the AgentConfig CRD requires

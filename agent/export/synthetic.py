@@ -168,7 +168,7 @@ def flow_batch(
 
 
 def _key_columns(rng: np.random.Generator, t: _Traffic, n: int) -> dict[str, np.ndarray]:
-    return {
+    cols = {
         "src_ip": t.src,
         "dst_ip": t.dst,
         "src_port": t.src_port.astype(np.uint16),
@@ -183,6 +183,12 @@ def _key_columns(rng: np.random.Generator, t: _Traffic, n: int) -> dict[str, np.
         "outer_src_ip": np.zeros(n, dtype="S16"),
         "outer_dst_ip": np.zeros(n, dtype="S16"),
     }
+    # one observation point each (the rows' own interface), placed as the agent's columns are
+    cols["seen_on"] = np.char.add(cols["interface"].astype(str), ":ingress").astype(object)
+    cols["observation_points"] = np.ones(n, dtype=np.uint8)
+    order = ["src_ip", "dst_ip", "src_port", "dst_port", "protocol", "ip_version", "vlan_id", "ifindex", "interface"]
+    order += ["seen_on", "observation_points"]
+    return {k: cols[k] for k in order + [k for k in cols if k not in order]}
 
 
 def _direction_columns(t: _Traffic, n: int) -> dict[str, np.ndarray]:
@@ -270,6 +276,8 @@ def _role(name: str) -> str:
         "vlan_id",
         "ifindex",
         "interface",
+        "seen_on",
+        "observation_points",
         "tunnel_type",
         "tunnel_id",
         "outer_src_ip",

@@ -90,6 +90,14 @@ def test_counter_names_match_enum():
     assert tuple(names) == abi.COUNTERS
 
 
+def test_seen_bits_match_defines():
+    text = (BPF_DIR / "abi.h").read_text()
+    defines = {
+        line.split()[1]: int(line.split()[2]) for line in text.splitlines() if line.startswith("#define XDPML_SEEN_")
+    }
+    assert defines == {"XDPML_SEEN_INGRESS": abi.SEEN_INGRESS, "XDPML_SEEN_EGRESS": abi.SEEN_EGRESS}
+
+
 def test_tunnel_type_names_match_enum():
     text = (BPF_DIR / "abi.h").read_text()
     enum = text[text.index("enum xdpml_tunnel {") : text.index("XDPML_TUNNEL_ESP,")]

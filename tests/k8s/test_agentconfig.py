@@ -61,6 +61,8 @@ def test_changed_sections():
     }
     for section, extra in cases.items():
         assert parse_spec(dict(BASE, **extra)).changed_sections(a) == {section.strip()}, section
+    # one record per interface instead of per conversation: a harvest change, applied live
+    assert parse_spec(dict(BASE, features={"recordPer": "interface"})).changed_sections(a) == {"harvest"}
     both = parse_spec(dict(BASE, features={"sets": ["flows", "windows"], "window": {"seconds": 1}}))
     assert both.changed_sections(a) == {"features", "window"}  # both restart the datapath (window stream on)
 

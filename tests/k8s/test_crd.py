@@ -262,6 +262,7 @@ def test_full_example_maps_to_settings():
         8192,
     )
     assert (s.harvest.idle_timeout_s, s.harvest.active_timeout_s, s.harvest.interval_s) == (60, 600, 0.5)
+    assert s.harvest.record_per == "interface"
     assert (s.window.packets, s.window.seconds, s.summary_interval_s) == (100, 0, 10)
     assert (cfg.features.flows, cfg.features.windows, cfg.features.packets) == (True, True, True)
     e = cfg.export
@@ -283,7 +284,7 @@ def test_minimal_example_gets_the_documented_defaults():
     cfg = parse_agentconfig(yaml.safe_load((EXAMPLES / "valid/minimal.yaml").read_text()))
     s = cfg.settings
     assert (s.datapath.first_n, s.datapath.sample_rate, s.datapath.flow_table_size) == (10, 0, 65536)
-    assert (s.harvest.idle_timeout_s, s.harvest.active_timeout_s) == (120, 1800)
+    assert (s.harvest.idle_timeout_s, s.harvest.active_timeout_s, s.harvest.record_per) == (120, 1800, "conversation")
     assert cfg.export.collector_address == "" and not cfg.features.windows
     # and the same defaults as the CRD's
     d = apply_defaults(yaml.safe_load((EXAMPLES / "valid/minimal.yaml").read_text()), schema())["spec"]

@@ -116,6 +116,14 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         help="packets per flow kept for sequence features, 0..32 (default: %(default)s)",
     )
     f.add_argument("--no-flows", action="store_true", help="do not export flow records")
+    f.add_argument(
+        "--record-per",
+        choices=("conversation", "interface"),
+        default="conversation",
+        help="conversation: one flow record per conversation seen on several interfaces (pod "
+        "veth, overlay device, NIC), listing them in seen_on, with one preferred interface's "
+        "counts; interface: one record per interface (default: %(default)s)",
+    )
     t = p.add_argument_group("flow table and timeouts")
     t.add_argument(
         "--flow-table-size",
@@ -292,7 +300,10 @@ def settings_from_args(a):
         ),
         tunnels=tunnels,
         harvest=HarvestSettings(
-            idle_timeout_s=a.idle_timeout, active_timeout_s=a.active_timeout, interval_s=a.interval
+            idle_timeout_s=a.idle_timeout,
+            active_timeout_s=a.active_timeout,
+            interval_s=a.interval,
+            record_per=a.record_per,
         ),
         window=WindowSettings(packets=a.window, seconds=a.window_seconds),
         enforce=enforce_settings_from_args(a),

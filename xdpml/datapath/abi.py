@@ -48,7 +48,8 @@ class DirStats(C.Structure):
         ("init_window", u16),
         ("ttl", u8),
         ("tos", u8),
-        ("_pad", u32),
+        ("seen_at", u8),  # SEEN_INGRESS | SEEN_EGRESS: the hooks this direction was seen at
+        ("_pad", u8 * 3),
     ]
 
 
@@ -177,6 +178,7 @@ class EnfRule(C.Structure):
 
 
 END_FIN_INIT, END_FIN_RESP, END_RST = 1, 2, 4
+SEEN_INGRESS, SEEN_EGRESS = 1, 2  # dir_stats.seen_at bits (XDPML_SEEN_*)
 HOOK_XDP, HOOK_TC_INGRESS, HOOK_TC_EGRESS = 0, 1, 2
 # enum xdpml_tunnel, in order: the text of the tunnel_type column
 TUNNEL_TYPES = (

@@ -244,6 +244,7 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
             idle_timeout_s=float(timeouts["idleSeconds"]),
             active_timeout_s=float(timeouts["activeSeconds"]),
             interval_s=float(timeouts["scanIntervalSeconds"]),
+            record_per=feats["recordPer"],
         ),
         window=WindowSettings(packets=int(window.get("packets", 0)), seconds=float(window.get("seconds", 0)))
         if features.windows
