@@ -11,6 +11,16 @@ Table pressure: when the table is fuller than ``high_water`` (say, under a SYN
 flood that leaves thousands of one-packet flows idle for two minutes), flows quiet
 for ``pressure_idle`` (idle_timeout / 16, at least 1 s) are exported early as idle,
 so new flows keep finding room; each such scan is logged (with backoff) and counted.
+
+Early export (expiration id 3): a snapshot of a flow that is still in the table, once
+per entry, so a flood can be judged within a second. Two triggers, neither scanning
+the table more often: the kernel sends a flow's key on the early_events ring buffer
+when it reaches ``early_packets`` packets or gets a packet ``early_ms`` after its
+first (and marks the entry, so it sends one notice at most; :meth:`Harvester.early`
+looks those keys up); the regular scan takes a snapshot of the flows that became
+``early_ms`` old since the previous scan and got no notice (quiet flows). Keys the
+scan exported early are remembered until the flow leaves the table, so a notice that
+follows does not export the flow twice.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import numpy as np
 from xdpml.agent.features import EXPIRATION, flow_columns
 
 from xdpml.config import HarvestSettings
-from xdpml.datapath.abi import END_FIN_INIT, END_FIN_RESP, END_RST
+from xdpml.datapath.abi import EARLY_SENT, END_FIN_INIT, END_FIN_RESP, END_RST
 from xdpml.wire.columns import ColumnBatch
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,7 @@ class FlowTable(Protocol):
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]: ...
     def take(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
     def drain(self) -> tuple[np.ndarray, np.ndarray]: ...
 
 
@@ -55,7 +66,7 @@ def mono_to_unix_offset_ns() -> int:
 class HarvestStats:
     scans: int = 0
     active: int = 0  # flows in the table at the last scan
-    exported: int = 0
+    exported: int = 0  # final records (early snapshots are counted in by_reason["early"] only)
     by_reason: dict | None = None
 
     def __post_init__(self):
@@ -88,6 +99,9 @@ class Harvester:
         self.stats = HarvestStats()
         self.pressure_scans = 0
         self._pressure_logged = 0.0
+        self._last_scan_ns = 0  # the previous scan's clock: flows turning early_ms old since then
+        self._early_by_scan: set[bytes] = set()  # keys the scan exported early, until they leave
+        self._early_pending: ColumnBatch | None = None
 
     def _reasons(self, values: np.ndarray, now: int) -> np.ndarray:
         """-2 keep, else the expiration id."""
@@ -120,13 +134,29 @@ class Harvester:
         return reason
 
     def scan(self, now_ns: int | None = None) -> ColumnBatch | None:
+        """Take the finished flows out (their final records). Snapshots of flows that
+        became early_ms old since the last scan wait in :meth:`take_early`."""
         now = self.clock() if now_ns is None else now_ns
         keys, values = self.table.read_all()
         self.stats.scans += 1
         self.stats.active = len(keys)
+        since, self._last_scan_ns = self._last_scan_ns, now
         if not len(keys):
             return None
         reason = self._reasons(values, now)
+        early_ns = int(round(self.settings.early_ms)) * 1_000_000
+        if early_ns > 0:
+            first = values["first_ns"].astype(np.int64)
+            due = (
+                (reason == -2)
+                & ((values["end_flags"] & EARLY_SENT) == 0)
+                & (first + early_ns <= now)
+                & (first + early_ns > since)
+            )
+            if due.any():
+                ek, ev = keys[due].copy(), values[due].copy()
+                self._early_by_scan.update(k.tobytes() for k in ek)
+                self._add_early(self._columns(ek, ev, np.full(len(ek), EXPIRATION["early"], np.int8)))
         done = reason >= -1
         if not done.any():
             return None
@@ -137,17 +167,54 @@ class Harvester:
             order = {k.tobytes(): r for k, r in zip(want_keys, want_reason)}
             want_reason = np.array([order[k.tobytes()] for k in got_keys], dtype=np.int8)
         self.stats.active -= len(got_keys)
+        if self._early_by_scan:
+            for k in got_keys:
+                self._early_by_scan.discard(k.tobytes())
         return self._columns(got_keys, got_values, want_reason)
+
+    def _add_early(self, batch: ColumnBatch) -> None:
+        if self._early_pending is None:
+            self._early_pending = batch
+        else:
+            self._early_pending = ColumnBatch.concat([self._early_pending, batch])
+
+    def take_early(self) -> ColumnBatch | None:
+        """The early snapshots the last scan took (None if none)."""
+        batch, self._early_pending = self._early_pending, None
+        return batch
+
+    def early(self, keys: np.ndarray) -> ColumnBatch | None:
+        """Snapshots (expiration id 3) of the flows the kernel's early notices name,
+        still in the table (a flow that ended meanwhile went out with its final record)."""
+        if not len(keys):
+            return None
+        keep, seen = [], set()
+        for i, k in enumerate(keys):
+            kb = k.tobytes()
+            if kb in seen:
+                continue
+            seen.add(kb)
+            if kb in self._early_by_scan:  # the scan sent this one's snapshot already
+                self._early_by_scan.discard(kb)
+                continue
+            keep.append(i)
+        if not keep:
+            return None
+        got_keys, got_values = self.table.lookup(np.ascontiguousarray(keys[keep]))
+        if not len(got_keys):
+            return None
+        return self._columns(got_keys, got_values, np.full(len(got_keys), EXPIRATION["early"], np.int8))
 
     def drain(self) -> ColumnBatch | None:
         """Everything left (agent stop): expiration id -1."""
         keys, values = self.table.drain()
+        self._early_by_scan.clear()
         if not len(keys):
             return None
         return self._columns(keys, values, np.full(len(keys), EXPIRATION["agent_stop"], np.int8))
 
     def _columns(self, keys, values, reason) -> ColumnBatch:
-        self.stats.exported += len(keys)
+        self.stats.exported += int(np.sum(reason != EXPIRATION["early"]))
         for name, rid in EXPIRATION.items():
             self.stats.by_reason[name] += int(np.sum(reason == rid))
         return flow_columns(

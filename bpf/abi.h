@@ -79,6 +79,13 @@ struct seq_entry {
 #define XDPML_END_FIN_INIT  1 /* FIN seen from the initiator */
 #define XDPML_END_FIN_RESP  2 /* FIN seen from the responder */
 #define XDPML_END_RST       4 /* RST seen */
+#define XDPML_EARLY_SENT 0x80 /* end_flags bit: the early-export notice for this entry went out */
+
+/* early_events record: the key of a flow that reached XDPML_EARLY_PACKETS packets (or
+ * got a packet XDPML_EARLY_MS after its first); user space exports a snapshot of it. */
+struct early_event {
+    struct flow_key key;
+};
 
 struct flow_value {
     struct bpf_spin_lock lock;
@@ -183,6 +190,8 @@ enum xdpml_counter {
     C_ENF_DROPPED,        /* packets dropped by a rule (enforce mode) */
     C_ENF_KILL_PASSED,    /* packets a rule matched that the kill switch passed */
     C_MODEL_ERR,          /* model walk reached no leaf / index out of range: not classified */
+    C_EARLY_SENT,         /* early-export notices written (one per flow entry at most) */
+    C_RB_EARLY_FULL,      /* early ring buffer full: notice lost (the flow is exported at its timeouts) */
     C_COUNTERS_MAX,
 };
 

@@ -151,6 +151,22 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="flow table scan period, seconds (default: %(default)s)",
     )
+    t.add_argument(
+        "--early-packets",
+        type=int,
+        default=10,
+        metavar="K",
+        help="send the collector a snapshot of each flow (expiration id 3) once it has K packets, "
+        "so verdicts act within a second; the flow is exported again at its timeouts; 0 = off "
+        "(default: %(default)s)",
+    )
+    t.add_argument(
+        "--early-ms",
+        type=float,
+        default=500.0,
+        metavar="T",
+        help="... or once it is T milliseconds old; 0 = off (default: %(default)s)",
+    )
     o = p.add_argument_group("output")
     o.add_argument(
         "-o",
@@ -256,7 +272,11 @@ def settings_from_args(a):
             flow_table_size=a.flow_table_size, first_n=a.first_n, sample_rate=a.sample, flow_lock=not a.no_flow_lock
         ),
         harvest=HarvestSettings(
-            idle_timeout_s=a.idle_timeout, active_timeout_s=a.active_timeout, interval_s=a.interval
+            idle_timeout_s=a.idle_timeout,
+            active_timeout_s=a.active_timeout,
+            interval_s=a.interval,
+            early_packets=a.early_packets,
+            early_ms=a.early_ms,
         ),
         window=WindowSettings(packets=a.window, seconds=a.window_seconds),
         enforce=enforce_settings_from_args(a),

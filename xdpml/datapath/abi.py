@@ -59,6 +59,10 @@ class SeqEntry(C.Structure):
     _fields_ = [("piat_us", u32), ("size", u16), ("dir", u8), ("flags", u8)]
 
 
+class EarlyEvent(C.Structure):
+    _fields_ = [("key", FlowKey)]
+
+
 class WinEvent(C.Structure):
     _fields_ = [
         ("ts_ns", u64),
@@ -176,6 +180,7 @@ class EnfRule(C.Structure):
 
 
 END_FIN_INIT, END_FIN_RESP, END_RST = 1, 2, 4
+EARLY_SENT = 0x80  # end_flags bit: the kernel sent this entry's early-export notice
 HOOK_XDP, HOOK_TC_INGRESS, HOOK_TC_EGRESS = 0, 1, 2
 TCP_FLAG_NAMES = ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")  # header bit order
 
@@ -210,6 +215,8 @@ COUNTERS = (
     "enf_dropped",
     "enf_kill_passed",
     "model_err",
+    "early_sent",
+    "rb_early_full",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 

@@ -121,6 +121,9 @@ class AgentConfig:
         for name in ("datapath", "harvest", "window"):
             if getattr(self.settings, name) != getattr(old.settings, name):
                 out.add(name)
+        h, oh = self.settings.harvest, old.settings.harvest
+        if (h.early_packets, h.early_ms) != (oh.early_packets, oh.early_ms):
+            out.add("datapath")  # the early-export trigger is compiled into the programs
         if self.settings.summary_interval_s != old.settings.summary_interval_s:
             out.add("summary")
         for name in ("features", "export", "enrichment"):
