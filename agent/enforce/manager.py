@@ -318,6 +318,32 @@ class RuleManager:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
+    def detach(self) -> None:
+        """Stop acting on this table (the datapath restarts); attach() starts again."""
+        self.close()
+        self._thread = None
+        self._stop = threading.Event()
+        self.table = None
+
+    # -- live changes (AgentConfig) -----------------------------------------------------
+    def set_allowlist(self, networks: Iterable) -> None:
+        """A new allowlist: used for the next verdict, and written to the kernel."""
+        nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+        with self._lock:
+            self.allowlist = nets
+            self._allow_ranges = [_range16(n) for n in nets]
+        if self.table is not None:
+            self.table.set_allowlist(nets)
+
+    def set_limits(self, settings: EnforceSettings) -> None:
+        """New limits (max rules, installs per second, TTLs) for the next verdicts."""
+        with self._lock:
+            self.settings = settings
+            self._tokens = min(self._tokens, float(settings.burst_installs))
+
+    def set_namespace_policy(self, policy: dict[str, frozenset] | None) -> None:
+        self.policy = dict(DEFAULT_NAMESPACE_POLICY if policy is None else policy)
+
     def set_mode(self, mode: str) -> None:
         if mode == "enforce" and not self.channel.authenticated:
             raise ConfigError(

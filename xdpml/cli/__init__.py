@@ -446,6 +446,7 @@ def run_kubernetes_agent(a) -> int:
         collector=a.collector or "",
         collector_tls=tls,
         extra_sinks=extra,
+        pin_dir=a.pin_dir,
     )
     telemetry = _telemetry(a, "xdpml-agent")
     health = _health(a, ("programs_attached", "pod_cache_synced"))

@@ -31,6 +31,7 @@ from xdpml.config import (
     AgentSettings,
     ConfigError,
     DatapathSettings,
+    EnforceSettings,
     HarvestSettings,
     InterfaceSettings,
     WindowSettings,
@@ -94,6 +95,18 @@ class EnrichmentSettings:
     labels: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class EnforcementConfig:
+    """spec.enforcement beyond the limits (those are AgentSettings.enforce)."""
+
+    mode: str = "dry-run"  # off | dry-run | enforce
+    allow: tuple[str, ...] = ()  # operator CIDRs
+    # namespace -> actions allowed on its pods' traffic ("*": every other namespace);
+    # empty = the agent's default (kube-system none, others drop and rate-limit)
+    namespace_policy: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    follow_api_server: bool = True
+
+
 @dataclass
 class AgentConfig:
     """One parsed, valid AgentConfig resource."""
@@ -103,6 +116,7 @@ class AgentConfig:
     features: FeatureSets = field(default_factory=FeatureSets)
     export: ExportSettings = field(default_factory=ExportSettings)
     enrichment: EnrichmentSettings = field(default_factory=EnrichmentSettings)
+    enforcement: EnforcementConfig = field(default_factory=EnforcementConfig)
     node_selector: Mapping[str, str] = field(default_factory=dict)
     name: str = ""
     namespace: str = ""
@@ -111,10 +125,20 @@ class AgentConfig:
 
     def changed_sections(self, old: AgentConfig | None) -> set[str]:
         """What differs from ``old``: interfaces, datapath, harvest, window, features,
-        export, enrichment, summary. The pipeline redoes only these (datapath means
+        export, enrichment, enforcement, summary. The pipeline redoes only these (datapath means
         recompile and reattach; interfaces means attach/detach the rules that changed)."""
         if old is None:
-            return {"interfaces", "datapath", "harvest", "window", "features", "export", "enrichment", "summary"}
+            return {
+                "interfaces",
+                "datapath",
+                "harvest",
+                "window",
+                "features",
+                "export",
+                "enrichment",
+                "enforcement",
+                "summary",
+            }
         out = set()
         if self.interface_rules != old.interface_rules:
             out.add("interfaces")
@@ -129,6 +153,8 @@ class AgentConfig:
         for name in ("features", "export", "enrichment"):
             if getattr(self, name) != getattr(old, name):
                 out.add(name)
+        if self.enforcement != old.enforcement or self.settings.enforce != old.settings.enforce:
+            out.add("enforcement")
         return out
 
 
@@ -247,7 +273,40 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
         window=WindowSettings(packets=int(window.get("packets", 0)), seconds=float(window.get("seconds", 0)))
         if features.windows
         else WindowSettings(),
+        enforce=_enforce_limits(spec),
         summary_interval_s=float(spec["summaryIntervalSeconds"]),
+    )
+
+
+def _enforce_limits(spec: Mapping) -> EnforceSettings:
+    enf = _section(spec, "enforcement")
+    return EnforceSettings(
+        max_rules=int(enf["maxRules"]),
+        max_installs_per_s=float(enf["maxInstallsPerSecond"]),
+        max_ttl_s=float(enf["maxRuleTTLSeconds"]),
+        default_ttl_s=float(enf["ruleTTLSeconds"]),
+    )
+
+
+def _enforcement(spec: Mapping) -> EnforcementConfig:
+    import ipaddress
+
+    enf = _section(spec, "enforcement")
+    allow = tuple(enf.get("allow") or ())
+    bad = []
+    for i, cidr in enumerate(allow):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            bad.append(f"spec.enforcement.allow[{i}]: {cidr!r} is not an IP address or CIDR")
+    policy = tuple((p["namespace"], tuple(p["actions"])) for p in enf.get("namespacePolicy") or ())
+    names = [n for n, _ in policy]
+    if len(set(names)) != len(names):
+        bad.append("spec.enforcement.namespacePolicy: a namespace is listed twice")
+    if bad:
+        raise ConfigError("; ".join(bad))
+    return EnforcementConfig(
+        mode=enf["mode"], allow=allow, namespace_policy=policy, follow_api_server=bool(enf["followApiServer"])
     )
 
 
@@ -298,6 +357,7 @@ def parse_spec(spec: Any, *, tls_mount_root: str = DEFAULT_TLS_MOUNT_ROOT) -> Ag
         features=features,
         export=_export(spec, tls_mount_root),
         enrichment=_enrichment(spec),
+        enforcement=_enforcement(spec),
         node_selector=dict(spec.get("nodeSelector") or {}),
     )
 
