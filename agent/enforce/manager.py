@@ -301,6 +301,7 @@ class RuleManager:
         the pinned maps' mode), begin the expiry sweep."""
         table.set_allowlist(self.allowlist)
         self.table = table
+        self.adopt_live_rules()
         if mode:
             self.set_mode(mode)
         self._thread = threading.Thread(target=self._sweep_loop, name="xdpml-enforce", daemon=True)
@@ -312,6 +313,27 @@ class RuleManager:
             self.channel.description,
             "" if self.channel.authenticated else " (unauthenticated: dry-run rules only)",
         )
+
+    def adopt_live_rules(self) -> int:
+        """Count the live exact rules already in the table (pinned by an earlier agent, or
+        by `xdpml score --apply`) as installed, so a verdict for the same flow is a
+        duplicate and they count against max_rules. Returns how many."""
+        if self.table is None:
+            return 0
+        from xdpml.datapath.rules import _ip16
+
+        n = 0
+        with self._lock:
+            for r in self.table.rows():
+                if r.kind != "exact" or r.expires_in_s <= 0:
+                    continue
+                try:
+                    key = _canonical(_ip16(r.src), _ip16(r.dst), r.src_port, r.dst_port, r.proto)
+                except ValueError:
+                    continue
+                self._installed[key] = r.slot
+                n += 1
+        return n
 
     def close(self) -> None:
         self._stop.set()

@@ -615,6 +615,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dm.add_argument("--seconds", type=_positive_float, default=20.0, help="baseline traffic duration")
     dm.set_defaults(func=run_demo)
+    from xdpml.cli import score as score_cli
+
+    sc = sub.add_parser(
+        "score",
+        help="score exported flows (JSON lines or Parquet) with a model; show or --apply the rules they make",
+        description=score_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score_cli.add_arguments(sc)
+    sc.set_defaults(func=score_cli.run)
     from xdpml.models.cli_commands import add_model_commands
 
     add_model_commands(sub)
