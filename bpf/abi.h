@@ -192,6 +192,8 @@ enum xdpml_counter {
     C_MODEL_ERR,          /* model walk reached no leaf / index out of range: not classified */
     C_EARLY_SENT,         /* early-export notices written (one per flow entry at most) */
     C_RB_EARLY_FULL,      /* early ring buffer full: notice lost (the flow is exported at its timeouts) */
+    C_ENF_DROPPED_BYTES,  /* frame bytes of the packets counted in C_ENF_DROPPED */
+    C_ENF_WOULD_DROP_BYTES, /* frame bytes of the packets counted in C_ENF_WOULD_DROP */
     C_COUNTERS_MAX,
 };
 

@@ -383,7 +383,7 @@ class AgentEnforcement:
         self.manager.on_verdicts(vb)
 
     def on_attached(self, dp) -> None:
-        self.manager.attach(dp.rule_table(), mode=self.mode)
+        self.manager.attach(dp.rule_table(), mode=self.mode, counters=dp.counters)
 
     def close(self) -> None:
         self.manager.close()

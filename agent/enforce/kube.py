@@ -173,7 +173,7 @@ class KubeEnforcement:
 
     def on_attached(self, dp) -> None:
         self.manager.detach()
-        self.manager.attach(dp.rule_table(), mode=self.cfg.mode)
+        self.manager.attach(dp.rule_table(), mode=self.cfg.mode, counters=dp.counters)
 
     def on_detached(self) -> None:
         self.manager.detach()

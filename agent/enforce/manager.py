@@ -294,13 +294,44 @@ class RuleManager:
         self._logs = {r: _Backoff(f"verdict refused ({r})") for r in REFUSALS}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.kernel_counters: Callable[[], dict] | None = None
+        if telemetry is not None:
+            self.register_observables(telemetry)
 
     # -- lifecycle -----------------------------------------------------------------
-    def attach(self, table: RuleTable, *, mode: str = "") -> None:
+    def register_observables(self, telemetry) -> None:
+        """Metrics read at each collection: live rules by action, and the kernel's packets
+        and bytes dropped / would-drop (of the datapath attached last)."""
+
+        def active() -> dict[str, int]:
+            out = {"pass": 0, "drop": 0, "rate-limit": 0}
+            t = self.table
+            for r in t.rows() if t is not None else []:
+                if r.expires_in_s > 0:
+                    out[r.action] = out.get(r.action, 0) + 1
+            return out
+
+        def kernel(suffix: str):
+            def read() -> dict[str, int]:
+                c = self.kernel_counters() if self.kernel_counters is not None else {}
+                if not c:
+                    return {}
+                return {"dropped": c[f"enf_dropped{suffix}"], "would_drop": c[f"enf_would_drop{suffix}"]}
+
+            return read
+
+        telemetry.observe_gauge("xdpml.agent.enforce.rules_active", active)
+        telemetry.observe_counter("xdpml.agent.enforce.packets", kernel(""))
+        telemetry.observe_counter("xdpml.agent.enforce.bytes", kernel("_bytes"))
+
+    def attach(self, table: RuleTable, *, mode: str = "", counters: Callable[[], dict] | None = None) -> None:
         """Start acting: write the allowlist to the kernel, set the mode if given ("" keeps
-        the pinned maps' mode), begin the expiry sweep."""
+        the pinned maps' mode), begin the expiry sweep. ``counters``: the datapath's
+        kernel counters (Datapath.counters), for the metrics."""
         table.set_allowlist(self.allowlist)
         self.table = table
+        if counters is not None:
+            self.kernel_counters = counters
         self.adopt_live_rules()
         if mode:
             self.set_mode(mode)

@@ -217,6 +217,8 @@ COUNTERS = (
     "model_err",
     "early_sent",
     "rb_early_full",
+    "enf_dropped_bytes",
+    "enf_would_drop_bytes",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 

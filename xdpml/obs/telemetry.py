@@ -179,6 +179,27 @@ METRICS: dict[str, MetricSpec] = {
             "Time from a verdict's arrival to its rule being in the kernel maps.",
         ),
         _m(
+            "xdpml.agent.enforce.rules_active",
+            OBSERVABLE_GAUGE,
+            "{rule}",
+            "Rules live in the kernel maps (not expired), by action.",
+            "action",
+        ),
+        _m(
+            "xdpml.agent.enforce.packets",
+            OBSERVABLE_COUNTER,
+            "{packet}",
+            "Packets rules dropped (enforce mode) or would have dropped (dry-run), from the kernel's counters.",
+            "result",
+        ),
+        _m(
+            "xdpml.agent.enforce.bytes",
+            OBSERVABLE_COUNTER,
+            "By",
+            "Frame bytes of those packets, by the same result.",
+            "result",
+        ),
+        _m(
             "xdpml.agent.attached",
             OBSERVABLE_GAUGE,
             "{program}",
