@@ -22,7 +22,6 @@ Without early export the flood would be judged at its idle or active timeout (12
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import statistics
 import subprocess
@@ -54,53 +53,6 @@ class FloodModel:
         pass
 
 
-def _certs(d: Path) -> dict[str, str]:
-    """A CA, a server certificate (collector.bench) and a client certificate, as files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.UTC)
-
-    def make(cn, issuer=None, *, ca=False, usage=None, dns=None):
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        ikey, iname = (key, name) if issuer is None else (issuer[0], issuer[1].subject)
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(iname)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if usage is not None:
-            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        if dns:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
-        return key, b.sign(ikey, hashes.SHA256())
-
-    ca = make("xdpml bench CA", ca=True)
-    pairs = {
-        "ca": ca,
-        "server": make("collector", ca, usage=ExtendedKeyUsageOID.SERVER_AUTH, dns="collector.bench"),
-        "client": make("agent", ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH),
-    }
-    out = {}
-    for name, (key, cert) in pairs.items():
-        (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (d / f"{name}.key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        out[name], out[f"{name}_key"] = str(d / f"{name}.pem"), str(d / f"{name}.key")
-    return out
-
-
 def _flood(host, dst: str, sport: int) -> int:
     """Send the flood from the namespace; returns CLOCK_MONOTONIC ns before its first packet."""
     code = (
@@ -125,7 +77,7 @@ def run(trials: int) -> dict:
 
     from xdpml.datapath.pins import open_pinned
     from xdpml.datapath.rules import RuleTable
-    from xdpml.lab import make_hosts
+    from xdpml.lab import make_certs, make_hosts
     from xdpml.wire.tls import ServerTls
 
     work = Path(tempfile.mkdtemp(prefix="xdpml-bench-loop-"))
@@ -133,7 +85,7 @@ def run(trials: int) -> dict:
     bpffs.mkdir()
     subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
     pin_dir = str(bpffs / "loop")
-    c = _certs(work)
+    c = make_certs(work, server_name="collector.bench")
     settings = CollectorSettings(
         listen="127.0.0.1:0",
         tls=ServerTls(c["server"], c["server_key"], client_ca_file=c["ca"]),

@@ -208,6 +208,14 @@ METRICS: dict[str, MetricSpec] = {
             "mode",
         ),
         # ---- collector -----------------------------------------------------
+        _m(
+            "xdpml.collector.early_rows",
+            COUNTER,
+            "{row}",
+            "Early flow snapshots received: scored for verdicts, not stored, learned or counted as rows scored.",
+            "model",
+            "flagged",
+        ),
         _m("xdpml.collector.batches", COUNTER, "{batch}", "Feature batches received from agents.", "kind"),
         _m("xdpml.collector.rows", COUNTER, "{row}", "Feature rows received from agents.", "kind"),
         _m("xdpml.collector.scored", COUNTER, "{row}", "Rows scored by a model.", "model"),
