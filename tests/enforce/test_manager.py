@@ -165,6 +165,24 @@ def test_a_flood_of_verdicts_installs_at_most_the_burst(make, table):
     assert m.stats.installed == 35 and refused(m) == {"install_rate": 2 * n - 35 - 25, "duplicate": 25}
 
 
+def test_a_million_verdicts_within_one_second(make, table):
+    """A million verdicts inside one instant of the manager's clock (any real rate is
+    slower): 50 distinct exported flows, each named 20,000 times. Exactly the burst is
+    installed; every other verdict is refused, and counted under its reason."""
+    flows = [(ATTACKER, VICTIM, 20000 + i, 80, 17) for i in range(50)]
+    s = EnforceSettings(pin_dir="", burst_installs=25, max_installs_per_s=10)
+    m, _ = make(settings=s, exported=flows)
+    vs = [verdict(*f[:4]) for f in flows]
+    rounds = 20_000
+    for _ in range(rounds):
+        for v in vs:
+            m.consider(v, mode="dry-run")
+    assert m.stats.installed == 25 and table.count() == 25
+    # first round: 25 installed, 25 out of tokens; every later round: 25 duplicates, 25 out of tokens
+    assert refused(m) == {"install_rate": 25 * rounds, "duplicate": 25 * (rounds - 1)}
+    assert sum(m.stats.refused.values()) + m.stats.installed == 50 * rounds == 1_000_000
+
+
 def test_max_rules(make, table):
     flows = [(ATTACKER, VICTIM, 1000 + i, 80, 17) for i in range(10)]
     m, _ = make(settings=EnforceSettings(pin_dir="", max_rules=4), exported=flows)
