@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,6 +102,11 @@ class Harvester:
         self._last_scan_ns = 0  # the previous scan's clock: flows turning early_ms old since then
         self._early_by_scan: set[bytes] = set()  # keys the scan exported early, until they leave
         self._early_pending: ColumnBatch | None = None
+        # pass rules that keep their flows out of the export: () -> {rule slot: rule
+        # generation}; a flow whose cached decision (enf_slot/enf_gen, bpf/rules.h) names
+        # such a rule, taken at or after the rule's generation, is not exported
+        self.no_export: Callable[[], dict[int, int]] | None = None
+        self.stats_not_exported = 0
 
     def _reasons(self, values: np.ndarray, now: int) -> np.ndarray:
         """-2 keep, else the expiration id."""
@@ -213,7 +218,29 @@ class Harvester:
             return None
         return self._columns(keys, values, np.full(len(keys), EXPIRATION["agent_stop"], np.int8))
 
+    def _excluded(self, values: np.ndarray) -> np.ndarray | None:
+        """Rows a no-export pass rule matched (None: none)."""
+        if self.no_export is None or not len(values):
+            return None
+        try:
+            slots = self.no_export()
+        except OSError as exc:
+            log.warning("reading the no-export rules failed: %s", exc)
+            return None
+        if not slots:
+            return None
+        out = np.zeros(len(values), dtype=bool)
+        for d in (0, 1):
+            s, g = values["enf_slot"][:, d], values["enf_gen"][:, d]
+            for slot, gen in slots.items():
+                out |= (s == slot) & (g >= gen)
+        return out if out.any() else None
+
     def _columns(self, keys, values, reason) -> ColumnBatch:
+        drop = self._excluded(values)
+        if drop is not None:
+            self.stats_not_exported += int(drop.sum())
+            keys, values, reason = keys[~drop], values[~drop], np.asarray(reason)[~drop]
         self.stats.exported += int(np.sum(reason != EXPIRATION["early"]))
         for name, rid in EXPIRATION.items():
             self.stats.by_reason[name] += int(np.sum(reason == rid))

@@ -409,6 +409,11 @@ class Agent:
                 ifnames=self._ifnames,
                 capacity=s.datapath.flow_table_size,
             )
+            try:
+                rules = dp.rule_table()
+                harvester.no_export = rules.no_export_slots
+            except Exception as exc:  # flows matter more than the no-export rules
+                log.warning("no-export pass rules are not applied (%s)", exc)
             wins = RecordBuffer(dp.bpf, "win_events", WinEvent) if dp.window else None
             pkts = RecordBuffer(dp.bpf, "pkt_events", PktEvent) if dp.sample_rate else None
             early = RecordBuffer(dp.bpf, "early_events", EarlyEvent, capacity=8192) if dp.early else None

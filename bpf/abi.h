@@ -209,6 +209,8 @@ enum xdpml_counter {
 #define XDPML_ACT_RATE_LIMIT 3
 
 #define XDPML_RULE_DRY_RUN 1  /* rule flag: this rule only counts, whatever the mode */
+#define XDPML_RULE_NO_EXPORT 2 /* pass rule flag: flows it matched are not exported (user space
+                                * reads the decision cached in the flow entry; the kernel ignores it) */
 
 #define XDPML_ENF_SLOT_ALLOWLISTED 0xffffffffu
 

@@ -116,6 +116,7 @@ ENF_MODES = {"dry-run": ENF_DRY_RUN, "off": ENF_OFF, "enforce": ENF_ENFORCE}
 ACT_PASS, ACT_DROP, ACT_RATE_LIMIT = 1, 2, 3
 ACTIONS = {"pass": ACT_PASS, "drop": ACT_DROP, "rate-limit": ACT_RATE_LIMIT}
 RULE_DRY_RUN = 1
+RULE_NO_EXPORT = 2  # pass rules: flows they matched are not exported (agent/harvest.py)
 ENF_SLOT_ALLOWLISTED = 0xFFFFFFFF
 
 
