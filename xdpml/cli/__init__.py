@@ -609,8 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.dedent("""\
                             Builds test hosts in network namespaces, runs the agent on their
                             interfaces and the collector with the embedded model, sends normal
-                            traffic, then a port scan and a SYN flood, and prints the flows the
-                            model flags. Needs root. Ends by itself and removes what it made."""),
+                            traffic, then a port scan and a SYN flood; then verdicts become a
+                            kernel rule, dry-run first, then enforce (the flood dropped, the
+                            allowlist untouched), until it expires; prints the flows the model
+                            flags. Needs root. Ends by itself and removes what it made."""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dm.add_argument("--seconds", type=_positive_float, default=20.0, help="baseline traffic duration")
