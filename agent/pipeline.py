@@ -303,6 +303,8 @@ class Agent:
     def _early_flows(self, batch: ColumnBatch | None) -> None:
         if batch is None or not len(batch):
             return
+        if not any(getattr(s, "early", False) for s in self.sinks):
+            return  # no sink takes snapshots (no collector): they are not exported, nor counted
         self.totals.early += len(batch)
         self._count("xdpml.agent.flows", len(batch), reason="early")
         if self.flows_enabled:
