@@ -25,7 +25,7 @@ from xdpml.wire.columns import ColumnBatch, ColumnSpec
 
 DIRS = ("bidirectional", "src2dst", "dst2src")
 FLAGS = ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")  # TCP header bit order
-EXPIRATION = {"idle": 0, "active": 1, "tcp_end": 2, "agent_stop": -1}
+EXPIRATION = {"idle": 0, "active": 1, "tcp_end": 2, "early": 3, "agent_stop": -1}
 
 
 TUNNEL_SPECS = (
@@ -89,7 +89,8 @@ def _flow_specs() -> dict[str, ColumnSpec]:
             "expiration_id",
             "i1",
             "",
-            "why the flow was exported: 0 idle timeout, 1 active timeout, 2 TCP FIN/RST, -1 agent stop",
+            "why the flow was exported: 0 idle timeout, 1 active timeout, 2 TCP FIN/RST, "
+            "3 early snapshot (the flow goes on), -1 agent stop",
             "time",
         ),
     ]

@@ -39,6 +39,7 @@ class KubeAgentOptions:
     collector: str = ""  # flag default for the collector address
     collector_tls: object = None  # xdpml.wire.tls.ClientTls from flags, or None
     extra_sinks: list[Sink] = field(default_factory=list)  # e.g. -o FILE, tests
+    pin_dir: str = "/sys/fs/bpf/xdpml"  # rule maps (a bpffs hostPath in the chart: rules survive restarts)
     attach_timeout_s: float = 120.0
 
 
@@ -85,8 +86,10 @@ class KubernetesAgent:
         self._export_key: tuple | None = None
         self.stop_event = threading.Event()
         self.restarts = 0
+        self._count_verdicts = verdict_counter(telemetry)
         self.watcher_kwargs = watcher_kwargs or {}
         self.watcher: AgentConfigWatcher | None = None
+        self.enforcement = None  # agent.enforce.kube.KubeEnforcement, made with the first config
         register_observables(telemetry, lambda: self.agent)
 
     # ---- applying configs -----------------------------------------------------------
@@ -96,6 +99,23 @@ class KubernetesAgent:
         if not plan:
             raise AttachError("no interface on this node matches the AgentConfig's interface rules")
         sections = new.changed_sections(old)
+        # enforcement first: a spec this node cannot enforce is refused before anything changes
+        if self.enforcement is None:
+            from xdpml.agent.enforce.kube import KubeEnforcement
+
+            collector, authenticated = self._verdict_source(new)
+            self.enforcement = KubeEnforcement(
+                new,
+                api_client=self.api,
+                node_name=self.opts.node_name,
+                collector=collector,
+                authenticated=authenticated,
+                pod_for_ip=self._pod_for_ip,
+                telemetry=self.telemetry,
+            )
+        elif "enforcement" in sections or "export" in sections:
+            self.enforcement.set_channel(*self._verdict_source(new))
+            self.enforcement.apply(new)
         if "enrichment" in sections:
             self.enrich.apply(new.enrichment)
         if self.agent is None or sections & RESTART_SECTIONS:
@@ -114,6 +134,29 @@ class KubernetesAgent:
             self.agent.request("harvest", new.settings.harvest)
         if "export" in sections:
             self.agent.request("sinks", self._sinks(new))
+
+    def _verdict_source(self, cfg) -> tuple[str, bool]:
+        """(collector address, verdicts authenticated by mutual TLS) of this config."""
+        if cfg.export.collector_address:
+            return cfg.export.collector_address, cfg.export.tls_mode == "mtls" and bool(
+                cfg.export.cert_file and cfg.export.key_file
+            )
+        tls = self.opts.collector_tls
+        mtls = bool(tls is not None and getattr(tls, "cert_file", None) and getattr(tls, "key_file", None))
+        return self.opts.collector, bool(self.opts.collector) and mtls
+
+    def _pod_for_ip(self, ip16: bytes):
+        try:
+            cache = self.enrich.cache
+        except RuntimeError:
+            return None
+        return cache.pod_for_ip(ip16) if cache is not None else None
+
+    def _on_verdicts(self, vb) -> None:
+        if self._count_verdicts is not None:
+            self._count_verdicts(vb)
+        if self.enforcement is not None:
+            self.enforcement.on_verdicts(vb)
 
     def _sinks(self, cfg) -> list[Sink]:
         from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
@@ -134,7 +177,7 @@ class KubernetesAgent:
                 CollectorSink(
                     GrpcExporter(
                         ExporterSettings(node_name=self.opts.node_name, **kw),
-                        on_verdicts=verdict_counter(self.telemetry),
+                        on_verdicts=self._on_verdicts,
                         loss_counters=loss_counters(lambda: self.agent),
                     )
                 )
@@ -144,11 +187,17 @@ class KubernetesAgent:
             self._export_key = key
         sinks: list[Sink] = [_Shared(s) for s in self.opts.extra_sinks]
         if self._exporter_sink is not None:
-            sinks.append(_Shared(self._exporter_sink))
+            # verdicts must name a flow this agent exported: remember what goes out
+            exporter = self._exporter_sink
+            sinks.append(_Shared(self.enforcement.wrap(exporter) if self.enforcement is not None else exporter))
         return sinks
 
     def _start_agent(self, cfg, plan: AttachPlan) -> None:
-        settings = cfg.settings
+        import dataclasses
+
+        settings = dataclasses.replace(
+            cfg.settings, enforce=dataclasses.replace(cfg.settings.enforce, pin_dir=self.opts.pin_dir)
+        )
         settings.interfaces.names = list(plan)
         agent = Agent(
             settings,
@@ -157,6 +206,7 @@ class KubernetesAgent:
             flows=cfg.features.flows,
             transform=self._enrich,
             telemetry=self.telemetry,
+            on_attached=self.enforcement.on_attached if self.enforcement is not None else None,
         )
 
         def failed(exc: BaseException) -> None:
@@ -179,6 +229,8 @@ class KubernetesAgent:
         if self.agent is None:
             return
         log.info("restarting the datapath for the new config (draining first)")
+        if self.enforcement is not None:
+            self.enforcement.on_detached()
         self.agent.stop()
         self.agent = None
         if self.health is not None:
@@ -235,6 +287,11 @@ class KubernetesAgent:
         with watcher:
             synced = False
             while not self.stop_event.wait(1.0):
+                if self.enforcement is not None:
+                    try:
+                        self.enforcement.tick(watcher)
+                    except Exception as exc:  # status and Events are best effort; rules live on
+                        log.warning("enforcement housekeeping failed: %s", exc)
                 if self.health is not None:
                     self.health.beat()
                     try:
@@ -253,6 +310,8 @@ class KubernetesAgent:
         return 1 if failed else 0
 
     def close(self) -> None:
+        if self.enforcement is not None:
+            self.enforcement.close()
         if self.agent is not None:
             self.agent.stop()
             self.agent = None
@@ -271,6 +330,7 @@ class _Shared:
         self.sink = sink
         self.name = getattr(sink, "name", type(sink).__name__)
         self.kinds = getattr(sink, "kinds", None)
+        self.early = getattr(sink, "early", False)  # early snapshots (the collector sink)
         self.drop_reason = getattr(sink, "drop_reason", "queue_full")
 
     def write(self, batch):

@@ -31,7 +31,7 @@ from xdpml.agent.harvest import Harvester, mono_to_unix_offset_ns
 
 from xdpml import __version__
 from xdpml.config import AgentSettings, HarvestSettings
-from xdpml.datapath.abi import PktEvent, WinEvent
+from xdpml.datapath.abi import EarlyEvent, PktEvent, WinEvent
 from xdpml.datapath.loader import Datapath
 from xdpml.datapath.maps import FlowMap
 from xdpml.errors import XdpmlError
@@ -61,7 +61,8 @@ AttachPlan = dict[str, tuple[str, str]]
 
 @dataclass
 class AgentTotals:
-    flows: int = 0
+    flows: int = 0  # final flow records
+    early: int = 0  # early snapshots (expiration id 3), sent to the sinks that take them
     windows: int = 0
     packets_sampled: int = 0
     enrich_errors: int = 0
@@ -232,7 +233,10 @@ class Agent:
         self._ifnames[att.ifindex] = att.ifname
         self._ifkinds[att.ifindex] = att.kind
 
-    def _emit(self, batch: ColumnBatch | None) -> None:
+    def _emit(self, batch: ColumnBatch | None, *, early: bool = False) -> None:
+        """To every sink that takes the batch's kind; early snapshots only to sinks that
+        ask for them (``sink.early``: the collector, which judges them and does not
+        count them as flows), so no other output holds a flow twice."""
         if batch is None or not len(batch):
             return
         if self.transform is not None and batch.kind == "flow":
@@ -246,6 +250,8 @@ class Agent:
             kinds = getattr(sink, "kinds", None)
             if kinds is not None and batch.kind not in kinds:
                 continue  # e.g. the collector scores flows only
+            if early and not getattr(sink, "early", False):
+                continue
             try:
                 accepted = sink.write(batch)
             except Exception as exc:
@@ -299,6 +305,32 @@ class Agent:
                     )
         if self.flows_enabled:
             self._emit(batch)
+
+    def _early_flows(self, batch: ColumnBatch | None) -> None:
+        if batch is None or not len(batch):
+            return
+        if not any(getattr(s, "early", False) for s in self.sinks):
+            return  # no sink takes snapshots (no collector): they are not exported, nor counted
+        self.totals.early += len(batch)
+        self._count("xdpml.agent.flows", len(batch), reason="early")
+        if self.flows_enabled:
+            self._emit(batch, early=True)
+
+    def _wait(self, interval_s: float, early: RecordBuffer | None, harvester: Harvester) -> None:
+        """Until the next scan; with early export on, wake on the kernel's early notices
+        (ring buffer poll) and export those flows' snapshots at once."""
+        if early is None:
+            self.stop_event.wait(interval_s)
+            return
+        end = time.monotonic() + interval_s
+        while not self.stop_event.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.datapath.bpf.ring_buffer_poll(max(1, int(min(left, 0.1) * 1000)))
+            ev = early.take()
+            if len(ev):
+                self._early_flows(harvester.early(ev["key"]))
 
     def _events(
         self, wins: RecordBuffer | None, pkts: RecordBuffer | None, acc: WindowAccumulator | None, offset: int
@@ -386,8 +418,14 @@ class Agent:
                 ifkinds=self._ifkinds,
                 capacity=s.datapath.flow_table_size,
             )
+            try:
+                rules = dp.rule_table()
+                harvester.no_export = rules.no_export_slots
+            except Exception as exc:  # flows matter more than the no-export rules
+                log.warning("no-export pass rules are not applied (%s)", exc)
             wins = RecordBuffer(dp.bpf, "win_events", WinEvent) if dp.window else None
             pkts = RecordBuffer(dp.bpf, "pkt_events", PktEvent) if dp.sample_rate else None
+            early = RecordBuffer(dp.bpf, "early_events", EarlyEvent, capacity=8192) if dp.early else None
             acc = (
                 WindowAccumulator(
                     packets=s.window.packets, seconds=s.window.seconds, mono_to_unix_ns=offset, ifnames=self._ifnames
@@ -408,13 +446,14 @@ class Agent:
                 while not self.stop_event.is_set():
                     if deadline and time.monotonic() >= deadline:
                         break
-                    self.stop_event.wait(harvester.settings.interval_s)
+                    self._wait(harvester.settings.interval_s, early, harvester)
                     self._apply_requests()
                     self._events(wins, pkts, acc, offset)
                     if self._links is not None and self._links.changed.is_set():
                         self._links.changed.clear()
                         self._follow_links()
                     self._flows(harvester.scan())
+                    self._early_flows(harvester.take_early())
                     self._count_lost(dp.counters())
                     if next_summary and time.monotonic() >= next_summary:
                         last_counts = self._summary(dp, harvester, last_counts)

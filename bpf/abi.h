@@ -106,6 +106,13 @@ struct seq_entry {
 #define XDPML_END_FIN_INIT  1 /* FIN seen from the initiator */
 #define XDPML_END_FIN_RESP  2 /* FIN seen from the responder */
 #define XDPML_END_RST       4 /* RST seen */
+#define XDPML_EARLY_SENT 0x80 /* end_flags bit: the early-export notice for this entry went out */
+
+/* early_events record: the key of a flow that reached XDPML_EARLY_PACKETS packets (or
+ * got a packet XDPML_EARLY_MS after its first); user space exports a snapshot of it. */
+struct early_event {
+    struct flow_key key;
+};
 
 struct flow_value {
     struct bpf_spin_lock lock;
@@ -227,6 +234,10 @@ enum xdpml_counter {
     C_TUN_BAD_INNER,      /* the inner packet does not parse (cut short, bad header) */
     C_TUN_TOO_DEEP,       /* more nested tunnels than XDPML_TUNNEL_MAX_DEPTH */
     C_TUN_FRAGMENT,       /* tunnel packet fragmented (its inner packet is incomplete) */
+    C_EARLY_SENT,         /* early-export notices written (one per flow entry at most) */
+    C_RB_EARLY_FULL,      /* early ring buffer full: notice lost (the flow is exported at its timeouts) */
+    C_ENF_DROPPED_BYTES,  /* frame bytes of the packets counted in C_ENF_DROPPED */
+    C_ENF_WOULD_DROP_BYTES, /* frame bytes of the packets counted in C_ENF_WOULD_DROP */
     C_COUNTERS_MAX,
 };
 
@@ -242,6 +253,8 @@ enum xdpml_counter {
 #define XDPML_ACT_RATE_LIMIT 3
 
 #define XDPML_RULE_DRY_RUN 1  /* rule flag: this rule only counts, whatever the mode */
+#define XDPML_RULE_NO_EXPORT 2 /* pass rule flag: flows it matched are not exported (user space
+                                * reads the decision cached in the flow entry; the kernel ignores it) */
 
 #define XDPML_ENF_SLOT_ALLOWLISTED 0xffffffffu
 

@@ -244,8 +244,31 @@ static __always_inline struct flow_value *flow_account(struct pkt_info *p, __u32
         v->n_seq = n;
     }
 #endif
+#if XDPML_EARLY
+    /* early export: one notice per entry, when it reaches K packets or gets a packet
+     * T ms after its first; the bit is set under the lock, so only one CPU sends it */
+    int early = 0;
+    if (!(v->end_flags & XDPML_EARLY_SENT) &&
+        ((XDPML_EARLY_PACKETS > 0 && v->dir[0].packets + v->dir[1].packets >= XDPML_EARLY_PACKETS) ||
+         (XDPML_EARLY_MS > 0 && now - v->first_ns >= (__u64)XDPML_EARLY_MS * 1000000ULL))) {
+        v->end_flags |= XDPML_EARLY_SENT;
+        early = 1;
+    }
+#endif
 #if XDPML_FLOW_LOCK
     bpf_spin_unlock(&v->lock);
+#endif
+#if XDPML_EARLY
+    if (early) {
+        struct early_event *e = early_events.ringbuf_reserve(sizeof(struct early_event));
+        if (e) {
+            __builtin_memcpy(&e->key, &key, sizeof(key));
+            early_events.ringbuf_submit(e, 0);
+            count(C_EARLY_SENT);
+        } else {
+            count(C_RB_EARLY_FULL);
+        }
+    }
 #endif
     return v;
 }

@@ -17,6 +17,16 @@
 #ifndef XDPML_FLOW_LOCK
 #define XDPML_FLOW_LOCK 1           /* 1: per-flow spin lock around updates (exact under concurrency) */
 #endif
+#ifndef XDPML_EARLY_PACKETS
+#define XDPML_EARLY_PACKETS 0       /* early export after this many packets; 0 = off */
+#endif
+#ifndef XDPML_EARLY_MS
+#define XDPML_EARLY_MS 0            /* ... or on a packet this many ms after the first; 0 = off */
+#endif
+#ifndef XDPML_EARLY_PAGES
+#define XDPML_EARLY_PAGES 64        /* early_events ring buffer: 256 KiB, ~5400 notices */
+#endif
+#define XDPML_EARLY (XDPML_EARLY_PACKETS > 0 || XDPML_EARLY_MS > 0)
 #ifndef XDPML_WINDOW
 #define XDPML_WINDOW 0              /* 1: every packet to win_events for window features */
 #endif
@@ -44,6 +54,11 @@ BPF_RINGBUF_OUTPUT(win_events, XDPML_RINGBUF_PAGES);
 #if XDPML_SAMPLE_RATE > 0
 /* pkt_events: struct pkt_event for 1 in XDPML_SAMPLE_RATE packets. */
 BPF_RINGBUF_OUTPUT(pkt_events, XDPML_RINGBUF_PAGES);
+#endif
+
+#if XDPML_EARLY
+/* early_events: struct early_event, once per flow entry (bpf/flow.h, agent/pipeline.py). */
+BPF_RINGBUF_OUTPUT(early_events, XDPML_EARLY_PAGES);
 #endif
 
 #endif /* XDPML_MAPS_H */

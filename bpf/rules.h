@@ -195,9 +195,11 @@ static __always_inline int enf_act(struct enf_rule *r, struct enf_config *cfg, _
     __sync_fetch_and_add(&r->drop_packets, segs);
     if (cfg->mode == XDPML_ENF_ENFORCE && !(r->flags & XDPML_RULE_DRY_RUN)) {
         count_n(C_ENF_DROPPED, segs);
+        count_n(C_ENF_DROPPED_BYTES, bytes);
         return 1;
     }
     count_n(C_ENF_WOULD_DROP, segs);
+    count_n(C_ENF_WOULD_DROP_BYTES, bytes);
     return 0;
 }
 

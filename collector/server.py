@@ -197,6 +197,18 @@ def _decode(raw: bytes | cpb.ExportRequest) -> _Decoded | _BadMessage:
     return _Decoded(msg.sequence, dec)
 
 
+EXPIRATION_EARLY = 3  # expiration_id of an early snapshot (docs/features.md)
+
+
+def early_rows(batch: ColumnBatch) -> np.ndarray | None:
+    """Mask of the early snapshots in a flow batch (None when there are none)."""
+    col = batch.columns.get("expiration_id") if batch.kind == "flow" else None
+    if col is None or col.ndim != 1:
+        return None
+    mask = np.asarray(col) == EXPIRATION_EARLY
+    return mask if mask.any() else None
+
+
 def schema_mismatch(batch: ColumnBatch) -> str:
     """'' when every column wire schema v1 knows has its v1 type and shape, else why not.
     Columns v1 does not know are allowed (the sinks decide what to keep)."""
@@ -284,6 +296,8 @@ class CollectorServicer(cgrpc.CollectorServicer):
                     "rows_scored",
                     "rows_flagged",
                     "rows_unscored",
+                    "rows_early",
+                    "early_flagged",
                     "batches_rejected",
                     "schema_mismatches",
                     "bad_messages",
@@ -475,8 +489,9 @@ class CollectorServicer(cgrpc.CollectorServicer):
                 self.counters.update(nonfinite_values=sum(nonfinite.values()))
             for col, cnt in nonfinite.items():
                 self._metric("xdpml.collector.nonfinite", cnt, column=col)
+        early = early_rows(dec.batch)
         try:
-            out = self.model.score(batch, learn_from=learn) if self._learns else self.model.score(batch)
+            score, out_label = self._score(batch, learn, early)
         except ModelError as e:
             self._count(batches_rejected=1)
             self._metric("xdpml.collector.errors", 1, kind="model_input")
@@ -491,27 +506,40 @@ class CollectorServicer(cgrpc.CollectorServicer):
                 ack=cpb.Ack(sequence=seq, error=f"model error: {type(e).__name__}: {e}", error_code=INTERNAL)
             )
             return
-        score = np.asarray(out.score, dtype=np.float64)
-        decision = self.policy.decide(self.model.name, score, out.label, self.base_threshold)
+        decision = self.policy.decide(self.model.name, score, out_label, self.base_threshold)
         flagged = decision.flagged  # NaN (not scored) is never flagged
-        if out.label is not None:
-            label = np.asarray(out.label, dtype=object)
+        if out_label is not None:
+            label = np.asarray(out_label, dtype=object)
         else:
             label = np.where(np.isnan(score), "learning", np.where(flagged, "anomaly", "normal")).astype(object)
         nflag = int(flagged.sum())
-        nscored = int(n - np.isnan(score).sum())
-        self._count(rows_scored=nscored, rows_flagged=nflag, rows_unscored=n - nscored)
         self._metric("xdpml.collector.model.latency", time.perf_counter() - t0, model=self.model.name)
+        final = None
+        if early is not None:
+            # early snapshots are judged (verdicts) but counted apart and never stored or
+            # learned: the flow's final record comes later, and counts it once
+            ne, eflag = int(early.sum()), int((flagged & early).sum())
+            self._count(rows_early=ne, early_flagged=eflag)
+            self._metric("xdpml.collector.early_rows", ne - eflag, model=self.model.name, flagged="false")
+            self._metric("xdpml.collector.early_rows", eflag, model=self.model.name, flagged="true")
+            final = ~early
+        fscore, fflag, flabel = score, flagged, label
+        if final is not None:
+            fscore, fflag, flabel = score[final], flagged[final], label[final]
+        nf = len(fscore)
+        nfflag = int(fflag.sum())
+        nscored = int(nf - np.isnan(fscore).sum())
+        self._count(rows_scored=nscored, rows_flagged=nfflag, rows_unscored=nf - nscored)
         self._metric("xdpml.collector.scored", nscored, model=self.model.name)
-        if nflag:
-            for lab, cnt in zip(*np.unique(label[flagged].astype(str), return_counts=True)):
+        if nfflag:
+            for lab, cnt in zip(*np.unique(flabel[fflag].astype(str), return_counts=True)):
                 self._metric("xdpml.collector.flagged", int(cnt), model=self.model.name, label=str(lab))
-        if self.sinks:
+        if self.sinks and nf:
             scored = ScoredBatch(
-                dec.batch,
-                score,
-                label,
-                flagged,
+                dec.batch if final is None else dec.batch.select(final),
+                fscore,
+                flabel,
+                fflag,
                 dec.node.node_name,
                 dec.node.agent_id,
                 seq,
@@ -529,6 +557,31 @@ class CollectorServicer(cgrpc.CollectorServicer):
         yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, rows_accepted=n))
         if nflag and self.settings.send_verdicts:
             yield cpb.ExportResponse(verdicts=self._verdicts(dec, seq, score, label, decision))
+
+    def _score(self, batch: ColumnBatch, learn: str | None, early: np.ndarray | None):
+        """(score, label or None) for every row; early snapshots never teach the baseline."""
+
+        def run(part: ColumnBatch, learn_from: str | None):
+            if self._learns:
+                out = self.model.score(part, learn_from=learn_from)
+            else:
+                out = self.model.score(part)
+            return np.asarray(out.score, dtype=np.float64), out.label
+
+        if early is None:
+            return run(batch, learn)
+        if early.all():
+            return run(batch, None)
+        s_final, l_final = run(batch.select(~early), learn)
+        s_early, l_early = run(batch.select(early), None)
+        score = np.empty(len(batch), dtype=np.float64)
+        score[~early], score[early] = s_final, s_early
+        label = None
+        if l_final is not None or l_early is not None:
+            label = np.empty(len(batch), dtype=object)
+            label[~early] = l_final if l_final is not None else ""
+            label[early] = l_early if l_early is not None else ""
+        return score, label
 
     def _verdicts(self, dec: codec.DecodedBatch, seq: int, score, label, decision) -> cpb.VerdictBatch:
         cols = dec.batch.columns

@@ -80,7 +80,8 @@ FLOW = _t(
             "i1",
             "",
             "time",
-            "why the flow was exported: 0 idle timeout, 1 active timeout, 2 TCP FIN/RST, -1 agent stop",
+            "why the flow was exported: 0 idle timeout, 1 active timeout, 2 TCP FIN/RST, "
+            "3 early snapshot (the flow goes on), -1 agent stop",
         ),
         ("bidirectional_first_seen_ms", "u8", "ms", "time", "Unix time of the first bidirectional packet"),
         ("bidirectional_last_seen_ms", "u8", "ms", "time", "Unix time of the last bidirectional packet"),

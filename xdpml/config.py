@@ -127,10 +127,21 @@ class HarvestSettings:
     # "conversation": one record per conversation seen on several interfaces of the node,
     # listing them in seen_on (xdpml.agent.observations); "interface": one per interface.
     record_per: str = "conversation"
+    # Early export (docs/features.md "Expiration"): a snapshot of each flow, expiration
+    # id 3, once it has early_packets packets or is early_ms old, so verdicts can act
+    # on a flood within a second. The flow stays in the table and is exported again at
+    # its timeouts. Only sinks that ask for early records (the collector) get them.
+    # The kernel trigger is compiled in: a change takes effect at the next attach.
+    early_packets: int = 10  # 0 = no packet trigger
+    early_ms: float = 500.0  # 0 = no age trigger
 
     def validate(self) -> None:
         if self.record_per not in RECORD_PER:
             raise ConfigError(f"record_per must be one of {', '.join(RECORD_PER)}, not {self.record_per!r}")
+        if not 0 <= self.early_packets <= 1_000_000:
+            raise ConfigError("early_packets must be 0..1000000 packets (0 = off)")
+        if not 0 <= self.early_ms <= 3_600_000:
+            raise ConfigError("early_ms must be 0..3600000 ms (0 = off)")
         if self.idle_timeout_s <= 0 or self.active_timeout_s <= 0:
             raise ConfigError("timeouts must be > 0 seconds")
         if self.active_timeout_s < self.idle_timeout_s:  # as the AgentConfig CRD requires

@@ -15,6 +15,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def sh(cmd: str, *, check: bool = True, capture: bool = False) -> str:
@@ -138,3 +139,54 @@ def wait_port(host: TestHost | None, ip: str, port: int, timeout: float = 5.0) -
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def make_certs(d: Path, *, server_name: str) -> dict[str, str]:
+    """A CA, a server certificate for ``server_name`` and a client certificate, as PEM files
+    in ``d`` (for labs, benchmarks and the demo: mutual TLS between an agent and a
+    collector on one machine). Returns the paths: ca, server, server_key, client, client_key."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def make(cn, issuer=None, *, ca=False, usage=None, dns=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        ikey, iname = (key, name) if issuer is None else (issuer[0], issuer[1].subject)
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(iname)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if usage is not None:
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if dns:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+        return key, b.sign(ikey, hashes.SHA256())
+
+    ca = make("xdpml lab CA", ca=True)
+    pairs = {
+        "ca": ca,
+        "server": make("collector", ca, usage=ExtendedKeyUsageOID.SERVER_AUTH, dns=server_name),
+        "client": make("agent", ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH),
+    }
+    out = {}
+    for name, (key, cert) in pairs.items():
+        (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (d / f"{name}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        out[name], out[f"{name}_key"] = str(d / f"{name}.pem"), str(d / f"{name}.key")
+    return out

@@ -109,6 +109,11 @@ def add_rules_commands(subparsers) -> None:
         help="rate-limit: packets (with --pps) or bytes (with --bps) allowed at once",
     )
     ad.add_argument("--dry-run", action="store_true", help="this rule only counts, even in enforce mode")
+    ad.add_argument(
+        "--no-export",
+        action="store_true",
+        help="pass rules: the flows the rule matches are not exported either (a trusted backup stream, say)",
+    )
     ad.set_defaults(func=run_add)
 
     de = sub.add_parser("del", help="remove rules by slot (the SLOT column of list)")
@@ -223,6 +228,7 @@ def run_add(a) -> int:
         burst_packets=a.burst if a.pps else 0,
         burst_bytes=a.burst if a.bps and not a.pps else 0,
         dry_run=a.dry_run,
+        no_export=a.no_export,
     )
     t = _table(a)
     try:
@@ -383,7 +389,7 @@ class AgentEnforcement:
         self.manager.on_verdicts(vb)
 
     def on_attached(self, dp) -> None:
-        self.manager.attach(dp.rule_table(), mode=self.mode)
+        self.manager.attach(dp.rule_table(), mode=self.mode, counters=dp.counters)
 
     def close(self) -> None:
         self.manager.close()

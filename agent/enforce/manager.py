@@ -294,13 +294,45 @@ class RuleManager:
         self._logs = {r: _Backoff(f"verdict refused ({r})") for r in REFUSALS}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.kernel_counters: Callable[[], dict] | None = None
+        if telemetry is not None:
+            self.register_observables(telemetry)
 
     # -- lifecycle -----------------------------------------------------------------
-    def attach(self, table: RuleTable, *, mode: str = "") -> None:
+    def register_observables(self, telemetry) -> None:
+        """Metrics read at each collection: live rules by action, and the kernel's packets
+        and bytes dropped / would-drop (of the datapath attached last)."""
+
+        def active() -> dict[str, int]:
+            out = {"pass": 0, "drop": 0, "rate-limit": 0}
+            t = self.table
+            for r in t.rows() if t is not None else []:
+                if r.expires_in_s > 0:
+                    out[r.action] = out.get(r.action, 0) + 1
+            return out
+
+        def kernel(suffix: str):
+            def read() -> dict[str, int]:
+                c = self.kernel_counters() if self.kernel_counters is not None else {}
+                if not c:
+                    return {}
+                return {"dropped": c[f"enf_dropped{suffix}"], "would_drop": c[f"enf_would_drop{suffix}"]}
+
+            return read
+
+        telemetry.observe_gauge("xdpml.agent.enforce.rules_active", active)
+        telemetry.observe_counter("xdpml.agent.enforce.packets", kernel(""))
+        telemetry.observe_counter("xdpml.agent.enforce.bytes", kernel("_bytes"))
+
+    def attach(self, table: RuleTable, *, mode: str = "", counters: Callable[[], dict] | None = None) -> None:
         """Start acting: write the allowlist to the kernel, set the mode if given ("" keeps
-        the pinned maps' mode), begin the expiry sweep."""
+        the pinned maps' mode), begin the expiry sweep. ``counters``: the datapath's
+        kernel counters (Datapath.counters), for the metrics."""
         table.set_allowlist(self.allowlist)
         self.table = table
+        if counters is not None:
+            self.kernel_counters = counters
+        self.adopt_live_rules()
         if mode:
             self.set_mode(mode)
         self._thread = threading.Thread(target=self._sweep_loop, name="xdpml-enforce", daemon=True)
@@ -313,10 +345,57 @@ class RuleManager:
             "" if self.channel.authenticated else " (unauthenticated: dry-run rules only)",
         )
 
+    def adopt_live_rules(self) -> int:
+        """Count the live exact rules already in the table (pinned by an earlier agent, or
+        by `xdpml score --apply`) as installed, so a verdict for the same flow is a
+        duplicate and they count against max_rules. Returns how many."""
+        if self.table is None:
+            return 0
+        from xdpml.datapath.rules import _ip16
+
+        n = 0
+        with self._lock:
+            for r in self.table.rows():
+                if r.kind != "exact" or r.expires_in_s <= 0:
+                    continue
+                try:
+                    key = _canonical(_ip16(r.src), _ip16(r.dst), r.src_port, r.dst_port, r.proto)
+                except ValueError:
+                    continue
+                self._installed[key] = r.slot
+                n += 1
+        return n
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def detach(self) -> None:
+        """Stop acting on this table (the datapath restarts); attach() starts again."""
+        self.close()
+        self._thread = None
+        self._stop = threading.Event()
+        self.table = None
+
+    # -- live changes (AgentConfig) -----------------------------------------------------
+    def set_allowlist(self, networks: Iterable) -> None:
+        """A new allowlist: used for the next verdict, and written to the kernel."""
+        nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+        with self._lock:
+            self.allowlist = nets
+            self._allow_ranges = [_range16(n) for n in nets]
+        if self.table is not None:
+            self.table.set_allowlist(nets)
+
+    def set_limits(self, settings: EnforceSettings) -> None:
+        """New limits (max rules, installs per second, TTLs) for the next verdicts."""
+        with self._lock:
+            self.settings = settings
+            self._tokens = min(self._tokens, float(settings.burst_installs))
+
+    def set_namespace_policy(self, policy: dict[str, frozenset] | None) -> None:
+        self.policy = dict(DEFAULT_NAMESPACE_POLICY if policy is None else policy)
 
     def set_mode(self, mode: str) -> None:
         if mode == "enforce" and not self.channel.authenticated:

@@ -36,8 +36,8 @@ def dns_servers(path: str = "/etc/resolv.conf") -> list[str]:
 
 
 def api_servers() -> list[str]:
-    """In a pod: the API service address; its endpoints come from the Kubernetes client
-    when the agent runs with --kubernetes (not yet watched: docs/enforcement.md)."""
+    """In a pod: the API service address. Under --kubernetes, the addresses of the
+    default/kubernetes Endpoints are added and followed (agent/enforce/kube.py)."""
     host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
     return [host] if host else []
 

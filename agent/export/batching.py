@@ -26,19 +26,23 @@ class BatchQueue:
         self.flush_rows, self.flush_age_s = flush_rows, flush_age_s
         self._items: collections.deque[tuple[float, ColumnBatch, int]] = collections.deque()
         self.bytes = 0
+        self.urgent = 0  # urgent batches queued (early snapshots): flushed at once
         self.encoding_rows = 0  # taken by take_locked(), being encoded outside the lock
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def offer_locked(self, batch: ColumnBatch) -> bool:
-        """Queue a batch unless that would pass a bound; False = the caller drops it."""
+    def offer_locked(self, batch: ColumnBatch, *, urgent: bool = False) -> bool:
+        """Queue a batch unless that would pass a bound; False = the caller drops it.
+        ``urgent``: flush now, with whatever waits (early snapshots, for verdicts)."""
         size = sum(c.nbytes for c in batch.columns.values())
         if len(self._items) >= self.max_batches or self.bytes + size > self.max_bytes:
             return False
         if len(batch):
-            self._items.append((time.monotonic(), batch, size))
+            # a negative time marks the item urgent: its age is always past flush_age_s
+            self._items.append((-1.0 if urgent else time.monotonic(), batch, size))
             self.bytes += size
+            self.urgent += urgent
         return True
 
     def rows_locked(self) -> int:
@@ -49,7 +53,7 @@ class BatchQueue:
         """0 when a flush is due now (enough rows, old enough, or closing), else how long until it is."""
         rows = sum(len(b) for _, b, _ in self._items)
         age = time.monotonic() - self._items[0][0]
-        if rows >= self.flush_rows or age >= self.flush_age_s or closing:
+        if rows >= self.flush_rows or age >= self.flush_age_s or closing or self.urgent:
             return 0.0
         return max(0.001, self.flush_age_s - age)
 
@@ -59,8 +63,9 @@ class BatchQueue:
         key = (first.kind, tuple(first.columns))
         out = []
         while self._items and (self._items[0][1].kind, tuple(self._items[0][1].columns)) == key:
-            _, b, size = self._items.popleft()
+            t, b, size = self._items.popleft()
             self.bytes -= size
+            self.urgent -= t < 0
             out.append(b)
         self.encoding_rows = sum(len(b) for b in out)
         return out
@@ -70,6 +75,7 @@ class BatchQueue:
         rows, batches = self.rows_locked(), len(self._items)
         self._items.clear()
         self.bytes = 0
+        self.urgent = 0
         self.encoding_rows = 0
         return rows, batches
 

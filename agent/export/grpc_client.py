@@ -164,12 +164,13 @@ class GrpcExporter:
         self._verdicts.callback = callback
 
     # ---- harvester side -------------------------------------------------------------
-    def put(self, batch: ColumnBatch) -> bool:
-        """Queue a batch for export; returns False (and counts it) when it was dropped."""
+    def put(self, batch: ColumnBatch, *, urgent: bool = False) -> bool:
+        """Queue a batch for export; returns False (and counts it) when it was dropped.
+        ``urgent``: flush it (and what waits before it) now, not after flush_age_s."""
         rows = len(batch)
         with self._cond:
             self._ledger.produced(rows)
-            if self._closing or not self._queue.offer_locked(batch):
+            if self._closing or not self._queue.offer_locked(batch, urgent=urgent):
                 self._ledger.dropped(rows)
                 self._drop_log.event(f"{rows} rows; collector {self.settings.target} ({self.last_error or 'slow'})")
                 return False

@@ -27,6 +27,8 @@ from xdpml.agent.export.paths import (
 from xdpml.errors import OutputError
 from xdpml.wire.columns import ColumnBatch
 
+EXPIRATION_EARLY = 3  # expiration_id of an early snapshot (xdpml.agent.features.EXPIRATION)
+
 log = logging.getLogger(__name__)
 
 
@@ -171,21 +173,30 @@ class CollectorSink:
     blocks the harvester; what the bounded queue drops is counted there.
 
     ``kinds``: the record kinds the collector scores (flows); the pipeline does not
-    hand it others (windows, packet samples go to the local sinks only)."""
+    hand it others (windows, packet samples go to the local sinks only). ``early``: it
+    also takes early flow snapshots (expiration id 3), which the collector judges and
+    does not count as flows; the local sinks never get them."""
 
     name = "grpc"  # metrics attribute
 
-    def __init__(self, exporter, *, kinds: tuple[str, ...] | None = ("flow",)):
+    def __init__(self, exporter, *, kinds: tuple[str, ...] | None = ("flow",), early: bool = True):
         self.exporter = exporter
         self.kinds = kinds
+        self.early = early
 
     def delivery(self) -> tuple[int, int]:
         st = self.exporter.stats()
         return st["produced_rows"], st["sent_rows"]
 
     def write(self, batch: ColumnBatch) -> bool:
-        """False when the exporter's bounded queue dropped the batch."""
-        return self.exporter.put(batch) if len(batch) else True
+        """False when the exporter's bounded queue dropped the batch. Early snapshots
+        are sent at once: a verdict about a flood should not wait for the flush age."""
+        if not len(batch):
+            return True
+        exp = batch.columns.get("expiration_id") if batch.kind == "flow" else None
+        if exp is not None and bool((exp == EXPIRATION_EARLY).any()):
+            return self.exporter.put(batch, urgent=True)
+        return self.exporter.put(batch)
 
     @property
     def dropped(self) -> int:

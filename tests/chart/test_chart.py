@@ -331,9 +331,16 @@ def test_agent_defaults_least_privilege():
     assert sc["readOnlyRootFilesystem"] is True
     assert pod["tolerations"] == [{"operator": "Exists"}]
     assert pod["terminationGracePeriodSeconds"] == 60
-    # every host path is mounted read-only, and only these
+    # every host path is mounted read-only, and only these, but the BPF filesystem
+    # (pinned rule maps: rules survive an agent restart)
     host = {p: v for p, v in mounts(c, pod).items() if v[0]}
-    assert host == {"/lib/modules": ("/lib/modules", True), "/usr/src": ("/usr/src", True)}
+    assert host == {
+        "/lib/modules": ("/lib/modules", True),
+        "/usr/src": ("/usr/src", True),
+        "/sys/fs/bpf": ("/sys/fs/bpf", False),
+    }
+    (bpffs,) = [v for v in pod["volumes"] if v["name"] == "bpffs"]
+    assert bpffs["hostPath"] == {"path": "/sys/fs/bpf", "type": "Directory"}
     assert not pod.get("hostPID") and not pod.get("hostIPC")
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
@@ -494,7 +501,11 @@ def test_rbac_is_exactly_least_privilege():
         ("", "services", ("get", "list", "watch")),
         ("apps", "replicasets", ("get", "list", "watch")),
         ("batch", "jobs", ("get", "list", "watch")),
+        ("", "events", ("create", "patch")),  # Events on pods whose traffic a rule drops
+        ("", "endpoints", ("get",)),  # default/kubernetes only (below): the allowlist
     }
+    (ep,) = [r for r in cr["rules"] if r["resources"] == ["endpoints"]]
+    assert ep["resourceNames"] == ["kubernetes"]
     role = one(docs, "Role", f"{RELEASE}-xdpml-agent")
     assert rules(role) == {
         ("xdpml.io", "agentconfigs", ("get", "list", "watch")),
@@ -504,7 +515,7 @@ def test_rbac_is_exactly_least_privilege():
     for doc in (cr, role):
         for rule in doc["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
-            assert "resourceNames" not in rule
+            assert "resourceNames" not in rule or rule["resources"] == ["endpoints"]
     sa = f"{RELEASE}-xdpml-agent"
     for kind in ("ClusterRoleBinding", "RoleBinding"):
         b = one(docs, kind)
@@ -519,7 +530,7 @@ def test_rbac_is_exactly_least_privilege():
 
 def test_watch_nodes_adds_only_node_reads():
     cr = one(render({"rbac": {"watchNodes": True}}), "ClusterRole")
-    assert ("", "nodes", ("get", "list", "watch")) in rules(cr) and len(rules(cr)) == 5
+    assert ("", "nodes", ("get", "list", "watch")) in rules(cr) and len(rules(cr)) == 7
 
 
 def test_rbac_off_renders_none():

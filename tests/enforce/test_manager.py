@@ -165,6 +165,24 @@ def test_a_flood_of_verdicts_installs_at_most_the_burst(make, table):
     assert m.stats.installed == 35 and refused(m) == {"install_rate": 2 * n - 35 - 25, "duplicate": 25}
 
 
+def test_a_million_verdicts_within_one_second(make, table):
+    """A million verdicts inside one instant of the manager's clock (any real rate is
+    slower): 50 distinct exported flows, each named 20,000 times. Exactly the burst is
+    installed; every other verdict is refused, and counted under its reason."""
+    flows = [(ATTACKER, VICTIM, 20000 + i, 80, 17) for i in range(50)]
+    s = EnforceSettings(pin_dir="", burst_installs=25, max_installs_per_s=10)
+    m, _ = make(settings=s, exported=flows)
+    vs = [verdict(*f[:4]) for f in flows]
+    rounds = 20_000
+    for _ in range(rounds):
+        for v in vs:
+            m.consider(v, mode="dry-run")
+    assert m.stats.installed == 25 and table.count() == 25
+    # first round: 25 installed, 25 out of tokens; every later round: 25 duplicates, 25 out of tokens
+    assert refused(m) == {"install_rate": 25 * rounds, "duplicate": 25 * (rounds - 1)}
+    assert sum(m.stats.refused.values()) + m.stats.installed == 50 * rounds == 1_000_000
+
+
 def test_max_rules(make, table):
     flows = [(ATTACKER, VICTIM, 1000 + i, 80, 17) for i in range(10)]
     m, _ = make(settings=EnforceSettings(pin_dir="", max_rules=4), exported=flows)
@@ -214,3 +232,79 @@ def test_recent_flows_forget_old_and_overflowing_keys():
 def test_bad_allowlist_entry_is_a_config_error():
     with pytest.raises(ConfigError, match="operator CIDR 'nonsense'"):
         build_allowlist(operator=["nonsense"])
+
+
+def test_metrics_by_scraping(table, enf_dp):
+    """Rules active by action, packets and bytes dropped and would-drop, refusals by
+    reason and install latency, as a Prometheus scrape shows them; the packets are run
+    through the real XDP program and counted here as they are sent."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from xdpml.obs.telemetry import Telemetry, TelemetrySettings
+
+    def scrape(port):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
+
+    tel = Telemetry.from_settings(TelemetrySettings(prometheus_port=0, prometheus_host="127.0.0.1"))
+    m = None
+    try:
+        flows = [(ATTACKER, VICTIM, 5001, 80, 17), (ATTACKER, VICTIM, 5002, 80, 17)]
+        m = RuleManager(
+            EnforceSettings(),
+            channel=Channel(authenticated=True),
+            allowlist=build_allowlist(node=[NODE]),
+            recent=RecentFlows(capacity=10, ttl_s=60),
+            telemetry=tel,
+        )
+        m.recent.write(flows_batch(flows + [(ATTACKER, NODE, 5003, 80, 17)]))
+        m.attach(table, mode="dry-run", counters=enf_dp.counters)
+        before = enf_dp.counters()
+        assert m.consider(verdict(ATTACKER, VICTIM, 5001, 80)) > 0
+        assert m.consider(verdict(ATTACKER, VICTIM, 5002, 80, action=cpb.ACTION_RATE_LIMIT)) > 0
+        assert m.consider(verdict(ATTACKER, NODE, 5003, 80)) == 0  # allowlisted
+        prog = enf_dp.progs[XDP_PROG].fd
+
+        def frame(size):
+            return bytes(Ether() / IP(src=ATTACKER, dst=VICTIM) / UDP(sport=5001, dport=80) / (b"x" * size))
+
+        sent_would = [frame(n) for n in (10, 20, 30)]  # dry-run: would drop, pass
+        for f in sent_would:
+            assert prog_test_run(prog, f)[0] == XDP_PASS
+        table.set_mode("enforce")
+        sent_drop = [frame(n) for n in (40, 50)]
+        for f in sent_drop:
+            assert prog_test_run(prog, f)[0] == XDP_DROP
+        got = scrape(tel.prometheus_port)
+        after = enf_dp.counters()
+
+        def kernel_total(name):
+            return got[(name, (("result", "dropped"),))], got[(name, (("result", "would_drop"),))]
+
+        # the scrape equals the kernel counters read around it; their change equals what was sent
+        assert kernel_total("xdpml_agent_enforce_packets_total") == (after["enf_dropped"], after["enf_would_drop"])
+        assert after["enf_dropped"] - before["enf_dropped"] == len(sent_drop)
+        assert after["enf_would_drop"] - before["enf_would_drop"] == len(sent_would)
+        assert kernel_total("xdpml_agent_enforce_bytes_total") == (
+            after["enf_dropped_bytes"],
+            after["enf_would_drop_bytes"],
+        )
+        assert after["enf_dropped_bytes"] - before["enf_dropped_bytes"] == sum(len(f) for f in sent_drop)
+        assert after["enf_would_drop_bytes"] - before["enf_would_drop_bytes"] == sum(len(f) for f in sent_would)
+        assert got[("xdpml_agent_enforce_rules_active", (("action", "drop"),))] == 1
+        assert got[("xdpml_agent_enforce_rules_active", (("action", "rate-limit"),))] == 1
+        assert got[("xdpml_agent_enforce_rules_active", (("action", "pass"),))] == 0
+        assert got[("xdpml_agent_enforce_verdicts_refused_total", (("reason", "allowlisted"),))] == 1
+        assert got[("xdpml_agent_enforce_rules_installed_total", (("action", "drop"),))] == 1
+        assert got[("xdpml_agent_enforce_rules_installed_total", (("action", "rate-limit"),))] == 1
+        assert got[("xdpml_agent_enforce_install_latency_seconds_count", ())] == 2
+    finally:
+        if m is not None:
+            m.close()
+        tel.shutdown()

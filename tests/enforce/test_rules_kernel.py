@@ -63,7 +63,7 @@ def test_dry_run_is_the_default_and_counts_would_drop(table, run):
     table.add(exact())
     rcs, delta = run(tcp(), 7)
     assert rcs == [XDP_PASS] * 7
-    assert delta == {"enf_decided": 1, "enf_would_drop": 7}
+    assert delta == {"enf_decided": 1, "enf_would_drop": 7, "enf_would_drop_bytes": 7 * len(tcp())}
     row = only_rule(table)
     assert (row.hits, row.dropped, row.bytes) == (7, 7, 7 * len(tcp()))
     assert 0 < row.first_hit_ns <= row.last_hit_ns

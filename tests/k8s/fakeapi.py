@@ -66,6 +66,7 @@ RESOURCES = [
     Resource("", "v1", "pods", "Pod"),
     Resource("", "v1", "services", "Service"),
     Resource("", "v1", "events", "Event"),
+    Resource("", "v1", "endpoints", "Endpoints"),
     Resource("", "v1", "nodes", "Node", namespaced=False),
     Resource("apps", "v1", "replicasets", "ReplicaSet"),
     Resource("batch", "v1", "jobs", "Job"),

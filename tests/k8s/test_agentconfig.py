@@ -48,6 +48,7 @@ def test_changed_sections():
         "features",
         "export",
         "enrichment",
+        "enforcement",
         "summary",
     }
     assert parse_spec(BASE).changed_sections(a) == set()
@@ -58,6 +59,7 @@ def test_changed_sections():
         "enrichment": {"enrichment": {"labels": ["app"]}},
         "summary": {"summaryIntervalSeconds": 0},
         "harvest": {"timeouts": {"scanIntervalSeconds": 2}},
+        "enforcement": {"enforcement": {"mode": "enforce"}},
     }
     for section, extra in cases.items():
         assert parse_spec(dict(BASE, **extra)).changed_sections(a) == {section.strip()}, section
@@ -65,6 +67,50 @@ def test_changed_sections():
     assert parse_spec(dict(BASE, features={"recordPer": "interface"})).changed_sections(a) == {"harvest"}
     both = parse_spec(dict(BASE, features={"sets": ["flows", "windows"], "window": {"seconds": 1}}))
     assert both.changed_sections(a) == {"features", "window"}  # both restart the datapath (window stream on)
+    for enf in ({"maxRules": 7}, {"allow": ["10.0.0.0/8"]}, {"namespacePolicy": [{"namespace": "a", "actions": []}]}):
+        assert parse_spec(dict(BASE, enforcement=enf)).changed_sections(a) == {"enforcement"}, enf
+
+
+def test_enforcement_fields():
+    c = parse_spec(
+        dict(
+            BASE,
+            enforcement={
+                "mode": "off",
+                "maxRules": 10,
+                "maxInstallsPerSecond": 2.5,
+                "maxRuleTTLSeconds": 120,
+                "ruleTTLSeconds": 30,
+                "allow": ["10.1.0.0/16", "fd00::1"],
+                "namespacePolicy": [{"namespace": "shop", "actions": ["rate-limit"]}],
+                "followApiServer": False,
+            },
+        )
+    )
+    e, lim = c.enforcement, c.settings.enforce
+    assert (e.mode, e.allow, e.namespace_policy, e.follow_api_server) == (
+        "off",
+        ("10.1.0.0/16", "fd00::1"),
+        (("shop", ("rate-limit",)),),
+        False,
+    )
+    assert (lim.max_rules, lim.max_installs_per_s, lim.max_ttl_s, lim.default_ttl_s) == (10, 2.5, 120.0, 30.0)
+    d = parse_spec(BASE)
+    assert (d.enforcement.mode, d.enforcement.follow_api_server, d.settings.enforce.max_rules) == (
+        "dry-run",
+        True,
+        4096,
+    )
+    for bad, text in (
+        ({"mode": False}, "spec.enforcement.mode"),  # a bare YAML off
+        ({"allow": ["10.0.0.0/99"]}, "spec.enforcement.allow[0]"),
+        ({"maxRules": 20000}, "spec.enforcement.maxRules"),
+        ({"namespacePolicy": [{"namespace": "a", "actions": ["nuke"]}]}, "spec.enforcement.namespacePolicy"),
+        ({"namespacePolicy": [{"namespace": "a", "actions": []}, {"namespace": "a", "actions": []}]}, "twice"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            parse_spec(dict(BASE, enforcement=bad))
+        assert text in str(info.value), (bad, str(info.value))
 
 
 def test_every_problem_reported_with_its_path():

@@ -183,6 +183,22 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="flow table scan period, seconds (default: %(default)s)",
     )
+    t.add_argument(
+        "--early-packets",
+        type=int,
+        default=10,
+        metavar="K",
+        help="send the collector a snapshot of each flow (expiration id 3) once it has K packets, "
+        "so verdicts act within a second; the flow is exported again at its timeouts; 0 = off "
+        "(default: %(default)s)",
+    )
+    t.add_argument(
+        "--early-ms",
+        type=float,
+        default=500.0,
+        metavar="T",
+        help="... or once it is T milliseconds old; 0 = off (default: %(default)s)",
+    )
     o = p.add_argument_group("output")
     o.add_argument(
         "-o",
@@ -304,6 +320,8 @@ def settings_from_args(a):
             active_timeout_s=a.active_timeout,
             interval_s=a.interval,
             record_per=a.record_per,
+            early_packets=a.early_packets,
+            early_ms=a.early_ms,
         ),
         window=WindowSettings(packets=a.window, seconds=a.window_seconds),
         enforce=enforce_settings_from_args(a),
@@ -473,6 +491,7 @@ def run_kubernetes_agent(a) -> int:
         collector=a.collector or "",
         collector_tls=tls,
         extra_sinks=extra,
+        pin_dir=a.pin_dir,
     )
     telemetry = _telemetry(a, "xdpml-agent")
     health = _health(a, ("programs_attached", "pod_cache_synced"))
@@ -635,12 +654,24 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.dedent("""\
                             Builds test hosts in network namespaces, runs the agent on their
                             interfaces and the collector with the embedded model, sends normal
-                            traffic, then a port scan and a SYN flood, and prints the flows the
-                            model flags. Needs root. Ends by itself and removes what it made."""),
+                            traffic, then a port scan and a SYN flood; then verdicts become a
+                            kernel rule, dry-run first, then enforce (the flood dropped, the
+                            allowlist untouched), until it expires; prints the flows the model
+                            flags. Needs root. Ends by itself and removes what it made."""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dm.add_argument("--seconds", type=_positive_float, default=20.0, help="baseline traffic duration")
     dm.set_defaults(func=run_demo)
+    from xdpml.cli import score as score_cli
+
+    sc = sub.add_parser(
+        "score",
+        help="score exported flows (JSON lines or Parquet) with a model; show or --apply the rules they make",
+        description=score_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score_cli.add_arguments(sc)
+    sc.set_defaults(func=score_cli.run)
     from xdpml.models.cli_commands import add_model_commands
 
     add_model_commands(sub)

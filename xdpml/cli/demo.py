@@ -5,8 +5,9 @@ pairs; the agent watches both veths and streams flows to a collector (embedded
 Isolation Forest) on loopback. Phase 1: normal traffic (HTTP-like TCP, DNS-like
 UDP, ping) teaches the model a baseline. Phase 2: the second host port-scans the
 server and SYN-floods it while normal traffic goes on. At the end, a table of the
-flows the model flagged and how each kind of traffic was judged. Everything made
-is removed, also on Ctrl-C.
+flows the model flagged and how each kind of traffic was judged. Before it, the
+enforcement step (:func:`enforcement_step`): verdicts become rules, dry-run first,
+then enforce. Everything made is removed, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def main(args) -> int:
     from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
     from xdpml.agent.export.sinks import CollectorSink, Sink
     from xdpml.agent.pipeline import Agent
-    from xdpml.config import AgentSettings, HarvestSettings, InterfaceSettings
+    from xdpml.config import AgentSettings, EnforceSettings, HarvestSettings, InterfaceSettings
 
     seconds = args.seconds
     work = Path(tempfile.mkdtemp(prefix="xdpml-demo-"))
@@ -220,6 +221,7 @@ def main(args) -> int:
         settings = AgentSettings(
             interfaces=InterfaceSettings(names=[h.veth for h in hosts]),
             harvest=HarvestSettings(idle_timeout_s=2.0, interval_s=0.5),
+            enforce=EnforceSettings(pin_dir=""),  # no rules here: the enforcement step has its own
             summary_interval_s=5.0,
         )
         exporter = GrpcExporter(ExporterSettings(target=f"127.0.0.1:{port}", node_name="demo-node"))
@@ -250,6 +252,10 @@ def main(args) -> int:
         flood.wait(120)
         say("waiting for the last flows to go idle and be scored")
         time.sleep(6)
+        # the enforcement step runs its own agent on the attacker's veth: this one goes first
+        agent.stop()
+        agent = None
+        enforcement_step(work, client, attacker)
     except KeyboardInterrupt:
         say("interrupted")
     finally:
@@ -269,6 +275,140 @@ def main(args) -> int:
         for h in hosts:
             h.down()
     return report(scored_path, hosts, work)
+
+
+FIXED_FLOOD = """
+from scapy.all import Ether, IP, TCP, sendp
+sendp(Ether(dst='{mac}') / IP(src='{src}', dst='{dst}') / TCP(sport={sport}, dport={dport}, flags='S', seq=12345),
+      iface='eth0', count={count}, inter=0.001, verbose=False)
+"""
+
+
+def enforcement_step(work: Path, client: Host, attacker: Host, *, ttl_s: int = 15, count: int = 300) -> None:
+    """The loop closed: verdicts become kernel rules. A second agent on the attacker's
+    veth, in dry-run, talks mutual TLS to a collector that scores with the baseline just
+    learned and asks to drop what it flags. A SYN flood from one port to an address
+    beyond the node becomes a rule that counts what it would drop; in enforce mode the
+    same flood is dropped (the qdisc's own count says so); the same flood to the node's
+    own address is refused (allowlist); the client's requests are all answered; after
+    its TTL the rule no longer acts. Self-contained: makes and removes what it needs."""
+    import re
+
+    from xdpml.lab import make_certs
+
+    baseline = work / "state" / "embedded-iforest.joblib"
+    if not baseline.exists():
+        say("enforcement step skipped: the collector learned no baseline (try a longer --seconds)")
+        return
+    xdpml = [sys.executable, "-m", "xdpml"]
+    tls = work / "tls"
+    tls.mkdir()
+    c = make_certs(tls, server_name="collector.demo")
+    bpffs = work / "bpffs"
+    bpffs.mkdir()
+    sh(f"mount -t bpf bpf {bpffs}")
+    pin = str(bpffs / "rules")
+    outside = attacker.host_ip.rsplit(".", 1)[0] + ".99"  # beyond the node: enforceable
+    mac = open(f"/sys/class/net/{attacker.veth}/address").read().strip()
+    sh(f"ip -n {attacker.ns} neigh replace {outside} lladdr {mac} dev eth0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs: list[subprocess.Popen] = []
+    try:
+        col = subprocess.Popen(
+            [*xdpml, "collector", "--listen", f"127.0.0.1:{port}", "--model", "embedded"]
+            + ["--baseline", str(baseline), "--action", "drop", "--verdict-ttl", str(ttl_s)]
+            + ["--tls-cert", c["server"], "--tls-key", c["server_key"], "--tls-client-ca", c["ca"]],
+            stdout=open(work / "collector-enforce.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(col)
+        log_path = work / "agent-enforce.log"
+        ag = subprocess.Popen(
+            [*xdpml, "agent", "-i", attacker.veth, "--hooks", "tc", "-o", "/dev/null"]
+            + ["--collector", f"127.0.0.1:{port}", "--tls-ca", c["ca"], "--tls-cert", c["client"]]
+            + ["--tls-key", c["client_key"], "--tls-server-name", "collector.demo", "--pin-dir", pin]
+            + ["--enforce-mode", "dry-run", "--rule-ttl", str(ttl_s), "--summary-interval", "0"],
+            stdout=open(log_path, "w"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(ag)
+        say(f"enforcement: a second agent on {attacker.veth}, dry-run, mutual TLS to a collector that drops what")
+        say(f"  the baseline model flags (rules live {ttl_s} s; compiling takes a few seconds)")
+        deadline = time.monotonic() + 180
+        while "enforcement ready" not in log_path.read_text():
+            if time.monotonic() > deadline or ag.poll() is not None:
+                say("enforcement step failed: the agent did not start:\n" + log_path.read_text()[-2000:])
+                return
+
+            time.sleep(0.2)
+
+        def rules(*args: str) -> str:
+            r = subprocess.run([*xdpml, "rules", "--pin-dir", pin, *args], capture_output=True, text=True)
+            return r.stdout
+
+        def qdisc_drops() -> int:
+            out = subprocess.run(["tc", "-s", "qdisc", "show", "dev", attacker.veth], capture_output=True, text=True)
+            m = re.search(r"qdisc clsact.*?dropped (\d+)", out.stdout, re.S)
+            return int(m.group(1)) if m else 0
+
+        def flood(dst: str) -> None:
+            attacker.python(
+                FIXED_FLOOD.format(mac=mac, src=attacker.ns_ip, dst=dst, sport=4444, dport=SERVER_TCP, count=count),
+                python=sys.executable,
+            ).wait(60)
+
+        def show(table: str) -> None:
+            for line in table.rstrip().splitlines():
+                print(f"         {line}", flush=True)
+
+        say(f"dry-run: the attacker SYN-floods {outside}:{SERVER_TCP} from port 4444 ({count} SYNs)")
+        flood(outside)
+        deadline = time.monotonic() + 30
+        while "4444" not in rules("list") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        say("the rule the verdict made; DROPPED counts what it would drop, nothing is dropped:")
+        show(rules("list"))
+        before = qdisc_drops()
+        say(f"enforce: `xdpml rules mode enforce`, then the same flood again ({count} SYNs)")
+        rules("mode", "enforce")
+        flood(outside)
+        show(rules("list"))
+        say(f"  packets the kernel dropped on {attacker.veth} (its qdisc's count): {qdisc_drops() - before}")
+        say(f"the allowlist: the same flood to the node's own address {attacker.host_ip}")
+        flood(attacker.host_ip)
+        deadline = time.monotonic() + 30
+        while "allowlisted" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        refused = "verdict refused (allowlisted)" in log_path.read_text()
+        live = [ln for ln in rules("list").splitlines()[1:] if ln.strip()]
+        say(
+            f"  {'verdict refused (allowlisted)' if refused else 'no verdict yet'}; "
+            f"rules: {len(live)} (the first one only)"
+        )
+        ok = client.python(
+            "import socket\nn=0\nfor i in range(20):\n"
+            f"    c=socket.create_connection(('{client.host_ip}',{SERVER_TCP}),timeout=2); c.sendall(b'GET 100 /')\n"
+            "    n+=bool(c.recv(65535)); c.close()\nraise SystemExit(0 if n == 20 else 1)\n"
+        )
+        ok.wait(60)
+        say(f"normal traffic: the client's 20 requests {'all answered' if ok.returncode == 0 else 'NOT all answered'}")
+        say(f"expiry: the rule lives {ttl_s} s; the kernel ignores it from then on, even with nobody to delete it")
+        deadline = time.monotonic() + ttl_s + 5
+        while "4444" in rules("list") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        live = [ln for ln in rules("list").splitlines()[1:] if ln.strip()]
+        say(f"  rules left after the TTL: {len(live)}")
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        sh(f"umount -l {bpffs}", check=False)
 
 
 def report(path: Path, hosts: list[Host], work: Path) -> int:

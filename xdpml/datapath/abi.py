@@ -61,6 +61,10 @@ class SeqEntry(C.Structure):
     _fields_ = [("piat_us", u32), ("size", u16), ("dir", u8), ("flags", u8)]
 
 
+class EarlyEvent(C.Structure):
+    _fields_ = [("key", FlowKey)]
+
+
 class WinEvent(C.Structure):
     _fields_ = [
         ("ts_ns", u64),
@@ -114,6 +118,7 @@ ENF_MODES = {"dry-run": ENF_DRY_RUN, "off": ENF_OFF, "enforce": ENF_ENFORCE}
 ACT_PASS, ACT_DROP, ACT_RATE_LIMIT = 1, 2, 3
 ACTIONS = {"pass": ACT_PASS, "drop": ACT_DROP, "rate-limit": ACT_RATE_LIMIT}
 RULE_DRY_RUN = 1
+RULE_NO_EXPORT = 2  # pass rules: flows they matched are not exported (agent/harvest.py)
 ENF_SLOT_ALLOWLISTED = 0xFFFFFFFF
 
 
@@ -179,6 +184,7 @@ class EnfRule(C.Structure):
 
 END_FIN_INIT, END_FIN_RESP, END_RST = 1, 2, 4
 SEEN_INGRESS, SEEN_EGRESS = 1, 2  # dir_stats.seen_at bits (XDPML_SEEN_*)
+EARLY_SENT = 0x80  # end_flags bit: the kernel sent this entry's early-export notice
 HOOK_XDP, HOOK_TC_INGRESS, HOOK_TC_EGRESS = 0, 1, 2
 # enum xdpml_tunnel, in order: the text of the tunnel_type column
 TUNNEL_TYPES = (
@@ -238,6 +244,10 @@ COUNTERS = (
     "tun_bad_inner",
     "tun_too_deep",
     "tun_fragment",
+    "early_sent",
+    "rb_early_full",
+    "enf_dropped_bytes",
+    "enf_would_drop_bytes",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 

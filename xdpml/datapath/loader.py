@@ -405,6 +405,7 @@ class Datapath:
         self.window = settings.window.enabled
         self.sample_rate = dp.sample_rate
         self.first_n = dp.first_n
+        self.early = settings.harvest.early_packets > 0 or int(settings.harvest.early_ms) > 0
         self.types = flow_types(dp.first_n)
         pages = max(1, dp.ringbuf_kib // 4)
         cflags = [
@@ -414,6 +415,8 @@ class Datapath:
             f"-DXDPML_WINDOW={1 if self.window else 0}",
             f"-DXDPML_FLOW_LOCK={1 if dp.flow_lock else 0}",
             f"-DXDPML_RINGBUF_PAGES={pages}",
+            f"-DXDPML_EARLY_PACKETS={settings.harvest.early_packets}",
+            f"-DXDPML_EARLY_MS={int(settings.harvest.early_ms)}",
             f"-DXDPML_ENF_MAX_RULES={settings.enforce.map_rules}",
             f"-DXDPML_ENF_MAX_ALLOW={settings.enforce.map_allow}",
             *settings.tunnels.cflags(),

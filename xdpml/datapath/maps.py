@@ -124,6 +124,21 @@ class FlowMap:
             found[i] = _bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, attr) == 0
         return keys[found], values[found]
 
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Look these keys up (left in the map), one syscall each; returns the keys
+        found and their values, read under the entry's lock."""
+        keys = np.ascontiguousarray(keys, dtype=self.key_dtype)
+        values = np.zeros(len(keys), dtype=self.value_dtype)
+        found = np.zeros(len(keys), dtype=bool)
+        kbase, vbase = keys.ctypes.data, values.ctypes.data
+        ks, vs = keys.dtype.itemsize, self.value_dtype.itemsize
+        attr = _ElemAttr(map_fd=self.fd, flags=self.elem_flags)
+        for i in range(len(keys)):
+            attr.key = kbase + i * ks
+            attr.value = vbase + i * vs
+            found[i] = _bpf(BPF_MAP_LOOKUP_ELEM, attr) == 0
+        return keys[found], values[found]
+
     def delete(self, keys: np.ndarray) -> int:
         if len(keys) == 0:
             return 0

@@ -64,6 +64,7 @@ class Rule:
     burst_packets: int = 0
     burst_bytes: int = 0
     dry_run: bool = False  # this rule only counts, whatever the mode
+    no_export: bool = False  # pass rules: the flows they match are not exported
 
     def validate(self) -> Rule:
         if self.kind not in ("exact", "src", "dst"):
@@ -88,6 +89,8 @@ class Rule:
                 ipaddress.ip_network(self.cidr, strict=False)
         except ValueError as exc:
             raise ConfigError(f"bad address: {exc}") from None
+        if self.no_export and self.action != "pass":
+            raise ConfigError("only a pass rule can keep its flows out of the export (--no-export)")
         if self.action == "rate-limit":
             if self.pps <= 0 and self.bps <= 0:
                 raise ConfigError("a rate-limit rule needs --pps or --bps > 0")
@@ -121,6 +124,7 @@ class RuleRow:
     last_hit_ns: int
     dry_run: bool
     both_ways: bool
+    no_export: bool = False
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -238,7 +242,7 @@ class RuleTable:
                 gen=st.cfg.gen + 1,
                 expires_ns=now_ns() + int(rule.ttl_s * 1e9),
                 action=abi.ACTIONS[rule.action],
-                flags=abi.RULE_DRY_RUN if rule.dry_run else 0,
+                flags=(abi.RULE_DRY_RUN if rule.dry_run else 0) | (abi.RULE_NO_EXPORT if rule.no_export else 0),
             )
             if rule.kind != "exact":
                 r.proto, r.dst_port = rule.proto, rule.dst_port
@@ -353,10 +357,17 @@ class RuleTable:
                         first_hit_ns=r.first_hit_ns,
                         last_hit_ns=r.last_hit_ns,
                         dry_run=bool(r.flags & abi.RULE_DRY_RUN),
+                        no_export=bool(r.flags & abi.RULE_NO_EXPORT),
                         both_ways=len(keys) > 1,
                     )
                 )
             return out
+
+    def no_export_slots(self) -> dict[int, int]:
+        """Slot -> rule generation of every installed pass rule whose flows are not to be
+        exported (re-read only when the rule-set generation changed)."""
+        st = self._load()
+        return {s: r.gen for s, r in st.rules.items() if r.action == abi.ACT_PASS and r.flags & abi.RULE_NO_EXPORT}
 
     def live_slots(self) -> set[int]:
         with self._locked() as st:

@@ -31,6 +31,7 @@ from xdpml.config import (
     AgentSettings,
     ConfigError,
     DatapathSettings,
+    EnforceSettings,
     HarvestSettings,
     InterfaceSettings,
     TunnelSettings,
@@ -95,6 +96,18 @@ class EnrichmentSettings:
     labels: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class EnforcementConfig:
+    """spec.enforcement beyond the limits (those are AgentSettings.enforce)."""
+
+    mode: str = "dry-run"  # off | dry-run | enforce
+    allow: tuple[str, ...] = ()  # operator CIDRs
+    # namespace -> actions allowed on its pods' traffic ("*": every other namespace);
+    # empty = the agent's default (kube-system none, others drop and rate-limit)
+    namespace_policy: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    follow_api_server: bool = True
+
+
 @dataclass
 class AgentConfig:
     """One parsed, valid AgentConfig resource."""
@@ -104,6 +117,7 @@ class AgentConfig:
     features: FeatureSets = field(default_factory=FeatureSets)
     export: ExportSettings = field(default_factory=ExportSettings)
     enrichment: EnrichmentSettings = field(default_factory=EnrichmentSettings)
+    enforcement: EnforcementConfig = field(default_factory=EnforcementConfig)
     node_selector: Mapping[str, str] = field(default_factory=dict)
     name: str = ""
     namespace: str = ""
@@ -112,10 +126,20 @@ class AgentConfig:
 
     def changed_sections(self, old: AgentConfig | None) -> set[str]:
         """What differs from ``old``: interfaces, datapath, harvest, window, features,
-        export, enrichment, summary. The pipeline redoes only these (datapath means
+        export, enrichment, enforcement, summary. The pipeline redoes only these (datapath means
         recompile and reattach; interfaces means attach/detach the rules that changed)."""
         if old is None:
-            return {"interfaces", "datapath", "harvest", "window", "features", "export", "enrichment", "summary"}
+            return {
+                "interfaces",
+                "datapath",
+                "harvest",
+                "window",
+                "features",
+                "export",
+                "enrichment",
+                "enforcement",
+                "summary",
+            }
         out = set()
         if self.interface_rules != old.interface_rules:
             out.add("interfaces")
@@ -124,11 +148,16 @@ class AgentConfig:
                 out.add(name)
         if self.settings.tunnels != old.settings.tunnels:
             out.add("datapath")  # compiled in: recompile and reattach
+        h, oh = self.settings.harvest, old.settings.harvest
+        if (h.early_packets, h.early_ms) != (oh.early_packets, oh.early_ms):
+            out.add("datapath")  # the early-export trigger is compiled into the programs
         if self.settings.summary_interval_s != old.settings.summary_interval_s:
             out.add("summary")
         for name in ("features", "export", "enrichment"):
             if getattr(self, name) != getattr(old, name):
                 out.add(name)
+        if self.enforcement != old.enforcement or self.settings.enforce != old.settings.enforce:
+            out.add("enforcement")
         return out
 
 
@@ -249,6 +278,7 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
         window=WindowSettings(packets=int(window.get("packets", 0)), seconds=float(window.get("seconds", 0)))
         if features.windows
         else WindowSettings(),
+        enforce=_enforce_limits(spec),
         summary_interval_s=float(spec["summaryIntervalSeconds"]),
     )
 
@@ -268,6 +298,38 @@ def _tunnels(t: Mapping) -> TunnelSettings:
         gtpu_port=t["gtpuPort"],
         wireguard_port=t["wireguardPort"],
         esp_natt_port=t["espNatTPort"],
+    )
+
+
+def _enforce_limits(spec: Mapping) -> EnforceSettings:
+    enf = _section(spec, "enforcement")
+    return EnforceSettings(
+        max_rules=int(enf["maxRules"]),
+        max_installs_per_s=float(enf["maxInstallsPerSecond"]),
+        max_ttl_s=float(enf["maxRuleTTLSeconds"]),
+        default_ttl_s=float(enf["ruleTTLSeconds"]),
+    )
+
+
+def _enforcement(spec: Mapping) -> EnforcementConfig:
+    import ipaddress
+
+    enf = _section(spec, "enforcement")
+    allow = tuple(enf.get("allow") or ())
+    bad = []
+    for i, cidr in enumerate(allow):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            bad.append(f"spec.enforcement.allow[{i}]: {cidr!r} is not an IP address or CIDR")
+    policy = tuple((p["namespace"], tuple(p["actions"])) for p in enf.get("namespacePolicy") or ())
+    names = [n for n, _ in policy]
+    if len(set(names)) != len(names):
+        bad.append("spec.enforcement.namespacePolicy: a namespace is listed twice")
+    if bad:
+        raise ConfigError("; ".join(bad))
+    return EnforcementConfig(
+        mode=enf["mode"], allow=allow, namespace_policy=policy, follow_api_server=bool(enf["followApiServer"])
     )
 
 
@@ -318,6 +380,7 @@ def parse_spec(spec: Any, *, tls_mount_root: str = DEFAULT_TLS_MOUNT_ROOT) -> Ag
         features=features,
         export=_export(spec, tls_mount_root),
         enrichment=_enrichment(spec),
+        enforcement=_enforcement(spec),
         node_selector=dict(spec.get("nodeSelector") or {}),
     )
 

@@ -135,6 +135,7 @@ class AgentConfigWatcher:
         self._ready = (False, "Starting", "waiting for the first valid AgentConfig")
         self._pending_status: dict[str, dict] = {}  # config name -> merge patch not yet written
         self._pending_events: list[dict] = []
+        self._enforcement: dict | None = None  # set_enforcement(): status.nodes.<node>.enforcement
         self._thread: threading.Thread | None = None
 
     # ---- life cycle -----------------------------------------------------------------
@@ -171,6 +172,26 @@ class AgentConfigWatcher:
                     self._pending_status.get(cfg.name), self._node_entry(observed=self._seen.get(cfg.name, ("", 0))[1])
                 )
             self._wake_event.set()
+
+    def set_enforcement(self, summary: dict) -> None:
+        """This node's enforcement (mode, counts), shown in ``status.nodes.<node>.enforcement``."""
+        with self._lock:
+            self._enforcement = dict(summary)
+            cfg = self.current
+        if cfg is not None:
+            with self._lock:
+                self._pending_status[cfg.name] = self._merge_node_patch(
+                    self._pending_status.get(cfg.name), self._node_entry(observed=self._seen.get(cfg.name, ("", 0))[1])
+                )
+            self._wake_event.set()
+
+    def post_event(self, event: dict) -> None:
+        """Queue an Event on any object (e.g. a pod whose traffic a rule drops), created in
+        the event's own namespace; best effort, bounded like the watcher's own."""
+        with self._lock:
+            self._pending_events.append(event)
+            del self._pending_events[:-20]
+        self._wake_event.set()
 
     # ---- the worker -----------------------------------------------------------------
     def _run(self) -> None:
@@ -317,6 +338,8 @@ class AgentConfigWatcher:
         }
         if self.current is not None:
             entry["appliedGeneration"] = self.current.generation
+        if self._enforcement is not None:
+            entry["enforcement"] = dict(self._enforcement)
         return entry
 
     @staticmethod
@@ -413,7 +436,8 @@ class AgentConfigWatcher:
                     break
                 event = self._pending_events[0]
             try:
-                self._core.create_namespaced_event(self.namespace, event, _request_timeout=10)  # type: ignore[arg-type]  # a dict is sent as is
+                ns = event["metadata"].get("namespace") or self.namespace
+                self._core.create_namespaced_event(ns, event, _request_timeout=10)  # type: ignore[arg-type]  # a dict is sent as is
             except Exception as err:
                 log.warning("cannot post Event %s: %s; will retry", event["reason"], err)
                 return False

@@ -179,6 +179,27 @@ METRICS: dict[str, MetricSpec] = {
             "Time from a verdict's arrival to its rule being in the kernel maps.",
         ),
         _m(
+            "xdpml.agent.enforce.rules_active",
+            OBSERVABLE_GAUGE,
+            "{rule}",
+            "Rules live in the kernel maps (not expired), by action.",
+            "action",
+        ),
+        _m(
+            "xdpml.agent.enforce.packets",
+            OBSERVABLE_COUNTER,
+            "{packet}",
+            "Packets rules dropped (enforce mode) or would have dropped (dry-run), from the kernel's counters.",
+            "result",
+        ),
+        _m(
+            "xdpml.agent.enforce.bytes",
+            OBSERVABLE_COUNTER,
+            "By",
+            "Frame bytes of those packets, by the same result.",
+            "result",
+        ),
+        _m(
             "xdpml.agent.attached",
             OBSERVABLE_GAUGE,
             "{program}",
@@ -187,6 +208,14 @@ METRICS: dict[str, MetricSpec] = {
             "mode",
         ),
         # ---- collector -----------------------------------------------------
+        _m(
+            "xdpml.collector.early_rows",
+            COUNTER,
+            "{row}",
+            "Early flow snapshots received: scored for verdicts, not stored, learned or counted as rows scored.",
+            "model",
+            "flagged",
+        ),
         _m("xdpml.collector.batches", COUNTER, "{batch}", "Feature batches received from agents.", "kind"),
         _m("xdpml.collector.rows", COUNTER, "{row}", "Feature rows received from agents.", "kind"),
         _m("xdpml.collector.scored", COUNTER, "{row}", "Rows scored by a model.", "model"),
