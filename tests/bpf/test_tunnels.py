@@ -7,7 +7,7 @@ as built, never from the datapath. Every packet passes (XDP_PASS / TC_ACT_UNSPEC
 import pytest
 from scapy.contrib.gtp import GTP_U_Header, GTPPDUSessionContainer
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import HBHOptUnknown, IPv6, IPv6ExtHdrDestOpt
 from scapy.layers.ipsec import ESP
 from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether
 from scapy.layers.vxlan import VXLAN
@@ -162,6 +162,14 @@ def kinds():
         "6in4 (sit)": (Ether(**ETH) / IP(**O4) / udp6, "6in4", 0, OUTER4, 6),
         "4in6": (Ether(**ETH) / IPv6(**O6) / udp4, "4in6", 0, OUTER6, 4),
         "6in6 (ip6tnl)": (Ether(**ETH) / IPv6(**O6) / udp6, "6in6", 0, OUTER6, 6),
+        # ip6tnl's default: a destination options header with the encapsulation limit
+        "6in6 encap limit option": (
+            Ether(**ETH) / IPv6(**O6) / IPv6ExtHdrDestOpt(options=[HBHOptUnknown(otype=4, optdata=b"\x04")]) / udp6,
+            "6in6",
+            0,
+            OUTER6,
+            6,
+        ),
         "gre": (Ether(**ETH) / IP(**O4) / GRE(proto=0x0800) / udp4, "gre", 0, OUTER4, 4),
         "gre key seq csum": (Ether(**ETH) / IP(**O4) / gre_k / udp4, "gre", 0xABCD1234, OUTER4, 4),
         "gre ipv6 payload": (Ether(**ETH) / IP(**O4) / GRE(proto=0x86DD) / udp6, "gre", 0, OUTER4, 6),
@@ -451,6 +459,13 @@ TRUNCATE = {
     "gre key": (Ether(**ETH) / IP(**O4) / GRE(proto=0x0800, key_present=1, key=1) / inner_udp4(), 47, 0, 8),
     "gretap": (Ether(**ETH) / IP(**O4) / GRE(proto=0x6558) / Ether(**IETH) / inner_udp4(), 47, 0, 4),
     "ipip": (Ether(**ETH) / IP(**O4) / inner_udp4(), 4, 0, 0),
+    "vxlan over ipv6": (
+        Ether(**ETH) / IPv6(**O6) / UDP(sport=1, dport=4789) / VXLAN(vni=2) / Ether(**IETH) / inner_udp4(),
+        17,
+        8,
+        8,
+    ),
+    "4in6": (Ether(**ETH) / IPv6(**O6) / inner_udp4(), 4, 0, 0),
     "gtpu ext": (
         Ether(**ETH)
         / IP(**O4)
@@ -465,9 +480,13 @@ TRUNCATE = {
 }
 
 
+def outer_ip_len(pkt) -> int:
+    return 40 if IPv6 in pkt and pkt.getlayer(IPv6) is pkt[1] else 20
+
+
 def truncation_cases():
-    for name, (pkt, *_rest) in TRUNCATE.items():
-        for cut in range(14 + 20 + _rest[1], len(pkt)):
+    for name, (pkt, _, l4, _) in TRUNCATE.items():
+        for cut in range(14 + outer_ip_len(pkt) + l4, len(pkt)):
             yield pytest.param(name, cut, id=f"{name}-{cut}")
 
 
@@ -476,7 +495,7 @@ def expected_truncation(name: str, cut: int) -> tuple[str, dict]:
     outer headers | tunnel header | [inner Ethernet] | inner IPv4 (20) | inner UDP (8) | payload."""
     pkt, _, l4, tun = TRUNCATE[name]
     raw = bytes(pkt)
-    outer_end = 14 + 20 + l4
+    outer_end = 14 + outer_ip_len(pkt) + l4
     hdr_end = outer_end + tun
     ip_start = len(raw) - len(INNER)
     assert raw[ip_start:] == INNER
@@ -500,14 +519,15 @@ def test_truncated_tunnel_at_every_offset(run, name, cut):
     k, v = one_flow(flows)
     assert int(v["dir"][0]["bytes"]) == cut  # the frame as seen
     if which == "outer":
-        assert {ip_to_str(bytes(k["lo_ip"])), ip_to_str(bytes(k["hi_ip"]))} == set(OUTER4)
+        outer = OUTER6 if outer_ip_len(pkt) == 40 else OUTER4
+        assert {ip_to_str(bytes(k["lo_ip"])), ip_to_str(bytes(k["hi_ip"]))} == set(outer)
         assert int(k["proto"]) == outer_proto
         assert TUNNEL_TYPES[v["tunnel_type"]] == "none"
     else:
         assert {ip_to_str(bytes(k["lo_ip"])), ip_to_str(bytes(k["hi_ip"]))} == {I4["src"], I4["dst"]}
         ports = [0, 0] if which == "inner portless" else [53, 5000]
         assert (int(k["proto"]), sorted([int(k["lo_port"]), int(k["hi_port"])])) == (17, ports)
-        assert TUNNEL_TYPES[v["tunnel_type"]] == name.split()[0].replace("gtpu", "gtpu")
+        assert TUNNEL_TYPES[v["tunnel_type"]] == name.split()[0]
 
 
 # ---- settings ----------------------------------------------------------------------------
