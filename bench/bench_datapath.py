@@ -154,7 +154,7 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 
 
 @contextmanager
-def dispatcher_slots():
+def dispatcher_slots(ns: str = BENCH_NS):
     """Yield attach(prog_fn): keeps a program in the kernel's XDP dispatcher.
 
     BPF_PROG_TEST_RUN with repeat > 1 on XDP puts the program into the XDP
@@ -168,19 +168,17 @@ def dispatcher_slots():
     from bcc import BPF
 
     libc = C.CDLL(None, use_errno=True)
-    subprocess.run(["ip", "netns", "del", BENCH_NS], stderr=subprocess.DEVNULL, check=False)
-    subprocess.run(["ip", "netns", "add", BENCH_NS], check=True)
+    subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL, check=False)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
     count = 0
 
     def attach(fn) -> None:
         nonlocal count
         name = f"xb{count}"
         count += 1
-        subprocess.run(
-            ["ip", "-n", BENCH_NS, "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True
-        )
+        subprocess.run(["ip", "-n", ns, "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True)
         own = os.open("/proc/self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{BENCH_NS}", os.O_RDONLY)
+        target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
         try:
             if libc.setns(target, CLONE_NEWNET) != 0:
                 raise OSError(C.get_errno(), "setns into the bench namespace")
@@ -196,7 +194,7 @@ def dispatcher_slots():
     try:
         yield attach
     finally:
-        subprocess.run(["ip", "netns", "del", BENCH_NS], check=False)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 # Stages of the flow program, cut out of the real source with markers (kernel

@@ -218,7 +218,7 @@ enum xdpml_counter {
     C_MODEL_ERR,          /* model walk reached no leaf / index out of range: not classified */
     /* tunnels (bpf/tunnel.h): every reason below leaves the packet in its outer flow */
     C_TUN_DECAP,          /* packets decapsulated: accounted to their inner flow */
-    C_TUN_TRUNC,          /* tunnel header cut short by the frame or the outer IP/UDP length */
+    C_TUN_TRUNC,          /* tunnel header cut short by the frame or the outer IP length */
     C_TUN_BAD_VXLAN,      /* VXLAN header without the I (valid VNI) flag */
     C_TUN_BAD_GENEVE,     /* Geneve version != 0, or its options past the packet */
     C_TUN_BAD_GRE,        /* GRE with routing/recursion/unknown flags or version != 0 */

@@ -56,26 +56,39 @@ struct pkt_info {
     __u8  outer_dst_ip[16];
 };
 
+#ifndef XDPML_TUNNEL_MAX_DEPTH
+#define XDPML_TUNNEL_MAX_DEPTH 1 /* tunnels decapsulated per packet (1..4), tunnel.h */
+#endif
+#define PKT_SLOT_LEVELS 8 /* >= 1 + XDPML_TUNNEL_MAX_DEPTH, a power of two (see pkt_level) */
+
 /* pkt_slot: where a hook parses its packet (per CPU, one slot per hook; a hook's run
- * is never interrupted by another run of the same hook on its CPU). In map memory,
- * not on the stack, on purpose: the verifier does not track values stored there, so
- * every parse path reaches the flow update in (nearly) one state and the code after
- * the parser is verified once, not once per parse path; this keeps the program with
- * tunnels, windows, rules and a model far below the verifier's 1M-instruction budget.
- * `outer` holds a tunnel's outer packet while its inner one is parsed (tunnel.h). */
+ * is never interrupted by another run of the same hook on its CPU, as the per-CPU
+ * counters already assume): pk[0] the packet as on the wire, pk[d] its inner packet d
+ * tunnels deep (tunnel.h), so falling back to the outer packet copies nothing. In map memory, not on the stack, on purpose: the
+ * verifier does not track values stored there, so every parse path reaches the flow
+ * update in (nearly) one state and the code after the parser is verified once, not
+ * once per parse path; this keeps the program with tunnels, windows, rules and a model
+ * far below the verifier's 1M-instruction budget. */
 struct pkt_slot {
-    struct pkt_info pkt;
-    struct pkt_info outer;
+    struct pkt_info pk[PKT_SLOT_LEVELS];
 };
 BPF_TABLE("percpu_array", __u32, struct pkt_slot, pkt_slots, 3);
 
-/* The hook's slot with a zeroed packet, NULL never in practice (the caller passes). */
+/* The hook's slot with a zeroed pk[0], NULL never in practice (the caller passes). */
 static __always_inline struct pkt_slot *pkt_slot_get(__u32 hook)
 {
     struct pkt_slot *s = pkt_slots.lookup(&hook);
     if (s)
-        __builtin_memset(&s->pkt, 0, sizeof(s->pkt));
+        __builtin_memset(&s->pk[0], 0, sizeof(s->pk[0]));
     return s;
+}
+
+/* &s->pk[level] with the level masked where the verifier sees it: one state for the
+ * code after the parser, whatever level the packet ended at. */
+static __always_inline struct pkt_info *pkt_level(struct pkt_slot *s, __u32 level)
+{
+    asm volatile("" : "+r"(level));
+    return &s->pk[level & (PKT_SLOT_LEVELS - 1)];
 }
 
 struct vlan_hdr_ {
@@ -319,14 +332,17 @@ static __always_inline int parse_at(void *data, void *end, __u32 off, __u8 kind,
 
 #include "tunnel.h"
 
-/* The packet's flow: the outer one, or the inner one of a tunnel (tunnel.h). */
-static __always_inline int parse_packet(void *data, void *end, struct pkt_slot *s)
+/* The packet's flow: the outer one, or the inner one of a tunnel (tunnel.h). 0 and
+ * *pp = the packet to account, or the counter of why there is none. */
+static __always_inline int parse_packet(void *data, void *end, struct pkt_slot *s, struct pkt_info **pp)
 {
-    int rc = parse_at(data, end, 0, PARSE_ETH, &s->pkt);
+    int rc = parse_at(data, end, 0, PARSE_ETH, &s->pk[0]);
+    __u32 level = 0;
 #if XDPML_TUNNELS
     if (rc == 0)
-        tunnel_decap(data, end, &s->pkt, &s->outer);
+        level = tunnel_decap(data, end, s);
 #endif
+    *pp = pkt_level(s, level);
     return rc;
 }
 

@@ -36,14 +36,14 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
     struct pkt_slot *s = pkt_slot_get(hook);
     if (!s)
         return TC_ACT_UNSPEC;
-    struct pkt_info *p = &s->pkt;
+    struct pkt_info *p = &s->pk[0];
     __u32 vlan_extra = 0;
     if (skb->vlan_present) {
         p->vlan_id = skb->vlan_tci & 0x0fff;
         p->has_vlan = 1;
         vlan_extra = 4; /* the tag is on the wire even if not in the buffer */
     }
-    int rc = parse_packet(data, end, s);
+    int rc = parse_packet(data, end, s, &p);
     if (rc) {
         count(rc);
         return TC_ACT_UNSPEC;

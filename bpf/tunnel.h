@@ -20,7 +20,7 @@
  * protocol 50) and ESP in UDP (NAT-T, port 4500, a non-zero first word) stay outer flows
  * labelled wireguard / esp (ESP: tunnel_id = SPI).
  *
- * Anything malformed (cut short by the frame or by the outer IP/UDP length, a VXLAN
+ * Anything malformed (cut short by the frame or by the outer IP length, a VXLAN
  * header without the I flag, a Geneve version or option length that does not fit, GRE
  * with flags or a version we do not know, a payload type not decoded, an inner packet
  * that does not parse, nesting deeper than the limit, a fragmented outer packet) leaves
@@ -59,9 +59,6 @@
 #ifndef XDPML_TUNNELS
 #define XDPML_TUNNELS (XDPML_DECAP_VXLAN || XDPML_DECAP_GENEVE || XDPML_DECAP_IPIP || \
                        XDPML_DECAP_GRE || XDPML_DECAP_GTPU || XDPML_LABEL_WIREGUARD || XDPML_LABEL_ESP)
-#endif
-#ifndef XDPML_TUNNEL_MAX_DEPTH
-#define XDPML_TUNNEL_MAX_DEPTH 1 /* tunnels decapsulated per packet (1..4) */
 #endif
 #ifndef XDPML_VXLAN_PORT1
 #define XDPML_VXLAN_PORT1 4789 /* IANA */
@@ -393,57 +390,66 @@ static __always_inline int tunnel_detect(void *data, void *end, struct pkt_info 
     return 0;
 }
 
-/* Parse the inner packet(s) into *p; on any failure restore the outer packet. */
-static __always_inline void tunnel_decap(void *data, void *end, struct pkt_info *p, struct pkt_info *outer)
+/* Parse the inner packet(s) of s->pk[0] into s->pk[1..]: returns the level of the
+ * packet to account (0: the outer one, on any failure). */
+static __always_inline __u32 tunnel_decap(void *data, void *end, struct pkt_slot *s)
 {
+    struct pkt_info *p = &s->pk[0];
     struct tun_next t = {};
     int k = tunnel_detect(data, end, p, &t, 0);
     if (k != TUN_GO) {
         if (k)
             count(k);
-        return;
+        return 0;
     }
-    __builtin_memcpy(outer, p, sizeof(*outer)); /* map memory, like p (parse.h pkt_slot) */
-    __u8 had_vlan = p->has_vlan;
     k = C_TUN_TOO_DEEP;
+#pragma unroll
     for (int depth = 1; depth <= XDPML_TUNNEL_MAX_DEPTH; depth++) {
-        /* fields not every parser writes */
-        p->src_port = 0;
-        p->dst_port = 0;
-        p->frag_off = 0;
-        p->ip_id = 0;
-        p->ihl = 0;
-        p->tcp_flags = 0;
-        p->tcp_window = 0;
-        p->tcp_urg = 0;
-        p->tcp_seq = 0;
-        p->tcp_ack = 0;
-        p->l4_note = 0;
-        p->has_vlan = 1; /* an inner VLAN tag is skipped; vlan_id stays the outer one */
+        struct pkt_info *q = &s->pk[depth];
+        /* a stale packet of an earlier run: every field the parser may leave alone */
+        q->src_port = 0;
+        q->dst_port = 0;
+        q->frag_off = 0;
+        q->ip_id = 0;
+        q->ihl = 0;
+        q->tcp_flags = 0;
+        q->tcp_window = 0;
+        q->tcp_urg = 0;
+        q->tcp_seq = 0;
+        q->tcp_ack = 0;
+        q->l4_note = 0;
+        q->vlan_id = p->vlan_id; /* the flow's VLAN is the outer frame's */
+        q->has_vlan = 1;         /* so an inner VLAN tag is skipped, not recorded */
         if (depth == 1) {
-            p->tunnel_type = t.type;
-            p->tunnel_id = t.id;
-            p->tunnel_vni = t.vni;
-            __builtin_memcpy(p->outer_src_ip, p->src_ip, 16);
-            __builtin_memcpy(p->outer_dst_ip, p->dst_ip, 16);
+            q->tunnel_type = t.type;
+            q->tunnel_id = t.id;
+            q->tunnel_vni = t.vni;
+            __builtin_memcpy(q->outer_src_ip, p->src_ip, 16);
+            __builtin_memcpy(q->outer_dst_ip, p->dst_ip, 16);
+        } else {
+            struct pkt_info *first = &s->pk[1]; /* the outermost tunnel names the flow */
+            q->tunnel_type = first->tunnel_type;
+            q->tunnel_id = first->tunnel_id;
+            q->tunnel_vni = first->tunnel_vni;
+            __builtin_memcpy(q->outer_src_ip, first->outer_src_ip, 16);
+            __builtin_memcpy(q->outer_dst_ip, first->outer_dst_ip, 16);
         }
-        if (parse_at(data, end, verifier_opaque_off(t.off), PARSE_IP, p)) {
+        if (parse_at(data, end, verifier_opaque_off(t.off), PARSE_IP, q)) {
             k = C_TUN_BAD_INNER;
             break;
         }
-        int n = tunnel_detect(data, end, p, &t, 1);
+        int n = tunnel_detect(data, end, q, &t, 1);
         if (n == 0) {
-            p->has_vlan = had_vlan;
             count(C_TUN_DECAP);
-            return;
+            return depth;
         }
         if (n != TUN_GO) {
             k = n;
             break;
         }
     }
-    __builtin_memcpy(p, outer, sizeof(*outer));
     count(k);
+    return 0;
 }
 
 #endif /* XDPML_TUNNEL_H */

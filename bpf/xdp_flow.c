@@ -29,8 +29,8 @@ int xdpml_xdp(struct xdp_md *ctx)
     struct pkt_slot *s = pkt_slot_get(XDPML_HOOK_XDP);
     if (!s)
         return XDP_PASS;
-    struct pkt_info *p = &s->pkt;
-    int rc = parse_packet(data, end, s);
+    struct pkt_info *p = &s->pk[0];
+    int rc = parse_packet(data, end, s, &p);
     if (rc) {
         count(rc);
         return XDP_PASS;

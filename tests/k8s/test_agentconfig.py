@@ -53,13 +53,14 @@ def test_changed_sections():
     assert parse_spec(BASE).changed_sections(a) == set()
     cases = {
         "datapath": {"datapath": {"flowTableSize": 2048}},
+        "datapath ": {"datapath": {"tunnels": {"gre": False}}},  # compiled in: recompile
         "export": {"collector": {"address": "c:1"}},
         "enrichment": {"enrichment": {"labels": ["app"]}},
         "summary": {"summaryIntervalSeconds": 0},
         "harvest": {"timeouts": {"scanIntervalSeconds": 2}},
     }
     for section, extra in cases.items():
-        assert parse_spec(dict(BASE, **extra)).changed_sections(a) == {section}, section
+        assert parse_spec(dict(BASE, **extra)).changed_sections(a) == {section.strip()}, section
     # one record per interface instead of per conversation: a harvest change, applied live
     assert parse_spec(dict(BASE, features={"recordPer": "interface"})).changed_sections(a) == {"harvest"}
     both = parse_spec(dict(BASE, features={"sets": ["flows", "windows"], "window": {"seconds": 1}}))
@@ -115,3 +116,45 @@ def test_export_settings_feed_the_exporter():
     server_only = parse_spec(dict(BASE, collector={"address": "c:1", "tls": {"mode": "tls"}})).export
     tls = server_only.exporter_kwargs()["tls"]
     assert (tls.ca_file, tls.cert_file) == (None, None)  # system roots, no client certificate
+
+
+def test_tunnel_settings_from_the_spec():
+    from xdpml.config import TunnelSettings
+
+    assert parse_spec(BASE).settings.tunnels == TunnelSettings()  # every kind on, depth 1
+    t = parse_spec(
+        dict(
+            BASE,
+            datapath={
+                "tunnels": {
+                    "vxlan": False,
+                    "esp": False,
+                    "maxDepth": 3,
+                    "vxlanPorts": [4789, 4790, 8472],
+                    "genevePort": 6082,
+                    "espNatTPort": 0,
+                }
+            },
+        )
+    ).settings.tunnels
+    assert (t.vxlan, t.geneve, t.esp, t.max_depth, t.vxlan_ports, t.geneve_port, t.esp_natt_port) == (
+        False,
+        True,
+        False,
+        3,
+        [4789, 4790, 8472],
+        6082,
+        0,
+    )
+    assert "-DXDPML_DECAP_VXLAN=0" in t.cflags() and "-DXDPML_VXLAN_PORT3=8472" in t.cflags()
+    assert "-DXDPML_VXLAN_PORT4=0" in t.cflags() and "-DXDPML_TUNNEL_MAX_DEPTH=3" in t.cflags()
+    with pytest.raises(ConfigError) as info:
+        parse_spec(dict(BASE, datapath={"tunnels": {"maxDepth": 5, "vxlanPorts": [], "gtpuPort": 0, "bogus": 1}}))
+    text = str(info.value)
+    for expected in (
+        "spec.datapath.tunnels.maxDepth: must be 1..4, not 5",
+        "spec.datapath.tunnels.vxlanPorts",
+        "spec.datapath.tunnels.gtpuPort",
+        "spec.datapath.tunnels.bogus: unknown field",
+    ):
+        assert expected in text, (expected, text)

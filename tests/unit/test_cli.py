@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 XDPML = [sys.executable, "-m", "xdpml"]
 
@@ -95,3 +97,34 @@ def test_global_options_before_or_after_the_subcommand():
     # as a process too: json log lines on stderr from the option given after the subcommand
     r = run("agent", "--log-format", "json", "-i", "no-such-interface-xyz", "-o", "/dev/null")
     assert "Traceback" not in r.stderr and "unrecognized arguments" not in r.stderr
+
+
+def test_tunnel_flags_reach_the_settings():
+    from xdpml.cli import build_parser, settings_from_args
+    from xdpml.config import ConfigError
+
+    p = build_parser()
+    s = settings_from_args(p.parse_args(["agent", "-i", "x"]))
+    assert (s.tunnels.vxlan, s.tunnels.gre, s.tunnels.max_depth, s.tunnels.vxlan_ports) == (True, True, 1, [4789, 8472])
+    a = p.parse_args(
+        [
+            "agent",
+            "-i",
+            "x",
+            "--no-tunnel",
+            "gre",
+            "--no-tunnel",
+            "esp",
+            "--tunnel-max-depth",
+            "2",
+            "--vxlan-port",
+            "4790",
+        ]
+    )
+    s = settings_from_args(a)
+    assert (s.tunnels.gre, s.tunnels.esp, s.tunnels.vxlan, s.tunnels.max_depth) == (False, False, True, 2)
+    assert s.tunnels.vxlan_ports == [4790]
+    with pytest.raises(ConfigError, match="max_depth must be 1..4"):
+        settings_from_args(p.parse_args(["agent", "-i", "x", "--tunnel-max-depth", "9"]))
+    r = run("agent", "-i", "x", "--vxlan-port", "70000", "-o", "/dev/null")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "65535" in r.stderr
