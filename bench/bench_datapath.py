@@ -277,7 +277,7 @@ def _noop_event(_ctx, _data, _size) -> int:
 def bench_kernel(p: Params, report: Report) -> None:
     from bcc import BPF
 
-    from xdpml.config import AgentSettings, DatapathSettings, WindowSettings
+    from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, WindowSettings
     from xdpml.datapath.loader import XDP_PROG, Datapath
     from xdpml.datapath.testrun import test_run
 
@@ -292,13 +292,21 @@ def bench_kernel(p: Params, report: Report) -> None:
         # the ring variants' buffers hold a whole round of records (no reservation failures)
         specs = [
             ("xdpml flow, first_n 10 (default)", dict(), 0, p.repeat),
+            # the default has the early-export trigger compiled in (bpf/flow.h): its cost
+            ("xdpml flow, early export off", dict(_early_off=True), 0, p.repeat),
             ("xdpml flow, first_n 0", dict(first_n=0), 0, p.repeat),
             ("xdpml flow, no flow lock (--no-flow-lock)", dict(flow_lock=False), 0, p.repeat),
             ("xdpml flow + 1/100 sampling", dict(sample_rate=100, ringbuf_kib=65536), 0, p.repeat),
             ("xdpml flow + window records", dict(ringbuf_kib=65536), 100, p.ring_repeat),
         ]
         for name, dp_kw, window, repeat in specs:
-            dp = Datapath(AgentSettings(datapath=DatapathSettings(**dp_kw), window=WindowSettings(packets=window)))
+            early_off = dp_kw.pop("_early_off", False)
+            harvest = HarvestSettings(early_packets=0, early_ms=0) if early_off else HarvestSettings()
+            dp = Datapath(
+                AgentSettings(
+                    datapath=DatapathSettings(**dp_kw), window=WindowSettings(packets=window), harvest=harvest
+                )
+            )
             stack.callback(dp.close)
             maps = [
                 m
