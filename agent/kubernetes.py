@@ -40,6 +40,7 @@ class KubeAgentOptions:
     collector_tls: object = None  # xdpml.wire.tls.ClientTls from flags, or None
     extra_sinks: list[Sink] = field(default_factory=list)  # e.g. -o FILE, tests
     attach_timeout_s: float = 120.0
+    pin_dir: str | None = None  # --pin-dir: rule maps and model slots (None = the default)
 
 
 def plan_from_rules(rules, *, pod_veths: Callable[[], list[str] | None] | None = None) -> AttachPlan:
@@ -98,7 +99,8 @@ class KubernetesAgent:
         sections = new.changed_sections(old)
         if "enrichment" in sections:
             self.enrich.apply(new.enrichment)
-        if self.agent is None or sections & RESTART_SECTIONS:
+        slots_changed = old is not None and old.settings.model.enabled != new.settings.model.enabled
+        if self.agent is None or sections & RESTART_SECTIONS or slots_changed:
             self._stop_agent()
             try:
                 self._start_agent(new, plan)
@@ -114,6 +116,8 @@ class KubernetesAgent:
             self.agent.request("harvest", new.settings.harvest)
         if "export" in sections:
             self.agent.request("sinks", self._sinks(new))
+        if "model" in sections:  # the slots stay: the new model goes into the idle one, live
+            self.agent.request("model", new.settings.model)
 
     def _sinks(self, cfg) -> list[Sink]:
         from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
@@ -150,6 +154,8 @@ class KubernetesAgent:
     def _start_agent(self, cfg, plan: AttachPlan) -> None:
         settings = cfg.settings
         settings.interfaces.names = list(plan)
+        if self.opts.pin_dir is not None:
+            settings.enforce.pin_dir = self.opts.pin_dir
         agent = Agent(
             settings,
             interfaces=plan,

@@ -148,9 +148,15 @@ struct model_slot {
     struct model_mlp mlp;
 };
 
+/* The kernel reads only `active`; the rest is user space's (xdpml/models/kernel.py):
+ * how many models were loaded, when the index last flipped (a slot is rewritten only
+ * GRACE after it stopped being active, whichever process flipped it), and the limits
+ * this program was compiled with, so `xdpml model` checks a model against them. */
 struct model_ctl {
     __u32 active;     /* slot the next packet uses: 0 or 1 */
-    __u32 _pad;
+    __u32 seq;        /* models loaded so far (model_id of the last one) */
+    __u64 flipped_ns; /* CLOCK_MONOTONIC of the last flip */
+    __u32 limits[8];  /* XDPML_MODEL_MAX_* in the order of layout.Limits */
 };
 
 struct model_scratch {

@@ -132,12 +132,33 @@ class EnforceSettings:
 
 
 @dataclass
+class ModelSettings:
+    """A scikit-learn model in the kernel (docs/models.md): the two model slots are
+    compiled in (-DXDPML_MODEL=1) when ``slots`` is on or a ``file`` is named."""
+
+    slots: bool = False  # compile the slots in even with no model yet (`xdpml model load` later)
+    # model file (.joblib/.pkl) loaded at start and reloaded whenever it changes (e.g. a
+    # mounted ConfigMap); "" = none (slots empty until `xdpml model load`)
+    file: str = ""
+    features: list[str] = field(default_factory=list)  # its input columns; [] = the names it was fitted on
+
+    @property
+    def enabled(self) -> bool:
+        return self.slots or bool(self.file)
+
+    def validate(self) -> None:
+        if self.file and not self.file.endswith((".joblib", ".pkl")):
+            raise ConfigError(f"model file {self.file!r}: expected a .joblib or .pkl file")
+
+
+@dataclass
 class AgentSettings:
     interfaces: InterfaceSettings = field(default_factory=InterfaceSettings)
     datapath: DatapathSettings = field(default_factory=DatapathSettings)
     harvest: HarvestSettings = field(default_factory=HarvestSettings)
     window: WindowSettings = field(default_factory=WindowSettings)
     enforce: EnforceSettings = field(default_factory=EnforceSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
     summary_interval_s: float = 5.0  # stderr summary line period; 0 = off
 
     def validate(self) -> AgentSettings:
@@ -146,4 +167,5 @@ class AgentSettings:
         self.harvest.validate()
         self.window.validate()
         self.enforce.validate()
+        self.model.validate()
         return self

@@ -45,6 +45,7 @@ def test_changed_sections():
         "datapath",
         "harvest",
         "window",
+        "model",
         "features",
         "export",
         "enrichment",
@@ -57,6 +58,7 @@ def test_changed_sections():
         "enrichment": {"enrichment": {"labels": ["app"]}},
         "summary": {"summaryIntervalSeconds": 0},
         "harvest": {"timeouts": {"scanIntervalSeconds": 2}},
+        "model": {"model": {"file": "/models/tree.joblib"}},
     }
     for section, extra in cases.items():
         assert parse_spec(dict(BASE, **extra)).changed_sections(a) == {section}, section
@@ -113,3 +115,16 @@ def test_export_settings_feed_the_exporter():
     server_only = parse_spec(dict(BASE, collector={"address": "c:1", "tls": {"mode": "tls"}})).export
     tls = server_only.exporter_kwargs()["tls"]
     assert (tls.ca_file, tls.cert_file) == (None, None)  # system roots, no client certificate
+
+
+def test_model_section():
+    m = parse_spec(dict(BASE, model={"file": "/etc/xdpml/model/tree.joblib", "features": ["dst_port", "ip_ttl"]}))
+    assert (m.settings.model.file, m.settings.model.features) == (
+        "/etc/xdpml/model/tree.joblib",
+        ["dst_port", "ip_ttl"],
+    )
+    assert m.settings.model.enabled and not parse_spec(BASE).settings.model.enabled
+    with pytest.raises(ConfigError, match="model.file"):
+        parse_spec(dict(BASE, model={"file": "relative/tree.joblib"}))
+    with pytest.raises(ConfigError, match="model.file"):
+        parse_spec(dict(BASE, model={"file": "/m/tree.onnx"}))

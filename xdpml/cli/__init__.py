@@ -230,6 +230,25 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     from xdpml.agent.enforce.cli_commands import add_enforce_arguments
 
     add_enforce_arguments(p)
+    m = p.add_argument_group("model in the kernel (docs/models.md)")
+    m.add_argument(
+        "--model-slots",
+        action="store_true",
+        help="compile the two model slots in, pinned under PIN_DIR/model for `xdpml model load` (empty at start)",
+    )
+    m.add_argument(
+        "--model",
+        default="",
+        metavar="FILE",
+        help="scikit-learn model (.joblib/.pkl) the kernel classifies packets with from the start; reloaded "
+        "live when the file changes (implies --model-slots)",
+    )
+    m.add_argument(
+        "--model-features",
+        default="",
+        metavar="A,B,...",
+        help="the model's input columns in order (default: the names it was fitted on)",
+    )
     o.add_argument(
         "--duration",
         type=_positive_float,
@@ -248,7 +267,14 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(a):
     from xdpml.agent.enforce.cli_commands import enforce_settings_from_args
-    from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings, WindowSettings
+    from xdpml.config import (
+        AgentSettings,
+        DatapathSettings,
+        HarvestSettings,
+        InterfaceSettings,
+        ModelSettings,
+        WindowSettings,
+    )
 
     return AgentSettings(
         interfaces=InterfaceSettings(names=a.interface, hooks=a.hooks, xdp_mode=a.xdp_mode),
@@ -260,6 +286,11 @@ def settings_from_args(a):
         ),
         window=WindowSettings(packets=a.window, seconds=a.window_seconds),
         enforce=enforce_settings_from_args(a),
+        model=ModelSettings(
+            slots=a.model_slots,
+            file=os.path.abspath(a.model) if a.model else "",
+            features=[f.strip() for f in a.model_features.split(",") if f.strip()],
+        ),
         summary_interval_s=a.summary_interval,
     ).validate()
 
@@ -300,6 +331,10 @@ def check_agent_args(a) -> None:
             ipaddress.ip_address(a.bind_address)
         except ValueError:
             raise ConfigError(f"--bind-address {a.bind_address!r} is not an IP address") from None
+    if a.model and not os.path.isfile(a.model):
+        raise ConfigError(f"--model {a.model}: no such file")
+    if a.model_features and not a.model:
+        raise ConfigError("--model-features names the columns of a --model FILE; give one")
     if a.collector:
         from xdpml.agent.export.grpc_client import check_target
 
@@ -426,6 +461,7 @@ def run_kubernetes_agent(a) -> int:
         collector=a.collector or "",
         collector_tls=tls,
         extra_sinks=extra,
+        pin_dir=a.pin_dir,
     )
     telemetry = _telemetry(a, "xdpml-agent")
     health = _health(a, ("programs_attached", "pod_cache_synced"))

@@ -33,6 +33,7 @@ from xdpml.config import (
     DatapathSettings,
     HarvestSettings,
     InterfaceSettings,
+    ModelSettings,
     WindowSettings,
 )
 from xdpml.kube.crd_schema import CrdSchema
@@ -110,15 +111,25 @@ class AgentConfig:
     uid: str = ""
 
     def changed_sections(self, old: AgentConfig | None) -> set[str]:
-        """What differs from ``old``: interfaces, datapath, harvest, window, features,
-        export, enrichment, summary. The pipeline redoes only these (datapath means
+        """What differs from ``old``: interfaces, datapath, harvest, window, model,
+        features, export, enrichment, summary. The pipeline redoes only these (datapath means
         recompile and reattach; interfaces means attach/detach the rules that changed)."""
         if old is None:
-            return {"interfaces", "datapath", "harvest", "window", "features", "export", "enrichment", "summary"}
+            return {
+                "interfaces",
+                "datapath",
+                "harvest",
+                "window",
+                "model",
+                "features",
+                "export",
+                "enrichment",
+                "summary",
+            }
         out = set()
         if self.interface_rules != old.interface_rules:
             out.add("interfaces")
-        for name in ("datapath", "harvest", "window"):
+        for name in ("datapath", "harvest", "window", "model"):
             if getattr(self.settings, name) != getattr(old.settings, name):
                 out.add(name)
         if self.settings.summary_interval_s != old.settings.summary_interval_s:
@@ -222,6 +233,7 @@ def _features(spec: Mapping) -> FeatureSets:
 def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: FeatureSets) -> AgentSettings:
     feats, window = _section(spec, "features"), _section(spec, "features", "window")
     timeouts, datapath = _section(spec, "timeouts"), _section(spec, "datapath")
+    model = _section(spec, "model")
     if len(rules) == 1:
         iface = InterfaceSettings(names=list(rules[0].names), hooks=rules[0].hooks, xdp_mode=rules[0].xdp_mode)
     else:
@@ -244,6 +256,7 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
         window=WindowSettings(packets=int(window.get("packets", 0)), seconds=float(window.get("seconds", 0)))
         if features.windows
         else WindowSettings(),
+        model=ModelSettings(slots=model["slots"], file=model["file"], features=list(model.get("features", ()))),
         summary_interval_s=float(spec["summaryIntervalSeconds"]),
     )
 
