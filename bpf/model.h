@@ -21,6 +21,7 @@
 #ifndef XDPML_MODEL_H
 #define XDPML_MODEL_H
 
+#include "abi.h"
 #include "counters.h"
 #include "parse.h"
 
@@ -160,6 +161,11 @@ struct model_ctl {
 };
 
 struct model_scratch {
+    struct flow_key key; /* model_run(): the packet's flow, looked up again (no stack to spare) */
+    __u32 model_id;      /* model_id of the slot the packet was classified on */
+    __s32 cls;           /* its class, -1 none */
+    __u32 frame_len;
+    struct pkt_info pkt; /* the parsed packet, copied: see model_run() */
     __s64 x[XDPML_MODEL_MAX_FEATURES];
     __s64 acc[XDPML_MODEL_MAX_OUTPUTS];
     __s64 act[2][XDPML_MODEL_MAX_WIDTH];
@@ -404,7 +410,41 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len)
     __u64 *c = model_stats.lookup(&k);
     if (c)
         *c += 1;
+    s->model_id = m->model_id;
+    s->cls = cls;
     return cls;
+}
+
+/* Classify the packet, then put the class (plus one) and the model's id into its flow
+ * entry. The entry is looked up again by key rather than kept from flow_account(): a
+ * flow pointer (maybe NULL) live across the walk would double the verifier's states.
+ * Plain stores beside the lock: one packet's decision, the last writer wins. */
+static __always_inline void model_run(struct pkt_info *p, __u32 frame_len, __u32 ifindex)
+{
+    __u32 z = 0;
+    struct model_scratch *s = model_scratch.lookup(&z);
+    if (!s)
+        return;
+    /* the key before the walk: the parsed packet on the stack is then dead during it, so
+     * the verifier prunes the walk's states whatever path parsed the packet */
+    flow_key_fill(&s->key, p, ifindex);
+    /* the walk reads a copy of the parsed packet in the map, not the stack: values read
+     * from a map are unknown to the verifier, so however the packet was parsed (IPv4,
+     * IPv6, VLAN, TCP ...) the walk starts from one state and is verified about once */
+    __builtin_memcpy(&s->pkt, p, sizeof(*p));
+    s->frame_len = frame_len;
+    s->cls = -1;
+    model_classify(&s->pkt, MODEL_RD(s->frame_len));
+    /* re-read from the map: every way out of the walk then looks the same to the
+     * verifier, which checks what follows once instead of once per way */
+    int cls = MODEL_RD(s->cls);
+    if (cls < 0)
+        return;
+    struct flow_value *fv = flows.lookup(&s->key);
+    if (fv) {
+        fv->model_class = (__u16)(cls + 1);
+        fv->model_id = s->model_id;
+    }
 }
 
 #endif /* XDPML_MODEL_H */

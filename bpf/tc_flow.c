@@ -61,7 +61,7 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
     if (enforce_packet(&p, fv, now, len, g.segs)) /* rules.h */
         return TC_ACT_SHOT;
 #if XDPML_MODEL /* -DXDPML_MODEL=1: a model in the kernel (model.h) */
-    model_classify(&p, len);
+    model_run(&p, len, skb->ifindex); /* class into the flow entry too */
 #endif
     return TC_ACT_UNSPEC;
 }

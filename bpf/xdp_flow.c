@@ -40,7 +40,7 @@ int xdpml_xdp(struct xdp_md *ctx)
     if (enforce_packet(&p, fv, now, len, 1)) /* rules.h */
         return XDP_DROP;
 #if XDPML_MODEL /* -DXDPML_MODEL=1: a model in the kernel (model.h) */
-    model_classify(&p, len);
+    model_run(&p, len, ifindex); /* class into the flow entry too */
 #endif
     return XDP_PASS;
 }

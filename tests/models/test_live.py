@@ -73,14 +73,16 @@ def live(models, bpffs):
     with make_hosts(71, ipv6=False) as (h,):
         settings = AgentSettings(
             interfaces=InterfaceSettings(names=[h.host_if], hooks="tc"),
-            harvest=HarvestSettings(interval_s=0.1),
+            harvest=HarvestSettings(idle_timeout_s=1, interval_s=0.1),
             enforce=EnforceSettings(pin_dir=pin),
             model=ModelSettings(file=a, features=["dst_port"]),
             summary_interval_s=0,
         )
         from harness import MemorySink
 
-        agent = Agent(settings, interfaces=[h.host_if], sinks=[MemorySink()]).start(attach_timeout_s=240)
+        sink = MemorySink()
+        agent = Agent(settings, interfaces=[h.host_if], sinks=[sink]).start(attach_timeout_s=240)
+        agent.sink = sink
         rx = {p: Receiver(h.host_ip, p) for p in (LOW, HIGH)}
         try:
             yield h, agent, pin, rx
@@ -177,3 +179,30 @@ def test_swaps_under_traffic_lose_nothing_and_never_mix(live, models):
     assert counts[0] + counts[2] == n // 2 + 1, counts
     assert counts[1] + counts[3] == n // 2 + 1, counts
     assert counts[0] + counts[1] > 0 and counts[2] + counts[3] > 0, f"one model saw everything: {counts}"
+
+
+def test_class_is_stored_in_the_flow_and_exported(live, models):
+    """model_class / model_id columns: the kernel's class for the flow's packets."""
+    from harness import flow_between
+
+    h, agent, pin, rx = live
+    a, b = models
+    slots = ModelSlots.pinned(pin)
+    try:
+        slot = slots.swap(compile_file(b, ["dst_port"], slots.limits).pack(slots.limits))
+        mid = int(slots.read_slot(slot)["model_id"])
+    finally:
+        slots.close()
+    for port, sport in ((LOW, 4490), (HIGH, 4491)):
+        h.run(
+            f'{sys.executable} -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); '
+            f"s.bind(('{h.ns_ip}', {sport}))\n"
+            f"for i in range(3): s.sendto(b'x', ('{h.host_ip}', {port}))\""
+        )
+    got = {}
+    for port, sport in ((LOW, 4490), (HIGH, 4491)):
+        pred = flow_between(h.ns_ip, h.host_ip, 17, port)
+        rows = agent.sink.wait_rows("flow", lambda r, pred=pred, sport=sport: pred(r) and sport == r["src_port"])
+        assert len(rows) == 1, rows
+        got[port] = (rows[0]["model_class"], rows[0]["model_id"], rows[0]["bidirectional_packets"])
+    assert got == {LOW: (2, mid, 3), HIGH: (3, mid, 3)}
