@@ -104,6 +104,45 @@
 #define MF_DST_PORT_LOW 35
 #define MF_DST_PORT_MID 36
 #define MF_DST_PORT_HIGH 37
+/* flow features: the flow table's statistics at the k-th packet (features.py FLOW_TABLE) */
+#define MF_SRC2DST_PACKETS 38
+#define MF_DST2SRC_PACKETS 39
+#define MF_BIDIRECTIONAL_PACKETS 40
+#define MF_SRC2DST_BYTES 41
+#define MF_DST2SRC_BYTES 42
+#define MF_BIDIRECTIONAL_BYTES 43
+#define MF_SRC2DST_MIN_PS 44
+#define MF_SRC2DST_MAX_PS 45
+#define MF_DST2SRC_MIN_PS 46
+#define MF_DST2SRC_MAX_PS 47
+#define MF_SRC2DST_MEAN_PS 48
+#define MF_DST2SRC_MEAN_PS 49
+#define MF_BIDIRECTIONAL_MEAN_PS 50
+#define MF_BIDIRECTIONAL_DURATION_MS 51
+#define MF_BIDIRECTIONAL_MEAN_PIAT_MS 52
+#define MF_BIDIRECTIONAL_MIN_PIAT_MS 53
+#define MF_BIDIRECTIONAL_MAX_PIAT_MS 54
+/* flag counts, [direction][FIN..CWR]: read by index in model_flow_feature() */
+#define MF_SRC2DST_FIN_PACKETS 55
+#define MF_SRC2DST_SYN_PACKETS 56
+#define MF_SRC2DST_RST_PACKETS 57
+#define MF_SRC2DST_PSH_PACKETS 58
+#define MF_SRC2DST_ACK_PACKETS 59
+#define MF_SRC2DST_URG_PACKETS 60
+#define MF_SRC2DST_ECE_PACKETS 61
+#define MF_SRC2DST_CWR_PACKETS 62
+#define MF_DST2SRC_FIN_PACKETS 63
+#define MF_DST2SRC_SYN_PACKETS 64
+#define MF_DST2SRC_RST_PACKETS 65
+#define MF_DST2SRC_PSH_PACKETS 66
+#define MF_DST2SRC_ACK_PACKETS 67
+#define MF_DST2SRC_URG_PACKETS 68
+#define MF_DST2SRC_ECE_PACKETS 69
+#define MF_DST2SRC_CWR_PACKETS 70
+
+#ifndef XDPML_MODEL_FLOW_K
+#define XDPML_MODEL_FLOW_K 4 /* flow-feature models classify a flow once, at its k-th packet */
+#endif
 
 struct model_node {
     __s64 thr;    /* go left when x[feat] <= thr (integer threshold, see compiler.py) */
@@ -142,6 +181,7 @@ struct model_slot {
     __u32 n_layers;
     __u32 model_id;   /* set by user space, for `xdpml model show` */
     __u32 depth;      /* trees: levels walked (the deepest leaf) */
+    __u32 flow;       /* 1: reads flow features (classified once per flow, at packet k) */
     __u16 feat_id[XDPML_MODEL_MAX_FEATURES]; /* model input i -> MF_* */
     __s64 bias[XDPML_MODEL_MAX_OUTPUTS];
     struct model_trees trees;
@@ -166,6 +206,9 @@ struct model_scratch {
     __s32 cls;           /* its class, -1 none */
     __u32 frame_len;
     struct pkt_info pkt; /* the parsed packet, copied: see model_run() */
+    struct dir_stats fdir[2]; /* flow models: the flow entry's statistics at packet k */
+    struct iat_stats fiat;
+    __u64 ffirst_ns, flast_ns;
     __s64 x[XDPML_MODEL_MAX_FEATURES];
     __s64 acc[XDPML_MODEL_MAX_OUTPUTS];
     __s64 act[2][XDPML_MODEL_MAX_WIDTH];
@@ -179,6 +222,35 @@ BPF_TABLE("array", __u32, struct model_slot, model_slots, 2);
 BPF_TABLE("array", __u32, struct model_ctl, model_ctl, 1);
 BPF_TABLE("percpu_array", __u32, struct model_scratch, model_scratch, 1);
 BPF_TABLE("percpu_array", __u32, __u64, model_stats, 2 * MODEL_STATS_PER_SLOT);
+
+/* Fixed point as features.py defines it: means x 2^8 (bytes), times in ms x 2^10
+ * (ns * 1024 / 10^6 = ns * 128 / 125). */
+static __always_inline __s64 model_flow_feature(struct model_scratch *s, __u32 id)
+{
+    struct dir_stats *a = &s->fdir[0], *b = &s->fdir[1];
+    __u64 n = a->packets + b->packets;
+    switch (id) {
+    case MF_SRC2DST_PACKETS: return a->packets;
+    case MF_DST2SRC_PACKETS: return b->packets;
+    case MF_BIDIRECTIONAL_PACKETS: return n;
+    case MF_SRC2DST_BYTES: return a->bytes;
+    case MF_DST2SRC_BYTES: return b->bytes;
+    case MF_BIDIRECTIONAL_BYTES: return a->bytes + b->bytes;
+    case MF_SRC2DST_MIN_PS: return a->size_min;
+    case MF_SRC2DST_MAX_PS: return a->size_max;
+    case MF_DST2SRC_MIN_PS: return b->size_min;
+    case MF_DST2SRC_MAX_PS: return b->size_max;
+    case MF_SRC2DST_MEAN_PS: return a->packets ? (a->bytes << 8) / a->packets : 0;
+    case MF_DST2SRC_MEAN_PS: return b->packets ? (b->bytes << 8) / b->packets : 0;
+    case MF_BIDIRECTIONAL_MEAN_PS: return n ? ((a->bytes + b->bytes) << 8) / n : 0;
+    case MF_BIDIRECTIONAL_DURATION_MS: return n ? ((s->flast_ns - s->ffirst_ns) * 128) / 125 : 0;
+    case MF_BIDIRECTIONAL_MEAN_PIAT_MS: return n > 1 ? (s->fiat.sum_ns * 128) / (125 * (n - 1)) : 0;
+    case MF_BIDIRECTIONAL_MIN_PIAT_MS: return n > 1 ? (s->fiat.min_ns * 128) / 125 : 0;
+    case MF_BIDIRECTIONAL_MAX_PIAT_MS: return n > 1 ? (s->fiat.max_ns * 128) / 125 : 0;
+    }
+    __u32 j = (id - MF_SRC2DST_FIN_PACKETS) & 15; /* flag counts: [direction][FIN..CWR] */
+    return s->fdir[j >> 3].flag_count[j & 7];
+}
 
 static __always_inline __s64 model_feature(struct pkt_info *p, __u32 frame_len, __u32 id)
 {
@@ -342,18 +414,10 @@ static __always_inline int model_mlp_eval(struct model_slot *m, struct model_scr
     return 0;
 }
 
-/* Classify one parsed packet on the active slot; returns the class or -1. */
-static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len)
+/* Classify one parsed packet on slot m (index slot); returns the class or -1. */
+static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len, struct model_slot *m, __u32 slot,
+                                          struct model_scratch *s)
 {
-    __u32 z = 0;
-    struct model_ctl *ctl = model_ctl.lookup(&z);
-    struct model_scratch *s = model_scratch.lookup(&z);
-    if (!ctl || !s)
-        return -1;
-    __u32 slot = ctl->active & 1; /* read once: the packet finishes on this slot */
-    struct model_slot *m = model_slots.lookup(&slot);
-    if (!m)
-        return -1;
     __u32 kind = m->kind;
     if (kind == 0) {
         __u32 k = slot * MODEL_STATS_PER_SLOT + XDPML_MODEL_MAX_OUTPUTS;
@@ -366,7 +430,8 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len)
     for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++) {
         if (i >= MODEL_RD(m->n_features))
             break;
-        s->x[i] = model_feature(p, frame_len, m->feat_id[i]);
+        __u32 id = m->feat_id[i];
+        s->x[i] = id >= MF_SRC2DST_PACKETS ? model_flow_feature(s, id) : model_feature(p, frame_len, id);
     }
     MODEL_LOOP
     for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
@@ -423,7 +488,12 @@ static __always_inline void model_run(struct pkt_info *p, __u32 frame_len, __u32
 {
     __u32 z = 0;
     struct model_scratch *s = model_scratch.lookup(&z);
-    if (!s)
+    struct model_ctl *ctl = model_ctl.lookup(&z);
+    if (!s || !ctl)
+        return;
+    __u32 slot = ctl->active & 1; /* read once: the packet finishes on this slot */
+    struct model_slot *m = model_slots.lookup(&slot);
+    if (!m)
         return;
     /* the key before the walk: the parsed packet on the stack is then dead during it, so
      * the verifier prunes the walk's states whatever path parsed the packet */
@@ -434,7 +504,18 @@ static __always_inline void model_run(struct pkt_info *p, __u32 frame_len, __u32
     __builtin_memcpy(&s->pkt, p, sizeof(*p));
     s->frame_len = frame_len;
     s->cls = -1;
-    model_classify(&s->pkt, MODEL_RD(s->frame_len));
+    if (m->flow && m->kind) {
+        /* a flow model: once per flow, at the first packet that brings it to k packets
+         * (a GSO super-packet can jump over k), on the statistics of its entry so far */
+        struct flow_value *f0 = flows.lookup(&s->key);
+        if (!f0 || f0->model_class || f0->dir[0].packets + f0->dir[1].packets < XDPML_MODEL_FLOW_K)
+            return;
+        __builtin_memcpy(s->fdir, f0->dir, sizeof(s->fdir));
+        __builtin_memcpy(&s->fiat, &f0->iat, sizeof(s->fiat));
+        s->ffirst_ns = f0->first_ns;
+        s->flast_ns = f0->last_ns;
+    }
+    model_classify(&s->pkt, MODEL_RD(s->frame_len), m, slot, s);
     /* re-read from the map: every way out of the walk then looks the same to the
      * verifier, which checks what follows once instead of once per way */
     int cls = MODEL_RD(s->cls);

@@ -164,6 +164,7 @@ class CompiledModel:
         s["n_features"], s["n_outputs"] = self.n_features, self.n_outputs
         s["model_id"] = model_id & 0xFFFF_FFFF
         s["feat_id"][: self.n_features] = [f.id for f in self.features]
+        s["flow"] = int(any(f.flow for f in self.features))
         s["bias"][: len(self.bias)] = self.bias
         if self.kind == L.KIND_TREES:
             s["n_trees"] = self.n_trees
@@ -286,7 +287,7 @@ def _frac_bits(bound: float) -> int:
     return min(MAX_FRAC_BITS, s)
 
 
-def _tree_arrays(tree, node_base: int, feat_map, leaf_of):
+def _tree_arrays(tree, node_base: int, feat_map, leaf_of, scales=None):
     """One sklearn tree_ -> node arrays in the kernel's layout, and its depth.
 
     Nodes are renumbered breadth-first so that the two children of a node are
@@ -322,7 +323,9 @@ def _tree_arrays(tree, node_base: int, feat_map, leaf_of):
             leaf[ni] = leaf_of(old)
         else:
             feat[ni] = feat_map[t.feature[old]]
-            thr[ni] = int_threshold(t.threshold[old])
+            # fixed-point features hold floor(x * scale), scale a power of two: exact
+            sc = 1 if scales is None else scales[feat[ni]]
+            thr[ni] = int_threshold(float(t.threshold[old]) * sc)
             lft[ni] = new[cl[old]] + node_base
     return feat, thr, lft, leaf, max(depth.values())
 
@@ -341,7 +344,7 @@ def _assemble(name, feats, classes, n_out, decision, trees, feat_maps, leaf_vals
             values.extend(vals(i))
             return start
 
-        f, th, lf, lv, d = _tree_arrays(tree, base, fmap, leaf_of)
+        f, th, lf, lv, d = _tree_arrays(tree, base, fmap, leaf_of, [x.scale for x in feats])
         parts.append((f, th, lf, lv))
         depth = max(depth, d)
         base += len(f)
@@ -516,10 +519,16 @@ def _fold_scaler(scaler, n):
     return np.asarray(mu, np.float64), np.asarray(sd, np.float64)
 
 
+def _scaled(feats, mu, sd):
+    """The kernel holds x * scale for fixed-point features: (x - mu) / sd = (xk - mu*s) / (sd*s)."""
+    sc = np.array([f.scale for f in feats], np.float64)
+    return mu * sc, sd * sc
+
+
 def _linear(est, feats, scaler):
     coef = np.atleast_2d(np.asarray(est.coef_, np.float64))
     icpt = np.atleast_1d(np.asarray(est.intercept_, np.float64))
-    mu, sd = _fold_scaler(scaler, len(feats))
+    mu, sd = _scaled(feats, *_fold_scaler(scaler, len(feats)))
     w = coef / sd
     b = icpt - (coef * mu / sd).sum(axis=1)
     xmax = np.array([f.max for f in feats], np.float64)
@@ -552,7 +561,7 @@ def _mlp(est, feats, scaler):
     if est.activation != "relu":
         raise ModelError(f"MLPClassifier activation {est.activation!r}: only 'relu' runs in the kernel")
     n = len(feats)
-    mu, sd = _fold_scaler(scaler, n)
+    mu, sd = _scaled(feats, *_fold_scaler(scaler, n))
     # input j: (x * in_mul + in_add) >> in_shift = (x - mu) / sd in 8 fractional bits; the
     # shift is the largest that keeps x * in_mul + in_add inside 63 bits for this feature
     xmax = np.array([f.max for f in feats], np.float64)

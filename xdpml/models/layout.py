@@ -102,6 +102,7 @@ def slot_type(lim: Limits) -> type:
             ("n_layers", u32),
             ("model_id", u32),
             ("depth", u32),
+            ("flow", u32),
             ("feat_id", u16 * lim.features),
             ("bias", s64 * lim.outputs),
             ("trees", Trees),
