@@ -40,7 +40,7 @@ class AgentModel:
         else:
             log.warning("no --pin-dir: the model slots are not pinned, `xdpml model` cannot reach them")
         if settings.file:
-            self.load(settings.file, settings.features)
+            self.load(settings.file, settings.features, settings.actions)
 
     def _file_stamp(self, path: str) -> tuple | None:
         try:
@@ -49,13 +49,13 @@ class AgentModel:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def load(self, path: str, features: list[str]) -> bool:
+    def load(self, path: str, features: list[str], actions: dict[str, str] | None = None) -> bool:
         from xdpml.models.cli_commands import compile_file
 
         stamp = self._file_stamp(path)
         try:
             m = compile_file(path, features, self.slots.limits)
-            slot = self.slots.swap(m.pack(self.slots.limits))
+            slot = self.slots.swap(m.pack(self.slots.limits, actions=actions))
         except XdpmlError as exc:
             log.error("model %s not loaded (the running model stays): %s", path, exc)
             self._stamp = stamp  # do not retry the same file every scan
@@ -75,8 +75,8 @@ class AgentModel:
         """A live change of the configured model (the slots stay compiled in)."""
         old, self.settings = self.settings, settings
         if settings.file:
-            if settings.file != old.file or settings.features != old.features:
-                self.load(settings.file, settings.features)
+            if settings.file != old.file or settings.features != old.features or settings.actions != old.actions:
+                self.load(settings.file, settings.features, settings.actions)
         elif old.file:
             self.slots.unload()
             log.info("model unloaded (no model file configured)")
@@ -86,7 +86,7 @@ class AgentModel:
         if self.settings.file:
             stamp = self._file_stamp(self.settings.file)
             if stamp is not None and stamp != self._stamp:
-                self.load(self.settings.file, self.settings.features)
+                self.load(self.settings.file, self.settings.features, self.settings.actions)
 
     def close(self) -> None:
         if self.pin_dir:

@@ -182,6 +182,7 @@ struct model_slot {
     __u32 model_id;   /* set by user space, for `xdpml model show` */
     __u32 depth;      /* trees: levels walked (the deepest leaf) */
     __u32 flow;       /* 1: reads flow features (classified once per flow, at packet k) */
+    __u8  action[XDPML_MODEL_MAX_OUTPUTS]; /* per class: MODEL_ACT_* */
     __u16 feat_id[XDPML_MODEL_MAX_FEATURES]; /* model input i -> MF_* */
     __s64 bias[XDPML_MODEL_MAX_OUTPUTS];
     struct model_trees trees;
@@ -204,6 +205,7 @@ struct model_scratch {
     struct flow_key key; /* model_run(): the packet's flow, looked up again (no stack to spare) */
     __u32 model_id;      /* model_id of the slot the packet was classified on */
     __s32 cls;           /* its class, -1 none */
+    __u32 act_slot;      /* a drop class: the slot, for model_drop_decide() */
     __u32 frame_len;
     struct pkt_info pkt; /* the parsed packet, copied: see model_run() */
     struct dir_stats fdir[2]; /* flow models: the flow entry's statistics at packet k */
@@ -216,15 +218,89 @@ struct model_scratch {
 
 #define MODEL_STATS_PER_SLOT (XDPML_MODEL_MAX_OUTPUTS + 1)
 
+/* What a class does (model_slot.action), through the enforcement rules' mode, allowlist
+ * and kill switch (rules.h): pass; alert (counted); drop (only in enforce mode, never an
+ * allowlisted address, never with the kill switch on; in dry-run counted as would-drop). */
+#define MODEL_ACT_PASS 0
+#define MODEL_ACT_ALERT 1
+#define MODEL_ACT_DROP 2
+/* model_act counters, per slot: */
+#define MODEL_AC_ALERT 0
+#define MODEL_AC_WOULD_DROP 1 /* drop class in dry-run mode */
+#define MODEL_AC_DROPPED 2
+#define MODEL_AC_ALLOWLISTED 3 /* drop class, but an address is allowlisted */
+#define MODEL_AC_KILL_PASSED 4 /* drop class, kill switch on */
+#define MODEL_AC_OFF 5 /* drop class, enforcement mode off */
+#define MODEL_AC_N 6
+
 /* model_slots: the two slots; model_ctl[0]: the active index; model_stats: per CPU,
  * per slot, packets classified as each class, then packets seen while empty. */
 BPF_TABLE("array", __u32, struct model_slot, model_slots, 2);
 BPF_TABLE("array", __u32, struct model_ctl, model_ctl, 1);
 BPF_TABLE("percpu_array", __u32, struct model_scratch, model_scratch, 1);
 BPF_TABLE("percpu_array", __u32, __u64, model_stats, 2 * MODEL_STATS_PER_SLOT);
+BPF_TABLE("percpu_array", __u32, __u64, model_act, 2 * MODEL_AC_N);
 
-/* Fixed point as features.py defines it: means x 2^8 (bytes), times in ms x 2^10
- * (ns * 1024 / 10^6 = ns * 128 / 125). */
+static __always_inline void model_act_count(__u32 slot, __u32 what)
+{
+    __u32 k = (slot & 1) * MODEL_AC_N + what;
+    __u64 *c = model_act.lookup(&k);
+    if (c)
+        *c += 1;
+}
+
+/* The class's action for this packet: 0 pass (counted when alert), 2 a drop class
+ * (decided by the tail-called model_drop_*: mode, allowlist, kill switch). The decision
+ * is a tail call so that its lookups are verified once, not after every way out of the
+ * walk. */
+static __always_inline int model_act_on(struct model_slot *m, __u32 slot, int cls, struct model_scratch *s)
+{
+    if (cls < 0 || cls >= XDPML_MODEL_MAX_OUTPUTS)
+        return 0;
+    __u8 a = m->action[cls];
+    if (a == MODEL_ACT_ALERT)
+        model_act_count(slot, MODEL_AC_ALERT);
+    if (a != MODEL_ACT_DROP)
+        return 0;
+    s->act_slot = slot;
+    return 2;
+}
+
+/* [0]: the drop decision program for this hook type (xdpml_*_model_drop), set by the loader */
+BPF_PROG_ARRAY(model_drop_xdp, 1);
+BPF_PROG_ARRAY(model_drop_tc, 1);
+
+/* A packet of a drop class: 1 = drop it. Only in enforce mode, never an allowlisted
+ * address, never with the kill switch on; counted either way. */
+static __always_inline int model_drop_decide(void)
+{
+    __u32 z = 0;
+    struct model_scratch *s = model_scratch.lookup(&z);
+    if (!s)
+        return 0;
+    __u32 slot = s->act_slot & 1;
+    struct enf_config *cfg = enf_config.lookup(&z);
+    if (!cfg || cfg->mode == XDPML_ENF_OFF) {
+        model_act_count(slot, MODEL_AC_OFF);
+        return 0;
+    }
+    if (enf_allowlisted(&s->pkt)) {
+        model_act_count(slot, MODEL_AC_ALLOWLISTED);
+        return 0;
+    }
+    __u32 *kill = enf_kill.lookup(&z);
+    if (kill && *kill) {
+        model_act_count(slot, MODEL_AC_KILL_PASSED);
+        return 0;
+    }
+    if (cfg->mode != XDPML_ENF_ENFORCE) {
+        model_act_count(slot, MODEL_AC_WOULD_DROP);
+        return 0;
+    }
+    model_act_count(slot, MODEL_AC_DROPPED);
+    return 1;
+}
+
 static __always_inline __s64 model_flow_feature(struct model_scratch *s, __u32 id)
 {
     struct dir_stats *a = &s->fdir[0], *b = &s->fdir[1];
@@ -484,17 +560,18 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len, s
  * entry. The entry is looked up again by key rather than kept from flow_account(): a
  * flow pointer (maybe NULL) live across the walk would double the verifier's states.
  * Plain stores beside the lock: one packet's decision, the last writer wins. */
-static __always_inline void model_run(struct pkt_info *p, __u32 frame_len, __u32 ifindex)
+/* Returns 2 when the packet's class says drop (the caller tail-calls model_drop_*), else 0. */
+static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 ifindex)
 {
     __u32 z = 0;
     struct model_scratch *s = model_scratch.lookup(&z);
     struct model_ctl *ctl = model_ctl.lookup(&z);
     if (!s || !ctl)
-        return;
+        return 0;
     __u32 slot = ctl->active & 1; /* read once: the packet finishes on this slot */
     struct model_slot *m = model_slots.lookup(&slot);
     if (!m)
-        return;
+        return 0;
     /* the key before the walk: the parsed packet on the stack is then dead during it, so
      * the verifier prunes the walk's states whatever path parsed the packet */
     flow_key_fill(&s->key, p, ifindex);
@@ -508,8 +585,12 @@ static __always_inline void model_run(struct pkt_info *p, __u32 frame_len, __u32
         /* a flow model: once per flow, at the first packet that brings it to k packets
          * (a GSO super-packet can jump over k), on the statistics of its entry so far */
         struct flow_value *f0 = flows.lookup(&s->key);
-        if (!f0 || f0->model_class || f0->dir[0].packets + f0->dir[1].packets < XDPML_MODEL_FLOW_K)
-            return;
+        if (!f0)
+            return 0;
+        if (f0->model_class) /* decided: this model's class acts on every later packet */
+            return f0->model_id == m->model_id ? model_act_on(m, slot, f0->model_class - 1, s) : 0;
+        if (f0->dir[0].packets + f0->dir[1].packets < XDPML_MODEL_FLOW_K)
+            return 0;
         __builtin_memcpy(s->fdir, f0->dir, sizeof(s->fdir));
         __builtin_memcpy(&s->fiat, &f0->iat, sizeof(s->fiat));
         s->ffirst_ns = f0->first_ns;
@@ -520,12 +601,13 @@ static __always_inline void model_run(struct pkt_info *p, __u32 frame_len, __u32
      * verifier, which checks what follows once instead of once per way */
     int cls = MODEL_RD(s->cls);
     if (cls < 0)
-        return;
+        return 0;
     struct flow_value *fv = flows.lookup(&s->key);
     if (fv) {
         fv->model_class = (__u16)(cls + 1);
         fv->model_id = s->model_id;
     }
+    return model_act_on(m, slot, cls, s);
 }
 
 #endif /* XDPML_MODEL_H */

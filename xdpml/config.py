@@ -141,12 +141,17 @@ class ModelSettings:
     # mounted ConfigMap); "" = none (slots empty until `xdpml model load`)
     file: str = ""
     features: list[str] = field(default_factory=list)  # its input columns; [] = the names it was fitted on
+    # class label -> pass | alert | drop (drop through the enforcement mode, allowlist, kill switch)
+    actions: dict[str, str] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
         return self.slots or bool(self.file)
 
     def validate(self) -> None:
+        bad = {k: v for k, v in self.actions.items() if v not in ("pass", "alert", "drop")}
+        if bad:
+            raise ConfigError(f"model actions {bad}: each must be pass, alert or drop")
         if self.file and not self.file.endswith((".joblib", ".pkl")):
             raise ConfigError(f"model file {self.file!r}: expected a .joblib or .pkl file")
 

@@ -249,6 +249,14 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         metavar="A,B,...",
         help="the model's input columns in order (default: the names it was fitted on)",
     )
+    m.add_argument(
+        "--model-action",
+        action="append",
+        default=[],
+        metavar="CLASS=ACTION",
+        help="what packets of a --model class do: pass (default), alert, drop (through the enforcement mode, "
+        "allowlist and kill switch, docs/models.md); repeatable",
+    )
     o.add_argument(
         "--duration",
         type=_positive_float,
@@ -290,9 +298,16 @@ def settings_from_args(a):
             slots=a.model_slots,
             file=os.path.abspath(a.model) if a.model else "",
             features=[f.strip() for f in a.model_features.split(",") if f.strip()],
+            actions=_model_actions(a.model_action),
         ),
         summary_interval_s=a.summary_interval,
     ).validate()
+
+
+def _model_actions(items) -> dict[str, str]:
+    from xdpml.models.cli_commands import parse_actions
+
+    return parse_actions(items)
 
 
 def _bind_address(a) -> str:

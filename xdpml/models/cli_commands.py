@@ -54,6 +54,17 @@ def model_features(est, features: str | list[str] | None) -> list[str]:
     return [str(n) for n in names]
 
 
+def parse_actions(items) -> dict[str, str]:
+    """["CLASS=ACTION", ...] -> {class label: action}; ModelError on a malformed item."""
+    out: dict[str, str] = {}
+    for it in items or ():
+        label, sep, act = str(it).partition("=")
+        if not sep or not label or act not in L.ACTIONS:
+            raise ModelError(f"--action {it!r}: expected CLASS=ACTION, ACTION one of {', '.join(L.ACTIONS)}")
+        out[label] = act
+    return out
+
+
 def compile_file(path: str, features: str | list[str] | None, limits: L.Limits):
     """A model file -> CompiledModel checked against ``limits`` (ModelError otherwise)."""
     est = load_estimator(path)
@@ -110,12 +121,14 @@ def cmd_load(args) -> int:
     slots = _slots(args)
     try:
         model = compile_file(args.model, args.features, slots.limits)
-        slot = slots.swap(model.pack(slots.limits))
+        acts = parse_actions(args.action)
+        slot = slots.swap(model.pack(slots.limits, actions=acts))
         mid = int(slots.read_slot(slot)["model_id"])
     finally:
         slots.close()
+    what = ", ".join(f"class {k}: {v}" for k, v in acts.items()) or "every class passes"
     print(
-        f"model {mid} ({model.estimator}, {model.n_features} features) loaded into slot {slot} and active; "
+        f"model {mid} ({model.estimator}, {model.n_features} features; {what}) loaded into slot {slot} and active; "
         "the previous model stays in the other slot (`xdpml model swap` goes back)"
     )
     return 0
@@ -136,6 +149,10 @@ def cmd_show(args) -> int:
             counts = slots.class_counts(i)
             d["classified"] = {str(k): int(c) for k, c in enumerate(counts[:-1]) if c}
             d["unclassified_while_empty"] = int(counts[-1])
+            if d["kind"] != "empty":
+                names = {v: k for k, v in L.ACTIONS.items()}
+                d["actions"] = [names.get(int(a), str(int(a))) for a in slots.read_slot(i)["action"][: d["outputs"]]]
+            d["action_counts"] = slots.action_counts(i)
             rows.append(d)
         out["slots"] = rows
     finally:
@@ -184,6 +201,14 @@ def add_model_commands(subparsers) -> None:
                 "--features",
                 default="",
                 help="comma-separated feature names in the model's input order (default: the names it was fitted on)",
+            )
+            q.add_argument(
+                "--action",
+                action="append",
+                default=[],
+                metavar="CLASS=ACTION",
+                help="what packets of a class do: pass (default), alert (counted), drop (only in enforce mode, "
+                "never an allowlisted address, never with the kill switch on: `xdpml rules mode|kill`); repeatable",
             )
         if name == "show":
             q.add_argument("--json", action="store_true", help="one line of JSON")

@@ -156,15 +156,37 @@ class CompiledModel:
             need("MLP layers", len(self.layers), lim.layers, "LAYERS")
             need("MLP width", max(max(w.shape) for w, _, _ in self.layers), lim.width, "WIDTH")
 
-    def pack(self, lim: L.Limits, *, model_id: int = 0) -> np.ndarray:
-        """The slot value (0-d structured array; ``.tobytes()`` is the map value)."""
+    def actions_of(self, actions: dict | None) -> list[int]:
+        """{class label (as predict gives it, or its str): "pass"|"alert"|"drop"} -> the
+        per-class action codes; ModelError names an unknown class or action."""
+        out = [0] * self.n_outputs_classes
+        labels = {str(c): i for i, c in enumerate(self.classes)}
+        for label, act in (actions or {}).items():
+            if str(label) not in labels:
+                raise ModelError(f"action for class {label!r}: the model's classes are {', '.join(labels)}")
+            if act not in L.ACTIONS:
+                raise ModelError(f"action {act!r} for class {label!r}: one of {', '.join(L.ACTIONS)}")
+            out[labels[str(label)]] = L.ACTIONS[act]
+        return out
+
+    @property
+    def n_outputs_classes(self) -> int:
+        return len(self.classes)
+
+    def pack(self, lim: L.Limits, *, model_id: int = 0, actions: dict | None = None) -> np.ndarray:
+        """The slot value (0-d structured array; ``.tobytes()`` is the map value).
+        ``actions``: what each class does (see :meth:`actions_of`); default pass."""
         self.check(lim)
+        acts = self.actions_of(actions)
+        if len(acts) > lim.outputs:
+            raise ModelError(f"{len(acts)} classes > {lim.outputs} (-DXDPML_MODEL_MAX_OUTPUTS)")
         s = L.empty_slot(lim)
         s["kind"], s["decision"] = self.kind, self.decision
         s["n_features"], s["n_outputs"] = self.n_features, self.n_outputs
         s["model_id"] = model_id & 0xFFFF_FFFF
         s["feat_id"][: self.n_features] = [f.id for f in self.features]
         s["flow"] = int(any(f.flow for f in self.features))
+        s["action"][: len(acts)] = acts
         s["bias"][: len(self.bias)] = self.bias
         if self.kind == L.KIND_TREES:
             s["n_trees"] = self.n_trees

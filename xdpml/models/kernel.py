@@ -34,7 +34,7 @@ from xdpml.models import layout as L
 
 MAP_LOOKUP, MAP_UPDATE = 1, 2
 GRACE_S = 0.002
-MAP_NAMES = ("model_slots", "model_ctl", "model_stats")
+MAP_NAMES = ("model_slots", "model_ctl", "model_stats", "model_act")
 PIN_SUBDIR = "model"
 LIMIT_ORDER = tuple(f.name for f in fields(L.Limits))
 
@@ -73,9 +73,17 @@ class ModelSlots:
     """The two model slots of one loaded datapath."""
 
     def __init__(
-        self, *, slots_fd: int, ctl_fd: int, stats_fd: int, limits: L.Limits, owned: bool = False, lock_dir: str = ""
+        self,
+        *,
+        slots_fd: int,
+        ctl_fd: int,
+        stats_fd: int,
+        limits: L.Limits,
+        act_fd: int = -1,
+        owned: bool = False,
+        lock_dir: str = "",
     ):
-        self.slots_fd, self.ctl_fd, self.stats_fd = slots_fd, ctl_fd, stats_fd
+        self.slots_fd, self.ctl_fd, self.stats_fd, self.act_fd = slots_fd, ctl_fd, stats_fd, act_fd
         self.limits = limits
         self.slot_size = L.slot_dtype(limits).itemsize
         self._ncpu = ncpus()
@@ -90,12 +98,18 @@ class ModelSlots:
         from bcc import libbcc
 
         fds = {}
-        for name in ("model_slots", "model_ctl", "model_stats"):
+        for name in MAP_NAMES:
             fd = libbcc.lib.bpf_table_fd(bpf.module, name.encode())
             if fd < 0:
                 raise ModelError("this datapath was compiled without a model (-DXDPML_MODEL=1)")
             fds[name] = fd
-        m = cls(slots_fd=fds["model_slots"], ctl_fd=fds["model_ctl"], stats_fd=fds["model_stats"], limits=limits)
+        m = cls(
+            slots_fd=fds["model_slots"],
+            ctl_fd=fds["model_ctl"],
+            stats_fd=fds["model_stats"],
+            act_fd=fds["model_act"],
+            limits=limits,
+        )
         ctl = m.ctl()
         if tuple(ctl.limits) == (0,) * 8:  # a fresh program: state its limits for the CLI
             ctl.limits[:] = [getattr(limits, k) for k in LIMIT_ORDER]
@@ -141,6 +155,7 @@ class ModelSlots:
             slots_fd=fds["model_slots"],
             ctl_fd=fds["model_ctl"],
             stats_fd=fds["model_stats"],
+            act_fd=fds["model_act"],
             limits=limits,
             owned=True,
             lock_dir=d,
@@ -148,7 +163,7 @@ class ModelSlots:
 
     def close(self) -> None:
         if self._owned:
-            for fd in (self.slots_fd, self.ctl_fd, self.stats_fd):
+            for fd in (self.slots_fd, self.ctl_fd, self.stats_fd, self.act_fd):
                 os.close(fd)
             self._owned = False
 
@@ -240,6 +255,19 @@ class ModelSlots:
         zero = (C.c_uint64 * self._ncpu)()
         for k in range(2 * (self.limits.outputs + 1)):
             _bpf_elem(MAP_UPDATE, self.stats_fd, k, zero)
+        for k in range(2 * len(L.ACT_COUNTERS)):
+            _bpf_elem(MAP_UPDATE, self.act_fd, k, zero)
+
+    def action_counts(self, slot: int | None = None) -> dict[str, int]:
+        """What the classes' actions did (summed over CPUs): alert, would_drop (dry-run),
+        dropped, allowlisted, kill_passed, mode_off; one slot or both."""
+        n = len(L.ACT_COUNTERS)
+        out = dict.fromkeys(L.ACT_COUNTERS, 0)
+        for s in (0, 1) if slot is None else (slot,):
+            for i, name in enumerate(L.ACT_COUNTERS):
+                _bpf_elem(MAP_LOOKUP, self.act_fd, s * n + i, self._stats_buf)
+                out[name] += sum(self._stats_buf)
+        return out
 
     def class_counts(self, slot: int | None = None) -> np.ndarray:
         """Packets classified per class (summed over CPUs) for one slot or both; the last
@@ -261,7 +289,7 @@ def pin(slots: ModelSlots, pin_dir: str) -> str:
 
     d = os.path.join(pin_dir, PIN_SUBDIR)
     os.makedirs(d, mode=0o700, exist_ok=True)
-    for name, fd in zip(MAP_NAMES, (slots.slots_fd, slots.ctl_fd, slots.stats_fd)):
+    for name, fd in zip(MAP_NAMES, (slots.slots_fd, slots.ctl_fd, slots.stats_fd, slots.act_fd)):
         path = os.path.join(d, name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
