@@ -10,6 +10,7 @@ is logged and the running model stays.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -27,6 +28,13 @@ def model_limits(settings: ModelSettings) -> L.Limits | None:
     return LIMITS if settings.enabled else None
 
 
+def _ip(raw: bytes) -> str:
+    import ipaddress
+
+    a = ipaddress.IPv6Address(raw)
+    return str(a.ipv4_mapped or a)  # the flow key holds IPv4 as ::ffff:a.b.c.d
+
+
 class AgentModel:
     def __init__(self, dp, settings: ModelSettings, *, pin_dir: str):
         self.slots = kernel.ModelSlots.of(dp.bpf, dp.model_limits)
@@ -39,6 +47,19 @@ class AgentModel:
             log.info("model slots pinned at %s (`xdpml model load|show|swap|unload`)", d)
         else:
             log.warning("no --pin-dir: the model slots are not pinned, `xdpml model` cannot reach them")
+        self._events = None
+        self._out = None
+        self.decisions = 0  # decision records written
+        if settings.decisions_file:
+            from xdpml.agent.events import RecordBuffer
+
+            self._events = RecordBuffer(dp.bpf, "model_events", kernel.event_type(self.slots.limits))
+            self._out = open(settings.decisions_file, "a", buffering=1)
+            self._bpf = dp.bpf
+            self.slots.set_sampling(settings.sample_every)
+            log.info(
+                "model decisions: 1 in %d to %s (class, action, inputs)", settings.sample_every, settings.decisions_file
+            )
         if settings.file:
             self.load(settings.file, settings.features, settings.actions)
 
@@ -81,14 +102,58 @@ class AgentModel:
             self.slots.unload()
             log.info("model unloaded (no model file configured)")
 
+    def _write_decisions(self) -> None:
+        from xdpml.models.features import FEATURES
+        from xdpml.models.layout import ACTIONS
+
+        self._bpf.ring_buffer_consume()
+        ev = self._events.take()
+        if not len(ev):
+            return
+        names_of: dict[int, list[str]] = {}
+        acts = {v: k for k, v in ACTIONS.items()}
+        for e in ev:
+            mid = int(e["model_id"])
+            if mid not in names_of:  # the inputs of the slot holding that model (if still loaded)
+                names_of[mid] = []
+                for i in (0, 1):
+                    v = self.slots.read_slot(i)
+                    if int(v["model_id"]) == mid and v["kind"]:
+                        names_of[mid] = [FEATURES[int(f)].name for f in v["feat_id"][: int(v["n_features"])]]
+            k = e["key"]
+            names = names_of[mid] or [f"x{i}" for i in range(int(e["n_features"]))]
+            rec = {
+                "ts_ns": int(e["ts_ns"]),
+                "lo_ip": _ip(bytes(k["lo_ip"])),
+                "hi_ip": _ip(bytes(k["hi_ip"])),
+                "lo_port": int(k["lo_port"]),
+                "hi_port": int(k["hi_port"]),
+                "protocol": int(k["proto"]),
+                "ifindex": int(k["ifindex"]),
+                "model_id": mid,
+                "class": int(e["cls"]),
+                "action": acts.get(int(e["action"]), str(int(e["action"]))),
+                "dropped": bool(e["dropped"]),
+                "features": {n: int(x) for n, x in zip(names, e["x"][: len(names)])},
+            }
+            self._out.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        self.decisions += len(ev)
+
     def poll(self) -> None:
-        """Reload the configured file when it changed (a ConfigMap volume is updated in place)."""
+        """Write sampled decisions; reload the configured file when it changed (a
+        ConfigMap volume is updated in place)."""
+        if self._events is not None:
+            self._write_decisions()
         if self.settings.file:
             stamp = self._file_stamp(self.settings.file)
             if stamp is not None and stamp != self._stamp:
                 self.load(self.settings.file, self.settings.features, self.settings.actions)
 
     def close(self) -> None:
+        if self._events is not None:
+            self._write_decisions()
+            self._out.close()
+            self._events = None
         if self.pin_dir:
             try:
                 kernel.unpin(self.slots, self.pin_dir)

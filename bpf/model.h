@@ -199,13 +199,34 @@ struct model_ctl {
     __u32 seq;        /* models loaded so far (model_id of the last one) */
     __u64 flipped_ns; /* CLOCK_MONOTONIC of the last flip */
     __u32 limits[8];  /* XDPML_MODEL_MAX_* in the order of layout.Limits */
+    __u32 sample_every; /* 1 in N classified packets to model_events (0: off) */
+    __u32 _pad2;
 };
+
+/* model_events: sampled decisions with the model's inputs, for auditing and retraining
+ * (the agent's --model-decisions FILE). */
+struct model_event {
+    __u64 ts_ns;
+    struct flow_key key;
+    __u32 model_id;
+    __s32 cls;
+    __u8  action;   /* MODEL_ACT_* of the class */
+    __u8  dropped;  /* 1: the packet was dropped */
+    __u8  slot;
+    __u8  n_features;
+    __s64 x[XDPML_MODEL_MAX_FEATURES];
+};
+BPF_RINGBUF_OUTPUT(model_events, 64);
 
 struct model_scratch {
     struct flow_key key; /* model_run(): the packet's flow, looked up again (no stack to spare) */
     __u32 model_id;      /* model_id of the slot the packet was classified on */
     __s32 cls;           /* its class, -1 none */
-    __u32 act_slot;      /* a drop class: the slot, for model_drop_decide() */
+    __u32 act_slot;      /* the slot, for model_after() */
+    __u8  drop_class;    /* this packet's class says drop */
+    __u8  sampled;       /* this packet's decision goes to model_events */
+    __u8  cls_action;    /* its class's action */
+    __u8  n_feat;
     __u32 frame_len;
     struct pkt_info pkt; /* the parsed packet, copied: see model_run() */
     struct dir_stats fdir[2]; /* flow models: the flow entry's statistics at packet k */
@@ -258,11 +279,13 @@ static __always_inline int model_act_on(struct model_slot *m, __u32 slot, int cl
     if (cls < 0 || cls >= XDPML_MODEL_MAX_OUTPUTS)
         return 0;
     __u8 a = m->action[cls];
+    s->cls_action = a;
+    s->act_slot = slot;
     if (a == MODEL_ACT_ALERT)
         model_act_count(slot, MODEL_AC_ALERT);
     if (a != MODEL_ACT_DROP)
         return 0;
-    s->act_slot = slot;
+    s->drop_class = 1;
     return 2;
 }
 
@@ -272,12 +295,9 @@ BPF_PROG_ARRAY(model_drop_tc, 1);
 
 /* A packet of a drop class: 1 = drop it. Only in enforce mode, never an allowlisted
  * address, never with the kill switch on; counted either way. */
-static __always_inline int model_drop_decide(void)
+static __always_inline int model_drop_decide(struct model_scratch *s)
 {
     __u32 z = 0;
-    struct model_scratch *s = model_scratch.lookup(&z);
-    if (!s)
-        return 0;
     __u32 slot = s->act_slot & 1;
     struct enf_config *cfg = enf_config.lookup(&z);
     if (!cfg || cfg->mode == XDPML_ENF_OFF) {
@@ -299,6 +319,33 @@ static __always_inline int model_drop_decide(void)
     }
     model_act_count(slot, MODEL_AC_DROPPED);
     return 1;
+}
+
+/* The tail-called part of a packet's decision: the drop decision for a drop class, then
+ * the sampled record. Returns 1 to drop. */
+static __always_inline int model_after(void)
+{
+    __u32 z = 0;
+    struct model_scratch *s = model_scratch.lookup(&z);
+    if (!s)
+        return 0;
+    int drop = s->drop_class ? model_drop_decide(s) : 0;
+    if (s->sampled) {
+        struct model_event *e = model_events.ringbuf_reserve(sizeof(struct model_event));
+        if (e) {
+            e->ts_ns = bpf_ktime_get_ns();
+            __builtin_memcpy(&e->key, &s->key, sizeof(e->key));
+            e->model_id = s->model_id;
+            e->cls = s->cls;
+            e->action = s->cls_action;
+            e->dropped = drop;
+            e->slot = s->act_slot & 1;
+            e->n_features = s->n_feat;
+            __builtin_memcpy(e->x, s->x, sizeof(e->x));
+            model_events.ringbuf_submit(e, 0);
+        }
+    }
+    return drop;
 }
 
 static __always_inline __s64 model_flow_feature(struct model_scratch *s, __u32 id)
@@ -560,7 +607,8 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len, s
  * entry. The entry is looked up again by key rather than kept from flow_account(): a
  * flow pointer (maybe NULL) live across the walk would double the verifier's states.
  * Plain stores beside the lock: one packet's decision, the last writer wins. */
-/* Returns 2 when the packet's class says drop (the caller tail-calls model_drop_*), else 0. */
+/* Returns 2 when the packet's class says drop or its decision is sampled (the caller
+ * tail-calls model_drop_* -> model_after()), else 0. */
 static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 ifindex)
 {
     __u32 z = 0;
@@ -581,6 +629,8 @@ static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 
     __builtin_memcpy(&s->pkt, p, sizeof(*p));
     s->frame_len = frame_len;
     s->cls = -1;
+    s->drop_class = 0;
+    s->sampled = 0;
     if (m->flow && m->kind) {
         /* a flow model: once per flow, at the first packet that brings it to k packets
          * (a GSO super-packet can jump over k), on the statistics of its entry so far */
@@ -607,7 +657,14 @@ static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 
         fv->model_class = (__u16)(cls + 1);
         fv->model_id = s->model_id;
     }
-    return model_act_on(m, slot, cls, s);
+    int r = model_act_on(m, slot, cls, s);
+    __u32 every = ctl->sample_every;
+    if (every && bpf_get_prandom_u32() % every == 0) {
+        s->sampled = 1;
+        s->n_feat = (__u8)m->n_features;
+        r = 2;
+    }
+    return r;
 }
 
 #endif /* XDPML_MODEL_H */

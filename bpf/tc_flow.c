@@ -70,7 +70,7 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
 #if XDPML_MODEL
 int xdpml_tc_model_drop(struct __sk_buff *skb)
 {
-    return model_drop_decide() ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+    return model_after() ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
 #endif
 

@@ -49,6 +49,6 @@ int xdpml_xdp(struct xdp_md *ctx)
 #if XDPML_MODEL
 int xdpml_xdp_model_drop(struct xdp_md *ctx)
 {
-    return model_drop_decide() ? XDP_DROP : XDP_PASS;
+    return model_after() ? XDP_DROP : XDP_PASS;
 }
 #endif

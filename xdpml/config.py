@@ -143,6 +143,9 @@ class ModelSettings:
     features: list[str] = field(default_factory=list)  # its input columns; [] = the names it was fitted on
     # class label -> pass | alert | drop (drop through the enforcement mode, allowlist, kill switch)
     actions: dict[str, str] = field(default_factory=dict)
+    # sampled decisions (class, action, the model's inputs) as JSON lines to this file; "" = off
+    decisions_file: str = ""
+    sample_every: int = 100  # 1 in N classified packets' decisions to decisions_file
 
     @property
     def enabled(self) -> bool:
@@ -152,6 +155,8 @@ class ModelSettings:
         bad = {k: v for k, v in self.actions.items() if v not in ("pass", "alert", "drop")}
         if bad:
             raise ConfigError(f"model actions {bad}: each must be pass, alert or drop")
+        if self.sample_every < 1:
+            raise ConfigError("model sample_every must be >= 1 (1 in N decisions)")
         if self.file and not self.file.endswith((".joblib", ".pkl")):
             raise ConfigError(f"model file {self.file!r}: expected a .joblib or .pkl file")
 

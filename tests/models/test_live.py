@@ -65,6 +65,10 @@ def bpffs():
         os.rmdir(d)
 
 
+def decisions_path(pin):
+    return os.path.join(tempfile.gettempdir(), f"xdpml-decisions-{os.path.basename(os.path.dirname(pin))}.jsonl")
+
+
 @pytest.fixture(scope="module")
 def live(models, bpffs):
     """The agent, started with model A from its file, on a silent veth (no IPv6)."""
@@ -75,7 +79,7 @@ def live(models, bpffs):
             interfaces=InterfaceSettings(names=[h.host_if], hooks="tc"),
             harvest=HarvestSettings(idle_timeout_s=1, interval_s=0.1),
             enforce=EnforceSettings(pin_dir=pin),
-            model=ModelSettings(file=a, features=["dst_port"]),
+            model=ModelSettings(file=a, features=["dst_port"], decisions_file=str(decisions_path(pin)), sample_every=1),
             summary_interval_s=0,
         )
         from harness import MemorySink
@@ -90,6 +94,8 @@ def live(models, bpffs):
             agent.stop()
             for r in rx.values():
                 r.close()
+            if os.path.exists(decisions_path(pin)):
+                os.unlink(decisions_path(pin))
     assert not os.path.exists(os.path.join(pin, "model", "model_slots")), "the agent left its model pins"
 
 
@@ -112,6 +118,22 @@ def send(h, n, rate_pps=4000):
         "    d>0 and time.sleep(d)\n"
     )
     h.run(f'{sys.executable} -c "{code}"')
+
+
+def send_until(h, stop_path, rate_pps=4000):
+    """Datagrams alternating LOW and HIGH (LOW first), paced, until stop_path exists (an
+    even number: it stops after a HIGH); returns how many were sent (counted by the sender)."""
+    code = (
+        "import os,socket,time\n"
+        f"s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('{h.ns_ip}',{SPORT}))\n"
+        "t0=time.monotonic(); i=0\n"
+        f"while i % 2 or not (i % 200 == 0 and os.path.exists('{stop_path}')):\n"
+        f"    s.sendto(b'x', ('{h.host_ip}', ({LOW},{HIGH})[i%2])); i+=1\n"
+        f"    d=t0+i/{rate_pps}-time.monotonic()\n"
+        "    d>0 and time.sleep(d)\n"
+        "print(i)\n"
+    )
+    return int(h.run(f'{sys.executable} -c "{code}"', capture=True).strip())
 
 
 def test_cli_reaches_the_running_agent(live, models):
@@ -138,38 +160,52 @@ def test_cli_reaches_the_running_agent(live, models):
 def test_swaps_under_traffic_lose_nothing_and_never_mix(live, models):
     h, agent, pin, rx = live
     a, b = models
-    n = 12000  # 3 s at 4000/s
+    stop = os.path.join(tempfile.mkdtemp(prefix="xdpml-swap-"), "stop")
     slots = ModelSlots.pinned(pin)
     try:
         packed = [compile_file(p, ["dst_port"], slots.limits).pack(slots.limits) for p in (a, b)]
         slots.swap(packed[0])
         c_before = agent.datapath.counters()
         slots.clear_stats()
-        sender = threading.Thread(target=send, args=(h, n))
+        sent = []
+        received = {}
+        # the receivers read all along (a full socket buffer would drop datagrams)
+        readers = [
+            threading.Thread(target=lambda p=p, r=r: received.__setitem__(p, len(r.take_until_marker(120))))
+            for p, r in rx.items()
+        ]
+        for t in readers:
+            t.start()
+        sender = threading.Thread(target=lambda: sent.append(send_until(h, stop)))
         sender.start()
         swaps = cli_swaps = 0
-        while sender.is_alive():
-            if swaps in (5, 300):  # twice from another process, as an operator would
+        # traffic goes on until 300 swaps were made, two of them by `xdpml model load`
+        # processes, however slow the machine
+        while swaps < 300 or cli_swaps < 2:
+            if swaps in (5, 150):  # as an operator would, from another process
                 cli("load", (a, b)[swaps % 2], "--features", "dst_port", "--pin-dir", pin)
                 cli_swaps += 1
             else:
                 slots.swap(packed[swaps % 2])
             swaps += 1
+        alive = sender.is_alive()  # the traffic outlasted every swap
+        open(stop, "w").close()
         sender.join()
+        n = sent[0]
         # a marker after the traffic on each port: once it is received, the TC hook has
         # seen every packet sent before it on that path
-        received = {}
-        for port, r in rx.items():
+        for port in rx:
             h.run(
                 f'{sys.executable} -c "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)'
                 f".sendto(b'M', ('{h.host_ip}', {port}))\""
             )
-            received[port] = len(r.take_until_marker())
+        for t in readers:
+            t.join(150)
         counts = slots.class_counts()
         c_after = agent.datapath.counters()
     finally:
         slots.close()
-    assert swaps >= 20 and cli_swaps >= 1, f"only {swaps} swaps during the traffic"
+    assert alive and n >= 1000, f"the sender stopped early ({n} packets)"
     assert received == {LOW: n // 2, HIGH: n // 2}, "packets lost"
     assert c_after["pkt_tc_ingress"] - c_before["pkt_tc_ingress"] == n + 2
     assert c_after["model_err"] == c_before["model_err"]
@@ -284,3 +320,41 @@ def test_drop_class_goes_through_mode_allowlist_and_kill_switch(live, models):
         table.maps.close()
         slots.unload()
         slots.close()
+
+
+def test_sampled_decisions_with_their_inputs(live, models):
+    """--model-decisions: every classified packet (1 in 1 here) as a JSON line with the
+    flow key, class, action and the model's inputs by name."""
+    import json
+    import time
+
+    h, agent, pin, rx = live
+    _, b = models
+    path = decisions_path(pin)
+    slots = ModelSlots.pinned(pin)
+    try:
+        slot = slots.swap(compile_file(b, ["dst_port"], slots.limits).pack(slots.limits, actions={"2": "alert"}))
+        mid = int(slots.read_slot(slot)["model_id"])
+    finally:
+        slots.close()
+    sport = 4495
+    h.run(
+        f'{sys.executable} -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); '
+        f"s.bind(('{h.ns_ip}', {sport}))\n"
+        f"for i in range(10): s.sendto(b'x', ('{h.host_ip}', {LOW}))\""
+    )
+
+    def mine():
+        if not os.path.exists(path):
+            return []
+        rows = [json.loads(line) for line in open(path) if line.strip()]
+        return [r for r in rows if r["model_id"] == mid and sport in (r["lo_port"], r["hi_port"])]
+
+    deadline = time.monotonic() + 20
+    while len(mine()) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rows = mine()
+    assert len(rows) == 10, rows[:3]
+    for r in rows:
+        assert (r["class"], r["action"], r["dropped"], r["features"]) == (2, "alert", False, {"dst_port": LOW})
+        assert {r["lo_ip"], r["hi_ip"]} == {h.ns_ip, h.host_ip} and r["protocol"] == 17

@@ -257,6 +257,20 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         help="what packets of a --model class do: pass (default), alert, drop (through the enforcement mode, "
         "allowlist and kill switch, docs/models.md); repeatable",
     )
+    m.add_argument(
+        "--model-decisions",
+        default="",
+        metavar="FILE",
+        help="append sampled decisions of the kernel's model (flow key, class, action, dropped, the model's "
+        "inputs) to FILE as JSON lines, for auditing and retraining",
+    )
+    m.add_argument(
+        "--model-sample",
+        type=int,
+        default=100,
+        metavar="N",
+        help="--model-decisions: 1 in N classified packets (default: %(default)s)",
+    )
     o.add_argument(
         "--duration",
         type=_positive_float,
@@ -299,6 +313,8 @@ def settings_from_args(a):
             file=os.path.abspath(a.model) if a.model else "",
             features=[f.strip() for f in a.model_features.split(",") if f.strip()],
             actions=_model_actions(a.model_action),
+            decisions_file=os.path.abspath(a.model_decisions) if a.model_decisions else "",
+            sample_every=a.model_sample,
         ),
         summary_interval_s=a.summary_interval,
     ).validate()

@@ -42,7 +42,34 @@ LIMIT_ORDER = tuple(f.name for f in fields(L.Limits))
 class Ctl(C.Structure):
     """struct model_ctl (bpf/model.h)."""
 
-    _fields_ = [("active", C.c_uint32), ("seq", C.c_uint32), ("flipped_ns", C.c_uint64), ("limits", C.c_uint32 * 8)]
+    _fields_ = [
+        ("active", C.c_uint32),
+        ("seq", C.c_uint32),
+        ("flipped_ns", C.c_uint64),
+        ("limits", C.c_uint32 * 8),
+        ("sample_every", C.c_uint32),
+        ("_pad2", C.c_uint32),
+    ]
+
+
+def event_type(lim: L.Limits) -> type:
+    """ctypes mirror of struct model_event (bpf/model.h) for these limits."""
+    from xdpml.datapath.abi import FlowKey
+
+    class ModelEvent(C.Structure):
+        _fields_ = [
+            ("ts_ns", C.c_uint64),
+            ("key", FlowKey),
+            ("model_id", C.c_uint32),
+            ("cls", C.c_int32),
+            ("action", C.c_uint8),
+            ("dropped", C.c_uint8),
+            ("slot", C.c_uint8),
+            ("n_features", C.c_uint8),
+            ("x", C.c_int64 * lim.features),
+        ]
+
+    return ModelEvent
 
 
 _ElemAttr = syscalls.ElemAttr
@@ -237,6 +264,13 @@ class ModelSlots:
             self.write_slot(idle, arr.tobytes())
             self.flip(idle, loaded=True)
             return idle
+
+    def set_sampling(self, every: int) -> None:
+        """1 in ``every`` classified packets' decisions to model_events (0: off)."""
+        with self.locked():
+            ctl = self.ctl()
+            ctl.sample_every = max(0, int(every))
+            _bpf_elem(MAP_UPDATE, self.ctl_fd, 0, ctl)
 
     def back(self) -> int:
         """Make the other slot active again (the model loaded before the last one)."""
