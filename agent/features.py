@@ -169,6 +169,14 @@ def _flow_specs() -> dict[str, ColumnSpec]:
             -1,
         ),
         ColumnSpec("splt_flags", "i2", "", "first N packets: TCP flags byte; -1 unused", "sequence", -1),
+        ColumnSpec(
+            "model_class",
+            "i2",
+            "",
+            "class the kernel's model gave the flow's last classified packet (docs/models.md); -1 none",
+            "meta",
+        ),
+        ColumnSpec("model_id", "u4", "", "model_id of the kernel model that gave model_class; 0 none", "meta"),
     ]
     return {c.name: c for c in s}
 
@@ -367,6 +375,8 @@ def flow_columns(
         for name in ("splt_direction", "splt_ps", "splt_piat_ms", "splt_flags"):
             cols[name] = np.zeros((n, 0), dtype=np.dtype(FLOW_SPECS[name].dtype))
 
+    cols["model_class"] = values["model_class"].astype(np.int16) - 1
+    cols["model_id"] = values["model_id"].astype(np.uint32)
     ordered = {name: cols[name] for name in FLOW_SPECS}
     return ColumnBatch("flow", ordered, FLOW_SPECS)
 

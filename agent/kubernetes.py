@@ -41,6 +41,7 @@ class KubeAgentOptions:
     extra_sinks: list[Sink] = field(default_factory=list)  # e.g. -o FILE, tests
     pin_dir: str = "/sys/fs/bpf/xdpml"  # rule maps (a bpffs hostPath in the chart: rules survive restarts)
     attach_timeout_s: float = 120.0
+    pin_dir: str | None = None  # --pin-dir: rule maps and model slots (None = the default)
 
 
 def plan_from_rules(rules, *, pod_veths: Callable[[], list[str] | None] | None = None) -> AttachPlan:
@@ -118,7 +119,8 @@ class KubernetesAgent:
             self.enforcement.apply(new)
         if "enrichment" in sections:
             self.enrich.apply(new.enrichment)
-        if self.agent is None or sections & RESTART_SECTIONS:
+        slots_changed = old is not None and old.settings.model.enabled != new.settings.model.enabled
+        if self.agent is None or sections & RESTART_SECTIONS or slots_changed:
             self._stop_agent()
             try:
                 self._start_agent(new, plan)
@@ -134,6 +136,8 @@ class KubernetesAgent:
             self.agent.request("harvest", new.settings.harvest)
         if "export" in sections:
             self.agent.request("sinks", self._sinks(new))
+        if "model" in sections:  # the slots stay: the new model goes into the idle one, live
+            self.agent.request("model", new.settings.model)
 
     def _verdict_source(self, cfg) -> tuple[str, bool]:
         """(collector address, verdicts authenticated by mutual TLS) of this config."""
@@ -199,6 +203,8 @@ class KubernetesAgent:
             cfg.settings, enforce=dataclasses.replace(cfg.settings.enforce, pin_dir=self.opts.pin_dir)
         )
         settings.interfaces.names = list(plan)
+        if self.opts.pin_dir is not None:
+            settings.enforce.pin_dir = self.opts.pin_dir
         agent = Agent(
             settings,
             interfaces=plan,

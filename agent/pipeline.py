@@ -144,6 +144,7 @@ class Agent:
         self._links: LinkWatcher | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # why a background run() ended, if it failed
+        self.model = None  # AgentModel (xdpml/agent/model.py) when the model slots are compiled in
 
     @property
     def interfaces(self) -> list[str]:
@@ -152,7 +153,7 @@ class Agent:
     # -- live changes ------------------------------------------------------------------
     def request(self, kind: str, payload) -> None:
         """Queue a live change: ("interfaces", AttachPlan), ("harvest", HarvestSettings),
-        ("sinks", list[Sink]). Applied by the agent loop within one scan interval."""
+        ("sinks", list[Sink]), ("model", ModelSettings). Applied by the agent loop within one scan interval."""
         self._requests.put((kind, payload))
 
     def _apply_requests(self) -> None:
@@ -174,6 +175,12 @@ class Agent:
                         payload.active_timeout_s,
                         payload.interval_s,
                     )
+                elif kind == "model":
+                    if self.model is None:
+                        log.error("the model slots are not compiled in: restart with a model to load one")
+                    else:
+                        self.model.apply(payload)
+                    self.settings.model = payload
                 elif kind == "sinks":
                     old, self.sinks = self.sinks, list(payload)
                     for sink in old:
@@ -396,9 +403,13 @@ class Agent:
 
     # -- run -----------------------------------------------------------------------
     def run(self, *, duration_s: float | None = None) -> AgentTotals:
+        from xdpml.agent.model import AgentModel, model_limits
+
         s = self.settings
-        with Datapath(s) as dp:
+        with Datapath(s, model_limits=model_limits(s.model)) as dp:
             self.datapath = dp
+            if dp.model_limits is not None:
+                self.model = AgentModel(dp, s.model, pin_dir=dp.pin_dir)
             for name, (hooks, mode) in self.plan.items():
                 att = dp.attach(name, hooks=hooks, xdp_mode=mode)
                 self._remember(att)
@@ -448,6 +459,8 @@ class Agent:
                         break
                     self._wait(harvester.settings.interval_s, early, harvester)
                     self._apply_requests()
+                    if self.model is not None:
+                        self.model.poll()
                     self._events(wins, pkts, acc, offset)
                     if self._links is not None and self._links.changed.is_set():
                         self._links.changed.clear()
@@ -465,6 +478,9 @@ class Agent:
                     self._links = None
                 attached_at_end = [a.ifname for a in dp.attachments]
                 dp.detach_all()
+                if self.model is not None:
+                    self.model.close()
+                    self.model = None
                 self._events(wins, pkts, acc, offset)
                 self._flows(harvester.drain())
                 if acc is not None:

@@ -1,19 +1,34 @@
-"""Added per-packet cost of a model in the kernel, side by side in one run.
+"""Added per-packet cost of a model in the kernel, side by side in one run; the
+table walk against a SkimXDP-style generated if/else tree; swap and load times.
 
-    python -m bench.bench_models [--repeat N]
+    python -m bench.bench_models [--repeat N] [--section cost|codegen|swap]
 
 Run as root. BPF_PROG_TEST_RUN on the TC ingress flow program (SCHED_CLS: no XDP
 dispatcher round trip per call) compiled without a model and with -DXDPML_MODEL=1,
 each model loaded in turn into the same datapath; per variant, the mean ns per run
 over 1,000 distinct 64-byte TCP frames (each repeated N times) and over one frame.
 The 'added' column is the model variant minus the no-model program of the same run.
+
+codegen: the same depth-10 tree as nested if/else C (SkimXDP's form, generated here
+from the compiled tree) compiled into the same program in place of the table walk;
+both programs get the same features, lookups and counters, on 1,000 distinct random
+packets (bench/model_packets.py) and on one repeated.
+
+swap: a forest of about 10,000 nodes: compile, pack, write the idle slot (the whole
+model is one map value: one BPF_MAP_UPDATE_ELEM, so a batch would hold one element)
+and flip the active index (one update of model_ctl).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +42,181 @@ def mean_ns(fd, frames, repeat) -> float:
     return float(np.mean([test_run(fd, f, repeat=repeat)[1] for f in frames]))
 
 
+def tree_c(c) -> str:
+    """The compiled single tree as nested if/else C over s->x[] (SkimXDP's generated form)."""
+    feat, thr, left, leaf = c.node_feat, c.node_thr, c.node_left, c.node_leaf
+    out = ["static __always_inline int model_codegen_eval(struct model_scratch *s)", "{"]
+
+    def emit(i: int, ind: str) -> None:
+        if int(left[i]) == i:  # a leaf points to itself
+            out.append(f"{ind}return {int(leaf[i])};")
+            return
+        out.append(f"{ind}if (s->x[{int(feat[i])}] <= {int(thr[i])}LL) {{")
+        emit(int(left[i]), ind + "    ")
+        out.append(f"{ind}}} else {{")
+        emit(int(left[i]) + 1, ind + "    ")
+        out.append(f"{ind}}}")
+
+    emit(int(c.roots[0]), "    ")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+@contextmanager
+def codegen_sources(c):
+    """A copy of bpf/ whose model.h walks the tree as generated if/else instead of the table."""
+    from xdpml.datapath.source import bpf_dir
+
+    d = Path(tempfile.mkdtemp(prefix="xdpml-codegen-"))
+    try:
+        for f in bpf_dir().iterdir():
+            if f.suffix in (".c", ".h"):
+                shutil.copy(f, d / f.name)
+        m = (d / "model.h").read_text()
+        anchor = "/* Classify one parsed packet on the active slot"
+        call = "cls = model_trees_eval(m, s);"
+        assert anchor in m and call in m, "bpf/model.h changed: update bench_models.codegen_sources"
+        m = m.replace(anchor, tree_c(c) + "\n" + anchor, 1).replace(call, "cls = model_codegen_eval(s);", 1)
+        (d / "model.h").write_text(m)
+        old = os.environ.get("XDPML_BPF_DIR")
+        os.environ["XDPML_BPF_DIR"] = str(d)
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("XDPML_BPF_DIR", None)
+            else:
+                os.environ["XDPML_BPF_DIR"] = old
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def section_codegen(a) -> None:
+    from sklearn.tree import DecisionTreeClassifier
+
+    from bench import model_packets as packets
+    from bench import model_zoo as zoo
+    from xdpml.config import AgentSettings
+    from xdpml.datapath.loader import TC_INGRESS_PROG, Datapath
+    from xdpml.models import layout as L
+    from xdpml.models.compiler import compile_model
+    from xdpml.models.kernel import ModelSlots
+
+    f, X = zoo.dataset(a.frames, seed=3)
+    frames = [packets.frame(f, i) for i in range(a.frames)]
+    _, Xt = zoo.dataset(20000, seed=1)
+    noise = np.random.default_rng(0).integers(0, 2, len(Xt))  # noise labels: a full depth-10 tree
+    tree = DecisionTreeClassifier(max_depth=10, random_state=0).fit(Xt.astype(float), noise)
+    lim = L.Limits(depth=12, trees=16, nodes=8192, leaf_values=8192)
+    c = compile_model(tree, zoo.NAMES, limits=lim)
+    paths = len({tuple(r) for r in tree.decision_path(X.astype(float)).toarray()})
+    rows = []
+    with Datapath(AgentSettings()) as base:
+        fd = base.progs[TC_INGRESS_PROG].fd
+        mean_ns(fd, frames, 1)
+        base_row = ("flow program, no model", mean_ns(fd, frames, a.repeat), mean_ns(fd, frames[:1], a.repeat * 50))
+    for name, ctx in (("table walk (bpf/model.h)", None), ("generated if/else (SkimXDP style)", c)):
+        with codegen_sources(ctx) if ctx is not None else _nothing():
+            with Datapath(AgentSettings(), model_limits=lim) as dp:
+                slots = ModelSlots.of(dp.bpf, lim)
+                slots.swap(c.pack(lim))
+                fd = dp.progs[TC_INGRESS_PROG].fd
+                mean_ns(fd, frames, 1)  # flows created: every measured run is a flow update
+                rows.append((name, mean_ns(fd, frames, a.repeat), mean_ns(fd, frames[:1], a.repeat * 50)))
+    print(
+        f"\ndecision tree depth {tree.get_depth()}, {tree.tree_.node_count} nodes; {a.frames} distinct packets "
+        f"take {paths} distinct paths"
+    )
+    print(
+        "| variant | ns/packet, distinct | ns/packet, one repeated | added (distinct) | added (one) "
+        "| added vs table walk's (distinct) |"
+    )
+    print("|---|---|---|---|---|---|")
+    print(f"| {base_row[0]} (baseline) | {base_row[1]:.0f} | {base_row[2]:.0f} |  |  |  |")
+    walk_added = rows[0][1] - base_row[1]
+    for r in rows:
+        d, o = r[1] - base_row[1], r[2] - base_row[2]
+        ratio = f"{d / walk_added:.2f}x" if walk_added > 0 else ""
+        print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {d:+.0f} | {o:+.0f} | {ratio} |")
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def section_swap(a) -> None:
+    from sklearn.ensemble import RandomForestClassifier
+
+    from bench import model_zoo as zoo
+    from xdpml.config import AgentSettings
+    from xdpml.datapath.loader import Datapath
+    from xdpml.models import layout as L
+    from xdpml.models.compiler import compile_model
+    from xdpml.models.kernel import GRACE_S, ModelSlots
+
+    _, X = zoo.dataset(40000, seed=2)
+    y = np.random.default_rng(5).integers(0, 2, len(X))  # noise labels: big trees
+    lim = L.Limits(depth=16, trees=32, nodes=16384, leaf_values=16384)
+    forest = RandomForestClassifier(n_estimators=20, max_depth=12, max_leaf_nodes=260, random_state=0).fit(
+        X.astype(float), y
+    )
+    t0 = time.perf_counter()
+    c = compile_model(forest, zoo.NAMES, limits=lim)
+    t1 = time.perf_counter()
+    packed = c.pack(lim)
+    t2 = time.perf_counter()
+    data = packed.tobytes()
+    with Datapath(AgentSettings(), model_limits=lim) as dp:
+        slots = ModelSlots.of(dp.bpf, lim)
+        writes, flips = [], []
+        for _ in range(a.swaps):
+            idle = slots.active() ^ 1
+            time.sleep(GRACE_S * 1.5)  # the grace after the last flip passes outside the timing
+            w0 = time.perf_counter_ns()
+            slots.write_slot(idle, data)
+            w1 = time.perf_counter_ns()
+            slots.flip(idle)
+            w2 = time.perf_counter_ns()
+            writes.append(w1 - w0)
+            flips.append(w2 - w1)
+    w, fl = np.array(writes) / 1e3, np.array(flips) / 1e3
+    print(
+        f"\nforest: {c.n_trees} trees, {c.n_nodes} nodes, {c.n_leaf_values} leaf values; slot value "
+        f"{len(data) / 1024:.0f} KiB; {a.swaps} swaps"
+    )
+    print("| step | time | goal |")
+    print("|---|---|---|")
+    print(f"| compile (scikit-learn -> tables, Python) | {(t1 - t0) * 1e3:.1f} ms |  |")
+    print(f"| pack (tables -> slot value) | {(t2 - t1) * 1e3:.1f} ms |  |")
+    print(
+        f"| write the idle slot (one map update), median / max | {np.median(w):.0f} / {w.max():.0f} us | "
+        f"load <= 5 ms: {'met' if np.median(w) <= 5000 else 'NOT met'} |"
+    )
+    print(
+        f"| flip the active index, median / max | {np.median(fl):.1f} / {fl.max():.1f} us | "
+        f"<= 10 us: {'met' if np.median(fl) <= 10 else 'NOT met'} |"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--frames", type=int, default=1000)
+    ap.add_argument("--swaps", type=int, default=200)
+    ap.add_argument("--section", choices=("cost", "codegen", "swap"), action="append")
     a = ap.parse_args()
+    sections = a.section or ["cost", "codegen", "swap"]
+    if "cost" in sections:
+        section_cost(a)
+    if "codegen" in sections:
+        section_codegen(a)
+    if "swap" in sections:
+        section_swap(a)
+    return 0
+
+
+def section_cost(a) -> None:
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
@@ -81,7 +266,6 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]} | {r[4]} |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def feature_matrix(f: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
         col[f"{side}_port_low"] = port < 1024
         col[f"{side}_port_mid"] = (port >= 1024) & (port < 49152)
         col[f"{side}_port_high"] = port >= 49152
-    assert set(col) == {f.name for f in FEATURES}
+    assert set(col) == {f.name for f in FEATURES if not f.flow}
     return np.stack([np.asarray(col[n], np.int64) for n in names], axis=1)
 
 

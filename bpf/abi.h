@@ -139,6 +139,12 @@ struct flow_value {
 #if XDPML_FIRST_N > 0
     struct seq_entry seq[XDPML_FIRST_N];
 #endif
+    /* the kernel model's decision (model.h, -DXDPML_MODEL=1; zero without it): the class
+     * of the flow's last classified packet plus one (0: never classified) and the
+     * model_id of the model that gave it. Appended: the fields above keep their offsets. */
+    __u32 model_id;
+    __u16 model_class;
+    __u16 _model_pad;
 };
 
 /* Hooks, as recorded in events and counters. */

@@ -136,6 +136,29 @@ static __always_inline void dir_add(struct dir_stats *s, struct pkt_info *p,
     s->seen_at |= seen;
 }
 
+/* The packet's flow key (lower endpoint first); returns 1 when the packet goes lo -> hi. */
+static __always_inline int flow_key_fill(struct flow_key *key, struct pkt_info *p, __u32 ifindex)
+{
+    int lo_to_hi = endpoint_lo_first(p);
+    if (lo_to_hi) {
+        __builtin_memcpy(key->lo_ip, p->src_ip, 16);
+        __builtin_memcpy(key->hi_ip, p->dst_ip, 16);
+        key->lo_port = p->src_port;
+        key->hi_port = p->dst_port;
+    } else {
+        __builtin_memcpy(key->lo_ip, p->dst_ip, 16);
+        __builtin_memcpy(key->hi_ip, p->src_ip, 16);
+        key->lo_port = p->dst_port;
+        key->hi_port = p->src_port;
+    }
+    key->proto = p->proto;
+    key->ip_version = p->ip_version;
+    key->vlan_id = p->vlan_id;
+    key->ifindex = ifindex;
+    key->vni = p->tunnel_vni;
+    return lo_to_hi;
+}
+
 /* Returns the flow's entry (rules.h caches its decision there), NULL if none.
  * seen: XDPML_SEEN_INGRESS or XDPML_SEEN_EGRESS, which side of the interface the hook is on. */
 static __always_inline struct flow_value *flow_account(struct pkt_info *p, __u32 ifindex, __u64 now,
@@ -144,23 +167,7 @@ static __always_inline struct flow_value *flow_account(struct pkt_info *p, __u32
     struct flow_key key;
     if (p->l4_note)
         count(p->l4_note); /* why this packet is in a port-less flow */
-    int lo_to_hi = endpoint_lo_first(p);
-    if (lo_to_hi) {
-        __builtin_memcpy(key.lo_ip, p->src_ip, 16);
-        __builtin_memcpy(key.hi_ip, p->dst_ip, 16);
-        key.lo_port = p->src_port;
-        key.hi_port = p->dst_port;
-    } else {
-        __builtin_memcpy(key.lo_ip, p->dst_ip, 16);
-        __builtin_memcpy(key.hi_ip, p->src_ip, 16);
-        key.lo_port = p->dst_port;
-        key.hi_port = p->src_port;
-    }
-    key.proto = p->proto;
-    key.ip_version = p->ip_version;
-    key.vlan_id = p->vlan_id;
-    key.ifindex = ifindex;
-    key.vni = p->tunnel_vni;
+    int lo_to_hi = flow_key_fill(&key, p, ifindex);
 
     struct flow_value *v = flows.lookup(&key);
     if (!v) {

@@ -21,6 +21,7 @@
 #ifndef XDPML_MODEL_H
 #define XDPML_MODEL_H
 
+#include "abi.h"
 #include "counters.h"
 #include "parse.h"
 
@@ -103,6 +104,45 @@
 #define MF_DST_PORT_LOW 35
 #define MF_DST_PORT_MID 36
 #define MF_DST_PORT_HIGH 37
+/* flow features: the flow table's statistics at the k-th packet (features.py FLOW_TABLE) */
+#define MF_SRC2DST_PACKETS 38
+#define MF_DST2SRC_PACKETS 39
+#define MF_BIDIRECTIONAL_PACKETS 40
+#define MF_SRC2DST_BYTES 41
+#define MF_DST2SRC_BYTES 42
+#define MF_BIDIRECTIONAL_BYTES 43
+#define MF_SRC2DST_MIN_PS 44
+#define MF_SRC2DST_MAX_PS 45
+#define MF_DST2SRC_MIN_PS 46
+#define MF_DST2SRC_MAX_PS 47
+#define MF_SRC2DST_MEAN_PS 48
+#define MF_DST2SRC_MEAN_PS 49
+#define MF_BIDIRECTIONAL_MEAN_PS 50
+#define MF_BIDIRECTIONAL_DURATION_MS 51
+#define MF_BIDIRECTIONAL_MEAN_PIAT_MS 52
+#define MF_BIDIRECTIONAL_MIN_PIAT_MS 53
+#define MF_BIDIRECTIONAL_MAX_PIAT_MS 54
+/* flag counts, [direction][FIN..CWR]: read by index in model_flow_feature() */
+#define MF_SRC2DST_FIN_PACKETS 55
+#define MF_SRC2DST_SYN_PACKETS 56
+#define MF_SRC2DST_RST_PACKETS 57
+#define MF_SRC2DST_PSH_PACKETS 58
+#define MF_SRC2DST_ACK_PACKETS 59
+#define MF_SRC2DST_URG_PACKETS 60
+#define MF_SRC2DST_ECE_PACKETS 61
+#define MF_SRC2DST_CWR_PACKETS 62
+#define MF_DST2SRC_FIN_PACKETS 63
+#define MF_DST2SRC_SYN_PACKETS 64
+#define MF_DST2SRC_RST_PACKETS 65
+#define MF_DST2SRC_PSH_PACKETS 66
+#define MF_DST2SRC_ACK_PACKETS 67
+#define MF_DST2SRC_URG_PACKETS 68
+#define MF_DST2SRC_ECE_PACKETS 69
+#define MF_DST2SRC_CWR_PACKETS 70
+
+#ifndef XDPML_MODEL_FLOW_K
+#define XDPML_MODEL_FLOW_K 4 /* flow-feature models classify a flow once, at its k-th packet */
+#endif
 
 struct model_node {
     __s64 thr;    /* go left when x[feat] <= thr (integer threshold, see compiler.py) */
@@ -141,6 +181,8 @@ struct model_slot {
     __u32 n_layers;
     __u32 model_id;   /* set by user space, for `xdpml model show` */
     __u32 depth;      /* trees: levels walked (the deepest leaf) */
+    __u32 flow;       /* 1: reads flow features (classified once per flow, at packet k) */
+    __u8  action[XDPML_MODEL_MAX_OUTPUTS]; /* per class: MODEL_ACT_* */
     __u16 feat_id[XDPML_MODEL_MAX_FEATURES]; /* model input i -> MF_* */
     __s64 bias[XDPML_MODEL_MAX_OUTPUTS];
     struct model_trees trees;
@@ -148,12 +190,48 @@ struct model_slot {
     struct model_mlp mlp;
 };
 
+/* The kernel reads only `active`; the rest is user space's (xdpml/models/kernel.py):
+ * how many models were loaded, when the index last flipped (a slot is rewritten only
+ * GRACE after it stopped being active, whichever process flipped it), and the limits
+ * this program was compiled with, so `xdpml model` checks a model against them. */
 struct model_ctl {
     __u32 active;     /* slot the next packet uses: 0 or 1 */
-    __u32 _pad;
+    __u32 seq;        /* models loaded so far (model_id of the last one) */
+    __u64 flipped_ns; /* CLOCK_MONOTONIC of the last flip */
+    __u32 limits[8];  /* XDPML_MODEL_MAX_* in the order of layout.Limits */
+    __u32 sample_every; /* 1 in N classified packets to model_events (0: off) */
+    __u32 _pad2;
 };
 
+/* model_events: sampled decisions with the model's inputs, for auditing and retraining
+ * (the agent's --model-decisions FILE). */
+struct model_event {
+    __u64 ts_ns;
+    struct flow_key key;
+    __u32 model_id;
+    __s32 cls;
+    __u8  action;   /* MODEL_ACT_* of the class */
+    __u8  dropped;  /* 1: the packet was dropped */
+    __u8  slot;
+    __u8  n_features;
+    __s64 x[XDPML_MODEL_MAX_FEATURES];
+};
+BPF_RINGBUF_OUTPUT(model_events, 64);
+
 struct model_scratch {
+    struct flow_key key; /* model_run(): the packet's flow, looked up again (no stack to spare) */
+    __u32 model_id;      /* model_id of the slot the packet was classified on */
+    __s32 cls;           /* its class, -1 none */
+    __u32 act_slot;      /* the slot, for model_after() */
+    __u8  drop_class;    /* this packet's class says drop */
+    __u8  sampled;       /* this packet's decision goes to model_events */
+    __u8  cls_action;    /* its class's action */
+    __u8  n_feat;
+    __u32 frame_len;
+    struct pkt_info pkt; /* the parsed packet, copied: see model_run() */
+    struct dir_stats fdir[2]; /* flow models: the flow entry's statistics at packet k */
+    struct iat_stats fiat;
+    __u64 ffirst_ns, flast_ns;
     __s64 x[XDPML_MODEL_MAX_FEATURES];
     __s64 acc[XDPML_MODEL_MAX_OUTPUTS];
     __s64 act[2][XDPML_MODEL_MAX_WIDTH];
@@ -161,12 +239,141 @@ struct model_scratch {
 
 #define MODEL_STATS_PER_SLOT (XDPML_MODEL_MAX_OUTPUTS + 1)
 
+/* What a class does (model_slot.action), through the enforcement rules' mode, allowlist
+ * and kill switch (rules.h): pass; alert (counted); drop (only in enforce mode, never an
+ * allowlisted address, never with the kill switch on; in dry-run counted as would-drop). */
+#define MODEL_ACT_PASS 0
+#define MODEL_ACT_ALERT 1
+#define MODEL_ACT_DROP 2
+/* model_act counters, per slot: */
+#define MODEL_AC_ALERT 0
+#define MODEL_AC_WOULD_DROP 1 /* drop class in dry-run mode */
+#define MODEL_AC_DROPPED 2
+#define MODEL_AC_ALLOWLISTED 3 /* drop class, but an address is allowlisted */
+#define MODEL_AC_KILL_PASSED 4 /* drop class, kill switch on */
+#define MODEL_AC_OFF 5 /* drop class, enforcement mode off */
+#define MODEL_AC_N 6
+
 /* model_slots: the two slots; model_ctl[0]: the active index; model_stats: per CPU,
  * per slot, packets classified as each class, then packets seen while empty. */
 BPF_TABLE("array", __u32, struct model_slot, model_slots, 2);
 BPF_TABLE("array", __u32, struct model_ctl, model_ctl, 1);
 BPF_TABLE("percpu_array", __u32, struct model_scratch, model_scratch, 1);
 BPF_TABLE("percpu_array", __u32, __u64, model_stats, 2 * MODEL_STATS_PER_SLOT);
+BPF_TABLE("percpu_array", __u32, __u64, model_act, 2 * MODEL_AC_N);
+
+static __always_inline void model_act_count(__u32 slot, __u32 what)
+{
+    __u32 k = (slot & 1) * MODEL_AC_N + what;
+    __u64 *c = model_act.lookup(&k);
+    if (c)
+        *c += 1;
+}
+
+/* The class's action for this packet: 0 pass (counted when alert), 2 a drop class
+ * (decided by the tail-called model_drop_*: mode, allowlist, kill switch). The decision
+ * is a tail call so that its lookups are verified once, not after every way out of the
+ * walk. */
+static __always_inline int model_act_on(struct model_slot *m, __u32 slot, int cls, struct model_scratch *s)
+{
+    if (cls < 0 || cls >= XDPML_MODEL_MAX_OUTPUTS)
+        return 0;
+    __u8 a = m->action[cls];
+    s->cls_action = a;
+    s->act_slot = slot;
+    if (a == MODEL_ACT_ALERT)
+        model_act_count(slot, MODEL_AC_ALERT);
+    if (a != MODEL_ACT_DROP)
+        return 0;
+    s->drop_class = 1;
+    return 2;
+}
+
+/* [0]: the drop decision program for this hook type (xdpml_*_model_drop), set by the loader */
+BPF_PROG_ARRAY(model_drop_xdp, 1);
+BPF_PROG_ARRAY(model_drop_tc, 1);
+
+/* A packet of a drop class: 1 = drop it. Only in enforce mode, never an allowlisted
+ * address, never with the kill switch on; counted either way. */
+static __always_inline int model_drop_decide(struct model_scratch *s)
+{
+    __u32 z = 0;
+    __u32 slot = s->act_slot & 1;
+    struct enf_config *cfg = enf_config.lookup(&z);
+    if (!cfg || cfg->mode == XDPML_ENF_OFF) {
+        model_act_count(slot, MODEL_AC_OFF);
+        return 0;
+    }
+    if (enf_allowlisted(&s->pkt)) {
+        model_act_count(slot, MODEL_AC_ALLOWLISTED);
+        return 0;
+    }
+    __u32 *kill = enf_kill.lookup(&z);
+    if (kill && *kill) {
+        model_act_count(slot, MODEL_AC_KILL_PASSED);
+        return 0;
+    }
+    if (cfg->mode != XDPML_ENF_ENFORCE) {
+        model_act_count(slot, MODEL_AC_WOULD_DROP);
+        return 0;
+    }
+    model_act_count(slot, MODEL_AC_DROPPED);
+    return 1;
+}
+
+/* The tail-called part of a packet's decision: the drop decision for a drop class, then
+ * the sampled record. Returns 1 to drop. */
+static __always_inline int model_after(void)
+{
+    __u32 z = 0;
+    struct model_scratch *s = model_scratch.lookup(&z);
+    if (!s)
+        return 0;
+    int drop = s->drop_class ? model_drop_decide(s) : 0;
+    if (s->sampled) {
+        struct model_event *e = model_events.ringbuf_reserve(sizeof(struct model_event));
+        if (e) {
+            e->ts_ns = bpf_ktime_get_ns();
+            __builtin_memcpy(&e->key, &s->key, sizeof(e->key));
+            e->model_id = s->model_id;
+            e->cls = s->cls;
+            e->action = s->cls_action;
+            e->dropped = drop;
+            e->slot = s->act_slot & 1;
+            e->n_features = s->n_feat;
+            __builtin_memcpy(e->x, s->x, sizeof(e->x));
+            model_events.ringbuf_submit(e, 0);
+        }
+    }
+    return drop;
+}
+
+static __always_inline __s64 model_flow_feature(struct model_scratch *s, __u32 id)
+{
+    struct dir_stats *a = &s->fdir[0], *b = &s->fdir[1];
+    __u64 n = a->packets + b->packets;
+    switch (id) {
+    case MF_SRC2DST_PACKETS: return a->packets;
+    case MF_DST2SRC_PACKETS: return b->packets;
+    case MF_BIDIRECTIONAL_PACKETS: return n;
+    case MF_SRC2DST_BYTES: return a->bytes;
+    case MF_DST2SRC_BYTES: return b->bytes;
+    case MF_BIDIRECTIONAL_BYTES: return a->bytes + b->bytes;
+    case MF_SRC2DST_MIN_PS: return a->size_min;
+    case MF_SRC2DST_MAX_PS: return a->size_max;
+    case MF_DST2SRC_MIN_PS: return b->size_min;
+    case MF_DST2SRC_MAX_PS: return b->size_max;
+    case MF_SRC2DST_MEAN_PS: return a->packets ? (a->bytes << 8) / a->packets : 0;
+    case MF_DST2SRC_MEAN_PS: return b->packets ? (b->bytes << 8) / b->packets : 0;
+    case MF_BIDIRECTIONAL_MEAN_PS: return n ? ((a->bytes + b->bytes) << 8) / n : 0;
+    case MF_BIDIRECTIONAL_DURATION_MS: return n ? ((s->flast_ns - s->ffirst_ns) * 128) / 125 : 0;
+    case MF_BIDIRECTIONAL_MEAN_PIAT_MS: return n > 1 ? (s->fiat.sum_ns * 128) / (125 * (n - 1)) : 0;
+    case MF_BIDIRECTIONAL_MIN_PIAT_MS: return n > 1 ? (s->fiat.min_ns * 128) / 125 : 0;
+    case MF_BIDIRECTIONAL_MAX_PIAT_MS: return n > 1 ? (s->fiat.max_ns * 128) / 125 : 0;
+    }
+    __u32 j = (id - MF_SRC2DST_FIN_PACKETS) & 15; /* flag counts: [direction][FIN..CWR] */
+    return s->fdir[j >> 3].flag_count[j & 7];
+}
 
 static __always_inline __s64 model_feature(struct pkt_info *p, __u32 frame_len, __u32 id)
 {
@@ -330,18 +537,10 @@ static __always_inline int model_mlp_eval(struct model_slot *m, struct model_scr
     return 0;
 }
 
-/* Classify one parsed packet on the active slot; returns the class or -1. */
-static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len)
+/* Classify one parsed packet on slot m (index slot); returns the class or -1. */
+static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len, struct model_slot *m, __u32 slot,
+                                          struct model_scratch *s)
 {
-    __u32 z = 0;
-    struct model_ctl *ctl = model_ctl.lookup(&z);
-    struct model_scratch *s = model_scratch.lookup(&z);
-    if (!ctl || !s)
-        return -1;
-    __u32 slot = ctl->active & 1; /* read once: the packet finishes on this slot */
-    struct model_slot *m = model_slots.lookup(&slot);
-    if (!m)
-        return -1;
     __u32 kind = m->kind;
     if (kind == 0) {
         __u32 k = slot * MODEL_STATS_PER_SLOT + XDPML_MODEL_MAX_OUTPUTS;
@@ -354,7 +553,8 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len)
     for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++) {
         if (i >= MODEL_RD(m->n_features))
             break;
-        s->x[i] = model_feature(p, frame_len, m->feat_id[i]);
+        __u32 id = m->feat_id[i];
+        s->x[i] = id >= MF_SRC2DST_PACKETS ? model_flow_feature(s, id) : model_feature(p, frame_len, id);
     }
     MODEL_LOOP
     for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
@@ -398,7 +598,73 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len)
     __u64 *c = model_stats.lookup(&k);
     if (c)
         *c += 1;
+    s->model_id = m->model_id;
+    s->cls = cls;
     return cls;
+}
+
+/* Classify the packet, then put the class (plus one) and the model's id into its flow
+ * entry. The entry is looked up again by key rather than kept from flow_account(): a
+ * flow pointer (maybe NULL) live across the walk would double the verifier's states.
+ * Plain stores beside the lock: one packet's decision, the last writer wins. */
+/* Returns 2 when the packet's class says drop or its decision is sampled (the caller
+ * tail-calls model_drop_* -> model_after()), else 0. */
+static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 ifindex)
+{
+    __u32 z = 0;
+    struct model_scratch *s = model_scratch.lookup(&z);
+    struct model_ctl *ctl = model_ctl.lookup(&z);
+    if (!s || !ctl)
+        return 0;
+    __u32 slot = ctl->active & 1; /* read once: the packet finishes on this slot */
+    struct model_slot *m = model_slots.lookup(&slot);
+    if (!m)
+        return 0;
+    /* the key before the walk: the parsed packet on the stack is then dead during it, so
+     * the verifier prunes the walk's states whatever path parsed the packet */
+    flow_key_fill(&s->key, p, ifindex);
+    /* the walk reads a copy of the parsed packet in the map, not the stack: values read
+     * from a map are unknown to the verifier, so however the packet was parsed (IPv4,
+     * IPv6, VLAN, TCP ...) the walk starts from one state and is verified about once */
+    __builtin_memcpy(&s->pkt, p, sizeof(*p));
+    s->frame_len = frame_len;
+    s->cls = -1;
+    s->drop_class = 0;
+    s->sampled = 0;
+    if (m->flow && m->kind) {
+        /* a flow model: once per flow, at the first packet that brings it to k packets
+         * (a GSO super-packet can jump over k), on the statistics of its entry so far */
+        struct flow_value *f0 = flows.lookup(&s->key);
+        if (!f0)
+            return 0;
+        if (f0->model_class) /* decided: this model's class acts on every later packet */
+            return f0->model_id == m->model_id ? model_act_on(m, slot, f0->model_class - 1, s) : 0;
+        if (f0->dir[0].packets + f0->dir[1].packets < XDPML_MODEL_FLOW_K)
+            return 0;
+        __builtin_memcpy(s->fdir, f0->dir, sizeof(s->fdir));
+        __builtin_memcpy(&s->fiat, &f0->iat, sizeof(s->fiat));
+        s->ffirst_ns = f0->first_ns;
+        s->flast_ns = f0->last_ns;
+    }
+    model_classify(&s->pkt, MODEL_RD(s->frame_len), m, slot, s);
+    /* re-read from the map: every way out of the walk then looks the same to the
+     * verifier, which checks what follows once instead of once per way */
+    int cls = MODEL_RD(s->cls);
+    if (cls < 0)
+        return 0;
+    struct flow_value *fv = flows.lookup(&s->key);
+    if (fv) {
+        fv->model_class = (__u16)(cls + 1);
+        fv->model_id = s->model_id;
+    }
+    int r = model_act_on(m, slot, cls, s);
+    __u32 every = ctl->sample_every;
+    if (every && bpf_get_prandom_u32() % every == 0) {
+        s->sampled = 1;
+        s->n_feat = (__u8)m->n_features;
+        r = 2;
+    }
+    return r;
 }
 
 #endif /* XDPML_MODEL_H */

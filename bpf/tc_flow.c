@@ -65,10 +65,18 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
     if (enforce_packet(p, fv, now, len, g.segs)) /* rules.h */
         return TC_ACT_SHOT;
 #if XDPML_MODEL /* -DXDPML_MODEL=1: a model in the kernel (model.h) */
-    model_classify(p, len);
+    if (model_run(p, len, skb->ifindex)) /* class into the flow entry; a drop class: */
+        model_drop_tc.call(skb, 0); /* decided there (no return when it runs) */
 #endif
     return TC_ACT_UNSPEC;
 }
+
+#if XDPML_MODEL
+int xdpml_tc_model_drop(struct __sk_buff *skb)
+{
+    return model_after() ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+}
+#endif
 
 int xdpml_tc_ingress(struct __sk_buff *skb)
 {

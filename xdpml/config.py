@@ -207,6 +207,36 @@ class EnforceSettings:
 
 
 @dataclass
+class ModelSettings:
+    """A scikit-learn model in the kernel (docs/models.md): the two model slots are
+    compiled in (-DXDPML_MODEL=1) when ``slots`` is on or a ``file`` is named."""
+
+    slots: bool = False  # compile the slots in even with no model yet (`xdpml model load` later)
+    # model file (.joblib/.pkl) loaded at start and reloaded whenever it changes (e.g. a
+    # mounted ConfigMap); "" = none (slots empty until `xdpml model load`)
+    file: str = ""
+    features: list[str] = field(default_factory=list)  # its input columns; [] = the names it was fitted on
+    # class label -> pass | alert | drop (drop through the enforcement mode, allowlist, kill switch)
+    actions: dict[str, str] = field(default_factory=dict)
+    # sampled decisions (class, action, the model's inputs) as JSON lines to this file; "" = off
+    decisions_file: str = ""
+    sample_every: int = 100  # 1 in N classified packets' decisions to decisions_file
+
+    @property
+    def enabled(self) -> bool:
+        return self.slots or bool(self.file)
+
+    def validate(self) -> None:
+        bad = {k: v for k, v in self.actions.items() if v not in ("pass", "alert", "drop")}
+        if bad:
+            raise ConfigError(f"model actions {bad}: each must be pass, alert or drop")
+        if self.sample_every < 1:
+            raise ConfigError("model sample_every must be >= 1 (1 in N decisions)")
+        if self.file and not self.file.endswith((".joblib", ".pkl")):
+            raise ConfigError(f"model file {self.file!r}: expected a .joblib or .pkl file")
+
+
+@dataclass
 class AgentSettings:
     interfaces: InterfaceSettings = field(default_factory=InterfaceSettings)
     datapath: DatapathSettings = field(default_factory=DatapathSettings)
@@ -214,6 +244,7 @@ class AgentSettings:
     harvest: HarvestSettings = field(default_factory=HarvestSettings)
     window: WindowSettings = field(default_factory=WindowSettings)
     enforce: EnforceSettings = field(default_factory=EnforceSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
     summary_interval_s: float = 5.0  # stderr summary line period; 0 = off
 
     def validate(self) -> AgentSettings:
@@ -223,4 +254,5 @@ class AgentSettings:
         self.harvest.validate()
         self.window.validate()
         self.enforce.validate()
+        self.model.validate()
         return self

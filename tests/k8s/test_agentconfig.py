@@ -45,6 +45,7 @@ def test_changed_sections():
         "datapath",
         "harvest",
         "window",
+        "model",
         "features",
         "export",
         "enrichment",
@@ -60,6 +61,7 @@ def test_changed_sections():
         "summary": {"summaryIntervalSeconds": 0},
         "harvest": {"timeouts": {"scanIntervalSeconds": 2}},
         "enforcement": {"enforcement": {"mode": "enforce"}},
+        "model": {"model": {"file": "/models/tree.joblib"}},
     }
     for section, extra in cases.items():
         assert parse_spec(dict(BASE, **extra)).changed_sections(a) == {section.strip()}, section
@@ -204,3 +206,16 @@ def test_tunnel_settings_from_the_spec():
         "spec.datapath.tunnels.bogus: unknown field",
     ):
         assert expected in text, (expected, text)
+
+
+def test_model_section():
+    m = parse_spec(dict(BASE, model={"file": "/etc/xdpml/model/tree.joblib", "features": ["dst_port", "ip_ttl"]}))
+    assert (m.settings.model.file, m.settings.model.features) == (
+        "/etc/xdpml/model/tree.joblib",
+        ["dst_port", "ip_ttl"],
+    )
+    assert m.settings.model.enabled and not parse_spec(BASE).settings.model.enabled
+    with pytest.raises(ConfigError, match="model.file"):
+        parse_spec(dict(BASE, model={"file": "relative/tree.joblib"}))
+    with pytest.raises(ConfigError, match="model.file"):
+        parse_spec(dict(BASE, model={"file": "/m/tree.onnx"}))

@@ -3,11 +3,12 @@
 import re
 from pathlib import Path
 
-from xdpml.agent.features import PACKET_SPECS
+from xdpml.agent.features import FLOW_SPECS, PACKET_SPECS
 
 from xdpml.models.features import FEATURES
 
 MODEL_H = Path(__file__).resolve().parents[2] / "bpf" / "model.h"
+FLAG_COUNT = re.compile(r"(src2dst|dst2src)_(fin|syn|rst|psh|ack|urg|ece|cwr)_packets")
 
 
 def test_kernel_ids_follow_the_python_table():
@@ -16,11 +17,19 @@ def test_kernel_ids_follow_the_python_table():
         for m in re.finditer(r"^#define MF_([A-Z0-9_]+) (\d+)$", MODEL_H.read_text(), re.M)
     }
     assert ids == {f.name: f.id for f in FEATURES}
-    # every id has its case in model_feature()
+    # every id has its case in model_feature() / model_flow_feature(), but the flag counts,
+    # read by index from FIN of src2dst on (so their ids must be 16 in a row, FIN..CWR)
     cases = re.findall(r"case MF_([A-Z0-9_]+):", MODEL_H.read_text())
-    assert sorted(c.lower() for c in cases) == sorted(f.name for f in FEATURES)
+    indexed = [f for f in FEATURES if FLAG_COUNT.fullmatch(f.name)]
+    assert sorted(c.lower() for c in cases) == sorted(f.name for f in FEATURES if f not in indexed)
+    assert [f.id for f in indexed] == list(range(indexed[0].id, indexed[0].id + 16))
+    assert [f.name for f in indexed[:2]] == ["src2dst_fin_packets", "src2dst_syn_packets"]
+    assert indexed[8].name == "dst2src_fin_packets"
 
 
-def test_names_are_exported_packet_columns():
-    model_only = {f.name for f in FEATURES} - set(PACKET_SPECS)
-    assert model_only == {"ip_ecn"}  # the one documented addition (tos & 3)
+def test_names_are_exported_columns():
+    packet = {f.name for f in FEATURES if not f.flow}
+    assert packet - set(PACKET_SPECS) == {"ip_ecn"}  # the one documented addition (tos & 3)
+    flow = {f.name for f in FEATURES if f.flow}
+    assert flow <= set(FLOW_SPECS), flow - set(FLOW_SPECS)
+    assert all(f.scale & (f.scale - 1) == 0 for f in FEATURES)  # powers of two: exact thresholds

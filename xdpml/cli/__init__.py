@@ -278,6 +278,47 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     from xdpml.agent.enforce.cli_commands import add_enforce_arguments
 
     add_enforce_arguments(p)
+    m = p.add_argument_group("model in the kernel (docs/models.md)")
+    m.add_argument(
+        "--model-slots",
+        action="store_true",
+        help="compile the two model slots in, pinned under PIN_DIR/model for `xdpml model load` (empty at start)",
+    )
+    m.add_argument(
+        "--model",
+        default="",
+        metavar="FILE",
+        help="scikit-learn model (.joblib/.pkl) the kernel classifies packets with from the start; reloaded "
+        "live when the file changes (implies --model-slots)",
+    )
+    m.add_argument(
+        "--model-features",
+        default="",
+        metavar="A,B,...",
+        help="the model's input columns in order (default: the names it was fitted on)",
+    )
+    m.add_argument(
+        "--model-action",
+        action="append",
+        default=[],
+        metavar="CLASS=ACTION",
+        help="what packets of a --model class do: pass (default), alert, drop (through the enforcement mode, "
+        "allowlist and kill switch, docs/models.md); repeatable",
+    )
+    m.add_argument(
+        "--model-decisions",
+        default="",
+        metavar="FILE",
+        help="append sampled decisions of the kernel's model (flow key, class, action, dropped, the model's "
+        "inputs) to FILE as JSON lines, for auditing and retraining",
+    )
+    m.add_argument(
+        "--model-sample",
+        type=int,
+        default=100,
+        metavar="N",
+        help="--model-decisions: 1 in N classified packets (default: %(default)s)",
+    )
     o.add_argument(
         "--duration",
         type=_positive_float,
@@ -301,6 +342,7 @@ def settings_from_args(a):
         DatapathSettings,
         HarvestSettings,
         InterfaceSettings,
+        ModelSettings,
         TunnelSettings,
         WindowSettings,
     )
@@ -325,8 +367,22 @@ def settings_from_args(a):
         ),
         window=WindowSettings(packets=a.window, seconds=a.window_seconds),
         enforce=enforce_settings_from_args(a),
+        model=ModelSettings(
+            slots=a.model_slots,
+            file=os.path.abspath(a.model) if a.model else "",
+            features=[f.strip() for f in a.model_features.split(",") if f.strip()],
+            actions=_model_actions(a.model_action),
+            decisions_file=os.path.abspath(a.model_decisions) if a.model_decisions else "",
+            sample_every=a.model_sample,
+        ),
         summary_interval_s=a.summary_interval,
     ).validate()
+
+
+def _model_actions(items) -> dict[str, str]:
+    from xdpml.models.cli_commands import parse_actions
+
+    return parse_actions(items)
 
 
 def _bind_address(a) -> str:
@@ -365,6 +421,10 @@ def check_agent_args(a) -> None:
             ipaddress.ip_address(a.bind_address)
         except ValueError:
             raise ConfigError(f"--bind-address {a.bind_address!r} is not an IP address") from None
+    if a.model and not os.path.isfile(a.model):
+        raise ConfigError(f"--model {a.model}: no such file")
+    if a.model_features and not a.model:
+        raise ConfigError("--model-features names the columns of a --model FILE; give one")
     if a.collector:
         from xdpml.agent.export.grpc_client import check_target
 

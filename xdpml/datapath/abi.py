@@ -282,5 +282,6 @@ def flow_types(first_n: int) -> FlowTypes:
     ]
     if first_n > 0:
         fields.append(("seq", SeqEntry * first_n))
+    fields += [("model_id", u32), ("model_class", u16), ("_model_pad", u16)]
     value = type(f"FlowValue{first_n}", (C.Structure,), {"_fields_": fields})
     return FlowTypes(first_n, value, np.dtype(FlowKey), np.dtype(value))

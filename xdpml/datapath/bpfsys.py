@@ -16,6 +16,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ANY = 0
@@ -47,6 +48,14 @@ class MapInfo(C.Structure):
 
 
 _bpf = syscalls.bpf
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin the object behind fd at path (a bpffs file); raises OSError (EEXIST when taken)."""
+    raw = C.create_string_buffer(path.encode())
+    rc = _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=C.addressof(raw), bpf_fd=fd))
+    if rc < 0:
+        raise OSError(-rc, f"{path}: {os.strerror(-rc)}")
 
 
 def obj_get(path: str) -> int:

@@ -453,6 +453,14 @@ class Datapath:
             TC_INGRESS_PROG: self.bpf.load_func(TC_INGRESS_PROG.encode(), BPF.SCHED_CLS),
             TC_EGRESS_PROG: self.bpf.load_func(TC_EGRESS_PROG.encode(), BPF.SCHED_CLS),
         }
+        if model_limits is not None:
+            # a drop class's decision (bpf/model.h model_drop_decide), tail-called per hook type
+            for fn, kind, arr in (
+                ("xdpml_xdp_model_drop", BPF.XDP, b"model_drop_xdp"),
+                ("xdpml_tc_model_drop", BPF.SCHED_CLS, b"model_drop_tc"),
+            ):
+                f = self.bpf.load_func(fn.encode(), kind)
+                self.bpf[arr][C.c_int(0)] = C.c_int(f.fd)
         # Registered before anything is attached, so no other agent ever sees ours as stale.
         self.owner = OwnerToken(prog_id_of_fd(self.progs[XDP_PROG].fd))
         log.info(

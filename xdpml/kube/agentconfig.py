@@ -34,6 +34,7 @@ from xdpml.config import (
     EnforceSettings,
     HarvestSettings,
     InterfaceSettings,
+    ModelSettings,
     TunnelSettings,
     WindowSettings,
 )
@@ -125,8 +126,8 @@ class AgentConfig:
     uid: str = ""
 
     def changed_sections(self, old: AgentConfig | None) -> set[str]:
-        """What differs from ``old``: interfaces, datapath, harvest, window, features,
-        export, enrichment, enforcement, summary. The pipeline redoes only these (datapath means
+        """What differs from ``old``: interfaces, datapath, harvest, window, model,
+        features, export, enrichment, enforcement, summary. The pipeline redoes only these (datapath means
         recompile and reattach; interfaces means attach/detach the rules that changed)."""
         if old is None:
             return {
@@ -134,6 +135,7 @@ class AgentConfig:
                 "datapath",
                 "harvest",
                 "window",
+                "model",
                 "features",
                 "export",
                 "enrichment",
@@ -143,7 +145,7 @@ class AgentConfig:
         out = set()
         if self.interface_rules != old.interface_rules:
             out.add("interfaces")
-        for name in ("datapath", "harvest", "window"):
+        for name in ("datapath", "harvest", "window", "model"):
             if getattr(self.settings, name) != getattr(old.settings, name):
                 out.add(name)
         if self.settings.tunnels != old.settings.tunnels:
@@ -254,6 +256,7 @@ def _features(spec: Mapping) -> FeatureSets:
 def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: FeatureSets) -> AgentSettings:
     feats, window = _section(spec, "features"), _section(spec, "features", "window")
     timeouts, datapath = _section(spec, "timeouts"), _section(spec, "datapath")
+    model = _section(spec, "model")
     if len(rules) == 1:
         iface = InterfaceSettings(names=list(rules[0].names), hooks=rules[0].hooks, xdp_mode=rules[0].xdp_mode)
     else:
@@ -279,6 +282,7 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
         if features.windows
         else WindowSettings(),
         enforce=_enforce_limits(spec),
+        model=ModelSettings(slots=model["slots"], file=model["file"], features=list(model.get("features", ()))),
         summary_interval_s=float(spec["summaryIntervalSeconds"]),
     )
 

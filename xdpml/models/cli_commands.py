@@ -1,7 +1,9 @@
-"""`xdpml model compile`: check a scikit-learn model file against the kernel's limits.
+"""`xdpml model compile|load|show|swap|unload`: check a scikit-learn model file against
+the kernel's limits, and change the model of a running agent.
 
-The lead registers :func:`add_model_commands` on the top-level subparsers; the
-handler raises xdpml.errors types only (the CLI prints them as one line)."""
+`compile` needs nothing running. The others work on the model slots a running agent
+pinned under its --pin-dir (``<pin dir>/model``, see xdpml/models/kernel.py): no
+recompile, no re-attach. Handlers raise xdpml.errors types only (one line from the CLI)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 from pathlib import Path
 
 from xdpml.errors import ModelError
+from xdpml.models import kernel
 from xdpml.models import layout as L
 from xdpml.models.compiler import compile_model
 
@@ -33,6 +36,41 @@ def load_estimator(path: str):
         raise ModelError(f"{path}: cannot load the model ({type(exc).__name__}: {exc})") from exc
 
 
+def model_features(est, features: str | list[str] | None) -> list[str]:
+    """The model's input columns: as given (comma-separated), else the names the
+    estimator was fitted on (a pandas DataFrame's columns)."""
+    if isinstance(features, str):
+        features = [f.strip() for f in features.split(",") if f.strip()]
+    if features:
+        return list(features)
+    last = est.steps[-1][1] if hasattr(est, "steps") else est
+    names = getattr(est, "feature_names_in_", None)
+    if names is None:
+        names = getattr(last, "feature_names_in_", None)
+    if names is None:
+        raise ModelError(
+            "the model does not name its input columns (fitted on an array): give --features A,B,... in its input order"
+        )
+    return [str(n) for n in names]
+
+
+def parse_actions(items) -> dict[str, str]:
+    """["CLASS=ACTION", ...] -> {class label: action}; ModelError on a malformed item."""
+    out: dict[str, str] = {}
+    for it in items or ():
+        label, sep, act = str(it).partition("=")
+        if not sep or not label or act not in L.ACTIONS:
+            raise ModelError(f"--action {it!r}: expected CLASS=ACTION, ACTION one of {', '.join(L.ACTIONS)}")
+        out[label] = act
+    return out
+
+
+def compile_file(path: str, features: str | list[str] | None, limits: L.Limits):
+    """A model file -> CompiledModel checked against ``limits`` (ModelError otherwise)."""
+    est = load_estimator(path)
+    return compile_model(est, model_features(est, features), limits=limits)
+
+
 def cmd_compile(args) -> int:
     lim = L.Limits(
         features=args.max_features,
@@ -44,8 +82,7 @@ def cmd_compile(args) -> int:
         layers=args.max_layers,
         width=args.max_width,
     )
-    feats = [f.strip() for f in args.features.split(",") if f.strip()]
-    model = compile_model(load_estimator(args.model), feats, limits=lim)
+    model = compile_file(args.model, args.features, lim)
     report = model.stats()
     report["slot_bytes"] = L.slot_dtype(lim).itemsize
     report["cflags"] = ["-DXDPML_MODEL=1", *lim.cflags()]
@@ -53,9 +90,130 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _slots(args):
+    return kernel.ModelSlots.pinned(args.pin_dir)
+
+
+def describe_slot(v, lim: L.Limits) -> dict:
+    """One slot's header as `show` prints it."""
+    from xdpml.models.features import FEATURES
+
+    kind = int(v["kind"])
+    out: dict = {"kind": {0: "empty", 1: "trees", 2: "linear", 3: "mlp"}.get(kind, f"unknown {kind}")}
+    if not kind:
+        return out
+    n = int(v["n_features"])
+    out.update(
+        {
+            "model_id": int(v["model_id"]),
+            "features": [FEATURES[int(i)].name if int(i) < len(FEATURES) else int(i) for i in v["feat_id"][:n]],
+            "outputs": int(v["n_outputs"]),
+        }
+    )
+    if kind == 1:
+        out.update({"trees": int(v["n_trees"]), "depth": int(v["depth"])})
+    if kind == 3:
+        out["layers"] = int(v["n_layers"])
+    return out
+
+
+def cmd_load(args) -> int:
+    slots = _slots(args)
+    try:
+        model = compile_file(args.model, args.features, slots.limits)
+        acts = parse_actions(args.action)
+        slot = slots.swap(model.pack(slots.limits, actions=acts))
+        mid = int(slots.read_slot(slot)["model_id"])
+    finally:
+        slots.close()
+    what = ", ".join(f"class {k}: {v}" for k, v in acts.items()) or "every class passes"
+    print(
+        f"model {mid} ({model.estimator}, {model.n_features} features; {what}) loaded into slot {slot} and active; "
+        "the previous model stays in the other slot (`xdpml model swap` goes back)"
+    )
+    return 0
+
+
+def cmd_show(args) -> int:
+    slots = _slots(args)
+    try:
+        ctl = slots.ctl()
+        out = {
+            "active": int(ctl.active) & 1,
+            "models_loaded": int(ctl.seq),
+            "limits": dict(zip(kernel.LIMIT_ORDER, (int(x) for x in ctl.limits))),
+        }
+        rows = []
+        for i in (0, 1):
+            d = describe_slot(slots.read_slot(i), slots.limits)
+            counts = slots.class_counts(i)
+            d["classified"] = {str(k): int(c) for k, c in enumerate(counts[:-1]) if c}
+            d["unclassified_while_empty"] = int(counts[-1])
+            if d["kind"] != "empty":
+                names = {v: k for k, v in L.ACTIONS.items()}
+                d["actions"] = [names.get(int(a), str(int(a))) for a in slots.read_slot(i)["action"][: d["outputs"]]]
+            d["action_counts"] = slots.action_counts(i)
+            rows.append(d)
+        out["slots"] = rows
+    finally:
+        slots.close()
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_swap(args) -> int:
+    slots = _slots(args)
+    try:
+        slot = slots.back()
+        mid = int(slots.read_slot(slot)["model_id"])
+    finally:
+        slots.close()
+    print(f"slot {slot} (model {mid}) is active again")
+    return 0
+
+
+def cmd_unload(args) -> int:
+    slots = _slots(args)
+    try:
+        slot = slots.unload()
+    finally:
+        slots.close()
+    print(f"empty slot {slot} active: packets are no longer classified (`xdpml model swap` goes back)")
+    return 0
+
+
 def add_model_commands(subparsers) -> None:
+    from xdpml.config import EnforceSettings
+
     p = subparsers.add_parser("model", help="models in the kernel (docs/models.md)")
     sub = p.add_subparsers(dest="model_cmd", required=True)
+    pin_default = EnforceSettings().pin_dir
+    for name, hlp, func in (
+        ("load", "compile a model and make it the running agent's, live (into the idle slot, then flip)", cmd_load),
+        ("show", "the running agent's two slots: active one, models, packets per class", cmd_show),
+        ("swap", "make the other slot active again (the model loaded before)", cmd_swap),
+        ("unload", "stop classifying (an empty slot becomes active)", cmd_unload),
+    ):
+        q = sub.add_parser(name, help=hlp, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == "load":
+            q.add_argument("model", help="MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline)")
+            q.add_argument(
+                "--features",
+                default="",
+                help="comma-separated feature names in the model's input order (default: the names it was fitted on)",
+            )
+            q.add_argument(
+                "--action",
+                action="append",
+                default=[],
+                metavar="CLASS=ACTION",
+                help="what packets of a class do: pass (default), alert (counted), drop (only in enforce mode, "
+                "never an allowlisted address, never with the kill switch on: `xdpml rules mode|kill`); repeatable",
+            )
+        if name == "show":
+            q.add_argument("--json", action="store_true", help="one line of JSON")
+        q.add_argument("--pin-dir", default=pin_default, help="the agent's --pin-dir (slots under PIN_DIR/model)")
+        q.set_defaults(func=func)
     c = sub.add_parser(
         "compile",
         help="check and convert a scikit-learn model for the datapath",
@@ -63,7 +221,10 @@ def add_model_commands(subparsers) -> None:
     )
     c.add_argument("model", help="MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline)")
     c.add_argument(
-        "--features", required=True, help="comma-separated feature names in the model's input order (docs/models.md)"
+        "--features",
+        default="",
+        help="comma-separated feature names in the model's input order (docs/models.md; "
+        "default: the names it was fitted on)",
     )
     d = L.DEFAULT_LIMITS
     for name in ("features", "depth", "trees", "nodes", "leaf_values", "outputs", "layers", "width"):

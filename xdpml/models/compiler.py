@@ -156,14 +156,37 @@ class CompiledModel:
             need("MLP layers", len(self.layers), lim.layers, "LAYERS")
             need("MLP width", max(max(w.shape) for w, _, _ in self.layers), lim.width, "WIDTH")
 
-    def pack(self, lim: L.Limits, *, model_id: int = 0) -> np.ndarray:
-        """The slot value (0-d structured array; ``.tobytes()`` is the map value)."""
+    def actions_of(self, actions: dict | None) -> list[int]:
+        """{class label (as predict gives it, or its str): "pass"|"alert"|"drop"} -> the
+        per-class action codes; ModelError names an unknown class or action."""
+        out = [0] * self.n_outputs_classes
+        labels = {str(c): i for i, c in enumerate(self.classes)}
+        for label, act in (actions or {}).items():
+            if str(label) not in labels:
+                raise ModelError(f"action for class {label!r}: the model's classes are {', '.join(labels)}")
+            if act not in L.ACTIONS:
+                raise ModelError(f"action {act!r} for class {label!r}: one of {', '.join(L.ACTIONS)}")
+            out[labels[str(label)]] = L.ACTIONS[act]
+        return out
+
+    @property
+    def n_outputs_classes(self) -> int:
+        return len(self.classes)
+
+    def pack(self, lim: L.Limits, *, model_id: int = 0, actions: dict | None = None) -> np.ndarray:
+        """The slot value (0-d structured array; ``.tobytes()`` is the map value).
+        ``actions``: what each class does (see :meth:`actions_of`); default pass."""
         self.check(lim)
+        acts = self.actions_of(actions)
+        if len(acts) > lim.outputs:
+            raise ModelError(f"{len(acts)} classes > {lim.outputs} (-DXDPML_MODEL_MAX_OUTPUTS)")
         s = L.empty_slot(lim)
         s["kind"], s["decision"] = self.kind, self.decision
         s["n_features"], s["n_outputs"] = self.n_features, self.n_outputs
         s["model_id"] = model_id & 0xFFFF_FFFF
         s["feat_id"][: self.n_features] = [f.id for f in self.features]
+        s["flow"] = int(any(f.flow for f in self.features))
+        s["action"][: len(acts)] = acts
         s["bias"][: len(self.bias)] = self.bias
         if self.kind == L.KIND_TREES:
             s["n_trees"] = self.n_trees
@@ -286,7 +309,7 @@ def _frac_bits(bound: float) -> int:
     return min(MAX_FRAC_BITS, s)
 
 
-def _tree_arrays(tree, node_base: int, feat_map, leaf_of):
+def _tree_arrays(tree, node_base: int, feat_map, leaf_of, scales=None):
     """One sklearn tree_ -> node arrays in the kernel's layout, and its depth.
 
     Nodes are renumbered breadth-first so that the two children of a node are
@@ -322,7 +345,9 @@ def _tree_arrays(tree, node_base: int, feat_map, leaf_of):
             leaf[ni] = leaf_of(old)
         else:
             feat[ni] = feat_map[t.feature[old]]
-            thr[ni] = int_threshold(t.threshold[old])
+            # fixed-point features hold floor(x * scale), scale a power of two: exact
+            sc = 1 if scales is None else scales[feat[ni]]
+            thr[ni] = int_threshold(float(t.threshold[old]) * sc)
             lft[ni] = new[cl[old]] + node_base
     return feat, thr, lft, leaf, max(depth.values())
 
@@ -341,7 +366,7 @@ def _assemble(name, feats, classes, n_out, decision, trees, feat_maps, leaf_vals
             values.extend(vals(i))
             return start
 
-        f, th, lf, lv, d = _tree_arrays(tree, base, fmap, leaf_of)
+        f, th, lf, lv, d = _tree_arrays(tree, base, fmap, leaf_of, [x.scale for x in feats])
         parts.append((f, th, lf, lv))
         depth = max(depth, d)
         base += len(f)
@@ -516,10 +541,16 @@ def _fold_scaler(scaler, n):
     return np.asarray(mu, np.float64), np.asarray(sd, np.float64)
 
 
+def _scaled(feats, mu, sd):
+    """The kernel holds x * scale for fixed-point features: (x - mu) / sd = (xk - mu*s) / (sd*s)."""
+    sc = np.array([f.scale for f in feats], np.float64)
+    return mu * sc, sd * sc
+
+
 def _linear(est, feats, scaler):
     coef = np.atleast_2d(np.asarray(est.coef_, np.float64))
     icpt = np.atleast_1d(np.asarray(est.intercept_, np.float64))
-    mu, sd = _fold_scaler(scaler, len(feats))
+    mu, sd = _scaled(feats, *_fold_scaler(scaler, len(feats)))
     w = coef / sd
     b = icpt - (coef * mu / sd).sum(axis=1)
     xmax = np.array([f.max for f in feats], np.float64)
@@ -552,7 +583,7 @@ def _mlp(est, feats, scaler):
     if est.activation != "relu":
         raise ModelError(f"MLPClassifier activation {est.activation!r}: only 'relu' runs in the kernel")
     n = len(feats)
-    mu, sd = _fold_scaler(scaler, n)
+    mu, sd = _scaled(feats, *_fold_scaler(scaler, n))
     # input j: (x * in_mul + in_add) >> in_shift = (x - mu) / sd in 8 fractional bits; the
     # shift is the largest that keeps x * in_mul + in_add inside 63 bits for this feature
     xmax = np.array([f.max for f in feats], np.float64)

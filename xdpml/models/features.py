@@ -5,15 +5,26 @@ ids, bpf/model.h computes the value of each id from the parsed packet (its
 ``MF_*`` constants carry the same numbers, checked by tests/models/test_features.py),
 and the parity tests build the same values from the packets they craft.
 
-Every feature is an integer, so a model trained on exported columns compares
+Every packet feature is an integer, so a model trained on exported columns compares
 exactly: the per-packet columns of docs/features.md (``kind: packet``) are already
 integers or booleans (0/1), and ``ip_ecn`` (``tos & 3``) is the one model-only
 addition, the ECN half of ``tos`` beside ``ip_dscp``.
+
+Flow features (``flow=True``) are the flow table's statistics at the k-th packet of a
+flow (-DXDPML_MODEL_FLOW_K), by the names of the exported flow columns. Counts, bytes
+and sizes are integers. The derived ones (means, durations, inter-arrival times) are
+fixed point in the kernel: ``floor(column * scale)`` with a power-of-two ``scale``,
+computed from the integer counters (:data:`FLOW_TABLE`). The compiler compares them
+with ``int_threshold(threshold * scale)``, which is exact for a model trained on
+:func:`kernel_view` of the exported columns (the same values the kernel computes);
+one trained on the raw float columns can disagree only within 1/scale of a threshold.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from xdpml.errors import ModelError
 
@@ -26,6 +37,8 @@ class Feature:
     name: str
     max: int  # largest value the kernel can produce (bounds fixed-point sums)
     doc: str
+    scale: int = 1  # the kernel holds floor(column value * scale)
+    flow: bool = False  # from the flow table at the k-th packet (model.h MF_FLOW_*)
 
 
 _TABLE = [
@@ -69,7 +82,41 @@ _TABLE = [
     ("dst_port_high", 1, "dst_port >= 49152"),
 ]
 
-FEATURES: tuple[Feature, ...] = tuple(Feature(i, n, m, d) for i, (n, m, d) in enumerate(_TABLE))
+P40, B48, T50 = 2**40, 2**48, 2**50
+MEAN_SCALE = 256  # bytes: 8 fractional bits
+MS_SCALE = 1024  # milliseconds: 10 fractional bits (about 1 us)
+FLAGS = ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")
+
+# (name, largest kernel value, scale, meaning) of the flow features, from id 38 on
+FLOW_TABLE = [
+    ("src2dst_packets", P40, 1, "packets, initiator to responder, at the k-th packet"),
+    ("dst2src_packets", P40, 1, "packets, responder to initiator"),
+    ("bidirectional_packets", P40, 1, "packets, both directions (k)"),
+    ("src2dst_bytes", B48, 1, "L2 frame bytes, initiator to responder"),
+    ("dst2src_bytes", B48, 1, "L2 frame bytes, responder to initiator"),
+    ("bidirectional_bytes", B48, 1, "L2 frame bytes, both directions"),
+    ("src2dst_min_ps", U32, 1, "smallest frame, initiator to responder (0: none)"),
+    ("src2dst_max_ps", U32, 1, "largest frame, initiator to responder"),
+    ("dst2src_min_ps", U32, 1, "smallest frame, responder to initiator (0: none)"),
+    ("dst2src_max_ps", U32, 1, "largest frame, responder to initiator"),
+    ("src2dst_mean_ps", U32 * MEAN_SCALE, MEAN_SCALE, "bytes / packets, initiator to responder (0: none)"),
+    ("dst2src_mean_ps", U32 * MEAN_SCALE, MEAN_SCALE, "bytes / packets, responder to initiator (0: none)"),
+    ("bidirectional_mean_ps", U32 * MEAN_SCALE, MEAN_SCALE, "bytes / packets, both directions"),
+    ("bidirectional_duration_ms", T50, MS_SCALE, "last minus first packet time"),
+    ("bidirectional_mean_piat_ms", T50, MS_SCALE, "mean of the k-1 inter-arrival times"),
+    ("bidirectional_min_piat_ms", T50, MS_SCALE, "smallest inter-arrival time"),
+    ("bidirectional_max_piat_ms", T50, MS_SCALE, "largest inter-arrival time"),
+]
+FLOW_TABLE += [
+    (f"src2dst_{f}_packets", P40, 1, f"TCP packets with {f.upper()} set, initiator to responder") for f in FLAGS
+]
+FLOW_TABLE += [
+    (f"dst2src_{f}_packets", P40, 1, f"TCP packets with {f.upper()} set, responder to initiator") for f in FLAGS
+]
+
+FEATURES: tuple[Feature, ...] = tuple(Feature(i, n, m, d) for i, (n, m, d) in enumerate(_TABLE)) + tuple(
+    Feature(len(_TABLE) + i, n, m, d, scale=sc, flow=True) for i, (n, m, sc, d) in enumerate(FLOW_TABLE)
+)
 BY_NAME = {f.name: f for f in FEATURES}
 
 
@@ -145,3 +192,33 @@ def packet_features(
         out[f"{side}_port_mid"] = int(1024 <= port < 49152)
         out[f"{side}_port_high"] = int(port >= 49152)
     return out
+
+
+def kernel_view(columns, names) -> np.ndarray:
+    """Exported column values -> the values the kernel compares, as float64 [n, len(names)]
+    (``floor(value * scale) / scale``, from the integer counters where a column is derived).
+    Train on this to compare exactly in the kernel: the one place the fixed-point form of
+    the derived features is defined on the Python side (model.h computes the same)."""
+
+    def col(name):
+        return np.asarray(columns[name])
+
+    out = []
+    for f in resolve(names):
+        if f.scale == 1:
+            out.append(col(f.name).astype(np.float64))
+            continue
+        if f.name.endswith("_mean_ps"):
+            d = f.name[: -len("_mean_ps")]
+            byts = col(f"{d}_bytes").astype(np.uint64)
+            pk = col(f"{d}_packets").astype(np.uint64)
+            v = np.where(pk > 0, (byts * np.uint64(MEAN_SCALE)) // np.maximum(pk, np.uint64(1)), 0)
+        elif f.name == "bidirectional_mean_piat_ms":
+            n = col("bidirectional_packets").astype(np.int64) - 1
+            sum_ns = np.rint(col(f.name).astype(np.float64) * 1e6 * np.maximum(n, 1)).astype(np.int64)
+            v = np.where(n > 0, (sum_ns * 128) // (125 * np.maximum(n, 1)), 0)
+        else:  # a time in ms, integer ns in the kernel
+            ns = np.rint(col(f.name).astype(np.float64) * 1e6).astype(np.int64)
+            v = (ns * 128) // 125
+        out.append(np.asarray(v, np.float64) / f.scale)
+    return np.stack(out, axis=1) if out else np.zeros((len(next(iter(columns.values()))), 0))
