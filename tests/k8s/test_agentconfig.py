@@ -219,3 +219,18 @@ def test_model_section():
         parse_spec(dict(BASE, model={"file": "relative/tree.joblib"}))
     with pytest.raises(ConfigError, match="model.file"):
         parse_spec(dict(BASE, model={"file": "/m/tree.onnx"}))
+
+
+def test_early_export_fields():
+    d = parse_spec(BASE).settings.harvest
+    assert (d.early_packets, d.early_ms) == (10, 500.0)  # the CRD's defaults = the agent's
+    from xdpml.config import HarvestSettings
+
+    assert (HarvestSettings().early_packets, HarvestSettings().early_ms) == (10, 500.0)
+    c = parse_spec(dict(BASE, timeouts={"earlyPackets": 3, "earlyMilliseconds": 0}))
+    assert (c.settings.harvest.early_packets, c.settings.harvest.early_ms) == (3, 0.0)
+    # compiled into the programs: the datapath restarts
+    assert c.changed_sections(parse_spec(BASE)) == {"harvest", "datapath"}
+    with pytest.raises(ConfigError) as info:
+        parse_spec(dict(BASE, timeouts={"earlyPackets": -1}))
+    assert "spec.timeouts.earlyPackets" in str(info.value)

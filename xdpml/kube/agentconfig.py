@@ -277,6 +277,8 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
             active_timeout_s=float(timeouts["activeSeconds"]),
             interval_s=float(timeouts["scanIntervalSeconds"]),
             record_per=feats["recordPer"],
+            early_packets=int(timeouts["earlyPackets"]),
+            early_ms=float(timeouts["earlyMilliseconds"]),
         ),
         window=WindowSettings(packets=int(window.get("packets", 0)), seconds=float(window.get("seconds", 0)))
         if features.windows
