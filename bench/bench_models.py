@@ -73,7 +73,7 @@ def codegen_sources(c):
             if f.suffix in (".c", ".h"):
                 shutil.copy(f, d / f.name)
         m = (d / "model.h").read_text()
-        anchor = "/* Classify one parsed packet on the active slot"
+        anchor = "/* Classify one parsed packet on slot m"
         call = "cls = model_trees_eval(m, s);"
         assert anchor in m and call in m, "bpf/model.h changed: update bench_models.codegen_sources"
         m = m.replace(anchor, tree_c(c) + "\n" + anchor, 1).replace(call, "cls = model_codegen_eval(s);", 1)

@@ -194,7 +194,7 @@ def add_model_commands(subparsers) -> None:
         ("swap", "make the other slot active again (the model loaded before)", cmd_swap),
         ("unload", "stop classifying (an empty slot becomes active)", cmd_unload),
     ):
-        q = sub.add_parser(name, help=hlp, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        q = sub.add_parser(name, help=hlp, description=hlp)
         if name == "load":
             q.add_argument("model", help="MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline)")
             q.add_argument(
@@ -212,7 +212,11 @@ def add_model_commands(subparsers) -> None:
             )
         if name == "show":
             q.add_argument("--json", action="store_true", help="one line of JSON")
-        q.add_argument("--pin-dir", default=pin_default, help="the agent's --pin-dir (slots under PIN_DIR/model)")
+        q.add_argument(
+            "--pin-dir",
+            default=pin_default,
+            help="the agent's --pin-dir, slots under PIN_DIR/model (default: %(default)s)",
+        )
         q.set_defaults(func=func)
     c = sub.add_parser(
         "compile",
