@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,6 +123,19 @@ def make_hosts(*indices: int, offloads: bool = False, ipv6: bool = True):
     finally:
         for h in hosts:
             _teardown(h)
+
+
+@contextmanager
+def private_bpffs(prefix: str = "xdpml-bpffs-"):
+    """A BPF filesystem of its own in a fresh temporary folder (pins there never touch the
+    host's /sys/fs/bpf/xdpml); unmounted and removed afterwards. Yields its path."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], check=False)
+        os.rmdir(d)
 
 
 def wait_port(host: TestHost | None, ip: str, port: int, timeout: float = 5.0) -> None:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import pytest
 from kubernetes import client as k8s_client
 
+from xdpml.lab import private_bpffs
+
 from .fakeapi import FakeKubeAPI
 
 
@@ -15,6 +17,13 @@ from .fakeapi import FakeKubeAPI
 def fake_api():
     with FakeKubeAPI(bookmark_interval_s=0.2) as api:
         yield api
+
+
+@pytest.fixture
+def bpffs():
+    """A private BPF filesystem for one test's pins."""
+    with private_bpffs("xdpml-k8s-bpffs-") as d:
+        yield d
 
 
 def make_client(api: FakeKubeAPI) -> k8s_client.ApiClient:

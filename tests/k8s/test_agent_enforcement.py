@@ -7,12 +7,9 @@ server endpoints are allowlisted, and mode, limits and allowlist change live."""
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 import threading
 
 import pytest
-from enforce.test_loop_kill9 import _cert, _write
 from enforce.traffic import Receiver, qdisc_drops, send
 from grpc_fixtures import PacketsModel
 from netns import make_hosts
@@ -21,23 +18,13 @@ from xdpml.agent.kubernetes import KubeAgentOptions, KubernetesAgent
 from xdpml.collector.server import CollectorServer, CollectorSettings
 
 from xdpml.kube.reflector import Backoff
+from xdpml.lab import make_certs
 from xdpml.wire.tls import ClientTls, ServerTls
 
 from .conftest import pod, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(300)]
 PORT, MARK_PORT = 9, 9471
-
-
-@pytest.fixture
-def bpffs():
-    d = tempfile.mkdtemp(prefix="xdpml-k8s-bpffs-")
-    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", d], check=False)
-        os.rmdir(d)
 
 
 def agentconfig(ifaces, **enforcement) -> dict:
@@ -54,10 +41,8 @@ def agentconfig(ifaces, **enforcement) -> dict:
 
 
 def test_enforcement_from_the_agentconfig(fake_api, api_client, tmp_path, bpffs):
-    ca = _cert("xdpml k8s enforce CA", ca=True)
-    ca_pem = _write(tmp_path, "ca", ca)[0]
-    server = _write(tmp_path, "server", _cert("collector", issuer=ca, dns="collector.test"))
-    client = _write(tmp_path, "client", _cert("agent", issuer=ca, client=True))
+    pem = make_certs(tmp_path, server_name="collector.test")
+    ca_pem, server, client = pem["ca"], (pem["server"], pem["server_key"]), (pem["client"], pem["client_key"])
     settings = CollectorSettings(
         listen="127.0.0.1:0", tls=ServerTls(*server, client_ca_file=ca_pem), action="drop", threshold=0.5
     )
