@@ -160,15 +160,8 @@ def make_rules(batch, score, decision) -> list[dict]:
 
 def apply_rules(rules: list[dict], a) -> None:
     """Through the agent's RuleManager: allowlist, limits, mode of the pinned maps."""
-    from xdpml.agent.enforce.manager import (
-        Channel,
-        RecentFlows,
-        RuleManager,
-        build_allowlist,
-        default_gateways,
-        node_addresses,
-    )
-    from xdpml.agent.enforce.setup import api_servers, dns_servers
+    from xdpml.agent.enforce.manager import Channel, RecentFlows, RuleManager
+    from xdpml.agent.enforce.setup import host_allowlist
     from xdpml.config import EnforceSettings
     from xdpml.datapath.pins import open_pinned
     from xdpml.datapath.rules import RuleTable
@@ -182,13 +175,7 @@ def apply_rules(rules: list[dict], a) -> None:
         max_installs_per_s=a.max_installs_per_s,
     )
     settings.validate()
-    allow = build_allowlist(
-        node=node_addresses(),
-        gateways=default_gateways(),
-        api_servers=api_servers(),
-        dns=dns_servers(),
-        operator=a.allow,
-    )
+    allow = host_allowlist(operator=a.allow)
     recent = RecentFlows(capacity=max(1, len(rules)), ttl_s=3600)
     for r in rules:
         recent.add(*r["_key"])  # the flows of FILE are the ones these rules may name
