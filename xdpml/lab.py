@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -123,6 +124,51 @@ def make_hosts(*indices: int, offloads: bool = False, ipv6: bool = True):
     finally:
         for h in hosts:
             _teardown(h)
+
+
+def route_between(a: TestHost, b: TestHost) -> None:
+    """Route each host's namespace to the other's through the root namespace, as a node
+    routes between its pods: IPv4 forwarding on their two veths only (IPv4 decides it per
+    input device) and in each namespace a route to the other's /24 via the root side."""
+    for h, other in ((a, b), (b, a)):
+        sh(f"sysctl -qw net.ipv4.conf.{h.host_if}.forwarding=1")
+        h.run(f"ip route add {other.ns_ip.rsplit('.', 1)[0]}.0/24 via {h.host_ip}")
+
+
+def udp_conversation(
+    a: TestHost, b: TestHost, dst: str, port: int, send: list[int], reply: list[int], *, src: str | None = None
+) -> None:
+    """From namespace ``a`` (its socket bound to ``src`` if given), one UDP datagram of each
+    size in ``send`` to ``dst``:``port`` in namespace ``b``, which answers each with the next
+    size in ``reply``; every answer arrives before the next datagram leaves."""
+    server = b.popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket\n"
+            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            f"s.bind(('{dst}',{port})); s.settimeout(20); print('ready',flush=True)\n"
+            f"for n in {reply}:\n"
+            "    d,peer=s.recvfrom(65535); s.sendto(b'r'*n,peer)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if server.stdout is None or server.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the UDP responder in {b.ns} did not start")
+        bind = f"s.bind(('{src}', 0)); " if src else ""
+        a.run(
+            f'{sys.executable} -c "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); '
+            f"{bind}s.settimeout(10)\nfor n in {send}:\n"
+            f"    s.sendto(b'q'*n, ('{dst}', {port})); s.recvfrom(65535)\n\""
+        )
+        if server.wait(20) != 0:
+            raise RuntimeError(f"the UDP responder in {b.ns} failed ({server.returncode})")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
 
 
 @contextmanager
