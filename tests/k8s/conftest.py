@@ -49,6 +49,28 @@ def wait_for(cond: Callable[[], object], timeout_s: float = 10.0, what: str = "c
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def kube_agent(api_client, options, **kw):
+    """A KubernetesAgent (options: KubeAgentOptions) whose pod cache and AgentConfig
+    watcher re-watch every 5 s and retry after 0.05-0.2 s: quick to recover in tests."""
+    from xdpml.agent.enrich.manager import EnrichmentManager
+    from xdpml.agent.kubernetes import KubernetesAgent
+
+    from xdpml.kube.reflector import Backoff
+
+    def backoff():
+        return Backoff(base_s=0.05, cap_s=0.2)
+
+    return KubernetesAgent(
+        api_client,
+        options,
+        enrich_factory=lambda api: EnrichmentManager(
+            api, node_name=options.node_name, watch_timeout_s=5, backoff_factory=backoff
+        ),
+        watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff},
+        **kw,
+    )
+
+
 def pod(
     name: str,
     *,

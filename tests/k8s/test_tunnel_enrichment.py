@@ -26,12 +26,9 @@ import threading
 
 import pytest
 from netns import SLOT, make_hosts, route_between, udp_conversation
-from xdpml.agent.enrich.manager import EnrichmentManager
-from xdpml.agent.kubernetes import KubeAgentOptions, KubernetesAgent
+from xdpml.agent.kubernetes import KubeAgentOptions
 
-from xdpml.kube.reflector import Backoff
-
-from .conftest import pod, wait_for
+from .conftest import kube_agent, pod, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(240)]
 ETH, IP4, UDP = 14, 20, 8
@@ -167,16 +164,8 @@ def test_pods_on_two_nodes_are_named_from_the_inner_addresses(fake_api, api_clie
             },
         },
     )
-    backoff = lambda: Backoff(base_s=0.05, cap_s=0.2)  # noqa: E731
     sink = MemorySink()
-    sup = KubernetesAgent(
-        api_client,
-        KubeAgentOptions(namespace="xdpml", node_name="node-a", extra_sinks=[sink]),
-        enrich_factory=lambda api: EnrichmentManager(
-            api, node_name="node-a", watch_timeout_s=5, backoff_factory=backoff
-        ),
-        watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff},
-    )
+    sup = kube_agent(api_client, KubeAgentOptions(namespace="xdpml", node_name="node-a", extra_sinks=[sink]))
     runner = threading.Thread(target=sup.run, daemon=True)
     runner.start()
     try:
