@@ -171,6 +171,22 @@ def udp_conversation(
             server.wait()
 
 
+def start_capture(iface: str, pcap: str, bpf_filter: str, *, count: int | None = None) -> subprocess.Popen:
+    """tcpdump writing each frame on ``iface`` that matches ``bpf_filter`` to ``pcap`` as it
+    arrives; returned once it is capturing. With ``count`` it exits after that many frames;
+    otherwise stop it with SIGINT."""
+    args = ["tcpdump", "-i", iface, "-w", pcap, "-U", "-n", "--immediate-mode", "-Z", "root"]
+    if count is not None:
+        args += ["-c", str(count)]
+    dump = subprocess.Popen([*args, bpf_filter], stderr=subprocess.PIPE, text=True)
+    line = dump.stderr.readline() if dump.stderr is not None else ""
+    if "listening on" not in line:
+        dump.kill()
+        dump.wait()
+        raise RuntimeError(f"tcpdump on {iface} did not start: {line.strip()}")
+    return dump
+
+
 @contextmanager
 def private_bpffs(prefix: str = "xdpml-bpffs-"):
     """A BPF filesystem of its own in a fresh temporary folder (pins there never touch the
