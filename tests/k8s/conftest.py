@@ -49,6 +49,16 @@ def wait_for(cond: Callable[[], object], timeout_s: float = 10.0, what: str = "c
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def agentconfig_object(spec: dict, name: str = "main") -> dict:
+    """An AgentConfig ``name`` in namespace xdpml with this spec, as the API server holds it."""
+    return {
+        "apiVersion": "xdpml.io/v1alpha1",
+        "kind": "AgentConfig",
+        "metadata": {"name": name, "namespace": "xdpml"},
+        "spec": spec,
+    }
+
+
 def kube_agent(api_client, options, **kw):
     """A KubernetesAgent (options: KubeAgentOptions) whose pod cache and AgentConfig
     watcher re-watch every 5 s and retry after 0.05-0.2 s: quick to recover in tests."""

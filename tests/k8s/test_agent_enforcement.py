@@ -19,23 +19,20 @@ from xdpml.collector.server import CollectorServer, CollectorSettings
 from xdpml.lab import make_certs
 from xdpml.wire.tls import ClientTls, ServerTls
 
-from .conftest import kube_agent, pod, wait_for
+from .conftest import agentconfig_object, kube_agent, pod, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(300)]
 PORT, MARK_PORT = 9, 9471
 
 
 def agentconfig(ifaces, **enforcement) -> dict:
-    return {
-        "apiVersion": "xdpml.io/v1alpha1",
-        "kind": "AgentConfig",
-        "metadata": {"name": "main", "namespace": "xdpml"},
-        "spec": {
+    return agentconfig_object(
+        {
             "interfaces": [{"names": ifaces, "hooks": "tc"}],
             "timeouts": {"idleSeconds": 1, "scanIntervalSeconds": 0.2},
             "enforcement": enforcement,
-        },
-    }
+        }
+    )
 
 
 def test_enforcement_from_the_agentconfig(fake_api, api_client, tmp_path, bpffs):

@@ -15,7 +15,7 @@ from xdpml.agent.kubernetes import KubeAgentOptions
 from xdpml.kube.agentconfig import EnrichmentSettings
 from xdpml.obs.health import HealthServer
 
-from .conftest import kube_agent, pod, wait_for
+from .conftest import agentconfig_object, kube_agent, pod, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -35,17 +35,14 @@ def udp_once(h, port: int) -> None:
 
 
 def agentconfig(ifaces: list[str], **spec) -> dict:
-    return {
-        "apiVersion": "xdpml.io/v1alpha1",
-        "kind": "AgentConfig",
-        "metadata": {"name": "main", "namespace": "xdpml"},
-        "spec": {
+    return agentconfig_object(
+        {
             "interfaces": [{"names": ifaces}],
             "timeouts": {"idleSeconds": 1, "scanIntervalSeconds": 0.2},
             "enrichment": {"labels": ["app"]},
             **spec,
-        },
-    }
+        }
+    )
 
 
 def readyz(port: int) -> int:
@@ -157,13 +154,7 @@ def test_pod_veths_rule_attaches_only_veths_routed_to_known_pods(fake_api, api_c
         try:
             fake_api.create("pods", pod("api-0", ip=pod_host.ns_ip, namespace="shop"))
             fake_api.create(
-                "agentconfigs",
-                {
-                    "apiVersion": "xdpml.io/v1alpha1",
-                    "kind": "AgentConfig",
-                    "metadata": {"name": "main", "namespace": "xdpml"},
-                    "spec": {"interfaces": [{"names": ["pod-veths"], "hooks": "tc"}]},
-                },
+                "agentconfigs", agentconfig_object({"interfaces": [{"names": ["pod-veths"], "hooks": "tc"}]})
             )
             sup = kube_agent(api_client, KubeAgentOptions(namespace="xdpml", node_name="node-a"))
             # the pod cache must know the pod before the rule is resolved

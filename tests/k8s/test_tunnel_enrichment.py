@@ -28,7 +28,7 @@ import pytest
 from netns import SLOT, make_hosts, route_between, udp_conversation
 from xdpml.agent.kubernetes import KubeAgentOptions
 
-from .conftest import kube_agent, pod, wait_for
+from .conftest import agentconfig_object, kube_agent, pod, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(240)]
 ETH, IP4, UDP = 14, 20, 8
@@ -153,16 +153,13 @@ def test_pods_on_two_nodes_are_named_from_the_inner_addresses(fake_api, api_clie
         )
     fake_api.create(
         "agentconfigs",
-        {
-            "apiVersion": "xdpml.io/v1alpha1",
-            "kind": "AgentConfig",
-            "metadata": {"name": "main", "namespace": "xdpml"},
-            "spec": {
+        agentconfig_object(
+            {
                 "interfaces": [{"names": [na.host_if, nb.host_if]}],
                 "timeouts": {"idleSeconds": 1, "scanIntervalSeconds": 0.2},
                 "enrichment": {"clusterWide": True},
-            },
-        },
+            }
+        ),
     )
     sink = MemorySink()
     sup = kube_agent(api_client, KubeAgentOptions(namespace="xdpml", node_name="node-a", extra_sinks=[sink]))
