@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,6 +124,80 @@ def make_hosts(*indices: int, offloads: bool = False, ipv6: bool = True):
     finally:
         for h in hosts:
             _teardown(h)
+
+
+def route_between(a: TestHost, b: TestHost) -> None:
+    """Route each host's namespace to the other's through the root namespace, as a node
+    routes between its pods: IPv4 forwarding on their two veths only (IPv4 decides it per
+    input device) and in each namespace a route to the other's /24 via the root side."""
+    for h, other in ((a, b), (b, a)):
+        sh(f"sysctl -qw net.ipv4.conf.{h.host_if}.forwarding=1")
+        h.run(f"ip route add {other.ns_ip.rsplit('.', 1)[0]}.0/24 via {h.host_ip}")
+
+
+def udp_conversation(
+    a: TestHost, b: TestHost, dst: str, port: int, send: list[int], reply: list[int], *, src: str | None = None
+) -> None:
+    """From namespace ``a`` (its socket bound to ``src`` if given), one UDP datagram of each
+    size in ``send`` to ``dst``:``port`` in namespace ``b``, which answers each with the next
+    size in ``reply``; every answer arrives before the next datagram leaves."""
+    server = b.popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket\n"
+            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            f"s.bind(('{dst}',{port})); s.settimeout(20); print('ready',flush=True)\n"
+            f"for n in {reply}:\n"
+            "    d,peer=s.recvfrom(65535); s.sendto(b'r'*n,peer)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if server.stdout is None or server.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the UDP responder in {b.ns} did not start")
+        bind = f"s.bind(('{src}', 0)); " if src else ""
+        a.run(
+            f'{sys.executable} -c "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); '
+            f"{bind}s.settimeout(10)\nfor n in {send}:\n"
+            f"    s.sendto(b'q'*n, ('{dst}', {port})); s.recvfrom(65535)\n\""
+        )
+        if server.wait(20) != 0:
+            raise RuntimeError(f"the UDP responder in {b.ns} failed ({server.returncode})")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def start_capture(iface: str, pcap: str, bpf_filter: str, *, count: int | None = None) -> subprocess.Popen:
+    """tcpdump writing each frame on ``iface`` that matches ``bpf_filter`` to ``pcap`` as it
+    arrives; returned once it is capturing. With ``count`` it exits after that many frames;
+    otherwise stop it with SIGINT."""
+    args = ["tcpdump", "-i", iface, "-w", pcap, "-U", "-n", "--immediate-mode", "-Z", "root"]
+    if count is not None:
+        args += ["-c", str(count)]
+    dump = subprocess.Popen([*args, bpf_filter], stderr=subprocess.PIPE, text=True)
+    line = dump.stderr.readline() if dump.stderr is not None else ""
+    if "listening on" not in line:
+        dump.kill()
+        dump.wait()
+        raise RuntimeError(f"tcpdump on {iface} did not start: {line.strip()}")
+    return dump
+
+
+@contextmanager
+def private_bpffs(prefix: str = "xdpml-bpffs-"):
+    """A BPF filesystem of its own in a fresh temporary folder (pins there never touch the
+    host's /sys/fs/bpf/xdpml); unmounted and removed afterwards. Yields its path."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], check=False)
+        os.rmdir(d)
 
 
 def wait_port(host: TestHost | None, ip: str, port: int, timeout: float = 5.0) -> None:

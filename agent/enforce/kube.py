@@ -17,17 +17,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from xdpml.agent.enforce.manager import (
-    DEFAULT_NAMESPACE_POLICY,
-    Channel,
-    RecentFlows,
-    RuleManager,
-    build_allowlist,
-    default_gateways,
-    node_addresses,
-    resolve_host,
-)
-from xdpml.agent.enforce.setup import api_servers, dns_servers
+from xdpml.agent.enforce.manager import DEFAULT_NAMESPACE_POLICY, Channel, RecentFlows, RuleManager
+from xdpml.agent.enforce.setup import host_allowlist
 
 from xdpml.errors import ConfigError
 
@@ -135,16 +126,10 @@ class KubeEnforcement:
             log.info("enforcement mode now %s", self.cfg.mode)
 
     def _allowlist(self) -> list:
-        api = list(api_servers())
-        if self.cfg.follow_api_server:
-            api += self._api_ips
-        return build_allowlist(
-            node=node_addresses(),
-            gateways=default_gateways(),
-            api_servers=api,
-            dns=dns_servers(),
-            collector=resolve_host(self.collector) if self.collector else [],
+        return host_allowlist(
+            collector=self.collector,
             operator=self.cfg.allow,
+            extra_api_servers=self._api_ips if self.cfg.follow_api_server else (),
         )
 
     def _refresh_allowlist(self, *, force: bool = False) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from xdpml.agent.enforce.manager import (
@@ -42,6 +43,20 @@ def api_servers() -> list[str]:
     return [host] if host else []
 
 
+def host_allowlist(*, collector: str = "", operator: Iterable[str] = (), extra_api_servers: Iterable[str] = ()) -> list:
+    """The allowlist of this host: its own addresses, its default gateways, the API
+    servers (plus ``extra_api_servers``), its DNS servers, the collector's addresses
+    (``collector`` as host:port, resolved) and the operator's entries."""
+    return build_allowlist(
+        node=node_addresses(),
+        gateways=default_gateways(),
+        api_servers=[*api_servers(), *extra_api_servers],
+        dns=dns_servers(),
+        collector=resolve_host(collector) if collector else [],
+        operator=operator,
+    )
+
+
 @dataclass
 class EnforceOptions:
     collector: str = ""  # host:port of the verdict source
@@ -57,13 +72,6 @@ def channel_for(opts: EnforceOptions) -> Channel:
 
 
 def build_manager(settings: EnforceSettings, opts: EnforceOptions, *, telemetry=None) -> RuleManager:
-    allow = build_allowlist(
-        node=node_addresses(),
-        gateways=default_gateways(),
-        api_servers=api_servers(),
-        dns=dns_servers(),
-        collector=resolve_host(opts.collector) if opts.collector else [],
-        operator=opts.operator_allow,
-    )
+    allow = host_allowlist(collector=opts.collector, operator=opts.operator_allow)
     recent = RecentFlows(capacity=settings.recent_flows, ttl_s=settings.recent_ttl_s)
     return RuleManager(settings, channel=channel_for(opts), allowlist=allow, recent=recent, telemetry=telemetry)

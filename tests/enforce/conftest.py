@@ -2,24 +2,18 @@
 the host's /sys/fs/bpf/xdpml) and one compiled datapath for the kernel tests."""
 
 import os
-import subprocess
-import tempfile
 
 import pytest
 
 from xdpml.config import AgentSettings, EnforceSettings
 from xdpml.datapath.loader import Datapath
+from xdpml.lab import private_bpffs
 
 
 @pytest.fixture(scope="session")
 def bpffs():
-    d = tempfile.mkdtemp(prefix="xdpml-enf-bpffs-")
-    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
-    try:
+    with private_bpffs("xdpml-enf-bpffs-") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", d], check=False)
-        os.rmdir(d)
 
 
 @pytest.fixture(scope="session")

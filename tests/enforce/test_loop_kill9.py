@@ -7,7 +7,6 @@ address that is not the node's becomes a rule and the following packets are drop
 (allowlisted). Then the agent is killed with SIGKILL: its pinned rule keeps dropping
 until its expiry and not one packet after it, with nobody left to delete it."""
 
-import datetime as dt
 import os
 import signal
 import subprocess
@@ -17,10 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_fixtures import PacketsModel
 from netns import make_hosts, sh
 from xdpml.collector.server import CollectorServer, CollectorSettings
@@ -28,6 +23,7 @@ from xdpml.collector.server import CollectorServer, CollectorSettings
 from enforce.traffic import Receiver, qdisc_drops, send
 from xdpml.datapath.pins import open_pinned
 from xdpml.datapath.rules import RuleTable
+from xdpml.lab import make_certs
 from xdpml.wire.tls import ServerTls
 
 pytestmark = pytest.mark.root
@@ -35,40 +31,6 @@ HOST = 70
 PORT, MARK_PORT = 9, 9470
 FLOOD_SPORT, NODE_SPORT, MARK_SPORT = 4470, 4471, 4472
 RULE_TTL = 15.0
-
-
-def _cert(cn, *, issuer=None, ca=False, dns=None, client=False):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    ikey, iname = (key, name) if issuer is None else (issuer[0], issuer[1].subject)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(iname)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        b = b.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
-            critical=False,
-        )
-    if dns:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
-    return key, b.sign(ikey, hashes.SHA256())
-
-
-def _write(d: Path, name: str, pair) -> tuple[str, str]:
-    key, cert = pair
-    (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / f"{name}.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return str(d / f"{name}.pem"), str(d / f"{name}.key")
 
 
 class LogWatch:
@@ -104,10 +66,8 @@ def wait(pred, timeout: float, what: str):
 
 
 def test_verdicts_become_rules_that_outlive_a_killed_agent(tmp_path, bpffs):
-    ca = _cert("xdpml enforce test CA", ca=True)
-    ca_pem = _write(tmp_path, "ca", ca)[0]
-    server = _write(tmp_path, "server", _cert("collector", issuer=ca, dns="collector.test"))
-    client = _write(tmp_path, "client", _cert("agent", issuer=ca, client=True))
+    pem = make_certs(tmp_path, server_name="collector.test")
+    ca_pem, server, client = pem["ca"], (pem["server"], pem["server_key"]), (pem["client"], pem["client_key"])
     pin_dir = os.path.join(bpffs, "loop")
     settings = CollectorSettings(
         listen="127.0.0.1:0", tls=ServerTls(*server, client_ca_file=ca_pem), action="drop", threshold=0.5

@@ -24,6 +24,22 @@ def wait_for(cond, timeout=20.0):
         time.sleep(0.05)
 
 
+def pass_rule(h, sport: int, *, no_export: bool = False) -> Rule:
+    """A pass rule for the UDP flow from h's namespace, source port ``sport``, to port
+    47200 of the node."""
+    return Rule(
+        kind="exact",
+        action="pass",
+        ttl_s=120,
+        src=h.ns_ip,
+        dst=h.host_ip,
+        src_port=sport,
+        dst_port=47200,
+        proto=17,
+        no_export=no_export,
+    )
+
+
 def test_no_export_pass_rule(tmp_path):
     with make_hosts(64, ipv6=False) as (h,):
         settings = AgentSettings(
@@ -36,31 +52,8 @@ def test_no_export_pass_rule(tmp_path):
         agent = Agent(settings, interfaces=[h.host_if], sinks=[sink]).start(attach_timeout_s=90)
         try:
             table = agent.datapath.rule_table()
-            hidden = table.add(
-                Rule(
-                    kind="exact",
-                    action="pass",
-                    ttl_s=120,
-                    src=h.ns_ip,
-                    dst=h.host_ip,
-                    src_port=47201,
-                    dst_port=47200,
-                    proto=17,
-                    no_export=True,
-                )
-            )
-            shown = table.add(
-                Rule(
-                    kind="exact",
-                    action="pass",
-                    ttl_s=120,
-                    src=h.ns_ip,
-                    dst=h.host_ip,
-                    src_port=47202,
-                    dst_port=47200,
-                    proto=17,
-                )
-            )
+            hidden = table.add(pass_rule(h, 47201, no_export=True))
+            shown = table.add(pass_rule(h, 47202))
             send(h, h.host_ip, 47200, 25, sport=47201, tag="H")
             send(h, h.host_ip, 47200, 15, sport=47202, tag="S")
             send(h, h.host_ip, 47200, 5, sport=47203, tag="P")

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -13,6 +12,8 @@ import time
 import pytest
 from harness import flow_between, running_agent
 from netns import make_hosts
+
+from xdpml.lab import start_capture
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -50,23 +51,7 @@ def test_against_nfstream_on_pcap(tmp_path):
     pcap = tmp_path / "traffic.pcap"
     with make_hosts(13) as (h,):
         with running_agent([h.host_if], idle_timeout_s=1.0) as (_, sink):
-            dump = subprocess.Popen(
-                [
-                    "tcpdump",
-                    "-i",
-                    h.host_if,
-                    "-w",
-                    str(pcap),
-                    "-U",
-                    "-n",
-                    "--immediate-mode",
-                    "-Z",
-                    "root",
-                    "not arp and not ip6",
-                ],
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(1.0)
+            dump = start_capture(h.host_if, str(pcap), "not arp and not ip6")
             tcp_exchange(h, 9001, 20000, 50000)
             h.run(f"ping -c 5 -i 0.05 -s 300 {h.host_ip}", capture=True)
             time.sleep(1.5)

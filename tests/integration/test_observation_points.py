@@ -7,12 +7,9 @@ sends: their count and frame sizes, and the TTL each veth must see (64 as the po
 it; 63 once the node forwarded it).
 """
 
-import subprocess
-import sys
-
 import pytest
 from harness import flow_between, running_agent
-from netns import SLOT, make_hosts, sh
+from netns import SLOT, make_hosts, route_between, sh, udp_conversation
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 ETH, IP4, UDP = 14, 20, 8
@@ -23,42 +20,14 @@ REPLY = [n // 2 + 1 for n in SEND]
 @pytest.fixture(scope="module")
 def pods():
     with make_hosts(91, 92, ipv6=False) as (a, b):
-        for h, other in ((a, b), (b, a)):
-            # forwarding on these two interfaces only (IPv4 decides it per input device)
-            sh(f"sysctl -qw net.ipv4.conf.{h.host_if}.forwarding=1")
-            h.run(f"ip route add {other.ns_ip.rsplit('.', 1)[0]}.0/24 via {h.host_ip}")
+        route_between(a, b)
         yield a, b
 
 
 def converse(a, b, port: int, b_ip: str | None = None) -> None:
     """Pod A sends SEND to pod B (at b_ip in namespace b), which answers each datagram
     with REPLY."""
-    b_ip = b_ip or b.ns_ip
-    server = b.popen(
-        [
-            sys.executable,
-            "-c",
-            "import socket,sys\n"
-            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-            f"s.bind(('{b_ip}',{port})); s.settimeout(20); print('ready',flush=True)\n"
-            f"for n in {REPLY}:\n"
-            "    d,peer=s.recvfrom(65535); s.sendto(b'r'*n,peer)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout.readline().strip() == "ready"
-        a.run(
-            f'{sys.executable} -c "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); '
-            f"s.settimeout(10)\nfor n in {SEND}:\n    s.sendto(b'q'*n, ('{b_ip}', {port})); "
-            f's.recvfrom(65535)\n"'
-        )
-        assert server.wait(20) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    udp_conversation(a, b, b_ip or b.ns_ip, port, SEND, REPLY)
 
 
 FWD = [ETH + IP4 + UDP + n for n in SEND]

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import pytest
 from kubernetes import client as k8s_client
 
+from xdpml.lab import private_bpffs
+
 from .fakeapi import FakeKubeAPI
 
 
@@ -15,6 +17,13 @@ from .fakeapi import FakeKubeAPI
 def fake_api():
     with FakeKubeAPI(bookmark_interval_s=0.2) as api:
         yield api
+
+
+@pytest.fixture
+def bpffs():
+    """A private BPF filesystem for one test's pins."""
+    with private_bpffs("xdpml-k8s-bpffs-") as d:
+        yield d
 
 
 def make_client(api: FakeKubeAPI) -> k8s_client.ApiClient:
@@ -38,6 +47,38 @@ def wait_for(cond: Callable[[], object], timeout_s: float = 10.0, what: str = "c
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def agentconfig_object(spec: dict, name: str = "main") -> dict:
+    """An AgentConfig ``name`` in namespace xdpml with this spec, as the API server holds it."""
+    return {
+        "apiVersion": "xdpml.io/v1alpha1",
+        "kind": "AgentConfig",
+        "metadata": {"name": name, "namespace": "xdpml"},
+        "spec": spec,
+    }
+
+
+def kube_agent(api_client, options, **kw):
+    """A KubernetesAgent (options: KubeAgentOptions) whose pod cache and AgentConfig
+    watcher re-watch every 5 s and retry after 0.05-0.2 s: quick to recover in tests."""
+    from xdpml.agent.enrich.manager import EnrichmentManager
+    from xdpml.agent.kubernetes import KubernetesAgent
+
+    from xdpml.kube.reflector import Backoff
+
+    def backoff():
+        return Backoff(base_s=0.05, cap_s=0.2)
+
+    return KubernetesAgent(
+        api_client,
+        options,
+        enrich_factory=lambda api: EnrichmentManager(
+            api, node_name=options.node_name, watch_timeout_s=5, backoff_factory=backoff
+        ),
+        watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff},
+        **kw,
+    )
 
 
 def pod(

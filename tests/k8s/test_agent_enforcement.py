@@ -7,61 +7,40 @@ server endpoints are allowlisted, and mode, limits and allowlist change live."""
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 import threading
 
 import pytest
-from enforce.test_loop_kill9 import _cert, _write
 from enforce.traffic import Receiver, qdisc_drops, send
 from grpc_fixtures import PacketsModel
 from netns import make_hosts
-from xdpml.agent.enrich.manager import EnrichmentManager
-from xdpml.agent.kubernetes import KubeAgentOptions, KubernetesAgent
+from xdpml.agent.kubernetes import KubeAgentOptions
 from xdpml.collector.server import CollectorServer, CollectorSettings
 
-from xdpml.kube.reflector import Backoff
+from xdpml.lab import make_certs
 from xdpml.wire.tls import ClientTls, ServerTls
 
-from .conftest import pod, wait_for
+from .conftest import agentconfig_object, kube_agent, pod, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(300)]
 PORT, MARK_PORT = 9, 9471
 
 
-@pytest.fixture
-def bpffs():
-    d = tempfile.mkdtemp(prefix="xdpml-k8s-bpffs-")
-    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", d], check=False)
-        os.rmdir(d)
-
-
 def agentconfig(ifaces, **enforcement) -> dict:
-    return {
-        "apiVersion": "xdpml.io/v1alpha1",
-        "kind": "AgentConfig",
-        "metadata": {"name": "main", "namespace": "xdpml"},
-        "spec": {
+    return agentconfig_object(
+        {
             "interfaces": [{"names": ifaces, "hooks": "tc"}],
             "timeouts": {"idleSeconds": 1, "scanIntervalSeconds": 0.2},
             "enforcement": enforcement,
-        },
-    }
+        }
+    )
 
 
 def test_enforcement_from_the_agentconfig(fake_api, api_client, tmp_path, bpffs):
-    ca = _cert("xdpml k8s enforce CA", ca=True)
-    ca_pem = _write(tmp_path, "ca", ca)[0]
-    server = _write(tmp_path, "server", _cert("collector", issuer=ca, dns="collector.test"))
-    client = _write(tmp_path, "client", _cert("agent", issuer=ca, client=True))
+    pem = make_certs(tmp_path, server_name="collector.test")
+    ca_pem, server, client = pem["ca"], (pem["server"], pem["server_key"]), (pem["client"], pem["client_key"])
     settings = CollectorSettings(
         listen="127.0.0.1:0", tls=ServerTls(*server, client_ca_file=ca_pem), action="drop", threshold=0.5
     )
-    backoff = lambda: Backoff(base_s=0.05, cap_s=0.2)  # noqa: E731
     with make_hosts(72, 73, ipv6=False) as (h1, h2), CollectorServer(PacketsModel(), [], settings) as srv:
         outside1 = f"{h1.ns_ip.rsplit('.', 1)[0]}.99"
         outside2 = f"{h2.ns_ip.rsplit('.', 1)[0]}.99"
@@ -79,7 +58,7 @@ def test_enforcement_from_the_agentconfig(fake_api, api_client, tmp_path, bpffs)
             },
         )
         fake_api.create("agentconfigs", agentconfig([h1.host_if, h2.host_if], mode="enforce", allow=["203.0.113.0/24"]))
-        sup = KubernetesAgent(
+        sup = kube_agent(
             api_client,
             KubeAgentOptions(
                 namespace="xdpml",
@@ -90,10 +69,6 @@ def test_enforcement_from_the_agentconfig(fake_api, api_client, tmp_path, bpffs)
                 ),
                 pin_dir=os.path.join(bpffs, "k8s"),
             ),
-            enrich_factory=lambda api: EnrichmentManager(
-                api, node_name="node-a", watch_timeout_s=5, backoff_factory=backoff
-            ),
-            watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff},
         )
         runner = threading.Thread(target=sup.run, daemon=True)
         runner.start()

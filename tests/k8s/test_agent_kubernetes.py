@@ -10,14 +10,12 @@ import urllib.request
 
 import pytest
 from netns import make_hosts
-from xdpml.agent.enrich.manager import EnrichmentManager
-from xdpml.agent.kubernetes import KubeAgentOptions, KubernetesAgent
+from xdpml.agent.kubernetes import KubeAgentOptions
 
 from xdpml.kube.agentconfig import EnrichmentSettings
-from xdpml.kube.reflector import Backoff
 from xdpml.obs.health import HealthServer
 
-from .conftest import pod, wait_for
+from .conftest import agentconfig_object, kube_agent, pod, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -37,17 +35,14 @@ def udp_once(h, port: int) -> None:
 
 
 def agentconfig(ifaces: list[str], **spec) -> dict:
-    return {
-        "apiVersion": "xdpml.io/v1alpha1",
-        "kind": "AgentConfig",
-        "metadata": {"name": "main", "namespace": "xdpml"},
-        "spec": {
+    return agentconfig_object(
+        {
             "interfaces": [{"names": ifaces}],
             "timeouts": {"idleSeconds": 1, "scanIntervalSeconds": 0.2},
             "enrichment": {"labels": ["app"]},
             **spec,
-        },
-    }
+        }
+    )
 
 
 def readyz(port: int) -> int:
@@ -60,7 +55,6 @@ def readyz(port: int) -> int:
 def test_agentconfig_drives_the_datapath_live(fake_api, api_client):
     from harness import MemorySink, flow_between
 
-    backoff = lambda: Backoff(base_s=0.05, cap_s=0.2)  # noqa: E731
     with make_hosts(31, 32) as (h1, h2):
         fake_api.create(
             "pods",
@@ -78,14 +72,8 @@ def test_agentconfig_drives_the_datapath_live(fake_api, api_client):
         fake_api.create("agentconfigs", agentconfig([h1.host_if]))
         sink = MemorySink()
         health = HealthServer(port=0, conditions=("programs_attached", "pod_cache_synced"))
-        sup = KubernetesAgent(
-            api_client,
-            KubeAgentOptions(namespace="xdpml", node_name="node-a", extra_sinks=[sink]),
-            health=health,
-            enrich_factory=lambda api: EnrichmentManager(
-                api, node_name="node-a", watch_timeout_s=5, backoff_factory=backoff
-            ),
-            watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff},
+        sup = kube_agent(
+            api_client, KubeAgentOptions(namespace="xdpml", node_name="node-a", extra_sinks=[sink]), health=health
         )
         runner = threading.Thread(target=sup.run, daemon=True)
         runner.start()
@@ -160,29 +148,15 @@ def test_agentconfig_drives_the_datapath_live(fake_api, api_client):
 def test_pod_veths_rule_attaches_only_veths_routed_to_known_pods(fake_api, api_client):
     from netns import sh
 
-    backoff = lambda: Backoff(base_s=0.05, cap_s=0.2)  # noqa: E731
     with make_hosts(33, 34) as (pod_host, other):
         # a routed CNI gives each pod a host route <pod IP>/32 via its veth; the other veth has none
         sh(f"ip route add {pod_host.ns_ip}/32 dev {pod_host.host_if}")
         try:
             fake_api.create("pods", pod("api-0", ip=pod_host.ns_ip, namespace="shop"))
             fake_api.create(
-                "agentconfigs",
-                {
-                    "apiVersion": "xdpml.io/v1alpha1",
-                    "kind": "AgentConfig",
-                    "metadata": {"name": "main", "namespace": "xdpml"},
-                    "spec": {"interfaces": [{"names": ["pod-veths"], "hooks": "tc"}]},
-                },
+                "agentconfigs", agentconfig_object({"interfaces": [{"names": ["pod-veths"], "hooks": "tc"}]})
             )
-            sup = KubernetesAgent(
-                api_client,
-                KubeAgentOptions(namespace="xdpml", node_name="node-a"),
-                enrich_factory=lambda api: EnrichmentManager(
-                    api, node_name="node-a", watch_timeout_s=5, backoff_factory=backoff
-                ),
-                watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff},
-            )
+            sup = kube_agent(api_client, KubeAgentOptions(namespace="xdpml", node_name="node-a"))
             # the pod cache must know the pod before the rule is resolved
             sup.enrich.apply(EnrichmentSettings())
             wait_for(sup.enrich.synced, 10, "pod cache synced")

@@ -10,21 +10,12 @@ from xdpml.kube.agentconfig import AgentConfig
 from xdpml.kube.config_watch import AgentConfigWatcher
 from xdpml.kube.reflector import Backoff
 
-from .conftest import make_client, wait_for
+from .conftest import agentconfig_object, make_client, wait_for
 from .fakeapi import FakeKubeAPI
 
 pytestmark = pytest.mark.timeout(60)
 
 NS, NODE = "xdpml", "node-a"
-
-
-def config(name: str, spec: dict) -> dict:
-    return {
-        "apiVersion": "xdpml.io/v1alpha1",
-        "kind": "AgentConfig",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": spec,
-    }
 
 
 BASE = {"interfaces": [{"names": ["physical"], "hooks": "xdp"}], "timeouts": {"idleSeconds": 60, "activeSeconds": 600}}
@@ -69,7 +60,7 @@ def events(api, reason=None) -> list[dict]:
 
 
 def test_config_applied_live_and_status_reported(fake_api, api_client):
-    fake_api.create("agentconfigs", config("main", BASE))
+    fake_api.create("agentconfigs", agentconfig_object(BASE))
     rec = Recorder()
     with watcher(api_client, rec) as w:
         wait_for(lambda: len(rec.calls) == 1, what="first config applied")
@@ -115,7 +106,7 @@ def test_config_applied_live_and_status_reported(fake_api, api_client):
 
 
 def test_invalid_config_rejected_last_good_kept(fake_api, api_client):
-    fake_api.create("agentconfigs", config("main", BASE))
+    fake_api.create("agentconfigs", agentconfig_object(BASE))
     rec = Recorder()
     with watcher(api_client, rec) as w:
         wait_for(lambda: len(rec.calls) == 1)
@@ -160,7 +151,7 @@ def test_invalid_config_rejected_last_good_kept(fake_api, api_client):
 
 def test_invalid_first_config_means_not_ready(fake_api, api_client):
     fake_api.create(
-        "agentconfigs", config("main", {"interfaces": [{"names": ["eth0"], "hooks": "tc", "xdpMode": "native"}]})
+        "agentconfigs", agentconfig_object({"interfaces": [{"names": ["eth0"], "hooks": "tc", "xdpMode": "native"}]})
     )
     rec = Recorder()
     with watcher(api_client, rec) as w:
@@ -172,7 +163,7 @@ def test_invalid_first_config_means_not_ready(fake_api, api_client):
 
 
 def test_callback_failure_keeps_old_config(fake_api, api_client):
-    fake_api.create("agentconfigs", config("main", BASE))
+    fake_api.create("agentconfigs", agentconfig_object(BASE))
     rec = Recorder(fail_on={2})
     with watcher(api_client, rec) as w:
         wait_for(lambda: len(rec.calls) == 1)
@@ -186,13 +177,13 @@ def test_callback_failure_keeps_old_config(fake_api, api_client):
 
 def test_node_selector_and_oldest_match_wins(fake_api, api_client):
     fake_api.create("nodes", {"metadata": {"name": NODE, "labels": {"pool": "edge", "zone": "a"}}})
-    fake_api.create("agentconfigs", config("other-pool", dict(BASE, nodeSelector={"pool": "core"})))
+    fake_api.create("agentconfigs", agentconfig_object(dict(BASE, nodeSelector={"pool": "core"}), "other-pool"))
     # Both select the node; "edge" is older, "a-zone" comes first by name: age decides.
     for name, sel, ts in (
         ("edge", {"pool": "edge"}, "2026-01-01T00:00:00Z"),
         ("a-zone", {"zone": "a"}, "2026-01-02T00:00:00Z"),
     ):
-        obj = config(name, dict(BASE, nodeSelector=sel))
+        obj = agentconfig_object(dict(BASE, nodeSelector=sel), name)
         obj["metadata"]["creationTimestamp"] = ts
         fake_api.create("agentconfigs", obj)
     rec = Recorder()
@@ -212,7 +203,7 @@ def test_node_selector_and_oldest_match_wins(fake_api, api_client):
 
 
 def test_set_ready_is_reported(fake_api, api_client):
-    fake_api.create("agentconfigs", config("main", BASE))
+    fake_api.create("agentconfigs", agentconfig_object(BASE))
     rec = Recorder()
     with watcher(api_client, rec) as w:
         wait_for(lambda: status(fake_api).get("nodes", {}).get(NODE, {}).get("ready") is True)
@@ -225,7 +216,7 @@ def test_set_ready_is_reported(fake_api, api_client):
 
 def test_status_write_retried_and_api_outage_survived():
     with FakeKubeAPI() as api, make_client(api) as c:
-        api.create("agentconfigs", config("main", BASE))
+        api.create("agentconfigs", agentconfig_object(BASE))
         api.fail_rules[("PATCH", "/status")] = [500, 3]
         rec = Recorder()
         with watcher(c, rec) as w:

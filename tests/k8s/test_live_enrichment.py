@@ -10,7 +10,7 @@ from xdpml.kube.config_watch import AgentConfigWatcher
 from xdpml.kube.reflector import Backoff
 from xdpml.wire.columns import ColumnBatch, ip_from_str
 
-from .conftest import pod, wait_for
+from .conftest import agentconfig_object, pod, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,12 +26,7 @@ def test_enrichment_follows_the_agentconfig(fake_api, api_client):
     fake_api.create("pods", pod("remote", ip="10.2.0.1", node="node-b", namespace="db", labels={"app": "pg"}))
     fake_api.create(
         "agentconfigs",
-        {
-            "apiVersion": "xdpml.io/v1alpha1",
-            "kind": "AgentConfig",
-            "metadata": {"name": "main", "namespace": "xdpml"},
-            "spec": {"interfaces": [{"names": ["physical"]}], "enrichment": {"labels": ["app"]}},
-        },
+        agentconfig_object({"interfaces": [{"names": ["physical"]}], "enrichment": {"labels": ["app"]}}),
     )
     backoff = lambda: Backoff(base_s=0.05, cap_s=0.2)  # noqa: E731
     with EnrichmentManager(api_client, node_name="node-a", watch_timeout_s=5, backoff_factory=backoff) as enrich:

@@ -25,13 +25,10 @@ import textwrap
 import threading
 
 import pytest
-from netns import SLOT, make_hosts, sh
-from xdpml.agent.enrich.manager import EnrichmentManager
-from xdpml.agent.kubernetes import KubeAgentOptions, KubernetesAgent
+from netns import SLOT, make_hosts, route_between, udp_conversation
+from xdpml.agent.kubernetes import KubeAgentOptions
 
-from xdpml.kube.reflector import Backoff
-
-from .conftest import pod, wait_for
+from .conftest import agentconfig_object, kube_agent, pod, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(240)]
 ETH, IP4, UDP = 14, 20, 8
@@ -46,9 +43,8 @@ GENEVE_HDR = ETH + IP4 + UDP + 8 + 8  # ... Geneve's 8 bytes and its one 8-byte 
 @pytest.fixture(scope="module")
 def nodes():
     with make_hosts(93, 94, ipv6=False) as (na, nb):
+        route_between(na, nb)
         for i, (h, other) in enumerate(((na, nb), (nb, na)), start=1):
-            sh(f"sysctl -qw net.ipv4.conf.{h.host_if}.forwarding=1")
-            h.run(f"ip route add {other.ns_ip.rsplit('.', 1)[0]}.0/24 via {h.host_ip}")
             h.run("sysctl -qw net.ipv6.conf.default.disable_ipv6=1")  # a silent overlay: no ND, no MLD
             h.run(
                 f"ip link add vx0 address 02:00:5e:{SLOT:02x}:95:0{i} type vxlan id {VNI} "
@@ -63,31 +59,7 @@ def nodes():
 
 def vxlan_conversation(na, nb, port: int) -> None:
     """Pod A (node-a's vx0 address) sends SEND to pod B (node-b's), which answers REPLY."""
-    server = nb.popen(
-        [
-            sys.executable,
-            "-c",
-            "import socket\n"
-            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-            f"s.bind(('{NET}.95.2',{port})); s.settimeout(20); print('ready',flush=True)\n"
-            f"for n in {REPLY}:\n"
-            "    d,peer=s.recvfrom(65535); s.sendto(b'r'*n,peer)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout.readline().strip() == "ready"
-        na.run(
-            f'{sys.executable} -c "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); '
-            f"s.bind(('{NET}.95.1', 0)); s.settimeout(10)\nfor n in {SEND}:\n"
-            f"    s.sendto(b'q'*n, ('{NET}.95.2', {port})); s.recvfrom(65535)\n\""
-        )
-        assert server.wait(20) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    udp_conversation(na, nb, f"{NET}.95.2", port, SEND, REPLY, src=f"{NET}.95.1")
 
 
 # A user-space Geneve endpoint: "serve" answers each inner UDP datagram with the next
@@ -181,27 +153,16 @@ def test_pods_on_two_nodes_are_named_from_the_inner_addresses(fake_api, api_clie
         )
     fake_api.create(
         "agentconfigs",
-        {
-            "apiVersion": "xdpml.io/v1alpha1",
-            "kind": "AgentConfig",
-            "metadata": {"name": "main", "namespace": "xdpml"},
-            "spec": {
+        agentconfig_object(
+            {
                 "interfaces": [{"names": [na.host_if, nb.host_if]}],
                 "timeouts": {"idleSeconds": 1, "scanIntervalSeconds": 0.2},
                 "enrichment": {"clusterWide": True},
-            },
-        },
-    )
-    backoff = lambda: Backoff(base_s=0.05, cap_s=0.2)  # noqa: E731
-    sink = MemorySink()
-    sup = KubernetesAgent(
-        api_client,
-        KubeAgentOptions(namespace="xdpml", node_name="node-a", extra_sinks=[sink]),
-        enrich_factory=lambda api: EnrichmentManager(
-            api, node_name="node-a", watch_timeout_s=5, backoff_factory=backoff
+            }
         ),
-        watcher_kwargs={"node_labels": {}, "watch_timeout_s": 5, "backoff_factory": backoff},
     )
+    sink = MemorySink()
+    sup = kube_agent(api_client, KubeAgentOptions(namespace="xdpml", node_name="node-a", extra_sinks=[sink]))
     runner = threading.Thread(target=sup.run, daemon=True)
     runner.start()
     try:

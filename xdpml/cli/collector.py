@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 EMBEDDED_FILE = "embedded-iforest.joblib"  # collector.models.EMBEDDED_FILE (not imported: --help stays light)
 
@@ -38,6 +39,61 @@ def _default_state_dir() -> str:
     return os.path.join(base, "xdpml")
 
 
+def add_model_arguments(g, *, live_learning: bool = True) -> None:
+    """The model options, on argument group ``g``: the collector's, and ``xdpml score``'s
+    (which scores a file: ``live_learning=False`` leaves out --learn-from and
+    --baseline-rows)."""
+    g.add_argument(
+        "--model",
+        default="embedded",
+        metavar="SPEC",
+        help="embedded | sklearn:PATH | onnx:PATH | v2:HOST:PORT/MODEL[?output=..&features=a,b] (default %(default)s)",
+    )
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="flag rows with score >= this (default: 0.65 for embedded, 0.5 otherwise)",
+    )
+    g.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="embedded model: pinned baseline (from `xdpml collector learn -o FILE`), used read-only",
+    )
+    if live_learning:
+        g.add_argument(
+            "--learn-from",
+            metavar="WHO",
+            help="embedded model without a baseline: learn it live from these agents' streams: "
+            "'authenticated' (any verified client certificate, needs --tls-client-ca), certificate "
+            "names (comma list), or 'any' (every peer, unauthenticated: labs only). "
+            "Default: nobody; rows stay unscored until `xdpml collector learn` made a baseline",
+        )
+        g.add_argument(
+            "--baseline-rows",
+            type=int,
+            default=5000,
+            metavar="N",
+            help="embedded model, --learn-from: flows to learn the baseline from (default %(default)s)",
+        )
+    g.add_argument(
+        "--trees",
+        type=int,
+        default=50,
+        metavar="N",
+        help="embedded model: trees in the forest; scoring cost grows linearly (default %(default)s)",
+    )
+    g.add_argument(
+        "--features", metavar="A,B,...", help="embedded model: feature columns to use instead of the built-in list"
+    )
+    g.add_argument(
+        "--state-dir",
+        default=_default_state_dir(),
+        metavar="DIR",
+        help="where the embedded model keeps its baseline (default %(default)s)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
@@ -61,55 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PEM",
         help="CA that signs agent certificates; makes client certificates mandatory (mTLS)",
     )
-    g = parser.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        default="embedded",
-        metavar="SPEC",
-        help="embedded | sklearn:PATH | onnx:PATH | v2:HOST:PORT/MODEL[?output=..&features=a,b] (default %(default)s)",
-    )
-    g.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="flag rows with score >= this (default: 0.65 for embedded, 0.5 otherwise)",
-    )
-    g.add_argument(
-        "--baseline",
-        metavar="FILE",
-        help="embedded model: pinned baseline (from `xdpml collector learn -o FILE`), used read-only",
-    )
-    g.add_argument(
-        "--learn-from",
-        metavar="WHO",
-        help="embedded model without a baseline: learn it live from these agents' streams: "
-        "'authenticated' (any verified client certificate, needs --tls-client-ca), certificate "
-        "names (comma list), or 'any' (every peer, unauthenticated: labs only). "
-        "Default: nobody; rows stay unscored until `xdpml collector learn` made a baseline",
-    )
-    g.add_argument(
-        "--baseline-rows",
-        type=int,
-        default=5000,
-        metavar="N",
-        help="embedded model, --learn-from: flows to learn the baseline from (default %(default)s)",
-    )
-    g.add_argument(
-        "--trees",
-        type=int,
-        default=50,
-        metavar="N",
-        help="embedded model: trees in the forest; scoring cost grows linearly (default %(default)s)",
-    )
-    g.add_argument(
-        "--features", metavar="A,B,...", help="embedded model: feature columns to use instead of the built-in list"
-    )
-    g.add_argument(
-        "--state-dir",
-        default=_default_state_dir(),
-        metavar="DIR",
-        help="where the embedded model keeps its baseline (default %(default)s)",
-    )
+    add_model_arguments(parser.add_argument_group("model"))
     g = parser.add_argument_group("output")
     g.add_argument("--jsonl", metavar="PATH", help="append scored rows as JSON lines ('-' = stdout)")
     g.add_argument(
@@ -392,34 +400,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_rows(path: str, names: list[str]) -> tuple[dict, list[str], int]:
-    """Feature columns of the flow records in one file, the node names seen, and how
-    many rows a collector had flagged (left out: an anomaly must not become normal)."""
-    import json
+def read_flow_table(path: str, names: list[str]):
+    """A Parquet file of flow records as a pyarrow Table that has the columns ``names``;
+    a ConfigError if it cannot be read or lacks one."""
+    import pyarrow.parquet as pq
 
-    import numpy as np
+    from xdpml.errors import ConfigError
+
+    try:
+        t = pq.read_table(path)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    missing = [n for n in names if n not in t.column_names]
+    if missing:
+        raise ConfigError(f"{path} has no column(s) {', '.join(missing)}: not flow records")
+    return t
+
+
+def flow_lines(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each flow record of a JSON lines file, window and packet
+    records skipped; a ConfigError for a line that is not JSON or a file that cannot be read."""
+    import json
 
     from xdpml.errors import ConfigError, describe_os_error
 
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        try:
-            t = pq.read_table(path)
-        except OSError as e:
-            raise ConfigError(f"cannot read {path}: {e}") from None
-        missing = [n for n in names if n not in t.column_names]
-        if missing:
-            raise ConfigError(f"{path} has no column(s) {', '.join(missing)}: not flow records")
-        keep = np.ones(t.num_rows, dtype=bool)
-        if "flagged" in t.column_names:
-            keep = ~np.asarray(t.column("flagged").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
-        cols = {n: t.column(n).to_numpy(zero_copy_only=False).astype(np.float64)[keep] for n in names}
-        nodes = sorted(set(t.column("node_name").to_pylist())) if "node_name" in t.column_names else []
-        return cols, [n for n in nodes if n], int((~keep).sum())
-    vals: dict[str, list] = {n: [] for n in names}
-    nodes: set[str] = set()
-    flagged = 0
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -429,18 +433,39 @@ def _read_rows(path: str, names: list[str]) -> tuple[dict, list[str], int]:
                     row = json.loads(line)
                 except ValueError:
                     raise ConfigError(f"{path}:{lineno}: not a JSON line") from None
-                if not isinstance(row, dict) or row.get("record", "flow") != "flow" or any(n not in row for n in names):
-                    continue  # window or packet records, or another schema
-                if row.get("flagged") is True:
-                    flagged += 1
-                    continue
-                for n in names:
-                    v = row[n]
-                    vals[n].append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan)
-                if isinstance(row.get("node_name"), str) and row["node_name"]:
-                    nodes.add(row["node_name"])
+                if isinstance(row, dict) and row.get("record", "flow") == "flow":
+                    yield lineno, row
     except OSError as e:
         raise ConfigError(describe_os_error(e, f"cannot read {path}")) from None
+
+
+def _read_rows(path: str, names: list[str]) -> tuple[dict, list[str], int]:
+    """Feature columns of the flow records in one file, the node names seen, and how
+    many rows a collector had flagged (left out: an anomaly must not become normal)."""
+    import numpy as np
+
+    if path.endswith(".parquet"):
+        t = read_flow_table(path, names)
+        keep = np.ones(t.num_rows, dtype=bool)
+        if "flagged" in t.column_names:
+            keep = ~np.asarray(t.column("flagged").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+        cols = {n: t.column(n).to_numpy(zero_copy_only=False).astype(np.float64)[keep] for n in names}
+        nodes = sorted(set(t.column("node_name").to_pylist())) if "node_name" in t.column_names else []
+        return cols, [n for n in nodes if n], int((~keep).sum())
+    vals: dict[str, list] = {n: [] for n in names}
+    nodes: set[str] = set()
+    flagged = 0
+    for _, row in flow_lines(path):
+        if any(n not in row for n in names):
+            continue  # another schema
+        if row.get("flagged") is True:
+            flagged += 1
+            continue
+        for n in names:
+            v = row[n]
+            vals[n].append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan)
+        if isinstance(row.get("node_name"), str) and row["node_name"]:
+            nodes.add(row["node_name"])
     return {n: np.asarray(v, dtype=np.float64) for n, v in vals.items()}, sorted(nodes), flagged
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
@@ -24,22 +23,12 @@ DEFAULT_ACTION = "drop"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from xdpml.cli.collector import add_model_arguments
     from xdpml.config import EnforceSettings
 
     d = EnforceSettings()
     p.add_argument("file", metavar="FILE", help="flow records: JSON lines, or Parquet (.parquet)")
-    g = p.add_argument_group("model (as `xdpml collector`)")
-    g.add_argument("--model", default="embedded", metavar="SPEC", help="embedded | sklearn:PATH | onnx:PATH | v2:...")
-    g.add_argument("--threshold", type=float, default=None, help="flag rows with score >= this")
-    g.add_argument("--baseline", metavar="FILE", help="embedded model: pinned baseline (`xdpml collector learn`)")
-    g.add_argument("--features", metavar="A,B,...", help="embedded model: feature columns")
-    g.add_argument("--trees", type=int, default=50, metavar="N", help="embedded model: trees")
-    g.add_argument(
-        "--state-dir",
-        default=os.path.join(os.path.expanduser("~"), ".local", "state", "xdpml"),
-        metavar="DIR",
-        help="embedded model: where its baseline is kept (default %(default)s)",
-    )
+    add_model_arguments(p.add_argument_group("model (as `xdpml collector`)"), live_learning=False)
     g = p.add_argument_group("verdict policy (as `xdpml collector`)")
     g.add_argument("--policy", metavar="FILE", help="YAML policy file")
     g.add_argument(
@@ -71,42 +60,22 @@ def _fail(msg: str):
 
 def read_flows(path: str, features: list[str]):
     """The flow records of FILE as a ColumnBatch (16-byte addresses, numeric features)."""
-    from xdpml.errors import describe_os_error
+    from xdpml.cli.collector import flow_lines, read_flow_table
     from xdpml.wire.columns import ColumnBatch, ip_from_str
 
     rows: dict[str, list] = {}
     need = list(dict.fromkeys(KEY_COLUMNS + tuple(features)))
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        try:
-            t = pq.read_table(path)
-        except OSError as e:
-            _fail(f"cannot read {path}: {e}")
-        missing = [n for n in need if n not in t.column_names]
-        if missing:
-            _fail(f"{path} has no column(s) {', '.join(missing)}: not flow records")
+        t = read_flow_table(path, need)
         for n in need + (["expiration_id"] if "expiration_id" in t.column_names else []):
             rows[n] = t.column(n).to_pylist()
     else:
-        try:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except ValueError:
-                        _fail(f"{path}:{lineno}: not a JSON line")
-                    if not isinstance(row, dict) or row.get("record", "flow") != "flow":
-                        continue  # window or packet records
-                    missing = [n for n in need if n not in row]
-                    if missing:
-                        _fail(f"{path}:{lineno}: no {', '.join(missing)}: not a flow record")
-                    for n in need:
-                        rows.setdefault(n, []).append(row[n])
-        except OSError as e:
-            _fail(describe_os_error(e, f"cannot read {path}"))
+        for lineno, row in flow_lines(path):
+            missing = [n for n in need if n not in row]
+            if missing:
+                _fail(f"{path}:{lineno}: no {', '.join(missing)}: not a flow record")
+            for n in need:
+                rows.setdefault(n, []).append(row[n])
     if not rows or not rows[need[0]]:
         _fail(f"{path} holds no flow records")
     cols: dict[str, np.ndarray] = {}
@@ -160,15 +129,8 @@ def make_rules(batch, score, decision) -> list[dict]:
 
 def apply_rules(rules: list[dict], a) -> None:
     """Through the agent's RuleManager: allowlist, limits, mode of the pinned maps."""
-    from xdpml.agent.enforce.manager import (
-        Channel,
-        RecentFlows,
-        RuleManager,
-        build_allowlist,
-        default_gateways,
-        node_addresses,
-    )
-    from xdpml.agent.enforce.setup import api_servers, dns_servers
+    from xdpml.agent.enforce.manager import Channel, RecentFlows, RuleManager
+    from xdpml.agent.enforce.setup import host_allowlist
     from xdpml.config import EnforceSettings
     from xdpml.datapath.pins import open_pinned
     from xdpml.datapath.rules import RuleTable
@@ -182,13 +144,7 @@ def apply_rules(rules: list[dict], a) -> None:
         max_installs_per_s=a.max_installs_per_s,
     )
     settings.validate()
-    allow = build_allowlist(
-        node=node_addresses(),
-        gateways=default_gateways(),
-        api_servers=api_servers(),
-        dns=dns_servers(),
-        operator=a.allow,
-    )
+    allow = host_allowlist(operator=a.allow)
     recent = RecentFlows(capacity=max(1, len(rules)), ttl_s=3600)
     for r in rules:
         recent.add(*r["_key"])  # the flows of FILE are the ones these rules may name

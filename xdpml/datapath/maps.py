@@ -113,21 +113,16 @@ class FlowMap:
     def take(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Look up and delete these keys atomically, one syscall each; returns the
         keys that were still there and their final values."""
-        values = np.zeros(len(keys), dtype=self.value_dtype)
-        found = np.zeros(len(keys), dtype=bool)
-        kbase, vbase = keys.ctypes.data, values.ctypes.data
-        ks, vs = keys.dtype.itemsize, self.value_dtype.itemsize
-        attr = _ElemAttr(map_fd=self.fd, flags=self.elem_flags)
-        for i in range(len(keys)):
-            attr.key = kbase + i * ks
-            attr.value = vbase + i * vs
-            found[i] = _bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, attr) == 0
-        return keys[found], values[found]
+        return self._per_key(BPF_MAP_LOOKUP_AND_DELETE_ELEM, keys)
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Look these keys up (left in the map), one syscall each; returns the keys
         found and their values, read under the entry's lock."""
-        keys = np.ascontiguousarray(keys, dtype=self.key_dtype)
+        return self._per_key(BPF_MAP_LOOKUP_ELEM, np.ascontiguousarray(keys, dtype=self.key_dtype))
+
+    def _per_key(self, cmd: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The element command ``cmd`` on each key (contiguous), one syscall each; returns
+        the keys it succeeded on and the values it wrote for them."""
         values = np.zeros(len(keys), dtype=self.value_dtype)
         found = np.zeros(len(keys), dtype=bool)
         kbase, vbase = keys.ctypes.data, values.ctypes.data
@@ -136,7 +131,7 @@ class FlowMap:
         for i in range(len(keys)):
             attr.key = kbase + i * ks
             attr.value = vbase + i * vs
-            found[i] = _bpf(BPF_MAP_LOOKUP_ELEM, attr) == 0
+            found[i] = _bpf(cmd, attr) == 0
         return keys[found], values[found]
 
     def delete(self, keys: np.ndarray) -> int:

@@ -166,24 +166,25 @@ class AgentConfigWatcher:
         with self._lock:
             self._ready = (ready, reason, message)
             cfg = self.current
-        if cfg is not None:
-            with self._lock:
-                self._pending_status[cfg.name] = self._merge_node_patch(
-                    self._pending_status.get(cfg.name), self._node_entry(observed=self._seen.get(cfg.name, ("", 0))[1])
-                )
-            self._wake_event.set()
+        self._queue_node_status(cfg)
 
     def set_enforcement(self, summary: dict) -> None:
         """This node's enforcement (mode, counts), shown in ``status.nodes.<node>.enforcement``."""
         with self._lock:
             self._enforcement = dict(summary)
             cfg = self.current
-        if cfg is not None:
-            with self._lock:
-                self._pending_status[cfg.name] = self._merge_node_patch(
-                    self._pending_status.get(cfg.name), self._node_entry(observed=self._seen.get(cfg.name, ("", 0))[1])
-                )
-            self._wake_event.set()
+        self._queue_node_status(cfg)
+
+    def _queue_node_status(self, cfg: AgentConfig | None) -> None:
+        """Queue this node's entry (readiness, enforcement) in the status of ``cfg``, the
+        current config (None: nothing applied yet, nothing to write)."""
+        if cfg is None:
+            return
+        with self._lock:
+            self._pending_status[cfg.name] = self._merge_node_patch(
+                self._pending_status.get(cfg.name), self._node_entry(observed=self._seen.get(cfg.name, ("", 0))[1])
+            )
+        self._wake_event.set()
 
     def post_event(self, event: dict) -> None:
         """Queue an Event on any object (e.g. a pod whose traffic a rule drops), created in
