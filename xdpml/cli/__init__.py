@@ -716,8 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
                             interfaces and the collector with the embedded model, sends normal
                             traffic, then a port scan and a SYN flood; then verdicts become a
                             kernel rule, dry-run first, then enforce (the flood dropped, the
-                            allowlist untouched), until it expires; prints the flows the model
-                            flags. Needs root. Ends by itself and removes what it made."""),
+                            allowlist untouched), until it expires; then a tree trained on the
+                            agent's packet records is loaded into the running agent and drops
+                            the flood in the kernel; prints the flows the model flags. Needs
+                            root. Ends by itself and removes what it made."""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dm.add_argument("--seconds", type=_positive_float, default=20.0, help="baseline traffic duration")
