@@ -302,8 +302,8 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="CLASS=ACTION",
-        help="what packets of a --model class do: pass (default), alert, drop (through the enforcement mode, "
-        "allowlist and kill switch, docs/models.md); repeatable",
+        help="what packets of a --model class do: pass (default), alert, drop, rate-limit:PPS[:BURST] (drop "
+        "and rate-limit through the enforcement mode, allowlist and kill switch, docs/models.md); repeatable",
     )
     m.add_argument(
         "--model-decisions",
@@ -318,6 +318,13 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         default=100,
         metavar="N",
         help="--model-decisions: 1 in N classified packets (default: %(default)s)",
+    )
+    m.add_argument(
+        "--model-flow-k",
+        type=int,
+        default=4,
+        metavar="K",
+        help="a model on flow features classifies a flow at its K-th packet (compiled in; default: %(default)s)",
     )
     o.add_argument(
         "--duration",
@@ -374,6 +381,7 @@ def settings_from_args(a):
             actions=_model_actions(a.model_action),
             decisions_file=os.path.abspath(a.model_decisions) if a.model_decisions else "",
             sample_every=a.model_sample,
+            flow_k=a.model_flow_k,
         ),
         summary_interval_s=a.summary_interval,
     ).validate()

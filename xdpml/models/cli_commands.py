@@ -11,7 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from xdpml.errors import ModelError
+from xdpml.config import parse_model_action
+from xdpml.errors import ConfigError, ModelError
 from xdpml.models import kernel
 from xdpml.models import layout as L
 from xdpml.models.compiler import compile_model
@@ -59,8 +60,14 @@ def parse_actions(items) -> dict[str, str]:
     out: dict[str, str] = {}
     for it in items or ():
         label, sep, act = str(it).partition("=")
-        if not sep or not label or act not in L.ACTIONS:
-            raise ModelError(f"--action {it!r}: expected CLASS=ACTION, ACTION one of {', '.join(L.ACTIONS)}")
+        if not sep or not label or act.partition(":")[0] not in L.ACTIONS:
+            raise ModelError(
+                f"--action {it!r}: expected CLASS=ACTION, ACTION one of pass, alert, drop, rate-limit:PPS[:BURST]"
+            )
+        try:
+            parse_model_action(act)
+        except ConfigError as exc:
+            raise ModelError(f"--action {it!r}: {exc}") from None
         out[label] = act
     return out
 
@@ -134,6 +141,13 @@ def cmd_load(args) -> int:
     return 0
 
 
+def _action_text(name: str, ns: int, burst_ns: int) -> str:
+    """rate-limit as given on the command line (rate-limit:PPS:BURST)."""
+    if name != "rate-limit" or not ns:
+        return name
+    return f"rate-limit:{round(1e9 / ns)}:{burst_ns // ns}"
+
+
 def cmd_show(args) -> int:
     slots = _slots(args)
     try:
@@ -151,7 +165,11 @@ def cmd_show(args) -> int:
             d["unclassified_while_empty"] = int(counts[-1])
             if d["kind"] != "empty":
                 names = {v: k for k, v in L.ACTIONS.items()}
-                d["actions"] = [names.get(int(a), str(int(a))) for a in slots.read_slot(i)["action"][: d["outputs"]]]
+                v = slots.read_slot(i)
+                d["actions"] = [
+                    _action_text(names.get(int(a), str(int(a))), int(v["rl_ns"][c]), int(v["rl_burst_ns"][c]))
+                    for c, a in enumerate(v["action"][: d["outputs"]])
+                ]
             d["action_counts"] = slots.action_counts(i)
             rows.append(d)
         out["slots"] = rows
@@ -208,7 +226,9 @@ def add_model_commands(subparsers) -> None:
                 default=[],
                 metavar="CLASS=ACTION",
                 help="what packets of a class do: pass (default), alert (counted), drop (only in enforce mode, "
-                "never an allowlisted address, never with the kill switch on: `xdpml rules mode|kill`); repeatable",
+                "never an allowlisted address, never with the kill switch on: `xdpml rules mode|kill`), "
+                "rate-limit:PPS[:BURST] (the same, for packets beyond PPS per second with bursts of BURST, "
+                "default PPS); repeatable",
             )
         if name == "show":
             q.add_argument("--json", action="store_true", help="one line of JSON")
