@@ -305,7 +305,13 @@ def test_agent_defaults_equal_the_crd_defaults():
     }
     obj = {"apiVersion": "xdpml.io/v1alpha1", "kind": "AgentConfig", "metadata": {"name": "d"}, "spec": spec}
     defaulted = apply_defaults(copy.deepcopy(obj), schema())
-    assert defaulted["spec"]["timeouts"] == {"idleSeconds": 120, "activeSeconds": 1800, "scanIntervalSeconds": 1}
+    assert defaulted["spec"]["timeouts"] == {
+        "idleSeconds": 120,
+        "activeSeconds": 1800,
+        "scanIntervalSeconds": 1,
+        "earlyPackets": 10,
+        "earlyMilliseconds": 500,
+    }
     assert schema_errors(defaulted) == [] and cel_failures(defaulted, schema()) == []
     assert parse_agentconfig(obj) == parse_agentconfig(defaulted)
 
