@@ -75,7 +75,9 @@ class AgentModel:
             self._out = open(settings.decisions_file, "a", buffering=1)
             self._out_path = settings.decisions_file
         self.slots.set_sampling(settings.sample_every)
-        log.info("model decisions: 1 in %d to %s (class, action, inputs)", settings.sample_every, settings.decisions_file)
+        log.info(
+            "model decisions: 1 in %d to %s (class, action, inputs)", settings.sample_every, settings.decisions_file
+        )
 
     def _file_stamp(self, path: str) -> tuple | None:
         try:
