@@ -218,7 +218,8 @@ def test_model_section():
     with pytest.raises(ConfigError, match="model.file"):
         parse_spec(dict(BASE, model={"file": "relative/tree.joblib"}))
     with pytest.raises(ConfigError, match="model.file"):
-        parse_spec(dict(BASE, model={"file": "/m/tree.onnx"}))
+        parse_spec(dict(BASE, model={"file": "/m/tree.txt"}))
+    assert parse_spec(dict(BASE, model={"file": "/m/tree.onnx"})).settings.model.file == "/m/tree.onnx"
 
 
 def test_model_actions_decisions_and_flow_k():

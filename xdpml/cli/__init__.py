@@ -288,8 +288,8 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         default="",
         metavar="FILE",
-        help="scikit-learn model (.joblib/.pkl) the kernel classifies packets with from the start; reloaded "
-        "live when the file changes (implies --model-slots)",
+        help="scikit-learn model (.joblib/.pkl, or an .onnx tree ensemble) the kernel classifies packets with "
+        "from the start; reloaded live when the file changes (implies --model-slots)",
     )
     m.add_argument(
         "--model-features",

@@ -17,18 +17,19 @@ from xdpml.models import kernel
 from xdpml.models import layout as L
 from xdpml.models.compiler import compile_model
 
+MODEL_HELP = "MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline), or MODEL.onnx (a tree ensemble classifier)"
+
 
 def load_estimator(path: str):
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"model file {path}: no such file")
     if p.suffix == ".onnx":
-        raise ModelError(
-            f"{path}: ONNX models cannot be compiled for the kernel yet; export the "
-            "scikit-learn estimator with joblib (docs/models.md)"
-        )
+        from xdpml.models.onnx_trees import load_onnx
+
+        return load_onnx(str(p))
     if p.suffix not in (".joblib", ".pkl"):
-        raise ModelError(f"{path}: expected a .joblib or .pkl file")
+        raise ModelError(f"{path}: expected a .joblib, .pkl or .onnx file")
     import joblib
 
     try:
@@ -214,7 +215,7 @@ def add_model_commands(subparsers) -> None:
     ):
         q = sub.add_parser(name, help=hlp, description=hlp)
         if name == "load":
-            q.add_argument("model", help="MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline)")
+            q.add_argument("model", help=MODEL_HELP)
             q.add_argument(
                 "--features",
                 default="",
@@ -243,7 +244,7 @@ def add_model_commands(subparsers) -> None:
         help="check and convert a scikit-learn model for the datapath",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    c.add_argument("model", help="MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline)")
+    c.add_argument("model", help=MODEL_HELP)
     c.add_argument(
         "--features",
         default="",

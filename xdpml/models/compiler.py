@@ -274,6 +274,12 @@ def compile_model(est, features, *, limits: L.Limits = L.DEFAULT_LIMITS) -> Comp
     if names is not None and list(names) != [f.name for f in feats]:
         raise ModelError(f"the model was trained on columns {list(names)}, not the features named")
     name = type(est).__name__
+    from xdpml.models.onnx_trees import OnnxTreeModel
+
+    if isinstance(est, OnnxTreeModel):  # an ONNX TreeEnsembleClassifier (onnx_trees.py)
+        m = _trees(est.name, feats, est.trees, est.classes_, mode="leaf" if est.single else "proba")
+        m.check(limits)
+        return m
     if scaler is not None and name != "MLPClassifier" and not _is_linear(est):
         raise ModelError(f"a StandardScaler in front of {name} is not supported (trees need none)")
     if name == "DecisionTreeClassifier":
