@@ -49,19 +49,35 @@ class AgentModel:
             log.warning("no --pin-dir: the model slots are not pinned, `xdpml model` cannot reach them")
         self._events = None
         self._out = None
+        self._out_path = ""
+        self._bpf = dp.bpf
         self.decisions = 0  # decision records written
-        if settings.decisions_file:
-            from xdpml.agent.events import RecordBuffer
-
-            self._events = RecordBuffer(dp.bpf, "model_events", kernel.event_type(self.slots.limits))
-            self._out = open(settings.decisions_file, "a", buffering=1)
-            self._bpf = dp.bpf
-            self.slots.set_sampling(settings.sample_every)
-            log.info(
-                "model decisions: 1 in %d to %s (class, action, inputs)", settings.sample_every, settings.decisions_file
-            )
+        self._set_decisions(settings)
         if settings.file:
             self.load(settings.file, settings.features, settings.actions)
+
+    def _set_decisions(self, settings: ModelSettings) -> None:
+        """Sampled decisions to ``decisions_file`` at 1 in ``sample_every`` (live: a new
+        file is opened, an empty one turns the sampling off)."""
+        if self._out is not None and settings.decisions_file != self._out_path:
+            self._write_decisions()
+            self._out.close()
+            self._out, self._out_path = None, ""
+        if not settings.decisions_file:
+            if self._events is not None:
+                self.slots.set_sampling(0)
+            return
+        if self._events is None:
+            from xdpml.agent.events import RecordBuffer
+
+            self._events = RecordBuffer(self._bpf, "model_events", kernel.event_type(self.slots.limits))
+        if self._out is None:
+            self._out = open(settings.decisions_file, "a", buffering=1)
+            self._out_path = settings.decisions_file
+        self.slots.set_sampling(settings.sample_every)
+        log.info(
+            "model decisions: 1 in %d to %s (class, action, inputs)", settings.sample_every, settings.decisions_file
+        )
 
     def _file_stamp(self, path: str) -> tuple | None:
         try:
@@ -95,6 +111,8 @@ class AgentModel:
     def apply(self, settings: ModelSettings) -> None:
         """A live change of the configured model (the slots stay compiled in)."""
         old, self.settings = self.settings, settings
+        if (settings.decisions_file, settings.sample_every) != (old.decisions_file, old.sample_every):
+            self._set_decisions(settings)
         if settings.file:
             if settings.file != old.file or settings.features != old.features or settings.actions != old.actions:
                 self.load(settings.file, settings.features, settings.actions)
@@ -108,7 +126,7 @@ class AgentModel:
 
         self._bpf.ring_buffer_consume()
         ev = self._events.take()
-        if not len(ev):
+        if not len(ev) or self._out is None:
             return
         names_of: dict[int, list[str]] = {}
         acts = {v: k for k, v in ACTIONS.items()}
@@ -152,7 +170,9 @@ class AgentModel:
     def close(self) -> None:
         if self._events is not None:
             self._write_decisions()
-            self._out.close()
+            if self._out is not None:
+                self._out.close()
+                self._out = None
             self._events = None
         if self.pin_dir:
             try:

@@ -185,6 +185,10 @@ struct model_slot {
     __u8  action[XDPML_MODEL_MAX_OUTPUTS]; /* per class: MODEL_ACT_* */
     __u16 feat_id[XDPML_MODEL_MAX_FEATURES]; /* model input i -> MF_* */
     __s64 bias[XDPML_MODEL_MAX_OUTPUTS];
+    /* rate-limit classes: ns per packet (1e9 / packets per second) and the burst as
+     * time (burst packets x ns per packet); the bucket state is in model_rl */
+    __u64 rl_ns[XDPML_MODEL_MAX_OUTPUTS];
+    __u64 rl_burst_ns[XDPML_MODEL_MAX_OUTPUTS];
     struct model_trees trees;
     struct model_linear lin;
     struct model_mlp mlp;
@@ -228,6 +232,10 @@ struct model_scratch {
     __u8  cls_action;    /* its class's action */
     __u8  n_feat;
     __u32 frame_len;
+    __u64 rl_ns;         /* rate-limit class: its ns per packet and burst (model_slot) */
+    __u64 rl_burst_ns;
+    __u32 rl_key;        /* ... and its bucket in model_rl */
+    __u32 _rl_pad;
     struct pkt_info pkt; /* the parsed packet, copied: see model_run() */
     struct dir_stats fdir[2]; /* flow models: the flow entry's statistics at packet k */
     struct iat_stats fiat;
@@ -241,10 +249,13 @@ struct model_scratch {
 
 /* What a class does (model_slot.action), through the enforcement rules' mode, allowlist
  * and kill switch (rules.h): pass; alert (counted); drop (only in enforce mode, never an
- * allowlisted address, never with the kill switch on; in dry-run counted as would-drop). */
+ * allowlisted address, never with the kill switch on; in dry-run counted as would-drop);
+ * rate-limit (the same controls, then a per-slot, per-class GCRA bucket: packets within
+ * the rate and burst pass, the others are dropped as a drop class's are). */
 #define MODEL_ACT_PASS 0
 #define MODEL_ACT_ALERT 1
 #define MODEL_ACT_DROP 2
+#define MODEL_ACT_RATE_LIMIT 3
 /* model_act counters, per slot: */
 #define MODEL_AC_ALERT 0
 #define MODEL_AC_WOULD_DROP 1 /* drop class in dry-run mode */
@@ -252,7 +263,8 @@ struct model_scratch {
 #define MODEL_AC_ALLOWLISTED 3 /* drop class, but an address is allowlisted */
 #define MODEL_AC_KILL_PASSED 4 /* drop class, kill switch on */
 #define MODEL_AC_OFF 5 /* drop class, enforcement mode off */
-#define MODEL_AC_N 6
+#define MODEL_AC_RATE_PASSED 6 /* rate-limit class, within its rate */
+#define MODEL_AC_N 7
 
 /* model_slots: the two slots; model_ctl[0]: the active index; model_stats: per CPU,
  * per slot, packets classified as each class, then packets seen while empty. */
@@ -261,6 +273,14 @@ BPF_TABLE("array", __u32, struct model_ctl, model_ctl, 1);
 BPF_TABLE("percpu_array", __u32, struct model_scratch, model_scratch, 1);
 BPF_TABLE("percpu_array", __u32, __u64, model_stats, 2 * MODEL_STATS_PER_SLOT);
 BPF_TABLE("percpu_array", __u32, __u64, model_act, 2 * MODEL_AC_N);
+/* model_rl: per slot and class, the rate-limit bucket (GCRA's theoretical arrival time;
+ * 0 = a full burst). User space zeroes a slot's buckets when it loads the slot. */
+struct model_bucket {
+    struct bpf_spin_lock lock;
+    __u32 _pad;
+    __u64 tat_ns;
+};
+BPF_TABLE("array", __u32, struct model_bucket, model_rl, 2 * XDPML_MODEL_MAX_OUTPUTS);
 
 static __always_inline void model_act_count(__u32 slot, __u32 what)
 {
@@ -270,8 +290,9 @@ static __always_inline void model_act_count(__u32 slot, __u32 what)
         *c += 1;
 }
 
-/* The class's action for this packet: 0 pass (counted when alert), 2 a drop class
- * (decided by the tail-called model_drop_*: mode, allowlist, kill switch). The decision
+/* The class's action for this packet: 0 pass (counted when alert), 2 a drop or
+ * rate-limit class (decided by the tail-called model_drop_*: mode, allowlist, kill
+ * switch, the class's bucket). The decision
  * is a tail call so that its lookups are verified once, not after every way out of the
  * walk. */
 static __always_inline int model_act_on(struct model_slot *m, __u32 slot, int cls, struct model_scratch *s)
@@ -283,8 +304,13 @@ static __always_inline int model_act_on(struct model_slot *m, __u32 slot, int cl
     s->act_slot = slot;
     if (a == MODEL_ACT_ALERT)
         model_act_count(slot, MODEL_AC_ALERT);
-    if (a != MODEL_ACT_DROP)
+    if (a == MODEL_ACT_RATE_LIMIT) {
+        s->rl_ns = m->rl_ns[cls];
+        s->rl_burst_ns = m->rl_burst_ns[cls];
+        s->rl_key = (slot & 1) * XDPML_MODEL_MAX_OUTPUTS + cls;
+    } else if (a != MODEL_ACT_DROP) {
         return 0;
+    }
     s->drop_class = 1;
     return 2;
 }
@@ -293,8 +319,31 @@ static __always_inline int model_act_on(struct model_slot *m, __u32 slot, int cl
 BPF_PROG_ARRAY(model_drop_xdp, 1);
 BPF_PROG_ARRAY(model_drop_tc, 1);
 
-/* A packet of a drop class: 1 = drop it. Only in enforce mode, never an allowlisted
- * address, never with the kill switch on; counted either way. */
+/* A rate-limit class's packet: 1 = over the rate. GCRA, as rules.h's enf_act(): a
+ * packet conforms when, after paying its cost, the theoretical arrival time is at most
+ * one burst ahead of now; one that does not conform pays nothing. */
+static __always_inline int model_over_rate(struct model_scratch *s)
+{
+    __u32 k = s->rl_key;
+    struct model_bucket *b = model_rl.lookup(&k);
+    if (!b)
+        return 0;
+    __u64 now = bpf_ktime_get_ns(), cost = s->rl_ns, burst = s->rl_burst_ns;
+    int over = 0;
+    bpf_spin_lock(&b->lock);
+    __u64 t = b->tat_ns > now ? b->tat_ns : now;
+    if (t + cost > now + burst)
+        over = 1;
+    else
+        b->tat_ns = t + cost;
+    bpf_spin_unlock(&b->lock);
+    return over;
+}
+
+/* A packet of a drop or rate-limit class: 1 = drop it. Only in enforce mode, never an
+ * allowlisted address, never with the kill switch on; a rate-limit class's packet only
+ * when over its rate (the bucket is consulted in dry-run too, so would_drop counts what
+ * enforce would drop); counted either way. */
 static __always_inline int model_drop_decide(struct model_scratch *s)
 {
     __u32 z = 0;
@@ -311,6 +360,10 @@ static __always_inline int model_drop_decide(struct model_scratch *s)
     __u32 *kill = enf_kill.lookup(&z);
     if (kill && *kill) {
         model_act_count(slot, MODEL_AC_KILL_PASSED);
+        return 0;
+    }
+    if (s->cls_action == MODEL_ACT_RATE_LIMIT && !model_over_rate(s)) {
+        model_act_count(slot, MODEL_AC_RATE_PASSED);
         return 0;
     }
     if (cfg->mode != XDPML_ENF_ENFORCE) {

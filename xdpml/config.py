@@ -212,28 +212,59 @@ class ModelSettings:
     compiled in (-DXDPML_MODEL=1) when ``slots`` is on or a ``file`` is named."""
 
     slots: bool = False  # compile the slots in even with no model yet (`xdpml model load` later)
-    # model file (.joblib/.pkl) loaded at start and reloaded whenever it changes (e.g. a
+    # model file (.joblib/.pkl, or .onnx tree ensemble) loaded at start and reloaded whenever it changes (e.g. a
     # mounted ConfigMap); "" = none (slots empty until `xdpml model load`)
     file: str = ""
     features: list[str] = field(default_factory=list)  # its input columns; [] = the names it was fitted on
-    # class label -> pass | alert | drop (drop through the enforcement mode, allowlist, kill switch)
+    # class label -> pass | alert | drop | rate-limit:PPS[:BURST] (drop and rate-limit
+    # through the enforcement mode, allowlist, kill switch; parse_model_action)
     actions: dict[str, str] = field(default_factory=dict)
     # sampled decisions (class, action, the model's inputs) as JSON lines to this file; "" = off
     decisions_file: str = ""
     sample_every: int = 100  # 1 in N classified packets' decisions to decisions_file
+    # flow-feature models classify a flow at its k-th packet (-DXDPML_MODEL_FLOW_K: compiled in)
+    flow_k: int = 4
 
     @property
     def enabled(self) -> bool:
         return self.slots or bool(self.file)
 
     def validate(self) -> None:
-        bad = {k: v for k, v in self.actions.items() if v not in ("pass", "alert", "drop")}
-        if bad:
-            raise ConfigError(f"model actions {bad}: each must be pass, alert or drop")
+        for label, act in self.actions.items():
+            try:
+                parse_model_action(act)
+            except ConfigError as exc:
+                raise ConfigError(f"model action for class {label!r}: {exc}") from None
         if self.sample_every < 1:
             raise ConfigError("model sample_every must be >= 1 (1 in N decisions)")
-        if self.file and not self.file.endswith((".joblib", ".pkl")):
-            raise ConfigError(f"model file {self.file!r}: expected a .joblib or .pkl file")
+        if not 1 <= self.flow_k <= 1024:
+            raise ConfigError(f"model flow_k {self.flow_k}: must be 1..1024 (the packet a flow model decides at)")
+        if self.file and not self.file.endswith((".joblib", ".pkl", ".onnx")):
+            raise ConfigError(f"model file {self.file!r}: expected a .joblib, .pkl or .onnx file")
+
+
+MODEL_ACTION_NAMES = ("pass", "alert", "drop", "rate-limit")
+
+
+def parse_model_action(text: str) -> tuple[str, int, int]:
+    """A model class's action: "pass", "alert", "drop" or "rate-limit:PPS[:BURST]" ->
+    (name, packets per second, burst packets); 0, 0 unless rate-limit. BURST defaults to
+    PPS (one second's packets). ConfigError names what is wrong."""
+    name, _, spec = str(text).partition(":")
+    if name not in MODEL_ACTION_NAMES:
+        raise ConfigError(f"{text!r} is not one of pass, alert, drop, rate-limit:PPS[:BURST]")
+    if name != "rate-limit":
+        if spec:
+            raise ConfigError(f"{text!r}: only rate-limit takes parameters")
+        return name, 0, 0
+    parts = spec.split(":") if spec else []
+    if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"{text!r}: expected rate-limit:PPS[:BURST] (whole packets per second, burst packets)")
+    pps = int(parts[0])
+    burst = int(parts[1]) if len(parts) == 2 else pps
+    if not 1 <= pps <= 1_000_000_000 or not 1 <= burst <= 1_000_000_000:
+        raise ConfigError(f"{text!r}: PPS and BURST must be 1..1000000000")
+    return name, pps, burst
 
 
 @dataclass

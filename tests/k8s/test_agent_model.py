@@ -5,6 +5,7 @@ classifies with the new model in the same datapath: no restart, no re-attach."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -105,6 +106,27 @@ def test_agentconfig_model_changed_live(fake_api, api_client, bpffs, tmp_path):
             wait_for(lambda: int(slots.ctl().seq) == 3, 30, "rewritten file reloaded")
             send(h, 20)
             wait_for(lambda: slots.class_counts()[2] == 20, 10, "20 packets in class 2")
+
+            # per-class actions and sampled decisions to a file, live
+            dec = tmp_path / "decisions.jsonl"
+
+            def live_model(o):
+                o["spec"]["model"].update(actions={"2": "alert"}, decisionsFile=str(dec), decisionSampleEvery=1)
+
+            fake_api.update("agentconfigs", "xdpml", "main", live_model)
+            wait_for(lambda: int(slots.ctl().seq) == 4 and slots.ctl().sample_every == 1, 30, "actions applied")
+            slots.clear_stats()
+            send(h, 20)
+            wait_for(lambda: slots.action_counts()["alert"] == 20, 10, "20 packets of the alert class")
+
+            def records():
+                return [json.loads(ln) for ln in dec.read_text().splitlines()] if dec.exists() else []
+
+            wait_for(lambda: len(records()) == 20, 10, "20 decision records")
+            assert {(r["class"], r["action"], r["features"]["dst_port"]) for r in records()} == {(2, "alert", PORT)}
+            fake_api.update("agentconfigs", "xdpml", "main", lambda o: o["spec"]["model"].update(decisionsFile=""))
+            wait_for(lambda: slots.ctl().sample_every == 0, 30, "decision sampling off")
+            assert sup.agent.datapath is dp, "the datapath was restarted for a live model change"
 
             # no file any more (the slots stay on): unloaded live
             fake_api.update("agentconfigs", "xdpml", "main", lambda o: o["spec"]["model"].update(file=""))

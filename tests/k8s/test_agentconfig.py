@@ -218,7 +218,46 @@ def test_model_section():
     with pytest.raises(ConfigError, match="model.file"):
         parse_spec(dict(BASE, model={"file": "relative/tree.joblib"}))
     with pytest.raises(ConfigError, match="model.file"):
-        parse_spec(dict(BASE, model={"file": "/m/tree.onnx"}))
+        parse_spec(dict(BASE, model={"file": "/m/tree.txt"}))
+    assert parse_spec(dict(BASE, model={"file": "/m/tree.onnx"})).settings.model.file == "/m/tree.onnx"
+
+
+def test_model_actions_decisions_and_flow_k():
+    from xdpml.config import ModelSettings
+
+    d = parse_spec(BASE).settings.model
+    want = ModelSettings()
+    assert (d.actions, d.decisions_file, d.sample_every, d.flow_k) == ({}, "", 100, 4)  # CRD defaults
+    assert (want.actions, want.decisions_file, want.sample_every, want.flow_k) == ({}, "", 100, 4)  # = the agent's
+    m = parse_spec(
+        dict(
+            BASE,
+            model={
+                "file": "/m/tree.joblib",
+                "actions": {"0": "alert", "1": "drop", "attack": "rate-limit:500:50"},
+                "decisionsFile": "/var/log/xdpml/decisions.jsonl",
+                "decisionSampleEvery": 10,
+                "flowPackets": 6,
+            },
+        )
+    ).settings.model
+    assert m.actions == {"0": "alert", "1": "drop", "attack": "rate-limit:500:50"}
+    assert (m.decisions_file, m.sample_every, m.flow_k) == ("/var/log/xdpml/decisions.jsonl", 10, 6)
+    for bad, field in (
+        ({"actions": {"1": "block"}}, "model.actions"),
+        ({"actions": {"1": "rate-limit:0"}}, "model.actions"),
+        ({"actions": {"1": "rate-limit"}}, "model.actions"),
+        ({"decisionsFile": "rel.jsonl"}, "model.decisionsFile"),
+        ({"decisionSampleEvery": 0}, "model.decisionSampleEvery"),
+        ({"flowPackets": 0}, "model.flowPackets"),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            parse_spec(dict(BASE, model=bad))
+    base = parse_spec(BASE)
+    # actions and the decision sampling are applied live; k is compiled in
+    assert parse_spec(dict(BASE, model={"actions": {"1": "drop"}})).changed_sections(base) == {"model"}
+    assert parse_spec(dict(BASE, model={"decisionSampleEvery": 5})).changed_sections(base) == {"model"}
+    assert parse_spec(dict(BASE, model={"flowPackets": 8})).changed_sections(base) == {"model", "datapath"}
 
 
 def test_early_export_fields():

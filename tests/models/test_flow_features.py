@@ -139,3 +139,27 @@ def test_kernel_class_at_packet_k_equals_sklearn_on_the_exported_row(dp, kind):
     assert (np.asarray(cols["model_class"])[short] == -1).all()
     assert (np.asarray(cols["model_class"])[longer] >= 0).all()
     slots.unload()
+
+
+def test_flow_k_is_a_setting():
+    """ModelSettings.flow_k (agent --model-flow-k, AgentConfig model.flowPackets) compiles
+    k in: with k = 2 a flow is classified at its 2nd packet, on the statistics then (a
+    tree: class 0 iff bidirectional_packets <= 2, so every classified flow is class 0;
+    at the default k = 4 it would be class 1); 1-packet flows are never classified."""
+    from xdpml.config import ModelSettings
+
+    s = AgentSettings(enforce=EnforceSettings(pin_dir=""), model=ModelSettings(slots=True, flow_k=2))
+    xs = np.arange(1, 10).reshape(-1, 1)
+    est = DecisionTreeClassifier(random_state=0).fit(xs, (xs[:, 0] > 2).astype(int))
+    with Datapath(s, model_limits=LIM) as d:
+        slots = ModelSlots.of(d.bpf, LIM)
+        slots.swap(compile_model(est, ["bidirectional_packets"], limits=LIM).pack(LIM))
+        fd = d.progs[XDP_PROG].fd
+        sent = {}
+        for i, n in enumerate([1, 2, 3, 5] * 5):
+            for _ in range(n):
+                run_packet(fd, bytes(Ether() / IP(src=A, dst=B) / TCP(sport=41000 + i, dport=80, flags="A")))
+            sent[41000 + i] = n
+        cols = drain(d)
+    got = {int(p): int(c) for p, c in zip(cols["src_port"], cols["model_class"]) if int(p) in sent}
+    assert got == {p: (-1 if n < 2 else 0) for p, n in sent.items()}, got

@@ -119,3 +119,32 @@ def test_swap_flips_and_empty_slot_counts(dp, slots, traffic):
     back = slots.swap(tree.pack(LIM))
     assert back == first
     assert (kernel_classes(dp, slots, frames[:50]) == predict_index(tree.pack(LIM), Xk[:50], LIM)).all()
+
+
+@pytest.mark.parametrize("kind", ["tree", "forest"])
+def test_onnx_model_in_the_kernel_equals_onnxruntime(dp, slots, traffic, kind, tmp_path):
+    """An sklearn-onnx file compiled for the kernel: its classes through
+    BPF_PROG_TEST_RUN equal onnxruntime's on the same feature vectors."""
+    ort = pytest.importorskip("onnxruntime")
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.tree import DecisionTreeClassifier
+
+    from xdpml.models.cli_commands import compile_file
+
+    X, y, Xk, frames = traffic
+    est = (
+        DecisionTreeClassifier(max_depth=10, random_state=0)
+        if kind == "tree"
+        else RandomForestClassifier(n_estimators=8, max_depth=8, random_state=0)
+    ).fit(X.astype(np.float32), y)
+    m = skl2onnx.to_onnx(est, X[:1].astype(np.float32), options={id(est): {"zipmap": False}})
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    c = compile_file(str(path), zoo.NAMES, LIM)
+    slots.swap(c.pack(LIM))
+    got = c.label(kernel_classes(dp, slots, frames))
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = s.run(None, {s.get_inputs()[0].name: Xk.astype(np.float32)})[0]
+    assert (np.asarray(got) == want).all(), np.flatnonzero(np.asarray(got) != want)[:10]
+    assert len(set(want.tolist())) > 1

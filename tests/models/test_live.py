@@ -322,6 +322,60 @@ def test_drop_class_goes_through_mode_allowlist_and_kill_switch(live, models):
         slots.close()
 
 
+def test_rate_limit_class_on_a_veth(live, models):
+    """Model A with class 1 (port HIGH) = rate-limit:1:20. Over real time what passes is
+    bounded, not exact (GCRA: passed <= burst + rate x elapsed, and >= burst): every
+    HIGH packet is either received or dropped by the kernel (the clsact qdisc's count),
+    the model's counters agree with both, and dry-run drops nothing while counting the
+    same split. LOW (class 0, pass) is untouched."""
+    import time
+
+    from enforce.traffic import qdisc_drops
+
+    h, agent, pin, rx = live
+    a, _ = models
+    table = agent.datapath.rule_table()
+    slots = ModelSlots.pinned(pin)
+    n, burst = 200, 20  # 100 to LOW, 100 to HIGH
+    try:
+        packed = compile_file(a, ["dst_port"], slots.limits).pack(slots.limits, actions={"1": "rate-limit:1:20"})
+        for r in rx.values():
+            _recv(r, 0, timeout=0.01)
+
+        def phase():
+            slots.swap(packed)  # fresh buckets
+            slots.clear_stats()
+            d0 = qdisc_drops(h.host_if)
+            t0 = time.monotonic()
+            send(h, n)
+            low = _recv(rx[LOW], n // 2)
+            high = _recv(rx[HIGH], n // 2, timeout=3.0)
+            elapsed = time.monotonic() - t0
+            return len(low), len(high), qdisc_drops(h.host_if) - d0, slots.action_counts(), elapsed
+
+        table.set_kill(False)
+        table.set_allowlist([])
+        table.set_mode("enforce")
+        low, high, drops, ac, elapsed = phase()
+        assert low == n // 2
+        assert high + drops == n // 2, (high, drops)
+        assert burst <= high <= burst + int(elapsed), (high, elapsed)
+        assert (ac["rate_passed"], ac["dropped"], ac["would_drop"]) == (high, drops, 0), ac
+
+        table.set_mode("dry-run")
+        low, high, drops, ac, elapsed = phase()
+        assert (low, high, drops) == (n // 2, n // 2, 0)
+        assert ac["rate_passed"] + ac["would_drop"] == n // 2 and ac["dropped"] == 0, ac
+        assert burst <= ac["rate_passed"] <= burst + int(elapsed), (ac, elapsed)
+    finally:
+        table.set_allowlist([])
+        table.set_kill(False)
+        table.set_mode("dry-run")
+        table.maps.close()
+        slots.unload()
+        slots.close()
+
+
 def test_sampled_decisions_with_their_inputs(live, models):
     """--model-decisions: every classified packet (1 in 1 here) as a JSON line with the
     flow key, class, action and the model's inputs by name."""

@@ -288,8 +288,8 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         default="",
         metavar="FILE",
-        help="scikit-learn model (.joblib/.pkl) the kernel classifies packets with from the start; reloaded "
-        "live when the file changes (implies --model-slots)",
+        help="scikit-learn model (.joblib/.pkl, or an .onnx tree ensemble) the kernel classifies packets with "
+        "from the start; reloaded live when the file changes (implies --model-slots)",
     )
     m.add_argument(
         "--model-features",
@@ -302,8 +302,8 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="CLASS=ACTION",
-        help="what packets of a --model class do: pass (default), alert, drop (through the enforcement mode, "
-        "allowlist and kill switch, docs/models.md); repeatable",
+        help="what packets of a --model class do: pass (default), alert, drop, rate-limit:PPS[:BURST] (drop "
+        "and rate-limit through the enforcement mode, allowlist and kill switch, docs/models.md); repeatable",
     )
     m.add_argument(
         "--model-decisions",
@@ -318,6 +318,13 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         default=100,
         metavar="N",
         help="--model-decisions: 1 in N classified packets (default: %(default)s)",
+    )
+    m.add_argument(
+        "--model-flow-k",
+        type=int,
+        default=4,
+        metavar="K",
+        help="a model on flow features classifies a flow at its K-th packet (compiled in; default: %(default)s)",
     )
     o.add_argument(
         "--duration",
@@ -374,6 +381,7 @@ def settings_from_args(a):
             actions=_model_actions(a.model_action),
             decisions_file=os.path.abspath(a.model_decisions) if a.model_decisions else "",
             sample_every=a.model_sample,
+            flow_k=a.model_flow_k,
         ),
         summary_interval_s=a.summary_interval,
     ).validate()
@@ -716,8 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
                             interfaces and the collector with the embedded model, sends normal
                             traffic, then a port scan and a SYN flood; then verdicts become a
                             kernel rule, dry-run first, then enforce (the flood dropped, the
-                            allowlist untouched), until it expires; prints the flows the model
-                            flags. Needs root. Ends by itself and removes what it made."""),
+                            allowlist untouched), until it expires; then a tree trained on the
+                            agent's packet records is loaded into the running agent and drops
+                            the flood in the kernel; prints the flows the model flags. Needs
+                            root. Ends by itself and removes what it made."""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dm.add_argument("--seconds", type=_positive_float, default=20.0, help="baseline traffic duration")

@@ -7,7 +7,8 @@ UDP, ping) teaches the model a baseline. Phase 2: the second host port-scans the
 server and SYN-floods it while normal traffic goes on. At the end, a table of the
 flows the model flagged and how each kind of traffic was judged. Before it, the
 enforcement step (:func:`enforcement_step`): verdicts become rules, dry-run first,
-then enforce. Everything made is removed, also on Ctrl-C.
+then enforce; then the model step (:func:`model_step`): a tree trained on exported packet
+records runs in the kernel and drops the flood. Everything made is removed, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -256,6 +257,7 @@ def main(args) -> int:
         agent.stop()
         agent = None
         enforcement_step(work, client, attacker)
+        model_step(work, client, attacker)
     except KeyboardInterrupt:
         say("interrupted")
     finally:
@@ -400,6 +402,150 @@ def enforcement_step(work: Path, client: Host, attacker: Host, *, ttl_s: int = 1
             time.sleep(0.5)
         live = [ln for ln in rules("list").splitlines()[1:] if ln.strip()]
         say(f"  rules left after the TTL: {len(live)}")
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        sh(f"umount -l {bpffs}", check=False)
+
+
+MODEL_FEATURES = "tcp_syn,tcp_ack,tcp_window_size,ip_total_length,ip_ttl,dst_port,payload_len"
+
+
+def model_step(work: Path, client: Host, attacker: Host, *, count: int = 300) -> None:
+    """A model in the kernel, no collector in the path. An agent on both veths with the
+    model slots compiled in (empty) exports 1 in 1 packets' header features to a file
+    while the client makes requests and the attacker SYN-floods an address beyond the
+    node. A decision tree is trained on those packet rows, labelled by the demo's own
+    knowledge of who the attacker is (the supervised label), and loaded into the running
+    agent with `xdpml model load` (idle slot, then flip: no recompile, no re-attach),
+    class 1 = drop. The next flood is classified by the kernel; dry-run counts what it
+    would drop; in enforce mode the kernel drops it (the clsact qdisc's count says so)
+    while the client's requests, classified normal, are answered. Self-contained."""
+    import re
+
+    import joblib
+    from sklearn.tree import DecisionTreeClassifier, export_text
+
+    xdpml = [sys.executable, "-m", "xdpml"]
+    bpffs = work / "bpffs-model"
+    bpffs.mkdir()
+    sh(f"mount -t bpf bpf {bpffs}")
+    pin = str(bpffs / "pins")
+    outside = attacker.host_ip.rsplit(".", 1)[0] + ".98"  # beyond the node: not allowlisted
+    mac = open(f"/sys/class/net/{attacker.veth}/address").read().strip()
+    sh(f"ip -n {attacker.ns} neigh replace {outside} lladdr {mac} dev eth0")
+    rows_path = work / "packets.jsonl"
+    log_path = work / "agent-model.log"
+    procs: list[subprocess.Popen] = []
+    names = MODEL_FEATURES.split(",")
+    try:
+        ag = subprocess.Popen(
+            [*xdpml, "agent", "-i", client.veth, "-i", attacker.veth, "--hooks", "tc", "--no-flows"]
+            + ["--sample", "1", "-o", str(rows_path), "--pin-dir", pin, "--model-slots"]
+            + ["--enforce-mode", "dry-run", "--summary-interval", "0"],
+            stdout=open(log_path, "w"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(ag)
+        say(f"model in the kernel: an agent on {client.veth} and {attacker.veth} with two empty model slots,")
+        say("  exporting every packet's header features to a file (--sample 1); no collector")
+        deadline = time.monotonic() + 180
+        while "enforcement ready" not in log_path.read_text():
+            if time.monotonic() > deadline or ag.poll() is not None:
+                say("model step failed: the agent did not start:\n" + log_path.read_text()[-2000:])
+                return
+            time.sleep(0.2)
+
+        def model(*args: str) -> str:
+            r = subprocess.run([*xdpml, "model", *args, "--pin-dir", pin], capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"xdpml model {' '.join(args)}: {r.stderr.strip()}")
+            return r.stdout.strip()
+
+        def classified() -> Counter[str]:
+            show = json.loads(model("show", "--json"))
+            return Counter(show["slots"][show["active"]]["classified"])
+
+        def qdisc_drops() -> int:
+            out = subprocess.run(["tc", "-s", "qdisc", "show", "dev", attacker.veth], capture_output=True, text=True)
+            m = re.search(r"qdisc clsact.*?dropped (\d+)", out.stdout, re.S)
+            return int(m.group(1)) if m else 0
+
+        def flood() -> None:
+            attacker.python(
+                FIXED_FLOOD.format(mac=mac, src=attacker.ns_ip, dst=outside, sport=5555, dport=SERVER_TCP, count=count),
+                python=sys.executable,
+            ).wait(60)
+
+        def requests(n: int) -> subprocess.Popen:
+            return client.python(
+                f"import socket\nn=0\nfor i in range({n}):\n"
+                f"    c=socket.create_connection(('{client.host_ip}',{SERVER_TCP}),timeout=2)\n"
+                "    c.sendall(b'GET 300 /')\n"
+                f"    n+=bool(c.recv(65535)); c.close()\nraise SystemExit(0 if n == {n} else 1)\n"
+            )
+
+        say(f"training traffic: 40 client requests, and {count} SYNs from the attacker to {outside}:{SERVER_TCP}")
+        normal = requests(40)
+        flood()
+        normal.wait(60)
+
+        def src_of(r: dict) -> str:
+            return str(r.get("src_ip", "")).removeprefix("::ffff:")
+
+        deadline = time.monotonic() + 20
+        rows: list[dict] = []
+        while time.monotonic() < deadline:
+            rows = [json.loads(ln) for ln in rows_path.read_text().splitlines() if ln.strip()]
+            rows = [r for r in rows if r.get("record") == "packet" and r.get("protocol") == 6]
+            if sum(src_of(r) == attacker.ns_ip for r in rows) >= count:
+                break
+            time.sleep(0.2)
+        labels = [int(src_of(r) == attacker.ns_ip) for r in rows]
+        if not 0 < sum(labels) < len(labels):
+            say("model step failed: no training rows of both kinds")
+            return
+        x = [[int(r[n]) for n in names] for r in rows]
+        tree = DecisionTreeClassifier(max_depth=4, random_state=0).fit(x, labels)
+        joblib.dump(tree, work / "tree.joblib")
+        say(
+            f"trained a decision tree on {len(rows)} exported TCP packet rows ({sum(labels)} from the attacker,"
+            f" label 1); it splits on:"
+        )
+        for line in export_text(tree, feature_names=names).rstrip().splitlines():
+            print(f"         {line}", flush=True)
+        out = model("load", str(work / "tree.joblib"), "--features", MODEL_FEATURES, "--action", "1=drop")
+        say(f"`xdpml model load tree.joblib --action 1=drop` on the running agent: {out.split(';')[0]})")
+
+        base, before = qdisc_drops(), classified()
+        flood()
+        after = classified()
+        say(
+            f"dry-run: the same flood again ({count} SYNs): the kernel put {after['1'] - before['1']} packets in"
+            f" class 1 (drop); {attacker.veth}'s qdisc dropped {qdisc_drops() - base}: dry-run drops nothing"
+        )
+        subprocess.run([*xdpml, "rules", "--pin-dir", pin, "mode", "enforce"], capture_output=True, check=True)
+        base, before = qdisc_drops(), classified()
+        ok = requests(20)
+        flood()
+        ok.wait(60)
+        after = classified()
+        acts = json.loads(model("show", "--json"))["slots"]
+        dropped = sum(s["action_counts"].get("dropped", 0) for s in acts)
+        say("enforce (`xdpml rules mode enforce`), the flood again and 20 client requests meanwhile:")
+        say(
+            f"  class 1: {after['1'] - before['1']} packets, class 0: {after['0'] - before['0']}; the kernel dropped"
+            f" {dropped} (model counter), {qdisc_drops() - base} by {attacker.veth}'s qdisc count"
+        )
+        answered = "all answered" if ok.returncode == 0 else "NOT all answered"
+        say(f"  normal traffic: the client's 20 requests {answered}")
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        say(f"model step failed: {e}")
     finally:
         for p in reversed(procs):
             if p.poll() is None:

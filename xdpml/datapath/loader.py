@@ -424,7 +424,7 @@ class Datapath:
         ]
         self.model_limits = model_limits
         if model_limits is not None:
-            cflags += ["-DXDPML_MODEL=1", *model_limits.cflags()]
+            cflags += ["-DXDPML_MODEL=1", *model_limits.cflags(), f"-DXDPML_MODEL_FLOW_K={settings.model.flow_k}"]
         check_environment()
         self.pin_dir = settings.enforce.pin_dir
         if self.pin_dir:

@@ -153,6 +153,8 @@ class AgentConfig:
         h, oh = self.settings.harvest, old.settings.harvest
         if (h.early_packets, h.early_ms) != (oh.early_packets, oh.early_ms):
             out.add("datapath")  # the early-export trigger is compiled into the programs
+        if self.settings.model.flow_k != old.settings.model.flow_k:
+            out.add("datapath")  # k is compiled in (-DXDPML_MODEL_FLOW_K)
         if self.settings.summary_interval_s != old.settings.summary_interval_s:
             out.add("summary")
         for name in ("features", "export", "enrichment"):
@@ -284,7 +286,15 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
         if features.windows
         else WindowSettings(),
         enforce=_enforce_limits(spec),
-        model=ModelSettings(slots=model["slots"], file=model["file"], features=list(model.get("features", ()))),
+        model=ModelSettings(
+            slots=model["slots"],
+            file=model["file"],
+            features=list(model.get("features", ())),
+            actions={str(k): str(v) for k, v in (model.get("actions") or {}).items()},
+            decisions_file=model["decisionsFile"],
+            sample_every=int(model["decisionSampleEvery"]),
+            flow_k=int(model["flowPackets"]),
+        ),
         summary_interval_s=float(spec["summaryIntervalSeconds"]),
     )
 

@@ -11,10 +11,13 @@ import argparse
 import json
 from pathlib import Path
 
-from xdpml.errors import ModelError
+from xdpml.config import parse_model_action
+from xdpml.errors import ConfigError, ModelError
 from xdpml.models import kernel
 from xdpml.models import layout as L
 from xdpml.models.compiler import compile_model
+
+MODEL_HELP = "MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline), or MODEL.onnx (a tree ensemble classifier)"
 
 
 def load_estimator(path: str):
@@ -22,12 +25,11 @@ def load_estimator(path: str):
     if not p.is_file():
         raise ModelError(f"model file {path}: no such file")
     if p.suffix == ".onnx":
-        raise ModelError(
-            f"{path}: ONNX models cannot be compiled for the kernel yet; export the "
-            "scikit-learn estimator with joblib (docs/models.md)"
-        )
+        from xdpml.models.onnx_trees import load_onnx
+
+        return load_onnx(str(p))
     if p.suffix not in (".joblib", ".pkl"):
-        raise ModelError(f"{path}: expected a .joblib or .pkl file")
+        raise ModelError(f"{path}: expected a .joblib, .pkl or .onnx file")
     import joblib
 
     try:
@@ -59,8 +61,14 @@ def parse_actions(items) -> dict[str, str]:
     out: dict[str, str] = {}
     for it in items or ():
         label, sep, act = str(it).partition("=")
-        if not sep or not label or act not in L.ACTIONS:
-            raise ModelError(f"--action {it!r}: expected CLASS=ACTION, ACTION one of {', '.join(L.ACTIONS)}")
+        if not sep or not label or act.partition(":")[0] not in L.ACTIONS:
+            raise ModelError(
+                f"--action {it!r}: expected CLASS=ACTION, ACTION one of pass, alert, drop, rate-limit:PPS[:BURST]"
+            )
+        try:
+            parse_model_action(act)
+        except ConfigError as exc:
+            raise ModelError(f"--action {it!r}: {exc}") from None
         out[label] = act
     return out
 
@@ -134,6 +142,13 @@ def cmd_load(args) -> int:
     return 0
 
 
+def _action_text(name: str, ns: int, burst_ns: int) -> str:
+    """rate-limit as given on the command line (rate-limit:PPS:BURST)."""
+    if name != "rate-limit" or not ns:
+        return name
+    return f"rate-limit:{round(1e9 / ns)}:{burst_ns // ns}"
+
+
 def cmd_show(args) -> int:
     slots = _slots(args)
     try:
@@ -151,7 +166,11 @@ def cmd_show(args) -> int:
             d["unclassified_while_empty"] = int(counts[-1])
             if d["kind"] != "empty":
                 names = {v: k for k, v in L.ACTIONS.items()}
-                d["actions"] = [names.get(int(a), str(int(a))) for a in slots.read_slot(i)["action"][: d["outputs"]]]
+                v = slots.read_slot(i)
+                d["actions"] = [
+                    _action_text(names.get(int(a), str(int(a))), int(v["rl_ns"][c]), int(v["rl_burst_ns"][c]))
+                    for c, a in enumerate(v["action"][: d["outputs"]])
+                ]
             d["action_counts"] = slots.action_counts(i)
             rows.append(d)
         out["slots"] = rows
@@ -196,7 +215,7 @@ def add_model_commands(subparsers) -> None:
     ):
         q = sub.add_parser(name, help=hlp, description=hlp)
         if name == "load":
-            q.add_argument("model", help="MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline)")
+            q.add_argument("model", help=MODEL_HELP)
             q.add_argument(
                 "--features",
                 default="",
@@ -208,7 +227,9 @@ def add_model_commands(subparsers) -> None:
                 default=[],
                 metavar="CLASS=ACTION",
                 help="what packets of a class do: pass (default), alert (counted), drop (only in enforce mode, "
-                "never an allowlisted address, never with the kill switch on: `xdpml rules mode|kill`); repeatable",
+                "never an allowlisted address, never with the kill switch on: `xdpml rules mode|kill`), "
+                "rate-limit:PPS[:BURST] (the same, for packets beyond PPS per second with bursts of BURST, "
+                "default PPS); repeatable",
             )
         if name == "show":
             q.add_argument("--json", action="store_true", help="one line of JSON")
@@ -223,7 +244,7 @@ def add_model_commands(subparsers) -> None:
         help="check and convert a scikit-learn model for the datapath",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    c.add_argument("model", help="MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline)")
+    c.add_argument("model", help=MODEL_HELP)
     c.add_argument(
         "--features",
         default="",

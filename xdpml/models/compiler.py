@@ -157,16 +157,26 @@ class CompiledModel:
             need("MLP width", max(max(w.shape) for w, _, _ in self.layers), lim.width, "WIDTH")
 
     def actions_of(self, actions: dict | None) -> list[int]:
-        """{class label (as predict gives it, or its str): "pass"|"alert"|"drop"} -> the
-        per-class action codes; ModelError names an unknown class or action."""
-        out = [0] * self.n_outputs_classes
+        """{class label (as predict gives it, or its str): "pass"|"alert"|"drop"|
+        "rate-limit:PPS[:BURST]"} -> the per-class action codes; ModelError names an
+        unknown class or action."""
+        return [a for a, _, _ in self.actions_rates_of(actions)]
+
+    def actions_rates_of(self, actions: dict | None) -> list[tuple[int, int, int]]:
+        """As :meth:`actions_of`, per class (action code, packets/s, burst packets)."""
+        from xdpml.config import parse_model_action
+        from xdpml.errors import ConfigError
+
+        out = [(0, 0, 0)] * self.n_outputs_classes
         labels = {str(c): i for i, c in enumerate(self.classes)}
         for label, act in (actions or {}).items():
             if str(label) not in labels:
                 raise ModelError(f"action for class {label!r}: the model's classes are {', '.join(labels)}")
-            if act not in L.ACTIONS:
-                raise ModelError(f"action {act!r} for class {label!r}: one of {', '.join(L.ACTIONS)}")
-            out[labels[str(label)]] = L.ACTIONS[act]
+            try:
+                name, pps, burst = parse_model_action(act)
+            except ConfigError as exc:
+                raise ModelError(f"action for class {label!r}: {exc}") from None
+            out[labels[str(label)]] = (L.ACTIONS[name], pps, burst)
         return out
 
     @property
@@ -177,7 +187,8 @@ class CompiledModel:
         """The slot value (0-d structured array; ``.tobytes()`` is the map value).
         ``actions``: what each class does (see :meth:`actions_of`); default pass."""
         self.check(lim)
-        acts = self.actions_of(actions)
+        rates = self.actions_rates_of(actions)
+        acts = [a for a, _, _ in rates]
         if len(acts) > lim.outputs:
             raise ModelError(f"{len(acts)} classes > {lim.outputs} (-DXDPML_MODEL_MAX_OUTPUTS)")
         s = L.empty_slot(lim)
@@ -187,6 +198,10 @@ class CompiledModel:
         s["feat_id"][: self.n_features] = [f.id for f in self.features]
         s["flow"] = int(any(f.flow for f in self.features))
         s["action"][: len(acts)] = acts
+        for i, (_, pps, burst) in enumerate(rates):
+            if pps:  # GCRA in ns: one packet costs 1e9 / pps, the burst is burst packets' cost
+                s["rl_ns"][i] = 1_000_000_000 // pps
+                s["rl_burst_ns"][i] = burst * (1_000_000_000 // pps)
         s["bias"][: len(self.bias)] = self.bias
         if self.kind == L.KIND_TREES:
             s["n_trees"] = self.n_trees
@@ -259,6 +274,12 @@ def compile_model(est, features, *, limits: L.Limits = L.DEFAULT_LIMITS) -> Comp
     if names is not None and list(names) != [f.name for f in feats]:
         raise ModelError(f"the model was trained on columns {list(names)}, not the features named")
     name = type(est).__name__
+    from xdpml.models.onnx_trees import OnnxTreeModel
+
+    if isinstance(est, OnnxTreeModel):  # an ONNX TreeEnsembleClassifier (onnx_trees.py)
+        m = _trees(est.name, feats, est.trees, est.classes_, mode="leaf" if est.single else "proba")
+        m.check(limits)
+        return m
     if scaler is not None and name != "MLPClassifier" and not _is_linear(est):
         raise ModelError(f"a StandardScaler in front of {name} is not supported (trees need none)")
     if name == "DecisionTreeClassifier":

@@ -34,7 +34,8 @@ from xdpml.models import layout as L
 
 MAP_LOOKUP, MAP_UPDATE = 1, 2
 GRACE_S = 0.002
-MAP_NAMES = ("model_slots", "model_ctl", "model_stats", "model_act")
+MAP_NAMES = ("model_slots", "model_ctl", "model_stats", "model_act", "model_rl")
+BUCKET_SIZE = 16  # struct model_bucket: spin lock, pad, tat_ns
 PIN_SUBDIR = "model"
 LIMIT_ORDER = tuple(f.name for f in fields(L.Limits))
 
@@ -107,10 +108,12 @@ class ModelSlots:
         stats_fd: int,
         limits: L.Limits,
         act_fd: int = -1,
+        rl_fd: int = -1,
         owned: bool = False,
         lock_dir: str = "",
     ):
         self.slots_fd, self.ctl_fd, self.stats_fd, self.act_fd = slots_fd, ctl_fd, stats_fd, act_fd
+        self.rl_fd = rl_fd
         self.limits = limits
         self.slot_size = L.slot_dtype(limits).itemsize
         self._ncpu = ncpus()
@@ -135,6 +138,7 @@ class ModelSlots:
             ctl_fd=fds["model_ctl"],
             stats_fd=fds["model_stats"],
             act_fd=fds["model_act"],
+            rl_fd=fds["model_rl"],
             limits=limits,
         )
         ctl = m.ctl()
@@ -183,6 +187,7 @@ class ModelSlots:
             ctl_fd=fds["model_ctl"],
             stats_fd=fds["model_stats"],
             act_fd=fds["model_act"],
+            rl_fd=fds["model_rl"],
             limits=limits,
             owned=True,
             lock_dir=d,
@@ -190,7 +195,7 @@ class ModelSlots:
 
     def close(self) -> None:
         if self._owned:
-            for fd in (self.slots_fd, self.ctl_fd, self.stats_fd, self.act_fd):
+            for fd in (self.slots_fd, self.ctl_fd, self.stats_fd, self.act_fd, self.rl_fd):
                 os.close(fd)
             self._owned = False
 
@@ -237,6 +242,10 @@ class ModelSlots:
             )
         buf = C.create_string_buffer(data, len(data))
         _bpf_elem(MAP_UPDATE, self.slots_fd, index, buf)
+        if self.rl_fd >= 0:  # the slot's rate-limit buckets start full (the kernel skips the lock)
+            zero = C.create_string_buffer(BUCKET_SIZE)
+            for c in range(self.limits.outputs):
+                _bpf_elem(MAP_UPDATE, self.rl_fd, (index & 1) * self.limits.outputs + c, zero)
 
     def flip(self, index: int, *, loaded: bool = False) -> None:
         """Make slot ``index`` active: one update of model_ctl (``loaded``: a new model
@@ -323,7 +332,7 @@ def pin(slots: ModelSlots, pin_dir: str) -> str:
 
     d = os.path.join(pin_dir, PIN_SUBDIR)
     os.makedirs(d, mode=0o700, exist_ok=True)
-    for name, fd in zip(MAP_NAMES, (slots.slots_fd, slots.ctl_fd, slots.stats_fd, slots.act_fd)):
+    for name, fd in zip(MAP_NAMES, (slots.slots_fd, slots.ctl_fd, slots.stats_fd, slots.act_fd, slots.rl_fd)):
         path = os.path.join(d, name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

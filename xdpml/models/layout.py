@@ -18,8 +18,9 @@ import numpy as np
 
 LEAF_THR = 2**62  # model_node.thr of a leaf (points to itself: x <= thr always)
 KIND_NONE, KIND_TREES, KIND_LINEAR, KIND_MLP = 0, 1, 2, 3
-ACTIONS = {"pass": 0, "alert": 1, "drop": 2}  # model_slot.action, per class (bpf/model.h MODEL_ACT_*)
-ACT_COUNTERS = ("alert", "would_drop", "dropped", "allowlisted", "kill_passed", "mode_off")  # model_act
+# model_slot.action, per class (bpf/model.h MODEL_ACT_*); rate-limit takes :PPS[:BURST]
+ACTIONS = {"pass": 0, "alert": 1, "drop": 2, "rate-limit": 3}
+ACT_COUNTERS = ("alert", "would_drop", "dropped", "allowlisted", "kill_passed", "mode_off", "rate_passed")  # model_act
 DEC_LEAF, DEC_ARGMAX, DEC_BINARY = 0, 1, 2
 MLP_REQ_SHIFT = 24  # requantisation: (acc * mult + 2^23) >> 24
 ACT_MAX = 32767  # int16 activations
@@ -108,6 +109,8 @@ def slot_type(lim: Limits) -> type:
             ("action", C.c_uint8 * lim.outputs),
             ("feat_id", u16 * lim.features),
             ("bias", s64 * lim.outputs),
+            ("rl_ns", C.c_uint64 * lim.outputs),
+            ("rl_burst_ns", C.c_uint64 * lim.outputs),
             ("trees", Trees),
             ("lin", Linear),
             ("mlp", Mlp),
