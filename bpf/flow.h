@@ -299,6 +299,13 @@ static __always_inline void emit_events(struct pkt_info *p, __u32 ifindex, __u64
         w->proto = p->proto;
         w->ip_version = p->ip_version;
         w->ifindex = ifindex;
+        w->tunnel_type = p->tunnel_type;
+        w->_tpad[0] = 0;
+        w->_tpad[1] = 0;
+        w->_tpad[2] = 0;
+        w->tunnel_id = p->tunnel_id;
+        __builtin_memcpy(w->outer_src_ip, p->outer_src_ip, 16);
+        __builtin_memcpy(w->outer_dst_ip, p->outer_dst_ip, 16);
         win_events.ringbuf_submit(w, 0);
     } else {
         count(C_RB_WIN_FULL);
@@ -332,7 +339,10 @@ static __always_inline void emit_events(struct pkt_info *p, __u32 ifindex, __u64
             e->tos = p->tos;
             e->tcp_flags = p->tcp_flags;
             e->hook = hook;
-            e->_pad = 0;
+            e->tunnel_type = p->tunnel_type;
+            e->tunnel_id = p->tunnel_id;
+            __builtin_memcpy(e->outer_src_ip, p->outer_src_ip, 16);
+            __builtin_memcpy(e->outer_dst_ip, p->outer_dst_ip, 16);
             pkt_events.ringbuf_submit(e, 0);
             count(C_PKT_SAMPLED);
         } else {
