@@ -255,6 +255,8 @@ enum xdpml_counter {
     C_RB_EARLY_FULL,      /* early ring buffer full: notice lost (the flow is exported at its timeouts) */
     C_ENF_DROPPED_BYTES,  /* frame bytes of the packets counted in C_ENF_DROPPED */
     C_ENF_WOULD_DROP_BYTES, /* frame bytes of the packets counted in C_ENF_WOULD_DROP */
+    C_HAIRPIN,            /* TC egress: packets routed back out of the interface they came in on,
+                           * already accounted by its ingress hook (only seen_at is updated) */
     C_COUNTERS_MAX,
 };
 

@@ -280,6 +280,39 @@ static __always_inline struct flow_value *flow_account(struct pkt_info *p, __u32
     return v;
 }
 
+/* TC egress of a packet that came in on this same interface (a hairpin): its ingress hook
+ * (TC ingress or XDP: every hook set with TC egress has one) already accounted it in this
+ * interface's entry, so only the egress side is recorded in that direction's seen_at.
+ * Returns 1 then; 0 when the entry's direction never saw an ingress packet (e.g. NAT on the
+ * way changed the 5-tuple): the packet is accounted as any other. */
+static __always_inline int flow_hairpin(struct pkt_info *p, __u32 ifindex)
+{
+    struct flow_key key;
+    int lo_to_hi = flow_key_fill(&key, p, ifindex);
+    struct flow_value *v = flows.lookup(&key);
+    if (!v)
+        return 0;
+    int again = 0;
+#if XDPML_FLOW_LOCK
+    bpf_spin_lock(&v->lock);
+#endif
+    if (lo_to_hi == v->init_lo_to_hi) {
+        again = v->dir[0].seen_at & XDPML_SEEN_INGRESS;
+        if (again)
+            v->dir[0].seen_at |= XDPML_SEEN_EGRESS;
+    } else {
+        again = v->dir[1].seen_at & XDPML_SEEN_INGRESS;
+        if (again)
+            v->dir[1].seen_at |= XDPML_SEEN_EGRESS;
+    }
+#if XDPML_FLOW_LOCK
+    bpf_spin_unlock(&v->lock);
+#endif
+    if (again)
+        count(C_HAIRPIN);
+    return again != 0;
+}
+
 static __always_inline void emit_events(struct pkt_info *p, __u32 ifindex, __u64 now,
                                         struct seg_info *g, __u32 frame_len, __u8 hook)
 {

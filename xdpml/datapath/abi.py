@@ -256,6 +256,7 @@ COUNTERS = (
     "rb_early_full",
     "enf_dropped_bytes",
     "enf_would_drop_bytes",
+    "hairpin",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 
