@@ -29,23 +29,24 @@ INNER_ROOT, INNER_NS = f"100.{64 + SLOT}.1.1", f"100.{64 + SLOT}.1.2"
 
 
 @contextmanager
-def vxlan_overlay(h, vx: str):
-    """A kernel vxlan device at each end of h's veth (VNI, port 4789), the overlay
-    addresses INNER_ROOT / INNER_NS on them, static neighbours: no ARP in the tunnel."""
+def vxlan_overlay(h, vx: str, vni: int = VNI, inner: tuple[str, str] = (INNER_ROOT, INNER_NS)):
+    """A kernel vxlan device at each end of h's veth (vni, port 4789), the overlay
+    addresses inner (root side, namespace side) on them, static neighbours: no ARP in the tunnel."""
+    root_ip, ns_ip = inner
     sh(f"ip link del {vx}", check=False)
     try:
-        sh(f"ip link add {vx} type vxlan id {VNI} local {h.host_ip} remote {h.ns_ip} dstport 4789 dev {h.host_if}")
-        h.run(f"ip link add vx0 type vxlan id {VNI} local {h.ns_ip} remote {h.host_ip} dstport 4789 dev eth0")
+        sh(f"ip link add {vx} type vxlan id {vni} local {h.host_ip} remote {h.ns_ip} dstport 4789 dev {h.host_if}")
+        h.run(f"ip link add vx0 type vxlan id {vni} local {h.ns_ip} remote {h.host_ip} dstport 4789 dev eth0")
         sh(f"sysctl -qw net.ipv6.conf.{vx}.disable_ipv6=1")
         h.run("sysctl -qw net.ipv6.conf.vx0.disable_ipv6=1")
-        sh(f"ip addr add {INNER_ROOT}/24 dev {vx}")
-        h.run(f"ip addr add {INNER_NS}/24 dev vx0")
+        sh(f"ip addr add {root_ip}/24 dev {vx}")
+        h.run(f"ip addr add {ns_ip}/24 dev vx0")
         sh(f"ip link set {vx} up")
         h.run("ip link set vx0 up")
         mac_root = open(f"/sys/class/net/{vx}/address").read().strip()
         mac_ns = h.run("cat /sys/class/net/vx0/address", capture=True).strip()
-        sh(f"ip neigh replace {INNER_NS} lladdr {mac_ns} dev {vx} nud permanent")
-        h.run(f"ip neigh replace {INNER_ROOT} lladdr {mac_root} dev vx0 nud permanent")
+        sh(f"ip neigh replace {ns_ip} lladdr {mac_ns} dev {vx} nud permanent")
+        h.run(f"ip neigh replace {root_ip} lladdr {mac_root} dev vx0 nud permanent")
         yield
     finally:
         sh(f"ip link del {vx}", check=False)
@@ -365,7 +366,9 @@ def test_gso_through_vxlan_counts_wire_segments_at_tc_egress():
     veth's tunnel segmentation is off. The inner flow's packets and bytes in each direction
     must equal the VXLAN frames of that flow captured (AF_PACKET, GRO off) on the other end."""
     port, marker, size = 44000 + SLOT, 44100 + SLOT, 3_000_000
-    with make_hosts(43, offloads=True, ipv6=False) as (h,), vxlan_overlay(h, f"xt{SLOT}vg"):
+    # not the module's overlay (it may be up): its own VNI on port 4789, its own addresses
+    vni, root_ip, ns_ip = VNI + 1, f"100.{64 + SLOT}.2.1", f"100.{64 + SLOT}.2.2"
+    with make_hosts(43, offloads=True, ipv6=False) as (h,), vxlan_overlay(h, f"xt{SLOT}vg", vni, (root_ip, ns_ip)):
         sh(f"ethtool -K {h.host_if} tx-udp_tnl-segmentation off tx-udp_tnl-csum-segmentation off")
         h.run("ethtool -K eth0 gro off")
         stats = f"/sys/class/net/{h.host_if}/statistics/tx_dropped"
@@ -374,21 +377,21 @@ def test_gso_through_vxlan_counts_wire_segments_at_tc_egress():
             cap = h.popen(
                 ["/usr/bin/python3", "-c", CAPTURE, str(port), str(marker)], stdout=subprocess.PIPE, text=True
             )
-            srv = h.popen(["/usr/bin/python3", "-c", SERVER, INNER_NS, str(port)], stdout=subprocess.PIPE, text=True)
+            srv = h.popen(["/usr/bin/python3", "-c", SERVER, ns_ip, str(port)], stdout=subprocess.PIPE, text=True)
             try:
                 assert cap.stdout.readline().strip() == "ready"
                 assert srv.stdout.readline().strip() == "listening"
                 c = socket.socket()
                 # at most ~128 KiB in flight: never more than the peer's backlog can queue
                 c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
-                c.connect((INNER_NS, port))
+                c.connect((ns_ip, port))
                 c.sendall(b"g" * size)
                 c.shutdown(socket.SHUT_WR)
                 c.settimeout(30)
                 assert c.recv(1) == b""  # the server read everything and closed
                 c.close()
                 assert srv.wait(30) == 0
-                rows = sink.wait_rows("flow", flow_between(INNER_ROOT, INNER_NS, 6, port), timeout=40)
+                rows = sink.wait_rows("flow", flow_between(root_ip, ns_ip, 6, port), timeout=40)
                 m = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 m.sendto(b"end", (h.ns_ip, marker))  # after every frame of the flow: the capture's end
                 m.close()
@@ -407,8 +410,8 @@ def test_gso_through_vxlan_counts_wire_segments_at_tc_egress():
     assert kernel["gso_segs"] > 0  # TC egress saw super-packets
     assert len(rows) == 1, rows
     r = rows[0]
-    assert (r["src_ip"], r["dst_port"]) == (INNER_ROOT, port)
+    assert (r["src_ip"], r["dst_port"]) == (root_ip, port)
     assert (r["src2dst_packets"], r["src2dst_bytes"]) == (fwd[0], fwd[1])
     assert (r["dst2src_packets"], r["dst2src_bytes"]) == (rev[0], rev[1])
     assert r["src2dst_max_ps"] == fwd[2]
-    assert outer_of(r) == ("vxlan", VNI, h.host_ip, h.ns_ip)
+    assert outer_of(r) == ("vxlan", vni, h.host_ip, h.ns_ip)
