@@ -20,7 +20,7 @@ from harness import MemorySink, flow_between
 from netns import SLOT, make_hosts, sh
 from xdpml.agent.pipeline import Agent
 
-from xdpml.config import AgentSettings, HarvestSettings, InterfaceSettings
+from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 ETH, IP4, IP6, UDP, VXLAN, ICMP = 14, 20, 40, 8, 8, 8
@@ -53,9 +53,10 @@ def vxlan_overlay(h, vx: str, vni: int = VNI, inner: tuple[str, str] = (INNER_RO
 
 
 @contextmanager
-def tc_agent(h):
+def tc_agent(h, *, sample_rate: int = 0):
     settings = AgentSettings(
         interfaces=InterfaceSettings(names=[h.host_if]),
+        datapath=DatapathSettings(sample_rate=sample_rate),
         # idle 4 s: the two directions come from two processes started one after
         # the other, which a busy machine may delay by a second or more
         harvest=HarvestSettings(idle_timeout_s=4.0, interval_s=0.2),
@@ -73,7 +74,7 @@ def tc_agent(h):
 
 @pytest.fixture(scope="module")
 def env():
-    with make_hosts(41) as (h,), vxlan_overlay(h, f"xt{SLOT}vx"), tc_agent(h) as (_, sink):
+    with make_hosts(41) as (h,), vxlan_overlay(h, f"xt{SLOT}vx"), tc_agent(h, sample_rate=1) as (_, sink):
         yield h, sink
 
 
@@ -95,6 +96,17 @@ def test_vxlan_ping_inner_flow_exact(env):
     assert (r["src2dst_min_ps"], r["dst2src_max_ps"]) == (frame, frame)
     assert r["src2dst_ttl"] == 64  # the inner packet's header
     assert outer_of(r) == ("vxlan", VNI, h.ns_ip, h.host_ip)
+    # every packet is sampled (sample_rate 1): each record names its own tunnel, the
+    # requests' outer addresses one way and the replies' the other
+    for src, dst, hook in ((INNER_NS, INNER_ROOT, "tc_ingress"), (INNER_ROOT, INNER_NS, "tc_egress")):
+        pk = sink.wait_rows(
+            "packet", lambda p, a=src, b=dst: (p["src_ip"], p["dst_ip"], p["protocol"]) == (a, b, 1), count=n
+        )
+        assert len(pk) == n, pk
+        for p in pk:
+            assert (p["hook"], p["pkt_len"], p["ip_total_length"]) == (hook, frame, IP4 + ICMP + size)
+            outer = (h.ns_ip, h.host_ip) if hook == "tc_ingress" else (h.host_ip, h.ns_ip)
+            assert outer_of(p) == ("vxlan", VNI, *outer)
 
 
 def test_vxlan_udp_request_response_exact(env):
