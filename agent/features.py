@@ -415,10 +415,36 @@ WINDOW_SPECS = {
         ColumnSpec("proto_icmp", "u4", "packets", "ICMP and ICMPv6 packets"),
         ColumnSpec("proto_other", "u4", "packets", "packets of other IP protocols"),
         ColumnSpec("protocol_distribution", "O", "", "JSON object text: IP protocol number -> packets"),
+        # a window mixes many flows, so its tunnel columns are counts, like its address columns
+        ColumnSpec(
+            "tunnel_packets",
+            "u4",
+            "packets",
+            "packets decapsulated from a tunnel (not the wireguard / esp labelled ones: tunnel_distribution)",
+        ),
+        ColumnSpec("unique_tunnel_ids", "u4", "", "distinct (tunnel_type, tunnel_id) pairs among the tunnel_packets"),
+        ColumnSpec("unique_outer_src_ips", "u4", "", "distinct outer (tunnel) source addresses of the tunnel_packets"),
+        ColumnSpec("unique_outer_dst_ips", "u4", "", "distinct outer (tunnel) destination addresses"),
+        ColumnSpec("tunnel_distribution", "O", "", "JSON object text: tunnel_type -> packets, none included"),
     ]
 }
 
 WIN_FIELDS = ("ts_ns", "size", "payload", "proto", "src_ip", "dst_ip", "src_port", "dst_port", "ifindex")
+_WIN_ROW = [
+    ("ts_ns", "u8"),
+    ("size", "u4"),
+    ("payload", "u4"),
+    ("proto", "u1"),
+    ("src_ip", "S16"),
+    ("dst_ip", "S16"),
+    ("src_port", "u2"),
+    ("dst_port", "u2"),
+    ("ifindex", "u4"),
+    ("tunnel_type", "u1"),
+    ("tunnel_id", "u4"),
+    ("outer_src_ip", "S16"),
+    ("outer_dst_ip", "S16"),
+]
 
 
 def expand_segments(ev: np.ndarray) -> np.ndarray:
@@ -436,29 +462,12 @@ def expand_segments(ev: np.ndarray) -> np.ndarray:
         is_last = np.zeros(len(out), dtype=bool)
         is_last[ends] = True
         sizes = np.where(is_last, out["last_size"], out["size"])
-    res = np.zeros(
-        len(out),
-        dtype=[
-            ("ts_ns", "u8"),
-            ("size", "u4"),
-            ("payload", "u4"),
-            ("proto", "u1"),
-            ("src_ip", "S16"),
-            ("dst_ip", "S16"),
-            ("src_port", "u2"),
-            ("dst_port", "u2"),
-            ("ifindex", "u4"),
-        ],
-    )
-    res["ts_ns"] = out["ts_ns"]
+    res = np.zeros(len(out), dtype=_WIN_ROW)
     res["size"] = sizes
-    res["payload"] = out["payload"]
-    res["proto"] = out["proto"]
-    res["src_ip"] = _ips(out["src_ip"]) if out["src_ip"].dtype != np.dtype("S16") else out["src_ip"]
-    res["dst_ip"] = _ips(out["dst_ip"]) if out["dst_ip"].dtype != np.dtype("S16") else out["dst_ip"]
-    res["src_port"] = out["src_port"]
-    res["dst_port"] = out["dst_port"]
-    res["ifindex"] = out["ifindex"]
+    for name in ("ts_ns", "payload", "proto", "src_port", "dst_port", "ifindex", "tunnel_type", "tunnel_id"):
+        res[name] = out[name]
+    for name in ("src_ip", "dst_ip", "outer_src_ip", "outer_dst_ip"):
+        res[name] = _ips(out[name]) if out[name].dtype != np.dtype("S16") else out[name]
     return res
 
 
@@ -497,6 +506,24 @@ def window_row(pk: np.ndarray, *, interface: str, mono_to_unix_ns: int) -> dict:
         "proto_icmp": int(np.sum((proto == 1) | (proto == 58))),
         "proto_other": int(np.sum(~np.isin(proto, (1, 6, 17, 58)))),
         "protocol_distribution": json.dumps(dist, sort_keys=True),
+        **_window_tunnels(pk),
+    }
+
+
+_ENCRYPTED = TUNNEL_TYPES.index("wireguard")  # this type and later ones are labels, not decapsulated
+
+
+def _window_tunnels(pk: np.ndarray) -> dict:
+    ttype = pk["tunnel_type"]
+    tun = pk[(ttype != 0) & (ttype < _ENCRYPTED)]
+    names = _TUNNEL_NAMES[np.minimum(ttype.astype(np.int64), len(_TUNNEL_NAMES) - 1)]
+    kinds, counts = np.unique(names.astype(str), return_counts=True)
+    return {
+        "tunnel_packets": len(tun),
+        "unique_tunnel_ids": len(np.unique(tun[["tunnel_type", "tunnel_id"]])),
+        "unique_outer_src_ips": len(np.unique(tun["outer_src_ip"])),
+        "unique_outer_dst_ips": len(np.unique(tun["outer_dst_ip"])),
+        "tunnel_distribution": json.dumps({str(k): int(c) for k, c in zip(kinds, counts)}, sort_keys=True),
     }
 
 
@@ -612,6 +639,20 @@ PACKET_SPECS = {
         ColumnSpec("tcp_urgent_pointer", "u2", "", "TCP urgent pointer"),
         ColumnSpec("vlan_id", "u2", "", "outermost VLAN id, 0 untagged"),
         ColumnSpec("segs", "u2", "packets", "wire segments this record stands for (GSO), 1 normally"),
+        *(
+            ColumnSpec(c.name, c.dtype, c.unit, doc, "key")
+            for c, doc in zip(
+                TUNNEL_SPECS,
+                (
+                    "tunnel the packet was decapsulated from (the header fields above then describe the inner "
+                    "packet, pkt_len the outer frame), wireguard or esp (encrypted, not decapsulated); none",
+                    "VXLAN/Geneve VNI, GRE key, GTP-U TEID or ESP SPI; 0 if none",
+                    "outer (tunnel) source address, IPv4 mapped; all zero if not decapsulated",
+                    "outer (tunnel) destination address",
+                ),
+                strict=True,
+            )
+        ),
     ]
 }
 
@@ -665,6 +706,10 @@ def packet_columns(ev: np.ndarray, *, mono_to_unix_ns: int, ifnames: Mapping[int
             "tcp_urgent_pointer": ev["tcp_urg_ptr"].astype(np.uint16),
             "vlan_id": ev["vlan_id"].astype(np.uint16),
             "segs": np.maximum(ev["segs"], 1).astype(np.uint16),
+            "tunnel_type": _TUNNEL_NAMES[np.minimum(ev["tunnel_type"].astype(np.int64), len(_TUNNEL_NAMES) - 1)],
+            "tunnel_id": ev["tunnel_id"].astype(np.uint32),
+            "outer_src_ip": _ips(ev["outer_src_ip"]).copy(),
+            "outer_dst_ip": _ips(ev["outer_dst_ip"]).copy(),
         }
     )
     return ColumnBatch("packet", {k: cols[k] for k in PACKET_SPECS}, PACKET_SPECS)

@@ -29,8 +29,9 @@ records. Here they become one row (docs/features.md, "Observation points"):
   or colons (the kernel refuses them), so the text splits unambiguously. The direction
   is how the initiator's packets crossed the interface: ``ingress`` (received on it),
   ``egress`` (sent out of it), ``ingress+egress`` (both, a packet routed back out of the
-  interface it came in on); where the interface saw only the responder's packets, the
-  opposite of theirs.
+  interface it came in on: the kernel counts it once, at ingress, bpf/flow.h
+  flow_hairpin); where the interface saw only the responder's packets, the opposite of
+  theirs.
 """
 
 from __future__ import annotations

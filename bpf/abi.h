@@ -166,6 +166,13 @@ struct win_event {
     __u8  ip_version;
     __u32 ifindex;
     __u32 last_size;     /* frame bytes of the last segment when segs > 1 */
+    /* the tunnel the packet was decapsulated from (bpf/tunnel.h), all zero when none;
+     * src_ip..proto above are then the inner packet's, size the outer frame's */
+    __u8  tunnel_type;   /* enum xdpml_tunnel */
+    __u8  _tpad[3];
+    __u32 tunnel_id;     /* VNI, GRE key, TEID, ESP SPI */
+    __u8  outer_src_ip[16];
+    __u8  outer_dst_ip[16];
 };
 
 /* Sampled per-packet record: seed 001's schema plus seed 004's header fields. */
@@ -194,7 +201,11 @@ struct pkt_event {
     __u8  tos;
     __u8  tcp_flags;
     __u8  hook;
-    __u8  _pad;
+    __u8  tunnel_type;   /* enum xdpml_tunnel of a decapsulated packet (then the header
+                          * fields above are the inner packet's, pkt_len the outer frame's) */
+    __u32 tunnel_id;     /* VNI, GRE key, TEID, ESP SPI */
+    __u8  outer_src_ip[16]; /* outer (tunnel) addresses, IPv4 mapped; zero when none */
+    __u8  outer_dst_ip[16];
 };
 
 /* Per-CPU counters: index into the counters array. User space sums CPUs. */
@@ -231,9 +242,9 @@ enum xdpml_counter {
     C_MODEL_ERR,          /* model walk reached no leaf / index out of range: not classified */
     /* tunnels (bpf/tunnel.h): every reason below leaves the packet in its outer flow */
     C_TUN_DECAP,          /* packets decapsulated: accounted to their inner flow */
-    C_TUN_TRUNC,          /* tunnel header cut short by the frame or the outer IP length */
+    C_TUN_TRUNC,          /* tunnel header cut short by the frame, the outer IP length or the outer UDP length */
     C_TUN_BAD_VXLAN,      /* VXLAN header without the I (valid VNI) flag */
-    C_TUN_BAD_GENEVE,     /* Geneve version != 0, or its options past the packet */
+    C_TUN_BAD_GENEVE,     /* Geneve version != 0, or its options past the packet (or the UDP length) */
     C_TUN_BAD_GRE,        /* GRE with routing/recursion/unknown flags or version != 0 */
     C_TUN_BAD_GTPU,       /* GTP-U version/PT wrong, or an extension header chain we do not follow */
     C_TUN_UNKNOWN_PROTO,  /* GRE/Geneve payload type not decoded (not IPv4, IPv6, Ethernet) */
@@ -244,6 +255,8 @@ enum xdpml_counter {
     C_RB_EARLY_FULL,      /* early ring buffer full: notice lost (the flow is exported at its timeouts) */
     C_ENF_DROPPED_BYTES,  /* frame bytes of the packets counted in C_ENF_DROPPED */
     C_ENF_WOULD_DROP_BYTES, /* frame bytes of the packets counted in C_ENF_WOULD_DROP */
+    C_HAIRPIN,            /* TC egress: packets routed back out of the interface they came in on,
+                           * already accounted by its ingress hook (only seen_at is updated) */
     C_COUNTERS_MAX,
 };
 

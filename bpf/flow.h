@@ -280,6 +280,39 @@ static __always_inline struct flow_value *flow_account(struct pkt_info *p, __u32
     return v;
 }
 
+/* TC egress of a packet that came in on this same interface (a hairpin): its ingress hook
+ * (TC ingress or XDP: every hook set with TC egress has one) already accounted it in this
+ * interface's entry, so only the egress side is recorded in that direction's seen_at.
+ * Returns 1 then; 0 when the entry's direction never saw an ingress packet (e.g. NAT on the
+ * way changed the 5-tuple): the packet is accounted as any other. */
+static __always_inline int flow_hairpin(struct pkt_info *p, __u32 ifindex)
+{
+    struct flow_key key;
+    int lo_to_hi = flow_key_fill(&key, p, ifindex);
+    struct flow_value *v = flows.lookup(&key);
+    if (!v)
+        return 0;
+    int again = 0;
+#if XDPML_FLOW_LOCK
+    bpf_spin_lock(&v->lock);
+#endif
+    if (lo_to_hi == v->init_lo_to_hi) {
+        again = v->dir[0].seen_at & XDPML_SEEN_INGRESS;
+        if (again)
+            v->dir[0].seen_at |= XDPML_SEEN_EGRESS;
+    } else {
+        again = v->dir[1].seen_at & XDPML_SEEN_INGRESS;
+        if (again)
+            v->dir[1].seen_at |= XDPML_SEEN_EGRESS;
+    }
+#if XDPML_FLOW_LOCK
+    bpf_spin_unlock(&v->lock);
+#endif
+    if (again)
+        count(C_HAIRPIN);
+    return again != 0;
+}
+
 static __always_inline void emit_events(struct pkt_info *p, __u32 ifindex, __u64 now,
                                         struct seg_info *g, __u32 frame_len, __u8 hook)
 {
@@ -299,6 +332,13 @@ static __always_inline void emit_events(struct pkt_info *p, __u32 ifindex, __u64
         w->proto = p->proto;
         w->ip_version = p->ip_version;
         w->ifindex = ifindex;
+        w->tunnel_type = p->tunnel_type;
+        w->_tpad[0] = 0;
+        w->_tpad[1] = 0;
+        w->_tpad[2] = 0;
+        w->tunnel_id = p->tunnel_id;
+        __builtin_memcpy(w->outer_src_ip, p->outer_src_ip, 16);
+        __builtin_memcpy(w->outer_dst_ip, p->outer_dst_ip, 16);
         win_events.ringbuf_submit(w, 0);
     } else {
         count(C_RB_WIN_FULL);
@@ -332,7 +372,10 @@ static __always_inline void emit_events(struct pkt_info *p, __u32 ifindex, __u64
             e->tos = p->tos;
             e->tcp_flags = p->tcp_flags;
             e->hook = hook;
-            e->_pad = 0;
+            e->tunnel_type = p->tunnel_type;
+            e->tunnel_id = p->tunnel_id;
+            __builtin_memcpy(e->outer_src_ip, p->outer_src_ip, 16);
+            __builtin_memcpy(e->outer_dst_ip, p->outer_dst_ip, 16);
             pkt_events.ringbuf_submit(e, 0);
             count(C_PKT_SAMPLED);
         } else {

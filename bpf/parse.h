@@ -49,7 +49,8 @@ struct pkt_info {
     __u8  l4_note;   /* counter for a packet put in its protocol's port-less flow, else 0 */
     /* tunnel.h: the outermost tunnel decapsulated (all zero when none) */
     __u8  tunnel_type; /* enum xdpml_tunnel; also the encrypted labels (wireguard, esp) */
-    __u8  _tpad[3];
+    __u8  _tpad;
+    __u16 udp_len;     /* UDP length field (set with the ports of a UDP packet, read only then) */
     __u32 tunnel_id;   /* VNI, GRE key, TEID (ESP: SPI) of the first decapsulated header */
     __u32 tunnel_vni;  /* VXLAN/Geneve VNI: part of the flow key (abi.h flow_key.vni) */
     __u8  outer_src_ip[16];
@@ -149,6 +150,7 @@ static __always_inline int parse_l4(void *data, void *l4, void *end, struct pkt_
             return l4_portless(p, C_ERR_TRUNC_L4);
         p->src_port = bpf_ntohs(uh->source);
         p->dst_port = bpf_ntohs(uh->dest);
+        p->udp_len = bpf_ntohs(uh->len);
         l4len = sizeof(*uh);
     } else if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
         /* type, code, checksum and 4 bytes of rest-of-header; ports stay 0

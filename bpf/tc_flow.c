@@ -48,6 +48,8 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
         count(rc);
         return TC_ACT_UNSPEC;
     }
+    if (hook == XDPML_HOOK_TC_EGRESS && skb->ingress_ifindex == skb->ifindex && flow_hairpin(p, skb->ifindex))
+        return TC_ACT_UNSPEC; /* counted, sampled and ruled on at this interface's ingress */
     __u64 now = bpf_ktime_get_ns();
     __u32 len = skb->len + vlan_extra;
     struct seg_info g = {.size = len, .last_size = len, .segs = 1};

@@ -201,6 +201,15 @@ static __always_inline int tunnel_detect(void *data, void *end, struct pkt_info 
 
     t->type = XDPML_TUNNEL_NONE;
     if (udp) {
+        /* the UDP length bounds the tunnel header too (RFC 768: header included; shorter
+         * than the IP payload, the rest is not the datagram's). 0 in an IPv6 jumbogram
+         * (payload length 0, RFC 2675): the IP payload bounds it then. */
+        __u32 ulen = p->udp_len;
+        if (ulen || p->ip_version != 6 || p->ip_len != 40) {
+            __u32 uroom = ulen > 8 ? ulen - 8 : 0;
+            if (uroom < room)
+                room = uroom;
+        }
         __u16 dport = p->dst_port;
 #if XDPML_DECAP_VXLAN
         if (vxlan_port(dport))

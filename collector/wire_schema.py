@@ -295,6 +295,17 @@ WINDOW = _t(
         ("proto_icmp", "u4", "packets", "feature", "ICMP and ICMPv6 packets"),
         ("proto_other", "u4", "packets", "feature", "packets of other IP protocols"),
         ("protocol_distribution", "O", "", "feature", "JSON object text: IP protocol number -> packets"),
+        (
+            "tunnel_packets",
+            "u4",
+            "packets",
+            "feature",
+            "packets decapsulated from a tunnel (not the wireguard / esp labelled ones: tunnel_distribution)",
+        ),
+        ("unique_tunnel_ids", "u4", "", "feature", "distinct (tunnel_type, tunnel_id) pairs among the tunnel_packets"),
+        ("unique_outer_src_ips", "u4", "", "feature", "distinct outer (tunnel) source addresses of the tunnel_packets"),
+        ("unique_outer_dst_ips", "u4", "", "feature", "distinct outer (tunnel) destination addresses"),
+        ("tunnel_distribution", "O", "", "feature", "JSON object text: tunnel_type -> packets, none included"),
     ]
 )
 
@@ -343,6 +354,17 @@ PACKET = _t(
         ("tcp_urgent_pointer", "u2", "", "feature", "TCP urgent pointer"),
         ("vlan_id", "u2", "", "feature", "outermost VLAN id, 0 untagged"),
         ("segs", "u2", "packets", "feature", "wire segments this record stands for (GSO), 1 normally"),
+        (
+            "tunnel_type",
+            "O",
+            "",
+            "key",
+            "tunnel the packet was decapsulated from (the header fields above then describe the inner packet, "
+            "pkt_len the outer frame), wireguard or esp (encrypted, not decapsulated); none",
+        ),
+        ("tunnel_id", "u4", "", "key", "VXLAN/Geneve VNI, GRE key, GTP-U TEID or ESP SPI; 0 if none"),
+        ("outer_src_ip", "S16", "", "key", "outer (tunnel) source address, IPv4 mapped; all zero if not decapsulated"),
+        ("outer_dst_ip", "S16", "", "key", "outer (tunnel) destination address"),
     ]
 )
 

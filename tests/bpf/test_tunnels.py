@@ -4,6 +4,8 @@ Packets are built with scapy; the expected flow (inner 5-tuple, tunnel type and 
 outer addresses, frame bytes) and the expected counters are written from the packet
 as built, never from the datapath. Every packet passes (XDP_PASS / TC_ACT_UNSPEC)."""
 
+import json
+
 import pytest
 from scapy.contrib.gtp import GTP_U_Header, GTPPDUSessionContainer
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -12,9 +14,11 @@ from scapy.layers.ipsec import ESP
 from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
+from xdpml.agent.events import RecordBuffer
+from xdpml.agent.features import WindowAccumulator, expand_segments, packet_columns
 
-from xdpml.config import AgentSettings, TunnelSettings
-from xdpml.datapath.abi import TUNNEL_TYPES
+from xdpml.config import AgentSettings, DatapathSettings, TunnelSettings, WindowSettings
+from xdpml.datapath.abi import TUNNEL_TYPES, PktEvent, WinEvent
 from xdpml.datapath.loader import TC_INGRESS_PROG, XDP_PROG, Datapath
 from xdpml.datapath.maps import FlowMap
 from xdpml.datapath.testrun import test_run as prog_test_run
@@ -569,3 +573,130 @@ def test_kind_switched_off_and_custom_port():
             outer=OUTER4,
             nbytes=len(nested),
         )
+
+
+# ---- the outer UDP length field ------------------------------------------------------------
+
+# name: packet, tunnel header bytes (Geneve: fixed 8 + options; GTP-U: 8 + 4 + extension)
+UDP_LENGTH = {k: (TRUNCATE[k][0], TRUNCATE[k][3]) for k in ("vxlan", "geneve", "vxlan over ipv6", "gtpu ext")}
+
+
+def with_udp_length(pkt, ulen: int) -> bytes:
+    """The packet with its outer UDP length field set to ulen: frame and IP length unchanged."""
+    raw = bytearray(bytes(pkt))
+    at = 14 + outer_ip_len(pkt) + 4
+    raw[at : at + 2] = ulen.to_bytes(2, "big")
+    return bytes(raw)
+
+
+def udp_length_cases():
+    for name, (_pkt, tun) in UDP_LENGTH.items():
+        for ulen in range(0, 8 + tun):
+            yield pytest.param(name, ulen, id=f"{name}-{ulen}")
+
+
+@pytest.mark.parametrize("name,ulen", list(udp_length_cases()))
+def test_udp_length_shorter_than_the_tunnel_header(run, name, ulen):
+    """A UDP length that ends inside the tunnel header (the frame and the IP length hold
+    all of it): the outer flow, counted; Geneve options past it are a bad Geneve header."""
+    pkt, tun = UDP_LENGTH[name]
+    raw = with_udp_length(pkt, ulen)
+    reason = "tun_bad_geneve" if name == "geneve" and ulen >= 8 + 8 else "tun_trunc"
+    delta, flows = run(raw)
+    assert delta == {"pkt_xdp": 1, "flow_new": 1, reason: 1}
+    k, v = one_flow(flows)
+    outer = OUTER6 if outer_ip_len(pkt) == 40 else OUTER4
+    assert {ip_to_str(bytes(k["lo_ip"])), ip_to_str(bytes(k["hi_ip"]))} == set(outer)
+    assert int(k["proto"]) == 17 and TUNNEL_TYPES[v["tunnel_type"]] == "none"
+    assert int(v["dir"][0]["bytes"]) == len(raw)
+
+
+@pytest.mark.parametrize("name", list(UDP_LENGTH))
+def test_udp_length_that_holds_the_tunnel_header(run, name):
+    """Exactly the header, the true length, and one past the IP payload (the IP length bounds
+    it then): each decapsulated; the TC hook checks the same field."""
+    pkt, tun = UDP_LENGTH[name]
+    true_len = len(bytes(pkt)) - 14 - outer_ip_len(pkt)
+    assert true_len == Ether(bytes(pkt))[UDP].len  # the length field scapy wrote: the datagram
+    for ulen in (8 + tun, true_len, true_len + 1, 0xFFFF):
+        delta, flows = run(with_udp_length(pkt, ulen))
+        assert delta == DECAP, (ulen, delta)
+        k, v = one_flow(flows)
+        assert {ip_to_str(bytes(k["lo_ip"])), ip_to_str(bytes(k["hi_ip"]))} == {I4["src"], I4["dst"]}
+        assert TUNNEL_TYPES[v["tunnel_type"]] == name.split()[0]
+    delta, flows = run(with_udp_length(pkt, 8 + tun - 1), prog=TC_INGRESS_PROG)
+    reason = "tun_bad_geneve" if name == "geneve" else "tun_trunc"
+    assert delta == {"pkt_tc_ingress": 1, "flow_new": 1, reason: 1}
+
+
+# ---- sampled packet records and window records ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sampled():
+    """Every packet sampled (pkt_events) and windowed (win_events)."""
+    s = settings()
+    s.datapath = DatapathSettings(sample_rate=1)
+    s.window = WindowSettings(packets=1000)
+    with Datapath(s) as d:
+        d.test_pkts = RecordBuffer(d.bpf, "pkt_events", PktEvent)
+        d.test_wins = RecordBuffer(d.bpf, "win_events", WinEvent)
+        yield d
+
+
+RECORD_KINDS = ["vxlan 4789", "vxlan over ipv6", "geneve", "6in4 (sit)", "gre key seq csum", "gretap", "gtpu"]
+
+
+def test_sampled_and_window_records_carry_the_tunnel(sampled):
+    """One packet of each kind plus a plain one and a WireGuard one, through XDP then TC:
+    each packet record names its own tunnel; the window over all of them counts them."""
+    d = sampled
+    make_run(d)  # empties the flow table
+    d.bpf.ring_buffer_consume()
+    d.test_pkts.take()
+    d.test_wins.take()
+    table = kinds()
+    plain = Ether(**ETH) / inner_udp4(sport=7, dport=8)
+    wg = Ether(**ETH) / IP(**O4) / UDP(sport=51820, dport=51820) / (b"w" * 148)
+    # (packet, inner src, inner dst, tunnel type, tunnel id, outer or None)
+    sent = []
+    for name in RECORD_KINDS:
+        pkt, ttype, tid, outer, iv = table[name]
+        inner = (I4["src"], I4["dst"]) if iv == 4 else (I6["src"], I6["dst"])
+        sent.append((pkt, *inner, ttype, tid, outer))
+    sent.append((plain, I4["src"], I4["dst"], "none", 0, None))
+    sent.append((wg, O4["src"], O4["dst"], "wireguard", 0, None))
+    for prog in (XDP_PROG, TC_INGRESS_PROG):
+        for s in sent:
+            rc, _ = prog_test_run(d.progs[prog].fd, bytes(s[0]))
+            assert rc == (XDP_PASS if prog == XDP_PROG else TC_ACT_UNSPEC)
+    d.bpf.ring_buffer_consume()
+    pkts, wins = d.test_pkts.take(), d.test_wins.take()
+    assert len(pkts) == len(wins) == 2 * len(sent)
+    cols = packet_columns(pkts, mono_to_unix_ns=0).columns
+    for i in range(len(pkts)):
+        pkt, src, dst, ttype, tid, outer = sent[i % len(sent)]
+        assert cols["hook"][i] == ("xdp" if i < len(sent) else "tc_ingress")
+        assert (ip_to_str(cols["src_ip"][i]), ip_to_str(cols["dst_ip"][i])) == (src, dst)
+        assert cols["pkt_len"][i] == len(pkt)  # the outer frame
+        assert (cols["tunnel_type"][i], int(cols["tunnel_id"][i])) == (ttype, tid)
+        got_outer = (bytes(cols["outer_src_ip"][i]).ljust(16, b"\0"), bytes(cols["outer_dst_ip"][i]).ljust(16, b"\0"))
+        if outer is None:
+            assert got_outer == (bytes(16), bytes(16))
+        else:
+            assert tuple(ip_to_str(x) for x in got_outer) == outer
+        if ttype not in ("none", "wireguard"):
+            assert (cols["src_port"][i], cols["dst_port"][i]) == (5000, 53)  # the inner UDP header
+    acc = WindowAccumulator(packets=len(wins), seconds=0, mono_to_unix_ns=0)
+    (w,) = acc.add(expand_segments(wins))
+    n_tun = 2 * len(RECORD_KINDS)  # decapsulated, in both hooks (wireguard is labelled, not opened)
+    assert w["buffer_size"] == 2 * len(sent)
+    assert w["tunnel_packets"] == n_tun
+    ids = {(s[3], s[4]) for s in sent if s[3] not in ("none", "wireguard")}
+    assert w["unique_tunnel_ids"] == len(ids)
+    assert w["unique_outer_src_ips"] == 2 and w["unique_outer_dst_ips"] == 2  # O4 and O6
+    dist = {}
+    for s in sent:
+        dist[s[3]] = dist.get(s[3], 0) + 2
+    assert json.loads(w["tunnel_distribution"]) == dist
+    assert w["avg_packet_size"] == sum(len(s[0]) for s in sent) / len(sent)  # frames on the wire

@@ -9,7 +9,8 @@ it; 63 once the node forwarded it).
 
 import pytest
 from harness import flow_between, running_agent
-from netns import SLOT, make_hosts, route_between, sh, udp_conversation
+from netns import SLOT, _teardown, make_hosts, route_between, sh, udp_conversation
+from netns import TestHost as NsHost  # not a test class
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 ETH, IP4, UDP = 14, 20, 8
@@ -153,3 +154,57 @@ def test_per_interface_across_the_overlay_gives_three_exact_records(overlay):
     assert (u["src2dst_bytes"], u["dst2src_bytes"]) == (sum(FWD) + VXLAN * len(FWD), sum(REV) + VXLAN * len(REV))
     assert (u["tunnel_type"], u["tunnel_id"], u["outer_src_ip"]) == ("vxlan", vni, remote.host_ip)
     assert by_if[vx]["seen_on"] == f"{vx}:egress" and u["seen_on"] == f"{remote.host_if}:egress"
+
+
+@pytest.fixture(scope="module")
+def hairpin():
+    """Pods A and B behind one veth of the node: both live behind a namespace S (a switch or
+    a second node) whose policy routing sends every pod packet up to the node, which routes
+    it back out of the same veth (a hairpin). The node's veth sees each packet twice: at TC
+    ingress and again at TC egress."""
+    with make_hosts(93, ipv6=False) as (s,):
+        pods = [NsHost(193), NsHost(194)]
+        try:
+            s.run(
+                "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 "
+                "net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0"
+            )
+            for p, dev in zip(pods, ("pa", "pb"), strict=True):
+                _teardown(p)
+                sh(f"ip netns add {p.ns}")
+                p.run("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
+                s.run(f"ip link add {dev} type veth peer name eth0 netns {p.ns}")
+                s.run(f"sysctl -qw net.ipv6.conf.{dev}.disable_ipv6=1 net.ipv4.conf.{dev}.rp_filter=0")
+                s.run(f"ip addr add {p.host_ip}/24 dev {dev}")
+                s.run(f"ip link set {dev} up")
+                p.run(f"ip addr add {p.ns_ip}/24 dev eth0")
+                p.run("ip link set eth0 up")
+                p.run("ip link set lo up")
+                p.run(f"ip route add default via {p.host_ip}")
+                s.run(f"ip rule add iif {dev} lookup 100 priority 100")  # up to the node, always
+                sh(f"ip route add {p.ns_ip.rsplit('.', 1)[0]}.0/24 via {s.ns_ip} dev {s.host_if}")
+            s.run(f"ip route add default via {s.host_ip} dev eth0 table 100")
+            sh(f"sysctl -qw net.ipv4.conf.{s.host_if}.forwarding=1")
+            yield s, pods[0], pods[1]
+        finally:
+            for p in pods:
+                _teardown(p)
+
+
+def test_hairpin_is_ingress_plus_egress_on_one_veth_counted_once(hairpin):
+    s, a, b = hairpin
+    port = 47005
+    with running_agent([s.host_if], idle_timeout_s=1.0) as (agent, sink):
+        converse(a, b, port)
+        sink.wait_rows("flow", flow_between(a.ns_ip, b.ns_ip, 17, port))
+        kernel = agent.datapath.counters()
+    rows = [r for r in sink.rows("flow") if flow_between(a.ns_ip, b.ns_ip, 17, port)(r)]
+    assert len(rows) == 1, rows
+    r = rows[0]
+    assert (r["src_ip"], r["dst_ip"], r["dst_port"]) == (a.ns_ip, b.ns_ip, port)
+    exact_counts(r)  # once per packet, though the veth's hooks saw each one twice
+    assert r["interface"] == s.host_if and r["observation_points"] == 1
+    assert r["seen_on"] == f"{s.host_if}:ingress+egress"
+    # the first sighting is ingress: after S forwarded it (64 - 1), before the node did
+    assert (r["src2dst_ttl"], r["dst2src_ttl"]) == (63, 63)
+    assert kernel["hairpin"] == len(SEND) + len(REPLY)

@@ -8,17 +8,19 @@ are frames built with scapy and sent over the same veth from both ends (AF_PACKE
 real packets through the real hooks and the whole agent pipeline, counted as sent.
 Expected sizes are computed from the headers each frame carries on the wire."""
 
+import json
 import socket
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 
 import pytest
 from harness import MemorySink, flow_between
 from netns import SLOT, make_hosts, sh
 from xdpml.agent.pipeline import Agent
 
-from xdpml.config import AgentSettings, HarvestSettings, InterfaceSettings
+from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 ETH, IP4, IP6, UDP, VXLAN, ICMP = 14, 20, 40, 8, 8, 8
@@ -26,42 +28,54 @@ VNI = 100000 + SLOT * 100 + 1  # not another checkout's VNI on the root namespac
 INNER_ROOT, INNER_NS = f"100.{64 + SLOT}.1.1", f"100.{64 + SLOT}.1.2"
 
 
+@contextmanager
+def vxlan_overlay(h, vx: str, vni: int = VNI, inner: tuple[str, str] = (INNER_ROOT, INNER_NS)):
+    """A kernel vxlan device at each end of h's veth (vni, port 4789), the overlay
+    addresses inner (root side, namespace side) on them, static neighbours: no ARP in the tunnel."""
+    root_ip, ns_ip = inner
+    sh(f"ip link del {vx}", check=False)
+    try:
+        sh(f"ip link add {vx} type vxlan id {vni} local {h.host_ip} remote {h.ns_ip} dstport 4789 dev {h.host_if}")
+        h.run(f"ip link add vx0 type vxlan id {vni} local {h.ns_ip} remote {h.host_ip} dstport 4789 dev eth0")
+        sh(f"sysctl -qw net.ipv6.conf.{vx}.disable_ipv6=1")
+        h.run("sysctl -qw net.ipv6.conf.vx0.disable_ipv6=1")
+        sh(f"ip addr add {root_ip}/24 dev {vx}")
+        h.run(f"ip addr add {ns_ip}/24 dev vx0")
+        sh(f"ip link set {vx} up")
+        h.run("ip link set vx0 up")
+        mac_root = open(f"/sys/class/net/{vx}/address").read().strip()
+        mac_ns = h.run("cat /sys/class/net/vx0/address", capture=True).strip()
+        sh(f"ip neigh replace {ns_ip} lladdr {mac_ns} dev {vx} nud permanent")
+        h.run(f"ip neigh replace {root_ip} lladdr {mac_root} dev vx0 nud permanent")
+        yield
+    finally:
+        sh(f"ip link del {vx}", check=False)
+
+
+@contextmanager
+def tc_agent(h, *, sample_rate: int = 0):
+    settings = AgentSettings(
+        interfaces=InterfaceSettings(names=[h.host_if]),
+        datapath=DatapathSettings(sample_rate=sample_rate),
+        # idle 4 s: the two directions come from two processes started one after
+        # the other, which a busy machine may delay by a second or more
+        harvest=HarvestSettings(idle_timeout_s=4.0, interval_s=0.2),
+        summary_interval_s=0,
+    )
+    settings.enforce.pin_dir = ""  # this test's own maps, no shared pins
+    sink = MemorySink()
+    agent = Agent(settings, interfaces=[h.host_if], sinks=[sink]).start(attach_timeout_s=90)
+    try:
+        yield agent, sink
+    finally:
+        agent.stop()
+        assert agent.error is None, agent.error
+
+
 @pytest.fixture(scope="module")
 def env():
-    with make_hosts(41) as (h,):
-        vx = f"xt{SLOT}vx"
-        sh(f"ip link del {vx}", check=False)
-        try:
-            sh(f"ip link add {vx} type vxlan id {VNI} local {h.host_ip} remote {h.ns_ip} dstport 4789 dev {h.host_if}")
-            h.run(f"ip link add vx0 type vxlan id {VNI} local {h.ns_ip} remote {h.host_ip} dstport 4789 dev eth0")
-            sh(f"sysctl -qw net.ipv6.conf.{vx}.disable_ipv6=1")
-            h.run("sysctl -qw net.ipv6.conf.vx0.disable_ipv6=1")
-            sh(f"ip addr add {INNER_ROOT}/24 dev {vx}")
-            h.run(f"ip addr add {INNER_NS}/24 dev vx0")
-            sh(f"ip link set {vx} up")
-            h.run("ip link set vx0 up")
-            # static neighbours on the overlay too: no ARP inside the tunnel
-            mac_root = open(f"/sys/class/net/{vx}/address").read().strip()
-            mac_ns = h.run("cat /sys/class/net/vx0/address", capture=True).strip()
-            sh(f"ip neigh replace {INNER_NS} lladdr {mac_ns} dev {vx} nud permanent")
-            h.run(f"ip neigh replace {INNER_ROOT} lladdr {mac_root} dev vx0 nud permanent")
-            settings = AgentSettings(
-                interfaces=InterfaceSettings(names=[h.host_if]),
-                # idle 4 s: the two directions come from two processes started one after
-                # the other, which a busy machine may delay by a second or more
-                harvest=HarvestSettings(idle_timeout_s=4.0, interval_s=0.2),
-                summary_interval_s=0,
-            )
-            settings.enforce.pin_dir = ""  # this test's own maps, no shared pins
-            sink = MemorySink()
-            agent = Agent(settings, interfaces=[h.host_if], sinks=[sink]).start(attach_timeout_s=90)
-            try:
-                yield h, sink
-            finally:
-                agent.stop()
-                assert agent.error is None, agent.error
-        finally:
-            sh(f"ip link del {vx}", check=False)
+    with make_hosts(41) as (h,), vxlan_overlay(h, f"xt{SLOT}vx"), tc_agent(h, sample_rate=1) as (_, sink):
+        yield h, sink
 
 
 def outer_of(r):
@@ -82,6 +96,17 @@ def test_vxlan_ping_inner_flow_exact(env):
     assert (r["src2dst_min_ps"], r["dst2src_max_ps"]) == (frame, frame)
     assert r["src2dst_ttl"] == 64  # the inner packet's header
     assert outer_of(r) == ("vxlan", VNI, h.ns_ip, h.host_ip)
+    # every packet is sampled (sample_rate 1): each record names its own tunnel, the
+    # requests' outer addresses one way and the replies' the other
+    for src, dst, hook in ((INNER_NS, INNER_ROOT, "tc_ingress"), (INNER_ROOT, INNER_NS, "tc_egress")):
+        pk = sink.wait_rows(
+            "packet", lambda p, a=src, b=dst: (p["src_ip"], p["dst_ip"], p["protocol"]) == (a, b, 1), count=n
+        )
+        assert len(pk) == n, pk
+        for p in pk:
+            assert (p["hook"], p["pkt_len"], p["ip_total_length"]) == (hook, frame, IP4 + ICMP + size)
+            outer = (h.ns_ip, h.host_ip) if hook == "tc_ingress" else (h.host_ip, h.ns_ip)
+            assert outer_of(p) == ("vxlan", VNI, *outer)
 
 
 def test_vxlan_udp_request_response_exact(env):
@@ -300,3 +325,105 @@ def test_against_nfstream_on_a_pcap_of_the_tunnels(env, tmp_path):
             "bidirectional_max_ps",
         ):
             assert ours[col] == t[col], (kind, col, ours[col], t[col])
+
+
+# ---- GSO through the tunnel: TC egress on the underlay sees UDP-tunnel super-packets ------
+
+CAPTURE = r"""
+import json, socket, struct, sys
+port, marker = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
+s.bind(("eth0", 0))
+print("ready", flush=True)
+got = {"in": [0, 0, 0], "out": [0, 0, 0]}  # packets, frame bytes, largest frame
+while True:
+    f, addr = s.recvfrom(1 << 17)
+    if len(f) < 34 or f[12:14] != b"\x08\x00" or f[23] != 17:
+        continue
+    u = 14 + (f[14] & 15) * 4
+    dport = struct.unpack("!H", f[u + 2 : u + 4])[0]
+    if dport == marker:
+        break
+    i = u + 8 + 8 + 14  # UDP, VXLAN, inner Ethernet: the inner IPv4 header
+    if dport != 4789 or len(f) < i + 24 or f[i + 9] != 6:
+        continue
+    t = i + (f[i] & 15) * 4
+    if port not in struct.unpack("!HH", f[t : t + 4]):
+        continue
+    g = got["out" if addr[2] == 4 else "in"]  # PACKET_OUTGOING
+    g[0] += 1
+    g[1] += len(f)
+    g[2] = max(g[2], len(f))
+drops = struct.unpack("II", s.getsockopt(263, 6, 8))[1]  # SOL_PACKET, PACKET_STATISTICS
+print(json.dumps({"got": got, "drops": drops}), flush=True)
+"""
+
+SERVER = r"""
+import socket, sys
+srv = socket.socket()
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(1)
+print("listening", flush=True)
+c, _ = srv.accept()
+while c.recv(1 << 16):
+    pass
+c.close()
+"""
+
+
+def test_gso_through_vxlan_counts_wire_segments_at_tc_egress():
+    """TCP over the kernel's vxlan device with offloads on: the underlay veth's TC egress gets
+    UDP-tunnel GSO super-packets (the gso_segs counter moves), segmented after it because the
+    veth's tunnel segmentation is off. The inner flow's packets and bytes in each direction
+    must equal the VXLAN frames of that flow captured (AF_PACKET, GRO off) on the other end."""
+    port, marker, size = 44000 + SLOT, 44100 + SLOT, 3_000_000
+    # not the module's overlay (it may be up): its own VNI on port 4789, its own addresses
+    vni, root_ip, ns_ip = VNI + 1, f"100.{64 + SLOT}.2.1", f"100.{64 + SLOT}.2.2"
+    with make_hosts(43, offloads=True, ipv6=False) as (h,), vxlan_overlay(h, f"xt{SLOT}vg", vni, (root_ip, ns_ip)):
+        sh(f"ethtool -K {h.host_if} tx-udp_tnl-segmentation off tx-udp_tnl-csum-segmentation off")
+        h.run("ethtool -K eth0 gro off")
+        stats = f"/sys/class/net/{h.host_if}/statistics/tx_dropped"
+        dropped = int(open(stats).read())
+        with tc_agent(h) as (agent, sink):
+            cap = h.popen(
+                ["/usr/bin/python3", "-c", CAPTURE, str(port), str(marker)], stdout=subprocess.PIPE, text=True
+            )
+            srv = h.popen(["/usr/bin/python3", "-c", SERVER, ns_ip, str(port)], stdout=subprocess.PIPE, text=True)
+            try:
+                assert cap.stdout.readline().strip() == "ready"
+                assert srv.stdout.readline().strip() == "listening"
+                c = socket.socket()
+                # at most ~128 KiB in flight: never more than the peer's backlog can queue
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+                c.connect((ns_ip, port))
+                c.sendall(b"g" * size)
+                c.shutdown(socket.SHUT_WR)
+                c.settimeout(30)
+                assert c.recv(1) == b""  # the server read everything and closed
+                c.close()
+                assert srv.wait(30) == 0
+                rows = sink.wait_rows("flow", flow_between(root_ip, ns_ip, 6, port), timeout=40)
+                m = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                m.sendto(b"end", (h.ns_ip, marker))  # after every frame of the flow: the capture's end
+                m.close()
+                out, _ = cap.communicate(timeout=30)
+            finally:
+                for p in (cap, srv):
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+            kernel = agent.datapath.counters()
+        assert int(open(stats).read()) == dropped  # nothing lost between the hook and the peer
+    res = json.loads(out)
+    assert res["drops"] == 0
+    fwd, rev = res["got"]["in"], res["got"]["out"]
+    assert fwd[2] <= 1514 and fwd[0] > size // 1500  # segmented: wire-sized VXLAN frames
+    assert kernel["gso_segs"] > 0  # TC egress saw super-packets
+    assert len(rows) == 1, rows
+    r = rows[0]
+    assert (r["src_ip"], r["dst_port"]) == (root_ip, port)
+    assert (r["src2dst_packets"], r["src2dst_bytes"]) == (fwd[0], fwd[1])
+    assert (r["dst2src_packets"], r["dst2src_bytes"]) == (rev[0], rev[1])
+    assert r["src2dst_max_ps"] == fwd[2]
+    assert outer_of(r) == ("vxlan", vni, h.host_ip, h.ns_ip)

@@ -1,5 +1,7 @@
 """Pure feature functions on hand-built kernel records (no kernel needed)."""
 
+import json
+
 import numpy as np
 import pytest
 from xdpml.agent.features import WindowAccumulator, expand_segments, flow_columns
@@ -142,6 +144,10 @@ def test_window_accumulator_gso_expansion_and_cuts():
             ("ifindex", "u4"),
             ("segs", "u2"),
             ("last_size", "u4"),
+            ("tunnel_type", "u1"),
+            ("tunnel_id", "u4"),
+            ("outer_src_ip", "S16"),
+            ("outer_dst_ip", "S16"),
         ],
     )
     ev["ts_ns"] = [0, 1_000_000, 2_000_000]
@@ -154,6 +160,49 @@ def test_window_accumulator_gso_expansion_and_cuts():
     assert [w["buffer_size"] for w in wins] == [2, 2]
     assert wins[0]["avg_packet_size"] == 807 and wins[1]["median_packet_size"] == 1007
     assert [w["buffer_size"] for w in acc.flush()] == [1]
+
+
+def test_window_tunnel_columns_count_per_wire_packet():
+    """A GSO record through a VXLAN tunnel stands for 3 tunnelled packets; wireguard is a
+    label (an outer packet), counted in the distribution only."""
+    from xdpml.datapath.abi import TUNNEL_TYPES
+
+    vx, gre, wg = (TUNNEL_TYPES.index(t) for t in ("vxlan", "gre", "wireguard"))
+    a, b, c = (bytes(15) + bytes([i]) for i in (1, 2, 3))
+    ev = np.zeros(
+        5,
+        dtype=[
+            ("ts_ns", "u8"),
+            ("size", "u4"),
+            ("payload", "u4"),
+            ("proto", "u1"),
+            ("src_ip", "S16"),
+            ("dst_ip", "S16"),
+            ("src_port", "u2"),
+            ("dst_port", "u2"),
+            ("ifindex", "u4"),
+            ("segs", "u2"),
+            ("last_size", "u4"),
+            ("tunnel_type", "u1"),
+            ("tunnel_id", "u4"),
+            ("outer_src_ip", "S16"),
+            ("outer_dst_ip", "S16"),
+        ],
+    )
+    ev["ts_ns"] = [0, 1, 2, 3, 4]
+    ev["size"] = ev["last_size"] = 100
+    ev["segs"] = [3, 1, 1, 1, 1]
+    ev["ifindex"] = 1
+    ev["tunnel_type"] = [vx, vx, gre, 0, wg]
+    ev["tunnel_id"] = [7, 8, 7, 0, 0]
+    ev["outer_src_ip"] = [a, b, a, b"", b""]
+    ev["outer_dst_ip"] = [c, c, c, b"", b""]
+    (w,) = WindowAccumulator(packets=7, seconds=0, mono_to_unix_ns=0).add(expand_segments(ev))
+    assert w["buffer_size"] == 7
+    assert w["tunnel_packets"] == 5  # 3 segments + 1 vxlan + 1 gre
+    assert w["unique_tunnel_ids"] == 3  # (vxlan, 7), (vxlan, 8), (gre, 7)
+    assert (w["unique_outer_src_ips"], w["unique_outer_dst_ips"]) == (2, 1)
+    assert json.loads(w["tunnel_distribution"]) == {"vxlan": 4, "gre": 1, "none": 1, "wireguard": 1}
 
 
 def test_harvester_exports_quiet_flows_early_when_the_table_is_nearly_full():

@@ -79,6 +79,11 @@ class WinEvent(C.Structure):
         ("ip_version", u8),
         ("ifindex", u32),
         ("last_size", u32),
+        ("tunnel_type", u8),
+        ("_tpad", u8 * 3),
+        ("tunnel_id", u32),
+        ("outer_src_ip", u8 * 16),
+        ("outer_dst_ip", u8 * 16),
     ]
 
 
@@ -108,7 +113,10 @@ class PktEvent(C.Structure):
         ("tos", u8),
         ("tcp_flags", u8),
         ("hook", u8),
-        ("_pad", u8),
+        ("tunnel_type", u8),
+        ("tunnel_id", u32),
+        ("outer_src_ip", u8 * 16),
+        ("outer_dst_ip", u8 * 16),
     ]
 
 
@@ -248,6 +256,7 @@ COUNTERS = (
     "rb_early_full",
     "enf_dropped_bytes",
     "enf_would_drop_bytes",
+    "hairpin",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 
