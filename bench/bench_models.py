@@ -204,11 +204,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--swaps", type=int, default=200)
-    ap.add_argument("--section", choices=("cost", "codegen", "swap"), action="append")
+    ap.add_argument("--section", choices=("cost", "overhead", "codegen", "swap"), action="append")
     a = ap.parse_args()
     sections = a.section or ["cost", "codegen", "swap"]
     if "cost" in sections:
         section_cost(a)
+    if "overhead" in sections:
+        section_overhead(a)
     if "codegen" in sections:
         section_codegen(a)
     if "swap" in sections:
@@ -263,6 +265,63 @@ def section_cost(a) -> None:
                 d, o = mean_ns(fdm, frames, a.repeat), mean_ns(fdm, frames[:1], a.repeat * 50)
                 rows.append((name, d, o, f"{d - b_dist:+.0f}", f"{o - b_one:+.0f}"))
     print("| variant | ns/packet, 1000 distinct | ns/packet, one repeated | added (distinct) | added (one) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]} | {r[4]} |")
+
+
+def section_overhead(a) -> None:
+    """Where the added cost goes: an empty slot (lookups, key, no walk), stumps on 1 and on
+    16 inputs (feature extraction), a depth-10 tree, a linear model on 1 and 16 inputs."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.tree import DecisionTreeClassifier
+
+    from bench import model_zoo as zoo
+    from bench.bench_datapath import tcp_frames
+    from xdpml.config import AgentSettings
+    from xdpml.datapath.loader import TC_INGRESS_PROG, Datapath
+    from xdpml.models import layout as L
+    from xdpml.models.compiler import compile_model
+    from xdpml.models.kernel import ModelSlots
+
+    frames = tcp_frames(a.frames)
+    _, X = zoo.dataset(20000, seed=1)
+    y = zoo.labels(X)
+    noise = np.random.default_rng(0).integers(0, 2, len(y))
+    Xf = X.astype(float)
+    one = ["tcp_window_size"]
+    Xone = Xf[:, [zoo.NAMES.index(one[0])]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = [
+            ("tree depth 1, 1 input", DecisionTreeClassifier(max_depth=1).fit(Xone, noise), one),
+            ("tree depth 1, 16 inputs", DecisionTreeClassifier(max_depth=1).fit(Xf, noise), zoo.NAMES),
+            (
+                "tree depth 10, 16 inputs",
+                DecisionTreeClassifier(max_depth=10, random_state=0).fit(Xf, noise),
+                zoo.NAMES,
+            ),
+            ("logistic regression, 1 input", LogisticRegression().fit(Xone, y > 1), one),
+            ("logistic regression, 16 inputs", LogisticRegression(max_iter=300).fit(Xf, y > 1), zoo.NAMES),
+        ]
+    lim = L.Limits(depth=12, trees=16, nodes=8192, leaf_values=8192)
+    rows = []
+    with Datapath(AgentSettings()) as base:
+        fd = base.progs[TC_INGRESS_PROG].fd
+        mean_ns(fd, frames[:50], 10)
+        b_dist, b_one = mean_ns(fd, frames, a.repeat), mean_ns(fd, frames[:1], a.repeat * 50)
+        rows.append(("flow program, no model (baseline)", b_dist, b_one, "", ""))
+        with Datapath(AgentSettings(), model_limits=lim) as dp:
+            slots = ModelSlots.of(dp.bpf, lim)
+            fdm = dp.progs[TC_INGRESS_PROG].fd
+            mean_ns(fdm, frames, 1)
+            d, o = mean_ns(fdm, frames, a.repeat), mean_ns(fdm, frames[:1], a.repeat * 50)
+            rows.append(("-DXDPML_MODEL=1, empty slot (no model)", d, o, f"{d - b_dist:+.0f}", f"{o - b_one:+.0f}"))
+            for name, model, names in models:
+                slots.swap(compile_model(model, names, limits=lim).pack(lim))
+                d, o = mean_ns(fdm, frames, a.repeat), mean_ns(fdm, frames[:1], a.repeat * 50)
+                rows.append((name, d, o, f"{d - b_dist:+.0f}", f"{o - b_one:+.0f}"))
+    print("| variant | ns/packet, distinct | ns/packet, one repeated | added (distinct) | added (one) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]} | {r[4]} |")
