@@ -1,7 +1,7 @@
 """Added per-packet cost of a model in the kernel, side by side in one run; the
 table walk against a SkimXDP-style generated if/else tree; swap and load times.
 
-    python -m bench.bench_models [--repeat N] [--section cost|codegen|swap]
+    python -m bench.bench_models [--repeat N] [--section cost|overhead|codegen|swap|veth]
 
 Run as root. BPF_PROG_TEST_RUN on the TC ingress flow program (SCHED_CLS: no XDP
 dispatcher round trip per call) compiled without a model and with -DXDPML_MODEL=1,
@@ -14,6 +14,17 @@ from the compiled tree) compiled into the same program in place of the table wal
 both programs get the same features, lookups and counters, on 1,000 distinct random
 packets (bench/model_packets.py) and on one repeated.
 
+overhead: where the added cost goes: an empty slot, a stump on 1 and on 16 inputs,
+a depth-10 tree, a linear model on 1 and on 16 inputs. cost and overhead measure each
+model in two builds of the same limits: the class stored through the flow entry's
+pointer (Limits.flow_ptr, these small limits) and by a second flow lookup (the
+default limits' build).
+
+veth (not in the default sections): the agent's real pipeline (TC hooks) on a test veth
+with a stump on dst_port loaded from a file, iperf3 UDP floods of 64-byte frames at each
+--veth-pps; packets on the veth against the kernel's class counters; then 20 swaps on
+the running agent (ModelSlots.swap on the pinned slots).
+
 swap: a forest of about 10,000 nodes: compile, pack, write the idle slot (the whole
 model is one map value: one BPF_MAP_UPDATE_ELEM, so a batch would hold one element)
 and flip the active index (one update of model_ctl).
@@ -25,6 +36,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -205,7 +217,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--swaps", type=int, default=200)
-    ap.add_argument("--section", choices=("cost", "overhead", "codegen", "swap"), action="append")
+    ap.add_argument("--veth-pps", type=int, nargs="+", default=[50_000, 200_000, 1_000_000], help="veth: offered rates")
+    ap.add_argument("--veth-packets", type=int, default=200_000, help="veth: packets per rate")
+    ap.add_argument("--section", choices=("cost", "overhead", "codegen", "swap", "veth"), action="append")
     a = ap.parse_args()
     sections = a.section or ["cost", "codegen", "swap"]
     if "cost" in sections:
@@ -216,6 +230,8 @@ def main() -> int:
         section_codegen(a)
     if "swap" in sections:
         section_swap(a)
+    if "veth" in sections:
+        section_veth(a)
     return 0
 
 
@@ -345,6 +361,102 @@ def section_overhead(a) -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]} | {r[4]} |")
+
+
+VETH_HOST = 91  # test host xdpml-test-91 (bench_datapath uses 90; tests use lower indices)
+VETH_PORT_LOW, VETH_PORT_HIGH = 5291, 5292
+
+
+def section_veth(a) -> None:
+    """The agent's real pipeline on a veth (TC hooks) with a depth-1 tree on dst_port loaded
+    from a file; iperf3 UDP floods (64-byte frames) to two ports in turn; the kernel's class
+    counters against the interface's packet counter, then swaps on the running agent."""
+    import joblib
+    from sklearn.tree import DecisionTreeClassifier
+    from xdpml.agent.pipeline import Agent
+
+    from bench.bench_datapath import _if_packets
+    from xdpml.config import AgentSettings, EnforceSettings, InterfaceSettings, ModelSettings
+    from xdpml.lab import make_hosts
+    from xdpml.models.cli_commands import compile_file
+    from xdpml.models.kernel import ModelSlots
+
+    class NullSink:
+        def write(self, batch) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    tmp = Path(tempfile.mkdtemp(prefix="xdpml-bench-veth-"))
+    bpffs = tmp / "bpffs"
+    bpffs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    try:
+        est = DecisionTreeClassifier().fit([[VETH_PORT_LOW], [VETH_PORT_HIGH]], [0, 1])
+        model = str(tmp / "tree.joblib")
+        joblib.dump(est, model)
+        pin = str(bpffs / "agent")
+        with make_hosts(VETH_HOST, ipv6=False) as (h,):
+            s = AgentSettings(
+                interfaces=InterfaceSettings(names=[h.host_if], hooks="tc"),
+                enforce=EnforceSettings(pin_dir=pin),
+                model=ModelSettings(file=model, features=["dst_port"]),
+                summary_interval_s=0,
+            )
+            agent = Agent(s, interfaces=[h.host_if], sinks=[NullSink()]).start(attach_timeout_s=240)
+            try:
+                slots = ModelSlots.pinned(pin)
+                try:
+                    rows = []
+                    for rate in a.veth_pps:
+                        c0 = slots.class_counts().sum()
+                        before = _if_packets(h.host_if)
+                        t0 = time.monotonic()
+                        for port in (VETH_PORT_LOW, VETH_PORT_HIGH):  # one iperf3 server per class
+                            server = subprocess.Popen(
+                                ["iperf3", "-s", "-1", "-B", h.host_ip, "-p", str(port)],
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                            )
+                            try:
+                                time.sleep(0.3)  # the server's socket is bound
+                                h.run(
+                                    f"iperf3 -c {h.host_ip} -p {port} -u -l 22 -b {rate * 22 * 8} "
+                                    f"-k {a.veth_packets // 2} --connect-timeout 3000 >/dev/null"
+                                )
+                            finally:
+                                server.terminate()
+                                server.wait(10)
+                        wall = time.monotonic() - t0
+                        got = int(slots.class_counts().sum() - c0)
+                        rows.append((rate, _if_packets(h.host_if) - before, got, wall))
+                    lim = slots.limits
+                    c = compile_file(model, ["dst_port"], lim).pack(lim)
+                    times = []
+                    for _ in range(a.swaps // 10):
+                        t = time.perf_counter_ns()
+                        slots.swap(c)
+                        times.append((time.perf_counter_ns() - t) / 1e3)
+                finally:
+                    slots.close()
+            finally:
+                agent.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(bpffs)], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        "| offered (iperf3 -b) | packets on the veth | classified by the kernel | wall (two iperf3 runs, "
+        "start-up included) | classified/s over the wall |"
+    )
+    print("|---|---|---|---|---|")
+    for rate, seen, got, wall in rows:
+        print(f"| {rate:,} pkt/s | {seen:,} | {got:,} | {wall:.1f} s | {got / wall:,.0f} |")
+    t = np.array(times)
+    print(
+        f"swap on the running agent (ModelSlots.swap: the grace wait when needed, the slot write, the flip), "
+        f"{len(t)} swaps: median {np.median(t):.0f} us, max {t.max():.0f} us"
+    )
 
 
 if __name__ == "__main__":
