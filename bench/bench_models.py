@@ -1,7 +1,7 @@
 """Added per-packet cost of a model in the kernel, side by side in one run; the
 table walk against a SkimXDP-style generated if/else tree; swap and load times.
 
-    python -m bench.bench_models [--repeat N] [--section cost|codegen|swap]
+    python -m bench.bench_models [--repeat N] [--section cost|overhead|codegen|swap|veth]
 
 Run as root. BPF_PROG_TEST_RUN on the TC ingress flow program (SCHED_CLS: no XDP
 dispatcher round trip per call) compiled without a model and with -DXDPML_MODEL=1,
@@ -14,6 +14,17 @@ from the compiled tree) compiled into the same program in place of the table wal
 both programs get the same features, lookups and counters, on 1,000 distinct random
 packets (bench/model_packets.py) and on one repeated.
 
+overhead: where the added cost goes: an empty slot, a stump on 1 and on 16 inputs,
+a depth-10 tree, a linear model on 1 and on 16 inputs. cost and overhead measure each
+model in two builds of the same limits: the class stored through the flow entry's
+pointer (Limits.flow_ptr, these small limits) and by a second flow lookup (the
+default limits' build).
+
+veth (not in the default sections): the agent's real pipeline (TC hooks) on a test veth
+with a stump on dst_port loaded from a file, iperf3 UDP floods of 64-byte frames at each
+--veth-pps; packets on the veth against the kernel's class counters; then 20 swaps on
+the running agent (ModelSlots.swap on the pinned slots).
+
 swap: a forest of about 10,000 nodes: compile, pack, write the idle slot (the whole
 model is one map value: one BPF_MAP_UPDATE_ELEM, so a batch would hold one element)
 and flip the active index (one update of model_ctl).
@@ -22,8 +33,10 @@ and flip the active index (one update of model_ctl).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -204,15 +217,21 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--swaps", type=int, default=200)
-    ap.add_argument("--section", choices=("cost", "codegen", "swap"), action="append")
+    ap.add_argument("--veth-pps", type=int, nargs="+", default=[50_000, 200_000, 1_000_000], help="veth: offered rates")
+    ap.add_argument("--veth-packets", type=int, default=200_000, help="veth: packets per rate")
+    ap.add_argument("--section", choices=("cost", "overhead", "codegen", "swap", "veth"), action="append")
     a = ap.parse_args()
     sections = a.section or ["cost", "codegen", "swap"]
     if "cost" in sections:
         section_cost(a)
+    if "overhead" in sections:
+        section_overhead(a)
     if "codegen" in sections:
         section_codegen(a)
     if "swap" in sections:
         section_swap(a)
+    if "veth" in sections:
+        section_veth(a)
     return 0
 
 
@@ -253,19 +272,191 @@ def section_cost(a) -> None:
         mean_ns(fd, frames[:50], 10)  # create the flows: every measured run is a flow update
         b_dist, b_one = mean_ns(fd, frames, a.repeat), mean_ns(fd, frames[:1], a.repeat * 50)
         rows.append(("flow program, no model (baseline)", b_dist, b_one, "", ""))
-        with Datapath(AgentSettings(), model_limits=lim) as dp:
-            slots = ModelSlots.of(dp.bpf, lim)
-            fdm = dp.progs[TC_INGRESS_PROG].fd
-            mean_ns(fdm, frames, 1)
-            for name, model in models:
-                c = compile_model(model, zoo.NAMES, limits=lim)
-                slots.swap(c.pack(lim))
-                d, o = mean_ns(fdm, frames, a.repeat), mean_ns(fdm, frames[:1], a.repeat * 50)
-                rows.append((name, d, o, f"{d - b_dist:+.0f}", f"{o - b_one:+.0f}"))
+        for how, limits in (("flow pointer", lim), ("second lookup", lookup_limits(lim))):
+            with Datapath(AgentSettings(), model_limits=limits) as dp:
+                slots = ModelSlots.of(dp.bpf, limits)
+                fdm = dp.progs[TC_INGRESS_PROG].fd
+                mean_ns(fdm, frames, 1)
+                for name, model in models:
+                    c = compile_model(model, zoo.NAMES, limits=limits)
+                    slots.swap(c.pack(limits))
+                    d, o = mean_ns(fdm, frames, a.repeat), mean_ns(fdm, frames[:1], a.repeat * 50)
+                    rows.append((f"{name} ({how})", d, o, f"{d - b_dist:+.0f}", f"{o - b_one:+.0f}"))
+    print(
+        "'flow pointer': these limits' build (Limits.flow_ptr); 'second lookup': the same limits built as "
+        "the default limits are (the class stored by a second flow lookup)"
+    )
     print("| variant | ns/packet, 1000 distinct | ns/packet, one repeated | added (distinct) | added (one) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]} | {r[4]} |")
+
+
+def lookup_limits(lim):
+    """``lim`` built as limits past layout.FLOW_PTR_MAX_TREE_LEVELS are: the class stored by a
+    second flow lookup (XDPML_MODEL_FLOW_PTR=0)."""
+    from xdpml.models import layout as L
+
+    class SecondLookup(L.Limits):
+        @property
+        def flow_ptr(self) -> bool:
+            return False
+
+    return SecondLookup(**dataclasses.asdict(lim))
+
+
+def section_overhead(a) -> None:
+    """Where the added cost goes: an empty slot (lookups, key, no walk), stumps on 1 and on
+    16 inputs (feature extraction), a depth-10 tree, a linear model on 1 and 16 inputs."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.tree import DecisionTreeClassifier
+
+    from bench import model_zoo as zoo
+    from bench.bench_datapath import tcp_frames
+    from xdpml.config import AgentSettings
+    from xdpml.datapath.loader import TC_INGRESS_PROG, Datapath
+    from xdpml.models import layout as L
+    from xdpml.models.compiler import compile_model
+    from xdpml.models.kernel import ModelSlots
+
+    frames = tcp_frames(a.frames)
+    _, X = zoo.dataset(20000, seed=1)
+    y = zoo.labels(X)
+    noise = np.random.default_rng(0).integers(0, 2, len(y))
+    Xf = X.astype(float)
+    one = ["tcp_window_size"]
+    Xone = Xf[:, [zoo.NAMES.index(one[0])]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = [
+            ("tree depth 1, 1 input", DecisionTreeClassifier(max_depth=1).fit(Xone, noise), one),
+            ("tree depth 1, 16 inputs", DecisionTreeClassifier(max_depth=1).fit(Xf, noise), zoo.NAMES),
+            (
+                "tree depth 10, 16 inputs",
+                DecisionTreeClassifier(max_depth=10, random_state=0).fit(Xf, noise),
+                zoo.NAMES,
+            ),
+            ("logistic regression, 1 input", LogisticRegression().fit(Xone, y > 1), one),
+            ("logistic regression, 16 inputs", LogisticRegression(max_iter=300).fit(Xf, y > 1), zoo.NAMES),
+        ]
+    lim = L.Limits(depth=12, trees=16, nodes=8192, leaf_values=8192)
+    rows = []
+    with Datapath(AgentSettings()) as base:
+        fd = base.progs[TC_INGRESS_PROG].fd
+        mean_ns(fd, frames[:50], 10)
+        b_dist, b_one = mean_ns(fd, frames, a.repeat), mean_ns(fd, frames[:1], a.repeat * 50)
+        rows.append(("flow program, no model (baseline)", b_dist, b_one, "", ""))
+        for how, limits in (("flow pointer", lim), ("second lookup", lookup_limits(lim))):
+            with Datapath(AgentSettings(), model_limits=limits) as dp:
+                slots = ModelSlots.of(dp.bpf, limits)
+                fdm = dp.progs[TC_INGRESS_PROG].fd
+                mean_ns(fdm, frames, 1)
+                d, o = mean_ns(fdm, frames, a.repeat), mean_ns(fdm, frames[:1], a.repeat * 50)
+                rows.append((f"empty slot, no model ({how})", d, o, f"{d - b_dist:+.0f}", f"{o - b_one:+.0f}"))
+                for name, model, names in models:
+                    slots.swap(compile_model(model, names, limits=limits).pack(limits))
+                    d, o = mean_ns(fdm, frames, a.repeat), mean_ns(fdm, frames[:1], a.repeat * 50)
+                    rows.append((f"{name} ({how})", d, o, f"{d - b_dist:+.0f}", f"{o - b_one:+.0f}"))
+    print("| variant | ns/packet, distinct | ns/packet, one repeated | added (distinct) | added (one) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]} | {r[4]} |")
+
+
+VETH_HOST = 91  # test host xdpml-test-91 (bench_datapath uses 90; tests use lower indices)
+VETH_PORT_LOW, VETH_PORT_HIGH = 5291, 5292
+
+
+def section_veth(a) -> None:
+    """The agent's real pipeline on a veth (TC hooks) with a depth-1 tree on dst_port loaded
+    from a file; iperf3 UDP floods (64-byte frames) to two ports in turn; the kernel's class
+    counters against the interface's packet counter, then swaps on the running agent."""
+    import joblib
+    from sklearn.tree import DecisionTreeClassifier
+    from xdpml.agent.pipeline import Agent
+
+    from bench.bench_datapath import _if_packets
+    from xdpml.config import AgentSettings, EnforceSettings, InterfaceSettings, ModelSettings
+    from xdpml.lab import make_hosts
+    from xdpml.models.cli_commands import compile_file
+    from xdpml.models.kernel import ModelSlots
+
+    class NullSink:
+        def write(self, batch) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    tmp = Path(tempfile.mkdtemp(prefix="xdpml-bench-veth-"))
+    bpffs = tmp / "bpffs"
+    bpffs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    try:
+        est = DecisionTreeClassifier().fit([[VETH_PORT_LOW], [VETH_PORT_HIGH]], [0, 1])
+        model = str(tmp / "tree.joblib")
+        joblib.dump(est, model)
+        pin = str(bpffs / "agent")
+        with make_hosts(VETH_HOST, ipv6=False) as (h,):
+            s = AgentSettings(
+                interfaces=InterfaceSettings(names=[h.host_if], hooks="tc"),
+                enforce=EnforceSettings(pin_dir=pin),
+                model=ModelSettings(file=model, features=["dst_port"]),
+                summary_interval_s=0,
+            )
+            agent = Agent(s, interfaces=[h.host_if], sinks=[NullSink()]).start(attach_timeout_s=240)
+            try:
+                slots = ModelSlots.pinned(pin)
+                try:
+                    rows = []
+                    for rate in a.veth_pps:
+                        c0 = slots.class_counts().sum()
+                        before = _if_packets(h.host_if)
+                        t0 = time.monotonic()
+                        for port in (VETH_PORT_LOW, VETH_PORT_HIGH):  # one iperf3 server per class
+                            server = subprocess.Popen(
+                                ["iperf3", "-s", "-1", "-B", h.host_ip, "-p", str(port)],
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                            )
+                            try:
+                                time.sleep(0.3)  # the server's socket is bound
+                                h.run(
+                                    f"iperf3 -c {h.host_ip} -p {port} -u -l 22 -b {rate * 22 * 8} "
+                                    f"-k {a.veth_packets // 2} --connect-timeout 3000 >/dev/null"
+                                )
+                            finally:
+                                server.terminate()
+                                server.wait(10)
+                        wall = time.monotonic() - t0
+                        got = int(slots.class_counts().sum() - c0)
+                        rows.append((rate, _if_packets(h.host_if) - before, got, wall))
+                    lim = slots.limits
+                    c = compile_file(model, ["dst_port"], lim).pack(lim)
+                    times = []
+                    for _ in range(a.swaps // 10):
+                        t = time.perf_counter_ns()
+                        slots.swap(c)
+                        times.append((time.perf_counter_ns() - t) / 1e3)
+                finally:
+                    slots.close()
+            finally:
+                agent.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(bpffs)], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        "| offered (iperf3 -b) | packets on the veth | classified by the kernel | wall (two iperf3 runs, "
+        "start-up included) | classified/s over the wall |"
+    )
+    print("|---|---|---|---|---|")
+    for rate, seen, got, wall in rows:
+        print(f"| {rate:,} pkt/s | {seen:,} | {got:,} | {wall:.1f} s | {got / wall:,.0f} |")
+    t = np.array(times)
+    print(
+        f"swap on the running agent (ModelSlots.swap: the grace wait when needed, the slot write, the flip), "
+        f"{len(t)} swaps: median {np.median(t):.0f} us, max {t.max():.0f} us"
+    )
 
 
 if __name__ == "__main__":

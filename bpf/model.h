@@ -140,6 +140,9 @@
 #define MF_DST2SRC_ECE_PACKETS 69
 #define MF_DST2SRC_CWR_PACKETS 70
 
+#ifndef XDPML_MODEL_FLOW_PTR
+#define XDPML_MODEL_FLOW_PTR 0 /* 1: model_run() stores the class through the caller's flow pointer */
+#endif
 #ifndef XDPML_MODEL_FLOW_K
 #define XDPML_MODEL_FLOW_K 4 /* flow-feature models classify a flow once, at its k-th packet */
 #endif
@@ -223,7 +226,7 @@ struct model_event {
 BPF_RINGBUF_OUTPUT(model_events, 64);
 
 struct model_scratch {
-    struct flow_key key; /* model_run(): the packet's flow, looked up again (no stack to spare) */
+    struct flow_key key; /* model_run(): the packet's flow (looked up again, or for model_after()) */
     __u32 model_id;      /* model_id of the slot the packet was classified on */
     __s32 cls;           /* its class, -1 none */
     __u32 act_slot;      /* the slot, for model_after() */
@@ -657,14 +660,27 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len, s
 }
 
 /* Classify the packet, then put the class (plus one) and the model's id into its flow
- * entry. The entry is looked up again by key rather than kept from flow_account(): a
- * flow pointer (maybe NULL) live across the walk would double the verifier's states.
- * Plain stores beside the lock: one packet's decision, the last writer wins. */
-/* Returns 2 when the packet's class says drop or its decision is sampled (the caller
- * tail-calls model_drop_* -> model_after()), else 0. */
-static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 ifindex)
+ * entry. Plain stores beside the lock: one packet's decision, the last writer wins.
+ * Returns 2 when the packet's class says drop or its decision is sampled (the caller
+ * tail-calls model_drop_* -> model_after()), else 0.
+ *
+ * Two ways to reach the entry, chosen at compile time by the limits (layout.py
+ * Limits.cflags(), XDPML_MODEL_FLOW_PTR):
+ *   0  the entry is looked up again by key after the walk. A flow pointer live across
+ *      the walk costs the verifier about 100k more instructions, whatever the walk's
+ *      size, and past the budget at the default limits (128 trees x depth 16).
+ *   1  small limits: fv, the pointer flow_account() returned, is used directly (no key,
+ *      no second hash lookup: about 30 ns less per classified packet, docs/benchmarks.md).
+ *      A packet whose flow has no entry (table full, C_FLOW_FULL / C_FLOW_BUSY) is then
+ *      not classified, and the key is built only for a packet that goes on to the
+ *      tail-called program (model_after() reads it). */
+static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 ifindex, struct flow_value *fv)
 {
     __u32 z = 0;
+#if XDPML_MODEL_FLOW_PTR
+    if (!fv)
+        return 0;
+#endif
     struct model_scratch *s = model_scratch.lookup(&z);
     struct model_ctl *ctl = model_ctl.lookup(&z);
     if (!s || !ctl)
@@ -673,12 +689,14 @@ static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 
     struct model_slot *m = model_slots.lookup(&slot);
     if (!m)
         return 0;
-    /* the key before the walk: the parsed packet on the stack is then dead during it, so
-     * the verifier prunes the walk's states whatever path parsed the packet */
+#if !XDPML_MODEL_FLOW_PTR
+    /* the key before the walk: the parsed packet is then dead during it, so the
+     * verifier prunes the walk's states whatever path parsed the packet */
     flow_key_fill(&s->key, p, ifindex);
-    /* the walk reads a copy of the parsed packet in the map, not the stack: values read
-     * from a map are unknown to the verifier, so however the packet was parsed (IPv4,
-     * IPv6, VLAN, TCP ...) the walk starts from one state and is verified about once */
+#endif
+    /* the walk reads a copy of the parsed packet in the scratch: p differs by parse path
+     * (pk[0] or a tunnel's inner level), so with p dead the walk starts from one state
+     * and is verified about once */
     __builtin_memcpy(&s->pkt, p, sizeof(*p));
     s->frame_len = frame_len;
     s->cls = -1;
@@ -687,11 +705,21 @@ static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 
     if (m->flow && m->kind) {
         /* a flow model: once per flow, at the first packet that brings it to k packets
          * (a GSO super-packet can jump over k), on the statistics of its entry so far */
+#if XDPML_MODEL_FLOW_PTR
+        struct flow_value *f0 = fv;
+#else
         struct flow_value *f0 = flows.lookup(&s->key);
         if (!f0)
             return 0;
-        if (f0->model_class) /* decided: this model's class acts on every later packet */
-            return f0->model_id == m->model_id ? model_act_on(m, slot, f0->model_class - 1, s) : 0;
+#endif
+        if (f0->model_class) { /* decided: this model's class acts on every later packet */
+            int r0 = f0->model_id == m->model_id ? model_act_on(m, slot, f0->model_class - 1, s) : 0;
+#if XDPML_MODEL_FLOW_PTR
+            if (r0)
+                flow_key_fill(&s->key, &s->pkt, ifindex);
+#endif
+            return r0;
+        }
         if (f0->dir[0].packets + f0->dir[1].packets < XDPML_MODEL_FLOW_K)
             return 0;
         __builtin_memcpy(s->fdir, f0->dir, sizeof(s->fdir));
@@ -705,10 +733,15 @@ static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 
     int cls = MODEL_RD(s->cls);
     if (cls < 0)
         return 0;
-    struct flow_value *fv = flows.lookup(&s->key);
-    if (fv) {
-        fv->model_class = (__u16)(cls + 1);
-        fv->model_id = s->model_id;
+#if XDPML_MODEL_FLOW_PTR
+    struct flow_value *fw = fv;
+#else
+    struct flow_value *fw = flows.lookup(&s->key);
+    if (fw)
+#endif
+    {
+        fw->model_class = (__u16)(cls + 1);
+        fw->model_id = s->model_id;
     }
     int r = model_act_on(m, slot, cls, s);
     __u32 every = ctl->sample_every;
@@ -717,6 +750,10 @@ static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 
         s->n_feat = (__u8)m->n_features;
         r = 2;
     }
+#if XDPML_MODEL_FLOW_PTR
+    if (r)
+        flow_key_fill(&s->key, &s->pkt, ifindex);
+#endif
     return r;
 }
 

@@ -67,7 +67,7 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u8 hook)
     if (enforce_packet(p, fv, now, len, g.segs)) /* rules.h */
         return TC_ACT_SHOT;
 #if XDPML_MODEL /* -DXDPML_MODEL=1: a model in the kernel (model.h) */
-    if (model_run(p, len, skb->ifindex)) /* class into the flow entry; a drop class: */
+    if (model_run(p, len, skb->ifindex, fv)) /* class into the flow entry; a drop class: */
         model_drop_tc.call(skb, 0); /* decided there (no return when it runs) */
 #endif
     return TC_ACT_UNSPEC;

@@ -45,7 +45,7 @@ int xdpml_xdp(struct xdp_md *ctx)
     if (enforce_packet(p, fv, now, len, 1)) /* rules.h */
         return XDP_DROP;
 #if XDPML_MODEL /* -DXDPML_MODEL=1: a model in the kernel (model.h) */
-    if (model_run(p, len, ifindex)) /* class into the flow entry; a drop class: */
+    if (model_run(p, len, ifindex, fv)) /* class into the flow entry; a drop class: */
         model_drop_xdp.call(ctx, 0); /* decided there (no return when it runs) */
 #endif
     return XDP_PASS;

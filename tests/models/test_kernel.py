@@ -148,3 +148,29 @@ def test_onnx_model_in_the_kernel_equals_onnxruntime(dp, slots, traffic, kind, t
     want = s.run(None, {s.get_inputs()[0].name: Xk.astype(np.float32)})[0]
     assert (np.asarray(got) == want).all(), np.flatnonzero(np.asarray(got) != want)[:10]
     assert len(set(want.tolist())) > 1
+
+
+def test_packet_without_a_flow_entry_is_not_classified():
+    """LIM's build stores the class through flow_account()'s pointer (LIM.flow_ptr): a packet
+    whose flow the full table refused (counted flow_full) is then not classified; every
+    packet whose flow has an entry is, exactly once."""
+    from bench.bench_datapath import tcp_frames
+    from xdpml.config import DatapathSettings
+
+    assert LIM.flow_ptr
+    frames = tcp_frames(1300)  # one distinct TCP flow each
+    with Datapath(AgentSettings(datapath=DatapathSettings(flow_table_size=1024)), model_limits=LIM) as d:
+        s = ModelSlots.of(d.bpf, LIM)
+        _, X = zoo.dataset(2000, seed=1)
+        s.swap(compile_model(zoo.train("tree", X, zoo.labels(X)), zoo.NAMES, limits=LIM).pack(LIM))
+        fd = d.progs[XDP_PROG].fd
+        refused = classified = 0
+        for fr in frames:
+            full0, c0 = d.counters()["flow_full"], s.class_counts().sum()
+            rc, _ = prog_test_run(fd, fr)
+            assert rc == XDP_PASS
+            full, got = d.counters()["flow_full"] - full0, s.class_counts().sum() - c0
+            assert (full, got) in ((0, 1), (1, 0)), (full, got)
+            refused += full
+            classified += got
+    assert refused >= 1300 - 1024 and classified + refused == 1300, (refused, classified)

@@ -61,8 +61,22 @@ class Limits:
                 "(the MLP's first layer reads every feature)"
             )
 
+    @property
+    def flow_ptr(self) -> bool:
+        """bpf/model.h XDPML_MODEL_FLOW_PTR: the class is stored through the flow entry's
+        pointer instead of a second lookup (about 30 ns less per classified packet). The
+        verifier then checks the walk in more states, so only for limits up to
+        FLOW_PTR_MAX_TREE_LEVELS tree levels (trees x depth; docs/benchmarks.md)."""
+        return self.trees * self.depth <= FLOW_PTR_MAX_TREE_LEVELS
+
     def cflags(self) -> list[str]:
-        return [f"-DXDPML_MODEL_MAX_{k.upper()}={v}" for k, v in asdict(self).items()]
+        flags = [f"-DXDPML_MODEL_MAX_{k.upper()}={v}" for k, v in asdict(self).items()]
+        return flags + [f"-DXDPML_MODEL_FLOW_PTR={int(self.flow_ptr)}"]
+
+
+# trees x depth up to which Limits.flow_ptr holds: 32 x 16 verified in 750k instructions
+# with every feature compiled in (the default 128 x 16 would pass the kernel's 1M)
+FLOW_PTR_MAX_TREE_LEVELS = 512
 
 
 DEFAULT_LIMITS = Limits()
