@@ -21,6 +21,7 @@ from netns import SLOT, make_hosts, sh
 from xdpml.agent.pipeline import Agent
 
 from xdpml.config import AgentSettings, DatapathSettings, HarvestSettings, InterfaceSettings
+from xdpml.lab import start_capture
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 ETH, IP4, IP6, UDP, VXLAN, ICMP = 14, 20, 40, 8, 8, 8
@@ -279,27 +280,8 @@ def test_against_nfstream_on_a_pcap_of_the_tunnels(env, tmp_path):
         all_rev += rev
     # only our frames: the hosts' own ICMP errors and IPv6 housekeeping stay out
     filt = "(ip and (ip proto 4 or ip proto 41 or udp port 2152)) or (ip6 and (ip6 proto 4 or ip6 proto 41))"
-    dump = subprocess.Popen(
-        [
-            "tcpdump",
-            "-i",
-            h.host_if,
-            "-w",
-            str(pcap),
-            "-U",
-            "-n",
-            "--immediate-mode",
-            "-Z",
-            "root",
-            "-c",
-            str(len(all_fwd) + len(all_rev)),
-            filt,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    dump = start_capture(h.host_if, str(pcap), filt, count=len(all_fwd) + len(all_rev))  # capturing from here on
     try:
-        assert "listening on" in dump.stderr.readline()  # capturing from here on
         _send_frames(h, all_fwd, all_rev)
         dump.wait(30)  # exits once it captured every frame sent
     finally:

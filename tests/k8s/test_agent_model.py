@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 
 import joblib
@@ -41,17 +39,6 @@ def send(h, n: int) -> None:
         f'{sys.executable} -c "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n'
         f"for i in range({n}): s.sendto(b'x', ('{h.host_ip}', {PORT}))\""
     )
-
-
-@pytest.fixture()
-def bpffs():
-    d = tempfile.mkdtemp(prefix="xdpml-k8s-model-")
-    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", d], check=False)
-        os.rmdir(d)
 
 
 def test_agentconfig_model_changed_live(fake_api, api_client, bpffs, tmp_path):

@@ -24,6 +24,7 @@ from sklearn.tree import DecisionTreeClassifier
 from xdpml.agent.pipeline import Agent
 
 from xdpml.config import AgentSettings, EnforceSettings, HarvestSettings, InterfaceSettings, ModelSettings
+from xdpml.lab import private_bpffs
 from xdpml.models.cli_commands import compile_file
 from xdpml.models.kernel import ModelSlots
 
@@ -56,13 +57,8 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bpffs():
-    d = tempfile.mkdtemp(prefix="xdpml-model-bpffs-")
-    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
-    try:
+    with private_bpffs("xdpml-model-bpffs-") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", d], check=False)
-        os.rmdir(d)
 
 
 def decisions_path(pin):

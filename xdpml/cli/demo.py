@@ -286,6 +286,18 @@ sendp(Ether(dst='{mac}') / IP(src='{src}', dst='{dst}') / TCP(sport={sport}, dpo
 """
 
 
+def stop_all(procs: list[subprocess.Popen], bpffs: str) -> None:
+    """End a step's processes, newest first, and unmount its BPF filesystem."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    sh(f"umount -l {bpffs}", check=False)
+
+
 def enforcement_step(work: Path, client: Host, attacker: Host, *, ttl_s: int = 15, count: int = 300) -> None:
     """The loop closed: verdicts become kernel rules. A second agent on the attacker's
     veth, in dry-run, talks mutual TLS to a collector that scores with the baseline just
@@ -403,14 +415,7 @@ def enforcement_step(work: Path, client: Host, attacker: Host, *, ttl_s: int = 1
         live = [ln for ln in rules("list").splitlines()[1:] if ln.strip()]
         say(f"  rules left after the TTL: {len(live)}")
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        sh(f"umount -l {bpffs}", check=False)
+        stop_all(procs, bpffs)
 
 
 MODEL_FEATURES = "tcp_syn,tcp_ack,tcp_window_size,ip_total_length,ip_ttl,dst_port,payload_len"
@@ -547,14 +552,7 @@ def model_step(work: Path, client: Host, attacker: Host, *, count: int = 300) ->
     except (RuntimeError, subprocess.CalledProcessError) as e:
         say(f"model step failed: {e}")
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        sh(f"umount -l {bpffs}", check=False)
+        stop_all(procs, bpffs)
 
 
 def report(path: Path, hosts: list[Host], work: Path) -> int:
