@@ -128,7 +128,16 @@ def collector_side() -> tuple[set[str], set[str]]:
     # (the CLI package's own __init__ wires the agent's commands too: not the collector's)
     return reachable(
         all_modules("collector") + ["xdpml.cli.collector", "xdpml.obs.telemetry", "xdpml.obs.logs"],
-        exclude=("xdpml.agent", "xdpml.datapath", "xdpml.kube", "xdpml.cli.demo", "xdpml.enforce"),
+        # xdpml.models.kernel: the model slots of a running agent's datapath (agent side),
+        # reached only through the CLI package's __init__ (`xdpml model load|swap`)
+        exclude=(
+            "xdpml.agent",
+            "xdpml.datapath",
+            "xdpml.kube",
+            "xdpml.cli.demo",
+            "xdpml.enforce",
+            "xdpml.models.kernel",
+        ),
     )
 
 

@@ -30,6 +30,7 @@ EXTRA_OF_MODULE = {
     "joblib": "collector",
     "pyarrow": "collector",
     "onnxruntime": "collector",
+    "onnx": "collector",
 }
 
 AGENT_EXAMPLES = """\
