@@ -129,26 +129,30 @@ def test_harvester_reasons():
     assert sorted(rest["src_port"].tolist()) == [0, 4] and set(rest["expiration_id"].tolist()) == {-1}
 
 
+# a window ring-buffer record as the harvester hands it to the accumulator (bpf/abi.h win_event)
+WIN_RECORD = [
+    ("ts_ns", "u8"),
+    ("size", "u4"),
+    ("payload", "u4"),
+    ("proto", "u1"),
+    ("src_ip", "S16"),
+    ("dst_ip", "S16"),
+    ("src_port", "u2"),
+    ("dst_port", "u2"),
+    ("ifindex", "u4"),
+    ("segs", "u2"),
+    ("last_size", "u4"),
+    ("tunnel_type", "u1"),
+    ("tunnel_id", "u4"),
+    ("outer_src_ip", "S16"),
+    ("outer_dst_ip", "S16"),
+]
+
+
 def test_window_accumulator_gso_expansion_and_cuts():
     ev = np.zeros(
         3,
-        dtype=[
-            ("ts_ns", "u8"),
-            ("size", "u4"),
-            ("payload", "u4"),
-            ("proto", "u1"),
-            ("src_ip", "S16"),
-            ("dst_ip", "S16"),
-            ("src_port", "u2"),
-            ("dst_port", "u2"),
-            ("ifindex", "u4"),
-            ("segs", "u2"),
-            ("last_size", "u4"),
-            ("tunnel_type", "u1"),
-            ("tunnel_id", "u4"),
-            ("outer_src_ip", "S16"),
-            ("outer_dst_ip", "S16"),
-        ],
+        dtype=WIN_RECORD,
     )
     ev["ts_ns"] = [0, 1_000_000, 2_000_000]
     ev["size"], ev["last_size"], ev["segs"] = [100, 1514, 60], [100, 500, 60], [1, 3, 1]
@@ -171,23 +175,7 @@ def test_window_tunnel_columns_count_per_wire_packet():
     a, b, c = (bytes(15) + bytes([i]) for i in (1, 2, 3))
     ev = np.zeros(
         5,
-        dtype=[
-            ("ts_ns", "u8"),
-            ("size", "u4"),
-            ("payload", "u4"),
-            ("proto", "u1"),
-            ("src_ip", "S16"),
-            ("dst_ip", "S16"),
-            ("src_port", "u2"),
-            ("dst_port", "u2"),
-            ("ifindex", "u4"),
-            ("segs", "u2"),
-            ("last_size", "u4"),
-            ("tunnel_type", "u1"),
-            ("tunnel_id", "u4"),
-            ("outer_src_ip", "S16"),
-            ("outer_dst_ip", "S16"),
-        ],
+        dtype=WIN_RECORD,
     )
     ev["ts_ns"] = [0, 1, 2, 3, 4]
     ev["size"] = ev["last_size"] = 100
