@@ -298,6 +298,7 @@ class CollectorServicer(cgrpc.CollectorServicer):
                     "rows_unscored",
                     "rows_early",
                     "early_flagged",
+                    "decision_rows",
                     "batches_rejected",
                     "schema_mismatches",
                     "bad_messages",
@@ -467,6 +468,42 @@ class CollectorServicer(cgrpc.CollectorServicer):
         self._metric("xdpml.collector.agents.evicted", evicted)
         log.info("agent %s on node %s connected", node.agent_id, node.node_name or "?")
 
+    def _decisions(self, dec, seq: int, n: int) -> Iterator[cpb.ExportResponse]:
+        """Sampled decisions of a model running in an agent's kernel: not scored, no
+        verdicts; counted per model and action and stored by the sinks (label = the
+        kernel's class, score NaN, never flagged) for audit and retraining."""
+        b = dec.batch
+        self._count(decision_rows=n)
+        if self.telemetry is not None and "action" in b.columns and "model_id" in b.columns:
+            pairs = np.stack([b["model_id"].astype(np.int64).astype(str), b["action"].astype(str)], axis=1)
+            for (mid, act), cnt in zip(*np.unique(pairs, axis=0, return_counts=True)):
+                self._metric("xdpml.collector.kernel_decisions", int(cnt), model_id=str(mid), action=str(act))
+        if self.sinks and n:
+            cls = b.columns.get("class")
+            label = (
+                np.array([f"class {int(c)}" for c in cls], dtype=object) if cls is not None else np.full(n, "", object)
+            )
+            scored = ScoredBatch(
+                b,
+                np.full(n, np.nan),
+                label,
+                np.zeros(n, dtype=bool),
+                dec.node.node_name,
+                dec.node.agent_id,
+                seq,
+                "kernel",
+                "",
+                now_ms(),
+            )
+            with self._sink_lock:
+                for sink in self.sinks:
+                    try:
+                        sink.write(scored)
+                    except Exception:
+                        self._metric("xdpml.collector.errors", 1, kind="sink_failure")
+                        log.exception("sink %s failed", type(sink).__name__)
+        yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, rows_accepted=n))
+
     def _handle(self, item: _Decoded, learn: str | None = None) -> Iterator[cpb.ExportResponse]:
         seq, dec = item.sequence, item.decoded
         if dec is None:
@@ -482,6 +519,9 @@ class CollectorServicer(cgrpc.CollectorServicer):
         t0 = time.perf_counter()
         if dec.node.agent_id:
             self._remember(dec.node)
+        if dec.batch.kind == "decision":
+            yield from self._decisions(dec, seq, n)
+            return
         batch, nonfinite = sanitize_features(dec.batch, self.model.feature_names)
         if nonfinite:
             with self._lock:

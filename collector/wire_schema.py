@@ -368,4 +368,22 @@ PACKET = _t(
     ]
 )
 
-V1 = {"flow": FLOW, "window": WINDOW, "packet": PACKET}
+# A sampled decision of the model in an agent's kernel (agent/model.py DECISION_SPECS);
+# the model's inputs follow as x_<feature> int64 columns, which differ by model.
+DECISION = _t(
+    [
+        ("timestamp_ns", "u8", "ns", "time", "Unix time of the decision"),
+        ("lo_ip", "S16", "", "key", "the flow key's lower address (IPv4 mapped)"),
+        ("hi_ip", "S16", "", "key", "the flow key's higher address"),
+        ("lo_port", "u2", "", "key", "port of lo_ip"),
+        ("hi_port", "u2", "", "key", "port of hi_ip"),
+        ("protocol", "u1", "", "key", "IP protocol number"),
+        ("ifindex", "u4", "", "key", "interface index the packet was classified on"),
+        ("model_id", "u4", "", "meta", "the model's id (xdpml model show)"),
+        ("class", "i4", "", "meta", "the class index the kernel chose"),
+        ("action", "O", "", "meta", "the class's action: pass, alert, drop or rate-limit"),
+        ("dropped", "?", "", "meta", "the packet was dropped"),
+    ]
+)
+
+V1 = {"flow": FLOW, "window": WINDOW, "packet": PACKET, "decision": DECISION}

@@ -34,6 +34,7 @@ KINDS = {
     "flow": pb.RECORD_KIND_FLOW,
     "window": pb.RECORD_KIND_WINDOW,
     "packet": pb.RECORD_KIND_PACKET,
+    "decision": pb.RECORD_KIND_DECISION,
 }
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 

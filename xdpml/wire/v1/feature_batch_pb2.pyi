@@ -30,6 +30,7 @@ class RecordKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECORD_KIND_FLOW: _ClassVar[RecordKind]
     RECORD_KIND_WINDOW: _ClassVar[RecordKind]
     RECORD_KIND_PACKET: _ClassVar[RecordKind]
+    RECORD_KIND_DECISION: _ClassVar[RecordKind]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_BOOL: DataType
 DATA_TYPE_UINT8: DataType
@@ -48,6 +49,7 @@ RECORD_KIND_UNSPECIFIED: RecordKind
 RECORD_KIND_FLOW: RecordKind
 RECORD_KIND_WINDOW: RecordKind
 RECORD_KIND_PACKET: RecordKind
+RECORD_KIND_DECISION: RecordKind
 
 class Column(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data", "width", "dictionary")
