@@ -14,10 +14,13 @@ import json
 import logging
 import os
 
+import numpy as np
+
 from xdpml.config import ModelSettings
 from xdpml.errors import XdpmlError
 from xdpml.models import kernel
 from xdpml.models import layout as L
+from xdpml.wire.columns import ColumnBatch, ColumnSpec
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,53 @@ def model_limits(settings: ModelSettings) -> L.Limits | None:
     return LIMITS if settings.enabled else None
 
 
+# Record kind "decision" (collector/wire_schema.py DECISION, docs/wire-format.md): one
+# sampled decision of the kernel's model; its inputs follow as x_<feature> int64 columns.
+DECISION_SPECS = {
+    c.name: c
+    for c in [
+        ColumnSpec("timestamp_ns", "u8", "ns", "Unix time of the decision", "time"),
+        ColumnSpec("lo_ip", "S16", "", "the flow key's lower address (IPv4 mapped)", "key"),
+        ColumnSpec("hi_ip", "S16", "", "the flow key's higher address", "key"),
+        ColumnSpec("lo_port", "u2", "", "port of lo_ip", "key"),
+        ColumnSpec("hi_port", "u2", "", "port of hi_ip", "key"),
+        ColumnSpec("protocol", "u1", "", "IP protocol number", "key"),
+        ColumnSpec("ifindex", "u4", "", "interface index the packet was classified on", "key"),
+        ColumnSpec("model_id", "u4", "", "the model's id (xdpml model show)", "meta"),
+        ColumnSpec("class", "i4", "", "the class index the kernel chose", "meta"),
+        ColumnSpec("action", "O", "", "the class's action: pass, alert, drop or rate-limit", "meta"),
+        ColumnSpec("dropped", "?", "", "the packet was dropped", "meta"),
+    ]
+}
+
+
+def decision_batch(ev: np.ndarray, names: list[str], mono_to_unix_ns: int) -> ColumnBatch:
+    """Model events of one model -> a "decision" ColumnBatch (inputs as x_<name>, int64)."""
+    from xdpml.models.layout import ACTIONS
+
+    acts = {v: k for k, v in ACTIONS.items()}
+    key = ev["key"]
+    cols: dict[str, np.ndarray] = {
+        "timestamp_ns": (ev["ts_ns"].astype(np.int64) + mono_to_unix_ns).astype(np.uint64),
+        "lo_ip": np.ascontiguousarray(key["lo_ip"]).view("S16").reshape(-1).copy(),
+        "hi_ip": np.ascontiguousarray(key["hi_ip"]).view("S16").reshape(-1).copy(),
+        "lo_port": key["lo_port"].astype(np.uint16),
+        "hi_port": key["hi_port"].astype(np.uint16),
+        "protocol": key["proto"].astype(np.uint8),
+        "ifindex": key["ifindex"].astype(np.uint32),
+        "model_id": ev["model_id"].astype(np.uint32),
+        "class": ev["cls"].astype(np.int32),
+        "action": np.array([acts.get(int(a), str(int(a))) for a in ev["action"]], dtype=object),
+        "dropped": ev["dropped"].astype(bool),
+    }
+    specs = dict(DECISION_SPECS)
+    x = ev["x"]
+    for i, n in enumerate(names):
+        cols[f"x_{n}"] = x[:, i].astype(np.int64)
+        specs[f"x_{n}"] = ColumnSpec(f"x_{n}", "i8", "", f"model input {n} as the kernel computed it")
+    return ColumnBatch("decision", cols, specs)
+
+
 def _ip(raw: bytes) -> str:
     import ipaddress
 
@@ -36,7 +86,7 @@ def _ip(raw: bytes) -> str:
 
 
 class AgentModel:
-    def __init__(self, dp, settings: ModelSettings, *, pin_dir: str):
+    def __init__(self, dp, settings: ModelSettings, *, pin_dir: str, emit=None, mono_to_unix_ns: int = 0):
         self.slots = kernel.ModelSlots.of(dp.bpf, dp.model_limits)
         self.pin_dir = pin_dir
         self.settings = settings
@@ -51,33 +101,43 @@ class AgentModel:
         self._out = None
         self._out_path = ""
         self._bpf = dp.bpf
-        self.decisions = 0  # decision records written
+        self._emit = emit  # the pipeline's sinks: "decision" batches to the collector (decisions_to_collector)
+        self._offset_ns = mono_to_unix_ns
+        self.decisions = 0  # decision records taken from the kernel (written to the file and/or emitted)
         self._set_decisions(settings)
         if settings.file:
             self.load(settings.file, settings.features, settings.actions)
 
     def _set_decisions(self, settings: ModelSettings) -> None:
-        """Sampled decisions to ``decisions_file`` at 1 in ``sample_every`` (live: a new
-        file is opened, an empty one turns the sampling off)."""
+        """Sampled decisions at 1 in ``sample_every`` to ``decisions_file`` and/or, with
+        ``decisions_to_collector``, to the collector as "decision" records (live: a new
+        file is opened; with neither, the sampling is off)."""
         if self._out is not None and settings.decisions_file != self._out_path:
             self._write_decisions()
             self._out.close()
             self._out, self._out_path = None, ""
-        if not settings.decisions_file:
+        if not settings.sampling:
             if self._events is not None:
+                self._write_decisions()  # what was sampled before the change still goes out
                 self.slots.set_sampling(0)
             return
         if self._events is None:
             from xdpml.agent.events import RecordBuffer
 
             self._events = RecordBuffer(self._bpf, "model_events", kernel.event_type(self.slots.limits))
-        if self._out is None:
+        if self._out is None and settings.decisions_file:
             self._out = open(settings.decisions_file, "a", buffering=1)
             self._out_path = settings.decisions_file
         self.slots.set_sampling(settings.sample_every)
-        log.info(
-            "model decisions: 1 in %d to %s (class, action, inputs)", settings.sample_every, settings.decisions_file
-        )
+        where = [
+            w
+            for w, on in (
+                (settings.decisions_file, bool(settings.decisions_file)),
+                ("the collector", settings.decisions_to_collector),
+            )
+            if on
+        ]
+        log.info("model decisions: 1 in %d to %s (class, action, inputs)", settings.sample_every, " and ".join(where))
 
     def _file_stamp(self, path: str) -> tuple | None:
         try:
@@ -111,7 +171,11 @@ class AgentModel:
     def apply(self, settings: ModelSettings) -> None:
         """A live change of the configured model (the slots stay compiled in)."""
         old, self.settings = self.settings, settings
-        if (settings.decisions_file, settings.sample_every) != (old.decisions_file, old.sample_every):
+        if (settings.decisions_file, settings.sample_every, settings.decisions_to_collector) != (
+            old.decisions_file,
+            old.sample_every,
+            old.decisions_to_collector,
+        ):
             self._set_decisions(settings)
         if settings.file:
             if settings.file != old.file or settings.features != old.features or settings.actions != old.actions:
@@ -120,26 +184,40 @@ class AgentModel:
             self.slots.unload()
             log.info("model unloaded (no model file configured)")
 
-    def _write_decisions(self) -> None:
+    def _inputs_of(self, mid: int, n: int) -> list[str]:
+        """The input names of the slot holding model ``mid`` (x0.. if it is gone)."""
         from xdpml.models.features import FEATURES
-        from xdpml.models.layout import ACTIONS
 
+        for i in (0, 1):
+            v = self.slots.read_slot(i)
+            if int(v["model_id"]) == mid and v["kind"]:
+                return [FEATURES[int(f)].name for f in v["feat_id"][: int(v["n_features"])]]
+        return [f"x{i}" for i in range(n)]
+
+    def _write_decisions(self) -> None:
         self._bpf.ring_buffer_consume()
         ev = self._events.take()
-        if not len(ev) or self._out is None:
+        if not len(ev):
             return
         names_of: dict[int, list[str]] = {}
+        for mid in np.unique(ev["model_id"]):
+            sel = ev[ev["model_id"] == mid]
+            names_of[int(mid)] = self._inputs_of(int(mid), int(sel["n_features"].max()))
+        if self._out is not None:
+            self._write_jsonl(ev, names_of)
+        if self.settings.decisions_to_collector and self._emit is not None:
+            for mid, names in names_of.items():
+                self._emit(decision_batch(ev[ev["model_id"] == mid], names, self._offset_ns))
+        self.decisions += len(ev)
+
+    def _write_jsonl(self, ev, names_of: dict[int, list[str]]) -> None:
+        from xdpml.models.layout import ACTIONS
+
         acts = {v: k for k, v in ACTIONS.items()}
         for e in ev:
             mid = int(e["model_id"])
-            if mid not in names_of:  # the inputs of the slot holding that model (if still loaded)
-                names_of[mid] = []
-                for i in (0, 1):
-                    v = self.slots.read_slot(i)
-                    if int(v["model_id"]) == mid and v["kind"]:
-                        names_of[mid] = [FEATURES[int(f)].name for f in v["feat_id"][: int(v["n_features"])]]
             k = e["key"]
-            names = names_of[mid] or [f"x{i}" for i in range(int(e["n_features"]))]
+            names = names_of[mid]
             rec = {
                 "ts_ns": int(e["ts_ns"]),
                 "lo_ip": _ip(bytes(k["lo_ip"])),
@@ -155,7 +233,6 @@ class AgentModel:
                 "features": {n: int(x) for n, x in zip(names, e["x"][: len(names)])},
             }
             self._out.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        self.decisions += len(ev)
 
     def poll(self) -> None:
         """Write sampled decisions; reload the configured file when it changed (a

@@ -257,6 +257,8 @@ class Agent:
             kinds = getattr(sink, "kinds", None)
             if kinds is not None and batch.kind not in kinds:
                 continue  # e.g. the collector scores flows only
+            if kinds is None and batch.kind == "decision":
+                continue  # the kernel model's sampled decisions: only to a sink that names them (the collector)
             if early and not getattr(sink, "early", False):
                 continue
             try:
@@ -408,8 +410,9 @@ class Agent:
         s = self.settings
         with Datapath(s, model_limits=model_limits(s.model)) as dp:
             self.datapath = dp
+            offset = mono_to_unix_offset_ns()
             if dp.model_limits is not None:
-                self.model = AgentModel(dp, s.model, pin_dir=dp.pin_dir)
+                self.model = AgentModel(dp, s.model, pin_dir=dp.pin_dir, emit=self._emit, mono_to_unix_ns=offset)
             for name, (hooks, mode) in self.plan.items():
                 att = dp.attach(name, hooks=hooks, xdp_mode=mode)
                 self._remember(att)
@@ -418,7 +421,6 @@ class Agent:
                 __version__,
                 ", ".join(f"{a.ifname} ({' '.join(a.hooks)})" for a in dp.attachments) or "no interface",
             )
-            offset = mono_to_unix_offset_ns()
             table = FlowMap(dp.flow_map_fd(), key_dtype=dp.types.key_dtype, value_dtype=dp.types.value_dtype)
             harvester = self._harvester = Harvester(
                 table,

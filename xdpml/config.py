@@ -221,13 +221,20 @@ class ModelSettings:
     actions: dict[str, str] = field(default_factory=dict)
     # sampled decisions (class, action, the model's inputs) as JSON lines to this file; "" = off
     decisions_file: str = ""
-    sample_every: int = 100  # 1 in N classified packets' decisions to decisions_file
+    sample_every: int = 100  # 1 in N classified packets' decisions to decisions_file / the collector
+    # the same sampled decisions as "decision" records to the collector (not scored: kept for audit and retraining)
+    decisions_to_collector: bool = False
     # flow-feature models classify a flow at its k-th packet (-DXDPML_MODEL_FLOW_K: compiled in)
     flow_k: int = 4
 
     @property
     def enabled(self) -> bool:
         return self.slots or bool(self.file)
+
+    @property
+    def sampling(self) -> bool:
+        """Sampled decisions go somewhere: a file or the collector."""
+        return bool(self.decisions_file) or self.decisions_to_collector
 
     def validate(self) -> None:
         for label, act in self.actions.items():

@@ -172,14 +172,16 @@ class CollectorSink:
     """Feeds the gRPC exporter (agent.export.grpc_client.GrpcExporter): put() never
     blocks the harvester; what the bounded queue drops is counted there.
 
-    ``kinds``: the record kinds the collector scores (flows); the pipeline does not
-    hand it others (windows, packet samples go to the local sinks only). ``early``: it
+    ``kinds``: the record kinds the collector takes: flows (scored) and the kernel
+    model's sampled decisions (stored, not scored; sent only with
+    --model-decisions-to-collector); the pipeline does not hand it others (windows,
+    packet samples go to the local sinks only). ``early``: it
     also takes early flow snapshots (expiration id 3), which the collector judges and
     does not count as flows; the local sinks never get them."""
 
     name = "grpc"  # metrics attribute
 
-    def __init__(self, exporter, *, kinds: tuple[str, ...] | None = ("flow",), early: bool = True):
+    def __init__(self, exporter, *, kinds: tuple[str, ...] | None = ("flow", "decision"), early: bool = True):
         self.exporter = exporter
         self.kinds = kinds
         self.early = early

@@ -216,12 +216,14 @@ def test_wire_schema_table_matches_the_agents_column_specs():
     """collector/wire_schema.py (the collector does not import the agent) stays in step."""
     from xdpml.agent.enrich import metadata_column_names
     from xdpml.agent.features import FLOW_SPECS, PACKET_SPECS, WINDOW_SPECS
+    from xdpml.agent.model import DECISION_SPECS
     from xdpml.collector import wire_schema
 
     for kind, specs, extra in (
         ("flow", FLOW_SPECS, metadata_column_names()),
         ("window", WINDOW_SPECS, ()),
         ("packet", PACKET_SPECS, ()),
+        ("decision", DECISION_SPECS, ()),
     ):
         table = wire_schema.V1[kind]
         assert list(table) == list(specs) + list(extra)

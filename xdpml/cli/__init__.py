@@ -318,7 +318,13 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=100,
         metavar="N",
-        help="--model-decisions: 1 in N classified packets (default: %(default)s)",
+        help="--model-decisions / --model-decisions-to-collector: 1 in N classified packets (default: %(default)s)",
+    )
+    m.add_argument(
+        "--model-decisions-to-collector",
+        action="store_true",
+        help='send the sampled decisions of the kernel\'s model to the collector too, as record kind "decision" '
+        "(not scored; the collector stores them for audit and retraining, docs/models.md)",
     )
     m.add_argument(
         "--model-flow-k",
@@ -382,6 +388,7 @@ def settings_from_args(a):
             actions=_model_actions(a.model_action),
             decisions_file=os.path.abspath(a.model_decisions) if a.model_decisions else "",
             sample_every=a.model_sample,
+            decisions_to_collector=a.model_decisions_to_collector,
             flow_k=a.model_flow_k,
         ),
         summary_interval_s=a.summary_interval,

@@ -293,6 +293,7 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
             actions={str(k): str(v) for k, v in (model.get("actions") or {}).items()},
             decisions_file=model["decisionsFile"],
             sample_every=int(model["decisionSampleEvery"]),
+            decisions_to_collector=bool(model["decisionsToCollector"]),
             flow_k=int(model["flowPackets"]),
         ),
         summary_interval_s=float(spec["summaryIntervalSeconds"]),
