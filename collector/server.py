@@ -468,6 +468,16 @@ class CollectorServicer(cgrpc.CollectorServicer):
         self._metric("xdpml.collector.agents.evicted", evicted)
         log.info("agent %s on node %s connected", node.agent_id, node.node_name or "?")
 
+    def _to_sinks(self, scored: ScoredBatch) -> None:
+        """One batch to every sink, under the sink lock; a failing sink is counted and logged."""
+        with self._sink_lock:
+            for sink in self.sinks:
+                try:
+                    sink.write(scored)
+                except Exception:
+                    self._metric("xdpml.collector.errors", 1, kind="sink_failure")
+                    log.exception("sink %s failed", type(sink).__name__)
+
     def _decisions(self, dec, seq: int, n: int) -> Iterator[cpb.ExportResponse]:
         """Sampled decisions of a model running in an agent's kernel: not scored, no
         verdicts; counted per model and action and stored by the sinks (label = the
@@ -495,13 +505,7 @@ class CollectorServicer(cgrpc.CollectorServicer):
                 "",
                 now_ms(),
             )
-            with self._sink_lock:
-                for sink in self.sinks:
-                    try:
-                        sink.write(scored)
-                    except Exception:
-                        self._metric("xdpml.collector.errors", 1, kind="sink_failure")
-                        log.exception("sink %s failed", type(sink).__name__)
+            self._to_sinks(scored)
         yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, rows_accepted=n))
 
     def _handle(self, item: _Decoded, learn: str | None = None) -> Iterator[cpb.ExportResponse]:
@@ -587,13 +591,7 @@ class CollectorServicer(cgrpc.CollectorServicer):
                 self.model.version,
                 now_ms(),
             )
-            with self._sink_lock:
-                for sink in self.sinks:
-                    try:
-                        sink.write(scored)
-                    except Exception:
-                        self._metric("xdpml.collector.errors", 1, kind="sink_failure")
-                        log.exception("sink %s failed", type(sink).__name__)
+            self._to_sinks(scored)
         yield cpb.ExportResponse(ack=cpb.Ack(sequence=seq, rows_accepted=n))
         if nflag and self.settings.send_verdicts:
             yield cpb.ExportResponse(verdicts=self._verdicts(dec, seq, score, label, decision))
