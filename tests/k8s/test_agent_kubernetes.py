@@ -120,8 +120,12 @@ def test_agentconfig_drives_the_datapath_live(fake_api, api_client):
                 "InvalidSpec condition",
             )
             assert sup.agent.datapath is first_datapath and len(first_datapath.attachments) == 2
-            events = [e for e in fake_api.list("events") if e.get("reason") == "InvalidSpec"]
-            assert events and "firstN" in events[0]["message"]
+            # the status and the event are written by the agent's writer thread one after the other:
+            # the condition seen does not mean the event is written yet
+            invalid_events = lambda: [e for e in fake_api.list("events") if e.get("reason") == "InvalidSpec"]  # noqa: E731
+            wait_for(lambda: bool(invalid_events()), 10, "InvalidSpec event")
+            events = invalid_events()
+            assert len(events) == 1 and "firstN" in events[0]["message"]
 
             # a datapath change (first-N size) restarts the datapath, draining it first
             fake_api.update("agentconfigs", "xdpml", "main", lambda o: o["spec"].update(features={"firstN": 4}))
