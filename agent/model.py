@@ -146,27 +146,46 @@ class AgentModel:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def load(self, path: str, features: list[str], actions: dict[str, str] | None = None) -> bool:
+    def load(self, path: str, features: list[str], actions: dict[str, str] | None = None, *, source: str = "") -> bool:
         from xdpml.models.cli_commands import compile_file
 
+        name = source or path
         stamp = self._file_stamp(path)
         try:
             m = compile_file(path, features, self.slots.limits)
             slot = self.slots.swap(m.pack(self.slots.limits, actions=actions))
         except XdpmlError as exc:
-            log.error("model %s not loaded (the running model stays): %s", path, exc)
+            log.error("model %s not loaded (the running model stays): %s", name, exc)
             self._stamp = stamp  # do not retry the same file every scan
             return False
         self._stamp = stamp
         log.info(
             "model %s (%s, %d features) loaded into slot %d, model %d",
-            path,
+            name,
             m.estimator,
             m.n_features,
             slot,
             int(self.slots.read_slot(slot)["model_id"]),
         )
         return True
+
+    def load_bytes(
+        self, data: bytes, suffix: str, source: str, features: list[str], actions: dict[str, str] | None = None
+    ) -> bool:
+        """A model handed over as bytes (a ConfigMap's key, a pushed model): written to a
+        private temporary file named ``*<suffix>`` and loaded like a file; ``source``
+        names it in the logs. False (logged, the running model stays) if it does not load."""
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="xdpml-model-", suffix=suffix)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            ok = self.load(path, features, actions, source=source)
+        finally:
+            os.unlink(path)
+        self._stamp = None  # not a watched file
+        return ok
 
     def apply(self, settings: ModelSettings) -> None:
         """A live change of the configured model (the slots stay compiled in)."""
