@@ -8,7 +8,8 @@ as RBAC cannot restrict list/watch by a name only the AgentConfig knows). A
 
 Every version of the ConfigMap ends in one call of ``on_model(self, data, problem, version)``:
 the key's bytes (``binaryData`` first, then ``data``) with ``problem`` "", or ``data``
-None and the reason it cannot be used (no such ConfigMap, no such key, too big). A
+None and the reason it cannot be used (no such ConfigMap, no such key, too big, read
+refused by RBAC). A
 version whose bytes equal the last delivered ones is not delivered again.
 """
 
@@ -74,6 +75,7 @@ class ConfigMapModel:
             list_args=(namespace,),
             list_kwargs={"field_selector": f"metadata.name={name}"},
             store=_OneObject(self._changed),
+            on_error=self._failed,
             watch_timeout_s=watch_timeout_s,
             backoff=backoff_factory(),
         )
@@ -119,6 +121,22 @@ class ConfigMapModel:
             if data is not None:
                 self.data, self.version = data, version
         self._on_model(self, data, problem, version)
+
+    def _failed(self, status: int, what: str) -> None:
+        """A refused read is the user's to fix (RBAC): reported like a missing ConfigMap.
+        Outages are the reflector's to ride out (it logs them and retries)."""
+        if status in (401, 403):
+            self._report_problem(
+                f"cannot read ConfigMap {self.namespace}/{self.name}: {what} (the chart grants it when it is "
+                "named in rbac.modelConfigMaps)"
+            )
+
+    def _report_problem(self, problem: str) -> None:
+        with self._lock:
+            if self._last == ("", problem):
+                return
+            self._last = ("", problem)
+        self._on_model(self, None, problem, "")
 
     def forget(self) -> None:
         """Deliver the next version even if its bytes are the ones delivered last (the
