@@ -269,6 +269,7 @@ def test_configmap_model_loaded_and_changed_live(fake_api, api_client, bpffs):
             fake_api.update("agentconfigs", "xdpml", "main", no_configmap)
             wait_for(lambda: slots.read_slot(slots.active())["kind"] == 0, 30, "model unloaded")
             assert int(slots.ctl().seq) == 5, "the old ConfigMap's change was loaded"
+            wait_for(lambda: model_status(fake_api) == {}, 10, "status: no model entry")
             assert sup.agent.datapath is dp
         finally:
             sup.stop_event.set()

@@ -137,6 +137,7 @@ class AgentConfigWatcher:
         self._pending_events: list[dict] = []
         self._enforcement: dict | None = None  # set_enforcement(): status.nodes.<node>.enforcement
         self._model: dict | None = None  # set_model(): status.nodes.<node>.model
+        self._model_gone = False
         self._held_reports: list[tuple[str, str, str]] = []  # report() before the first config applied
         self._thread: threading.Thread | None = None
 
@@ -182,6 +183,7 @@ class AgentConfigWatcher:
         resourceVersion, loaded, message), shown in ``status.nodes.<node>.model``."""
         with self._lock:
             self._model = dict(summary) if summary is not None else None
+            self._model_gone = summary is None  # a merge patch removes the entry with a null
             cfg = self.current
         self._queue_node_status(cfg)
 
@@ -368,6 +370,8 @@ class AgentConfigWatcher:
             entry["enforcement"] = dict(self._enforcement)
         if self._model is not None:
             entry["model"] = dict(self._model)
+        elif self._model_gone:
+            entry["model"] = None
         return entry
 
     @staticmethod
