@@ -171,7 +171,11 @@ class Agent:
 
     def _load_model_bytes(self, mb: ModelBytes) -> None:
         s = self.model.settings
-        ok = self.model.load_bytes(mb.data, mb.suffix, mb.source, s.features, s.actions)
+        try:
+            ok = self.model.load_bytes(mb.data, mb.suffix, mb.source, s.features, s.actions)
+        except Exception as exc:  # a bug in a model reader: refused and reported like a bad model
+            log.error("model %s not loaded (the running model stays): %s: %s", mb.source, type(exc).__name__, exc)
+            ok, self.model.last_error = False, f"{type(exc).__name__}: {exc}"
         if mb.done is not None:
             slot = self.model.slots.active()
             mid = int(self.model.slots.read_slot(slot)["model_id"]) if ok else 0
