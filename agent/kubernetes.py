@@ -73,6 +73,7 @@ class KubernetesAgent:
         telemetry=None,
         enrich_factory: Callable | None = None,
         watcher_kwargs: dict | None = None,
+        model_source_kwargs: dict | None = None,
     ):
         from xdpml.agent.enrich.manager import EnrichmentManager
 
@@ -91,6 +92,8 @@ class KubernetesAgent:
         self.watcher_kwargs = watcher_kwargs or {}
         self.watcher: AgentConfigWatcher | None = None
         self.enforcement = None  # agent.enforce.kube.KubeEnforcement, made with the first config
+        self._model_source = None  # xdpml.kube.model_source.ConfigMapModel while spec.model.configMap names one
+        self.model_source_kwargs = model_source_kwargs or {}  # e.g. max_bytes, watch_timeout_s (tests)
         register_observables(telemetry, lambda: self.agent)
 
     # ---- applying configs -----------------------------------------------------------
@@ -129,6 +132,7 @@ class KubernetesAgent:
                     log.error("new config failed to start; restoring generation %d", old.generation)
                     self._start_agent(old, plan_from_rules(old.interface_rules, pod_veths=self._pod_veths))
                 raise
+            self._follow_model(old, new, restarted=True)
             return
         if "interfaces" in sections or plan != self.agent.plan:
             self.agent.request("interfaces", plan)
@@ -138,6 +142,73 @@ class KubernetesAgent:
             self.agent.request("sinks", self._sinks(new))
         if "model" in sections:  # the slots stay: the new model goes into the idle one, live
             self.agent.request("model", new.settings.model)
+            self._follow_model(old, new, restarted=False)
+
+    # ---- the model from a ConfigMap ---------------------------------------------------
+    def _follow_model(self, old, new, *, restarted: bool) -> None:
+        """Watch the ConfigMap ``spec.model.configMap`` names (another one: a new watch; none:
+        the watch stops and the agent unloads). A restarted datapath gets the last good bytes
+        again; new features or actions reload them."""
+        from xdpml.kube.model_source import ConfigMapModel
+
+        m, om = new.settings.model, old.settings.model if old is not None else None
+        want = (m.config_map, m.config_map_key) if m.config_map else None
+        src = self._model_source
+        if src is not None and (src.name, src.key) != want:
+            src.stop()
+            self._model_source = src = None
+            if self.watcher is not None:
+                self.watcher.set_model(None)
+        if want is None:
+            return
+        if src is None:
+            self._model_source = ConfigMapModel(
+                self.api,
+                namespace=self.opts.namespace,
+                name=want[0],
+                key=want[1],
+                on_model=self._on_model_bytes,
+                **self.model_source_kwargs,
+            ).start()
+        elif restarted or (om is not None and (m.features, m.actions) != (om.features, om.actions)):
+            if src.data is not None:
+                self._load_model_bytes(src, src.data, src.version)
+
+    def _on_model_bytes(self, src, data: bytes | None, problem: str, version: str) -> None:
+        """ConfigMapModel callback (its watch thread): new bytes, or why there are none."""
+        if src is not self._model_source:
+            return  # a watch being stopped: the AgentConfig names another ConfigMap now
+        if data is None:
+            self._model_report(src, version, False, f"{problem}; the running model stays")
+            return
+        self._load_model_bytes(src, data, version)
+
+    def _load_model_bytes(self, src, data: bytes, version: str) -> None:
+        import os
+
+        from xdpml.agent.pipeline import ModelBytes
+
+        agent = self.agent
+        if agent is None:  # between datapaths: the next one gets src.data (_follow_model)
+            return
+
+        def done(ok: bool, error: str, model_id: int) -> None:
+            if ok:
+                self._model_report(src, version, True, f"model {model_id} loaded", event="ModelLoaded")
+            else:
+                self._model_report(src, version, False, f"not loaded (the running model stays): {error}")
+
+        suffix = os.path.splitext(src.key)[1]
+        agent.request("model_bytes", ModelBytes(data, suffix, f"{src.source} (version {version})", done))
+
+    def _model_report(self, src, version: str, loaded: bool, message: str, *, event: str = "ModelRefused") -> None:
+        if not loaded:
+            log.error("model from %s (version %s): %s", src.source, version or "-", message)
+        if self.watcher is None:
+            return
+        summary = {"configMap": src.name, "key": src.key, "resourceVersion": version, "loaded": loaded}
+        self.watcher.set_model({**summary, "message": message[:4096]})
+        self.watcher.report("Normal" if loaded else "Warning", event, f"{src.source} version {version}: {message}")
 
     def _verdict_source(self, cfg) -> tuple[str, bool]:
         """(collector address, verdicts authenticated by mutual TLS) of this config."""
@@ -316,6 +387,9 @@ class KubernetesAgent:
         return 1 if failed else 0
 
     def close(self) -> None:
+        if self._model_source is not None:
+            self._model_source.stop()
+            self._model_source = None
         if self.enforcement is not None:
             self.enforcement.close()
         if self.agent is not None:

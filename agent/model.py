@@ -91,6 +91,7 @@ class AgentModel:
         self.pin_dir = pin_dir
         self.settings = settings
         self._stamp: tuple | None = None  # (mtime, size) of the file last loaded
+        self.last_error = ""  # why the last load failed, "" if it did not
         if pin_dir:
             d = kernel.pin(self.slots, pin_dir)
             self.slots.lock_dir = d
@@ -157,8 +158,10 @@ class AgentModel:
         except XdpmlError as exc:
             log.error("model %s not loaded (the running model stays): %s", name, exc)
             self._stamp = stamp  # do not retry the same file every scan
+            self.last_error = str(exc)
             return False
         self._stamp = stamp
+        self.last_error = ""
         log.info(
             "model %s (%s, %d features) loaded into slot %d, model %d",
             name,
@@ -199,9 +202,11 @@ class AgentModel:
         if settings.file:
             if settings.file != old.file or settings.features != old.features or settings.actions != old.actions:
                 self.load(settings.file, settings.features, settings.actions)
-        elif old.file:
+        elif settings.config_map:
+            pass  # the bytes come from the ConfigMap's watch (KubernetesAgent), loaded with load_bytes
+        elif old.file or old.config_map:
             self.slots.unload()
-            log.info("model unloaded (no model file configured)")
+            log.info("model unloaded (no model file or ConfigMap configured)")
 
     def _inputs_of(self, mid: int, n: int) -> list[str]:
         """The input names of the slot holding model ``mid`` (x0.. if it is gone)."""

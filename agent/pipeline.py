@@ -59,6 +59,18 @@ REASON_NAMES = {v: k for k, v in EXPIRATION.items()}
 AttachPlan = dict[str, tuple[str, str]]
 
 
+@dataclass(frozen=True)
+class ModelBytes:
+    """A model handed over as bytes (live change "model_bytes"): loaded with the features and
+    actions of the model settings in force; ``done(ok, error, model_id)`` is called from the
+    agent loop with the outcome."""
+
+    data: bytes
+    suffix: str  # the format: ".onnx", ".xdpml" (AgentModel.load_bytes)
+    source: str  # names it in logs
+    done: Callable[[bool, str, int], None] | None = None
+
+
 @dataclass
 class AgentTotals:
     flows: int = 0  # final flow records
@@ -153,8 +165,21 @@ class Agent:
     # -- live changes ------------------------------------------------------------------
     def request(self, kind: str, payload) -> None:
         """Queue a live change: ("interfaces", AttachPlan), ("harvest", HarvestSettings),
-        ("sinks", list[Sink]), ("model", ModelSettings). Applied by the agent loop within one scan interval."""
+        ("sinks", list[Sink]), ("model", ModelSettings), ("model_bytes", ModelBytes). Applied by the
+        agent loop within one scan interval."""
         self._requests.put((kind, payload))
+
+    def _load_model_bytes(self, mb: ModelBytes) -> None:
+        s = self.model.settings
+        try:
+            ok = self.model.load_bytes(mb.data, mb.suffix, mb.source, s.features, s.actions)
+        except Exception as exc:  # a bug in a model reader: refused and reported like a bad model
+            log.error("model %s not loaded (the running model stays): %s: %s", mb.source, type(exc).__name__, exc)
+            ok, self.model.last_error = False, f"{type(exc).__name__}: {exc}"
+        if mb.done is not None:
+            slot = self.model.slots.active()
+            mid = int(self.model.slots.read_slot(slot)["model_id"]) if ok else 0
+            mb.done(ok, "" if ok else self.model.last_error, mid)
 
     def _apply_requests(self) -> None:
         while True:
@@ -181,6 +206,11 @@ class Agent:
                     else:
                         self.model.apply(payload)
                     self.settings.model = payload
+                elif kind == "model_bytes":
+                    if self.model is None:
+                        log.error("the model slots are not compiled in: restart with a model to load one")
+                    else:
+                        self._load_model_bytes(payload)
                 elif kind == "sinks":
                     old, self.sinks = self.sinks, list(payload)
                     for sink in old:

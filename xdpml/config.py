@@ -215,6 +215,10 @@ class ModelSettings:
     # model file (.joblib/.pkl, or .onnx tree ensemble) loaded at start and reloaded whenever it changes (e.g. a
     # mounted ConfigMap); "" = none (slots empty until `xdpml model load`)
     file: str = ""
+    # a ConfigMap of the agent's namespace and its key holding the model, read through the
+    # API (Kubernetes only; xdpml/kube/model_source.py); "" = none. Exclusive with file.
+    config_map: str = ""
+    config_map_key: str = ""
     features: list[str] = field(default_factory=list)  # its input columns; [] = the names it was fitted on
     # class label -> pass | alert | drop | rate-limit:PPS[:BURST] (drop and rate-limit
     # through the enforcement mode, allowlist, kill switch; parse_model_action)
@@ -229,7 +233,7 @@ class ModelSettings:
 
     @property
     def enabled(self) -> bool:
-        return self.slots or bool(self.file)
+        return self.slots or bool(self.file) or bool(self.config_map)
 
     @property
     def sampling(self) -> bool:
@@ -248,6 +252,19 @@ class ModelSettings:
             raise ConfigError(f"model flow_k {self.flow_k}: must be 1..1024 (the packet a flow model decides at)")
         if self.file and not self.file.endswith((".joblib", ".pkl", ".onnx")):
             raise ConfigError(f"model file {self.file!r}: expected a .joblib, .pkl or .onnx file")
+        if self.config_map and self.file:
+            raise ConfigError("model file and ConfigMap are mutually exclusive: name one source of the model")
+        if self.config_map and not self.config_map_key.endswith(API_MODEL_SUFFIXES):
+            # pickles are read only from the node's own disk, never from the API
+            raise ConfigError(
+                f"model ConfigMap key {self.config_map_key!r}: expected .onnx or .xdpml; a .joblib or .pkl model "
+                "is not read from the API (unpickling runs arbitrary code as root in the agent): convert it with "
+                "`xdpml model compile MODEL.joblib --out MODEL.xdpml`"
+            )
+
+
+# What a model read through the Kubernetes API may be: formats that load as data only.
+API_MODEL_SUFFIXES = (".onnx", ".xdpml")
 
 
 MODEL_ACTION_NAMES = ("pass", "alert", "drop", "rate-limit")

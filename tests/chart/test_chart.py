@@ -515,7 +515,7 @@ def test_rbac_is_exactly_least_privilege():
     for doc in (cr, role):
         for rule in doc["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
-            assert "resourceNames" not in rule or rule["resources"] == ["endpoints"]
+            assert "resourceNames" not in rule or rule["resources"] in (["endpoints"], ["configmaps"])
     sa = f"{RELEASE}-xdpml-agent"
     for kind in ("ClusterRoleBinding", "RoleBinding"):
         b = one(docs, kind)
@@ -531,6 +531,31 @@ def test_rbac_is_exactly_least_privilege():
 def test_watch_nodes_adds_only_node_reads():
     cr = one(render({"rbac": {"watchNodes": True}}), "ClusterRole")
     assert ("", "nodes", ("get", "list", "watch")) in rules(cr) and len(rules(cr)) == 7
+
+
+def test_model_configmaps_readable_by_name_only():
+    # none by default: no ConfigMap in the release namespace is readable
+    assert not [r for r in one(render(), "Role")["rules"] if "configmaps" in r["resources"]]
+    values = {
+        "rbac": {"modelConfigMaps": ["tree", "forest"]},
+        "agentConfig": {"spec": {"model": {"configMap": {"name": "boost", "key": "boost.onnx"}}}},
+    }
+    role = one(render(values), "Role", f"{RELEASE}-xdpml-agent")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    (cm,) = [r for r in role["rules"] if "configmaps" in r["resources"]]
+    assert cm == {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["tree", "forest", "boost"],
+        "verbs": ["get", "list", "watch"],
+    }
+    assert not [r for r in one(render(values), "ClusterRole")["rules"] if "configmaps" in r["resources"]]
+    # the AgentConfig's own name alone, listed once
+    role = one(
+        render({"rbac": {"modelConfigMaps": ["boost"]}, **{k: v for k, v in values.items() if k != "rbac"}}), "Role"
+    )
+    (cm,) = [r for r in role["rules"] if "configmaps" in r["resources"]]
+    assert cm["resourceNames"] == ["boost"]
 
 
 def test_rbac_off_renders_none():

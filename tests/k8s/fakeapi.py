@@ -23,7 +23,8 @@ protocol the agent depends on, the way the real server behaves:
 * the ``status`` subresource of the custom resource (PATCH merge-patch or JSON patch,
   PUT), with the main resource ignoring ``status`` writes, and optimistic concurrency
   (``metadata.resourceVersion`` in a PUT or patch must match, else 409);
-* core/v1 Events (POST, list).
+* core/v1 Events (POST, list); ConfigMaps (their ``binaryData`` is base64 text in JSON, as
+  on the real server).
 
 Tests drive it through Python: :meth:`create`, :meth:`update`, :meth:`delete`,
 :meth:`compact` (expire history), :meth:`drop_watches`, :meth:`stop` / :meth:`start`
@@ -67,6 +68,7 @@ RESOURCES = [
     Resource("", "v1", "services", "Service"),
     Resource("", "v1", "events", "Event"),
     Resource("", "v1", "endpoints", "Endpoints"),
+    Resource("", "v1", "configmaps", "ConfigMap"),  # data and binaryData (base64) kept as sent
     Resource("", "v1", "nodes", "Node", namespaced=False),
     Resource("apps", "v1", "replicasets", "ReplicaSet"),
     Resource("batch", "v1", "jobs", "Job"),

@@ -5,6 +5,7 @@ classifies with the new model in the same datapath: no restart, no re-attach."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ from xdpml.agent.kubernetes import KubeAgentOptions, KubernetesAgent
 
 from xdpml.kube.reflector import Backoff
 
-from .conftest import wait_for
+from .conftest import agentconfig_object, kube_agent, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(300)]
 PORT = 7101
@@ -119,6 +120,209 @@ def test_agentconfig_model_changed_live(fake_api, api_client, bpffs, tmp_path):
             fake_api.update("agentconfigs", "xdpml", "main", lambda o: o["spec"]["model"].update(file=""))
             wait_for(lambda: slots.read_slot(slots.active())["kind"] == 0, 30, "model unloaded")
             assert sup.agent.datapath is dp
+        finally:
+            sup.stop_event.set()
+            runner.join(60)
+        assert not runner.is_alive()
+
+
+# ---- spec.model.configMap: the model read through the API --------------------------------
+
+
+def onnx_tree(cls: int) -> bytes:
+    """tree_file's model as an ONNX tree ensemble (what the API may carry: no pickle)."""
+    from skl2onnx import to_onnx
+
+    x = np.array([[p] for p in (10, 20, PORT - 1, PORT, PORT + 1, 9000, 9001)], dtype=np.float32)
+    y = np.array([0, 1, cls, cls, cls, 2, 2])
+    est = DecisionTreeClassifier(random_state=0).fit(x, y)
+    return to_onnx(est, x[:1], options={id(est): {"zipmap": False}}).SerializeToString()
+
+
+def configmap(name: str, key: str, data: bytes, **labels) -> dict:
+    return {
+        "metadata": {"name": name, "namespace": "xdpml", "labels": labels},
+        "binaryData": {key: base64.b64encode(data).decode()},
+    }
+
+
+def cm_agentconfig(h, model: dict) -> dict:
+    return agentconfig_object(
+        {
+            "interfaces": [{"names": [h.host_if], "hooks": "tc"}],
+            "timeouts": {"scanIntervalSeconds": 0.2},
+            "model": {"features": ["dst_port"], **model},
+        }
+    )
+
+
+def cm_agent(api_client, bpffs, **source):
+    backoff = lambda: Backoff(base_s=0.05, cap_s=0.2)  # noqa: E731
+    return kube_agent(
+        api_client,
+        KubeAgentOptions(namespace="xdpml", node_name="node-a", pin_dir=os.path.join(bpffs, "p")),
+        model_source_kwargs={"watch_timeout_s": 5, "backoff_factory": backoff, **source},
+    )
+
+
+def events(fake_api, reason: str) -> list[str]:
+    return [e["message"] for e in fake_api.list("events") if e.get("reason") == reason]
+
+
+def model_status(fake_api) -> dict:
+    obj = fake_api.get("agentconfigs", "xdpml", "main") or {}
+    return ((obj.get("status") or {}).get("nodes") or {}).get("node-a", {}).get("model") or {}
+
+
+def test_configmap_model_loaded_and_changed_live(fake_api, api_client, bpffs):
+    pytest.importorskip("skl2onnx")
+    m0, m1, m2 = onnx_tree(0), onnx_tree(1), onnx_tree(2)
+    with make_hosts(74, ipv6=False) as (h,), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind((h.host_ip, PORT))
+        cm = fake_api.create("configmaps", configmap("tree", "tree.onnx", m0))
+        fake_api.create("agentconfigs", cm_agentconfig(h, {"configMap": {"name": "tree", "key": "tree.onnx"}}))
+        sup = cm_agent(api_client, bpffs)
+        runner = threading.Thread(target=sup.run, daemon=True)
+        runner.start()
+        try:
+            wait_for(lambda: sup.agent is not None and sup.agent.model is not None, 240, "agent with model slots")
+            slots, dp = sup.agent.model.slots, sup.agent.datapath
+            wait_for(lambda: int(slots.ctl().seq) == 1, 30, "the ConfigMap's model loaded")
+            assert slots.read_slot(slots.active())["kind"] == 1
+            wait_for(lambda: model_status(fake_api).get("loaded") is True, 10, "status: model loaded")
+            st = model_status(fake_api)
+            mid = int(slots.read_slot(slots.active())["model_id"])
+            assert st == {
+                "configMap": "tree",
+                "key": "tree.onnx",
+                "resourceVersion": cm["metadata"]["resourceVersion"],
+                "loaded": True,
+                "message": f"model {mid} loaded",
+            }
+            wait_for(lambda: len(events(fake_api, "ModelLoaded")) == 1, 10, "ModelLoaded event")
+            slots.clear_stats()
+            send(h, 50)
+            wait_for(lambda: slots.class_counts()[0] == 50, 10, "50 packets in class 0 under model 1")
+
+            # new bytes in the ConfigMap: loaded live, same datapath
+            fake_api.update("configmaps", "xdpml", "tree", lambda o: o.update(configmap("tree", "tree.onnx", m1)))
+            wait_for(lambda: int(slots.ctl().seq) == 2, 30, "the updated ConfigMap's model loaded live")
+            assert sup.agent.datapath is dp, "the datapath was restarted for a model change"
+            assert int(slots.read_slot(slots.active())["model_id"]) != mid
+            send(h, 30)
+            wait_for(lambda: slots.class_counts()[1] == 30, 10, "30 packets in class 1 under model 2")
+
+            # a new version with the same bytes (a label changed): not reloaded
+            same = fake_api.update("configmaps", "xdpml", "tree", lambda o: o["metadata"].update(labels={"a": "b"}))
+            wait_for(lambda: sup._model_source.seen == same["metadata"]["resourceVersion"], 10, "version seen")
+
+            # a model that does not compile: refused, reported, the running model stays
+            bad = fake_api.update(
+                "configmaps", "xdpml", "tree", lambda o: o.update(configmap("tree", "tree.onnx", b"not a model"))
+            )
+            wait_for(lambda: len(events(fake_api, "ModelRefused")) == 1, 30, "ModelRefused event")
+            assert int(slots.ctl().seq) == 2, "the same bytes were reloaded, or the bad model replaced the good"
+            (msg,) = events(fake_api, "ModelRefused")
+            assert "ConfigMap xdpml/tree key tree.onnx" in msg and "the running model stays" in msg
+            wait_for(lambda: model_status(fake_api).get("loaded") is False, 10, "status: refused")
+            assert model_status(fake_api)["resourceVersion"] == bad["metadata"]["resourceVersion"]
+            send(h, 10)
+            wait_for(lambda: slots.class_counts()[1] == 40, 10, "10 more packets in class 1: model 2 stays")
+
+            # the key gone, then the ConfigMap gone: reported, the model stays
+            fake_api.update("configmaps", "xdpml", "tree", lambda o: o.update(binaryData={"other.onnx": ""}))
+            wait_for(lambda: len(events(fake_api, "ModelRefused")) == 2, 30, "missing key reported")
+            assert "no such key (keys: other.onnx)" in events(fake_api, "ModelRefused")[-1]
+            fake_api.delete("configmaps", "xdpml", "tree")
+            wait_for(lambda: len(events(fake_api, "ModelRefused")) == 3, 30, "missing ConfigMap reported")
+            assert "ConfigMap xdpml/tree not found" in events(fake_api, "ModelRefused")[-1]
+            assert int(slots.ctl().seq) == 2 and slots.read_slot(slots.active())["kind"] == 1
+
+            # created again: loaded
+            fake_api.create("configmaps", configmap("tree", "tree.onnx", m2))
+            wait_for(lambda: int(slots.ctl().seq) == 3, 30, "the re-created ConfigMap's model loaded")
+            send(h, 20)
+            wait_for(lambda: slots.class_counts()[2] == 20, 10, "20 packets in class 2 under model 3")
+
+            # the AgentConfig names another ConfigMap and key: switched live
+            fake_api.create("configmaps", configmap("tree2", "m.onnx", m0))
+            fake_api.update(
+                "agentconfigs",
+                "xdpml",
+                "main",
+                lambda o: o["spec"]["model"].update(configMap={"name": "tree2", "key": "m.onnx"}),
+            )
+            wait_for(lambda: int(slots.ctl().seq) == 4, 30, "the other ConfigMap's model loaded")
+            slots.clear_stats()
+            send(h, 15)
+            wait_for(lambda: slots.class_counts()[0] == 15, 10, "15 packets in class 0 under model 4")
+            c = slots.class_counts()
+            assert (c[0], c[1], c[2], c[-1]) == (15, 0, 0, 0)
+            # the old ConfigMap is not followed any more
+            fake_api.update("configmaps", "xdpml", "tree", lambda o: o.update(configmap("tree", "tree.onnx", m1)))
+
+            # no configMap any more (the slots stay on): unloaded live
+            def no_configmap(o):
+                del o["spec"]["model"]["configMap"]
+                o["spec"]["model"]["slots"] = True
+
+            fake_api.update("agentconfigs", "xdpml", "main", no_configmap)
+            wait_for(lambda: slots.read_slot(slots.active())["kind"] == 0, 30, "model unloaded")
+            assert int(slots.ctl().seq) == 5, "the old ConfigMap's change was loaded"
+            wait_for(lambda: model_status(fake_api) == {}, 10, "status: no model entry")
+            assert sup.agent.datapath is dp
+        finally:
+            sup.stop_event.set()
+            runner.join(60)
+        assert not runner.is_alive()
+
+
+def test_configmap_model_refused_until_it_fits(fake_api, api_client, bpffs):
+    pytest.importorskip("skl2onnx")
+    m0 = onnx_tree(0)
+    with make_hosts(75, ipv6=False) as (h,), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind((h.host_ip, PORT))
+        # a pickle named from the API: the spec is refused, nothing runs
+        fake_api.create("agentconfigs", cm_agentconfig(h, {"configMap": {"name": "tree", "key": "tree.joblib"}}))
+        sup = cm_agent(api_client, bpffs, max_bytes=len(m0))
+        runner = threading.Thread(target=sup.run, daemon=True)
+        runner.start()
+        try:
+            wait_for(lambda: bool(events(fake_api, "InvalidSpec")), 30, "InvalidSpec event")
+            (msg,) = events(fake_api, "InvalidSpec")
+            assert "a .joblib or .pkl model is not read from the API" in msg and "--out MODEL.xdpml" in msg
+            assert sup.agent is None
+
+            # a valid key, but no such ConfigMap yet: the datapath runs, no model, reported
+            fake_api.update(
+                "agentconfigs",
+                "xdpml",
+                "main",
+                lambda o: o["spec"]["model"].update(configMap={"name": "tree", "key": "tree.onnx"}),
+            )
+            wait_for(lambda: sup.agent is not None and sup.agent.model is not None, 240, "agent with model slots")
+            slots = sup.agent.model.slots
+            wait_for(lambda: bool(events(fake_api, "ModelRefused")), 30, "missing ConfigMap reported")
+            (msg,) = events(fake_api, "ModelRefused")
+            assert "ConfigMap xdpml/tree not found; the running model stays" in msg
+            wait_for(lambda: model_status(fake_api).get("loaded") is False, 10, "status: not loaded")
+            assert int(slots.ctl().seq) == 0 and slots.read_slot(slots.active())["kind"] == 0
+
+            # too big: refused before it reaches the compiler
+            fake_api.create("configmaps", configmap("tree", "tree.onnx", m0 + b"\0"))
+            wait_for(lambda: len(events(fake_api, "ModelRefused")) == 2, 30, "too big reported")
+            assert (
+                f"{len(m0) + 1} bytes, more than the {len(m0)} a model may have" in events(fake_api, "ModelRefused")[-1]
+            )
+            assert int(slots.ctl().seq) == 0
+
+            # fixed: loaded and classifying
+            fake_api.update("configmaps", "xdpml", "tree", lambda o: o.update(configmap("tree", "tree.onnx", m0)))
+            wait_for(lambda: int(slots.ctl().seq) == 1, 30, "the fixed ConfigMap's model loaded")
+            wait_for(lambda: model_status(fake_api).get("loaded") is True, 10, "status: loaded")
+            slots.clear_stats()
+            send(h, 25)
+            wait_for(lambda: slots.class_counts()[0] == 25, 10, "25 packets in class 0")
         finally:
             sup.stop_event.set()
             runner.join(60)

@@ -289,6 +289,8 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
         model=ModelSettings(
             slots=model["slots"],
             file=model["file"],
+            config_map=(model.get("configMap") or {}).get("name", ""),
+            config_map_key=(model.get("configMap") or {}).get("key", ""),
             features=list(model.get("features", ())),
             actions={str(k): str(v) for k, v in (model.get("actions") or {}).items()},
             decisions_file=model["decisionsFile"],

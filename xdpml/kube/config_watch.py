@@ -136,6 +136,9 @@ class AgentConfigWatcher:
         self._pending_status: dict[str, dict] = {}  # config name -> merge patch not yet written
         self._pending_events: list[dict] = []
         self._enforcement: dict | None = None  # set_enforcement(): status.nodes.<node>.enforcement
+        self._model: dict | None = None  # set_model(): status.nodes.<node>.model
+        self._model_gone = False
+        self._held_reports: list[tuple[str, str, str]] = []  # report() before the first config applied
         self._thread: threading.Thread | None = None
 
     # ---- life cycle -----------------------------------------------------------------
@@ -174,6 +177,27 @@ class AgentConfigWatcher:
             self._enforcement = dict(summary)
             cfg = self.current
         self._queue_node_status(cfg)
+
+    def set_model(self, summary: dict | None) -> None:
+        """The model this node reads from ``spec.model.configMap`` (configMap, key,
+        resourceVersion, loaded, message), shown in ``status.nodes.<node>.model``."""
+        with self._lock:
+            self._model = dict(summary) if summary is not None else None
+            self._model_gone = summary is None  # a merge patch removes the entry with a null
+            cfg = self.current
+        self._queue_node_status(cfg)
+
+    def report(self, event_type: str, reason: str, message: str) -> None:
+        """An Event on the current AgentConfig (e.g. a model refused); nothing before the first."""
+        with self._lock:
+            cfg = self.current
+            if cfg is None:  # during the first config's apply: posted once it is current
+                self._held_reports.append((event_type, reason, message))
+                del self._held_reports[:-20]
+                return
+        meta = {"name": cfg.name, "uid": cfg.uid}
+        self._queue_event({"metadata": meta}, event_type, reason, f"node {self.node_name}: {message}")
+        self._wake_event.set()
 
     def _queue_node_status(self, cfg: AgentConfig | None) -> None:
         """Queue this node's entry (readiness, enforcement) in the status of ``cfg``, the
@@ -287,6 +311,7 @@ class AgentConfigWatcher:
             self.last_error = ""
             if not self._ready[0] and self._ready[1] in ("Starting", "InvalidSpec", "ApplyFailed"):
                 self._ready = (True, "Applied", "")
+            held, self._held_reports = self._held_reports, []
         changed = ", ".join(sorted(new.changed_sections(old))) or "nothing"
         log.info("applied AgentConfig %s/%s generation %d (changed: %s)", new.namespace, new.name, generation, changed)
         self._queue_status(
@@ -297,6 +322,8 @@ class AgentConfigWatcher:
         self._queue_event(
             chosen, "Normal", "Applied", f"node {self.node_name} applied generation {generation} (changed: {changed})"
         )
+        for report in held:
+            self.report(*report)
 
     def _refuse(self, obj: dict, reason: str, message: str, *, spec_valid: bool) -> None:
         generation = int(obj["metadata"].get("generation") or 0)
@@ -341,6 +368,10 @@ class AgentConfigWatcher:
             entry["appliedGeneration"] = self.current.generation
         if self._enforcement is not None:
             entry["enforcement"] = dict(self._enforcement)
+        if self._model is not None:
+            entry["model"] = dict(self._model)
+        elif self._model_gone:
+            entry["model"] = None
         return entry
 
     @staticmethod

@@ -87,6 +87,7 @@ class Reflector:
         request_timeout_s: float = 30.0,
         backoff: Backoff | None = None,
         on_sync: Callable[[], None] | None = None,
+        on_error: Callable[[int, str], None] | None = None,
     ):
         self.name = name
         self._list_func = list_func
@@ -98,6 +99,7 @@ class Reflector:
         self.request_timeout_s = request_timeout_s
         self.backoff = backoff or Backoff()
         self._on_sync = on_sync
+        self._on_error = on_error  # (HTTP status or 0, what failed), before each retry
         self.resource_version: str | None = None
         self.stats = ReflectorStats()
         self.synced = threading.Event()  # set after the first complete list
@@ -148,13 +150,15 @@ class Reflector:
                     log.info("%s: watch expired (410 Gone), relisting", self.name)
                     self.resource_version = None
                     continue
-                self._failed(f"API error {err.status} {err.reason}")
+                self._failed(f"API error {err.status} {err.reason}", err.status or 0)
             except Exception as err:  # connection refused, reset, timeouts, bad JSON...
                 if self._stop.is_set():
                     break
                 self._failed(f"{type(err).__name__}: {err}")
 
-    def _failed(self, what: str) -> None:
+    def _failed(self, what: str, status: int = 0) -> None:
+        if self._on_error is not None:
+            self._on_error(status, what)
         self.stats.errors += 1
         self.stats.last_error = what
         delay = self.backoff.next_delay()
