@@ -2,8 +2,9 @@
 watched through the API, its key's bytes handed to the agent whenever they change.
 
 The watch carries ``fieldSelector=metadata.name=<name>``: the agent lists and watches
-that one object (the chart's Role still grants configmaps in the release namespace,
-as RBAC cannot restrict list/watch by a name only the AgentConfig knows). A
+that one object, which is also what lets RBAC grant it by name (a list or watch is
+authorized against ``resourceNames`` only with that field selector; the chart's Role
+names ``rbac.modelConfigMaps`` and the AgentConfig's ConfigMap, no others). A
 :class:`xdpml.kube.reflector.Reflector` does the list-then-watch (410 -> relist).
 
 Every version of the ConfigMap ends in one call of ``on_model(self, data, problem, version)``:
