@@ -499,39 +499,55 @@ static __always_inline __s64 model_feature(struct pkt_info *p, __u32 frame_len, 
  * masked (the limits are powers of two), so the verifier needs no branch either, and
  * distinct packets cost what one repeated packet costs. The compiler guarantees
  * every walk ends on a leaf; a corrupt slot gives a wrong class, never a bad access.
+ * Two trees are walked side by side: a level is a chain of dependent loads (node,
+ * feature value, next node), and two independent chains overlap their latency. An
+ * odd last tree is walked twice and summed once.
  * Returns the class (one tree) or 0 (sums in acc[]). */
 static __always_inline int model_trees_eval(struct model_slot *m, struct model_scratch *s)
 {
-    int cls = 0;
+    __u32 last = 0;
     MODEL_LOOP
-    for (__u32 t = 0; t < XDPML_MODEL_MAX_TREES; t++) {
-        if (t >= MODEL_RD(m->n_trees))
+    for (__u32 t = 0; t < XDPML_MODEL_MAX_TREES; t += 2) {
+        __u32 n = MODEL_RD(m->n_trees);
+        if (t >= n)
             break;
+        /* pair = t + 1 < n from the sign bit: a compare would be a branch, and the
+         * verifier would walk the trees once per outcome */
+        __s32 dn = (__s32)(t + 1) - (__s32)n;
+        asm volatile("" : "+r"(dn));
+        __u32 pair = (__u32)dn >> 31;
         __u32 i = m->trees.root[t] & MODEL_NODE_MASK;
+        __u32 j = m->trees.root[(t + pair) & (XDPML_MODEL_MAX_TREES - 1)] & MODEL_NODE_MASK;
         MODEL_LOOP
         for (__u32 d = 0; d < XDPML_MODEL_MAX_DEPTH; d += 4) {
             if (d >= MODEL_RD(m->depth))
                 break;
             MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, j);
             MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, j);
             MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, j);
             MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, j);
         }
-        __u32 base = m->trees.node[i].leaf;
-        if (m->decision == MODEL_DEC_LEAF) {
-            cls = base;
-        } else if (MODEL_RD(m->n_outputs) == 1) {
-            s->acc[0] += m->trees.leaf[base & MODEL_LEAFV_MASK];
-        } else {
-            MODEL_LOOP
-            for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
-                if (o >= MODEL_RD(m->n_outputs))
-                    break;
-                s->acc[o] += m->trees.leaf[(base + o) & MODEL_LEAFV_MASK];
-            }
+        __u32 bi = m->trees.node[i].leaf, bj = m->trees.node[j].leaf;
+        last = bj; /* j is tree t when unpaired */
+        if (m->decision == MODEL_DEC_LEAF)
+            continue;
+        __s64 keep = -(__s64)pair; /* an unpaired tree's second walk adds nothing */
+        MODEL_LOOP
+        for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
+            if (o >= MODEL_RD(m->n_outputs))
+                break;
+            s->acc[o] += m->trees.leaf[(bi + o) & MODEL_LEAFV_MASK] +
+                         (m->trees.leaf[(bj + o) & MODEL_LEAFV_MASK] & keep);
         }
     }
-    return cls;
+    /* one tree: its leaf's class (the last tree's, as before, if a model had more) */
+    if (m->decision == MODEL_DEC_LEAF)
+        return last;
+    return 0;
 }
 
 static __always_inline void model_linear_eval(struct model_slot *m, struct model_scratch *s)
