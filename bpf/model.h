@@ -244,6 +244,7 @@ struct model_scratch {
     struct iat_stats fiat;
     __u64 ffirst_ns, flast_ns;
     __s64 x[XDPML_MODEL_MAX_FEATURES];
+    __s64 pf[128];       /* every feature by MF_* id (MODEL_PF_N), gathered into x[] */
     __s64 acc[XDPML_MODEL_MAX_OUTPUTS];
     __s64 act[2][XDPML_MODEL_MAX_WIDTH];
 };
@@ -404,81 +405,83 @@ static __always_inline int model_after(void)
     return drop;
 }
 
-static __always_inline __s64 model_flow_feature(struct model_scratch *s, __u32 id)
+#define MODEL_PF_N 128 /* model_scratch.pf[]: every feature by MF_* id (a power of two) */
+
+/* Every flow feature at once, into v[MF_SRC2DST_PACKETS..]: a flow model is classified
+ * once per flow, so what it does not read costs little. */
+static __always_inline void model_flow_features(struct model_scratch *s, __s64 *v)
 {
     struct dir_stats *a = &s->fdir[0], *b = &s->fdir[1];
     __u64 n = a->packets + b->packets;
-    switch (id) {
-    case MF_SRC2DST_PACKETS: return a->packets;
-    case MF_DST2SRC_PACKETS: return b->packets;
-    case MF_BIDIRECTIONAL_PACKETS: return n;
-    case MF_SRC2DST_BYTES: return a->bytes;
-    case MF_DST2SRC_BYTES: return b->bytes;
-    case MF_BIDIRECTIONAL_BYTES: return a->bytes + b->bytes;
-    case MF_SRC2DST_MIN_PS: return a->size_min;
-    case MF_SRC2DST_MAX_PS: return a->size_max;
-    case MF_DST2SRC_MIN_PS: return b->size_min;
-    case MF_DST2SRC_MAX_PS: return b->size_max;
-    case MF_SRC2DST_MEAN_PS: return a->packets ? (a->bytes << 8) / a->packets : 0;
-    case MF_DST2SRC_MEAN_PS: return b->packets ? (b->bytes << 8) / b->packets : 0;
-    case MF_BIDIRECTIONAL_MEAN_PS: return n ? ((a->bytes + b->bytes) << 8) / n : 0;
-    case MF_BIDIRECTIONAL_DURATION_MS: return n ? ((s->flast_ns - s->ffirst_ns) * 128) / 125 : 0;
-    case MF_BIDIRECTIONAL_MEAN_PIAT_MS: return n > 1 ? (s->fiat.sum_ns * 128) / (125 * (n - 1)) : 0;
-    case MF_BIDIRECTIONAL_MIN_PIAT_MS: return n > 1 ? (s->fiat.min_ns * 128) / 125 : 0;
-    case MF_BIDIRECTIONAL_MAX_PIAT_MS: return n > 1 ? (s->fiat.max_ns * 128) / 125 : 0;
-    }
-    __u32 j = (id - MF_SRC2DST_FIN_PACKETS) & 15; /* flag counts: [direction][FIN..CWR] */
-    return s->fdir[j >> 3].flag_count[j & 7];
+    v[MF_SRC2DST_PACKETS] = a->packets;
+    v[MF_DST2SRC_PACKETS] = b->packets;
+    v[MF_BIDIRECTIONAL_PACKETS] = n;
+    v[MF_SRC2DST_BYTES] = a->bytes;
+    v[MF_DST2SRC_BYTES] = b->bytes;
+    v[MF_BIDIRECTIONAL_BYTES] = a->bytes + b->bytes;
+    v[MF_SRC2DST_MIN_PS] = a->size_min;
+    v[MF_SRC2DST_MAX_PS] = a->size_max;
+    v[MF_DST2SRC_MIN_PS] = b->size_min;
+    v[MF_DST2SRC_MAX_PS] = b->size_max;
+    v[MF_SRC2DST_MEAN_PS] = a->packets ? (a->bytes << 8) / a->packets : 0;
+    v[MF_DST2SRC_MEAN_PS] = b->packets ? (b->bytes << 8) / b->packets : 0;
+    v[MF_BIDIRECTIONAL_MEAN_PS] = n ? ((a->bytes + b->bytes) << 8) / n : 0;
+    v[MF_BIDIRECTIONAL_DURATION_MS] = n ? ((s->flast_ns - s->ffirst_ns) * 128) / 125 : 0;
+    v[MF_BIDIRECTIONAL_MEAN_PIAT_MS] = n > 1 ? (s->fiat.sum_ns * 128) / (125 * (n - 1)) : 0;
+    v[MF_BIDIRECTIONAL_MIN_PIAT_MS] = n > 1 ? (s->fiat.min_ns * 128) / 125 : 0;
+    v[MF_BIDIRECTIONAL_MAX_PIAT_MS] = n > 1 ? (s->fiat.max_ns * 128) / 125 : 0;
+    MODEL_LOOP
+    for (__u32 j = 0; j < 16; j++) /* flag counts: [direction][FIN..CWR] */
+        v[MF_SRC2DST_FIN_PACKETS + j] = s->fdir[j >> 3].flag_count[j & 7];
 }
 
-static __always_inline __s64 model_feature(struct pkt_info *p, __u32 frame_len, __u32 id)
+/* Every packet feature at once, into v[MF_*], with masks instead of branches: a
+ * model input is then one indexed load (a switch per input cost ~2 ns each). */
+static __always_inline void model_packet_features(struct pkt_info *p, __u32 frame_len, __s64 *v)
 {
-    __u8 tcp = p->proto == IPPROTO_TCP;
-    __u8 f = tcp ? p->tcp_flags : 0;
-    int v4 = p->ip_version == 4;
-    switch (id) {
-    case MF_IP_VERSION: return p->ip_version;
-    case MF_IP_IHL: return v4 ? p->ihl : 0;
-    case MF_TOS: return p->tos;
-    case MF_IP_DSCP: return p->tos >> 2;
-    case MF_IP_ECN: return p->tos & 3;
-    case MF_IP_TOTAL_LENGTH: return p->ip_len;
-    case MF_IP_FRAG_OFFSET: return v4 ? (p->frag_off & 0x1fff) : (p->frag_off >> 3);
-    case MF_IP_FLAGS: return v4 ? ((p->frag_off >> 13) & 3) : (p->frag_off & 1);
-    case MF_IP_ID: return v4 ? p->ip_id : 0;
-    case MF_IP_TTL: return p->ttl;
-    case MF_PROTOCOL: return p->proto;
-    case MF_SRC_PORT: return p->src_port;
-    case MF_DST_PORT: return p->dst_port;
-    case MF_TCP_SEQUENCE_NUM: return tcp ? p->tcp_seq : 0;
-    case MF_TCP_ACK_NUM: return tcp ? p->tcp_ack : 0;
-    case MF_TCP_WINDOW_SIZE: return tcp ? p->tcp_window : 0;
-    case MF_TCP_URGENT_POINTER: return tcp ? p->tcp_urg : 0;
+    __u64 tcp = p->proto == IPPROTO_TCP, udp = p->proto == IPPROTO_UDP;
+    __u64 icmp = p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6;
+    __u64 tm = -tcp, v4m = -(__u64)(p->ip_version == 4);
+    __u32 f = p->tcp_flags & (__u32)tm, fo = p->frag_off, sp = p->src_port, dp = p->dst_port;
+    v[MF_IP_VERSION] = p->ip_version;
+    v[MF_IP_IHL] = p->ihl & v4m;
+    v[MF_TOS] = p->tos;
+    v[MF_IP_DSCP] = p->tos >> 2;
+    v[MF_IP_ECN] = p->tos & 3;
+    v[MF_IP_TOTAL_LENGTH] = p->ip_len;
+    v[MF_IP_FRAG_OFFSET] = ((fo & 0x1fff) & v4m) | ((fo >> 3) & ~v4m);
+    v[MF_IP_FLAGS] = (((fo >> 13) & 3) & v4m) | ((fo & 1) & ~v4m);
+    v[MF_IP_ID] = p->ip_id & v4m;
+    v[MF_IP_TTL] = p->ttl;
+    v[MF_PROTOCOL] = p->proto;
+    v[MF_SRC_PORT] = sp;
+    v[MF_DST_PORT] = dp;
+    v[MF_TCP_SEQUENCE_NUM] = p->tcp_seq & tm;
+    v[MF_TCP_ACK_NUM] = p->tcp_ack & tm;
+    v[MF_TCP_WINDOW_SIZE] = p->tcp_window & tm;
+    v[MF_TCP_URGENT_POINTER] = p->tcp_urg & tm;
     /* the flags byte is TCP header byte 13, bit 0 FIN ... bit 7 CWR: no byte swap */
-    case MF_TCP_FIN: return f & 1;
-    case MF_TCP_SYN: return (f >> 1) & 1;
-    case MF_TCP_RST: return (f >> 2) & 1;
-    case MF_TCP_PSH: return (f >> 3) & 1;
-    case MF_TCP_ACK: return (f >> 4) & 1;
-    case MF_TCP_URG: return (f >> 5) & 1;
-    case MF_TCP_ECE: return (f >> 6) & 1;
-    case MF_TCP_CWR: return (f >> 7) & 1;
-    case MF_PKT_LEN: return frame_len;
-    case MF_PAYLOAD_LEN: return (__u16)(p->l3_end > p->hdr_len ? p->l3_end - p->hdr_len : 0);
-    case MF_VLAN_ID: return p->vlan_id;
-    case MF_PR_TCP: return tcp;
-    case MF_PR_UDP: return p->proto == IPPROTO_UDP;
-    case MF_PR_ICMP: return p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6;
-    case MF_PR_OTHER: return !(tcp || p->proto == IPPROTO_UDP || p->proto == IPPROTO_ICMP ||
-                               p->proto == IPPROTO_ICMPV6);
-    case MF_SRC_PORT_LOW: return p->src_port < 1024;
-    case MF_SRC_PORT_MID: return p->src_port >= 1024 && p->src_port < 49152;
-    case MF_SRC_PORT_HIGH: return p->src_port >= 49152;
-    case MF_DST_PORT_LOW: return p->dst_port < 1024;
-    case MF_DST_PORT_MID: return p->dst_port >= 1024 && p->dst_port < 49152;
-    case MF_DST_PORT_HIGH: return p->dst_port >= 49152;
-    }
-    return 0;
+    v[MF_TCP_FIN] = f & 1;
+    v[MF_TCP_SYN] = (f >> 1) & 1;
+    v[MF_TCP_RST] = (f >> 2) & 1;
+    v[MF_TCP_PSH] = (f >> 3) & 1;
+    v[MF_TCP_ACK] = (f >> 4) & 1;
+    v[MF_TCP_URG] = (f >> 5) & 1;
+    v[MF_TCP_ECE] = (f >> 6) & 1;
+    v[MF_TCP_CWR] = (f >> 7) & 1;
+    v[MF_PKT_LEN] = frame_len;
+    v[MF_PAYLOAD_LEN] = (__u16)(p->l3_end > p->hdr_len ? p->l3_end - p->hdr_len : 0);
+    v[MF_VLAN_ID] = p->vlan_id;
+    v[MF_PR_TCP] = tcp;
+    v[MF_PR_UDP] = udp;
+    v[MF_PR_ICMP] = icmp;
+    v[MF_PR_OTHER] = !(tcp | udp | icmp);
+    v[MF_SRC_PORT_LOW] = sp < 1024;
+    v[MF_SRC_PORT_MID] = sp >= 1024 && sp < 49152;
+    v[MF_SRC_PORT_HIGH] = sp >= 49152;
+    v[MF_DST_PORT_LOW] = dp < 1024;
+    v[MF_DST_PORT_MID] = dp >= 1024 && dp < 49152;
+    v[MF_DST_PORT_HIGH] = dp >= 49152;
 }
 
 #define MODEL_NODE_MASK (XDPML_MODEL_MAX_NODES - 1)
@@ -499,39 +502,55 @@ static __always_inline __s64 model_feature(struct pkt_info *p, __u32 frame_len, 
  * masked (the limits are powers of two), so the verifier needs no branch either, and
  * distinct packets cost what one repeated packet costs. The compiler guarantees
  * every walk ends on a leaf; a corrupt slot gives a wrong class, never a bad access.
+ * Two trees are walked side by side: a level is a chain of dependent loads (node,
+ * feature value, next node), and two independent chains overlap their latency. An
+ * odd last tree is walked twice and summed once.
  * Returns the class (one tree) or 0 (sums in acc[]). */
 static __always_inline int model_trees_eval(struct model_slot *m, struct model_scratch *s)
 {
-    int cls = 0;
+    __u32 last = 0;
     MODEL_LOOP
-    for (__u32 t = 0; t < XDPML_MODEL_MAX_TREES; t++) {
-        if (t >= MODEL_RD(m->n_trees))
+    for (__u32 t = 0; t < XDPML_MODEL_MAX_TREES; t += 2) {
+        __u32 n = MODEL_RD(m->n_trees);
+        if (t >= n)
             break;
+        /* pair = t + 1 < n from the sign bit: a compare would be a branch, and the
+         * verifier would walk the trees once per outcome */
+        __s32 dn = (__s32)(t + 1) - (__s32)n;
+        asm volatile("" : "+r"(dn));
+        __u32 pair = (__u32)dn >> 31;
         __u32 i = m->trees.root[t] & MODEL_NODE_MASK;
+        __u32 j = m->trees.root[(t + pair) & (XDPML_MODEL_MAX_TREES - 1)] & MODEL_NODE_MASK;
         MODEL_LOOP
         for (__u32 d = 0; d < XDPML_MODEL_MAX_DEPTH; d += 4) {
             if (d >= MODEL_RD(m->depth))
                 break;
             MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, j);
             MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, j);
             MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, j);
             MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, j);
         }
-        __u32 base = m->trees.node[i].leaf;
-        if (m->decision == MODEL_DEC_LEAF) {
-            cls = base;
-        } else if (MODEL_RD(m->n_outputs) == 1) {
-            s->acc[0] += m->trees.leaf[base & MODEL_LEAFV_MASK];
-        } else {
-            MODEL_LOOP
-            for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
-                if (o >= MODEL_RD(m->n_outputs))
-                    break;
-                s->acc[o] += m->trees.leaf[(base + o) & MODEL_LEAFV_MASK];
-            }
+        __u32 bi = m->trees.node[i].leaf, bj = m->trees.node[j].leaf;
+        last = bj; /* j is tree t when unpaired */
+        if (m->decision == MODEL_DEC_LEAF)
+            continue;
+        __s64 keep = -(__s64)pair; /* an unpaired tree's second walk adds nothing */
+        MODEL_LOOP
+        for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
+            if (o >= MODEL_RD(m->n_outputs))
+                break;
+            s->acc[o] += m->trees.leaf[(bi + o) & MODEL_LEAFV_MASK] +
+                         (m->trees.leaf[(bj + o) & MODEL_LEAFV_MASK] & keep);
         }
     }
-    return cls;
+    /* one tree: its leaf's class (the last tree's, as before, if a model had more) */
+    if (m->decision == MODEL_DEC_LEAF)
+        return last;
+    return 0;
 }
 
 static __always_inline void model_linear_eval(struct model_slot *m, struct model_scratch *s)
@@ -605,12 +624,14 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len, s
             *c += 1;
         return -1;
     }
+    model_packet_features(p, frame_len, s->pf);
+    if (m->flow)
+        model_flow_features(s, s->pf);
     MODEL_LOOP
     for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++) {
         if (i >= MODEL_RD(m->n_features))
             break;
-        __u32 id = m->feat_id[i];
-        s->x[i] = id >= MF_SRC2DST_PACKETS ? model_flow_feature(s, id) : model_feature(p, frame_len, id);
+        s->x[i] = s->pf[m->feat_id[i] & (MODEL_PF_N - 1)];
     }
     MODEL_LOOP
     for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {

@@ -17,9 +17,12 @@ def test_kernel_ids_follow_the_python_table():
         for m in re.finditer(r"^#define MF_([A-Z0-9_]+) (\d+)$", MODEL_H.read_text(), re.M)
     }
     assert ids == {f.name: f.id for f in FEATURES}
-    # every id has its case in model_feature() / model_flow_feature(), but the flag counts,
-    # read by index from FIN of src2dst on (so their ids must be 16 in a row, FIN..CWR)
-    cases = re.findall(r"case MF_([A-Z0-9_]+):", MODEL_H.read_text())
+    # every id is stored by model_packet_features() / model_flow_features(), but the flag
+    # counts, stored by index from FIN of src2dst on (so their ids must be 16 in a row, FIN..CWR),
+    # into an array of MODEL_PF_N values indexed by id
+    cases = re.findall(r"v\[MF_([A-Z0-9_]+)\] =", MODEL_H.read_text())
+    pf_n = int(re.search(r"^#define MODEL_PF_N (\d+)", MODEL_H.read_text(), re.M).group(1))
+    assert max(ids.values()) < pf_n and f"pf[{pf_n}]" in MODEL_H.read_text()
     indexed = [f for f in FEATURES if FLAG_COUNT.fullmatch(f.name)]
     assert sorted(c.lower() for c in cases) == sorted(f.name for f in FEATURES if f not in indexed)
     assert [f.id for f in indexed] == list(range(indexed[0].id, indexed[0].id + 16))
