@@ -1,7 +1,8 @@
 """Added per-packet cost of a model in the kernel, side by side in one run; the
 table walk against a SkimXDP-style generated if/else tree; swap and load times.
 
-    python -m bench.bench_models [--repeat N] [--section cost|overhead|codegen|swap|veth]
+    python -m bench.bench_models [--repeat N] [--section cost|overhead|codegen|swap|veth|ab]
+    python -m bench.bench_models --section ab --against REV [--rounds 15] [--repeat 30]
 
 Run as root. BPF_PROG_TEST_RUN on the TC ingress flow program (SCHED_CLS: no XDP
 dispatcher round trip per call) compiled without a model and with -DXDPML_MODEL=1,
@@ -24,6 +25,11 @@ veth (not in the default sections): the agent's real pipeline (TC hooks) on a te
 with a stump on dst_port loaded from a file, iperf3 UDP floods of 64-byte frames at each
 --veth-pps; packets on the veth against the kernel's class counters; then 20 swaps on
 the running agent (ModelSlots.swap on the pinned slots).
+
+ab (not in the default sections): before/after of a change to bpf/: the goal models
+(and a logistic regression on 1 input) on bpf/ of git revision --against and on this
+tree's bpf/, both compiled into one process and measured in interleaved rounds, each
+round's added ns taken over that round's no-model baseline; medians over the rounds.
 
 swap: a forest of about 10,000 nodes: compile, pack, write the idle slot (the whole
 model is one map value: one BPF_MAP_UPDATE_ELEM, so a batch would hold one element)
@@ -219,7 +225,9 @@ def main() -> int:
     ap.add_argument("--swaps", type=int, default=200)
     ap.add_argument("--veth-pps", type=int, nargs="+", default=[50_000, 200_000, 1_000_000], help="veth: offered rates")
     ap.add_argument("--veth-packets", type=int, default=200_000, help="veth: packets per rate")
-    ap.add_argument("--section", choices=("cost", "overhead", "codegen", "swap", "veth"), action="append")
+    ap.add_argument("--section", choices=("cost", "overhead", "codegen", "swap", "veth", "ab"), action="append")
+    ap.add_argument("--against", default="HEAD", help="ab: the git revision whose bpf/ is 'before' (default HEAD)")
+    ap.add_argument("--rounds", type=int, default=15, help="ab: interleaved rounds")
     a = ap.parse_args()
     sections = a.section or ["cost", "codegen", "swap"]
     if "cost" in sections:
@@ -232,24 +240,21 @@ def main() -> int:
         section_swap(a)
     if "veth" in sections:
         section_veth(a)
+    if "ab" in sections:
+        section_ab(a)
     return 0
 
 
-def section_cost(a) -> None:
+def goal_models(*, one_input: bool = False) -> list[tuple[str, object]]:
+    """The models of issue 13's cost goals, fitted on bench/model_zoo's 16 columns (with
+    ``one_input``, also a logistic regression on the first column only)."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.tree import DecisionTreeClassifier
 
     from bench import model_zoo as zoo
-    from bench.bench_datapath import tcp_frames
-    from xdpml.config import AgentSettings
-    from xdpml.datapath.loader import TC_INGRESS_PROG, Datapath
-    from xdpml.models import layout as L
-    from xdpml.models.compiler import compile_model
-    from xdpml.models.kernel import ModelSlots
 
-    frames = tcp_frames(a.frames)
     _, X = zoo.dataset(20000, seed=1)
     y = zoo.labels(X)
     noise = np.random.default_rng(0).integers(0, 2, len(y))
@@ -265,7 +270,28 @@ def section_cost(a) -> None:
             ("logistic regression, 16 features", LogisticRegression(max_iter=300).fit(Xf, y > 1)),
             ("int8 MLP 16-16-2", MLPClassifier(hidden_layer_sizes=(16,), max_iter=200, random_state=0).fit(Xf, y > 1)),
         ]
-    lim = L.Limits(depth=12, trees=16, nodes=8192, leaf_values=8192)
+        if one_input:
+            models.append(("logistic regression, 1 input", LogisticRegression(max_iter=300).fit(Xf[:, :1], y > 1)))
+    return models
+
+
+def _cost_limits():
+    from xdpml.models import layout as L
+
+    return L.Limits(depth=12, trees=16, nodes=8192, leaf_values=8192)
+
+
+def section_cost(a) -> None:
+    from bench import model_zoo as zoo
+    from bench.bench_datapath import tcp_frames
+    from xdpml.config import AgentSettings
+    from xdpml.datapath.loader import TC_INGRESS_PROG, Datapath
+    from xdpml.models.compiler import compile_model
+    from xdpml.models.kernel import ModelSlots
+
+    frames = tcp_frames(a.frames)
+    models = goal_models()
+    lim = _cost_limits()
     rows = []
     with Datapath(AgentSettings()) as base:
         fd = base.progs[TC_INGRESS_PROG].fd
@@ -290,6 +316,82 @@ def section_cost(a) -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]} | {r[4]} |")
+
+
+@contextmanager
+def bpf_of(rev: str):
+    """bpf/ as it is in git revision ``rev``, in a temporary directory."""
+    d = Path(tempfile.mkdtemp(prefix="xdpml-ab-"))
+    try:
+        arch = subprocess.run(["git", "-C", str(REPO), "archive", rev, "bpf"], capture_output=True, check=False)
+        if arch.returncode:
+            sys.exit(f"--against {rev}: {arch.stderr.decode().strip() or 'git archive failed'}")
+        subprocess.run(["tar", "-x", "-C", str(d)], input=arch.stdout, check=True)
+        yield d / "bpf"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def section_ab(a) -> None:
+    """The goal models on bpf/ of revision --against and on this tree's bpf/, both loaded in
+    one process and measured in interleaved rounds (each round's no-model baseline
+    subtracted): a before/after that the machine's load drifting between runs does not bias."""
+    from bench import model_zoo as zoo
+    from bench.bench_datapath import tcp_frames
+    from xdpml.config import AgentSettings
+    from xdpml.datapath.loader import TC_INGRESS_PROG, Datapath
+    from xdpml.datapath.source import bpf_dir
+    from xdpml.models.compiler import compile_model
+    from xdpml.models.kernel import ModelSlots
+
+    frames = tcp_frames(a.frames)
+    models = goal_models(one_input=True)
+    lim = _cost_limits()
+    old_env = os.environ.get("XDPML_BPF_DIR")
+    here = bpf_dir()
+    with bpf_of(a.against) as before_dir:
+        try:
+            dps, variants = [], {}
+            os.environ["XDPML_BPF_DIR"] = str(here)
+            base = Datapath(AgentSettings()).__enter__()
+            dps.append(base)
+            fd0 = base.progs[TC_INGRESS_PROG].fd
+            mean_ns(fd0, frames[:50], 10)  # create the flows: every measured run is a flow update
+            for tag, d in (("before", before_dir), ("after", here)):
+                os.environ["XDPML_BPF_DIR"] = str(d)
+                dp = Datapath(AgentSettings(), model_limits=lim).__enter__()
+                dps.append(dp)
+                slots, fdm = ModelSlots.of(dp.bpf, lim), dp.progs[TC_INGRESS_PROG].fd
+                mean_ns(fdm, frames, 1)
+                for name, model in models:
+                    packed = compile_model(model, zoo.NAMES[: model.n_features_in_], limits=lim).pack(lim)
+                    variants[(tag, name)] = (fdm, slots, packed)
+            added: dict = {k: [] for k in variants}
+            base_ns = []
+            for r in range(a.rounds):
+                base_ns.append(mean_ns(fd0, frames, a.repeat))
+                for name, _ in models:
+                    for tag in ("before", "after"):
+                        fdm, slots, packed = variants[(tag, name)]
+                        slots.swap(packed)
+                        added[(tag, name)].append(mean_ns(fdm, frames, a.repeat) - base_ns[-1])
+                print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
+        finally:
+            for dp in reversed(dps):
+                dp.__exit__(None, None, None)
+            if old_env is None:
+                os.environ.pop("XDPML_BPF_DIR", None)
+            else:
+                os.environ["XDPML_BPF_DIR"] = old_env
+    print(
+        f"bpf/ of {a.against} (before) against {here} (after); {a.rounds} interleaved rounds of "
+        f"{len(frames)} distinct frames x {a.repeat}; no-model baseline median {np.median(base_ns):.0f} ns"
+    )
+    print("| model | added before (median) | added after (median) | paired difference (median) |")
+    print("|---|---|---|---|")
+    for name, _ in models:
+        b, af = np.array(added[("before", name)]), np.array(added[("after", name)])
+        print(f"| {name} | {np.median(b):+.0f} | {np.median(af):+.0f} | {np.median(af - b):+.0f} |")
 
 
 def lookup_limits(lim):
