@@ -212,8 +212,8 @@ class ModelSettings:
     compiled in (-DXDPML_MODEL=1) when ``slots`` is on or a ``file`` is named."""
 
     slots: bool = False  # compile the slots in even with no model yet (`xdpml model load` later)
-    # model file (.joblib/.pkl, or .onnx tree ensemble) loaded at start and reloaded whenever it changes (e.g. a
-    # mounted ConfigMap); "" = none (slots empty until `xdpml model load`)
+    # model file (.joblib/.pkl, .onnx tree ensemble, or .xdpml compiled bundle) loaded at start and reloaded
+    # whenever it changes (e.g. a mounted ConfigMap); "" = none (slots empty until `xdpml model load`)
     file: str = ""
     features: list[str] = field(default_factory=list)  # its input columns; [] = the names it was fitted on
     # class label -> pass | alert | drop | rate-limit:PPS[:BURST] (drop and rate-limit
@@ -246,8 +246,8 @@ class ModelSettings:
             raise ConfigError("model sample_every must be >= 1 (1 in N decisions)")
         if not 1 <= self.flow_k <= 1024:
             raise ConfigError(f"model flow_k {self.flow_k}: must be 1..1024 (the packet a flow model decides at)")
-        if self.file and not self.file.endswith((".joblib", ".pkl", ".onnx")):
-            raise ConfigError(f"model file {self.file!r}: expected a .joblib, .pkl or .onnx file")
+        if self.file and not self.file.endswith((".joblib", ".pkl", ".onnx", ".xdpml")):
+            raise ConfigError(f"model file {self.file!r}: expected a .joblib, .pkl, .onnx or .xdpml file")
 
 
 MODEL_ACTION_NAMES = ("pass", "alert", "drop", "rate-limit")

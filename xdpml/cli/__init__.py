@@ -289,7 +289,8 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         default="",
         metavar="FILE",
-        help="scikit-learn model (.joblib/.pkl, or an .onnx tree ensemble) the kernel classifies packets with "
+        help="scikit-learn model (.joblib/.pkl, an .onnx tree ensemble, or an .xdpml compiled bundle) the kernel "
+        "classifies packets with "
         "from the start; reloaded live when the file changes (implies --model-slots)",
     )
     m.add_argument(

@@ -13,11 +13,14 @@ from pathlib import Path
 
 from xdpml.config import parse_model_action
 from xdpml.errors import ConfigError, ModelError
-from xdpml.models import kernel
+from xdpml.models import bundle, kernel
 from xdpml.models import layout as L
 from xdpml.models.compiler import compile_model
 
-MODEL_HELP = "MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline), or MODEL.onnx (a tree ensemble classifier)"
+MODEL_HELP = (
+    "MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline), MODEL.onnx (a tree ensemble classifier), "
+    "or MODEL.xdpml (a compiled bundle, `xdpml model compile --out`)"
+)
 
 
 def load_estimator(path: str):
@@ -28,8 +31,10 @@ def load_estimator(path: str):
         from xdpml.models.onnx_trees import load_onnx
 
         return load_onnx(str(p))
+    if p.suffix == bundle.SUFFIX:
+        raise ModelError(f"{path}: a compiled bundle, not an estimator (compile_file reads it)")
     if p.suffix not in (".joblib", ".pkl"):
-        raise ModelError(f"{path}: expected a .joblib, .pkl or .onnx file")
+        raise ModelError(f"{path}: expected a .joblib, .pkl, .onnx or .xdpml file")
     import joblib
 
     try:
@@ -74,7 +79,18 @@ def parse_actions(items) -> dict[str, str]:
 
 
 def compile_file(path: str, features: str | list[str] | None, limits: L.Limits):
-    """A model file -> CompiledModel checked against ``limits`` (ModelError otherwise)."""
+    """A model file -> CompiledModel checked against ``limits`` (ModelError otherwise).
+    A bundle (.xdpml) names its features: ``features``, if given, must be the same."""
+    if Path(path).suffix == bundle.SUFFIX:
+        if not Path(path).is_file():
+            raise ModelError(f"model file {path}: no such file")
+        m = bundle.read(path, limits=limits)
+        want = [f.strip() for f in features.split(",") if f.strip()] if isinstance(features, str) else features
+        if want and want != [f.name for f in m.features]:
+            raise ModelError(
+                f"{path}: the bundle's features are {','.join(f.name for f in m.features)}, not {','.join(want)}"
+            )
+        return m
     est = load_estimator(path)
     return compile_model(est, model_features(est, features), limits=limits)
 
@@ -94,6 +110,15 @@ def cmd_compile(args) -> int:
     report = model.stats()
     report["slot_bytes"] = L.slot_dtype(lim).itemsize
     report["cflags"] = ["-DXDPML_MODEL=1", *lim.cflags()]
+    if args.out:
+        if not args.out.endswith(bundle.SUFFIX):
+            raise ModelError(f"--out {args.out}: expected a {bundle.SUFFIX} file")
+        data = bundle.dumps(model)
+        try:
+            Path(args.out).write_bytes(data)
+        except OSError as exc:
+            raise ModelError(f"--out {args.out}: {exc.strerror}") from None
+        report["bundle"] = {"file": args.out, "bytes": len(data)}
     print(json.dumps(report, indent=2, default=str))
     return 0
 
@@ -250,6 +275,13 @@ def add_model_commands(subparsers) -> None:
         default="",
         help="comma-separated feature names in the model's input order (docs/models.md; "
         "default: the names it was fitted on)",
+    )
+    c.add_argument(
+        "--out",
+        default="",
+        metavar="FILE.xdpml",
+        help="write the compiled model as a bundle: data, not code (no pickle); loads with `xdpml model load`, "
+        "--model, spec.model.file, or a signed push (docs/models.md)",
     )
     d = L.DEFAULT_LIMITS
     for name in ("features", "depth", "trees", "nodes", "leaf_values", "outputs", "layers", "width"):
