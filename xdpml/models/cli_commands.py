@@ -22,6 +22,11 @@ MODEL_HELP = (
     "or MODEL.xdpml (a compiled bundle, `xdpml model compile --out`)"
 )
 
+# the largest limits a datapath can be built with: a bundle within them is well-formed
+WIDEST = L.Limits(
+    features=1024, depth=4096, trees=4096, nodes=0x8000, leaf_values=0x8000, outputs=4096, layers=1024, width=4096
+)
+
 
 def load_estimator(path: str):
     p = Path(path)
@@ -226,6 +231,47 @@ def cmd_unload(args) -> int:
     return 0
 
 
+def cmd_keygen(args) -> int:
+    from xdpml.models import signing
+
+    priv, pub = signing.keygen(args.out)
+    kid = signing.key_id(signing.load_public_key(pub))
+    print(f"key {kid}: private {priv} (mode 0600, keep it with the trainer), public {pub} (--model-trusted-key)")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from xdpml.models import signing
+
+    try:
+        data = Path(args.bundle).read_bytes()
+    except OSError as exc:
+        raise ModelError(f"bundle {args.bundle}: {exc.strerror}") from None
+    bundle.loads(data, limits=WIDEST)  # well-formed; the agent checks its own limits
+    name = args.name or Path(args.bundle).name.removesuffix(bundle.SUFFIX)
+    env = signing.sign(data, signing.load_private_key(args.key), name=name, version=args.version)
+    try:
+        Path(args.out).write_bytes(env)
+    except OSError as exc:
+        raise ModelError(f"--out {args.out}: {exc.strerror}") from None
+    m = signing.peek(env)[0]
+    print(f"{args.out}: {m.name} v{m.version}, bundle sha256 {m.sha256[:16]}..., key {m.key_id}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from xdpml.models import signing
+
+    try:
+        env = Path(args.signed).read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{args.signed}: {exc.strerror}") from None
+    m, body = signing.verify(env, [signing.load_public_key(k) for k in args.trusted_key])
+    model = bundle.loads(body, limits=WIDEST)
+    print(json.dumps({**m.__dict__, "model": model.stats()}, indent=2, default=str))
+    return 0
+
+
 def add_model_commands(subparsers) -> None:
     from xdpml.config import EnforceSettings
 
@@ -292,3 +338,29 @@ def add_model_commands(subparsers) -> None:
             help=f"kernel limit -DXDPML_MODEL_MAX_{name.upper()}",
         )
     c.set_defaults(func=cmd_compile)
+    k = sub.add_parser(
+        "keygen",
+        help="a new Ed25519 key pair to sign models with (offline, where models are trained)",
+        description="writes NAME (private key, PEM, mode 0600) and NAME.pub (the agents' --model-trusted-key)",
+    )
+    k.add_argument("--out", required=True, metavar="NAME", help="private key file; the public key is NAME.pub")
+    k.set_defaults(func=cmd_keygen)
+    g = sub.add_parser(
+        "sign",
+        help="sign a bundle (.xdpml) with a name and version, for the collector to push (docs/models.md)",
+    )
+    g.add_argument("bundle", help="MODEL.xdpml (`xdpml model compile --out`)")
+    g.add_argument("--key", required=True, help="private key (`xdpml model keygen`)")
+    g.add_argument(
+        "--version",
+        required=True,
+        type=int,
+        help="integer, larger than any version signed before: agents refuse a version <= the one they run",
+    )
+    g.add_argument("--name", default="", help="model name in the logs (default: the bundle's file name)")
+    g.add_argument("--out", required=True, metavar="SIGNED", help="the signed envelope (the collector's --push-model)")
+    g.set_defaults(func=cmd_sign)
+    v = sub.add_parser("verify", help="check a signed model as an agent would, and print its manifest")
+    v.add_argument("signed", help="signed envelope (`xdpml model sign --out`)")
+    v.add_argument("--trusted-key", action="append", required=True, metavar="FILE.pub", help="repeatable")
+    v.set_defaults(func=cmd_verify)
