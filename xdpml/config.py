@@ -209,7 +209,8 @@ class EnforceSettings:
 @dataclass
 class ModelSettings:
     """A scikit-learn model in the kernel (docs/models.md): the two model slots are
-    compiled in (-DXDPML_MODEL=1) when ``slots`` is on or a ``file`` is named."""
+    compiled in (-DXDPML_MODEL=1) when ``slots`` is on, a ``file`` is named or keys are
+    trusted for pushed models."""
 
     slots: bool = False  # compile the slots in even with no model yet (`xdpml model load` later)
     # model file (.joblib/.pkl, .onnx tree ensemble, or .xdpml compiled bundle) loaded at start and reloaded
@@ -226,10 +227,13 @@ class ModelSettings:
     decisions_to_collector: bool = False
     # flow-feature models classify a flow at its k-th packet (-DXDPML_MODEL_FLOW_K: compiled in)
     flow_k: int = 4
+    # Ed25519 public keys (PEM files, `xdpml model keygen`) whose signed models the collector may push;
+    # [] = pushed models are refused
+    trusted_keys: list[str] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:
-        return self.slots or bool(self.file)
+        return self.slots or bool(self.file) or bool(self.trusted_keys)
 
     @property
     def sampling(self) -> bool:
