@@ -207,16 +207,16 @@ def loads(data: bytes, *, limits: L.Limits = L.DEFAULT_LIMITS) -> CompiledModel:
     )
     expect = {"bias"}
     if kind == L.KIND_TREES:
-        n_trees = _need(arrs, "roots", arrs.get("roots", np.zeros(0)).shape).shape[0]
-        n = _need(arrs, "node_feat", arrs.get("node_feat", np.zeros(0)).shape).shape[0]
-        if arrs["roots"].ndim != 1 or arrs["node_feat"].ndim != 1 or not n_trees or not n:
-            raise _bad("trees: roots and nodes must be non-empty lists")
+        lists = {k: arrs.get(k) for k in ("roots", "node_feat", "leaf_values")}
+        for k, a in lists.items():
+            if a is None or a.ndim != 1:
+                raise _bad(f"array {k} missing or not a list")
+            _need(arrs, k, a.shape)
+        n, leaf_values = len(lists["node_feat"]), lists["leaf_values"]
+        if not n or not len(lists["roots"]):
+            raise _bad("trees: no roots or no nodes")
         for k in ("node_thr", "node_left", "node_leaf"):
             _need(arrs, k, (n,))
-        leaf_values = arrs.get("leaf_values")
-        if leaf_values is None or leaf_values.ndim != 1:
-            raise _bad("array leaf_values missing or not a list")
-        _need(arrs, "leaf_values", leaf_values.shape)
         _in_range("roots", arrs["roots"], 0, n)
         _in_range("node_left", arrs["node_left"], 0, n)
         _in_range("node_feat", arrs["node_feat"], 0, nf)
