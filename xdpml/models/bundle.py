@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ SUFFIX = ".xdpml"
 _HEAD = struct.Struct("<HI")
 MAX_HEADER = 1 << 20
 MAX_ARRAYS_BYTES = 64 << 20
-_DTYPES = {"i8": np.dtype("<i8"), "i1": np.dtype("i1")}
+_DTYPES: dict[str, np.dtype] = {"i8": np.dtype("<i8"), "i1": np.dtype("i1")}
 _TREE_ARRAYS = ("roots", "node_feat", "node_thr", "node_left", "node_leaf", "leaf_values")
 _MLP_INPUTS = ("in_mul", "in_add", "in_shift")
 
@@ -45,7 +46,7 @@ def _label(v):
 
 def dumps(model: CompiledModel) -> bytes:
     """CompiledModel -> bundle bytes."""
-    arrays: list[tuple[str, np.ndarray]] = [("bias", model.bias)]
+    arrays: list[tuple[str, Any]] = [("bias", model.bias)]
     if model.kind == L.KIND_TREES:
         arrays += [(n, getattr(model, n)) for n in _TREE_ARRAYS]
     elif model.kind == L.KIND_LINEAR:
@@ -95,22 +96,22 @@ def _int(h: dict, key: str, lo: int, hi: int) -> int:
 def _header(data: bytes) -> tuple[dict, memoryview]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise _bad("not bytes")
-    data = memoryview(data)
+    view = memoryview(data)
     start = len(MAGIC) + _HEAD.size
-    if len(data) < start or bytes(data[: len(MAGIC)]) != MAGIC:
+    if len(view) < start or bytes(view[: len(MAGIC)]) != MAGIC:
         raise _bad("not an .xdpml file (bad magic or too short)")
-    version, hlen = _HEAD.unpack(data[len(MAGIC) : start])
+    version, hlen = _HEAD.unpack(view[len(MAGIC) : start])
     if version != VERSION:
         raise _bad(f"format version {version}, this agent reads version {VERSION}")
-    if hlen > MAX_HEADER or start + hlen > len(data):
-        raise _bad(f"header of {hlen} bytes, {len(data) - start} in the file (truncated?)")
+    if hlen > MAX_HEADER or start + hlen > len(view):
+        raise _bad(f"header of {hlen} bytes, {len(view) - start} in the file (truncated?)")
     try:
-        h = json.loads(bytes(data[start : start + hlen]).decode())
+        h = json.loads(bytes(view[start : start + hlen]).decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"header is not JSON ({exc})") from None
     if not isinstance(h, dict):
         raise _bad("header is not a JSON object")
-    return h, data[start + hlen :]
+    return h, view[start + hlen :]
 
 
 def _arrays(h: dict, body: memoryview) -> dict[str, np.ndarray]:
@@ -125,7 +126,7 @@ def _arrays(h: dict, body: memoryview) -> dict[str, np.ndarray]:
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
             raise _bad("malformed array entry")
         name = e["name"]
-        dt = _DTYPES.get(e.get("dtype"))
+        dt = _DTYPES.get(str(e.get("dtype")))
         shape = e.get("shape")
         if dt is None:
             raise _bad(f"array {name}: dtype {e.get('dtype')!r}, expected i8 or i1")
@@ -207,7 +208,7 @@ def loads(data: bytes, *, limits: L.Limits = L.DEFAULT_LIMITS) -> CompiledModel:
     )
     expect = {"bias"}
     if kind == L.KIND_TREES:
-        lists = {k: arrs.get(k) for k in ("roots", "node_feat", "leaf_values")}
+        lists: dict[str, Any] = {k: arrs.get(k) for k in ("roots", "node_feat", "leaf_values")}
         for k, a in lists.items():
             if a is None or a.ndim != 1:
                 raise _bad(f"array {k} missing or not a list")
@@ -237,7 +238,7 @@ def loads(data: bytes, *, limits: L.Limits = L.DEFAULT_LIMITS) -> CompiledModel:
             raise _bad("layer_mult: expected a list of integers, one per MLP layer")
         for k in _MLP_INPUTS:
             setattr(m, k, _need(arrs, k, (nf,)))
-        _in_range("in_shift", m.in_shift, 0, 63)
+        _in_range("in_shift", arrs["in_shift"], 0, 63)
         width = nf
         for i, mult in enumerate(mults):
             w = arrs.get(f"layer{i}.w")
