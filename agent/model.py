@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 
 import numpy as np
 
@@ -105,6 +106,8 @@ class AgentModel:
         self._emit = emit  # the pipeline's sinks: "decision" batches to the collector (decisions_to_collector)
         self._offset_ns = mono_to_unix_ns
         self.decisions = 0  # decision records taken from the kernel (written to the file and/or emitted)
+        self.pushed_version = 0  # the version of the last model the collector pushed and this agent loaded
+        self._push_lock = threading.Lock()
         self._set_decisions(settings)
         if settings.file:
             self.load(settings.file, settings.features, settings.actions)
@@ -181,14 +184,50 @@ class AgentModel:
         import tempfile
 
         fd, path = tempfile.mkstemp(prefix="xdpml-model-", suffix=suffix)
+        watched = self._stamp
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             ok = self.load(path, features, actions, source=source)
         finally:
             os.unlink(path)
-        self._stamp = None  # not a watched file
+        # not a watched file: the configured file (if any) is reloaded only when it changes
+        self._stamp = watched
         return ok
+
+    def push(self, signed: bytes) -> str:
+        """A signed model from the collector (ExportResponse.model): verified against the
+        trusted keys, refused unless newer than the last pushed version, then loaded with
+        the configured actions. Returns the outcome (xdpml.agent.model.updates ``result``):
+        loaded, bad_signature, untrusted, stale, invalid or disabled; on anything but
+        loaded the running model stays."""
+        from xdpml.models import signing
+
+        with self._push_lock:
+            s = self.settings
+            if not s.trusted_keys:
+                log.warning("pushed model refused: no trusted keys (--model-trusted-key / spec.model.trustedKeys)")
+                return "disabled"
+            try:
+                m, body = signing.verify(signed, [signing.load_public_key(k) for k in s.trusted_keys])
+            except signing.SignatureRefused as exc:
+                log.warning("pushed model refused (the running model stays): %s", exc)
+                return exc.reason
+            except XdpmlError as exc:
+                log.warning("pushed model refused (the running model stays): %s", exc)
+                return "invalid"
+            if m.version <= self.pushed_version:
+                log.info(
+                    "pushed model %s v%d refused: this agent runs v%d (versions only go up)",
+                    m.name,
+                    m.version,
+                    self.pushed_version,
+                )
+                return "stale"
+            if not self.load_bytes(body, ".xdpml", f"collector push {m.name} v{m.version}", [], s.actions):
+                return "invalid"
+            self.pushed_version = m.version
+            return "loaded"
 
     def apply(self, settings: ModelSettings) -> None:
         """A live change of the configured model (the slots stay compiled in)."""

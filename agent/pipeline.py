@@ -157,6 +157,8 @@ class Agent:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # why a background run() ended, if it failed
         self.model = None  # AgentModel (xdpml/agent/model.py) when the model slots are compiled in
+        self.model_updates: dict[str, int] = {}  # pushed models by outcome (on_model)
+        self._updates_lock = threading.Lock()
 
     @property
     def interfaces(self) -> list[str]:
@@ -315,6 +317,20 @@ class Agent:
             lost = sum(counters[k] for k in names)
             self._count("xdpml.agent.lost", lost - self._lost_seen.get(source, 0), source=source)
             self._lost_seen[source] = lost
+
+    def on_model(self, update) -> str:
+        """Exporter callback (ExportResponse.model, a signed model the collector pushes):
+        AgentModel.push, counted as xdpml.agent.model.updates by outcome."""
+        model = self.model
+        if model is None:
+            log.warning("pushed model %s v%d refused: the model slots are not compiled in", update.name, update.version)
+            result = "disabled"
+        else:
+            result = model.push(update.signed)
+        with self._updates_lock:
+            self.model_updates[result] = self.model_updates.get(result, 0) + 1
+        self._count("xdpml.agent.model.updates", 1, result=result)
+        return result
 
     def _count(self, name: str, value: int, **attrs) -> None:
         if self.telemetry is not None and value:

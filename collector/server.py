@@ -121,6 +121,8 @@ class CollectorSettings:
     # The server pings connections silent for this long and closes those that do not answer.
     keepalive_s: float = 60.0
     keepalive_timeout_s: float = 20.0
+    # a signed model envelope (`xdpml model sign`) sent to every agent once per version; "" = none
+    push_model: str = ""
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -282,6 +284,11 @@ class CollectorServicer(cgrpc.CollectorServicer):
         self.draining = threading.Event()
         self._lock = threading.Lock()
         self._sink_lock = threading.Lock()
+        self.push = None
+        if settings.push_model:
+            from xdpml.collector.push import ModelPush
+
+            self.push = ModelPush(settings.push_model)
         self.counters = collections.Counter(
             {
                 k: 0
@@ -303,6 +310,7 @@ class CollectorServicer(cgrpc.CollectorServicer):
                     "schema_mismatches",
                     "bad_messages",
                     "verdicts_sent",
+                    "models_pushed",
                     "agents_evicted",
                     "nonfinite_values",
                     *(f"verdicts_{a.replace('-', '_')}" for a in ACTIONS),
@@ -407,8 +415,14 @@ class CollectorServicer(cgrpc.CollectorServicer):
 
         reader = threading.Thread(target=read, name="xdpml-collector-read", daemon=True)
         reader.start()
+        pushed = None  # the version of the model this stream was sent
         try:
             while True:
+                update = self.push.current() if self.push is not None else None
+                if update is not None and update.version != pushed:
+                    pushed = update.version
+                    self._count(models_pushed=1)
+                    yield cpb.ExportResponse(model=update)
                 ending = None
                 if self.draining.is_set():
                     ending = "collector shutting down; re-send unacknowledged batches"

@@ -209,11 +209,12 @@ class EnforceSettings:
 @dataclass
 class ModelSettings:
     """A scikit-learn model in the kernel (docs/models.md): the two model slots are
-    compiled in (-DXDPML_MODEL=1) when ``slots`` is on or a ``file`` is named."""
+    compiled in (-DXDPML_MODEL=1) when ``slots`` is on, a ``file`` is named or keys are
+    trusted for pushed models."""
 
     slots: bool = False  # compile the slots in even with no model yet (`xdpml model load` later)
-    # model file (.joblib/.pkl, or .onnx tree ensemble) loaded at start and reloaded whenever it changes (e.g. a
-    # mounted ConfigMap); "" = none (slots empty until `xdpml model load`)
+    # model file (.joblib/.pkl, .onnx tree ensemble, or .xdpml compiled bundle) loaded at start and reloaded
+    # whenever it changes (e.g. a mounted ConfigMap); "" = none (slots empty until `xdpml model load`)
     file: str = ""
     # a ConfigMap of the agent's namespace and its key holding the model, read through the
     # API (Kubernetes only; xdpml/kube/model_source.py); "" = none. Exclusive with file.
@@ -230,10 +231,13 @@ class ModelSettings:
     decisions_to_collector: bool = False
     # flow-feature models classify a flow at its k-th packet (-DXDPML_MODEL_FLOW_K: compiled in)
     flow_k: int = 4
+    # Ed25519 public keys (PEM files, `xdpml model keygen`) whose signed models the collector may push;
+    # [] = pushed models are refused
+    trusted_keys: list[str] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:
-        return self.slots or bool(self.file) or bool(self.config_map)
+        return self.slots or bool(self.file) or bool(self.config_map) or bool(self.trusted_keys)
 
     @property
     def sampling(self) -> bool:
@@ -250,8 +254,8 @@ class ModelSettings:
             raise ConfigError("model sample_every must be >= 1 (1 in N decisions)")
         if not 1 <= self.flow_k <= 1024:
             raise ConfigError(f"model flow_k {self.flow_k}: must be 1..1024 (the packet a flow model decides at)")
-        if self.file and not self.file.endswith((".joblib", ".pkl", ".onnx")):
-            raise ConfigError(f"model file {self.file!r}: expected a .joblib, .pkl or .onnx file")
+        if self.file and not self.file.endswith((".joblib", ".pkl", ".onnx", ".xdpml")):
+            raise ConfigError(f"model file {self.file!r}: expected a .joblib, .pkl, .onnx or .xdpml file")
         if self.config_map and self.file:
             raise ConfigError("model file and ConfigMap are mutually exclusive: name one source of the model")
         if self.config_map and not self.config_map_key.endswith(API_MODEL_SUFFIXES):

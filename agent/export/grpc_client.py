@@ -130,8 +130,11 @@ class GrpcExporter:
         *,
         on_verdicts: Callable[[cpb.VerdictBatch], None] | None = None,
         loss_counters: Callable[[], dict[str, int]] | None = None,
+        on_model: Callable[[cpb.ModelUpdate], object] | None = None,
     ) -> None:
         s = self.settings = settings
+        # a signed model the collector pushes (ExportResponse.model): the agent verifies it
+        self.on_model = on_model
         self._loss_counters = loss_counters
         self._node = codec.NodeIdentity(s.node_name, s.agent_id, s.agent_version)
         self._cond = threading.Condition()
@@ -292,6 +295,8 @@ class GrpcExporter:
                         acked_any |= self._on_ack(resp.ack)
                     elif resp.HasField("verdicts"):
                         self._on_verdicts(resp.verdicts)
+                    elif resp.HasField("model"):
+                        self._on_model(resp.model)
                 code, detail = call.code(), call.details()
             except grpc.RpcError as e:
                 code, detail = e.code(), e.details()
@@ -416,6 +421,17 @@ class GrpcExporter:
             ok = self._ledger.ack(ack.sequence, ack.error)
             self._cond.notify_all()
         return ok
+
+    def _on_model(self, update: cpb.ModelUpdate) -> None:
+        if self.on_model is None:
+            log.warning("collector pushed model %s v%d: no model here to load it into", update.name, update.version)
+            return
+        try:
+            self.on_model(update)
+        except Exception as exc:  # a callback bug must not end the stream
+            log.error(
+                "model push callback failed on %s v%d: %s: %s", update.name, update.version, type(exc).__name__, exc
+            )
 
     def _on_verdicts(self, vb: cpb.VerdictBatch) -> None:
         vb, unknown = self._verdicts.check(vb)

@@ -289,7 +289,8 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         default="",
         metavar="FILE",
-        help="scikit-learn model (.joblib/.pkl, or an .onnx tree ensemble) the kernel classifies packets with "
+        help="scikit-learn model (.joblib/.pkl, an .onnx tree ensemble, or an .xdpml compiled bundle) the kernel "
+        "classifies packets with "
         "from the start; reloaded live when the file changes (implies --model-slots)",
     )
     m.add_argument(
@@ -325,6 +326,15 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help='send the sampled decisions of the kernel\'s model to the collector too, as record kind "decision" '
         "(not scored; the collector stores them for audit and retraining, docs/models.md)",
+    )
+    m.add_argument(
+        "--model-trusted-key",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="Ed25519 public key (PEM, `xdpml model keygen` writes NAME.pub) whose signed models the collector "
+        "may push (collector --push-model; newer versions only, loaded with --model-action); repeatable; "
+        "none: pushed models are refused (implies --model-slots; docs/models.md)",
     )
     m.add_argument(
         "--model-flow-k",
@@ -390,6 +400,7 @@ def settings_from_args(a):
             sample_every=a.model_sample,
             decisions_to_collector=a.model_decisions_to_collector,
             flow_k=a.model_flow_k,
+            trusted_keys=[os.path.abspath(k) for k in a.model_trusted_key],
         ),
         summary_interval_s=a.summary_interval,
     ).validate()
@@ -600,10 +611,16 @@ def _grpc_sink(a, telemetry, current_agent, on_verdicts=None):
         if on_verdicts is not None:
             on_verdicts(vb)
 
+    def model(update) -> None:
+        agent = current_agent()
+        if agent is not None:
+            agent.on_model(update)
+
     exporter = GrpcExporter(
         ExporterSettings(target=a.collector, tls=tls, node_name=a.node_name),
         on_verdicts=verdicts,
         loss_counters=loss_counters(current_agent),
+        on_model=model,
     )
     return CollectorSink(exporter)
 

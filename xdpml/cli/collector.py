@@ -146,6 +146,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="stream verdicts for flagged rows back to the agents (default on)",
     )
+    g.add_argument(
+        "--push-model",
+        default="",
+        metavar="SIGNED_FILE",
+        help="a signed model (`xdpml model sign`) sent to every agent, once per version, also to agents that "
+        "connect later; re-read when the file changes. The agents verify the signature (--model-trusted-key): "
+        "the collector needs no key (docs/models.md)",
+    )
     g = parser.add_argument_group("verdict policy (docs/collector.md#verdict-policy)")
     g.add_argument(
         "--policy", metavar="FILE", help="YAML policy: threshold, min_confidence, action and TTL per model and class"
@@ -310,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
             max_stream_age_s=args.max_stream_age,
             reflection=args.reflection,
             learn_from=learn_from,
+            push_model=os.path.abspath(args.push_model) if args.push_model else "",
         )
         model = load_model(
             args.model,

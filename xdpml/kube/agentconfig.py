@@ -297,6 +297,7 @@ def _settings(spec: Mapping, rules: tuple[InterfaceSettings, ...], features: Fea
             sample_every=int(model["decisionSampleEvery"]),
             decisions_to_collector=bool(model["decisionsToCollector"]),
             flow_k=int(model["flowPackets"]),
+            trusted_keys=[str(k) for k in model.get("trustedKeys") or ()],
         ),
         summary_interval_s=float(spec["summaryIntervalSeconds"]),
     )

@@ -13,11 +13,19 @@ from pathlib import Path
 
 from xdpml.config import parse_model_action
 from xdpml.errors import ConfigError, ModelError
-from xdpml.models import kernel
+from xdpml.models import bundle, kernel
 from xdpml.models import layout as L
 from xdpml.models.compiler import compile_model
 
-MODEL_HELP = "MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline), or MODEL.onnx (a tree ensemble classifier)"
+MODEL_HELP = (
+    "MODEL.joblib or MODEL.pkl (a fitted estimator or Pipeline), MODEL.onnx (a tree ensemble classifier), "
+    "or MODEL.xdpml (a compiled bundle, `xdpml model compile --out`)"
+)
+
+# the largest limits a datapath can be built with: a bundle within them is well-formed
+WIDEST = L.Limits(
+    features=1024, depth=4096, trees=4096, nodes=0x8000, leaf_values=0x8000, outputs=4096, layers=1024, width=4096
+)
 
 
 def load_estimator(path: str):
@@ -28,8 +36,10 @@ def load_estimator(path: str):
         from xdpml.models.onnx_trees import load_onnx
 
         return load_onnx(str(p))
+    if p.suffix == bundle.SUFFIX:
+        raise ModelError(f"{path}: a compiled bundle, not an estimator (compile_file reads it)")
     if p.suffix not in (".joblib", ".pkl"):
-        raise ModelError(f"{path}: expected a .joblib, .pkl or .onnx file")
+        raise ModelError(f"{path}: expected a .joblib, .pkl, .onnx or .xdpml file")
     import joblib
 
     try:
@@ -74,7 +84,18 @@ def parse_actions(items) -> dict[str, str]:
 
 
 def compile_file(path: str, features: str | list[str] | None, limits: L.Limits):
-    """A model file -> CompiledModel checked against ``limits`` (ModelError otherwise)."""
+    """A model file -> CompiledModel checked against ``limits`` (ModelError otherwise).
+    A bundle (.xdpml) names its features: ``features``, if given, must be the same."""
+    if Path(path).suffix == bundle.SUFFIX:
+        if not Path(path).is_file():
+            raise ModelError(f"model file {path}: no such file")
+        m = bundle.read(path, limits=limits)
+        want = [f.strip() for f in features.split(",") if f.strip()] if isinstance(features, str) else features
+        if want and want != [f.name for f in m.features]:
+            raise ModelError(
+                f"{path}: the bundle's features are {','.join(f.name for f in m.features)}, not {','.join(want)}"
+            )
+        return m
     est = load_estimator(path)
     return compile_model(est, model_features(est, features), limits=limits)
 
@@ -94,6 +115,15 @@ def cmd_compile(args) -> int:
     report = model.stats()
     report["slot_bytes"] = L.slot_dtype(lim).itemsize
     report["cflags"] = ["-DXDPML_MODEL=1", *lim.cflags()]
+    if args.out:
+        if not args.out.endswith(bundle.SUFFIX):
+            raise ModelError(f"--out {args.out}: expected a {bundle.SUFFIX} file")
+        data = bundle.dumps(model)
+        try:
+            Path(args.out).write_bytes(data)
+        except OSError as exc:
+            raise ModelError(f"--out {args.out}: {exc.strerror}") from None
+        report["bundle"] = {"file": args.out, "bytes": len(data)}
     print(json.dumps(report, indent=2, default=str))
     return 0
 
@@ -201,6 +231,47 @@ def cmd_unload(args) -> int:
     return 0
 
 
+def cmd_keygen(args) -> int:
+    from xdpml.models import signing
+
+    priv, pub = signing.keygen(args.out)
+    kid = signing.key_id(signing.load_public_key(pub))
+    print(f"key {kid}: private {priv} (mode 0600, keep it with the trainer), public {pub} (--model-trusted-key)")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from xdpml.models import signing
+
+    try:
+        data = Path(args.bundle).read_bytes()
+    except OSError as exc:
+        raise ModelError(f"bundle {args.bundle}: {exc.strerror}") from None
+    bundle.loads(data, limits=WIDEST)  # well-formed; the agent checks its own limits
+    name = args.name or Path(args.bundle).name.removesuffix(bundle.SUFFIX)
+    env = signing.sign(data, signing.load_private_key(args.key), name=name, version=args.version)
+    try:
+        Path(args.out).write_bytes(env)
+    except OSError as exc:
+        raise ModelError(f"--out {args.out}: {exc.strerror}") from None
+    m = signing.peek(env)[0]
+    print(f"{args.out}: {m.name} v{m.version}, bundle sha256 {m.sha256[:16]}..., key {m.key_id}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from xdpml.models import signing
+
+    try:
+        env = Path(args.signed).read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{args.signed}: {exc.strerror}") from None
+    m, body = signing.verify(env, [signing.load_public_key(k) for k in args.trusted_key])
+    model = bundle.loads(body, limits=WIDEST)
+    print(json.dumps({**m.__dict__, "model": model.stats()}, indent=2, default=str))
+    return 0
+
+
 def add_model_commands(subparsers) -> None:
     from xdpml.config import EnforceSettings
 
@@ -251,6 +322,13 @@ def add_model_commands(subparsers) -> None:
         help="comma-separated feature names in the model's input order (docs/models.md; "
         "default: the names it was fitted on)",
     )
+    c.add_argument(
+        "--out",
+        default="",
+        metavar="FILE.xdpml",
+        help="write the compiled model as a bundle: data, not code (no pickle); loads with `xdpml model load`, "
+        "--model, spec.model.file, or a signed push (docs/models.md)",
+    )
     d = L.DEFAULT_LIMITS
     for name in ("features", "depth", "trees", "nodes", "leaf_values", "outputs", "layers", "width"):
         c.add_argument(
@@ -260,3 +338,29 @@ def add_model_commands(subparsers) -> None:
             help=f"kernel limit -DXDPML_MODEL_MAX_{name.upper()}",
         )
     c.set_defaults(func=cmd_compile)
+    k = sub.add_parser(
+        "keygen",
+        help="a new Ed25519 key pair to sign models with (offline, where models are trained)",
+        description="writes NAME (private key, PEM, mode 0600) and NAME.pub (the agents' --model-trusted-key)",
+    )
+    k.add_argument("--out", required=True, metavar="NAME", help="private key file; the public key is NAME.pub")
+    k.set_defaults(func=cmd_keygen)
+    g = sub.add_parser(
+        "sign",
+        help="sign a bundle (.xdpml) with a name and version, for the collector to push (docs/models.md)",
+    )
+    g.add_argument("bundle", help="MODEL.xdpml (`xdpml model compile --out`)")
+    g.add_argument("--key", required=True, help="private key (`xdpml model keygen`)")
+    g.add_argument(
+        "--version",
+        required=True,
+        type=int,
+        help="integer, larger than any version signed before: agents refuse a version <= the one they run",
+    )
+    g.add_argument("--name", default="", help="model name in the logs (default: the bundle's file name)")
+    g.add_argument("--out", required=True, metavar="SIGNED", help="the signed envelope (the collector's --push-model)")
+    g.set_defaults(func=cmd_sign)
+    v = sub.add_parser("verify", help="check a signed model as an agent would, and print its manifest")
+    v.add_argument("signed", help="signed envelope (`xdpml model sign --out`)")
+    v.add_argument("--trusted-key", action="append", required=True, metavar="FILE.pub", help="repeatable")
+    v.set_defaults(func=cmd_verify)

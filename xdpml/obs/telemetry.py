@@ -153,6 +153,13 @@ METRICS: dict[str, MetricSpec] = {
         ),
         _m("xdpml.agent.verdicts", COUNTER, "{verdict}", "Verdicts received from the collector.", "label", "action"),
         _m(
+            "xdpml.agent.model.updates",
+            COUNTER,
+            "{update}",
+            "Signed models the collector pushed, by outcome.",
+            "result",
+        ),
+        _m(
             "xdpml.agent.enforce.verdicts_refused",
             COUNTER,
             "{verdict}",

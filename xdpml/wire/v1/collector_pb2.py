@@ -25,29 +25,31 @@ _sym_db = _symbol_database.Default()
 from xdpml.wire.v1 import feature_batch_pb2 as xdpml_dot_wire_dot_v1_dot_feature__batch__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dxdpml/wire/v1/collector.proto\x12\x08xdpml.v1\x1a!xdpml/wire/v1/feature_batch.proto\"6\n\rExportRequest\x12%\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x16.xdpml.v1.FeatureBatch\"b\n\x0e\x45xportResponse\x12\x1c\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\r.xdpml.v1.AckH\x00\x12*\n\x08verdicts\x18\x02 \x01(\x0b\x32\x16.xdpml.v1.VerdictBatchH\x00\x42\x06\n\x04kind\"Q\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x15\n\rrows_accepted\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\x05\"p\n\x07\x46lowKey\x12\x0e\n\x06src_ip\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64st_ip\x18\x02 \x01(\x0c\x12\x10\n\x08src_port\x18\x03 \x01(\r\x12\x10\n\x08\x64st_port\x18\x04 \x01(\r\x12\x10\n\x08protocol\x18\x05 \x01(\r\x12\x0f\n\x07vlan_id\x18\x06 \x01(\r\"\xb4\x01\n\x07Verdict\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.xdpml.v1.FlowKey\x12\x0b\n\x03row\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x01\x12\r\n\x05label\x18\x04 \x01(\t\x12 \n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x10.xdpml.v1.Action\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\x12\'\n\rpolicy_action\x18\x07 \x01(\x0e\x32\x10.xdpml.v1.Action\"*\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x8d\x01\n\x0cVerdictBatch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.xdpml.v1.ModelInfo\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12#\n\x08verdicts\x18\x04 \x03(\x0b\x32\x11.xdpml.v1.Verdict\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08*l\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41\x43TION_ALLOW\x10\x01\x12\x10\n\x0c\x41\x43TION_ALERT\x10\x02\x12\x15\n\x11\x41\x43TION_RATE_LIMIT\x10\x03\x12\x0f\n\x0b\x41\x43TION_DROP\x10\x04\x32L\n\tCollector\x12?\n\x06\x45xport\x12\x17.xdpml.v1.ExportRequest\x1a\x18.xdpml.v1.ExportResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dxdpml/wire/v1/collector.proto\x12\x08xdpml.v1\x1a!xdpml/wire/v1/feature_batch.proto\"6\n\rExportRequest\x12%\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x16.xdpml.v1.FeatureBatch\"\x8a\x01\n\x0e\x45xportResponse\x12\x1c\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\r.xdpml.v1.AckH\x00\x12*\n\x08verdicts\x18\x02 \x01(\x0b\x32\x16.xdpml.v1.VerdictBatchH\x00\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x15.xdpml.v1.ModelUpdateH\x00\x42\x06\n\x04kind\"Q\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x15\n\rrows_accepted\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\x05\"p\n\x07\x46lowKey\x12\x0e\n\x06src_ip\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64st_ip\x18\x02 \x01(\x0c\x12\x10\n\x08src_port\x18\x03 \x01(\r\x12\x10\n\x08\x64st_port\x18\x04 \x01(\r\x12\x10\n\x08protocol\x18\x05 \x01(\r\x12\x0f\n\x07vlan_id\x18\x06 \x01(\r\"\xb4\x01\n\x07Verdict\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.xdpml.v1.FlowKey\x12\x0b\n\x03row\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x01\x12\r\n\x05label\x18\x04 \x01(\t\x12 \n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x10.xdpml.v1.Action\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\x12\'\n\rpolicy_action\x18\x07 \x01(\x0e\x32\x10.xdpml.v1.Action\"*\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x8d\x01\n\x0cVerdictBatch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.xdpml.v1.ModelInfo\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12#\n\x08verdicts\x18\x04 \x03(\x0b\x32\x11.xdpml.v1.Verdict\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\"<\n\x0bModelUpdate\x12\x0e\n\x06signed\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04*l\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41\x43TION_ALLOW\x10\x01\x12\x10\n\x0c\x41\x43TION_ALERT\x10\x02\x12\x15\n\x11\x41\x43TION_RATE_LIMIT\x10\x03\x12\x0f\n\x0b\x41\x43TION_DROP\x10\x04\x32L\n\tCollector\x12?\n\x06\x45xport\x12\x17.xdpml.v1.ExportRequest\x1a\x18.xdpml.v1.ExportResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'xdpml.wire.v1.collector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTION']._serialized_start=802
-  _globals['_ACTION']._serialized_end=910
+  _globals['_ACTION']._serialized_start=905
+  _globals['_ACTION']._serialized_end=1013
   _globals['_EXPORTREQUEST']._serialized_start=78
   _globals['_EXPORTREQUEST']._serialized_end=132
-  _globals['_EXPORTRESPONSE']._serialized_start=134
-  _globals['_EXPORTRESPONSE']._serialized_end=232
-  _globals['_ACK']._serialized_start=234
-  _globals['_ACK']._serialized_end=315
-  _globals['_FLOWKEY']._serialized_start=317
-  _globals['_FLOWKEY']._serialized_end=429
-  _globals['_VERDICT']._serialized_start=432
-  _globals['_VERDICT']._serialized_end=612
-  _globals['_MODELINFO']._serialized_start=614
-  _globals['_MODELINFO']._serialized_end=656
-  _globals['_VERDICTBATCH']._serialized_start=659
-  _globals['_VERDICTBATCH']._serialized_end=800
-  _globals['_COLLECTOR']._serialized_start=912
-  _globals['_COLLECTOR']._serialized_end=988
+  _globals['_EXPORTRESPONSE']._serialized_start=135
+  _globals['_EXPORTRESPONSE']._serialized_end=273
+  _globals['_ACK']._serialized_start=275
+  _globals['_ACK']._serialized_end=356
+  _globals['_FLOWKEY']._serialized_start=358
+  _globals['_FLOWKEY']._serialized_end=470
+  _globals['_VERDICT']._serialized_start=473
+  _globals['_VERDICT']._serialized_end=653
+  _globals['_MODELINFO']._serialized_start=655
+  _globals['_MODELINFO']._serialized_end=697
+  _globals['_VERDICTBATCH']._serialized_start=700
+  _globals['_VERDICTBATCH']._serialized_end=841
+  _globals['_MODELUPDATE']._serialized_start=843
+  _globals['_MODELUPDATE']._serialized_end=903
+  _globals['_COLLECTOR']._serialized_start=1015
+  _globals['_COLLECTOR']._serialized_end=1091
 # @@protoc_insertion_point(module_scope)

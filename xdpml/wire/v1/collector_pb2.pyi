@@ -28,12 +28,14 @@ class ExportRequest(_message.Message):
     def __init__(self, batch: _Optional[_Union[_feature_batch_pb2.FeatureBatch, _Mapping]] = ...) -> None: ...
 
 class ExportResponse(_message.Message):
-    __slots__ = ("ack", "verdicts")
+    __slots__ = ("ack", "verdicts", "model")
     ACK_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     ack: Ack
     verdicts: VerdictBatch
-    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., verdicts: _Optional[_Union[VerdictBatch, _Mapping]] = ...) -> None: ...
+    model: ModelUpdate
+    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., verdicts: _Optional[_Union[VerdictBatch, _Mapping]] = ..., model: _Optional[_Union[ModelUpdate, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("sequence", "rows_accepted", "error", "error_code")
@@ -102,3 +104,13 @@ class VerdictBatch(_message.Message):
     verdicts: _containers.RepeatedCompositeFieldContainer[Verdict]
     dry_run: bool
     def __init__(self, sequence: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., threshold: _Optional[float] = ..., verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ModelUpdate(_message.Message):
+    __slots__ = ("signed", "name", "version")
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    signed: bytes
+    name: str
+    version: int
+    def __init__(self, signed: _Optional[bytes] = ..., name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
