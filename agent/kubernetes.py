@@ -233,6 +233,15 @@ class KubernetesAgent:
         if self.enforcement is not None:
             self.enforcement.on_verdicts(vb)
 
+    def _on_pushed_model(self, update) -> None:
+        """ExportResponse.model (a signed model the collector pushes): to the running agent,
+        which verifies it against spec.model.trustedKeys (Agent.on_model)."""
+        agent = self.agent
+        if agent is None:
+            log.warning("pushed model %s v%d refused: no datapath running", update.name, update.version)
+            return
+        agent.on_model(update)
+
     def _sinks(self, cfg) -> list[Sink]:
         from xdpml.agent.export.grpc_client import ExporterSettings, GrpcExporter
 
@@ -254,6 +263,7 @@ class KubernetesAgent:
                         ExporterSettings(node_name=self.opts.node_name, **kw),
                         on_verdicts=self._on_verdicts,
                         loss_counters=loss_counters(lambda: self.agent),
+                        on_model=self._on_pushed_model,
                     )
                 )
                 if kw

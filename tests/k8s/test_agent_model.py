@@ -175,7 +175,6 @@ def model_status(fake_api) -> dict:
 
 
 def test_configmap_model_loaded_and_changed_live(fake_api, api_client, bpffs):
-    pytest.importorskip("skl2onnx")
     m0, m1, m2 = onnx_tree(0), onnx_tree(1), onnx_tree(2)
     with make_hosts(74, ipv6=False) as (h,), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
         rx.bind((h.host_ip, PORT))
@@ -278,7 +277,6 @@ def test_configmap_model_loaded_and_changed_live(fake_api, api_client, bpffs):
 
 
 def test_configmap_model_refused_until_it_fits(fake_api, api_client, bpffs):
-    pytest.importorskip("skl2onnx")
     m0 = onnx_tree(0)
     with make_hosts(75, ipv6=False) as (h,), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
         rx.bind((h.host_ip, PORT))
@@ -327,3 +325,84 @@ def test_configmap_model_refused_until_it_fits(fake_api, api_client, bpffs):
             sup.stop_event.set()
             runner.join(60)
         assert not runner.is_alive()
+
+
+def bundle_tree(cls: int) -> bytes:
+    """tree_file's model compiled into an .xdpml bundle (data, not a pickle)."""
+    from xdpml.models import bundle
+    from xdpml.models.compiler import compile_model
+
+    x = np.array([[p] for p in (10, 20, PORT - 1, PORT, PORT + 1, 9000, 9001)])
+    y = np.array([0, 1, cls, cls, cls, 2, 2])
+    return bundle.dumps(compile_model(DecisionTreeClassifier(random_state=0).fit(x, y), ["dst_port"]))
+
+
+def test_bundle_from_a_configmap_then_a_model_the_collector_pushes(fake_api, api_client, bpffs, tmp_path):
+    """The Kubernetes agent: an .xdpml bundle from a ConfigMap, then a signed model pushed by a
+    real collector over the Export stream, verified against spec.model.trustedKeys; the
+    same model signed by an untrusted key is refused and the pushed model stays."""
+    from grpc_fixtures import PacketsModel
+    from xdpml.collector.server import CollectorServer, CollectorSettings
+
+    from xdpml.models import signing
+
+    trainer, intruder = signing.keygen(str(tmp_path / "trainer")), signing.keygen(str(tmp_path / "intruder"))
+    pushed = tmp_path / "model.signed"
+
+    def publish(data: bytes) -> None:  # a retrain job renames a new file over the old
+        (tmp_path / "tmp.signed").write_bytes(data)
+        (tmp_path / "tmp.signed").replace(pushed)
+
+    publish(signing.sign(bundle_tree(1), signing.load_private_key(trainer[0]), name="tree", version=1))
+    settings = CollectorSettings(listen="127.0.0.1:0", push_model=str(pushed), send_verdicts=False)
+    with (
+        make_hosts(76, ipv6=False) as (h,),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        CollectorServer(PacketsModel(), [], settings) as srv,
+    ):
+        rx.bind((h.host_ip, PORT))
+        fake_api.create("configmaps", configmap("tree", "tree.xdpml", bundle_tree(0)))
+        spec = cm_agentconfig(h, {"configMap": {"name": "tree", "key": "tree.xdpml"}, "trustedKeys": [trainer[1]]})
+        spec["spec"]["timeouts"]["idleSeconds"] = 1  # flows end (and go to the collector) quickly
+        fake_api.create("agentconfigs", spec)
+        backoff = lambda: Backoff(base_s=0.05, cap_s=0.2)  # noqa: E731
+        sup = kube_agent(
+            api_client,
+            KubeAgentOptions(
+                namespace="xdpml",
+                node_name="node-a",
+                pin_dir=os.path.join(bpffs, "p"),
+                collector=f"127.0.0.1:{srv.port}",
+            ),
+            model_source_kwargs={"watch_timeout_s": 5, "backoff_factory": backoff},
+        )
+        runner = threading.Thread(target=sup.run, daemon=True)
+        runner.start()
+        try:
+            wait_for(lambda: sup.agent is not None and sup.agent.model is not None, 240, "agent with model slots")
+            slots = sup.agent.model.slots
+            wait_for(lambda: model_status(fake_api).get("loaded") is True, 30, "the ConfigMap's bundle loaded")
+            cm_id = int(slots.read_slot(slots.active())["model_id"])
+            # the first packets are classified by the ConfigMap's model; their flow, once
+            # exported, opens the Export stream on which the collector pushes v1
+            send(h, 12)
+            wait_for(lambda: sup.agent.model_updates.get("loaded") == 1, 60, "the pushed model loaded")
+            assert slots.class_counts()[0] == 12
+            assert sup.agent.model.pushed_version == 1
+            assert int(slots.read_slot(slots.active())["model_id"]) != cm_id
+            slots.clear_stats()
+            send(h, 20)
+            wait_for(lambda: slots.class_counts()[1] == 20, 10, "20 packets in class 1 under the pushed model")
+            pushed_id = int(slots.read_slot(slots.active())["model_id"])
+
+            # signed by a key the AgentConfig does not trust: refused, counted, the model stays
+            publish(signing.sign(bundle_tree(2), signing.load_private_key(intruder[0]), name="tree", version=2))
+            send(h, 3)  # a flow to export: the stream is there, the collector re-reads the file
+            wait_for(lambda: sup.agent.model_updates.get("untrusted") == 1, 60, "the untrusted push refused")
+            assert int(slots.read_slot(slots.active())["model_id"]) == pushed_id
+            assert sup.agent.model_updates == {"loaded": 1, "untrusted": 1}
+        finally:
+            sup.stop_event.set()
+            runner.join(60)
+        assert not runner.is_alive()
+        assert srv.stats()["models_pushed"] == 2
