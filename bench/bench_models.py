@@ -62,15 +62,16 @@ def mean_ns(fd, frames, repeat) -> float:
 
 
 def tree_c(c) -> str:
-    """The compiled single tree as nested if/else C over s->x[] (SkimXDP's generated form)."""
-    feat, thr, left, leaf = c.node_feat, c.node_thr, c.node_left, c.node_leaf
+    """The compiled single tree as nested if/else C over the feature array s->pf[] by
+    feature id, as the table walk reads it (SkimXDP's generated form)."""
+    feat, thr, left, leaf = c.node_feat_ids, c.node_thr, c.node_left, c.node_leaf
     out = ["static __always_inline int model_codegen_eval(struct model_scratch *s)", "{"]
 
     def emit(i: int, ind: str) -> None:
         if int(left[i]) == i:  # a leaf points to itself
             out.append(f"{ind}return {int(leaf[i])};")
             return
-        out.append(f"{ind}if (s->x[{int(feat[i])}] <= {int(thr[i])}LL) {{")
+        out.append(f"{ind}if (s->pf[{int(feat[i])}] <= {int(thr[i])}LL) {{")
         emit(int(left[i]), ind + "    ")
         out.append(f"{ind}}} else {{")
         emit(int(left[i]) + 1, ind + "    ")

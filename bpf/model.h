@@ -148,8 +148,8 @@
 #endif
 
 struct model_node {
-    __s64 thr;    /* go left when x[feat] <= thr (integer threshold, see compiler.py) */
-    __u16 feat;   /* model input index (0 at a leaf) */
+    __s64 thr;    /* go left when pf[feat] <= thr (integer threshold, see compiler.py) */
+    __u16 feat;   /* the feature's MF_* id (the model input's feat_id: no gather; 0 at a leaf) */
     __u16 left;   /* index of the left child (over all trees); right is left + 1; a leaf: itself */
     __u16 leaf;   /* leaf: the class (one tree) or the offset of its n_outputs values */
     __u16 _pad;
@@ -491,7 +491,7 @@ static __always_inline void model_packet_features(struct pkt_info *p, __u32 fram
 #define MODEL_STEP(m, s, i)                                                          \
     do {                                                                             \
         struct model_node *n_ = &(m)->trees.node[i];                                 \
-        __s64 x_ = (s)->x[n_->feat & MODEL_FEAT_MASK];                               \
+        __s64 x_ = (s)->pf[n_->feat & (MODEL_PF_N - 1)];                             \
         i = (n_->left + (__u32)((__u64)(n_->thr - x_) >> 63)) & MODEL_NODE_MASK;     \
     } while (0)
 
@@ -564,7 +564,7 @@ static __always_inline void model_linear_eval(struct model_slot *m, struct model
         for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++) {
             if (i >= MODEL_RD(m->n_features))
                 break;
-            a += m->lin.w[o][i] * s->x[i];
+            a += m->lin.w[o][i] * s->pf[m->feat_id[i] & (MODEL_PF_N - 1)];
         }
         s->acc[o] = a;
     }
@@ -576,7 +576,7 @@ static __always_inline int model_mlp_eval(struct model_slot *m, struct model_scr
     for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++) {
         if (i >= MODEL_RD(m->n_features))
             break;
-        __s64 a = (s->x[i] * m->mlp.in_mul[i] + m->mlp.in_add[i]) >> (m->mlp.in_shift[i] & 63);
+        __s64 a = (s->pf[m->feat_id[i] & (MODEL_PF_N - 1)] * m->mlp.in_mul[i] + m->mlp.in_add[i]) >> (m->mlp.in_shift[i] & 63);
         if (a > MODEL_ACT_MAX)
             a = MODEL_ACT_MAX;
         if (a < -MODEL_ACT_MAX)
@@ -627,12 +627,6 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len, s
     model_packet_features(p, frame_len, s->pf);
     if (m->flow)
         model_flow_features(s, s->pf);
-    MODEL_LOOP
-    for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++) {
-        if (i >= MODEL_RD(m->n_features))
-            break;
-        s->x[i] = s->pf[m->feat_id[i] & (MODEL_PF_N - 1)];
-    }
     MODEL_LOOP
     for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
         if (o >= MODEL_RD(m->n_outputs))
@@ -767,6 +761,14 @@ static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 
     int r = model_act_on(m, slot, cls, s);
     __u32 every = ctl->sample_every;
     if (every && bpf_get_prandom_u32() % every == 0) {
+        /* the model's inputs for the record: the walk reads pf[] by feature id, so they
+         * are gathered only for a sampled packet */
+        MODEL_LOOP
+        for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++) {
+            if (i >= MODEL_RD(m->n_features))
+                break;
+            s->x[i] = s->pf[m->feat_id[i] & (MODEL_PF_N - 1)];
+        }
         s->sampled = 1;
         s->n_feat = (__u8)m->n_features;
         r = 2;

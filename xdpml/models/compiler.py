@@ -120,6 +120,13 @@ class CompiledModel:
     def n_nodes(self) -> int:
         return 0 if self.node_feat is None else len(self.node_feat)
 
+    @property
+    def node_feat_ids(self) -> np.ndarray:
+        """Each node's feature as the kernel reads it: the MF_* id of its input (bpf/model.h
+        walks the per-packet feature array by id, so a tree needs no gather of its inputs)."""
+        ids = np.array([f.id for f in self.features], dtype=np.int64)
+        return ids[np.asarray(self.node_feat, dtype=np.int64)]
+
     def label(self, index):
         return np.asarray(self.classes, dtype=object)[np.asarray(index)]
 
@@ -210,7 +217,7 @@ class CompiledModel:
             n = self.n_nodes
             s["depth"] = self.depth
             for name, arr in (
-                ("feat", self.node_feat),
+                ("feat", self.node_feat_ids),
                 ("thr", self.node_thr),
                 ("left", self.node_left),
                 ("leaf", self.node_leaf),

@@ -24,6 +24,7 @@ ACT_COUNTERS = ("alert", "would_drop", "dropped", "allowlisted", "kill_passed", 
 DEC_LEAF, DEC_ARGMAX, DEC_BINARY = 0, 1, 2
 MLP_REQ_SHIFT = 24  # requantisation: (acc * mult + 2^23) >> 24
 ACT_MAX = 32767  # int16 activations
+PF_N = 128  # bpf/model.h MODEL_PF_N: the per-packet feature array, indexed by MF_* id
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ def predict_index(slot: np.ndarray, X, lim: L.Limits) -> np.ndarray:
     acc = np.broadcast_to(slot["bias"][:nout].astype(np.int64), (n, nout)).copy()
     rows = np.arange(n)
     if kind == L.KIND_TREES:
+        # nodes name features by MF_* id (bpf/model.h reads the feature array by id)
+        P = np.zeros((n, L.PF_N), np.int64)
+        P[:, slot["feat_id"][: X.shape[1]].astype(np.int64) & (L.PF_N - 1)] = X
         nd = slot["trees"]["node"]
         feat, thr = nd["feat"].astype(np.int64), nd["thr"].astype(np.int64)
         left, leaf = nd["left"].astype(np.int64), nd["leaf"].astype(np.int64)
@@ -31,7 +34,7 @@ def predict_index(slot: np.ndarray, X, lim: L.Limits) -> np.ndarray:
         for t in range(int(slot["n_trees"])):
             i = np.full(n, int(slot["trees"]["root"][t]) & (lim.nodes - 1), np.int64)
             for _ in range(depth):
-                x = X[rows, feat[i] & (lim.features - 1)]
+                x = P[rows, feat[i] & (L.PF_N - 1)]
                 i = (left[i] + (x > thr[i])) & (lim.nodes - 1)
             if not (left[i] == i).all():
                 raise ValueError("a tree walk did not end on a leaf")  # never in the kernel: see model.h
