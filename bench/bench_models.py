@@ -229,6 +229,12 @@ def main() -> int:
     ap.add_argument("--section", choices=("cost", "overhead", "codegen", "swap", "veth", "ab"), action="append")
     ap.add_argument("--against", default="HEAD", help="ab: the git revision whose bpf/ is 'before' (default HEAD)")
     ap.add_argument("--rounds", type=int, default=15, help="ab: interleaved rounds")
+    ap.add_argument(
+        "--packets",
+        choices=("flows", "random"),
+        default="flows",
+        help="ab: 1,000 TCP flows of one shape (flows) or random header fields, many tree paths (random)",
+    )
     a = ap.parse_args()
     sections = a.section or ["cost", "codegen", "swap"]
     if "cost" in sections:
@@ -321,16 +327,49 @@ def section_cost(a) -> None:
 
 @contextmanager
 def bpf_of(rev: str):
-    """bpf/ as it is in git revision ``rev``, in a temporary directory."""
+    """bpf/, xdpml/ and bench/ as they are in git revision ``rev``, in a temporary
+    directory (yielded: its root)."""
     d = Path(tempfile.mkdtemp(prefix="xdpml-ab-"))
     try:
-        arch = subprocess.run(["git", "-C", str(REPO), "archive", rev, "bpf"], capture_output=True, check=False)
+        arch = subprocess.run(
+            ["git", "-C", str(REPO), "archive", rev, "bpf", "xdpml", "bench"], capture_output=True, check=False
+        )
         if arch.returncode:
             sys.exit(f"--against {rev}: {arch.stderr.decode().strip() or 'git archive failed'}")
         subprocess.run(["tar", "-x", "-C", str(d)], input=arch.stdout, check=True)
-        yield d / "bpf"
+        yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+_PACK_OLD = """
+import pickle, sys
+from bench import model_zoo as zoo
+from xdpml.models import layout as L
+from xdpml.models.compiler import compile_model
+models, lim = pickle.load(sys.stdin.buffer)
+lim = L.Limits(**lim)
+out = [compile_model(m, zoo.NAMES[: m.n_features_in_], limits=lim).pack(lim).tobytes() for _, m in models]
+pickle.dump(out, sys.stdout.buffer)
+"""
+
+
+def packed_by(root: Path, models, lim) -> list[bytes]:
+    """The slot values revision ``root`` (bpf_of) packs for ``models``: its compiler and
+    layout, so a before/after across a change of the slot's layout compares like with like."""
+    import pickle
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _PACK_OLD],
+        input=pickle.dumps((models, dataclasses.asdict(lim))),
+        capture_output=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=False,
+    )
+    if proc.returncode:
+        sys.exit(f"packing the models with {root}'s compiler failed: {proc.stderr.decode().strip()[-500:]}")
+    return pickle.loads(proc.stdout)
 
 
 def section_ab(a) -> None:
@@ -345,12 +384,20 @@ def section_ab(a) -> None:
     from xdpml.models.compiler import compile_model
     from xdpml.models.kernel import ModelSlots
 
-    frames = tcp_frames(a.frames)
+    if a.packets == "random":  # random header fields: the trees take many paths (section codegen's)
+        from bench import model_packets as packets
+
+        f, _ = zoo.dataset(a.frames, seed=3)
+        frames = [packets.frame(f, i) for i in range(a.frames)]
+    else:
+        frames = tcp_frames(a.frames)
     models = goal_models(one_input=True)
     lim = _cost_limits()
     old_env = os.environ.get("XDPML_BPF_DIR")
     here = bpf_dir()
-    with bpf_of(a.against) as before_dir:
+    with bpf_of(a.against) as before_root:
+        before_dir = before_root / "bpf"
+        before_packed = packed_by(before_root, models, lim)
         try:
             dps, variants = [], {}
             os.environ["XDPML_BPF_DIR"] = str(here)
@@ -364,8 +411,12 @@ def section_ab(a) -> None:
                 dps.append(dp)
                 slots, fdm = ModelSlots.of(dp.bpf, lim), dp.progs[TC_INGRESS_PROG].fd
                 mean_ns(fdm, frames, 1)
-                for name, model in models:
-                    packed = compile_model(model, zoo.NAMES[: model.n_features_in_], limits=lim).pack(lim)
+                for k, (name, model) in enumerate(models):
+                    if tag == "before":  # that revision's own packing (its slot layout)
+                        packed = before_packed[k]
+                        slots.slot_size = len(packed)
+                    else:
+                        packed = compile_model(model, zoo.NAMES[: model.n_features_in_], limits=lim).pack(lim)
                     variants[(tag, name)] = (fdm, slots, packed)
             added: dict = {k: [] for k in variants}
             base_ns = []
@@ -374,7 +425,9 @@ def section_ab(a) -> None:
                 for name, _ in models:
                     for tag in ("before", "after"):
                         fdm, slots, packed = variants[(tag, name)]
-                        slots.swap(packed)
+                        idle = slots.active() ^ 1  # the raw swap: "before" bytes are another layout
+                        slots.write_slot(idle, packed)
+                        slots.flip(idle, loaded=True)
                         added[(tag, name)].append(mean_ns(fdm, frames, a.repeat) - base_ns[-1])
                 print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
         finally:
@@ -386,7 +439,7 @@ def section_ab(a) -> None:
                 os.environ["XDPML_BPF_DIR"] = old_env
     print(
         f"bpf/ of {a.against} (before) against {here} (after); {a.rounds} interleaved rounds of "
-        f"{len(frames)} distinct frames x {a.repeat}; no-model baseline median {np.median(base_ns):.0f} ns"
+        f"{len(frames)} distinct frames ({a.packets}) x {a.repeat}; no-model baseline median {np.median(base_ns):.0f} ns"
     )
     print("| model | added before (median) | added after (median) | paired difference (median) |")
     print("|---|---|---|---|")

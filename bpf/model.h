@@ -508,6 +508,29 @@ static __always_inline void model_packet_features(struct pkt_info *p, __u32 fram
  * Returns the class (one tree) or 0 (sums in acc[]). */
 static __always_inline int model_trees_eval(struct model_slot *m, struct model_scratch *s)
 {
+    if (MODEL_RD(m->n_trees) == 1) {
+        /* one tree: walked once (the pairs below would walk it twice) */
+        __u32 i = m->trees.root[0] & MODEL_NODE_MASK;
+        MODEL_LOOP
+        for (__u32 d = 0; d < XDPML_MODEL_MAX_DEPTH; d += 4) {
+            if (d >= MODEL_RD(m->depth))
+                break;
+            MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, i);
+            MODEL_STEP(m, s, i);
+        }
+        __u32 b = m->trees.node[i].leaf;
+        if (m->decision == MODEL_DEC_LEAF)
+            return b;
+        MODEL_LOOP
+        for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
+            if (o >= MODEL_RD(m->n_outputs))
+                break;
+            s->acc[o] += m->trees.leaf[(b + o) & MODEL_LEAFV_MASK];
+        }
+        return 0;
+    }
     __u32 last = 0;
     MODEL_LOOP
     for (__u32 t = 0; t < XDPML_MODEL_MAX_TREES; t += 2) {
