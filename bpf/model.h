@@ -583,12 +583,11 @@ static __always_inline void model_linear_eval(struct model_slot *m, struct model
         if (o >= MODEL_RD(m->n_outputs))
             break;
         __s64 a = s->acc[o];
-        MODEL_LOOP
-        for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++) {
-            if (i >= MODEL_RD(m->n_features))
-                break;
+        /* every input slot, unrolled: the weights (and feat_id) past n_features are 0 in
+         * a packed slot, so they add nothing, and no compare is left per input */
+#pragma unroll
+        for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++)
             a += m->lin.w[o][i] * s->pf[m->feat_id[i] & (MODEL_PF_N - 1)];
-        }
         s->acc[o] = a;
     }
 }
