@@ -615,13 +615,11 @@ static __always_inline int model_mlp_eval(struct model_slot *m, struct model_scr
             if (j >= MODEL_RD(m->mlp.width[l]))
                 break;
             __s64 a = m->mlp.bias[l][j];
-            MODEL_LOOP
-            for (__u32 i = 0; i < XDPML_MODEL_MAX_WIDTH; i++) {
-                /* inputs of layer l: the features, then the previous layer's outputs */
-                if (i >= (l == 0 ? MODEL_RD(m->n_features) : MODEL_RD(m->mlp.width[l - 1])))
-                    break;
+            /* inputs of layer l: the features, then the previous layer's outputs; every
+             * input slot, unrolled: the packed weights past the layer's inputs are 0 */
+#pragma unroll
+            for (__u32 i = 0; i < XDPML_MODEL_MAX_WIDTH; i++)
                 a += (__s64)m->mlp.w[l][i][j] * s->act[src][i];
-            }
             if (l + 1 == MODEL_RD(m->n_layers)) {
                 if (j < XDPML_MODEL_MAX_OUTPUTS)
                     s->acc[j] = a;
