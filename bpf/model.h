@@ -583,11 +583,16 @@ static __always_inline void model_linear_eval(struct model_slot *m, struct model
         if (o >= MODEL_RD(m->n_outputs))
             break;
         __s64 a = s->acc[o];
-        /* every input slot, unrolled: the weights (and feat_id) past n_features are 0 in
-         * a packed slot, so they add nothing, and no compare is left per input */
+        /* four inputs per compare (the weights and feat_id past n_features are 0 in a
+         * packed slot, so the rest of the last four add nothing) */
+        MODEL_LOOP
+        for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i += 4) {
+            if (i >= MODEL_RD(m->n_features))
+                break;
 #pragma unroll
-        for (__u32 i = 0; i < XDPML_MODEL_MAX_FEATURES; i++)
-            a += m->lin.w[o][i] * s->pf[m->feat_id[i] & (MODEL_PF_N - 1)];
+            for (__u32 k = 0; k < 4; k++)
+                a += m->lin.w[o][(i + k) & MODEL_FEAT_MASK] * s->pf[m->feat_id[(i + k) & MODEL_FEAT_MASK] & (MODEL_PF_N - 1)];
+        }
         s->acc[o] = a;
     }
 }

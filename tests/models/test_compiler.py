@@ -8,7 +8,7 @@ import pytest
 from sklearn.tree import DecisionTreeClassifier
 
 from bench import model_zoo as zoo
-from xdpml.errors import ModelError
+from xdpml.errors import ConfigError, ModelError
 from xdpml.models import layout as L
 from xdpml.models.compiler import compile_model, int_threshold
 from xdpml.models.reference import predict_index
@@ -101,6 +101,8 @@ def test_limits_refused_with_the_limit_named(data):
         compile_model(forest, zoo.NAMES, limits=L.Limits(trees=8))
     with pytest.raises(ModelError, match=r"tree nodes \d+ > 256 .*XDPML_MODEL_MAX_NODES"):
         compile_model(forest, zoo.NAMES, limits=L.Limits(nodes=256))
+    with pytest.raises(ConfigError, match=r"features=2: must be at least 4"):
+        L.Limits(features=2, width=8)
     with pytest.raises(ModelError, match=r"features 16 > 8 .*XDPML_MODEL_MAX_FEATURES"):
         compile_model(zoo.train("logistic", X, y), zoo.NAMES, limits=L.Limits(features=8, width=8))
 

@@ -174,3 +174,42 @@ def test_packet_without_a_flow_entry_is_not_classified():
             refused += full
             classified += got
     assert refused >= 1300 - 1024 and classified + refused == 1300, (refused, classified)
+
+
+@pytest.mark.parametrize(("kind", "n_in", "hidden"), [("logistic", 5, None), ("mlp", 6, 5), ("mlp", 3, 7)])
+def test_fewer_inputs_than_the_slots(dp, slots, traffic, kind, n_in, hidden):
+    """Linear models read four inputs per compare and the MLP every input slot of a
+    layer (the packed weights past the inputs are 0): a model on 5, 6 or 3 inputs,
+    with a hidden layer narrower than the slots, gets the same classes in the kernel
+    as in the Python walk and (outside the margin, or >= 99%) in scikit-learn."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y, Xk, frames = traffic
+    Xf = X[:, :n_in].astype(np.float64)
+    est = (
+        LogisticRegression(max_iter=1000)
+        if kind == "logistic"
+        else MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=600, random_state=0)
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make_pipeline(StandardScaler(), est).fit(Xf, y)
+    c = compile_model(model, zoo.NAMES[:n_in], limits=LIM)
+    packed = c.pack(LIM)
+    slots.swap(packed)
+    got = kernel_classes(dp, slots, frames)
+    walk = predict_index(packed, Xk[:, :n_in], LIM)
+    assert (got == walk).all(), [(i, got[i], walk[i]) for i in np.flatnonzero(got != walk)[:10]]
+    want = model.predict(Xk[:, :n_in].astype(np.float64))
+    agree = c.label(got) == want
+    if kind == "logistic":
+        outside = zoo.decision_values(model, Xk[:, :n_in]) > c.margin(Xk[:, :n_in])
+        assert outside.mean() > 0.5 and agree[outside].all()
+    else:
+        assert agree.mean() >= 0.99
+    assert len(set(got)) > 1

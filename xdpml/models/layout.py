@@ -31,7 +31,7 @@ PF_N = 128  # bpf/model.h MODEL_PF_N: the per-packet feature array, indexed by M
 class Limits:
     """Compile-time limits of the kernel's model slots (-DXDPML_MODEL_MAX_*)."""
 
-    features: int = 16  # model inputs (power of two)
+    features: int = 16  # model inputs (power of two, >= 4)
     depth: int = 16  # tree depth (levels walked; a multiple of 4)
     trees: int = 128  # trees per model
     nodes: int = 8192  # nodes of all trees together (power of two, at most 32768)
@@ -56,6 +56,10 @@ class Limits:
             raise ConfigError(f"model limit depth={self.depth}: must be a multiple of 4 (walked 4 levels at a time)")
         if self.trees % 4:
             raise ConfigError(f"model limit trees={self.trees}: must be a multiple of 4")
+        if self.features < 4:
+            raise ConfigError(
+                f"model limit features={self.features}: must be at least 4 (linear models read 4 inputs at a time)"
+            )
         if self.features > self.width:
             raise ConfigError(
                 f"model limit features={self.features} exceeds width={self.width} "
