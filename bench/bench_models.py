@@ -439,7 +439,8 @@ def section_ab(a) -> None:
                 os.environ["XDPML_BPF_DIR"] = old_env
     print(
         f"bpf/ of {a.against} (before) against {here} (after); {a.rounds} interleaved rounds of "
-        f"{len(frames)} distinct frames ({a.packets}) x {a.repeat}; no-model baseline median {np.median(base_ns):.0f} ns"
+        f"{len(frames)} distinct frames ({a.packets}) x {a.repeat}; "
+        f"no-model baseline median {np.median(base_ns):.0f} ns"
     )
     print("| model | added before (median) | added after (median) | paired difference (median) |")
     print("|---|---|---|---|")
