@@ -495,6 +495,18 @@ static __always_inline void model_packet_features(struct pkt_info *p, __u32 fram
         i = (n_->left + (__u32)((__u64)(n_->thr - x_) >> 63)) & MODEL_NODE_MASK;     \
     } while (0)
 
+/* acc[o] += the leaf values at bi, plus those at bj masked by keep (0 or -1) */
+static __always_inline void model_leaf_sum(struct model_slot *m, struct model_scratch *s, __u32 bi, __u32 bj,
+                                           __s64 keep)
+{
+    MODEL_LOOP
+    for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
+        if (o >= MODEL_RD(m->n_outputs))
+            break;
+        s->acc[o] += m->trees.leaf[(bi + o) & MODEL_LEAFV_MASK] + (m->trees.leaf[(bj + o) & MODEL_LEAFV_MASK] & keep);
+    }
+}
+
 /* Walk every tree `depth` levels (rounded up to 4): the two children of a node are
  * adjacent (right = left + 1), so a step is left + (x > thr), written as the sign of
  * thr - x (|thr|, |x| < 2^62: no overflow); a leaf points to itself with thr 2^62, so
@@ -525,12 +537,7 @@ static __always_inline int model_trees_eval(struct model_slot *m, struct model_s
         __u32 b = m->trees.node[i].leaf;
         if (m->decision == MODEL_DEC_LEAF)
             return b;
-        MODEL_LOOP
-        for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
-            if (o >= MODEL_RD(m->n_outputs))
-                break;
-            s->acc[o] += m->trees.leaf[(b + o) & MODEL_LEAFV_MASK];
-        }
+        model_leaf_sum(m, s, b, b, 0);
         return 0;
     }
     __u32 last = 0;
@@ -563,14 +570,7 @@ static __always_inline int model_trees_eval(struct model_slot *m, struct model_s
         last = bj; /* j is tree t when unpaired */
         if (m->decision == MODEL_DEC_LEAF)
             continue;
-        __s64 keep = -(__s64)pair; /* an unpaired tree's second walk adds nothing */
-        MODEL_LOOP
-        for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
-            if (o >= MODEL_RD(m->n_outputs))
-                break;
-            s->acc[o] += m->trees.leaf[(bi + o) & MODEL_LEAFV_MASK] +
-                         (m->trees.leaf[(bj + o) & MODEL_LEAFV_MASK] & keep);
-        }
+        model_leaf_sum(m, s, bi, bj, -(__s64)pair); /* an unpaired tree's second walk adds nothing */
     }
     /* one tree: its leaf's class (the last tree's, as before, if a model had more) */
     if (m->decision == MODEL_DEC_LEAF)

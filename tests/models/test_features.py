@@ -5,6 +5,7 @@ from pathlib import Path
 
 from xdpml.agent.features import FLOW_SPECS, PACKET_SPECS
 
+from xdpml.models import layout as L
 from xdpml.models.features import FEATURES
 
 MODEL_H = Path(__file__).resolve().parents[2] / "bpf" / "model.h"
@@ -23,6 +24,7 @@ def test_kernel_ids_follow_the_python_table():
     cases = re.findall(r"v\[MF_([A-Z0-9_]+)\] =", MODEL_H.read_text())
     pf_n = int(re.search(r"^#define MODEL_PF_N (\d+)", MODEL_H.read_text(), re.M).group(1))
     assert max(ids.values()) < pf_n and f"pf[{pf_n}]" in MODEL_H.read_text()
+    assert pf_n == L.PF_N  # the Python walk (reference.py) lays out the same array
     indexed = [f for f in FEATURES if FLAG_COUNT.fullmatch(f.name)]
     assert sorted(c.lower() for c in cases) == sorted(f.name for f in FEATURES if f not in indexed)
     assert [f.id for f in indexed] == list(range(indexed[0].id, indexed[0].id + 16))
