@@ -239,7 +239,7 @@ struct model_scratch {
     __u64 rl_burst_ns;
     __u32 rl_key;        /* ... and its bucket in model_rl */
     __u32 _rl_pad;
-    struct pkt_info pkt; /* the parsed packet, copied: see model_run() */
+    struct pkt_info pkt; /* the parsed packet, copied (but its outer_* addresses): see model_run() */
     struct dir_stats fdir[2]; /* flow models: the flow entry's statistics at packet k */
     struct iat_stats fiat;
     __u64 ffirst_ns, flast_ns;
@@ -488,11 +488,11 @@ static __always_inline void model_packet_features(struct pkt_info *p, __u32 fram
 #define MODEL_FEAT_MASK (XDPML_MODEL_MAX_FEATURES - 1)
 #define MODEL_LEAFV_MASK (XDPML_MODEL_MAX_LEAF_VALUES - 1)
 
-#define MODEL_STEP(m, s, i)                                                          \
+#define MODEL_STEP(nd, pf, i)                                                        \
     do {                                                                             \
-        struct model_node *n_ = &(m)->trees.node[i];                                 \
-        __s64 x_ = (s)->pf[n_->feat & (MODEL_PF_N - 1)];                             \
-        i = (n_->left + (__u32)((__u64)(n_->thr - x_) >> 63)) & MODEL_NODE_MASK;     \
+        struct model_node *n_ = &(nd)[i];                                            \
+        __s64 x_ = (pf)[n_->feat & (MODEL_PF_N - 1)];                                \
+        i = ((__u64)n_->left + ((__u64)(n_->thr - x_) >> 63)) & MODEL_NODE_MASK;     \
     } while (0)
 
 /* acc[o] += the leaf values at bi, plus those at bj masked by keep (0 or -1) */
@@ -522,17 +522,17 @@ static __always_inline void model_leaf_sum(struct model_slot *m, struct model_sc
  * Returns the class (one tree) or 0 (sums in acc[]). */
 static __always_inline int model_trees_eval(struct model_slot *m, struct model_scratch *s)
 {
+    struct model_node *nd = m->trees.node;
+    __s64 *pf = s->pf;
     if (MODEL_RD(m->n_trees) == 1) {
         /* one tree: walked once (the pairs below would walk it twice) */
-        __u32 i = m->trees.root[0] & MODEL_NODE_MASK;
+        __u64 i = m->trees.root[0] & MODEL_NODE_MASK;
         MODEL_LOOP
-        for (__u32 d = 0; d < XDPML_MODEL_MAX_DEPTH; d += 4) {
+        for (__u32 d = 0; d < XDPML_MODEL_MAX_DEPTH; d += 2) {
             if (d >= MODEL_RD(m->depth))
                 break;
-            MODEL_STEP(m, s, i);
-            MODEL_STEP(m, s, i);
-            MODEL_STEP(m, s, i);
-            MODEL_STEP(m, s, i);
+            MODEL_STEP(nd, pf, i);
+            MODEL_STEP(nd, pf, i);
         }
         __u32 b = m->trees.node[i].leaf;
         if (m->decision == MODEL_DEC_LEAF)
@@ -551,20 +551,20 @@ static __always_inline int model_trees_eval(struct model_slot *m, struct model_s
         __s32 dn = (__s32)(t + 1) - (__s32)n;
         asm volatile("" : "+r"(dn));
         __u32 pair = (__u32)dn >> 31;
-        __u32 i = m->trees.root[t] & MODEL_NODE_MASK;
-        __u32 j = m->trees.root[(t + pair) & (XDPML_MODEL_MAX_TREES - 1)] & MODEL_NODE_MASK;
+        __u64 i = m->trees.root[t] & MODEL_NODE_MASK;
+        __u64 j = m->trees.root[(t + pair) & (XDPML_MODEL_MAX_TREES - 1)] & MODEL_NODE_MASK;
         MODEL_LOOP
         for (__u32 d = 0; d < XDPML_MODEL_MAX_DEPTH; d += 4) {
             if (d >= MODEL_RD(m->depth))
                 break;
-            MODEL_STEP(m, s, i);
-            MODEL_STEP(m, s, j);
-            MODEL_STEP(m, s, i);
-            MODEL_STEP(m, s, j);
-            MODEL_STEP(m, s, i);
-            MODEL_STEP(m, s, j);
-            MODEL_STEP(m, s, i);
-            MODEL_STEP(m, s, j);
+            MODEL_STEP(nd, pf, i);
+            MODEL_STEP(nd, pf, j);
+            MODEL_STEP(nd, pf, i);
+            MODEL_STEP(nd, pf, j);
+            MODEL_STEP(nd, pf, i);
+            MODEL_STEP(nd, pf, j);
+            MODEL_STEP(nd, pf, i);
+            MODEL_STEP(nd, pf, j);
         }
         __u32 bi = m->trees.node[i].leaf, bj = m->trees.node[j].leaf;
         last = bj; /* j is tree t when unpaired */
@@ -738,8 +738,9 @@ static __always_inline int model_run(struct pkt_info *p, __u32 frame_len, __u32 
 #endif
     /* the walk reads a copy of the parsed packet in the scratch: p differs by parse path
      * (pk[0] or a tunnel's inner level), so with p dead the walk starts from one state
-     * and is verified about once */
-    __builtin_memcpy(&s->pkt, p, sizeof(*p));
+     * and is verified about once. The outer addresses are not copied (nothing after
+     * this reads them: s->pkt.outer_* are stale) */
+    __builtin_memcpy(&s->pkt, p, offsetof(struct pkt_info, outer_src_ip));
     s->frame_len = frame_len;
     s->cls = -1;
     s->drop_class = 0;

@@ -55,7 +55,7 @@ struct pkt_info {
     __u32 tunnel_vni;  /* VXLAN/Geneve VNI: part of the flow key (abi.h flow_key.vni) */
     __u8  outer_src_ip[16];
     __u8  outer_dst_ip[16];
-};
+} __attribute__((aligned(8))); /* 8: copies and zeroing move 8 bytes at a time */
 
 #ifndef XDPML_TUNNEL_MAX_DEPTH
 #define XDPML_TUNNEL_MAX_DEPTH 1 /* tunnels decapsulated per packet (1..4), tunnel.h */
