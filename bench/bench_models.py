@@ -231,9 +231,10 @@ def main() -> int:
     ap.add_argument("--swaps", type=int, default=200)
     ap.add_argument("--veth-pps", type=int, nargs="+", default=[50_000, 200_000, 1_000_000], help="veth: offered rates")
     ap.add_argument("--veth-packets", type=int, default=200_000, help="veth: packets per rate")
-    ap.add_argument("--section", choices=("cost", "overhead", "codegen", "swap", "veth", "ab"), action="append")
+    section_names = ("cost", "overhead", "split", "codegen", "swap", "veth", "ab")
+    ap.add_argument("--section", choices=section_names, action="append")
     ap.add_argument("--against", default="HEAD", help="ab: the git revision whose bpf/ is 'before' (default HEAD)")
-    ap.add_argument("--rounds", type=int, default=15, help="ab: interleaved rounds")
+    ap.add_argument("--rounds", type=int, default=15, help="ab, split: interleaved rounds")
     ap.add_argument(
         "--packets",
         choices=("flows", "random"),
@@ -246,6 +247,8 @@ def main() -> int:
         section_cost(a)
     if "overhead" in sections:
         section_overhead(a)
+    if "split" in sections:
+        section_split(a)
     if "codegen" in sections:
         section_codegen(a)
     if "swap" in sections:
@@ -541,6 +544,67 @@ def section_overhead(a) -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]} | {r[4]} |")
+
+
+def section_split(a) -> None:
+    """Where the added cost goes, all in one build (the ``cost`` limits, flow pointer): an
+    empty slot, linear models on 1 and 16 inputs, trees of depth 1 to 10 (each walks its
+    depth, rounded up to 2, whatever the path), the forest and the MLP, swapped in turn into
+    the same program and measured in interleaved rounds; "floor" as in section ab. Only the
+    slot's data differ between rows, so their differences are the model's own work (no
+    change of code or register allocation between rows)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.tree import DecisionTreeClassifier
+
+    from bench import model_zoo as zoo
+    from bench.bench_datapath import tcp_frames
+    from xdpml.config import AgentSettings
+    from xdpml.datapath.loader import TC_INGRESS_PROG, Datapath
+    from xdpml.models import layout as L
+    from xdpml.models.compiler import compile_model
+    from xdpml.models.kernel import ModelSlots
+
+    frames = tcp_frames(a.frames)
+    _, X = zoo.dataset(20000, seed=1)
+    y = zoo.labels(X)
+    noise = np.random.default_rng(0).integers(0, 2, len(y))
+    Xf = X.astype(float)
+    lim = _cost_limits()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows: list[tuple[str, object]] = [("empty slot (no model)", None)]
+        rows.append(("logistic regression, 1 input", LogisticRegression().fit(Xf[:, :1], y > 1)))
+        rows.append(("logistic regression, 16 inputs", LogisticRegression(max_iter=300).fit(Xf, y > 1)))
+        for d in (1, 2, 4, 6, 8, 10):
+            rows.append((f"tree depth {d}", DecisionTreeClassifier(max_depth=d, random_state=0).fit(Xf, noise)))
+        rows += [(n, m) for n, m in goal_models() if not n.startswith(("decision", "logistic"))]
+    packed = [
+        L.empty_slot(lim) if m is None else compile_model(m, zoo.NAMES[: m.n_features_in_], limits=lim).pack(lim)
+        for _, m in rows
+    ]
+    with Datapath(AgentSettings()) as base, Datapath(AgentSettings(), model_limits=lim) as dp:
+        fd0, fdm = base.progs[TC_INGRESS_PROG].fd, dp.progs[TC_INGRESS_PROG].fd
+        slots = ModelSlots.of(dp.bpf, lim)
+        mean_ns(fd0, frames[:50], 10)
+        mean_ns(fdm, frames, 1)
+        base_f, per = [], [[] for _ in rows]
+        for r in range(a.rounds):
+            base_f.append(frame_ns(fd0, frames, a.repeat))
+            for k, data in enumerate(packed):
+                idle = slots.active() ^ 1
+                slots.write_slot(idle, data)
+                slots.flip(idle, loaded=True)
+                per[k].append(frame_ns(fdm, frames, a.repeat))
+            print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
+    b = float(np.min(base_f, axis=0).mean())
+    print(f"{a.rounds} interleaved rounds of {len(frames)} TCP flows x {a.repeat}; no-model baseline floor {b:.0f} ns")
+    print("| slot | added (floor) | added (median of rounds) |")
+    print("|---|---|---|")
+    bm = np.array([f.mean() for f in base_f])
+    for (name, _), fr in zip(rows, per):
+        fl = float(np.min(fr, axis=0).mean()) - b
+        med = float(np.median(np.array([f.mean() for f in fr]) - bm))
+        print(f"| {name} | {fl:+.1f} | {med:+.0f} |")
 
 
 VETH_HOST = 91  # test host xdpml-test-91 (bench_datapath uses 90; tests use lower indices)

@@ -147,12 +147,14 @@
 #define XDPML_MODEL_FLOW_K 4 /* flow-feature models classify a flow once, at its k-th packet */
 #endif
 
+/* Offsets are stored in bytes, premultiplied: a step of the walk then adds and masks,
+ * with no shift (the walk's cost is its instruction count, docs/benchmarks.md). */
 struct model_node {
-    __s64 thr;    /* go left when pf[feat] <= thr (integer threshold, see compiler.py) */
-    __u16 feat;   /* the feature's MF_* id (the model input's feat_id: no gather; 0 at a leaf) */
-    __u16 left;   /* index of the left child (over all trees); right is left + 1; a leaf: itself */
-    __u16 leaf;   /* leaf: the class (one tree) or the offset of its n_outputs values */
-    __u16 _pad;
+    __s64 thr;      /* go left when pf[feat] <= thr (integer threshold, see compiler.py) */
+    __u32 left_off; /* 16 x the index of the left child (over all trees); right is the next
+                     * node; a leaf: 16 x its own index */
+    __u16 feat_off; /* 8 x the feature's MF_* id: its byte offset in pf[] (0 at a leaf) */
+    __u16 leaf;     /* leaf: the class (one tree) or the offset of its n_outputs values */
 };
 
 struct model_trees {
@@ -185,6 +187,7 @@ struct model_slot {
     __u32 model_id;   /* set by user space, for `xdpml model show` */
     __u32 depth;      /* trees: levels walked (the deepest leaf) */
     __u32 flow;       /* 1: reads flow features (classified once per flow, at packet k) */
+    __u32 fskip;      /* MODEL_FG_* groups of packet features the model does not read */
     __u8  action[XDPML_MODEL_MAX_OUTPUTS]; /* per class: MODEL_ACT_* */
     __u16 feat_id[XDPML_MODEL_MAX_FEATURES]; /* model input i -> MF_* */
     __s64 bias[XDPML_MODEL_MAX_OUTPUTS];
@@ -435,64 +438,92 @@ static __always_inline void model_flow_features(struct model_scratch *s, __s64 *
         v[MF_SRC2DST_FIN_PACKETS + j] = s->fdir[j >> 3].flag_count[j & 7];
 }
 
-/* Every packet feature at once, into v[MF_*], with masks instead of branches: a
- * model input is then one indexed load (a switch per input cost ~2 ns each). */
-static __always_inline void model_packet_features(struct pkt_info *p, __u32 frame_len, __s64 *v)
+/* Groups of packet features a model may not read (model_slot.fskip, set by the
+ * compiler from the model's inputs: xdpml/models/features.py GROUPS): a group skipped
+ * is not computed, and its entries of pf[] keep an earlier packet's values, which no
+ * input of this model reads. The other features cost a load and a store each. */
+#define MODEL_FG_FRAG 1    /* ip_frag_offset, ip_flags, ip_id */
+#define MODEL_FG_TCP 2     /* tcp_sequence_num, tcp_ack_num, tcp_window_size, tcp_urgent_pointer */
+#define MODEL_FG_FLAGS 4   /* the eight TCP flags */
+#define MODEL_FG_CLASS 8   /* pr_tcp .. pr_other, the port classes */
+#define MODEL_FG_PAYLOAD 16 /* payload_len */
+
+/* The packet features into v[MF_*] (but the groups in skip), with masks instead of
+ * branches: a model input is then one indexed load (a switch per input cost ~2 ns each). */
+static __always_inline void model_packet_features(struct pkt_info *p, __u32 frame_len, __s64 *v, __u32 skip)
 {
-    __u64 tcp = p->proto == IPPROTO_TCP, udp = p->proto == IPPROTO_UDP;
-    __u64 icmp = p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6;
+    __u64 tcp = p->proto == IPPROTO_TCP;
     __u64 tm = -tcp, v4m = -(__u64)(p->ip_version == 4);
-    __u32 f = p->tcp_flags & (__u32)tm, fo = p->frag_off, sp = p->src_port, dp = p->dst_port;
+    __u32 sp = p->src_port, dp = p->dst_port;
     v[MF_IP_VERSION] = p->ip_version;
     v[MF_IP_IHL] = p->ihl & v4m;
     v[MF_TOS] = p->tos;
     v[MF_IP_DSCP] = p->tos >> 2;
     v[MF_IP_ECN] = p->tos & 3;
     v[MF_IP_TOTAL_LENGTH] = p->ip_len;
-    v[MF_IP_FRAG_OFFSET] = ((fo & 0x1fff) & v4m) | ((fo >> 3) & ~v4m);
-    v[MF_IP_FLAGS] = (((fo >> 13) & 3) & v4m) | ((fo & 1) & ~v4m);
-    v[MF_IP_ID] = p->ip_id & v4m;
     v[MF_IP_TTL] = p->ttl;
     v[MF_PROTOCOL] = p->proto;
     v[MF_SRC_PORT] = sp;
     v[MF_DST_PORT] = dp;
-    v[MF_TCP_SEQUENCE_NUM] = p->tcp_seq & tm;
-    v[MF_TCP_ACK_NUM] = p->tcp_ack & tm;
-    v[MF_TCP_WINDOW_SIZE] = p->tcp_window & tm;
-    v[MF_TCP_URGENT_POINTER] = p->tcp_urg & tm;
-    /* the flags byte is TCP header byte 13, bit 0 FIN ... bit 7 CWR: no byte swap */
-    v[MF_TCP_FIN] = f & 1;
-    v[MF_TCP_SYN] = (f >> 1) & 1;
-    v[MF_TCP_RST] = (f >> 2) & 1;
-    v[MF_TCP_PSH] = (f >> 3) & 1;
-    v[MF_TCP_ACK] = (f >> 4) & 1;
-    v[MF_TCP_URG] = (f >> 5) & 1;
-    v[MF_TCP_ECE] = (f >> 6) & 1;
-    v[MF_TCP_CWR] = (f >> 7) & 1;
     v[MF_PKT_LEN] = frame_len;
-    v[MF_PAYLOAD_LEN] = (__u16)(p->l3_end > p->hdr_len ? p->l3_end - p->hdr_len : 0);
     v[MF_VLAN_ID] = p->vlan_id;
-    v[MF_PR_TCP] = tcp;
-    v[MF_PR_UDP] = udp;
-    v[MF_PR_ICMP] = icmp;
-    v[MF_PR_OTHER] = !(tcp | udp | icmp);
-    v[MF_SRC_PORT_LOW] = sp < 1024;
-    v[MF_SRC_PORT_MID] = sp >= 1024 && sp < 49152;
-    v[MF_SRC_PORT_HIGH] = sp >= 49152;
-    v[MF_DST_PORT_LOW] = dp < 1024;
-    v[MF_DST_PORT_MID] = dp >= 1024 && dp < 49152;
-    v[MF_DST_PORT_HIGH] = dp >= 49152;
+    if (!(skip & MODEL_FG_FRAG)) {
+        __u32 fo = p->frag_off;
+        v[MF_IP_FRAG_OFFSET] = ((fo & 0x1fff) & v4m) | ((fo >> 3) & ~v4m);
+        v[MF_IP_FLAGS] = (((fo >> 13) & 3) & v4m) | ((fo & 1) & ~v4m);
+        v[MF_IP_ID] = p->ip_id & v4m;
+    }
+    if (!(skip & MODEL_FG_TCP)) {
+        v[MF_TCP_SEQUENCE_NUM] = p->tcp_seq & tm;
+        v[MF_TCP_ACK_NUM] = p->tcp_ack & tm;
+        v[MF_TCP_WINDOW_SIZE] = p->tcp_window & tm;
+        v[MF_TCP_URGENT_POINTER] = p->tcp_urg & tm;
+    }
+    if (!(skip & MODEL_FG_FLAGS)) {
+        /* the flags byte is TCP header byte 13, bit 0 FIN ... bit 7 CWR: no byte swap */
+        __u32 f = p->tcp_flags & (__u32)tm;
+        v[MF_TCP_FIN] = f & 1;
+        v[MF_TCP_SYN] = (f >> 1) & 1;
+        v[MF_TCP_RST] = (f >> 2) & 1;
+        v[MF_TCP_PSH] = (f >> 3) & 1;
+        v[MF_TCP_ACK] = (f >> 4) & 1;
+        v[MF_TCP_URG] = (f >> 5) & 1;
+        v[MF_TCP_ECE] = (f >> 6) & 1;
+        v[MF_TCP_CWR] = (f >> 7) & 1;
+    }
+    if (!(skip & MODEL_FG_PAYLOAD))
+        v[MF_PAYLOAD_LEN] = (__u16)(p->l3_end > p->hdr_len ? p->l3_end - p->hdr_len : 0);
+    if (!(skip & MODEL_FG_CLASS)) {
+        __u64 udp = p->proto == IPPROTO_UDP;
+        __u64 icmp = p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6;
+        v[MF_PR_TCP] = tcp;
+        v[MF_PR_UDP] = udp;
+        v[MF_PR_ICMP] = icmp;
+        v[MF_PR_OTHER] = !(tcp | udp | icmp);
+        v[MF_SRC_PORT_LOW] = sp < 1024;
+        v[MF_SRC_PORT_MID] = sp >= 1024 && sp < 49152;
+        v[MF_SRC_PORT_HIGH] = sp >= 49152;
+        v[MF_DST_PORT_LOW] = dp < 1024;
+        v[MF_DST_PORT_MID] = dp >= 1024 && dp < 49152;
+        v[MF_DST_PORT_HIGH] = dp >= 49152;
+    }
 }
 
 #define MODEL_NODE_MASK (XDPML_MODEL_MAX_NODES - 1)
 #define MODEL_FEAT_MASK (XDPML_MODEL_MAX_FEATURES - 1)
 #define MODEL_LEAFV_MASK (XDPML_MODEL_MAX_LEAF_VALUES - 1)
 
-#define MODEL_STEP(nd, pf, i)                                                        \
-    do {                                                                             \
-        struct model_node *n_ = &(nd)[i];                                            \
-        __s64 x_ = (pf)[n_->feat & (MODEL_PF_N - 1)];                                \
-        i = ((__u64)n_->left + ((__u64)(n_->thr - x_) >> 63)) & MODEL_NODE_MASK;     \
+#define MODEL_NODE_SIZE 16 /* sizeof(struct model_node) */
+#define MODEL_NODE_OFF_MASK (MODEL_NODE_MASK * MODEL_NODE_SIZE)
+#define MODEL_PF_OFF_MASK ((MODEL_PF_N - 1) * 8)
+#define MODEL_NODE_AT(nd, o) ((struct model_node *)((void *)(nd) + (o)))
+
+/* one level: o, the node's byte offset in nd[], becomes its child's */
+#define MODEL_STEP(nd, pf, o)                                                                   \
+    do {                                                                                        \
+        struct model_node *n_ = MODEL_NODE_AT(nd, o);                                           \
+        __s64 x_ = *(__s64 *)((void *)(pf) + (n_->feat_off & MODEL_PF_OFF_MASK));               \
+        o = ((__u64)n_->left_off + ((__u64)((n_->thr - x_) >> 63) & MODEL_NODE_SIZE)) & MODEL_NODE_OFF_MASK; \
     } while (0)
 
 /* acc[o] += the leaf values at bi, plus those at bj masked by keep (0 or -1) */
@@ -526,7 +557,7 @@ static __always_inline int model_trees_eval(struct model_slot *m, struct model_s
     __s64 *pf = s->pf;
     if (MODEL_RD(m->n_trees) == 1) {
         /* one tree: walked once (the pairs below would walk it twice) */
-        __u64 i = m->trees.root[0] & MODEL_NODE_MASK;
+        __u64 i = (m->trees.root[0] & MODEL_NODE_MASK) * MODEL_NODE_SIZE;
         MODEL_LOOP
         for (__u32 d = 0; d < XDPML_MODEL_MAX_DEPTH; d += 2) {
             if (d >= MODEL_RD(m->depth))
@@ -534,7 +565,7 @@ static __always_inline int model_trees_eval(struct model_slot *m, struct model_s
             MODEL_STEP(nd, pf, i);
             MODEL_STEP(nd, pf, i);
         }
-        __u32 b = m->trees.node[i].leaf;
+        __u32 b = MODEL_NODE_AT(nd, i)->leaf;
         if (m->decision == MODEL_DEC_LEAF)
             return b;
         model_leaf_sum(m, s, b, b, 0);
@@ -551,8 +582,8 @@ static __always_inline int model_trees_eval(struct model_slot *m, struct model_s
         __s32 dn = (__s32)(t + 1) - (__s32)n;
         asm volatile("" : "+r"(dn));
         __u32 pair = (__u32)dn >> 31;
-        __u64 i = m->trees.root[t] & MODEL_NODE_MASK;
-        __u64 j = m->trees.root[(t + pair) & (XDPML_MODEL_MAX_TREES - 1)] & MODEL_NODE_MASK;
+        __u64 i = (m->trees.root[t] & MODEL_NODE_MASK) * MODEL_NODE_SIZE;
+        __u64 j = (m->trees.root[(t + pair) & (XDPML_MODEL_MAX_TREES - 1)] & MODEL_NODE_MASK) * MODEL_NODE_SIZE;
         MODEL_LOOP
         for (__u32 d = 0; d < XDPML_MODEL_MAX_DEPTH; d += 4) {
             if (d >= MODEL_RD(m->depth))
@@ -566,7 +597,7 @@ static __always_inline int model_trees_eval(struct model_slot *m, struct model_s
             MODEL_STEP(nd, pf, i);
             MODEL_STEP(nd, pf, j);
         }
-        __u32 bi = m->trees.node[i].leaf, bj = m->trees.node[j].leaf;
+        __u32 bi = MODEL_NODE_AT(nd, i)->leaf, bj = MODEL_NODE_AT(nd, j)->leaf;
         last = bj; /* j is tree t when unpaired */
         if (m->decision == MODEL_DEC_LEAF)
             continue;
@@ -651,7 +682,7 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len, s
             *c += 1;
         return -1;
     }
-    model_packet_features(p, frame_len, s->pf);
+    model_packet_features(p, frame_len, s->pf, m->fskip);
     if (m->flow)
         model_flow_features(s, s->pf);
     MODEL_LOOP

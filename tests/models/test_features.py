@@ -38,3 +38,18 @@ def test_names_are_exported_columns():
     flow = {f.name for f in FEATURES if f.flow}
     assert flow <= set(FLOW_SPECS), flow - set(FLOW_SPECS)
     assert all(f.scale & (f.scale - 1) == 0 for f in FEATURES)  # powers of two: exact thresholds
+
+
+def test_feature_groups_are_the_kernels():
+    """features.GROUPS (what the compiler marks as not read, model_slot.fskip) are the
+    blocks model_packet_features() skips: the same bits, the same features in each."""
+    from xdpml.models.features import GROUPS
+
+    text = MODEL_H.read_text()
+    bits = {m.group(1): int(m.group(2)) for m in re.finditer(r"^#define MODEL_FG_([A-Z]+) (\d+)", text, re.M)}
+    blocks = {}
+    for m in re.finditer(r"if \(!\(skip & MODEL_FG_([A-Z]+)\)\)(?: \{(.*?)\n    \}|\n(.*?;))", text, re.S):
+        body = m.group(2) or m.group(3)
+        blocks[bits[m.group(1)]] = sorted(n.lower() for n in re.findall(r"v\[MF_([A-Z0-9_]+)\] =", body))
+    assert blocks == {bit: sorted(names) for bit, names in GROUPS.items()}
+    assert sorted(bits.values()) == [1 << i for i in range(len(bits))]

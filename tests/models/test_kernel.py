@@ -213,3 +213,51 @@ def test_fewer_inputs_than_the_slots(dp, slots, traffic, kind, n_in, hidden):
     else:
         assert agree.mean() >= 0.99
     assert len(set(got)) > 1
+
+
+def test_every_packet_feature_as_a_model_reads_it(dp, slots):
+    """The kernel computes only the feature groups a model reads (bpf/model.h MODEL_FG_*,
+    the slot's fskip): for every packet feature, a model of that one input (every other
+    group skipped), and models of 16 inputs at a time (nothing skipped), sampling each
+    decision; the records' inputs equal the values computed from the header fields
+    (bench/model_packets.py), packet by packet."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+    from xdpml.agent.events import RecordBuffer
+
+    from xdpml.models import features as F
+    from xdpml.models.kernel import event_type
+
+    n = 150
+    f, _ = zoo.dataset(n, seed=13)
+    frames = [packets.frame(f, i) for i in range(n)]
+    names = [x.name for x in F.FEATURES if not x.flow]
+    want = packets.feature_matrix(f, names)
+    labels = np.random.default_rng(0).integers(0, 2, n)
+    events = RecordBuffer(dp.bpf, "model_events", event_type(LIM))
+    fd = dp.progs[XDP_PROG].fd
+    sets = [names[i : i + LIM.features] for i in range(0, len(names), LIM.features)] + [[c] for c in names]
+    slots.set_sampling(1)
+    try:
+        for cols in sets:
+            idx = [names.index(c) for c in cols]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # convergence on raw columns: any weights will do
+                model = LogisticRegression().fit(want[:, idx].astype(np.float64), labels)
+            packed = compile_model(model, cols, limits=LIM).pack(LIM)
+            groups = {bit for bit, members in F.GROUPS.items() if set(cols) & set(members)}
+            assert int(packed["fskip"]) == sum(F.GROUPS) - sum(groups)
+            slots.swap(packed)
+            dp.bpf.ring_buffer_consume()
+            events.take()
+            for fr in frames:
+                assert prog_test_run(fd, fr)[0] == XDP_PASS
+            dp.bpf.ring_buffer_consume()
+            got = events.take()
+            assert len(got) == n, (cols, len(got))
+            x = got["x"][:, : len(cols)]
+            bad = np.flatnonzero((x != want[:, idx]).any(axis=1))
+            assert not len(bad), (cols, [(int(i), x[i].tolist(), want[i, idx].tolist()) for i in bad[:5]])
+    finally:
+        slots.set_sampling(0)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from xdpml.errors import ModelError
+from xdpml.models import features as F
 from xdpml.models import layout as L
 from xdpml.models.features import Feature, resolve
 
@@ -204,6 +205,7 @@ class CompiledModel:
         s["model_id"] = model_id & 0xFFFF_FFFF
         s["feat_id"][: self.n_features] = [f.id for f in self.features]
         s["flow"] = int(any(f.flow for f in self.features))
+        s["fskip"] = F.skip_groups(self.features)  # packet features no input reads: not computed
         s["action"][: len(acts)] = acts
         for i, (_, pps, burst) in enumerate(rates):
             if pps:  # GCRA in ns: one packet costs 1e9 / pps, the burst is burst packets' cost
@@ -216,10 +218,10 @@ class CompiledModel:
             t["root"][: self.n_trees] = self.roots
             n = self.n_nodes
             s["depth"] = self.depth
-            for name, arr in (
-                ("feat", self.node_feat_ids),
+            for name, arr in (  # offsets in bytes, as bpf/model.h walks them
+                ("feat_off", self.node_feat_ids * L.PF_SIZE),
                 ("thr", self.node_thr),
-                ("left", self.node_left),
+                ("left_off", np.asarray(self.node_left, np.int64) * L.NODE_SIZE),
                 ("leaf", self.node_leaf),
             ):
                 t["node"][name][:n] = arr

@@ -119,6 +119,23 @@ FEATURES: tuple[Feature, ...] = tuple(Feature(i, n, m, d) for i, (n, m, d) in en
 )
 BY_NAME = {f.name: f for f in FEATURES}
 
+# Packet features the kernel computes only for a model that reads one of them (bpf/model.h
+# MODEL_FG_*, model_slot.fskip); every other packet feature is always computed.
+GROUPS: dict[int, tuple[str, ...]] = {
+    1: ("ip_frag_offset", "ip_flags", "ip_id"),
+    2: ("tcp_sequence_num", "tcp_ack_num", "tcp_window_size", "tcp_urgent_pointer"),
+    4: tuple(f"tcp_{f}" for f in FLAGS),
+    8: ("pr_tcp", "pr_udp", "pr_icmp", "pr_other")
+    + tuple(f"{d}_port_{c}" for d in ("src", "dst") for c in ("low", "mid", "high")),
+    16: ("payload_len",),
+}
+
+
+def skip_groups(features) -> int:
+    """The MODEL_FG_* bits of the groups none of ``features`` is in (not computed for it)."""
+    names = {f.name for f in features}
+    return sum(bit for bit, members in GROUPS.items() if not names.intersection(members))
+
 
 def resolve(names) -> list[Feature]:
     """Model input names -> features, in order; ModelError names the unknown ones."""

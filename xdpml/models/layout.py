@@ -89,8 +89,12 @@ DEFAULT_LIMITS = Limits()
 s8, u16, u32, s64 = C.c_int8, C.c_uint16, C.c_uint32, C.c_int64
 
 
+NODE_SIZE = 16  # bytes of a ModelNode: left_off is 16 x the left child's index
+PF_SIZE = 8  # bytes of a feature value: feat_off is 8 x the feature's MF id
+
+
 class ModelNode(C.Structure):
-    _fields_ = [("thr", s64), ("feat", u16), ("left", u16), ("leaf", u16), ("_pad", u16)]
+    _fields_ = [("thr", s64), ("left_off", u32), ("feat_off", u16), ("leaf", u16)]
 
 
 @cache
@@ -125,6 +129,7 @@ def slot_type(lim: Limits) -> type:
             ("model_id", u32),
             ("depth", u32),
             ("flow", u32),
+            ("fskip", u32),
             ("action", C.c_uint8 * lim.outputs),
             ("feat_id", u16 * lim.features),
             ("bias", s64 * lim.outputs),

@@ -26,11 +26,16 @@ def predict_index(slot: np.ndarray, X, lim: L.Limits) -> np.ndarray:
         P = np.zeros((n, L.PF_N), np.int64)
         P[:, slot["feat_id"][: X.shape[1]].astype(np.int64) & (L.PF_N - 1)] = X
         nd = slot["trees"]["node"]
-        feat, thr = nd["feat"].astype(np.int64), nd["thr"].astype(np.int64)
-        left, leaf = nd["left"].astype(np.int64), nd["leaf"].astype(np.int64)
+        # the kernel keeps byte offsets (16 x node index, 8 x feature id); masked as it masks them
+        feat = (nd["feat_off"].astype(np.int64) & ((L.PF_N - 1) * L.PF_SIZE)) // L.PF_SIZE
+        thr = nd["thr"].astype(np.int64)
+        left = (nd["left_off"].astype(np.int64) & ((lim.nodes - 1) * L.NODE_SIZE)) // L.NODE_SIZE
+        leaf = nd["leaf"].astype(np.int64)
         values = slot["trees"]["leaf"].astype(np.int64)
         cls = np.zeros(n, np.int64)
-        depth = min(-(-int(slot["depth"]) // 4) * 4, lim.depth)  # rounded up to 4, as the kernel
+        # levels walked, as the kernel: one tree by two levels, more trees by four
+        step = 2 if int(slot["n_trees"]) == 1 else 4
+        depth = min(-(-int(slot["depth"]) // step) * step, lim.depth)
         for t in range(int(slot["n_trees"])):
             i = np.full(n, int(slot["trees"]["root"][t]) & (lim.nodes - 1), np.int64)
             for _ in range(depth):
