@@ -575,13 +575,26 @@ def section_split(a) -> None:
         rows: list[tuple[str, object]] = [("empty slot (no model)", None)]
         rows.append(("logistic regression, 1 input", LogisticRegression().fit(Xf[:, :1], y > 1)))
         rows.append(("logistic regression, 16 inputs", LogisticRegression(max_iter=300).fit(Xf, y > 1)))
+        ttl = zoo.NAMES.index("ip_ttl")
+        rows.append(("tree depth 1 on ip_ttl (no feature group computed)", ("ttl", Xf[:, [ttl]], noise)))
+        rows.append(("tree depth 1, every packet feature computed (fskip 0)", ("all", Xf, noise)))
         for d in (1, 2, 4, 6, 8, 10):
             rows.append((f"tree depth {d}", DecisionTreeClassifier(max_depth=d, random_state=0).fit(Xf, noise)))
         rows += [(n, m) for n, m in goal_models() if not n.startswith(("decision", "logistic"))]
-    packed = [
-        L.empty_slot(lim) if m is None else compile_model(m, zoo.NAMES[: m.n_features_in_], limits=lim).pack(lim)
-        for _, m in rows
-    ]
+
+    def pack(m):
+        if m is None:
+            return L.empty_slot(lim)
+        if isinstance(m, tuple):  # (how, X, y): a stump on one column, or with every group computed
+            how, Xs, ys = m
+            est = DecisionTreeClassifier(max_depth=1, random_state=0).fit(Xs, ys)
+            p = compile_model(est, ["ip_ttl"] if how == "ttl" else zoo.NAMES, limits=lim).pack(lim)
+            if how == "all":
+                p["fskip"] = 0
+            return p
+        return compile_model(m, zoo.NAMES[: m.n_features_in_], limits=lim).pack(lim)
+
+    packed = [pack(m) for _, m in rows]
     with Datapath(AgentSettings()) as base, Datapath(AgentSettings(), model_limits=lim) as dp:
         fd0, fdm = base.progs[TC_INGRESS_PROG].fd, dp.progs[TC_INGRESS_PROG].fd
         slots = ModelSlots.of(dp.bpf, lim)

@@ -56,6 +56,7 @@
 #define MODEL_DEC_LEAF 0
 #define MODEL_DEC_ARGMAX 1
 #define MODEL_DEC_BINARY 2
+#define MODEL_DEC_ARGMAX_LAST0 3 /* argmax over acc[] and a last class n_outputs whose score is 0 */
 #define MODEL_REQ_SHIFT 24
 /* clang's unrolling and vectorising turn these bounded loops into shapes the verifier
  * cannot bound (and multiply its work): each loop stays one simple loop */
@@ -160,7 +161,9 @@ struct model_node {
 struct model_trees {
     __u16 root[XDPML_MODEL_MAX_TREES];
     struct model_node node[XDPML_MODEL_MAX_NODES];
-    __s64 leaf[XDPML_MODEL_MAX_LEAF_VALUES];
+    /* the leaves' values; MAX_OUTPUTS more, never written: a leaf's values are read at its
+     * masked offset plus o < MAX_OUTPUTS, with no mask per value */
+    __s64 leaf[XDPML_MODEL_MAX_LEAF_VALUES + XDPML_MODEL_MAX_OUTPUTS];
 };
 
 struct model_linear {
@@ -530,11 +533,12 @@ static __always_inline void model_packet_features(struct pkt_info *p, __u32 fram
 static __always_inline void model_leaf_sum(struct model_slot *m, struct model_scratch *s, __u32 bi, __u32 bj,
                                            __s64 keep)
 {
+    __s64 *vi = &m->trees.leaf[bi & MODEL_LEAFV_MASK], *vj = &m->trees.leaf[bj & MODEL_LEAFV_MASK];
     MODEL_LOOP
     for (__u32 o = 0; o < XDPML_MODEL_MAX_OUTPUTS; o++) {
         if (o >= MODEL_RD(m->n_outputs))
             break;
-        s->acc[o] += m->trees.leaf[(bi + o) & MODEL_LEAFV_MASK] + (m->trees.leaf[(bj + o) & MODEL_LEAFV_MASK] & keep);
+        s->acc[o] += vi[o] + (vj[o] & keep);
     }
 }
 
@@ -706,7 +710,7 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len, s
     }
     if (m->decision == MODEL_DEC_BINARY) {
         cls = s->acc[0] >= 0;
-    } else if (m->decision == MODEL_DEC_ARGMAX) {
+    } else if (m->decision == MODEL_DEC_ARGMAX || m->decision == MODEL_DEC_ARGMAX_LAST0) {
         __s64 best = s->acc[0];
         cls = 0;
         MODEL_LOOP
@@ -718,6 +722,10 @@ static __always_inline int model_classify(struct pkt_info *p, __u32 frame_len, s
                 cls = o;
             }
         }
+        /* a forest's probabilities less the last class's (compiler.py): that class scores 0
+         * and wins only above every other, as the first of equal scores wins */
+        if (m->decision == MODEL_DEC_ARGMAX_LAST0 && best < 0)
+            cls = MODEL_RD(m->n_outputs);
     }
     if (cls >= XDPML_MODEL_MAX_OUTPUTS) {
         count(C_MODEL_ERR);

@@ -105,6 +105,12 @@ def _body_poke(data: bytes, name: str, value: int) -> bytes:
         (lambda d: _rewrite(d, _set("kind", 9)), r"kind 9: expected an integer in \[1, 3\]"),
         (lambda d: _rewrite(d, _set("classes", [])), "classes"),
         (lambda d: _rewrite(d, _set("n_outputs", 5)), "n_outputs 5"),
+        (lambda d: _rewrite(d, _set("decision", 4)), r"decision 4: expected an integer in \[0, 3\]"),
+        (lambda d: _rewrite(d, _set("decision", 3)), "n_outputs 4 does not fit 4 classes with decision 3"),
+        (
+            lambda d: _rewrite(d, lambda h: h.update(kind=2, decision=3, n_outputs=len(h["classes"]) - 1)),
+            "argmax-last0 is for forests only",
+        ),
         (lambda d: _rewrite(d, _array("node_thr", "dtype", "f8")), "dtype 'f8'"),
         (lambda d: _rewrite(d, _array("node_thr", "dtype", "O")), "dtype 'O'"),
         (lambda d: _rewrite(d, _array("node_thr", "shape", [3])), "offset/size"),

@@ -170,7 +170,7 @@ def loads(data: bytes, *, limits: L.Limits = L.DEFAULT_LIMITS) -> CompiledModel:
     h, body = _header(data)
     arrs = _arrays(h, body)
     kind = _int(h, "kind", L.KIND_TREES, L.KIND_MLP)
-    decision = _int(h, "decision", L.DEC_LEAF, L.DEC_BINARY)
+    decision = _int(h, "decision", L.DEC_LEAF, L.DEC_ARGMAX_LAST0)
     n_out = _int(h, "n_outputs", 1, 1 << 16)
     frac = _int(h, "frac_bits", 0, 62)
     depth = _int(h, "depth", 0, 1 << 16)
@@ -187,13 +187,16 @@ def loads(data: bytes, *, limits: L.Limits = L.DEFAULT_LIMITS) -> CompiledModel:
         raise _bad("classes: expected a list of integer or string labels")
     if len({str(c) for c in classes}) != len(classes):
         raise _bad("classes: a label twice")
-    if n_out != (1 if decision == L.DEC_BINARY else len(classes)):
+    want_out = {L.DEC_BINARY: 1, L.DEC_ARGMAX_LAST0: len(classes) - 1}.get(decision, len(classes))
+    if n_out != want_out or n_out < 1:
         raise _bad(f"n_outputs {n_out} does not fit {len(classes)} classes with decision {decision}")
     est, notes, mults = h.get("estimator"), h.get("notes", []), h.get("layer_mult", [])
     if not isinstance(est, str) or not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise _bad("estimator/notes: expected strings")
     if decision == L.DEC_LEAF and kind != L.KIND_TREES:
         raise _bad("decision leaf is for trees only")
+    if decision == L.DEC_ARGMAX_LAST0 and kind != L.KIND_TREES:
+        raise _bad("decision argmax-last0 is for forests only")
     m = CompiledModel(
         kind=kind,
         decision=decision,

@@ -154,7 +154,7 @@ class CompiledModel:
                 )
 
         need("features", self.n_features, lim.features, "FEATURES")
-        need("outputs (classes)", self.n_outputs, lim.outputs, "OUTPUTS")
+        need("outputs (classes)", max(self.n_outputs, len(self.classes)), lim.outputs, "OUTPUTS")
         if self.kind == L.KIND_TREES:
             need("trees", self.n_trees, lim.trees, "TREES")
             need("tree depth", self.depth, lim.depth, "DEPTH")
@@ -449,6 +449,10 @@ def _trees(name, feats, trees, classes, *, mode):
         q = np.rint(v / s * 2.0**frac).astype(np.int64)
         if binary:
             q = q[:, 1:2] - q[:, 0:1]
+        else:
+            # every class less the last (its score is then 0, not summed): the same order and
+            # ties as the sums of the k probabilities, exactly (integers), one sum fewer
+            q = q[:, :-1] - q[:, -1:]
         return lambda i: list(q[i])
 
     if binary:
@@ -469,12 +473,12 @@ def _trees(name, feats, trees, classes, *, mode):
         name,
         feats,
         classes,
-        k,
-        L.DEC_ARGMAX,
+        k - 1,
+        L.DEC_ARGMAX_LAST0,
         trees,
         [ident] * len(trees),
         [proba_of(t) for t in trees],
-        np.zeros(k),
+        np.zeros(k - 1),
         frac,
         "proba",
     )

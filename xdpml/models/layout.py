@@ -21,7 +21,7 @@ KIND_NONE, KIND_TREES, KIND_LINEAR, KIND_MLP = 0, 1, 2, 3
 # model_slot.action, per class (bpf/model.h MODEL_ACT_*); rate-limit takes :PPS[:BURST]
 ACTIONS = {"pass": 0, "alert": 1, "drop": 2, "rate-limit": 3}
 ACT_COUNTERS = ("alert", "would_drop", "dropped", "allowlisted", "kill_passed", "mode_off", "rate_passed")  # model_act
-DEC_LEAF, DEC_ARGMAX, DEC_BINARY = 0, 1, 2
+DEC_LEAF, DEC_ARGMAX, DEC_BINARY, DEC_ARGMAX_LAST0 = 0, 1, 2, 3  # bpf/model.h MODEL_DEC_*
 MLP_REQ_SHIFT = 24  # requantisation: (acc * mult + 2^23) >> 24
 ACT_MAX = 32767  # int16 activations
 PF_N = 128  # bpf/model.h MODEL_PF_N: the per-packet feature array, indexed by MF_* id
@@ -102,7 +102,12 @@ def slot_type(lim: Limits) -> type:
     """ctypes mirror of struct model_slot for these limits."""
 
     class Trees(C.Structure):
-        _fields_ = [("root", u16 * lim.trees), ("node", ModelNode * lim.nodes), ("leaf", s64 * lim.leaf_values)]
+        # leaf: lim.outputs more than the limit (bpf/model.h reads a leaf's values unmasked past its offset)
+        _fields_ = [
+            ("root", u16 * lim.trees),
+            ("node", ModelNode * lim.nodes),
+            ("leaf", s64 * (lim.leaf_values + lim.outputs)),
+        ]
 
     class Linear(C.Structure):
         _fields_ = [("w", (s64 * lim.features) * lim.outputs)]

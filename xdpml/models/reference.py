@@ -46,7 +46,7 @@ def predict_index(slot: np.ndarray, X, lim: L.Limits) -> np.ndarray:
             if dec == L.DEC_LEAF:
                 cls = leaf[i]
             else:
-                acc += values[(leaf[i][:, None] + np.arange(nout)) & (lim.leaf_values - 1)]
+                acc += values[(leaf[i][:, None] & (lim.leaf_values - 1)) + np.arange(nout)]
         if dec == L.DEC_LEAF:
             return cls
     elif kind == L.KIND_LINEAR:
@@ -75,4 +75,6 @@ def predict_index(slot: np.ndarray, X, lim: L.Limits) -> np.ndarray:
         raise ValueError("empty slot: no model")
     if dec == L.DEC_BINARY:
         return (acc[:, 0] >= 0).astype(np.int64)
+    if dec == L.DEC_ARGMAX_LAST0:  # the last class scores 0 and wins only above every other
+        acc = np.concatenate([acc, np.zeros((n, 1), np.int64)], axis=1)
     return np.argmax(acc, axis=1).astype(np.int64)
