@@ -9,7 +9,7 @@
  * Per packet: the model's inputs (feature ids, MF_* below, the names of the
  * exported packet columns; xdpml/models/features.py is the same table) are computed
  * from the parsed headers, then
- *   trees   bounded walk of each tree (x[feat] <= thr ? left : right) to a leaf;
+ *   trees   bounded walk of each tree (pf[feat] <= thr ? left : right) to a leaf;
  *           the leaf's class (one tree), or its fixed-point values summed into acc[]
  *   linear  acc[o] = bias[o] + sum_i w[o][i] * x[i]           (fixed point, 64-bit)
  *   mlp     int8 weights, int16 activations, 64-bit accumulators, ReLU
@@ -250,7 +250,7 @@ struct model_scratch {
     struct iat_stats fiat;
     __u64 ffirst_ns, flast_ns;
     __s64 x[XDPML_MODEL_MAX_FEATURES];
-    __s64 pf[128];       /* every feature by MF_* id (MODEL_PF_N), gathered into x[] */
+    __s64 pf[128];       /* the features by MF_* id (MODEL_PF_N; a model's skipped groups stale) */
     __s64 acc[XDPML_MODEL_MAX_OUTPUTS];
     __s64 act[2][XDPML_MODEL_MAX_WIDTH];
 };
@@ -542,12 +542,13 @@ static __always_inline void model_leaf_sum(struct model_slot *m, struct model_sc
     }
 }
 
-/* Walk every tree `depth` levels (rounded up to 4): the two children of a node are
- * adjacent (right = left + 1), so a step is left + (x > thr), written as the sign of
- * thr - x (|thr|, |x| < 2^62: no overflow); a leaf points to itself with thr 2^62, so
- * shallower leaves stay put. Indices are masked (the limits are powers of two), so a
+/* Walk every tree `depth` levels (rounded up to 2 for one tree, to 4 for more): the two
+ * children of a node are adjacent (right = left + 1), so a step is left + (x > thr),
+ * written as the sign of thr - x (|thr|, |x| < 2^62: no overflow), on byte offsets
+ * (left_off, feat_off: no shift per level); a leaf points to itself with thr 2^62, so
+ * shallower leaves stay put. Offsets are masked (the limits are powers of two), so a
  * corrupt slot gives a wrong class, never a bad access; the compiler guarantees every
- * walk ends on a leaf. Clang turns the sign into a compare and a branch: the CPU then
+ * walk ends on a leaf. A level costs ~1.5 ns here (docs/benchmarks.md, section split). Clang turns the sign into a compare and a branch: the CPU then
  * predicts the path and runs ahead of the loads, which measured faster here than the
  * branch-free form (an empty asm on thr - x: 35% fewer verifier instructions, but
  * +12 ns on a depth-10 tree and +55 ns on a 10-tree forest, docs/benchmarks.md).
