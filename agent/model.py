@@ -106,7 +106,10 @@ class AgentModel:
         self._emit = emit  # the pipeline's sinks: "decision" batches to the collector (decisions_to_collector)
         self._offset_ns = mono_to_unix_ns
         self.decisions = 0  # decision records taken from the kernel (written to the file and/or emitted)
-        self.pushed_version = 0  # the version of the last model the collector pushed and this agent loaded
+        # the version of the last model the collector pushed and this node loaded: in the
+        # datapath's model_push map, pinned with the rules (so it outlives a restart)
+        self._push_map = dp.bpf["model_push"]
+        self._pushed_here = 0  # ... and the version this agent process loaded (0: none yet)
         self._push_lock = threading.Lock()
         self._set_decisions(settings)
         if settings.file:
@@ -195,6 +198,20 @@ class AgentModel:
         self._stamp = watched
         return ok
 
+    @property
+    def pushed_version(self) -> int:
+        """The newest pushed version this node loaded (0: none), kept in the pinned
+        model_push map: a restarted agent with the same --pin-dir still refuses older ones
+        (and loads that version itself again, as the collector pushes it on reconnecting)."""
+        import ctypes as C
+
+        return int(self._push_map[C.c_uint32(0)].value)
+
+    def _set_pushed_version(self, version: int) -> None:
+        import ctypes as C
+
+        self._push_map[C.c_uint32(0)] = C.c_uint64(version)
+
     def push(self, signed: bytes) -> str:
         """A signed model from the collector (ExportResponse.model): verified against the
         trusted keys, refused unless newer than the last pushed version, then loaded with
@@ -216,17 +233,21 @@ class AgentModel:
             except XdpmlError as exc:
                 log.warning("pushed model refused (the running model stays): %s", exc)
                 return "invalid"
-            if m.version <= self.pushed_version:
+            # versions only go up: older than the node's newest is a rollback (or a replay
+            # after a restart); the node's newest itself loads again once after a restart
+            newest = self.pushed_version
+            if m.version < newest or m.version <= self._pushed_here:
                 log.info(
-                    "pushed model %s v%d refused: this agent runs v%d (versions only go up)",
+                    "pushed model %s v%d refused: this node loaded v%d already (versions only go up)",
                     m.name,
                     m.version,
-                    self.pushed_version,
+                    max(newest, self._pushed_here),
                 )
                 return "stale"
             if not self.load_bytes(body, ".xdpml", f"collector push {m.name} v{m.version}", [], s.actions):
                 return "invalid"
-            self.pushed_version = m.version
+            self._set_pushed_version(m.version)
+            self._pushed_here = m.version
             return "loaded"
 
     def apply(self, settings: ModelSettings) -> None:

@@ -283,6 +283,10 @@ BPF_TABLE("array", __u32, struct model_ctl, model_ctl, 1);
 BPF_TABLE("percpu_array", __u32, struct model_scratch, model_scratch, 1);
 BPF_TABLE("percpu_array", __u32, __u64, model_stats, 2 * MODEL_STATS_PER_SLOT);
 BPF_TABLE("percpu_array", __u32, __u64, model_act, 2 * MODEL_AC_N);
+/* model_push[0]: the newest version of a model the collector pushed that this node loaded
+ * (agent/model.py: versions only go up). Pinned beside the rules when the agent pins them,
+ * so a restarted agent still refuses an older, replayed version; the kernel never reads it. */
+ENF_TABLE("array", __u32, __u64, model_push, 1, 0);
 /* model_rl: per slot and class, the rate-limit bucket (GCRA's theoretical arrival time;
  * 0 = a full burst). User space zeroes a slot's buckets when it loads the slot. */
 struct model_bucket {

@@ -156,3 +156,49 @@ def counts_after(h, slots, counts: dict) -> dict:
         time.sleep(0.05)
     diff = slots.class_counts(slot) - before
     return {k: int(c) for k, c in enumerate(diff[:-1]) if c}
+
+
+def test_the_pushed_version_outlives_an_agent_restart(tmp_path):
+    """The newest pushed version is kept in the model_push map, pinned beside the rules:
+    an agent restarted on the same pin directory (a new datapath, new, empty model slots)
+    loads that version again (the collector pushes its current model on reconnecting) but
+    refuses an older signed model, a replay, and loads a newer one; the pins' removal
+    (`xdpml rules unpin`) takes it away with the rule maps."""
+    from xdpml.agent.model import AgentModel
+
+    from xdpml.datapath.loader import Datapath
+    from xdpml.datapath.pins import unpin
+    from xdpml.models import layout as L
+
+    good = signing.keygen(str(tmp_path / "trainer"))
+    key = signing.load_private_key(good[0])
+    data, _ = tree_bundle(2000)
+    lim = L.Limits(trees=4, depth=12, nodes=1024, leaf_values=1024)
+    with private_bpffs("xdpml-pushv-bpffs-") as bpffs:
+        pin = f"{bpffs}/agent"
+        settings = AgentSettings(
+            enforce=EnforceSettings(pin_dir=pin), model=ModelSettings(slots=True, trusted_keys=[good[1]])
+        )
+
+        def model_ids(am) -> list[int]:
+            return [int(am.slots.read_slot(i)["model_id"]) for i in (0, 1) if am.slots.read_slot(i)["kind"]]
+
+        with Datapath(settings, model_limits=lim) as dp:
+            am = AgentModel(dp, settings.model, pin_dir=pin)
+            assert am.pushed_version == 0
+            assert am.push(signing.sign(data, key, name="tree", version=3)) == "loaded"
+            assert am.pushed_version == 3
+            assert am.push(signing.sign(data, key, name="tree", version=3)) == "stale"
+        with Datapath(settings, model_limits=lim) as dp:  # the agent restarted
+            am = AgentModel(dp, settings.model, pin_dir=pin)
+            assert am.pushed_version == 3 and model_ids(am) == []  # new, empty slots
+            assert am.push(signing.sign(data, key, name="tree", version=2)) == "stale"
+            assert model_ids(am) == []
+            assert am.push(signing.sign(data, key, name="tree", version=3)) == "loaded"
+            assert len(model_ids(am)) == 1
+            assert am.push(signing.sign(data, key, name="tree", version=3)) == "stale"
+            assert am.push(signing.sign(data, key, name="tree", version=4)) == "loaded"
+            assert am.pushed_version == 4 and len(model_ids(am)) == 2
+        assert f"{pin}/model_push" in unpin(pin)
+        with Datapath(settings, model_limits=lim) as dp:  # pins removed: the version is gone too
+            assert AgentModel(dp, settings.model, pin_dir=pin).pushed_version == 0

@@ -147,10 +147,15 @@ def from_bcc(bpf, map_rules: int) -> RuleMaps:
     return RuleMaps(maps, map_rules)
 
 
+# pinned beside the rule maps by a datapath with the model slots (bpf/model.h): the newest
+# pushed model version, so that a restarted agent refuses older ones (agent/model.py)
+OTHER_PINS = ("model_push",)
+
+
 def unpin(pin_dir: str) -> list[str]:
     """Remove the pins (maps die with their last user). Returns what was removed."""
     done = []
-    for name in MAPS:
+    for name in (*MAPS, *OTHER_PINS):
         path = os.path.join(pin_dir, name)
         try:
             os.unlink(path)

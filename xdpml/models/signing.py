@@ -4,7 +4,8 @@ trainer with an Ed25519 key; agents load a pushed model only if a key they trust
     MAGIC (8 bytes) | manifest length (u32 LE) | manifest | signature (64 bytes) | bundle
 
 The manifest is canonical JSON (sorted keys, no spaces): ``name``, ``version`` (an
-integer, monotonic: agents refuse one <= the version they run), ``sha256`` of the
+integer, monotonic: an agent refuses one <= the newest its node loaded, kept in the
+model_push map pinned with the rules, so across restarts too), ``sha256`` of the
 bundle, ``key_id`` (the first 16 hex digits of sha256 of the raw public key) and
 ``created`` (UTC, ISO 8601). The signature covers the manifest bytes, and the manifest
 covers the bundle through its hash. Whoever holds only public keys (the collector that
