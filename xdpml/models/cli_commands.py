@@ -101,6 +101,8 @@ def compile_file(path: str, features: str | list[str] | None, limits: L.Limits):
 
 
 def cmd_compile(args) -> int:
+    from xdpml.models.cost import estimate_ns
+
     lim = L.Limits(
         features=args.max_features,
         depth=args.max_depth,
@@ -114,6 +116,7 @@ def cmd_compile(args) -> int:
     model = compile_file(args.model, args.features, lim)
     report = model.stats()
     report["slot_bytes"] = L.slot_dtype(lim).itemsize
+    report["estimated_cost"] = estimate_ns(model, lim)  # per classified packet (xdpml/models/cost.py)
     report["cflags"] = ["-DXDPML_MODEL=1", *lim.cflags()]
     if args.out:
         if not args.out.endswith(bundle.SUFFIX):
@@ -312,7 +315,8 @@ def add_model_commands(subparsers) -> None:
         q.set_defaults(func=func)
     c = sub.add_parser(
         "compile",
-        help="check and convert a scikit-learn model for the datapath",
+        help="check and convert a scikit-learn model for the datapath; prints its size, depth, cflags and "
+        "estimated ns per classified packet (JSON)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     c.add_argument("model", help=MODEL_HELP)
