@@ -108,7 +108,7 @@ class AgentModel:
         self.decisions = 0  # decision records taken from the kernel (written to the file and/or emitted)
         # the version of the last model the collector pushed and this node loaded: in the
         # datapath's model_push map, pinned with the rules (so it outlives a restart)
-        self._push_map = dp.bpf["model_push"]
+        self._push_map = dp.bpf[b"model_push"]
         self._pushed_here = 0  # ... and the version this agent process loaded (0: none yet)
         self._push_lock = threading.Lock()
         self._set_decisions(settings)
