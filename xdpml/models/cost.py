@@ -12,7 +12,7 @@ once per flow, at its k-th packet.
 from __future__ import annotations
 
 from xdpml.models import layout as L
-from xdpml.models.features import GROUPS
+from xdpml.models.features import GROUPS, skip_groups
 
 BASELINE_NS = 173  # the no-model flow program these figures were measured over
 FIXED_NS = 14.0  # a classified packet: lookups, copy, the always-computed features, decision, counters
@@ -29,8 +29,8 @@ def estimate_ns(m, lim: L.Limits) -> dict:
     """{"added_ns": estimated ns per classified packet over the no-model flow program,
     "over_baseline_ns": BASELINE_NS, "second_lookup": bool} for CompiledModel ``m`` in a
     datapath built with ``lim``."""
-    names = {f.name for f in m.features}
-    ns = FIXED_NS + GROUP_FEATURE_NS * sum(len(g) for g in GROUPS.values() if names.intersection(g))
+    skip = skip_groups(m.features)  # the groups the kernel does not compute for this model
+    ns = FIXED_NS + GROUP_FEATURE_NS * sum(len(g) for bit, g in GROUPS.items() if not skip & bit)
     if m.kind == L.KIND_TREES:
         if m.n_trees == 1:
             ns += TREE_LEVEL_NS * (-(-m.depth // 2) * 2)
