@@ -191,6 +191,7 @@ struct model_slot {
     __u32 depth;      /* trees: levels walked (the deepest leaf) */
     __u32 flow;       /* 1: reads flow features (classified once per flow, at packet k) */
     __u32 fskip;      /* MODEL_FG_* groups of packet features the model does not read */
+    __u32 heap;       /* 1: one tree, in heap order (node h's children at 2h+1, 2h+2) */
     __u8  action[XDPML_MODEL_MAX_OUTPUTS]; /* per class: MODEL_ACT_* */
     __u16 feat_id[XDPML_MODEL_MAX_FEATURES]; /* model input i -> MF_* */
     __s64 bias[XDPML_MODEL_MAX_OUTPUTS];
@@ -533,6 +534,22 @@ static __always_inline void model_packet_features(struct pkt_info *p, __u32 fram
         o = ((__u64)n_->left_off + ((__u64)((n_->thr - x_) >> 63) & MODEL_NODE_SIZE)) & MODEL_NODE_OFF_MASK; \
     } while (0)
 
+/* one level of a tree in heap order (model_slot.heap): the children of the node at byte
+ * offset o are at 2o + 16 and 2o + 32, so the next offset is a few ALU operations away
+ * from the predicted compare, not a load away: the CPU runs the levels' loads ahead (a
+ * level ~1.0 ns here against ~1.5 for MODEL_STEP, docs/benchmarks.md). A leaf's left child
+ * position holds a copy of it (thr 2^62: the walk goes left). z is the root's offset, 0 in
+ * a packed slot: xor-ed into the step (z or z ^ 16, both ready before the compare, so no
+ * longer a path for the CPU), it is a no-op, but the verifier does not know its bits, so
+ * o's known low bits (one more per level, each outcome its own) are forgotten and the
+ * walk's states prune as MODEL_STEP's do, instead of doubling per level. */
+#define MODEL_HEAP_STEP(nd, pf, o, cl, cr)                                                      \
+    do {                                                                                        \
+        struct model_node *n_ = MODEL_NODE_AT(nd, o);                                           \
+        __s64 x_ = *(__s64 *)((void *)(pf) + (n_->feat_off & MODEL_PF_OFF_MASK));               \
+        o = ((o << 1) + (x_ > n_->thr ? (cr) : (cl))) & MODEL_NODE_OFF_MASK;                    \
+    } while (0)
+
 /* acc[o] += the leaf values at bi, plus those at bj masked by keep (0 or -1) */
 static __always_inline void model_leaf_sum(struct model_slot *m, struct model_scratch *s, __u32 bi, __u32 bj,
                                            __s64 keep)
@@ -546,33 +563,38 @@ static __always_inline void model_leaf_sum(struct model_slot *m, struct model_sc
     }
 }
 
-/* Walk every tree `depth` levels (rounded up to 2 for one tree, to 4 for more): the two
- * children of a node are adjacent (right = left + 1), so a step is left + (x > thr),
+/* Walk every tree `depth` levels (rounded up to 2 for one tree in heap order, to 4 for
+ * trees in pairs). A tree that fits in heap order (the compiler's choice: one tree, and
+ * 2^(levels+1) - 1 positions within MAX_NODES) is walked by MODEL_HEAP_STEP; otherwise
+ * the two children of a node are adjacent (right = left + 1), so a step is left + (x > thr),
  * written as the sign of thr - x (|thr|, |x| < 2^62: no overflow), on byte offsets
  * (left_off, feat_off: no shift per level); a leaf points to itself with thr 2^62, so
  * shallower leaves stay put. Offsets are masked (the limits are powers of two), so a
  * corrupt slot gives a wrong class, never a bad access; the compiler guarantees every
- * walk ends on a leaf. A level costs ~1.5 ns here (docs/benchmarks.md, section split). Clang turns the sign into a compare and a branch: the CPU then
+ * walk ends on a leaf. A level costs ~1.3 ns in pairs, ~1.0 in heap order (docs/benchmarks.md,
+ * section split). Clang turns the sign into a compare and a branch: the CPU then
  * predicts the path and runs ahead of the loads, which measured faster here than the
  * branch-free form (an empty asm on thr - x: 35% fewer verifier instructions, but
  * +12 ns on a depth-10 tree and +55 ns on a 10-tree forest, docs/benchmarks.md).
- * Trees are walked two at a time: a level is a chain of dependent loads (node,
- * feature value, next node), and two chains overlap their latency. An odd last tree is
- * walked twice and summed once; a model of one tree is walked once.
+ * Trees not in heap order are walked two at a time: a level is a chain of dependent loads
+ * (node, feature value, next node), and two chains overlap their latency. An odd last
+ * tree (or a single tree too deep for heap order) is walked twice and summed once.
  * Returns the class (one tree) or 0 (sums in acc[]). */
 static __always_inline int model_trees_eval(struct model_slot *m, struct model_scratch *s)
 {
     struct model_node *nd = m->trees.node;
     __s64 *pf = s->pf;
-    if (MODEL_RD(m->n_trees) == 1) {
-        /* one tree: walked once (the pairs below would walk it twice) */
-        __u64 i = (m->trees.root[0] & MODEL_NODE_MASK) * MODEL_NODE_SIZE;
+    if (MODEL_RD(m->heap)) {
+        /* one tree in heap order: walked once (the pairs below would walk it twice), and
+         * the next node's offset is computed, not loaded */
+        __u64 z = (m->trees.root[0] & MODEL_NODE_MASK) * MODEL_NODE_SIZE, i = z;
+        __u64 cl = MODEL_NODE_SIZE + z, cr = MODEL_NODE_SIZE + (MODEL_NODE_SIZE ^ z);
         MODEL_LOOP
         for (__u32 d = 0; d < XDPML_MODEL_MAX_DEPTH; d += 2) {
             if (d >= MODEL_RD(m->depth))
                 break;
-            MODEL_STEP(nd, pf, i);
-            MODEL_STEP(nd, pf, i);
+            MODEL_HEAP_STEP(nd, pf, i, cl, cr);
+            MODEL_HEAP_STEP(nd, pf, i, cl, cr);
         }
         __u32 b = MODEL_NODE_AT(nd, i)->leaf;
         if (m->decision == MODEL_DEC_LEAF)

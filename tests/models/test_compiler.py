@@ -138,3 +138,38 @@ def test_fixed_point_sums_stay_inside_64_bits(data):
         assert worst < 2**62, kind
         assert c.frac_bits >= 20  # and the scale is not thrown away to get there
         assert math.isfinite(c.margin())
+
+
+@pytest.mark.parametrize(
+    ("depth", "nodes", "heap"),
+    [(0, 4096, 1), (1, 4096, 1), (7, 4096, 1), (10, 4096, 1), (11, 4096, 0), (6, 128, 1), (7, 128, 0)],
+)
+def test_one_tree_in_heap_order_or_in_pairs(data, depth, nodes, heap):
+    """One tree is packed in heap order (bpf/model.h MODEL_HEAP_STEP) when its walk's
+    2^(levels+1) - 1 positions fit the node limit (levels: the depth rounded up to 2),
+    else as nodes walked in pairs; either way the walk of the packed slot is predict's."""
+    X, _, Xt = data
+    noise = np.random.default_rng(depth).integers(0, 3, len(X))  # grows the tree to its max depth
+    y = noise if depth else np.zeros(len(X), np.int64)
+    model = DecisionTreeClassifier(max_depth=max(depth, 1), random_state=0).fit(X.astype(float), y)
+    lim = L.Limits(trees=4, depth=12, nodes=nodes, leaf_values=nodes)
+    c = compile_model(model, zoo.NAMES, limits=lim)
+    assert c.depth == depth
+    packed = c.pack(lim)
+    assert int(packed["heap"]) == heap
+    if heap:
+        levels = -(-depth // 2) * 2
+        assert int(packed["trees"]["root"][0]) == 0 and c.n_nodes <= 2 ** (levels + 1) - 1
+        pos = np.arange(2 ** (levels + 1) - 1)  # internal positions' children are 2h+1, 2h+2
+        inner = packed["trees"]["node"]["thr"][: len(pos)] != L.LEAF_THR
+        assert (packed["trees"]["node"]["left_off"][: len(pos)][inner] == (2 * pos[inner] + 1) * L.NODE_SIZE).all()
+    got = c.label(predict_index(packed, Xt, lim))
+    assert (got == model.predict(Xt.astype(np.float64))).all()
+
+
+def test_heap_order_refuses_a_right_child_out_of_range():
+    """A damaged tree (a bundle's node_left of the last node): a one-line ModelError, not an IndexError."""
+    from xdpml.models.compiler import heap_order
+
+    with pytest.raises(ModelError, match="right child is out of range"):
+        heap_order(np.array([1, 2, 2]), 0, 2)

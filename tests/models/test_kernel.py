@@ -261,3 +261,21 @@ def test_every_packet_feature_as_a_model_reads_it(dp, slots):
             assert not len(bad), (cols, [(int(i), x[i].tolist(), want[i, idx].tolist()) for i in bad[:5]])
     finally:
         slots.set_sampling(0)
+
+
+@pytest.mark.parametrize(("depth", "heap"), [(10, 1), (12, 0)])
+def test_one_tree_in_heap_order_or_in_pairs(dp, slots, traffic, depth, heap):
+    """One tree of depth 10 is walked in heap order (2047 positions <= 4096 nodes), one of
+    depth 12 (8191 positions) as nodes in pairs: both classify as predict does."""
+    from sklearn.tree import DecisionTreeClassifier
+
+    X, _, Xk, frames = traffic
+    noise = np.random.default_rng(depth).integers(0, 3, len(X))  # a tree grown to its max depth
+    model = DecisionTreeClassifier(max_depth=depth, random_state=0).fit(X.astype(float), noise)
+    c = compile_model(model, zoo.NAMES, limits=LIM)
+    packed = c.pack(LIM)
+    assert c.depth == depth and int(packed["heap"]) == heap
+    slots.swap(packed)
+    got = kernel_classes(dp, slots, frames)
+    assert (c.label(got) == model.predict(Xk.astype(np.float64))).all()
+    assert len(set(got)) == 3

@@ -216,13 +216,23 @@ class CompiledModel:
             s["n_trees"] = self.n_trees
             t = s["trees"]
             t["root"][: self.n_trees] = self.roots
-            n = self.n_nodes
             s["depth"] = self.depth
+            feat, thr, leaf = self.node_feat_ids, self.node_thr, self.node_leaf
+            left = np.asarray(self.node_left, np.int64)
+            levels = heap_levels(self, lim)
+            if levels is not None:  # one tree, walked in heap order (bpf/model.h MODEL_HEAP_STEP)
+                src = heap_order(left, int(self.roots[0]), levels)
+                feat, thr, leaf = feat[src], thr[src], leaf[src]
+                h = np.arange(len(src))
+                left = np.where(left[src] == src, h, 2 * h + 1)  # as the kernel walks: a leaf stays a leaf
+                t["root"][0] = 0
+                s["heap"] = 1
+            n = len(feat)
             for name, arr in (  # offsets in bytes, as bpf/model.h walks them
-                ("feat_off", self.node_feat_ids * L.PF_SIZE),
-                ("thr", self.node_thr),
-                ("left_off", np.asarray(self.node_left, np.int64) * L.NODE_SIZE),
-                ("leaf", self.node_leaf),
+                ("feat_off", feat * L.PF_SIZE),
+                ("thr", thr),
+                ("left_off", left * L.NODE_SIZE),
+                ("leaf", leaf),
             ):
                 t["node"][name][:n] = arr
             t["leaf"][: self.n_leaf_values] = self.leaf_values
@@ -337,6 +347,36 @@ def _frac_bits(bound: float) -> int:
     if s < 0:
         raise ModelError(f"model values too large for 64-bit fixed point (bound {bound:.3g})")
     return min(MAX_FRAC_BITS, s)
+
+
+def heap_levels(m: CompiledModel, lim: L.Limits) -> int | None:
+    """The levels the kernel walks ``m`` in heap order (model_slot.heap), or None when it
+    is walked in pairs: heap order holds one tree in 2^(levels+1) - 1 positions (a level
+    ~1.0 ns instead of ~1.5, docs/benchmarks.md), so only one tree whose depth, rounded up
+    to the kernel's step of 2, fits in ``lim.nodes``."""
+    if m.kind != L.KIND_TREES or m.n_trees != 1:
+        return None
+    levels = -(-m.depth // 2) * 2
+    return levels if 2 ** (levels + 1) - 1 <= lim.nodes else None
+
+
+def heap_order(left, root: int, levels: int) -> np.ndarray:
+    """One tree's nodes (node arrays: right = left + 1, a leaf its own left) in heap order
+    for a walk of ``levels`` levels: position h's children are at 2h+1 and 2h+2, and a
+    leaf is copied to its left child's position (the walk goes left from a leaf), so
+    every walk ends on a copy of its leaf. Returns each position's node."""
+    left = np.asarray(left, np.int64)
+    cur = np.array([root], np.int64)
+    out = [cur]
+    for _ in range(levels):
+        c = left[cur]
+        right = np.where(c == cur, c, c + 1)
+        if (right >= len(left)).any():
+            raise ModelError("a tree's right child is out of range")
+        cur = np.empty(2 * len(cur), np.int64)
+        cur[0::2], cur[1::2] = c, right
+        out.append(cur)
+    return np.concatenate(out)
 
 
 def _tree_arrays(tree, node_base: int, feat_map, leaf_of, scales=None):

@@ -135,6 +135,7 @@ def slot_type(lim: Limits) -> type:
             ("depth", u32),
             ("flow", u32),
             ("fskip", u32),
+            ("heap", u32),
             ("action", C.c_uint8 * lim.outputs),
             ("feat_id", u16 * lim.features),
             ("bias", s64 * lim.outputs),

@@ -33,14 +33,19 @@ def predict_index(slot: np.ndarray, X, lim: L.Limits) -> np.ndarray:
         leaf = nd["leaf"].astype(np.int64)
         values = slot["trees"]["leaf"].astype(np.int64)
         cls = np.zeros(n, np.int64)
-        # levels walked, as the kernel: one tree by two levels, more trees by four
-        step = 2 if int(slot["n_trees"]) == 1 else 4
+        # levels walked, as the kernel: one tree in heap order by two levels, trees in pairs by four
+        heap = bool(slot["heap"])
+        step = 2 if heap else 4
         depth = min(-(-int(slot["depth"]) // step) * step, lim.depth)
         for t in range(int(slot["n_trees"])):
-            i = np.full(n, int(slot["trees"]["root"][t]) & (lim.nodes - 1), np.int64)
+            root = int(slot["trees"]["root"][t]) & (lim.nodes - 1)
+            i = np.full(n, root, np.int64)
             for _ in range(depth):
                 x = P[rows, feat[i] & (L.PF_N - 1)]
-                i = (left[i] + (x > thr[i])) & (lim.nodes - 1)
+                if heap:  # the children of h at 2h+1, 2h+2 (xor the root: 0 when packed, as the kernel)
+                    i = (2 * i + 1 + ((x > thr[i]) ^ root)) & (lim.nodes - 1)
+                else:  # at left, left + 1
+                    i = (left[i] + (x > thr[i])) & (lim.nodes - 1)
             if not (left[i] == i).all():
                 raise ValueError("a tree walk did not end on a leaf")  # never in the kernel: see model.h
             if dec == L.DEC_LEAF:
