@@ -217,11 +217,12 @@ class CompiledModel:
             t = s["trees"]
             t["root"][: self.n_trees] = self.roots
             s["depth"] = self.depth
-            feat, thr, leaf = self.node_feat_ids, self.node_thr, self.node_leaf
+            feat = self.node_feat_ids
+            thr, leaf = np.asarray(self.node_thr, np.int64), np.asarray(self.node_leaf, np.int64)
             left = np.asarray(self.node_left, np.int64)
             levels = heap_levels(self, lim)
             if levels is not None:  # one tree, walked in heap order (bpf/model.h MODEL_HEAP_STEP)
-                src = heap_order(left, int(self.roots[0]), levels)
+                src = heap_order(left, int(np.asarray(self.roots)[0]), levels)
                 feat, thr, leaf = feat[src], thr[src], leaf[src]
                 h = np.arange(len(src))
                 left = np.where(left[src] == src, h, 2 * h + 1)  # as the kernel walks: a leaf stays a leaf

@@ -12,12 +12,13 @@ once per flow, at its k-th packet.
 from __future__ import annotations
 
 from xdpml.models import layout as L
+from xdpml.models.compiler import heap_levels
 from xdpml.models.features import GROUPS, skip_groups
 
 BASELINE_NS = 173  # the no-model flow program these figures were measured over
-FIXED_NS = 14.0  # a classified packet: lookups, copy, the always-computed features, decision, counters
+FIXED_NS = 15.0  # a classified packet: lookups, copy, the always-computed features, decision, counters
 GROUP_FEATURE_NS = 0.26  # each feature of a feature group the model reads (features.GROUPS)
-TREE_LEVEL_NS = 1.5  # one level of a single tree
+TREE_LEVEL_NS = 0.9  # one level of a single tree in heap order (compiler.heap_levels)
 FOREST_LEVEL_NS = 1.28  # one level of one tree of a forest (trees walked two at a time)
 LEAF_VALUE_NS = 0.68  # one leaf value summed (per tree, per output)
 LINEAR_INPUT_NS = 0.65  # one input of one output of a linear model
@@ -32,10 +33,11 @@ def estimate_ns(m, lim: L.Limits) -> dict:
     skip = skip_groups(m.features)  # the groups the kernel does not compute for this model
     ns = FIXED_NS + GROUP_FEATURE_NS * sum(len(g) for bit, g in GROUPS.items() if not skip & bit)
     if m.kind == L.KIND_TREES:
-        if m.n_trees == 1:
-            ns += TREE_LEVEL_NS * (-(-m.depth // 2) * 2)
-        else:
-            ns += FOREST_LEVEL_NS * m.n_trees * (-(-m.depth // 4) * 4)
+        levels = heap_levels(m, lim)
+        if levels is not None:
+            ns += TREE_LEVEL_NS * levels
+        else:  # in pairs (a single tree too deep for heap order: walked twice, summed once)
+            ns += FOREST_LEVEL_NS * max(m.n_trees, 2) * (-(-m.depth // 4) * 4)
         if m.decision != L.DEC_LEAF:
             ns += LEAF_VALUE_NS * m.n_trees * m.n_outputs
     elif m.kind == L.KIND_LINEAR:
