@@ -537,7 +537,7 @@ static __always_inline void model_packet_features(struct pkt_info *p, __u32 fram
 /* one level of a tree in heap order (model_slot.heap): the children of the node at byte
  * offset o are at 2o + 16 and 2o + 32, so the next offset is a few ALU operations away
  * from the predicted compare, not a load away: the CPU runs the levels' loads ahead (a
- * level ~1.0 ns here against ~1.5 for MODEL_STEP, docs/benchmarks.md). A leaf's left child
+ * level ~0.9 ns here against ~1.5 for MODEL_STEP, docs/benchmarks.md). A leaf's left child
  * position holds a copy of it (thr 2^62: the walk goes left). z is the root's offset, 0 in
  * a packed slot: xor-ed into the step (z or z ^ 16, both ready before the compare, so no
  * longer a path for the CPU), it is a no-op, but the verifier does not know its bits, so
@@ -571,7 +571,7 @@ static __always_inline void model_leaf_sum(struct model_slot *m, struct model_sc
  * (left_off, feat_off: no shift per level); a leaf points to itself with thr 2^62, so
  * shallower leaves stay put. Offsets are masked (the limits are powers of two), so a
  * corrupt slot gives a wrong class, never a bad access; the compiler guarantees every
- * walk ends on a leaf. A level costs ~1.3 ns in pairs, ~1.0 in heap order (docs/benchmarks.md,
+ * walk ends on a leaf. A level costs ~1.3 ns in pairs, ~0.9 in heap order (docs/benchmarks.md,
  * section split). Clang turns the sign into a compare and a branch: the CPU then
  * predicts the path and runs ahead of the loads, which measured faster here than the
  * branch-free form (an empty asm on thr - x: 35% fewer verifier instructions, but

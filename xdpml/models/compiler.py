@@ -353,7 +353,7 @@ def _frac_bits(bound: float) -> int:
 def heap_levels(m: CompiledModel, lim: L.Limits) -> int | None:
     """The levels the kernel walks ``m`` in heap order (model_slot.heap), or None when it
     is walked in pairs: heap order holds one tree in 2^(levels+1) - 1 positions (a level
-    ~1.0 ns instead of ~1.5, docs/benchmarks.md), so only one tree whose depth, rounded up
+    ~0.9 ns instead of ~1.5, docs/benchmarks.md), so only one tree whose depth, rounded up
     to the kernel's step of 2, fits in ``lim.nodes``."""
     if m.kind != L.KIND_TREES or m.n_trees != 1:
         return None
