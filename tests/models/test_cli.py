@@ -26,6 +26,12 @@ def test_compile_reports_size_and_depth(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["estimator"] == "DecisionTreeClassifier" and out["depth"] <= 10 and out["nodes"] > 1
     assert "-DXDPML_MODEL=1" in out["cflags"]
+    levels = -(-out["depth"] // 2) * 2  # one tree: in heap order if its 2^(levels+1) - 1 positions fit the nodes
+    assert out["walk"] == {"order": "heap", "levels": levels} and 2 ** (levels + 1) - 1 <= 8192
+    few = 1 << (out["nodes"] - 1).bit_length()  # room for its nodes, not for its heap order
+    assert few < 2 ** (levels + 1) - 1
+    assert run(["model", "compile", str(path), "--features", ",".join(zoo.NAMES), "--max-nodes", str(few)]) == 0
+    assert json.loads(capsys.readouterr().out)["walk"] == {"order": "pairs", "levels": -(-out["depth"] // 4) * 4}
     with pytest.raises(ModelError, match="tree depth .* > 4 .*MAX_DEPTH"):
         run(["model", "compile", str(path), "--features", ",".join(zoo.NAMES), "--max-depth", "4"])
 

@@ -101,6 +101,7 @@ def compile_file(path: str, features: str | list[str] | None, limits: L.Limits):
 
 
 def cmd_compile(args) -> int:
+    from xdpml.models.compiler import heap_levels
     from xdpml.models.cost import estimate_ns
 
     lim = L.Limits(
@@ -117,6 +118,13 @@ def cmd_compile(args) -> int:
     report = model.stats()
     report["slot_bytes"] = L.slot_dtype(lim).itemsize
     report["estimated_cost"] = estimate_ns(model, lim)  # per classified packet (xdpml/models/cost.py)
+    if model.kind == L.KIND_TREES:  # how bpf/model.h walks it with these limits (docs/models.md "The walk")
+        levels = heap_levels(model, lim)
+        report["walk"] = (
+            {"order": "heap", "levels": levels}
+            if levels is not None
+            else {"order": "pairs", "levels": -(-model.depth // 4) * 4}
+        )
     report["cflags"] = ["-DXDPML_MODEL=1", *lim.cflags()]
     if args.out:
         if not args.out.endswith(bundle.SUFFIX):
